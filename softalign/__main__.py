@@ -1,0 +1,5 @@
+import sys
+
+from softalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,364 @@
+"""Pure functions over similarity matrices: the formulas behind every softalign loss.
+
+Conventions
+-----------
+* A batch holds ``B`` (image, caption) pairs. A cross-modal score matrix ``S`` is ``[B, B]`` with
+  images as rows and captions as columns, so ``S[p, p]`` is the score of pair ``p``.
+* ``image_ids`` (``[B]`` int) says which image each pair shows. Pairs that share an image id are
+  positives of each other and are never used as negatives ("positives come from ids").
+* Every function upcasts its inputs to float32 (float64 stays float64) and rejects non-finite values.
+
+References
+----------
+* [VSE++] Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with Hard Negatives", BMVC 2018.
+* [CUSA] Huang et al., "Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval", AAAI 2024.
+* [TGDT] Liu et al., "Efficient Token-Guided Image-Text Retrieval with Consistent Multimodal Contrastive
+  Training", IEEE TIP 2023 (arXiv:2306.08789): the Consistent Multimodal Contrastive (CMC) loss adds an
+  intra-modal consistency term to the VSE++ hinge.
+* [CLIP/InfoNCE] van den Oord et al., "Representation Learning with Contrastive Predictive Coding", 2018;
+  Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+Number = Union[float, torch.Tensor]
+
+CSA_MODES = ("each", "add", "dot")
+
+__all__ = [
+    "CSA_MODES",
+    "MinedNegatives",
+    "as_float",
+    "inputs_validated",
+    "check_square_pair",
+    "cosine_similarity_matrix",
+    "positive_mask",
+    "soft_label_kl",
+    "cross_modal_soft_label_alignment",
+    "uni_modal_soft_label_alignment",
+    "combine_teacher_similarities",
+    "vsepp_hinge",
+    "info_nce",
+    "intra_modal_consistency",
+    "consistent_multimodal_contrastive",
+]
+
+
+class MinedNegatives(NamedTuple):
+    """Boolean masks of the negatives a loss may use.
+
+    ``i2t[i, k]``: caption ``k`` is a negative for image anchor ``i``.
+    ``t2i[k, j]``: image ``k`` is a negative for caption anchor ``j`` (same orientation as the scores).
+    """
+
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers
+
+
+_VALIDATE = contextvars.ContextVar("softalign_validate_inputs", default=True)
+
+
+@contextlib.contextmanager
+def inputs_validated():
+    """Within this block the functions skip their finiteness checks (the caller has checked its inputs once).
+
+    :class:`~softalign.losses.SoftAlignLoss` validates its inputs on entry and then evaluates every term
+    inside this context, so the checks are not repeated once per term on the hot path.
+    """
+    token = _VALIDATE.set(False)
+    try:
+        yield
+    finally:
+        _VALIDATE.reset(token)
+
+
+def as_float(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Upcast ``x`` to at least float32 and check it is finite; ``name`` appears in the error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != torch.float64:
+        x = x.float()
+    # One reduction suffices on the common path: a sum is finite whenever every element is (barring
+    # overflow, which the exact check below then clears).
+    if _VALIDATE.get() and not torch.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains non-finite values (first at index {tuple(bad)})")
+    return x
+
+
+def check_square_pair(x: torch.Tensor, name: str, batch: Optional[int] = None) -> torch.Tensor:
+    """Validate a ``[B, B]`` matrix (optionally with a known ``B``) and upcast it."""
+    x = as_float(x, name)
+    if x.dim() != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"{name} must be a square [B, B] matrix, got shape {tuple(x.shape)}")
+    if batch is not None and x.shape[0] != batch:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but the batch has {batch} pairs; expected [{batch}, {batch}]")
+    return x
+
+
+def _temperature(t: Number, name: str) -> Number:
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all() or (t <= 0).any():
+            raise ValueError(f"{name} must be finite and > 0, got {t.detach().item()}")
+        return t.float() if t.dtype != torch.float64 else t
+    t = float(t)
+    if not t > 0 or t != t or t == float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {t}")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# similarities and masks
+
+
+def cosine_similarity_matrix(a: torch.Tensor, b: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
+    """``S[i, j] = <a_i, b_j> / (|a_i| |b_j|)``, computed in float32 (``b`` defaults to ``a``)."""
+    a = as_float(a, "a")
+    other = a if b is None else as_float(b, "b")
+    if a.dim() != 2 or other.dim() != 2 or a.shape[1] != other.shape[1]:
+        raise ValueError(f"embeddings must be [N, D] with equal D, got {tuple(a.shape)} and {tuple(other.shape)}")
+    a = F.normalize(a, dim=1, eps=eps)
+    other = a if b is None else F.normalize(other, dim=1, eps=eps)
+    return a @ other.t()
+
+
+def positive_mask(row_ids: torch.Tensor, col_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``M[i, j] = row_ids[i] == col_ids[j]`` (bool): pairs showing the same image are positives."""
+    if col_ids is None:
+        col_ids = row_ids
+    if row_ids.dim() != 1 or col_ids.dim() != 1:
+        raise ValueError(f"ids must be 1-D, got shapes {tuple(row_ids.shape)} and {tuple(col_ids.shape)}")
+    return row_ids.view(-1, 1) == col_ids.view(1, -1)
+
+
+def _pair_positive_mask(batch: int, image_ids: Optional[torch.Tensor], device) -> torch.Tensor:
+    if image_ids is None:
+        return torch.eye(batch, dtype=torch.bool, device=device)
+    if image_ids.shape != (batch,):
+        raise ValueError(f"image_ids must have shape [{batch}] (one id per pair), got {tuple(image_ids.shape)}")
+    return positive_mask(image_ids.to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# soft-label alignment (CUSA)
+
+
+def soft_label_kl(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: Number,
+    teacher_temperature: Number = 1.0,
+) -> torch.Tensor:
+    """Row-wise soft-label KL divergence, averaged over rows ("batchmean") [CUSA, Eq. 3-4].
+
+    ``KL(P || Q) = 1/B sum_i sum_j P_ij (log P_ij - log Q_ij)`` with
+    ``P = softmax(teacher / teacher_temperature)`` (the soft label, no gradient) and
+    ``Q = softmax(student / temperature)``.
+    """
+    student = as_float(student, "student similarities")
+    teacher = as_float(teacher, "teacher similarities")
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(
+            f"student and teacher similarities must be 2-D and of equal shape, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    temperature = _temperature(temperature, "temperature")
+    teacher_temperature = _temperature(teacher_temperature, "teacher_temperature")
+    target = F.softmax(teacher.detach().to(student.dtype) / teacher_temperature, dim=1)
+    log_q = F.log_softmax(student / temperature, dim=1)
+    return F.kl_div(log_q, target, reduction="batchmean")
+
+
+def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Soft-label targets for the (i2t, t2i) rows of CSA [CUSA, Sec. 3.2 and the authors' modes].
+
+    * ``each``: i2t rows use the teacher image-image similarities, t2i rows the text-text ones;
+    * ``add``:  both use ``(S_img + S_txt) / 2``;
+    * ``dot``:  both use ``sqrt(max(S_img, 0) * max(S_txt, 0))``.
+    """
+    if mode == "each":
+        return image_sim, text_sim
+    if mode == "add":
+        both = (image_sim + text_sim) / 2.0
+        return both, both
+    if mode == "dot":
+        both = torch.sqrt(image_sim.clamp(min=0) * text_sim.clamp(min=0))
+        return both, both
+    raise ValueError(f"csa mode must be one of {CSA_MODES}, got {mode!r}")
+
+
+def cross_modal_soft_label_alignment(
+    scores: torch.Tensor,
+    teacher_image_sim: torch.Tensor,
+    teacher_text_sim: torch.Tensor,
+    temperature: Union[Number, Tuple[Number, Number]] = 0.45,
+    teacher_temperature: Union[Number, Tuple[Number, Number]] = 1.0,
+    mode: str = "each",
+) -> torch.Tensor:
+    """Cross-modal Soft-label Alignment (CSA) [CUSA, Eq. 5].
+
+    ``L_CSA = 1/2 [ KL(softmax(T_i2t / tau_s) || softmax(S / tau_c))
+                 + KL(softmax(T_t2i / tau_s) || softmax(S^T / tau_c)) ]``
+
+    where ``S`` is the student's image-text score matrix and ``T_i2t, T_t2i`` come from
+    :func:`combine_teacher_similarities` (``each``: teacher image-image and text-text similarities).
+    ``temperature`` / ``teacher_temperature`` may be ``(image, text)`` pairs.
+    """
+    scores = check_square_pair(scores, "scores")
+    b = scores.shape[0]
+    teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b)
+    teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b)
+    t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
+    s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
+    target_i2t, target_t2i = combine_teacher_similarities(teacher_image_sim, teacher_text_sim, mode)
+    i2t = soft_label_kl(scores, target_i2t, t_i, s_i)
+    t2i = soft_label_kl(scores.t(), target_t2i, t_t, s_t)
+    return (i2t + t2i) / 2.0
+
+
+def uni_modal_soft_label_alignment(
+    student_image_sim: torch.Tensor,
+    student_text_sim: torch.Tensor,
+    teacher_image_sim: torch.Tensor,
+    teacher_text_sim: torch.Tensor,
+    temperature: Union[Number, Tuple[Number, Number]] = 0.45,
+    teacher_temperature: Union[Number, Tuple[Number, Number]] = 1.0,
+) -> torch.Tensor:
+    """Uni-modal Soft-label Alignment (USA) [CUSA, Eq. 6].
+
+    ``L_USA = 1/2 [ KL(softmax(T_ii / tau_s) || softmax(S_ii / tau_i))
+                 + KL(softmax(T_tt / tau_s) || softmax(S_tt / tau_t)) ]``
+
+    with the student's uni-modal similarities ``S_ii`` (image-image) and ``S_tt`` (text-text).
+    """
+    student_image_sim = check_square_pair(student_image_sim, "student_image_sim")
+    b = student_image_sim.shape[0]
+    student_text_sim = check_square_pair(student_text_sim, "student_text_sim", b)
+    teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b)
+    teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b)
+    t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
+    s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
+    image = soft_label_kl(student_image_sim, teacher_image_sim, t_i, s_i)
+    text = soft_label_kl(student_text_sim, teacher_text_sim, t_t, s_t)
+    return (image + text) / 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# contrastive base losses
+
+
+def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "mean":
+        return x.mean()
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def vsepp_hinge(
+    scores: torch.Tensor,
+    image_ids: Optional[torch.Tensor] = None,
+    margin: float = 0.2,
+    max_violation: bool = True,
+    negatives: Optional[MinedNegatives] = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """VSE++ bidirectional hinge loss with id-aware positives [VSE++, Eq. 2-5].
+
+    For pair ``p`` with score ``s_pp``:
+    ``cost_i2t[p, k] = [margin - s_pp + S[p, k]]_+`` over captions ``k`` that are negatives of image ``p``;
+    ``cost_t2i[k, p] = [margin - s_pp + S[k, p]]_+`` over images ``k`` that are negatives of caption ``p``.
+    Negatives are pairs with a different image id (and, if ``negatives`` is given, selected by a miner).
+    ``max_violation`` keeps only the hardest negative per anchor (VSE++ "MH"), otherwise all are summed
+    ("SH"). The per-anchor costs of both directions are summed (``reduction='sum'``, as VSE++) or averaged.
+    """
+    scores = check_square_pair(scores, "scores")
+    b = scores.shape[0]
+    pos = _pair_positive_mask(b, image_ids, scores.device)
+    diagonal = scores.diagonal()
+    neg_i2t = ~pos
+    neg_t2i = ~pos
+    if negatives is not None:
+        neg_i2t = neg_i2t & negatives.i2t.to(scores.device)
+        neg_t2i = neg_t2i & negatives.t2i.to(scores.device)
+    cost_i2t = (margin + scores - diagonal.view(b, 1)).clamp(min=0).masked_fill(~neg_i2t, 0.0)
+    cost_t2i = (margin + scores - diagonal.view(1, b)).clamp(min=0).masked_fill(~neg_t2i, 0.0)
+    if max_violation:
+        per_anchor = cost_i2t.max(dim=1).values + cost_t2i.max(dim=0).values
+    else:
+        per_anchor = cost_i2t.sum(dim=1) + cost_t2i.sum(dim=0)
+    return _reduce(per_anchor, reduction)
+
+
+def info_nce(
+    scores: torch.Tensor,
+    temperature: Number = 0.05,
+    image_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE with id-aware (multi-positive) targets [CLIP; CUSA's contrastive term].
+
+    ``L = 1/2 [ -1/B sum_i sum_j y_ij log softmax_j(S_ij / t) - 1/B sum_j sum_i y_ij log softmax_i(S_ij / t) ]``
+    with ``y_ij = [id_i == id_j] / sum_k [id_i == id_k]`` (uniform over the pair's positives).
+    """
+    scores = check_square_pair(scores, "scores")
+    b = scores.shape[0]
+    temperature = _temperature(temperature, "temperature")
+    pos = _pair_positive_mask(b, image_ids, scores.device).to(scores.dtype)
+    targets = pos / pos.sum(dim=1, keepdim=True)
+    logits = scores / temperature
+    i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+    t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
+    return (i2t + t2i) / 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# consistency (TGDT)
+
+
+def intra_modal_consistency(
+    student_image_sim: torch.Tensor,
+    student_text_sim: torch.Tensor,
+    margin: float = 0.3,
+) -> torch.Tensor:
+    """Intra-modal consistency term of TGDT's CMC loss.
+
+    ``L_intra = sum_j [ max_i |S_tt - S_ii|_ij - margin ]_+``: for every column ``j`` the largest gap between
+    the text-text and the image-image similarity of the same pairs is pushed below ``margin``.
+    """
+    student_image_sim = check_square_pair(student_image_sim, "student_image_sim")
+    student_text_sim = check_square_pair(student_text_sim, "student_text_sim", student_image_sim.shape[0])
+    gap = (student_text_sim - student_image_sim).abs()
+    return (gap.max(dim=0).values - margin).clamp(min=0).sum()
+
+
+def consistent_multimodal_contrastive(
+    scores: torch.Tensor,
+    student_image_sim: torch.Tensor,
+    student_text_sim: torch.Tensor,
+    image_ids: Optional[torch.Tensor] = None,
+    margin: float = 0.2,
+    intra_margin: float = 0.3,
+    negatives: Optional[MinedNegatives] = None,
+) -> torch.Tensor:
+    """Consistent Multimodal Contrastive loss [TGDT]: ``L_CMC = L_inter + L_intra``.
+
+    ``L_inter`` is the VSE++ max-violation hinge (margin 0.2) on the image-text scores and ``L_intra`` is
+    :func:`intra_modal_consistency` (margin 0.3) on the student's image-image and text-text similarities.
+    """
+    inter = vsepp_hinge(scores, image_ids, margin=margin, max_violation=True, negatives=negatives)
+    intra = intra_modal_consistency(student_image_sim, student_text_sim, margin=intra_margin)
+    return inter + intra

@@ -1,0 +1,45 @@
+"""Shared input handling: embeddings or a precomputed score matrix, validated and upcast to fp32."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from softalign.functional import as_float, check_square_pair
+
+
+def resolve_scores(
+    image_emb: Optional[torch.Tensor],
+    text_emb: Optional[torch.Tensor],
+    scores: Optional[torch.Tensor],
+    similarity,
+) -> torch.Tensor:
+    """Return the fp32 ``[B, B]`` image x caption scores, from ``scores`` or from the two embeddings."""
+    if scores is not None:
+        return check_square_pair(scores, "scores")
+    if image_emb is None or text_emb is None:
+        raise ValueError("pass either image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
+    image_emb, text_emb = check_embeddings(image_emb, text_emb)
+    return similarity(image_emb, text_emb)
+
+
+def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, same_dim: bool = True):
+    image_emb = as_float(image_emb, "image_emb")
+    text_emb = as_float(text_emb, "text_emb")
+    if image_emb.dim() != 2 or text_emb.dim() != 2:
+        raise ValueError(f"image_emb and text_emb must be [B, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    if image_emb.shape[0] != text_emb.shape[0]:
+        raise ValueError(
+            f"image_emb has {image_emb.shape[0]} rows but text_emb has {text_emb.shape[0]}: a batch holds B "
+            "(image, caption) pairs, one image row per caption"
+        )
+    if same_dim and image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(f"image_emb dim {image_emb.shape[1]} != text_emb dim {text_emb.shape[1]}")
+    return image_emb, text_emb
+
+
+def default_similarity():
+    """pytorch-metric-learning's cosine similarity (normalises embeddings, returns the [B, B] matrix)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    return CosineSimilarity()

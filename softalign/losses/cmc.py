@@ -1,0 +1,44 @@
+"""Consistent Multimodal Contrastive (CMC) loss from TGDT [Liu et al., IEEE TIP 2023]."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from softalign import functional as SF
+from softalign.losses._inputs import check_embeddings, default_similarity, resolve_scores
+from softalign.mining import NegativeMiner
+
+
+class CMCLoss(nn.Module):
+    """``L_CMC = L_inter + L_intra`` with ``L_inter`` the VSE++ max-violation hinge (margin 0.2) and
+    ``L_intra = sum_j [max_i |S_tt - S_ii|_ij - 0.3]_+`` over the student's image-image / text-text cosine
+    similarities. Embeddings are required for the intra term; ``scores`` may replace their product for the
+    inter term (cross-attention models).
+    """
+
+    citation = ("Liu et al., Efficient Token-Guided Image-Text Retrieval with Consistent Multimodal Contrastive "
+                "Training, IEEE TIP 2023")
+
+    def __init__(self, margin: float = 0.2, intra_margin: float = 0.3, miner: Optional[NegativeMiner] = None,
+                 similarity=None):
+        super().__init__()
+        self.margin, self.intra_margin, self.miner = float(margin), float(intra_margin), miner
+        self.similarity = similarity if similarity is not None else default_similarity()
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, scores=None, image_ids=None,
+                teacher_image_sim=None, teacher_text_sim=None) -> torch.Tensor:
+        image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False)
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
+        negatives = None
+        if self.miner is not None:
+            negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
+                                   teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
+        return SF.consistent_multimodal_contrastive(
+            scores, SF.cosine_similarity_matrix(image_emb), SF.cosine_similarity_matrix(text_emb), image_ids,
+            margin=self.margin, intra_margin=self.intra_margin, negatives=negatives)
+
+    def get_config_dict(self) -> dict:
+        return {"margin": self.margin, "intra_margin": self.intra_margin,
+                "miner": None if self.miner is None else self.miner.get_config_dict()}

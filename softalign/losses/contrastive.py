@@ -1,0 +1,71 @@
+"""Base cross-modal losses: VSE++ hinge and symmetric InfoNCE, with positives from ids."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from softalign import functional as SF
+from softalign.losses._inputs import default_similarity, resolve_scores
+from softalign.losses.temperature import Temperature
+from softalign.mining import NegativeMiner
+
+
+class VSEHingeLoss(nn.Module):
+    """VSE++ bidirectional hinge loss [Faghri et al., BMVC 2018]; see :func:`softalign.functional.vsepp_hinge`.
+
+    Args:
+        margin: hinge margin (VSE++: 0.2).
+        max_violation: keep only the hardest negative per anchor ("MH"); ``False`` sums all ("SH").
+        miner: optional :class:`~softalign.mining.NegativeMiner` restricting the negatives first.
+        reduction: ``"sum"`` over anchors (VSE++) or ``"mean"``.
+        similarity: maps ``(image_emb, text_emb)`` to scores; default pytorch-metric-learning ``CosineSimilarity``.
+    """
+
+    citation = "Faghri et al., VSE++: Improving Visual-Semantic Embeddings with Hard Negatives, BMVC 2018"
+
+    def __init__(self, margin: float = 0.2, max_violation: bool = True, miner: Optional[NegativeMiner] = None,
+                 reduction: str = "sum", similarity=None):
+        super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.margin, self.max_violation, self.miner, self.reduction = float(margin), bool(max_violation), miner, reduction
+        self.similarity = similarity if similarity is not None else default_similarity()
+
+    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None,
+                teacher_image_sim=None, teacher_text_sim=None) -> torch.Tensor:
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
+        negatives = None
+        if self.miner is not None:
+            negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
+                                   teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
+        return SF.vsepp_hinge(scores, image_ids, margin=self.margin, max_violation=self.max_violation,
+                              negatives=negatives, reduction=self.reduction)
+
+    def get_config_dict(self) -> dict:
+        return {"margin": self.margin, "max_violation": self.max_violation, "reduction": self.reduction,
+                "miner": None if self.miner is None else self.miner.get_config_dict()}
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric InfoNCE with multi-positive targets from ids; see :func:`softalign.functional.info_nce`.
+
+    Defaults follow CUSA's contrastive term: temperature 0.05, learnable within ``[0.01, 0.1]``.
+    """
+
+    citation = "van den Oord et al., 2018; Radford et al., CLIP, ICML 2021; Huang et al., CUSA, AAAI 2024"
+
+    def __init__(self, temperature: float = 0.05, temperature_range: Tuple[float, float] = (0.01, 0.1),
+                 learn_temperature: bool = True, similarity=None):
+        super().__init__()
+        self.temperature = Temperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
+        self.similarity = similarity if similarity is not None else default_similarity()
+
+    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, **unused) -> torch.Tensor:
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
+        return SF.info_nce(scores, self.temperature(), image_ids)
+
+    def get_config_dict(self) -> dict:
+        t = self.temperature
+        return {"temperature": float(t.value), "temperature_range": (t.low, t.high), "learn_temperature": t.learnable}

@@ -1,0 +1,43 @@
+"""Learnable, clamped temperatures (CUSA keeps its temperatures in a range by clamping before each step)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class Temperature(nn.Module):
+    """A positive scalar temperature, learnable or frozen, kept inside ``[low, high]``.
+
+    Like CUSA's ``clamp_tau`` (and CLIP's logit-scale clamp) the stored value is clamped in place, without
+    gradient, before each use, so an optimizer step that pushed it out of range is undone; the returned value
+    is the parameter itself, so gradients reach it unchanged (also at a bound, from where it can move back).
+    """
+
+    def __init__(self, value: float, range: Optional[Tuple[float, float]] = None, learnable: bool = True):
+        super().__init__()
+        value = float(value)
+        if not value > 0:
+            raise ValueError(f"temperature must be > 0, got {value}")
+        low, high = range if range is not None else (value, value) if not learnable else (1e-4, 1e4)
+        if not 0 < low <= high:
+            raise ValueError(f"temperature range must satisfy 0 < low <= high, got {(low, high)}")
+        if not low <= value <= high:
+            raise ValueError(f"temperature {value} lies outside its range [{low}, {high}]")
+        self.low, self.high, self.learnable = float(low), float(high), bool(learnable)
+        tensor = torch.tensor(value, dtype=torch.float32)
+        if learnable:
+            self.value = nn.Parameter(tensor)
+        else:
+            self.register_buffer("value", tensor)
+
+    def forward(self) -> torch.Tensor:
+        if self.learnable:
+            # In place on .data: no device sync, no autograd version bump (a graph built earlier in the
+            # same step stays valid); a no-op while the value is inside its range.
+            self.value.data.clamp_(self.low, self.high)
+        return self.value.float()
+
+    def extra_repr(self) -> str:
+        return f"value={float(self.value):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"

@@ -1,0 +1,71 @@
+"""Uni-modal Soft-label Alignment (USA) from CUSA [Huang et al., AAAI 2024], with its uni-modal heads."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from softalign import functional as SF
+from softalign.losses._inputs import check_embeddings
+from softalign.losses.temperature import Temperature
+
+
+class UniModalHead(nn.Sequential):
+    """CUSA's uni-modal projection: ``Linear(LayerNorm(x))`` with weights ~ N(0, 0.02)."""
+
+    def __init__(self, dim: int):
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim))
+        nn.init.normal_(self[1].weight, std=0.02)
+        nn.init.zeros_(self[1].bias)
+
+
+class USALoss(nn.Module):
+    """``L_USA = (KL(softmax(T_ii/tau_s) || softmax(S_ii/tau_i)) + KL(softmax(T_tt/tau_s) || softmax(S_tt/tau_t))) / 2``.
+
+    ``S_ii`` / ``S_tt`` are cosine similarities of the student embeddings after the uni-modal heads (one per
+    modality, as CUSA, so that uni-modal structure does not fight the cross-modal space); ``T_ii``/``T_tt`` are
+    the teacher's. ``embed_dim`` (int or ``(image_dim, text_dim)``) creates the heads; ``None`` uses the
+    embeddings directly. Temperatures as CUSA: 0.45, learnable in ``[0.1, 1.0]``, one per modality.
+    """
+
+    citation = "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024"
+
+    def __init__(self, embed_dim: Optional[Union[int, Tuple[int, int]]] = None, temperature: float = 0.45,
+                 temperature_range: Tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,
+                 teacher_temperature: float = 1.0):
+        super().__init__()
+        if embed_dim is None:
+            self.image_head, self.text_head = nn.Identity(), nn.Identity()
+        else:
+            image_dim, text_dim = (embed_dim, embed_dim) if isinstance(embed_dim, int) else embed_dim
+            self.image_head, self.text_head = UniModalHead(int(image_dim)), UniModalHead(int(text_dim))
+        self.embed_dim = embed_dim
+        rng = temperature_range if learn_temperature else None
+        self.image_temperature = Temperature(temperature, rng, learn_temperature)
+        self.text_temperature = Temperature(temperature, rng, learn_temperature)
+        self.teacher_temperature = Temperature(teacher_temperature, None, learnable=False)
+
+    def uni_modal_similarities(self, image_emb: torch.Tensor, text_emb: torch.Tensor):
+        image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False)
+        image = self.image_head(image_emb.to(self._head_dtype())).float()
+        text = self.text_head(text_emb.to(self._head_dtype())).float()
+        return SF.cosine_similarity_matrix(image), SF.cosine_similarity_matrix(text)
+
+    def _head_dtype(self):
+        for p in self.parameters():
+            if p.dim() > 0:
+                return p.dtype
+        return torch.float32
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, teacher_image_sim: torch.Tensor,
+                teacher_text_sim: torch.Tensor, **unused) -> torch.Tensor:
+        s_ii, s_tt = self.uni_modal_similarities(image_emb, text_emb)
+        return SF.uni_modal_soft_label_alignment(
+            s_ii, s_tt, teacher_image_sim, teacher_text_sim,
+            (self.image_temperature(), self.text_temperature()), self.teacher_temperature())
+
+    def get_config_dict(self) -> dict:
+        t = self.image_temperature
+        return {"embed_dim": self.embed_dim, "temperature": float(t.value), "temperature_range": (t.low, t.high),
+                "learn_temperature": t.learnable, "teacher_temperature": float(self.teacher_temperature.value)}

@@ -1,0 +1,84 @@
+"""Distributed exactness: 2 CPU processes (gloo) via accelerate.debug_launcher give the single-process
+loss and gradients of the whole batch, with unequal per-process batch sizes."""
+import copy
+
+import pytest
+import torch
+from accelerate import debug_launcher
+
+from softalign import distributed
+from softalign import functional as SF
+from softalign.losses import SoftAlignLoss
+
+SIZES = (3, 5)  # per-process batch sizes (unequal on purpose)
+
+
+def _setup():
+    g = torch.Generator().manual_seed(1234)
+    n = sum(SIZES)
+    x_img, x_txt = torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
+    teacher_img, teacher_txt = torch.randn(n, 7, generator=g), torch.randn(n, 4, generator=g)
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5])
+    torch.manual_seed(99)
+    model = torch.nn.ModuleDict({"img": torch.nn.Linear(6, 8), "txt": torch.nn.Linear(5, 8)})
+    loss = SoftAlignLoss(embed_dim=8, base="vsepp", alpha=0.1, beta=0.5, gamma=0.2, return_parts=True)
+    with torch.no_grad():  # move temperatures off their defaults so a wrong gradient would show
+        loss.csa.temperature.value.fill_(0.3)
+    return x_img, x_txt, teacher_img, teacher_txt, image_ids, model, loss
+
+
+def _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids):
+    out = loss(model["img"](x_img), model["txt"](x_txt), image_ids=ids, teacher_image_emb=t_img,
+               teacher_text_emb=t_txt)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}, \
+        {n: p.grad.clone() for n, p in loss.named_parameters()}
+
+
+def _worker():
+    import torch.distributed as dist
+
+    assert distributed.is_distributed() and distributed.world_size() == 2
+    rank, world = distributed.rank(), distributed.world_size()
+    x_img, x_txt, t_img, t_txt, ids, model, loss = _setup()
+    single = copy.deepcopy(loss)
+    single.gather = False  # the reference: one process holding the whole batch
+    ref = _loss_and_grads(copy.deepcopy(model), single, x_img, x_txt, t_img, t_txt, ids)
+
+    start = sum(SIZES[: rank])
+    part = slice(start, start + SIZES[rank])
+    out, model_grads, loss_grads = _loss_and_grads(model, loss, x_img[part], x_txt[part], t_img[part], t_txt[part],
+                                                   ids[part])
+    for name, grad in model_grads.items():  # what DDP / Accelerate do to the model's gradients
+        dist.all_reduce(grad)
+        grad /= world
+        torch.testing.assert_close(grad, ref[1][name], rtol=1e-5, atol=1e-5, msg=f"model grad {name}")
+    for name, grad in loss_grads.items():  # the loss is not wrapped: its gradients are already global
+        torch.testing.assert_close(grad, ref[2][name], rtol=1e-5, atol=1e-5, msg=f"loss grad {name}")
+    for key in ref[0]:
+        torch.testing.assert_close(out[key], ref[0][key], rtol=1e-5, atol=1e-5, msg=f"loss part {key}")
+
+    # the gather helpers themselves
+    mine = torch.arange(SIZES[rank]) + 10 * rank
+    torch.testing.assert_close(distributed.gather_batch(mine), torch.cat([torch.arange(3), torch.arange(5) + 10]))
+    with pytest.raises(ValueError, match="cannot be gathered"):
+        loss(torch.randn(2, 8), torch.randn(2, 8), teacher_image_sim=torch.eye(2), teacher_text_sim=torch.eye(2))
+
+
+def test_two_process_loss_and_gradients_equal_single_process():
+    debug_launcher(_worker, num_processes=2)
+
+
+def test_identity_when_not_distributed():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.all_gather_with_grad(x) is x and distributed.gather_batch(x) is x
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+
+
+def test_single_process_reference_is_itself_consistent():
+    # sanity of the reference used above: per-pair positives via ids, teacher embeddings -> cosine sims
+    x_img, x_txt, t_img, t_txt, ids, model, loss = _setup()
+    out, _, _ = _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids)
+    explicit = loss(model["img"](x_img), model["txt"](x_txt), image_ids=ids,
+                    teacher_image_sim=SF.cosine_similarity_matrix(t_img), teacher_text_sim=SF.cosine_similarity_matrix(t_txt))
+    torch.testing.assert_close(out["loss"], explicit["loss"])

@@ -1,0 +1,220 @@
+"""softalign.functional: each formula against an independent loop implementation, gradients, properties."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softalign import functional as SF
+from tests import reference_formulas as ref
+
+
+def _pairs(b=6, d=5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(b * 100 + d)
+    return torch.randn(b, d, generator=g, dtype=dtype), torch.randn(b, d, generator=g, dtype=dtype)
+
+
+def _sims(b=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return SF.cosine_similarity_matrix(torch.randn(b, 7, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["each", "add", "dot"])
+def test_csa_matches_reference(mode):
+    img, txt = _pairs()
+    scores = SF.cosine_similarity_matrix(img, txt)
+    t_img, t_txt = _sims(seed=2), _sims(seed=3)
+    got = SF.cross_modal_soft_label_alignment(scores, t_img, t_txt, 0.45, 1.0, mode)
+    want = ref.csa(scores, t_img, t_txt, 0.45, 1.0, mode)
+    assert got.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def test_csa_each_uses_image_teacher_for_i2t_rows_and_text_teacher_for_t2i_rows():
+    img, txt = _pairs(b=6, d=5)
+    scores = SF.cosine_similarity_matrix(img, txt)  # not symmetric: i2t and t2i rows differ
+    t_img, t_txt = _sims(seed=5), _sims(seed=6)
+    got = SF.cross_modal_soft_label_alignment(scores, t_img, t_txt, 0.3, 0.7, "each")
+    i2t = ref.kl_rows(scores.tolist(), t_img.tolist(), 0.3, 0.7)
+    t2i = ref.kl_rows(scores.t().tolist(), t_txt.tolist(), 0.3, 0.7)
+    assert got.item() == pytest.approx((i2t + t2i) / 2, rel=1e-10)
+    swapped = SF.cross_modal_soft_label_alignment(scores, t_txt, t_img, 0.3, 0.7, "each")
+    assert swapped.item() != pytest.approx(got.item(), rel=1e-6)
+
+
+def test_usa_matches_reference():
+    s_ii, s_tt, t_ii, t_tt = (_sims(seed=s) for s in (7, 8, 9, 10))
+    got = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_ii, t_tt, (0.4, 0.6), 1.0)
+    assert got.item() == pytest.approx(ref.usa(s_ii, s_tt, t_ii, t_tt, 0.4, 0.6, 1.0), rel=1e-10)
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_vsepp_matches_reference_with_shared_images(max_violation):
+    scores = _sims(b=7, seed=11)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    got = SF.vsepp_hinge(scores, ids, margin=0.2, max_violation=max_violation)
+    assert got.item() == pytest.approx(ref.vsepp(scores, ids.tolist(), 0.2, max_violation), rel=1e-10)
+
+
+def test_vsepp_never_uses_a_caption_of_the_same_image_as_negative():
+    # Pair 0 and 1 show the same image; make their cross score huge: an id-blind hinge would explode.
+    scores = torch.eye(4, dtype=torch.float64) * 0.5
+    scores[0, 1] = scores[1, 0] = 5.0
+    ids = torch.tensor([7, 7, 8, 9])
+    assert SF.vsepp_hinge(scores, ids, margin=0.2).item() == pytest.approx(ref.vsepp(scores, [7, 7, 8, 9], 0.2, True))
+    assert SF.vsepp_hinge(scores, ids, margin=0.2).item() < SF.vsepp_hinge(scores, None, margin=0.2).item()
+
+
+def test_info_nce_matches_reference_with_multi_positive_targets():
+    scores = _sims(b=6, seed=12)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3])
+    got = SF.info_nce(scores, 0.07, ids)
+    assert got.item() == pytest.approx(ref.info_nce(scores, 0.07, ids.tolist()), rel=1e-10)
+
+
+def test_cmc_matches_reference():
+    img, txt = _pairs(b=6, d=4)
+    scores = SF.cosine_similarity_matrix(img, txt)
+    s_ii, s_tt = SF.cosine_similarity_matrix(img), SF.cosine_similarity_matrix(txt)
+    ids = torch.tensor([0, 1, 2, 2, 3, 4])
+    got = SF.consistent_multimodal_contrastive(scores, s_ii, s_tt, ids, margin=0.2, intra_margin=0.3)
+    want = ref.vsepp(scores, ids.tolist(), 0.2, True) + ref.intra(ref.cosine(img), ref.cosine(txt), 0.3)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_cosine_similarity_matches_numpy():
+    img, txt = _pairs(b=4, d=3)
+    a = img.numpy() / np.linalg.norm(img.numpy(), axis=1, keepdims=True)
+    b = txt.numpy() / np.linalg.norm(txt.numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(SF.cosine_similarity_matrix(img, txt).numpy(), a @ b.T, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+
+def test_gradcheck_csa_scores_and_temperature():
+    t_img, t_txt = _sims(b=5, seed=13), _sims(b=5, seed=14)
+    scores = _sims(b=5, seed=15).clone().requires_grad_(True)
+    tau = torch.tensor(0.45, dtype=torch.float64, requires_grad=True)
+    for mode in SF.CSA_MODES:
+        assert torch.autograd.gradcheck(
+            lambda s, t: SF.cross_modal_soft_label_alignment(s, t_img, t_txt, t, 1.0, mode), (scores, tau))
+
+
+def test_gradcheck_usa_vsepp_infonce_cmc_through_embeddings():
+    img, txt = _pairs(b=5, d=4)
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    t_img, t_txt = _sims(b=5, seed=16), _sims(b=5, seed=17)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+
+    def usa(i, t):
+        return SF.uni_modal_soft_label_alignment(SF.cosine_similarity_matrix(i), SF.cosine_similarity_matrix(t),
+                                                 t_img, t_txt, (0.4, 0.5), 1.0)
+
+    def hinge(i, t):
+        return SF.vsepp_hinge(SF.cosine_similarity_matrix(i, t), ids, max_violation=False)
+
+    def nce(i, t):
+        return SF.info_nce(SF.cosine_similarity_matrix(i, t), 0.1, ids)
+
+    def cmc(i, t):
+        return SF.consistent_multimodal_contrastive(SF.cosine_similarity_matrix(i, t), SF.cosine_similarity_matrix(i),
+                                                    SF.cosine_similarity_matrix(t), ids, intra_margin=0.05)
+
+    for fn in (usa, hinge, nce, cmc):
+        assert torch.autograd.gradcheck(fn, (img, txt)), fn.__name__
+
+
+def test_teacher_similarities_receive_no_gradient():
+    scores = _sims(b=4, seed=18).requires_grad_(True)
+    t_img = _sims(b=4, seed=19).requires_grad_(True)
+    t_txt = _sims(b=4, seed=20).requires_grad_(True)
+    SF.cross_modal_soft_label_alignment(scores, t_img, t_txt).backward()
+    assert scores.grad is not None and t_img.grad is None and t_txt.grad is None
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+square = st.integers(min_value=2, max_value=7).flatmap(
+    lambda n: st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n * n, max_size=n * n).map(
+        lambda xs, n=n: torch.tensor(xs, dtype=torch.float64).view(n, n)))
+temps = st.floats(0.1, 2.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(square, temps)
+def test_kl_zero_when_student_equals_teacher_at_equal_temperatures(s, t):
+    assert SF.soft_label_kl(s, s, t, t).item() == pytest.approx(0.0, abs=1e-9)
+    assert SF.cross_modal_soft_label_alignment(s, s, s.t(), t, t, "each").item() == pytest.approx(0.0, abs=1e-9)
+    assert SF.uni_modal_soft_label_alignment(s, s, s, s, t, t).item() == pytest.approx(0.0, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(square, square, temps, temps)
+def test_kl_terms_non_negative(s, t, tc, ts):
+    if s.shape != t.shape:
+        return
+    assert SF.soft_label_kl(s, t, tc, ts).item() >= -1e-12
+    for mode in SF.CSA_MODES:
+        assert SF.cross_modal_soft_label_alignment(s, t, t.t(), tc, ts, mode).item() >= -1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 7), st.integers(0, 10_000))
+def test_losses_permutation_equivariant(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    img, txt = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+    ti, tt = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, max(1, n - 1), (n,), generator=g)
+    perm = torch.randperm(n, generator=g)
+
+    def all_terms(i, t, a, b, k):
+        s = SF.cosine_similarity_matrix(i, t)
+        sii, stt = SF.cosine_similarity_matrix(i), SF.cosine_similarity_matrix(t)
+        ta, tb = SF.cosine_similarity_matrix(a), SF.cosine_similarity_matrix(b)
+        return torch.stack([
+            SF.cross_modal_soft_label_alignment(s, ta, tb), SF.uni_modal_soft_label_alignment(sii, stt, ta, tb),
+            SF.vsepp_hinge(s, k), SF.vsepp_hinge(s, k, max_violation=False), SF.info_nce(s, 0.1, k),
+            SF.consistent_multimodal_contrastive(s, sii, stt, k)])
+
+    torch.testing.assert_close(all_terms(img, txt, ti, tt, ids),
+                               all_terms(img[perm], txt[perm], ti[perm], tt[perm], ids[perm]), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_non_finite_input_is_rejected_with_location():
+    s = _sims(b=3)
+    s[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"scores contains non-finite values \(first at index \(1, 2\)\)"):
+        SF.vsepp_hinge(s)
+    with pytest.raises(ValueError, match="teacher_image_sim contains non-finite"):
+        SF.cross_modal_soft_label_alignment(_sims(b=3), s, _sims(b=3))
+
+
+def test_shape_mismatches_are_rejected():
+    with pytest.raises(ValueError, match=r"teacher_text_sim has shape \(4, 4\) but the batch has 3 pairs"):
+        SF.cross_modal_soft_label_alignment(_sims(b=3), _sims(b=3), _sims(b=4))
+    with pytest.raises(ValueError, match="must be a square"):
+        SF.vsepp_hinge(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"image_ids must have shape \[3\]"):
+        SF.info_nce(_sims(b=3), 0.1, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="floating-point"):
+        SF.vsepp_hinge(torch.zeros(3, 3, dtype=torch.long))
+
+
+def test_bad_temperature_and_mode():
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        SF.soft_label_kl(_sims(b=3), _sims(b=3), 0.0)
+    with pytest.raises(ValueError, match="csa mode must be one of"):
+        SF.cross_modal_soft_label_alignment(_sims(b=3), _sims(b=3), _sims(b=3), mode="mul")
+
+
+def test_low_precision_inputs_are_upcast():
+    s16 = _sims(b=5, seed=21).to(torch.bfloat16)
+    t = _sims(b=5, seed=22)
+    out = SF.cross_modal_soft_label_alignment(s16, t.half(), t.half())
+    assert out.dtype == torch.float32
+    want = ref.csa(s16.double(), t.half().double(), t.half().double(), 0.45, 1.0)
+    assert out.item() == pytest.approx(want, rel=1e-5)

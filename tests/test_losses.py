@@ -1,0 +1,220 @@
+"""Loss modules: wrappers agree with the functional core, temperatures, heads, the combined module."""
+import pytest
+import torch
+
+from softalign import functional as SF
+from softalign.losses import CMCLoss, CSALoss, InfoNCELoss, SoftAlignLoss, Temperature, USALoss, VSEHingeLoss
+from tests import reference_formulas as ref
+
+
+class TableCache:
+    """A stand-in teacher cache: fixed teacher embeddings per caption id, images from a caption->image map."""
+
+    def __init__(self, caption_to_image, image_feats, text_feats):
+        self.caption_to_image = torch.as_tensor(caption_to_image)
+        self.image_feats, self.text_feats = image_feats, text_feats
+        self.calls = 0
+
+    def image_ids(self, ids):
+        return self.caption_to_image[ids]
+
+    def similarities(self, ids, device=None):
+        self.calls += 1
+        img = self.image_feats[self.caption_to_image[ids]]
+        return SF.cosine_similarity_matrix(img).to(device), SF.cosine_similarity_matrix(self.text_feats[ids]).to(device)
+
+
+def _batch(b=6, d=8):
+    return torch.randn(b, d, requires_grad=True), torch.randn(b, d, requires_grad=True)
+
+
+def test_vsepp_module_matches_reference_from_embeddings():
+    img, txt = _batch()
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    got = VSEHingeLoss(margin=0.2)(img, txt, image_ids=ids)
+    scores = SF.cosine_similarity_matrix(img.detach().double(), txt.detach().double())
+    assert got.item() == pytest.approx(ref.vsepp(scores, ids.tolist(), 0.2, True), rel=1e-5)
+
+
+def test_scores_and_embeddings_paths_agree():
+    img, txt = _batch()
+    scores = SF.cosine_similarity_matrix(img, txt)
+    t = SF.cosine_similarity_matrix(torch.randn(6, 3))
+    for loss in (VSEHingeLoss(), InfoNCELoss(), CSALoss()):
+        kw = {"teacher_image_sim": t, "teacher_text_sim": t} if isinstance(loss, CSALoss) else {}
+        assert loss(img, txt, **kw).item() == pytest.approx(loss(scores=scores, **kw).item(), rel=1e-6)
+
+
+def test_temperature_is_clamped_after_a_step_and_frozen_one_has_no_grad():
+    t = Temperature(0.45, (0.1, 0.99))
+    with torch.no_grad():
+        t.value.fill_(5.0)
+    assert t().item() == pytest.approx(0.99)
+    with torch.no_grad():
+        t.value.fill_(-1.0)
+    assert t().item() == pytest.approx(0.1)
+    frozen = Temperature(1.0, learnable=False)
+    assert list(frozen.parameters()) == [] and frozen().item() == 1.0
+    with pytest.raises(ValueError, match="outside its range"):
+        Temperature(2.0, (0.1, 1.0))
+
+
+def test_csa_temperature_learns():
+    img, txt = _batch()
+    t = SF.cosine_similarity_matrix(torch.randn(6, 3))
+    loss = CSALoss()
+    loss(img, txt, teacher_image_sim=t, teacher_text_sim=t).backward()
+    assert loss.temperature.value.grad is not None and loss.temperature.value.grad.abs() > 0
+    assert [n for n, _ in loss.named_parameters()] == ["temperature.value"]  # teacher temperature is frozen
+
+
+def test_usa_heads_follow_cusa_and_match_formula():
+    img, txt = _batch(d=8)
+    t_i, t_t = SF.cosine_similarity_matrix(torch.randn(6, 5)), SF.cosine_similarity_matrix(torch.randn(6, 4))
+    loss = USALoss(embed_dim=(8, 8))
+    assert isinstance(loss.image_head[0], torch.nn.LayerNorm) and loss.image_head[1].weight.std() < 0.05
+    got = loss(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    with torch.no_grad():
+        ui, ut = loss.image_head(img), loss.text_head(txt)
+    want = ref.usa(ref.cosine(ui), ref.cosine(ut), t_i, t_t, 0.45, 0.45, 1.0)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    got.backward()
+    assert loss.image_head[1].weight.grad.abs().sum() > 0 and img.grad is not None
+
+
+def test_usa_with_different_image_and_text_dims():
+    loss = USALoss(embed_dim=(10, 6))
+    t = SF.cosine_similarity_matrix(torch.randn(4, 3))
+    assert torch.isfinite(loss(torch.randn(4, 10), torch.randn(4, 6), teacher_image_sim=t, teacher_text_sim=t))
+
+
+def test_cmc_module_matches_reference():
+    img, txt = _batch()
+    ids = torch.tensor([0, 1, 1, 2, 3, 4])
+    got = CMCLoss()(img, txt, image_ids=ids)
+    i, t = img.detach().double(), txt.detach().double()
+    want = ref.vsepp(SF.cosine_similarity_matrix(i, t), ids.tolist(), 0.2, True) + ref.intra(ref.cosine(i), ref.cosine(t), 0.3)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_combined_equals_weighted_sum_of_parts():
+    torch.manual_seed(3)
+    img, txt = _batch(d=8)
+    cache = TableCache([0, 0, 1, 1, 2, 3, 4, 5], torch.randn(6, 5), torch.randn(8, 4))
+    ids = torch.tensor([0, 1, 2, 4, 5, 7])
+    loss = SoftAlignLoss(embed_dim=8, alpha=0.1, beta=0.5, gamma=0.3, cache=cache, return_parts=True)
+    out = loss(img, txt, ids=ids)
+    assert set(out) == {"loss", "base", "csa", "usa", "cmc"}
+    t_i, t_t = cache.similarities(ids)
+    image_ids = cache.image_ids(ids)
+    assert out["base"].item() == pytest.approx(VSEHingeLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
+    assert out["csa"].item() == pytest.approx(CSALoss()(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t).item(), rel=1e-6)
+    assert out["cmc"].item() == pytest.approx(CMCLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
+    total = out["base"] + 0.1 * out["csa"] + 0.5 * out["usa"] + 0.3 * out["cmc"]
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in loss.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+
+
+def test_combined_positives_from_cache_ids_not_batch_position():
+    # Two captions of image 0 sit in the batch; swapping rows must not change the loss (ids travel with rows).
+    cache = TableCache([0, 0, 1, 2], torch.randn(3, 5), torch.randn(4, 4))
+    img, txt = torch.randn(4, 6), torch.randn(4, 6)
+    loss = SoftAlignLoss(embed_dim=6, cache=cache)
+    perm = torch.tensor([2, 0, 3, 1])
+    ids = torch.arange(4)
+    assert loss(img, txt, ids=ids).item() == pytest.approx(loss(img[perm], txt[perm], ids=ids[perm]).item(), rel=1e-6)
+
+
+def test_scores_path_for_cross_attention_models():
+    scores = torch.randn(5, 5, requires_grad=True)
+    t = SF.cosine_similarity_matrix(torch.randn(5, 3))
+    loss = SoftAlignLoss(beta=0.0, return_parts=True)
+    out = loss(scores=scores, teacher_image_sim=t, teacher_text_sim=t, image_ids=torch.arange(5))
+    assert out["base"].item() == pytest.approx(SF.vsepp_hinge(scores.detach()).item(), rel=1e-6)
+    out["loss"].backward()
+    assert scores.grad is not None
+    with pytest.raises(ValueError, match="USA .* need image_emb and text_emb"):
+        SoftAlignLoss(beta=0.5)(scores=scores, teacher_image_sim=t, teacher_text_sim=t)
+
+
+def test_mixed_precision_inputs_give_fp32_loss():
+    img, txt = torch.randn(4, 6).half(), torch.randn(4, 6).bfloat16()
+    t = SF.cosine_similarity_matrix(torch.randn(4, 3))
+    out = SoftAlignLoss(embed_dim=6, gamma=1.0)(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    assert out.dtype == torch.float32 and torch.isfinite(out)
+
+
+def test_config_round_trip_and_unknown_key():
+    loss = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.2, beta=0.0, gamma=0.1, csa_mode="dot")
+    cfg = loss.get_config_dict()
+    again = SoftAlignLoss.from_config(cfg)
+    assert again.get_config_dict() == cfg
+    assert isinstance(again.base, InfoNCELoss) and again.usa is None and again.csa.mode == "dot"
+    with pytest.raises(ValueError, match=r"unknown SoftAlignLoss option\(s\) \['alfa'\]"):
+        SoftAlignLoss.from_config({"alfa": 0.1})
+    with pytest.raises(ValueError, match="base must be one of"):
+        SoftAlignLoss(base="triplet")
+
+
+def test_state_dict_round_trip_restores_heads_and_temperatures():
+    a = SoftAlignLoss(embed_dim=8)
+    with torch.no_grad():
+        a.csa.temperature.value.fill_(0.3)
+        a.usa.image_head[1].weight.add_(1.0)
+    b = SoftAlignLoss(embed_dim=8)
+    b.load_state_dict(a.state_dict())
+    assert b.csa.temperature().item() == pytest.approx(0.3)
+    torch.testing.assert_close(b.usa.image_head[1].weight, a.usa.image_head[1].weight)
+
+
+def test_combined_bad_input_messages():
+    img, txt = torch.randn(4, 6), torch.randn(4, 6)
+    loss = SoftAlignLoss(embed_dim=6)
+    with pytest.raises(ValueError, match="need teacher similarities: give the loss a cache"):
+        loss(img, txt)
+    with pytest.raises(ValueError, match="image_emb has 4 rows but text_emb has 3"):
+        loss(img, txt[:3])
+    with pytest.raises(ValueError, match="ids are caption ids: pass image_ids too"):
+        SoftAlignLoss(alpha=0, beta=0)(img, txt, ids=torch.arange(4))
+    t = SF.cosine_similarity_matrix(torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"teacher_image_sim has shape \(5, 5\) but the batch has 4 pairs"):
+        loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    bad = img.clone()
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"image_emb contains non-finite values \(first at index \(2, 1\)\)"):
+        loss(bad, txt)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        SoftAlignLoss(alpha=-1)
+
+
+def test_loss_computes_in_fp32_under_autocast():
+    img, txt = torch.randn(6, 8), torch.randn(6, 8)
+    t = SF.cosine_similarity_matrix(torch.randn(6, 3))
+    loss = SoftAlignLoss(embed_dim=8, gamma=1.0, return_parts=True)
+    plain = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    for key in plain:
+        assert auto[key].dtype == torch.float32
+        assert auto[key].item() == pytest.approx(plain[key].item(), rel=1e-6), key
+
+
+def test_return_parts_per_call_overrides_constructor():
+    img, txt = torch.randn(4, 8), torch.randn(4, 8)
+    loss = SoftAlignLoss(alpha=0, beta=0)
+    assert isinstance(loss(img, txt), torch.Tensor)
+    parts = loss(img, txt, return_parts=True)
+    assert set(parts) == {"loss", "base"} and parts["loss"].item() == pytest.approx(loss(img, txt).item())
+
+
+def test_temperature_clamp_keeps_an_earlier_graph_valid():
+    # two forwards before one backward (e.g. a trainer summing two losses): no in-place autograd error
+    loss = CSALoss()
+    t = SF.cosine_similarity_matrix(torch.randn(4, 3))
+    img, txt = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
+    first = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    second = loss(img * 2, txt, teacher_image_sim=t, teacher_text_sim=t)
+    (first + second).backward()
+    assert loss.temperature.value.grad is not None
