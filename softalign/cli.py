@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -51,7 +52,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
+        # bad input: one line that names the problem (set SOFTALIGN_TRACEBACK=1 for the full traceback)
+        if os.environ.get("SOFTALIGN_TRACEBACK"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"softalign {args.command}: error: {msg}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -28,15 +28,19 @@ class CMCLoss(nn.Module):
         self.similarity = similarity if similarity is not None else default_similarity()
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, scores=None, image_ids=None,
-                teacher_image_sim=None, teacher_text_sim=None) -> torch.Tensor:
+                teacher_image_sim=None, teacher_text_sim=None, image_sim=None, text_sim=None) -> torch.Tensor:
+        """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities, if the caller
+        already has them (otherwise computed from the embeddings)."""
         image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False)
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
+        image_sim = SF.cosine_similarity_matrix(image_emb) if image_sim is None else image_sim
+        text_sim = SF.cosine_similarity_matrix(text_emb) if text_sim is None else text_sim
         negatives = None
         if self.miner is not None:
             negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
                                    teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
         return SF.consistent_multimodal_contrastive(
-            scores, SF.cosine_similarity_matrix(image_emb), SF.cosine_similarity_matrix(text_emb), image_ids,
+            scores, image_sim, text_sim, image_ids,
             margin=self.margin, intra_margin=self.intra_margin, negatives=negatives)
 
     def get_config_dict(self) -> dict:

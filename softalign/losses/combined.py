@@ -5,6 +5,7 @@ import inspect
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from softalign import distributed as dist_utils
@@ -87,6 +88,7 @@ class SoftAlignLoss(nn.Module):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.cache, self.miner, self.gather, self.return_parts = cache, miner, bool(gather), bool(return_parts)
         self.similarity = similarity if similarity is not None else default_similarity()
+        self._cosine = _is_plain_cosine(self.similarity)
         self._config = dict(embed_dim=embed_dim, base=base if isinstance(base, str) else type(base).__name__,
                             alpha=alpha, beta=beta, gamma=gamma, margin=margin, temperature=temperature,
                             csa_mode=csa_mode, csa_temperature=csa_temperature, usa_temperature=usa_temperature,
@@ -183,16 +185,23 @@ class SoftAlignLoss(nn.Module):
 
         # Every input is validated from here on: the terms skip their own checks.
         with SF.inputs_validated():
-            if scores is None:
+            uni = None
+            if scores is None and self._cosine:
+                # one normalisation shared by the scores and CMC's uni-modal similarities
+                image_n, text_n = F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
+                scores = image_n @ text_n.t()
+                if self.cmc is not None:
+                    uni = (image_n @ image_n.t(), text_n @ text_n.t())
+            elif scores is None:
                 scores = self.similarity(image_emb, text_emb).float()
-            parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt)
+            parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni)
         total = scores.new_zeros(())
         for name, weight in (("base", 1.0), ("csa", self.alpha), ("usa", self.beta), ("cmc", self.gamma)):
             if name in parts:
                 total = total + weight * parts[name]
         return {"loss": total, **parts}
 
-    def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt) -> Dict[str, torch.Tensor]:
+    def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None) -> Dict[str, torch.Tensor]:
         parts: Dict[str, torch.Tensor] = {}
         if self.base is not None:
             parts["base"] = self.base(scores=scores, image_ids=image_ids, teacher_image_sim=t_img,
@@ -202,8 +211,10 @@ class SoftAlignLoss(nn.Module):
         if self.usa is not None:
             parts["usa"] = self.usa(image_emb, text_emb, teacher_image_sim=t_img, teacher_text_sim=t_txt)
         if self.cmc is not None:
+            image_sim, text_sim = uni if uni is not None else (None, None)
             parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
-                                    teacher_image_sim=t_img, teacher_text_sim=t_txt)
+                                    teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,
+                                    text_sim=text_sim)
         return parts
 
     # ------------------------------------------------------------------------------------------
@@ -242,6 +253,14 @@ class SoftAlignLoss(nn.Module):
         t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch).to(device)
         t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch).to(device)
         return t_img, t_txt
+
+
+def _is_plain_cosine(similarity) -> bool:
+    """True for pytorch-metric-learning's default CosineSimilarity (the fused fast path is then exact)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+
+    return (type(similarity) is CosineSimilarity and similarity.normalize_embeddings and similarity.p == 2
+            and similarity.power == 1 and not getattr(similarity, "collect_stats", False))
 
 
 def _uses_teacher(miner) -> bool:

@@ -1,0 +1,370 @@
+"""Shared machinery of the trainer shims: ids, teacher inputs, Accelerate, optimizer and patch records.
+
+Nothing here knows a particular trainer. :class:`SoftAlignHook` turns ``(embeddings or scores, caption ids)``
+into the soft-label terms of a :class:`~softalign.losses.SoftAlignLoss`; the helpers below install and remove
+method wrappers on a trainer object so that ``unpatch`` restores it exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from softalign import distributed as dist_utils
+
+__all__ = ["SoftAlignHook", "as_ids", "find_argument", "PatchRecord", "PATCH_ATTR", "STATE_KEY", "TERMS"]
+
+#: attribute under which a patched trainer keeps its :class:`PatchRecord`
+PATCH_ATTR = "_softalign_patch"
+#: key of the soft-label loss state inside an extended checkpoint
+STATE_KEY = "softalign_loss"
+#: soft-label term names (the parts of SoftAlignLoss other than the base loss) and their weight attributes
+TERMS = (("csa", "alpha"), ("usa", "beta"), ("cmc", "gamma"))
+
+
+def as_ids(ids: Any, device=None, name: str = "ids") -> torch.Tensor:
+    """Caption ids (tensor, numpy array, list or tuple of ints, as collate functions return them) as int64 ``[B]``."""
+    if isinstance(ids, torch.Tensor):
+        t = ids
+    else:
+        try:
+            t = torch.as_tensor(list(ids) if isinstance(ids, (tuple, list)) else ids)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a sequence of integer caption ids, got {type(ids).__name__}") from exc
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        # the precomp datasets of VSE++/SCAN compute image ids with '/', ids themselves must stay integral
+        if t.is_floating_point() and bool((t == t.round()).all()):
+            t = t.round()
+        else:
+            raise TypeError(f"{name} must hold integer caption ids, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one caption id per pair), got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.long)
+
+
+def find_argument(fn: Callable, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """Value that argument ``name`` of ``fn`` takes in the call ``fn(*args, **kwargs)`` (``None`` if absent)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    return bound.arguments.get(name)
+
+
+def loss_needs_teacher(loss: nn.Module) -> bool:
+    """Whether the loss's enabled terms (CSA, USA, a teacher-filtered miner) need teacher similarities."""
+    needs = getattr(loss, "_needs_teacher", None)
+    if callable(needs):
+        return bool(needs())
+    return getattr(loss, "csa", None) is not None or getattr(loss, "usa", None) is not None
+
+
+class SoftAlignHook:
+    """Evaluates a :class:`~softalign.losses.SoftAlignLoss` for one batch from its caption ids.
+
+    Args:
+        loss: the soft-label loss (its ``base`` may be ``"none"`` when the trainer keeps its own criterion).
+        cache: a teacher cache (``image_ids(ids)``, ``similarities(ids, device)`` and, for multi-process
+            training, ``embeddings(ids, device)``), used when the loss was built without one.
+        captions_per_image: without any cache, ``image_id = caption_id // captions_per_image`` (VSE++/SCAN
+            precomp data: 5 captions per image, caption ``i`` shows image ``i // 5``).
+        image_ids: callable ``caption ids -> image ids``; overrides ``captions_per_image``.
+        accelerator: an ``accelerate.Accelerator``; the loss is moved to ``accelerator.device`` (never passed to
+            ``accelerator.prepare``) and evaluated under ``accelerator.autocast()`` when mixed precision is on.
+            Without one, the loss follows the device of the embeddings it receives.
+
+    Calling the hook returns the loss's parts ``{"loss", "base"?, "csa"?, "usa"?, "cmc"?}``; :meth:`weighted`
+    turns them into the weighted terms whose sum is ``loss``.
+    """
+
+    def __init__(self, loss: nn.Module, *, cache: Any = None, captions_per_image: Optional[int] = None,
+                 image_ids: Optional[Callable[[torch.Tensor], Any]] = None, accelerator: Any = None):
+        if not isinstance(loss, nn.Module):
+            raise TypeError(f"loss must be a softalign SoftAlignLoss (an nn.Module), got {type(loss).__name__}")
+        if captions_per_image is not None and (isinstance(captions_per_image, bool)
+                                               or int(captions_per_image) != captions_per_image
+                                               or int(captions_per_image) < 1):
+            raise ValueError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
+        if image_ids is not None and not callable(image_ids):
+            raise TypeError(f"image_ids must be a callable mapping caption ids to image ids, got {type(image_ids).__name__}")
+        for method in ("image_ids", "similarities"):
+            if cache is not None and not callable(getattr(cache, method, None)):
+                raise TypeError(f"cache must provide {method}(ids, ...) (a softalign TeacherCache), "
+                                f"got {type(cache).__name__}")
+        self.loss, self.cache, self.accelerator = loss, cache, accelerator
+        self.captions_per_image = None if captions_per_image is None else int(captions_per_image)
+        self.image_ids_fn = image_ids
+        loss_cache = getattr(loss, "cache", None)
+        if loss_cache is None and cache is None:
+            if loss_needs_teacher(loss):
+                raise ValueError("the soft-label terms (alpha > 0 or beta > 0) need teacher similarities: build the "
+                                 "loss with cache=TeacherCache.load(...) or pass cache=... to the integration")
+            if image_ids is None and captions_per_image is None:
+                raise ValueError("without a teacher cache the caption->image map must come from captions_per_image "
+                                 "(e.g. 5 for COCO/Flickr30k precomp data) or image_ids=callable")
+        self._placed_on = None
+        if accelerator is not None:
+            loss.to(accelerator.device)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def base_enabled(self) -> bool:
+        return getattr(self.loss, "base", None) is not None
+
+    def parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.loss.parameters() if p.requires_grad]
+
+    def _autocast(self):
+        acc = self.accelerator
+        if acc is not None and str(getattr(acc, "mixed_precision", "no")) not in ("no", "None"):
+            return acc.autocast()
+        return contextlib.nullcontext()
+
+    def image_ids(self, ids: Any, device=None) -> torch.Tensor:
+        """Image id of each caption id: from the loss's cache, this hook's cache, ``image_ids`` or
+        ``ids // captions_per_image`` (first that applies)."""
+        ids = as_ids(ids, device)
+        loss_cache = getattr(self.loss, "cache", None)
+        if loss_cache is not None:
+            out = as_ids(loss_cache.image_ids(ids), device, "cache.image_ids(ids)")
+        elif self.cache is not None:
+            out = as_ids(self.cache.image_ids(ids), device, "cache.image_ids(ids)")
+        elif self.image_ids_fn is not None:
+            out = as_ids(self.image_ids_fn(ids), device, "image_ids(ids)")
+        else:
+            out = torch.div(ids, self.captions_per_image, rounding_mode="floor")
+        if out.shape != ids.shape:
+            raise ValueError(f"the caption->image map returned shape {tuple(out.shape)} for "
+                             f"{tuple(ids.shape)} caption ids; expected one image id per caption")
+        return out
+
+    def _place(self, device) -> None:
+        """Without an accelerator, follow the trainer's tensors: VSE++/SCAN/TERAN move their batches with
+        ``.cuda()`` themselves, so the loss goes where the embeddings are. ``Module.to`` keeps the parameter
+        objects, so the optimizer's param group stays valid."""
+        if self.accelerator is not None or self._placed_on == device:
+            return
+        tensors = list(self.loss.parameters()) + list(self.loss.buffers())
+        if any(t.device != device for t in tensors):
+            self.loss.to(device)
+        self._placed_on = device
+
+    def loss_inputs(self, ids: Any, device) -> Dict[str, Any]:
+        """Keyword arguments of ``SoftAlignLoss.forward`` that carry ids, image ids and teacher similarities."""
+        ids = as_ids(ids, device)
+        if getattr(self.loss, "cache", None) is not None:
+            return {"ids": ids}  # the loss maps ids to images and looks the teacher up itself
+        out: Dict[str, Any] = {"ids": ids, "image_ids": self.image_ids(ids, device)}
+        if self.cache is not None:
+            if loss_needs_teacher(self.loss):
+                if dist_utils.is_distributed() and callable(getattr(self.cache, "embeddings", None)):
+                    # teacher rows gather with the embeddings; [B, B] similarities could not
+                    t_img, t_txt = self.cache.embeddings(ids, device=device)
+                    out["teacher_image_emb"], out["teacher_text_emb"] = t_img, t_txt
+                else:
+                    sims = self.cache.similarities(ids, device=device)
+                    out["teacher_image_sim"], out["teacher_text_sim"] = sims[0], sims[1]
+        return out
+
+    def __call__(self, image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
+                 ids: Any = None, *, scores: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if ids is None:
+            raise ValueError("the soft-label loss needs the batch's caption ids (the dataset indices the collate "
+                             "function returns, in the batch's order)")
+        ref = scores if scores is not None else image_emb
+        if ref is None:
+            raise ValueError("pass image_emb and text_emb ([B, D]) or scores ([B, B] images x captions)")
+        ids = as_ids(ids, ref.device)
+        if ids.shape[0] != ref.shape[0]:
+            raise ValueError(f"got {ids.shape[0]} caption ids for a batch of {ref.shape[0]} pairs; "
+                             "pass one id per row, in the (sorted) order of the batch")
+        self._place(ref.device)
+        kwargs = self.loss_inputs(ids, ref.device)
+        with self._autocast():
+            parts = self.loss(image_emb, text_emb, scores=scores, return_parts=True, **kwargs)
+        if not isinstance(parts, dict) or "loss" not in parts:
+            raise TypeError(f"{type(self.loss).__name__} did not return its parts dict with return_parts=True")
+        return parts
+
+    def weighted(self, parts: Mapping[str, torch.Tensor], base_name: str = "base") -> Dict[str, torch.Tensor]:
+        """``{"csa": alpha * L_csa, "usa": beta * L_usa, "cmc": gamma * L_cmc}`` (enabled terms only), plus the
+        base loss under ``base_name`` when the loss has one; the values sum to ``parts["loss"]``."""
+        out: Dict[str, torch.Tensor] = {}
+        if "base" in parts:
+            out[base_name] = parts["base"]
+        for name, weight in TERMS:
+            if name in parts:
+                out[name] = float(getattr(self.loss, weight)) * parts[name]
+        return out
+
+    def soft_terms(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted sum of the soft-label terms only (CSA, USA, CMC), without the base loss."""
+        terms = [v for k, v in self.weighted(parts).items() if k != "base"]
+        if not terms:
+            return parts["loss"].new_zeros(())
+        return torch.stack(terms).sum()
+
+    # ------------------------------------------------------------------------------------------
+    def register(self, optimizer: Any) -> bool:
+        """Add the loss's heads and temperatures to ``optimizer`` as a new param group (once)."""
+        params = self.parameters()
+        if optimizer is None or not params:
+            return False
+        ids = {id(p) for p in params}
+        for group in optimizer.param_groups:
+            if any(id(p) in ids for p in group["params"]):
+                return False  # already there (e.g. the user added them)
+        optimizer.add_param_group({"params": params})
+        return True
+
+    def unregister(self, optimizer: Any) -> None:
+        """Remove the param group added by :meth:`register`, and its optimizer state."""
+        if optimizer is None:
+            return
+        ids = {id(p) for p in self.parameters()}
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
+        for group in list(inner.param_groups):
+            if group["params"] and all(id(p) in ids for p in group["params"]):
+                inner.param_groups.remove(group)
+                for p in group["params"]:
+                    inner.state.pop(p, None)
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {k: v.detach().cpu().clone() for k, v in self.loss.state_dict().items()}
+        config = getattr(self.loss, "get_config_dict", None)
+        return {"state": state, "config": config() if callable(config) else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or "state" not in state:
+            raise ValueError(f"expected the softalign loss state saved by a patched model (a dict with 'state'), "
+                             f"got {type(state).__name__}")
+        self.loss.load_state_dict(state["state"])
+
+
+_MISSING = object()
+
+
+class PatchRecord:
+    """What a shim changed on a trainer object, so that ``unpatch`` puts back exactly what was there."""
+
+    def __init__(self, obj: Any, hook: SoftAlignHook, kind: str):
+        self.obj, self.hook, self.kind = obj, hook, kind
+        self.saved: Dict[str, Any] = {}
+        self.optimizer: Any = None
+        self.submodule: Optional[str] = None
+        self.ids: Any = None  # caption ids of the step in flight
+
+    def replace(self, name: str, value: Any) -> None:
+        """Set ``obj.<name> = value`` on the instance, remembering the instance attribute it shadows (if any)."""
+        if name not in self.saved:
+            self.saved[name] = self.obj.__dict__.get(name, _MISSING) if hasattr(self.obj, "__dict__") else _MISSING
+        setattr(self.obj, name, value)
+
+    def restore(self) -> None:
+        for name, old in self.saved.items():
+            if old is _MISSING:
+                if name in self.obj.__dict__:
+                    del self.obj.__dict__[name]
+            else:
+                setattr(self.obj, name, old)
+        self.saved.clear()
+        self.hook.unregister(self.optimizer)
+        if self.submodule is not None and isinstance(self.obj, nn.Module):
+            delattr(self.obj, self.submodule)
+            self.submodule = None
+
+    @contextlib.contextmanager
+    def capturing(self, ids: Any):
+        """Keep ``ids`` for the loss call inside one training step; cleared afterwards, even on error."""
+        previous, self.ids = self.ids, ids
+        try:
+            yield
+        finally:
+            self.ids = previous
+
+
+def get_record(obj: Any, kind: Optional[str] = None) -> Optional[PatchRecord]:
+    record = getattr(obj, "__dict__", {}).get(PATCH_ATTR)
+    if record is not None and kind is not None and record.kind != kind:
+        raise ValueError(f"this object is patched by softalign.integrations.{record.kind}, not {kind}")
+    return record
+
+
+def new_record(obj: Any, hook: SoftAlignHook, kind: str) -> PatchRecord:
+    if get_record(obj) is not None:
+        raise ValueError(f"{type(obj).__name__} is already patched by softalign.integrations."
+                         f"{get_record(obj).kind}; call unpatch(model) first")
+    record = PatchRecord(obj, hook, kind)
+    obj.__dict__[PATCH_ATTR] = record
+    return record
+
+
+def drop_record(obj: Any) -> Optional[PatchRecord]:
+    return obj.__dict__.pop(PATCH_ATTR, None)
+
+
+def extend_list_state(original: Callable[[], Any], hook: SoftAlignHook) -> Callable[[], Any]:
+    """Wrap a ``state_dict()`` that returns a list of encoder states (VSE++, SCAN) with the loss state appended
+    as a last element ``{STATE_KEY: ...}``; the unpatched ``load_state_dict`` reads ``[0]`` and ``[1]`` only, so
+    the checkpoint stays loadable by the original code."""
+
+    def state_dict(*args, **kwargs):
+        state = original(*args, **kwargs)
+        if not isinstance(state, list):
+            raise TypeError(f"expected the trainer's state_dict() to return a list of module states, got "
+                            f"{type(state).__name__}")
+        return state + [{STATE_KEY: hook.state_dict()}]
+
+    return state_dict
+
+
+def restore_list_state(original: Callable[[Any], Any], hook: SoftAlignHook) -> Callable[[Any], Any]:
+    """Inverse of :func:`extend_list_state`: feed the original ``load_state_dict`` the encoder states and the loss
+    its own; a checkpoint saved before patching (no loss entry) leaves the loss as initialised."""
+
+    def load_state_dict(state, *args, **kwargs):
+        if isinstance(state, (list, tuple)) and state and isinstance(state[-1], Mapping) and STATE_KEY in state[-1]:
+            hook.load_state_dict(state[-1][STATE_KEY])
+            state = list(state[:-1])
+        return original(state, *args, **kwargs)
+
+    return load_state_dict
+
+
+def capture_ids(record: PatchRecord, method: str, ids_arg: str = "ids") -> None:
+    """Wrap ``obj.<method>`` so that the ids it receives (argument ``ids_arg``) are kept in ``record.ids`` for the
+    duration of the call: the loss computed inside that call (a training step) sees them."""
+    obj = record.obj
+    original = getattr(obj, method, None)
+    if not callable(original):
+        raise TypeError(f"{type(obj).__name__} has no method {method!r} to take the ids from")
+    try:
+        params = inspect.signature(original).parameters
+        accepts = ids_arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        accepts = True
+    if not accepts:
+        raise TypeError(f"{type(obj).__name__}.{method} has no argument {ids_arg!r}; pass ids_arg=<its name>")
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with record.capturing(find_argument(original, ids_arg, args, kwargs)):
+            return original(*args, **kwargs)
+
+    record.replace(method, wrapper)
+
+
+def log_values(obj: Any, logger_attr: Optional[str], values: Mapping[str, torch.Tensor], n: int) -> None:
+    """``obj.<logger_attr>.update(name, float(value), n)`` for each value, when such a logger exists (the
+    ``LogCollector`` of VSE++/SCAN/TERAN)."""
+    logger = getattr(obj, logger_attr, None) if logger_attr else None
+    update = getattr(logger, "update", None)
+    if callable(update):
+        for name, value in values.items():
+            update(name, float(value.detach()), n)

@@ -1,0 +1,184 @@
+"""Soft-label alignment for any trainer that exposes embeddings (or a score matrix) and caption ids.
+
+Three levels, from least to most automatic:
+
+* :func:`soft_align_step` -- a function for loops you own::
+
+      parts = soft_align_step(loss, img_emb, cap_emb, ids, captions_per_image=5)
+      (base_loss + parts["soft"]).backward()
+
+* :class:`SoftAlignHook` -- the same as a reusable object that also registers the loss's heads and temperatures
+  with an optimizer and saves/restores them (``hook.register(optimizer)``, ``hook.state_dict()``).
+* :func:`patch` -- wraps a trainer's loss method in place, capturing ids from the method that receives them.
+  The wrapped method adds the weighted CSA/USA/CMC terms (CUSA: Huang et al., AAAI 2024; TGDT: Liu et al.,
+  IEEE TIP 2023) to what it returned: a tensor gets ``+ alpha L_CSA + beta L_USA + gamma L_CMC``; a dict of
+  losses gets named entries ``"csa"``, ``"usa"``, ``"cmc"``. When the loss has a base (``base="vsepp"`` ...) and
+  the method returns a tensor, the soft-label loss's total *replaces* the trainer's own criterion (its id-aware
+  hinge never treats two captions of one image as negatives); with ``base="none"`` the trainer's criterion is
+  kept and the terms are added. Calls without ids (evaluation) run the original method unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from softalign.integrations._common import (
+    PatchRecord,
+    SoftAlignHook,
+    capture_ids,
+    drop_record,
+    find_argument,
+    get_record,
+    log_values,
+    new_record,
+)
+
+__all__ = ["SoftAlignHook", "soft_align_step", "patch", "unpatch", "default_inputs"]
+
+
+def soft_align_step(loss: nn.Module, image_emb: Optional[torch.Tensor] = None,
+                    text_emb: Optional[torch.Tensor] = None, ids: Any = None, *,
+                    scores: Optional[torch.Tensor] = None, cache: Any = None,
+                    captions_per_image: Optional[int] = None, image_ids: Optional[Callable] = None,
+                    accelerator: Any = None) -> Dict[str, torch.Tensor]:
+    """Soft-label terms of one batch.
+
+    Returns ``{"loss": total of the SoftAlignLoss, "soft": alpha L_CSA + beta L_USA + gamma L_CMC,
+    "base"?: base loss, "csa"?: alpha L_CSA, "usa"?: beta L_USA, "cmc"?: gamma L_CMC}`` (weighted; only enabled
+    terms). ``ids`` are the batch's global caption ids in row order; see :class:`SoftAlignHook` for the
+    other arguments. For repeated use build a :class:`SoftAlignHook` once instead.
+    """
+    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
+                         accelerator=accelerator)
+    return _step(hook, image_emb, text_emb, ids, scores)
+
+
+def _step(hook: SoftAlignHook, image_emb, text_emb, ids, scores) -> Dict[str, torch.Tensor]:
+    parts = hook(image_emb, text_emb, ids, scores=scores)
+    return {"loss": parts["loss"], "soft": hook.soft_terms(parts), **hook.weighted(parts)}
+
+
+def default_inputs(image_emb, text_emb, *args, **kwargs) -> Dict[str, Any]:
+    """Inputs of a loss method called as ``method(image_emb, text_emb, ...)`` (VSE++'s ``forward_loss``)."""
+    return {"image_emb": image_emb, "text_emb": text_emb}
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_from: Optional[str] = None,
+            ids_arg: str = "ids", inputs: Callable[..., Mapping[str, Any]] = default_inputs,
+            optimizer: Any = None, logger_attr: Optional[str] = "logger", base_name: str = "softalign-base",
+            total_name: Optional[str] = None) -> PatchRecord:
+    """Wrap ``obj.<loss_method>`` (and ``obj.<ids_from>``) in place; used by every shim. See :func:`patch`."""
+    original = getattr(obj, loss_method, None)
+    if not callable(original):
+        raise TypeError(f"{type(obj).__name__} has no method {loss_method!r} to patch")
+    if ids_from is not None and not callable(getattr(obj, ids_from, None)):
+        raise TypeError(f"{type(obj).__name__} has no method {ids_from!r} to take the ids from")
+    if not callable(inputs):
+        raise TypeError(f"inputs must be a callable returning image_emb/text_emb/scores, got {type(inputs).__name__}")
+    strip_ids = ids_from is None and not _accepts(original, ids_arg)
+    record = new_record(obj, hook, kind)
+
+    @functools.wraps(original)
+    def loss_wrapper(*args, **kwargs):
+        if ids_from is None:
+            ids = find_argument(original, ids_arg, args, kwargs) if not strip_ids else kwargs.pop(ids_arg, None)
+        else:
+            ids = record.ids
+        if ids is None:  # evaluation, or a caller that has no ids: the trainer's own loss, unchanged
+            return original(*args, **kwargs)
+        found = dict(inputs(*args, **kwargs))
+        unknown = sorted(set(found) - {"image_emb", "text_emb", "scores"})
+        if unknown:
+            raise ValueError(f"inputs returned unknown key(s) {unknown}; expected image_emb, text_emb, scores")
+        parts = hook(found.get("image_emb"), found.get("text_emb"), ids, scores=found.get("scores"))
+        weighted = hook.weighted(parts, base_name=base_name)
+        ref = found.get("scores") if found.get("scores") is not None else found.get("image_emb")
+        n = int(ref.shape[0])
+        if hook.base_enabled and total_name is not None:
+            result = parts["loss"]
+            log_values(obj, logger_attr, {total_name: result, **weighted}, n)
+            return result
+        out = original(*args, **kwargs)
+        soft = {k: v for k, v in weighted.items() if k != base_name or not isinstance(out, torch.Tensor)}
+        log_values(obj, logger_attr, soft, n)
+        if isinstance(out, Mapping):
+            clash = sorted(set(out) & set(soft))
+            if clash:
+                raise ValueError(f"{loss_method} already returns loss entries named {clash}")
+            return {**out, **soft}
+        if isinstance(out, torch.Tensor):
+            return out + (torch.stack([v.to(out.dtype) for v in soft.values()]).sum() if soft else 0.0)
+        raise TypeError(f"{type(obj).__name__}.{loss_method} returned {type(out).__name__}; expected a loss tensor "
+                        "or a dict of loss tensors")
+
+    try:
+        if ids_from is not None:
+            capture_ids(record, ids_from, ids_arg)
+        record.replace(loss_method, loss_wrapper)
+    except Exception:
+        record.restore()
+        drop_record(obj)
+        raise
+    if optimizer is not None:
+        hook.register(optimizer)
+        record.optimizer = optimizer
+    return record
+
+
+def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: Optional[str] = None, ids_arg: str = "ids",
+          inputs: Callable[..., Mapping[str, Any]] = default_inputs, optimizer: Any = None,
+          cache: Any = None, captions_per_image: Optional[int] = None, image_ids: Optional[Callable] = None,
+          accelerator: Any = None, logger_attr: Optional[str] = "logger", returns: str = "tensor",
+          replace_base: bool = True) -> Any:
+    """Add soft-label alignment to ``obj.<loss_method>`` in place; returns ``obj``.
+
+    Args:
+        loss_method: name of the method that computes the loss from embeddings or scores; it returns a tensor
+            or a dict of named losses.
+        ids_from: name of the method that receives the batch's caption ids (e.g. a ``train_step(batch, ids)``)
+            when the loss method does not; ``None``: ids are the loss method's own ``ids_arg`` argument
+            (removed before calling the original if it does not take one).
+        ids_arg: the argument holding the ids.
+        inputs: ``inputs(*args, **kwargs) -> {"image_emb", "text_emb", "scores"}`` from the loss method's
+            arguments; default: the first two positional arguments are the image and text embeddings.
+        optimizer: the loss's heads and temperatures are added to it as a new param group.
+        returns: ``"tensor"`` (the method returns one loss) or ``"dict"`` (named losses, summed by the loop:
+            entries ``csa``/``usa``/``cmc`` and, with a base, ``softalign-base`` are added).
+        replace_base: for ``returns="tensor"``, when the loss has a base, return the loss's total instead of
+            the original criterion (``False``: keep the original and add only the soft-label terms).
+        logger_attr: attribute of ``obj`` holding a logger with ``update(name, value, n)`` (VSE++'s
+            ``LogCollector``); the weighted terms are logged there when it exists.
+        cache, captions_per_image, image_ids, accelerator: see :class:`SoftAlignHook`.
+
+    :func:`unpatch` restores the object and removes the param group.
+    """
+    if returns not in ("tensor", "dict"):
+        raise ValueError(f"returns must be 'tensor' or 'dict', got {returns!r}")
+    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
+                         accelerator=accelerator)
+    install(obj, hook, "generic", loss_method=loss_method, ids_from=ids_from, ids_arg=ids_arg, inputs=inputs,
+            optimizer=optimizer, logger_attr=logger_attr,
+            total_name="loss" if (replace_base and returns == "tensor") else None)
+    return obj
+
+
+def unpatch(obj: Any) -> Any:
+    """Undo :func:`patch` (or any softalign shim): original methods back, param group removed."""
+    record = get_record(obj)
+    if record is None:
+        raise ValueError(f"{type(obj).__name__} is not patched by softalign.integrations")
+    record.restore()
+    drop_record(obj)
+    return obj

@@ -1,0 +1,158 @@
+"""``softalign eval``: retrieval metrics from saved embeddings.
+
+    softalign eval --embeddings emb.safetensors [--protocol plain|coco1k|coco5k|coco|f30k]
+                   [--labels labels.safetensors] [--ks 1 5 10] [--chunk-size 512] --out DIR
+    softalign eval --image-emb img.npy --text-emb txt.npy --captions-per-image 5 --out DIR
+
+The safetensors file holds "image" [Ni, D], "text" [Nt, D], "caption_to_image" [Nt] int64 and
+optionally "image_labels" [Ni] / "text_labels" [Nt] (uni-modal i2i / t2t metrics). Writes
+DIR/metrics.json, DIR/metrics.md and DIR/recall_at_k.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict
+
+CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100)
+
+__all__ = ["add_subcommand", "run", "load_inputs", "evaluate_inputs"]
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="cross-modal (i2t/t2i) and uni-modal retrieval metrics from embeddings",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("inputs (either --embeddings or --image-emb/--text-emb)")
+    src.add_argument("--embeddings", help="safetensors with image, text, caption_to_image[, image_labels, text_labels]")
+    src.add_argument("--image-emb", help=".npy [Ni, D] image embeddings")
+    src.add_argument("--text-emb", help=".npy [Nt, D] text embeddings")
+    src.add_argument("--captions-per-image", type=int, help="captions k*N..k*N+N-1 belong to image k")
+    src.add_argument("--caption-to-image", help=".npy [Nt] int image index of each caption")
+    src.add_argument("--labels", help="safetensors/.npz with image_labels and/or text_labels (override the embeddings file)")
+    p.add_argument("--protocol", default="plain", choices=["plain", "coco1k", "coco5k", "coco", "f30k"])
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default 1 5 10)")
+    p.add_argument("--chunk-size", type=int, default=512, help="images per score tile (memory bound)")
+    p.add_argument("--no-normalize", action="store_true", help="use raw dot products instead of cosine")
+    p.add_argument("--no-plot", action="store_true", help="skip recall_at_k.png")
+    p.add_argument("--title", default="softalign eval")
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def _load_array(path: str, what: str):
+    import numpy as np
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    return torch.from_numpy(np.load(path, allow_pickle=False))
+
+
+def _load_mapping(path: str, what: str) -> Dict[str, Any]:
+    import numpy as np
+    import torch
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: torch.from_numpy(z[k]) for k in z.files}
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def load_inputs(args) -> Dict[str, Any]:
+    """Read the CLI inputs into {"image", "text", "caption_to_image", "image_labels"?, "text_labels"?}."""
+    import torch
+
+    if args.embeddings:
+        if args.image_emb or args.text_emb:
+            raise ValueError("pass either --embeddings or --image-emb/--text-emb, not both")
+        data = _load_mapping(args.embeddings, "embeddings")
+        missing = [k for k in ("image", "text") if k not in data]
+        if missing:
+            raise ValueError(f"{args.embeddings} lacks {missing}; expected keys 'image', 'text', 'caption_to_image'")
+    else:
+        if not (args.image_emb and args.text_emb):
+            raise ValueError("pass --embeddings FILE.safetensors, or both --image-emb and --text-emb (.npy)")
+        data = {"image": _load_array(args.image_emb, "image embeddings"), "text": _load_array(args.text_emb, "text embeddings")}
+    n_img, n_txt = data["image"].shape[0], data["text"].shape[0]
+    if args.caption_to_image:
+        data["caption_to_image"] = _load_array(args.caption_to_image, "caption_to_image")
+    elif args.captions_per_image:
+        n = args.captions_per_image
+        if n < 1 or n_txt != n * n_img:
+            raise ValueError(
+                f"--captions-per-image {n}: {n_img} images x {n} = {n * n_img} captions expected, got {n_txt}"
+            )
+        data["caption_to_image"] = torch.arange(n_img).repeat_interleave(n)
+    if "caption_to_image" not in data:
+        raise ValueError("no caption_to_image: store it in the embeddings file or pass --captions-per-image / --caption-to-image")
+    if args.labels:
+        data.update({k: v for k, v in _load_mapping(args.labels, "labels").items() if k in ("image_labels", "text_labels")})
+    return data
+
+
+def evaluate_inputs(data: Dict[str, Any], protocol: str = "plain", ks=(1, 5, 10), chunk_size=512, normalize=True) -> Dict[str, Any]:
+    import torch
+
+    from softalign.eval.crossmodal import cross_modal_ranks, cross_modal_recall, recall_curve
+    from softalign.eval.protocols import evaluate_protocol
+    from softalign.eval.unimodal import unimodal_retrieval
+
+    img, txt = data["image"].float(), data["text"].float()
+    if normalize:
+        img = torch.nn.functional.normalize(img, dim=-1)
+        txt = torch.nn.functional.normalize(txt, dim=-1)
+    c2i = data["caption_to_image"]
+    metrics: Dict[str, Any] = {"protocol": protocol, "num_images": img.shape[0], "num_captions": txt.shape[0]}
+    if protocol == "plain":
+        m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size, return_ranks=True)
+        i2t, t2i = m.pop("i2t_ranks"), m.pop("t2i_ranks")
+    else:
+        m = evaluate_protocol(protocol, image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size)
+        rr = cross_modal_ranks(image_emb=img, text_emb=txt, caption_to_image=c2i, chunk_size=chunk_size)
+        i2t, t2i = rr.i2t, rr.t2i
+    metrics.update(m)
+    # recall curve over the whole gallery for the plot
+    ck = [k for k in CURVE_KS if k <= max(img.shape[0], txt.shape[0])]
+    metrics["recall_curve"] = {"k": ck, "i2t": recall_curve(i2t, ck), "t2i": recall_curve(t2i, ck)}
+    if "image_labels" in data:
+        metrics.update(unimodal_retrieval(img, data["image_labels"], prefix="i2i_"))
+    if "text_labels" in data:
+        metrics.update(unimodal_retrieval(txt, data["text_labels"], prefix="t2t_"))
+    return metrics
+
+
+def run(args) -> int:
+    from softalign.eval.report import write_report
+
+    data = load_inputs(args)
+    metrics = evaluate_inputs(data, args.protocol, tuple(args.ks), args.chunk_size, not args.no_normalize)
+    paths = write_report(metrics, args.out, title=args.title, plot=not args.no_plot)
+    from softalign.eval.report import markdown_table
+
+    print(markdown_table(metrics, title=args.title))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m softalign.eval.cli``); ``softalign eval`` is the usual way."""
+    p = argparse.ArgumentParser(prog="softalign eval")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Uni-modal ("universal") retrieval: image->image and text->text with class or group labels,
+and text-text similarity correlation.
+
+Metrics come from pytorch-metric-learning's ``AccuracyCalculator`` (Musgrave et al., "A Metric
+Learning Reality Check", ECCV 2020) with a non-faiss exact KNN
+(``CustomKNN(CosineSimilarity())``, batched so memory stays bounded):
+
+* ``precision_at_1`` (= Recall@1 in the metric-learning sense: the nearest neighbour shares the
+  query's label; also reported as ``recall_at_1``);
+* ``r_precision``: with R = number of same-label gallery items, the fraction of them in the top R;
+* ``map_at_r``: MAP@R = 1/R * sum_{i<=R} P(i) * rel(i) (mean over queries).
+
+Leave-one-out (``gallery=None``): every item is a query against all the others
+(``ref_includes_query=True``, the query itself is removed). Query/gallery: separate sets.
+Queries whose label does not occur in the gallery (or only once, leave-one-out) are skipped by
+pytorch-metric-learning; ``num_queries`` counts the queries that were scored.
+
+Text-text similarity: Spearman (and Pearson) correlation between cosine(emb_a, emb_b) and gold
+scores, as in sentence-transformers' ``EmbeddingSimilarityEvaluator`` (scipy.stats).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from softalign.eval.crossmodal import _as_tensor
+
+__all__ = ["unimodal_retrieval", "text_similarity_correlation"]
+
+
+def _emb(x: Any, name: str) -> torch.Tensor:
+    t = _as_tensor(x, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [N, D] tensor, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 items); the gallery and queries need at least one item")
+    t = t.detach().cpu()
+    if t.dtype != torch.float64:
+        t = t.float()
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{name} contains NaN values")
+    return t
+
+
+def _labels(x: Any, n: int, name: str) -> torch.Tensor:
+    t = _as_tensor(x, name).reshape(-1)
+    if t.dtype.is_floating_point:
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"{name} contains NaN")
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} entries but there are {n} embeddings; expected one label each")
+    return t.detach().cpu()
+
+
+def unimodal_retrieval(
+    embeddings: Any,
+    labels: Any,
+    gallery: Optional[Any] = None,
+    gallery_labels: Optional[Any] = None,
+    *,
+    batch_size: int = 1024,
+    prefix: str = "",
+) -> Dict[str, float]:
+    """Recall@1 / precision@1, R-precision and MAP@R of ``embeddings`` (queries) against
+    ``gallery`` (default: the queries themselves, leave-one-out). Cosine similarity.
+
+    Returns ``{prefix+"precision_at_1", prefix+"recall_at_1", prefix+"r_precision",
+    prefix+"map_at_r", prefix+"num_queries"}`` (fractions in [0, 1])."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import (
+        AccuracyCalculator,
+        get_label_match_counts,
+        get_lone_query_labels,
+    )
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    q = _emb(embeddings, "embeddings")
+    ql = _labels(labels, q.shape[0], "labels")
+    loo = gallery is None
+    if loo:
+        if gallery_labels is not None:
+            raise ValueError("gallery_labels given without gallery")
+        if q.shape[0] < 2:
+            raise ValueError("leave-one-out needs at least 2 items (the gallery would be empty)")
+        g, gl = q, ql
+    else:
+        if gallery_labels is None:
+            raise ValueError("gallery given without gallery_labels")
+        g = _emb(gallery, "gallery")
+        gl = _labels(gallery_labels, g.shape[0], "gallery_labels")
+        if g.shape[1] != q.shape[1]:
+            raise ValueError(f"embedding sizes differ: queries are [*, {q.shape[1]}], gallery [*, {g.shape[1]}]")
+    # labels -> contiguous integer codes shared by queries and gallery (floats compared exactly)
+    _, codes = torch.unique(torch.cat([ql, gl]), return_inverse=True)
+    qc, gc = codes[: len(ql)], codes[len(ql):]
+    if loo:
+        gc = qc
+
+    counts = get_label_match_counts(qc, gc, torch.eq)
+    _, not_lone = get_lone_query_labels(qc, counts, loo, torch.eq)
+    n_scored = int(not_lone.sum())
+    if n_scored == 0:
+        raise ValueError(
+            "no query has a same-label item in the gallery"
+            + (" (every label occurs once; leave-one-out needs labels shared by >= 2 items)" if loo else "")
+        )
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(CosineSimilarity(), batch_size=batch_size),
+    )
+    if loo:
+        res = calc.get_accuracy(q, qc, q, qc, ref_includes_query=True)
+    else:
+        res = calc.get_accuracy(q, qc, g, gc, ref_includes_query=False)
+    return {
+        f"{prefix}precision_at_1": float(res["precision_at_1"]),
+        f"{prefix}recall_at_1": float(res["precision_at_1"]),
+        f"{prefix}r_precision": float(res["r_precision"]),
+        f"{prefix}map_at_r": float(res["mean_average_precision_at_r"]),
+        f"{prefix}num_queries": float(n_scored),
+    }
+
+
+def text_similarity_correlation(emb_a: Any, emb_b: Any, scores: Any, prefix: str = "") -> Dict[str, float]:
+    """Spearman and Pearson correlation between cosine(emb_a[i], emb_b[i]) and gold ``scores[i]``."""
+    from scipy.stats import pearsonr, spearmanr
+
+    a = _emb(emb_a, "emb_a")
+    b = _emb(emb_b, "emb_b")
+    s = np.asarray(_as_tensor(scores, "scores").reshape(-1).double().cpu().numpy())
+    if a.shape != b.shape:
+        raise ValueError(f"emb_a {tuple(a.shape)} and emb_b {tuple(b.shape)} must have the same shape (one pair per row)")
+    if s.shape[0] != a.shape[0]:
+        raise ValueError(f"scores has {s.shape[0]} entries but there are {a.shape[0]} pairs")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    if a.shape[0] < 2:
+        raise ValueError("need at least 2 scored pairs for a correlation")
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).numpy()
+    return {
+        f"{prefix}spearman": float(spearmanr(cos, s).statistic),
+        f"{prefix}pearson": float(pearsonr(cos, s).statistic),
+    }

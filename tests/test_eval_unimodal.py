@@ -1,0 +1,87 @@
+"""Uni-modal retrieval (i2i / t2t) against an independent brute-force implementation of
+precision@1, R-precision and MAP@R (Musgrave et al. 2020), and text-text Spearman."""
+import numpy as np
+import pytest
+import torch
+
+from softalign.eval import text_similarity_correlation, unimodal_retrieval
+
+
+def brute_force(q, ql, g, gl, leave_one_out):
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    S = qn @ gn.T
+    p1, rp, mapr = [], [], []
+    for i in range(len(q)):
+        idx = [j for j in range(len(g)) if not (leave_one_out and j == i)]
+        rel = np.array([gl[j] == ql[i] for j in idx])
+        R = int(rel.sum())
+        if R == 0:
+            continue  # lone query: skipped
+        order = np.argsort(-S[i, idx], kind="stable")
+        hits = rel[order]
+        p1.append(float(hits[0]))
+        rp.append(hits[:R].sum() / R)
+        prec = np.cumsum(hits[:R]) / np.arange(1, R + 1)
+        mapr.append((prec * hits[:R]).sum() / R)
+    return np.mean(p1), np.mean(rp), np.mean(mapr), len(p1)
+
+
+def clustered(n, n_cls, d, seed, noise=1.5):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_cls, size=n)
+    centers = rng.normal(size=(n_cls, d))
+    return (centers[labels] + noise * rng.normal(size=(n, d))).astype(np.float64), labels
+
+
+def test_leave_one_out_matches_brute_force():
+    x, y = clustered(60, 6, 8, seed=0)
+    y[0] = 99  # a lone label: skipped by both
+    got = unimodal_retrieval(torch.from_numpy(x), torch.from_numpy(y), batch_size=16, prefix="i2i_")
+    p1, rp, mapr, n = brute_force(x, y, x, y, True)
+    assert got["i2i_precision_at_1"] == pytest.approx(p1, abs=1e-6)
+    assert got["i2i_recall_at_1"] == got["i2i_precision_at_1"]
+    assert got["i2i_r_precision"] == pytest.approx(rp, abs=1e-6)
+    assert got["i2i_map_at_r"] == pytest.approx(mapr, abs=1e-6)
+    assert got["i2i_num_queries"] == n == 59
+    assert 0 < mapr < 1
+
+
+def test_query_gallery_matches_brute_force():
+    x, y = clustered(50, 5, 8, seed=1)
+    g, gy = clustered(40, 5, 8, seed=1)  # same centers (same seed), different samples
+    got = unimodal_retrieval(x, y, gallery=g, gallery_labels=gy)
+    p1, rp, mapr, n = brute_force(x, y, g, gy, False)
+    assert got["precision_at_1"] == pytest.approx(p1, abs=1e-6)
+    assert got["r_precision"] == pytest.approx(rp, abs=1e-6)
+    assert got["map_at_r"] == pytest.approx(mapr, abs=1e-6)
+    assert got["num_queries"] == n
+
+
+def test_spearman_against_rank_correlation_by_hand():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(40, 6))
+    b = a + rng.normal(size=(40, 6))
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    gold = cos + 0.3 * rng.normal(size=40)
+    got = text_similarity_correlation(a, b, gold)
+    rank = lambda v: np.argsort(np.argsort(v))  # no ties in continuous data
+    ref = np.corrcoef(rank(cos), rank(gold))[0, 1]
+    assert got["spearman"] == pytest.approx(ref, abs=1e-9)
+    assert got["pearson"] == pytest.approx(np.corrcoef(cos, gold)[0, 1], abs=1e-9)
+
+
+def test_unimodal_bad_input():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="labels has 4 entries but there are 5 embeddings"):
+        unimodal_retrieval(x, torch.arange(4))
+    with pytest.raises(ValueError, match="gallery is empty"):
+        unimodal_retrieval(x, torch.zeros(5), gallery=torch.zeros(0, 3), gallery_labels=torch.zeros(0))
+    with pytest.raises(ValueError, match="no query has a same-label item"):
+        unimodal_retrieval(x, torch.arange(5))
+    bad = x.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="embeddings contains NaN"):
+        unimodal_retrieval(bad, torch.zeros(5))
+    with pytest.raises(ValueError, match="scores has 3 entries but there are 5 pairs"):
+        text_similarity_correlation(x, x, [0.1, 0.2, 0.3])

@@ -1,0 +1,200 @@
+"""TERAN shim on a stand-in with TERAN's call structure: ``model(*batch)`` -> ``forward(..., ids)`` ->
+``forward_loss`` returns a dict of losses that the loop sums; optimizer from ``model.get_parameters()``."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from softalign.integrations import teran, vsepp
+from tests.test_integrations_common import (
+    EMBED,
+    IMG_DIM,
+    VOCAB,
+    LogCollector,
+    PrecompDataset,
+    TinyCache,
+    hinge_criterion,
+    ids_from_targets,
+    l2norm,
+    make_data,
+    record_loss_inputs,
+    single_thread,  # noqa: F401  (autouse fixture)
+    soft_loss,
+    teacher_sims,
+)
+
+REGIONS = 3
+
+
+def teran_collate(batch):
+    """TERAN's precomp collate shape: features, targets, feature lengths, caption lengths, boxes, ids (no sort)."""
+    feats = torch.stack([b[0] for b in batch])
+    cap_lengths = [len(b[1]) for b in batch]
+    targets = torch.zeros(len(batch), max(cap_lengths), dtype=torch.long)
+    for row, b in enumerate(batch):
+        targets[row, : cap_lengths[row]] = b[1]
+    boxes = torch.zeros(len(batch), feats.shape[1], 4)
+    return feats, targets, [feats.shape[1]] * len(batch), cap_lengths, boxes, tuple(b[2] for b in batch)
+
+
+def teran_loader(seed=0):
+    images, captions = make_data()
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(PrecompDataset(images, captions, REGIONS), batch_size=10, shuffle=True,
+                                       collate_fn=teran_collate, generator=g)
+
+
+class JointEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.img_proj = nn.Linear(IMG_DIM, EMBED)
+        self.txt_enc = nn.Embedding(VOCAB, EMBED)
+        self.cap_proj = nn.Linear(EMBED, EMBED)
+
+    def forward(self, features, captions, feat_len, cap_len, boxes):
+        img_feats = self.img_proj(features).transpose(0, 1)  # S x B x D, as TERAN
+        words = self.cap_proj(self.txt_enc(captions))
+        mask = (torch.arange(captions.shape[1]).view(1, -1) < torch.tensor(cap_len).view(-1, 1)).float()
+        cap_aggr = (words * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return l2norm(img_feats.mean(0)), l2norm(cap_aggr), img_feats, words.transpose(0, 1)
+
+
+class TERANStandIn(nn.Module):
+    """Call structure of TERAN (not its code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.img_txt_enc = JointEncoder()
+        self.Eiters = 0
+        self.logger = LogCollector()
+
+    def forward_emb(self, images, captions, img_len, cap_len, boxes):
+        img_aggr, cap_aggr, img_feats, cap_feats = self.img_txt_enc(images, captions, img_len, cap_len, boxes)
+        return img_aggr, cap_aggr, img_feats, cap_feats, cap_len
+
+    def get_parameters(self):
+        enc = self.img_txt_enc
+        first = list(enc.img_proj.parameters()) + list(enc.cap_proj.parameters())
+        return [first, list(enc.txt_enc.parameters())], 1.0
+
+    def forward_loss(self, img_emb, cap_emb, img_emb_set, cap_emb_seq, img_lengths, cap_lengths):
+        losses = {"matching-loss": hinge_criterion(img_emb @ cap_emb.t(), 0.2, True)}
+        regions = l2norm(img_emb_set.permute(1, 0, 2))
+        words = l2norm(cap_emb_seq.permute(1, 0, 2))
+        align = torch.einsum("ird,jwd->ijrw", regions, words).max(2)[0].mean(2)
+        losses["alignment-loss"] = hinge_criterion(align, 0.2, True)
+        self.logger.update("matching_loss", losses["matching-loss"].item(), img_emb.size(0))
+        return losses
+
+    def forward(self, images, targets, img_lengths, cap_lengths, boxes=None, ids=None, *args):
+        self.Eiters += 1
+        img_aggr, cap_aggr, img_feats, cap_feats, cap_lengths = self.forward_emb(images, targets, img_lengths,
+                                                                                 cap_lengths, boxes)
+        return self.forward_loss(img_aggr, cap_aggr, img_feats, cap_feats, img_lengths, cap_lengths)
+
+
+def build_optimizer(model):
+    """train.py's construction: get_parameters() must return every parameter."""
+    params, multiplier = model.get_parameters()
+    if len(params[0] + params[1]) != len(list(model.parameters())):
+        raise ValueError("Not all parameters are being returned!")
+    return torch.optim.Adam([{"params": params[0]}, {"params": params[1], "lr": 0.01 * multiplier}], lr=0.01)
+
+
+def train(model, optimizer, epochs):
+    totals = []
+    for _ in range(epochs):
+        for batch in teran_loader():
+            model.train()
+            optimizer.zero_grad()
+            loss_dict = model(*batch)
+            loss = sum(loss for loss in loss_dict.values())
+            loss.backward()
+            optimizer.step()
+            totals.append(float(loss.detach()))
+    return totals
+
+
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
+    return TERANStandIn()
+
+
+def test_named_terms_are_added_to_the_loss_dict():
+    cache = TinyCache()
+    plain = fresh_model()
+    model = fresh_model()
+    loss = soft_loss(base="none", gamma=0.2)
+    seen = record_loss_inputs(loss)
+    teran.patch(model, loss, cache=cache)
+    batch = next(iter(teran_loader()))
+    out = model(*batch)
+    ref = plain(*batch)
+    assert set(out) == {"matching-loss", "alignment-loss", "csa", "usa", "cmc"}
+    for k in ref:
+        assert torch.equal(out[k], ref[k])
+    ids = ids_from_targets(batch[1])
+    assert seen[0]["ids"].tolist() == ids.tolist()
+    img, cap = plain.forward_emb(*batch[:2], batch[2], batch[3], batch[4])[:2]
+    t_img, t_txt = teacher_sims(cache, ids)
+    total = loss(img, cap, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    assert torch.allclose(out["csa"] + out["usa"] + out["cmc"], total)
+    assert "csa" in model.logger.values
+
+
+def test_optimizer_from_get_parameters_trains_the_loss_and_the_sum_goes_down():
+    model = fresh_model()
+    loss = soft_loss(base="none")
+    teran.patch(model, loss, cache=TinyCache())
+    optimizer = build_optimizer(model)  # the "all parameters" check passes with the loss registered
+    assert {id(p) for p in loss.parameters()} <= {id(p) for p in optimizer.param_groups[0]["params"]}
+    before = copy.deepcopy(loss.state_dict())
+    totals = train(model, optimizer, epochs=6)
+    assert sum(totals[-4:]) / 4 < 0.8 * sum(totals[:4]) / 4, totals
+    assert not torch.equal(before["usa.image_head.1.weight"], loss.state_dict()["usa.image_head.1.weight"])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = fresh_model()
+    loss = soft_loss(base="none")
+    teran.patch(model, loss, cache=TinyCache())
+    train(model, build_optimizer(model), epochs=1)
+    torch.save({"model": model.state_dict()}, tmp_path / "ck.pth")
+    ck = torch.load(tmp_path / "ck.pth", weights_only=True)
+    assert any(k.startswith(teran.SUBMODULE + ".usa.") for k in ck["model"])
+
+    other_loss = soft_loss(base="none")
+    teran.patch(fresh_model(seed=1), other_loss, cache=TinyCache()).load_state_dict(ck["model"], strict=False)
+    assert all(torch.equal(other_loss.state_dict()[k], v) for k, v in loss.state_dict().items())
+    plain = fresh_model(seed=2)
+    result = plain.load_state_dict(ck["model"], strict=False)  # as TERAN's train.py loads checkpoints
+    assert all(k.startswith(teran.SUBMODULE) for k in result.unexpected_keys) and result.unexpected_keys
+    assert torch.equal(plain.img_txt_enc.img_proj.weight, model.img_txt_enc.img_proj.weight)
+
+
+def test_loss_moves_with_the_model_and_unpatch_restores_it():
+    model = fresh_model()
+    loss = soft_loss(base="none")
+    teran.patch(model, loss, cache=TinyCache())
+    model.double()
+    assert loss.usa.image_head[1].weight.dtype == torch.float64
+    model.float()
+    teran.unpatch(model)
+    assert not hasattr(model, teran.SUBMODULE) and "forward" not in model.__dict__
+    assert len(model.get_parameters()[0][0]) + len(model.get_parameters()[0][1]) == len(list(model.parameters()))
+    reference = fresh_model()
+    assert train(model, build_optimizer(model), 1) == train(reference, build_optimizer(reference), 1)
+
+
+def test_bad_setups_fail_clearly():
+    with pytest.raises(ValueError, match="captions_per_image"):
+        teran.patch(fresh_model(), soft_loss(alpha=0.0, beta=0.0, gamma=1.0))
+    with pytest.raises(TypeError, match="expected a TERAN nn.Module"):
+        teran.patch(object(), soft_loss(), cache=TinyCache())
+    model = fresh_model()
+    teran.patch(model, soft_loss(), cache=TinyCache())
+    with pytest.raises(ValueError, match="patched by softalign.integrations.teran, not vsepp"):
+        vsepp.unpatch(model)

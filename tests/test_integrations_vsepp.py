@@ -1,0 +1,174 @@
+"""VSE++ shim on a stand-in with VSE++'s call structure (train_emb -> forward_emb -> forward_loss -> criterion)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from softalign.integrations import vsepp
+from softalign.losses import SoftAlignLoss
+from tests.test_integrations_common import (
+    CAPS_PER_IMAGE,
+    EMBED,
+    TinyCache,
+    VSEStandIn,
+    hinge_criterion,
+    ids_from_targets,
+    loader,
+    record_loss_inputs,
+    single_thread,  # noqa: F401  (autouse fixture)
+    soft_loss,
+    teacher_sims,
+    train,
+    vse_opt,
+)
+
+
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
+    return VSEStandIn(vse_opt())
+
+
+def test_ids_follow_their_rows_through_the_length_sort():
+    cache = TinyCache()
+    model = fresh_model()
+    loss = soft_loss()
+    seen = record_loss_inputs(loss)
+    vsepp.patch(model, loss, cache=cache)
+    batch = next(iter(loader()))
+    images, targets, lengths, ids = batch
+    assert list(ids) != sorted(ids)  # the collate reordered the batch
+    model.train_emb(*batch)
+    assert len(seen) == 1
+    true_ids = ids_from_targets(targets)  # read back from the tokens of each row
+    assert seen[0]["ids"].tolist() == true_ids.tolist()
+    assert seen[0]["image_ids"].tolist() == (true_ids // CAPS_PER_IMAGE).tolist()
+    t_img, t_txt = teacher_sims(cache, true_ids)
+    assert torch.allclose(seen[0]["teacher_image_sim"], t_img)
+    assert torch.allclose(seen[0]["teacher_text_sim"], t_txt)
+
+
+def test_patched_forward_loss_equals_independent_computation():
+    cache = TinyCache()
+    model = fresh_model()
+    loss = soft_loss(base="none", gamma=0.2)
+    vsepp.patch(model, loss, cache=cache)
+    images, targets, lengths, ids = next(iter(loader()))
+    img, cap = model.forward_emb(images, targets, lengths)
+    rec = model._softalign_patch
+    with rec.capturing(ids):
+        got = model.forward_loss(img, cap)
+    t_img, t_txt = teacher_sims(cache, torch.tensor(ids))
+    soft = loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    assert torch.allclose(got, hinge_criterion(img @ cap.t(), 0.2, True) + soft)
+    for name in ("csa", "usa", "cmc"):
+        assert name in model.logger.values
+    # evaluation path (encode_data calls forward_loss outside train_emb): VSE++'s criterion only
+    assert torch.allclose(model.forward_loss(img, cap), hinge_criterion(img @ cap.t(), 0.2, True))
+
+
+def test_loss_with_base_replaces_criterion():
+    cache = TinyCache()
+    model = fresh_model()
+    loss = soft_loss(base="vsepp")
+    vsepp.patch(model, loss, cache=cache)
+    calls = []
+    model.criterion.register_forward_hook(lambda *a: calls.append(1))
+    images, targets, lengths, ids = next(iter(loader()))
+    img, cap = model.forward_emb(images, targets, lengths)
+    with model._softalign_patch.capturing(ids):
+        got = model.forward_loss(img, cap)
+    t_img, t_txt = teacher_sims(cache, torch.tensor(ids))
+    assert torch.allclose(got, loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img,
+                                    teacher_text_sim=t_txt))
+    assert calls == [] and "Le" in model.logger.values
+
+
+def test_patched_training_lowers_the_loss_and_trains_heads_and_temperatures():
+    model = fresh_model()
+    loss = soft_loss(base="vsepp")
+    vsepp.patch(model, loss, cache=TinyCache())
+    assert len(model.optimizer.param_groups) == 2
+    assert {id(p) for p in loss.parameters()} <= {id(p) for p in model.params}  # clipped with the rest
+    before = copy.deepcopy(loss.state_dict())
+    losses = train(model, epochs=6)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    after = loss.state_dict()
+    assert not torch.equal(before["usa.image_head.1.weight"], after["usa.image_head.1.weight"])
+    assert not torch.equal(before["csa.temperature.value"], after["csa.temperature.value"])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = fresh_model()
+    loss = soft_loss()
+    vsepp.patch(model, loss, cache=TinyCache())
+    train(model, epochs=1)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"model": model.state_dict(), "Eiters": model.Eiters}, path)
+    checkpoint = torch.load(path, weights_only=True)
+
+    restored_loss = soft_loss()
+    restored = vsepp.patch(fresh_model(seed=1), restored_loss, cache=TinyCache())
+    restored.load_state_dict(checkpoint["model"])
+    for key, value in loss.state_dict().items():
+        assert torch.equal(restored_loss.state_dict()[key], value), key
+    for a, b in zip(model.state_dict()[:2], restored.state_dict()[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the original VSE++ code loads the patched checkpoint (it reads [0] and [1] only) ...
+    plain = fresh_model(seed=2)
+    plain.load_state_dict(checkpoint["model"])
+    assert torch.equal(plain.img_enc.fc.weight, model.img_enc.fc.weight)
+    # ... and a patched model loads a checkpoint saved before patching, keeping its loss as initialised
+    fresh_loss = soft_loss()
+    init = copy.deepcopy(fresh_loss.state_dict())
+    vsepp.patch(fresh_model(seed=3), fresh_loss, cache=TinyCache()).load_state_dict(fresh_model(4).state_dict())
+    assert all(torch.equal(init[k], v) for k, v in fresh_loss.state_dict().items())
+    with pytest.raises(ValueError, match="softalign loss state"):
+        restored.load_state_dict(fresh_model(5).state_dict() + [{"softalign_loss": [1, 2]}])
+
+
+def test_unpatched_path_is_unchanged():
+    reference = fresh_model()
+    ref_losses = train(reference, epochs=1)
+
+    model = fresh_model()
+    vsepp.patch(model, soft_loss(), cache=TinyCache())
+    assert vsepp.is_patched(model)
+    vsepp.unpatch(model)
+    assert not vsepp.is_patched(model)
+    assert len(model.optimizer.param_groups) == 1 and len(model.params) == len(reference.params)
+    assert {"train_emb", "forward_loss", "state_dict", "load_state_dict", "_softalign_patch"}.isdisjoint(
+        model.__dict__)
+    assert train(model, epochs=1) == ref_losses
+    for a, b in zip(model.state_dict(), reference.state_dict()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="not patched by softalign.integrations.vsepp"):
+        vsepp.unpatch(model)
+
+
+def test_without_cache_image_ids_come_from_captions_per_image():
+    model = fresh_model()
+    loss = SoftAlignLoss(embed_dim=EMBED, alpha=0.0, beta=0.0, gamma=0.5)  # CMC needs no teacher
+    seen = record_loss_inputs(loss)
+    vsepp.patch(model, loss, captions_per_image=CAPS_PER_IMAGE)
+    batch = next(iter(loader()))
+    model.train_emb(*batch)
+    assert seen[0]["image_ids"].tolist() == (ids_from_targets(batch[1]) // CAPS_PER_IMAGE).tolist()
+
+
+def test_bad_setups_fail_clearly():
+    with pytest.raises(ValueError, match="need teacher similarities"):
+        vsepp.patch(fresh_model(), soft_loss())
+    with pytest.raises(TypeError, match="expected a VSE\\+\\+ model with train_emb"):
+        vsepp.patch(object(), soft_loss(), cache=TinyCache())
+    model = fresh_model()
+    del model.optimizer
+    with pytest.raises(ValueError, match="no .optimizer"):
+        vsepp.patch(model, soft_loss(), cache=TinyCache())
+    model = fresh_model()
+    vsepp.patch(model, soft_loss(), cache=TinyCache())
+    with pytest.raises(ValueError, match="already patched"):
+        vsepp.patch(model, soft_loss(), cache=TinyCache())
