@@ -1,0 +1,365 @@
+"""Chunked, resumable, process-sharded construction of a teacher cache.
+
+Layout of a cache directory::
+
+    manifest.json          written last (atomically): its presence means the cache is complete
+    text.safetensors       "embeddings" [num_captions, text_dim]   (fp16 by default, L2-normalised rows)
+    image.safetensors      "embeddings" [num_images, image_dim]
+    .partial/              only while building: build.json + one safetensors file per finished chunk
+
+Each modality is cut into chunks of ``chunk_size`` rows. Chunk ``k`` of the task list goes to process
+``k % num_processes`` (Accelerate's ``PartialState``); every finished chunk is written atomically, so an
+interrupted build (crash, pre-emption, Ctrl-C, a bad image) resumes with the chunks that are missing.
+After a barrier the main process streams the chunks into the final files (one chunk in memory at a
+time), writes the manifest, and removes ``.partial``. Peak memory is therefore bounded by the chunk
+size and the teacher batch, not by the data set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import storage
+from .fingerprint import describe_mismatch
+
+logger = logging.getLogger("softalign.teachers")
+
+FORMAT = "softalign-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+FILES = {"text": "text.safetensors", "image": "image.safetensors"}
+
+
+class Source:
+    """Rows of one modality: ``count`` items, ``encode(start, stop) -> Tensor [stop-start, dim]``."""
+
+    def __init__(self, modality: str, count: int, info: dict, encode: Callable[[int, int], torch.Tensor]):
+        self.modality = modality
+        self.count = int(count)
+        self.info = info  # {"name", "dim", "kind", ...}: stored in the manifest
+        self.encode = encode
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+
+def teacher_info(teacher) -> dict:
+    info = {"name": str(teacher.name), "dim": int(teacher.dim)}
+    cfg = getattr(teacher, "config", None)
+    if isinstance(cfg, dict):
+        info.update({k: v for k, v in cfg.items() if k not in ("name", "dim")})
+    info.setdefault("kind", type(teacher).__name__)
+    return info
+
+
+def text_source(teacher, captions: Sequence[str]) -> Source:
+    def encode(start: int, stop: int) -> torch.Tensor:
+        return teacher.encode(list(captions[start:stop]))
+
+    return Source("text", len(captions), teacher_info(teacher), encode)
+
+
+def image_source(teacher, images, batch_size: Optional[int] = None) -> Source:
+    """Images are decoded one teacher batch at a time, the next batch in a background thread."""
+    bs = int(batch_size or getattr(teacher, "batch_size", 32) or 32)
+
+    def load(s: int, e: int):
+        return [images.load(i) for i in range(s, e)]
+
+    def encode(start: int, stop: int) -> torch.Tensor:
+        bounds = [(s, min(s + bs, stop)) for s in range(start, stop, bs)]
+        outs = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, *bounds[0])
+            for j, (s, e) in enumerate(bounds):
+                batch = pending.result()
+                if j + 1 < len(bounds):
+                    pending = pool.submit(load, *bounds[j + 1])
+                outs.append(_check_rows(teacher.encode(batch), e - s, teacher, "image", s))
+        return torch.cat(outs)
+
+    return Source("image", len(images), teacher_info(teacher), encode)
+
+
+def array_source(modality: str, array, info: dict) -> Source:
+    """Rows of a precomputed matrix (numpy array / memmap / tensor), e.g. imported teacher features."""
+
+    def encode(start: int, stop: int) -> torch.Tensor:
+        part = array[start:stop]
+        if isinstance(part, torch.Tensor):
+            return part.float()
+        return torch.from_numpy(np.array(part, dtype=np.float32))  # copy: memmap slices stay read-only
+
+    return Source(modality, len(array), info, encode)
+
+
+def _check_rows(out, n: int, teacher, modality: str, start: int) -> torch.Tensor:
+    dim = int(teacher.dim)
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(out)
+    if out.dim() != 2 or out.shape[0] != n or out.shape[1] != dim:
+        raise ValueError(
+            f"{modality} teacher {teacher.name!r} returned shape {list(out.shape)} for {modality} items "
+            f"{start}..{start + n - 1}; expected [{n}, {dim}] (teacher.dim = {dim})"
+        )
+    return out
+
+
+def _finalize_rows(out, source: Source, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    n = stop - start
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(out)
+    if out.dim() != 2 or out.shape[0] != n or out.shape[1] != source.dim:
+        raise ValueError(
+            f"{source.modality} teacher {source.info['name']!r} returned shape {list(out.shape)} for "
+            f"{source.modality} items {start}..{stop - 1}; expected [{n}, {source.dim}]"
+        )
+    out = out.detach().float().cpu()
+    finite = torch.isfinite(out).all(dim=1)
+    if not bool(finite.all()):
+        bad = start + int((~finite).nonzero()[0])
+        raise ValueError(f"{source.modality} teacher {source.info['name']!r} returned NaN/inf for "
+                         f"{source.modality} item {bad}")
+    return F.normalize(out, dim=1).to(dtype)
+
+
+class _State:
+    """process_index / num_processes / barrier from an Accelerator or PartialState, else torch.distributed.
+
+    Without an ``accelerator``, ``PartialState()`` is created when the environment says the job is
+    distributed (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE``), which also initialises the
+    process group. An initialised ``torch.distributed`` group is the ground truth for rank and size
+    (e.g. under ``accelerate.debug_launcher`` the PartialState may not see the group).
+    """
+
+    def __init__(self, accelerator=None):
+        state = accelerator
+        dist = torch.distributed
+        if state is None and not (dist.is_available() and dist.is_initialized()) \
+                and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            state = PartialState()
+        self.state = state
+        self.index = int(getattr(state, "process_index", 0)) if state is not None else 0
+        self.world = int(getattr(state, "num_processes", 1)) if state is not None else 1
+        self.device = getattr(state, "device", None) if state is not None else None
+        self._use_dist = False
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > self.world:
+            self.index, self.world, self._use_dist = dist.get_rank(), dist.get_world_size(), True
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def wait(self) -> None:
+        if self.world <= 1:
+            return
+        if self._use_dist or self.state is None:
+            torch.distributed.barrier()
+        else:
+            self.state.wait_for_everyone()
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _chunk_path(partial: Path, modality: str, k: int, n: int) -> Path:
+    return partial / f"{modality}-{k:06d}-of-{n:06d}.safetensors"
+
+
+def _chunk_ok(path: Path, rows: int, dim: int, key_hash: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        start, header = storage.read_safetensors_header(path)
+    except (ValueError, OSError):
+        return False
+    info = header.get("embeddings")
+    meta = header.get("__metadata__", {})
+    return (info is not None and info["shape"] == [rows, dim] and meta.get("build") == key_hash
+            and path.stat().st_size >= start + info["data_offsets"][1])
+
+
+def identity_mismatch(stored: dict, wanted: dict) -> Optional[str]:
+    """Compare two manifests' identities (fingerprint, teachers, dtype); None if they agree."""
+    fp = describe_mismatch(stored["fingerprint"], wanted["fingerprint"])
+    if fp:
+        return f"data differs ({fp})"
+    for mod in ("text", "image"):
+        a, b = stored[f"{mod}_teacher"], wanted[f"{mod}_teacher"]
+        if (a["name"], a["dim"]) != (b["name"], b["dim"]):
+            return (f"{mod} teacher differs (cache: {a['name']!r}, {a['dim']}-d; "
+                    f"requested: {b['name']!r}, {b['dim']}-d)")
+    if stored["dtype"] != wanted["dtype"]:
+        return f"dtype differs (cache: {stored['dtype']}; requested: {wanted['dtype']})"
+    return None
+
+
+def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
+                chunk_size: int = 4096, dtype="float16", accelerator=None, overwrite: bool = False,
+                progress: bool = True, extra: Optional[dict] = None) -> Path:
+    """Encode (or copy) both modalities into ``out_dir``; see the module docstring. Returns ``out_dir``."""
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = int(chunk_size)
+    tdtype = storage.torch_dtype(dtype)
+    out = Path(out_dir)
+    st = _State(accelerator)
+    c2i = caption_to_image.long().cpu()
+    identity = {
+        "fingerprint": fingerprint,
+        "text_teacher": text.info,
+        "image_teacher": image.info,
+        "dtype": storage.dtype_name(tdtype),
+    }
+    key = {"fingerprint": fingerprint.get("dataset"), "text": [text.info["name"], text.dim],
+           "image": [image.info["name"], image.dim], "dtype": identity["dtype"], "chunk_size": chunk_size,
+           "counts": [text.count, image.count]}
+    key_hash = _key_hash(key)
+    partial = out / PARTIAL
+    manifest_path = out / MANIFEST
+
+    # --- an existing complete cache: reuse if identical, refuse (or replace with overwrite=True) otherwise
+    if manifest_path.is_file():
+        with open(manifest_path, encoding="utf-8") as fh:
+            stored = json.load(fh)
+        why = identity_mismatch(stored, identity) if stored.get("format") == FORMAT else "not a softalign cache"
+        if why is None:
+            return out
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a teacher cache built for other inputs: {why}. "
+                "Choose another directory or pass overwrite=True (CLI: --overwrite)"
+            )
+        st.wait()
+        if st.is_main:
+            manifest_path.unlink()  # first: from now on the directory never looks complete
+            for f in FILES.values():
+                if (out / f).exists():
+                    (out / f).unlink()
+        st.wait()
+
+    # --- partial state from an interrupted build: resume if it is the same build, else start over
+    if st.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        state_file = partial / "build.json"
+        if state_file.is_file():
+            try:
+                old = json.loads(state_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, OSError):
+                old = None
+            if old != key:
+                logger.warning("%s: discarding chunks of an interrupted build with other settings", partial)
+                shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        if not state_file.is_file():
+            storage.atomic_write_json(state_file, key)
+    st.wait()
+
+    # --- encode this process's share of the chunks
+    tasks = []
+    for src in (text, image):
+        n = max(1, math.ceil(src.count / chunk_size))
+        for k in range(n):
+            tasks.append((src, k, n, k * chunk_size, min(src.count, (k + 1) * chunk_size)))
+    mine = tasks[st.index::st.world]
+    todo = [t for t in mine if not _chunk_ok(_chunk_path(partial, t[0].modality, t[1], t[2]), t[4] - t[3],
+                                               t[0].dim, key_hash)]
+    done_items = sum(t[4] - t[3] for t in mine) - sum(t[4] - t[3] for t in todo)
+    if done_items and st.is_main:
+        logger.info("resuming %s: %d of %d chunks already built", out, len(mine) - len(todo), len(mine))
+    bar = _progress(total=sum(t[4] - t[3] for t in mine), initial=done_items, enabled=progress and st.is_main,
+                    desc=f"softalign cache [{st.index}/{st.world}]" if st.world > 1 else "softalign cache")
+    try:
+        for src, k, n, s, e in todo:
+            rows = _finalize_rows(src.encode(s, e), src, s, e, tdtype)
+            storage.atomic_save_tensors(_chunk_path(partial, src.modality, k, n), {"embeddings": rows},
+                                        metadata={"build": key_hash, "start": str(s), "stop": str(e)})
+            bar.update(e - s)
+    finally:
+        bar.close()
+    st.wait()
+
+    # --- merge (main process), manifest last
+    if st.is_main:
+        files = {}
+        for src in (text, image):
+            n = max(1, math.ceil(src.count / chunk_size))
+            paths = [_chunk_path(partial, src.modality, k, n) for k in range(n)]
+            for k, p in enumerate(paths):
+                rows = min(src.count, (k + 1) * chunk_size) - k * chunk_size
+                if not _chunk_ok(p, rows, src.dim, key_hash):
+                    raise RuntimeError(f"{src.modality} chunk {k} of {n} is missing or invalid after the build: {p}")
+
+            def chunks(paths=paths):
+                for p in paths:
+                    yield storage.load_tensors(p)["embeddings"]
+
+            fname = FILES[src.modality]
+            storage.write_safetensors_streamed(out / fname, {"embeddings": (tdtype, (src.count, src.dim))},
+                                               {"embeddings": chunks},
+                                               metadata={"format": FORMAT, "modality": src.modality})
+            files[src.modality] = {"path": fname, "key": "embeddings", "shape": [src.count, src.dim],
+                                   "bytes": (out / fname).stat().st_size}
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "complete": True,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "num_captions": text.count,
+            "num_images": image.count,
+            "dtype": identity["dtype"],
+            "normalization": "l2",
+            "similarity": "cosine (dot product of the stored L2-normalised rows)",
+            "fingerprint": fingerprint,
+            "text_teacher": text.info,
+            "image_teacher": image.info,
+            "chunk_size": chunk_size,
+            "num_processes": st.world,
+            "files": files,
+        }
+        try:
+            from softalign import __version__ as _v
+
+            manifest["softalign_version"] = _v
+        except ImportError:  # pragma: no cover
+            pass
+        if extra:
+            manifest.update(extra)
+        manifest["caption_to_image"] = c2i.tolist()
+        storage.atomic_write_json(manifest_path, manifest)
+        shutil.rmtree(partial, ignore_errors=True)
+    st.wait()
+    return out
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="item", desc=desc, dynamic_ncols=True)

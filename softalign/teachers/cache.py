@@ -1,0 +1,300 @@
+"""TeacherCache: teacher embeddings computed once, looked up by caption id during training.
+
+CUSA (Huang et al., "Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval",
+AAAI 2024) re-encodes every caption with its text teacher at every step and keeps image-teacher
+features as a pickled ``{image_id: array(1, D)}`` dict. Here both teachers run once; training then
+needs only a row gather and two small matrix products per batch:
+
+    t_img[p] = normalize(E_img[caption_to_image[id_p]]),   t_txt[p] = normalize(E_txt[id_p])
+    S_img = t_img @ t_img^T  (B x B),                       S_txt = t_txt @ t_txt^T  (B x B)
+
+i.e. the cosine similarities of the teachers, the soft labels of CUSA's CSA/USA losses and the
+teacher-guided weights of TGDT's CMC loss. Rows are stored L2-normalised (fp16 by default) and
+re-normalised in fp32 after lookup, so returned embeddings have unit norm up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import storage
+from .build import FILES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL
+from .fingerprint import describe_mismatch
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was built for other data or with another teacher than the one expected."""
+
+
+class IncompleteCacheError(FileNotFoundError):
+    """The directory holds an interrupted build (no manifest yet): rerun the build to resume it."""
+
+
+class TeacherSimilarities(NamedTuple):
+    """Teacher cosine similarities of a batch: ``image`` [B, B] and ``text`` [B, B], fp32."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+def _teacher_name(t) -> Optional[str]:
+    if t is None:
+        return None
+    return str(getattr(t, "name", t))
+
+
+class TeacherCache:
+    """Teacher embeddings of every caption and image of a data set (see module docstring).
+
+    Build with :meth:`build` (or :func:`softalign.teachers.import_npy`), open with :meth:`load`.
+    Attributes: ``num_captions``, ``num_images``, ``caption_to_image`` (LongTensor [num_captions]),
+    ``manifest`` (dict), ``text_dim``, ``image_dim``, ``path``.
+    """
+
+    def __init__(self, path, manifest: dict, text: torch.Tensor, image: torch.Tensor, caption_to_image: torch.Tensor):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._text = text
+        self._image = image
+        self.caption_to_image = caption_to_image
+        self._device = text.device
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, out_dir, captions: Sequence[str], images, caption_to_image: Sequence[int],
+              text_teacher="offline-minilm", image_teacher="offline-efficientnet-lite0", chunk_size: int = 4096,
+              dtype="float16", accelerator=None, fingerprint=None, *, batch_size: int = 64,
+              image_batch_size: int = 32, device=None, image_column: Optional[str] = None,
+              image_root: Optional[str] = None, image_weights=None, overwrite: bool = False,
+              progress: bool = True) -> "TeacherCache":
+        """Encode ``captions`` and ``images`` once with the teachers and store them in ``out_dir``.
+
+        Args:
+            captions: caption strings; caption id ``i`` is ``captions[i]``.
+            images: file paths, PIL images, or a ``datasets.Dataset`` (``image_column`` picks the column).
+            caption_to_image: image index of each caption.
+            text_teacher: ``"offline-minilm"`` (packaged all-MiniLM-L6-v2), any sentence-transformers
+                name/path, or a teacher object (``.name``, ``.dim``, ``.encode(list) -> Tensor``).
+            image_teacher: ``"offline-efficientnet-lite0"``, ``"timm:<model>"`` (``image_weights`` = local
+                weights file), or a teacher object.
+            chunk_size: rows per resumable chunk (bounds peak memory while merging).
+            dtype: storage dtype, ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+            accelerator: an ``accelerate.Accelerator``/``PartialState``; chunks are shared across its
+                processes and merged by the main process. Auto-detected when torch.distributed is up.
+            fingerprint: dataset fingerprint to record instead of hashing the inputs (a string, or the
+                dict of :meth:`fingerprint_of`).
+            overwrite: replace a complete cache in ``out_dir`` that was built for other inputs
+                (an identical one is simply reused).
+
+        Raises:
+            ValueError / TypeError / FileNotFoundError naming the caption or image at fault; chunks
+            finished before the error are kept, and the next build resumes from them.
+        """
+        from .build import _State, build_cache, image_source, text_source
+        from .fingerprint import dataset_fingerprint
+        from .image import resolve_image_teacher
+        from .inputs import ImageSource, validate_caption_to_image, validate_captions
+        from .text import resolve_text_teacher
+
+        captions = validate_captions(captions)
+        source = ImageSource(images, image_column=image_column, root=image_root)
+        c2i = validate_caption_to_image(caption_to_image, len(captions), len(source))
+        source.check()
+        if fingerprint is None:
+            fp = dataset_fingerprint(captions, c2i, images, image_column=image_column, image_root=image_root)
+            fp["source"] = "computed"
+        elif isinstance(fingerprint, dict):
+            fp = dict(fingerprint)
+        else:
+            fp = {"dataset": str(fingerprint), "source": "user"}
+        if device is None:
+            device = _State(accelerator).device
+        tt = resolve_text_teacher(text_teacher, device=device, batch_size=batch_size)
+        it = resolve_image_teacher(image_teacher, device=device, batch_size=image_batch_size, weights=image_weights)
+        build_cache(out_dir, text_source(tt, captions), image_source(it, source), c2i, fp, chunk_size=chunk_size,
+                    dtype=dtype, accelerator=accelerator, overwrite=overwrite, progress=progress)
+        return cls.load(out_dir, expect_fingerprint=fp, expect_text_teacher=tt, expect_image_teacher=it)
+
+    @staticmethod
+    def fingerprint_of(captions: Sequence[str], images, caption_to_image, image_column=None, image_root=None) -> dict:
+        """Fingerprint parts (captions, caption_to_image, images, dataset) for ``load(expect_fingerprint=...)``."""
+        from .fingerprint import dataset_fingerprint
+
+        return dataset_fingerprint(list(captions), caption_to_image, images, image_column=image_column,
+                                   image_root=image_root)
+
+    @classmethod
+    def load(cls, path, expect_fingerprint=None, expect_text_teacher=None, expect_image_teacher=None,
+             mmap: bool = True) -> "TeacherCache":
+        """Open a complete cache; refuse incomplete builds and caches built for other data or teachers.
+
+        ``expect_fingerprint``: a dataset fingerprint string, or the dict of :meth:`fingerprint_of`
+        (then the error says whether captions, images or the caption->image map differ).
+        ``expect_text_teacher`` / ``expect_image_teacher``: teacher names or objects.
+        ``mmap=True`` maps the tables read-only (shared page cache across processes); False copies to RAM.
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            if (path / PARTIAL).is_dir():
+                n = len(list((path / PARTIAL).glob("*.safetensors")))
+                raise IncompleteCacheError(
+                    f"{path} holds an unfinished teacher-cache build ({n} chunks done, no {MANIFEST} yet); "
+                    "rerun the same build (TeacherCache.build / softalign cache build) to resume it"
+                )
+            raise FileNotFoundError(f"no teacher cache at {path} ({MANIFEST} not found)")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{mpath} is not valid JSON ({err})") from None
+        if manifest.get("format") != FORMAT or not manifest.get("complete"):
+            raise ValueError(f"{mpath} is not a complete {FORMAT} manifest")
+        if int(manifest.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{path}: cache format version {manifest['version']} is newer than this softalign "
+                             f"supports ({FORMAT_VERSION}); upgrade softalign")
+
+        why = describe_mismatch(manifest["fingerprint"], expect_fingerprint)
+        if why:
+            raise CacheMismatchError(
+                f"teacher cache {path} was built for other data: {why}. Rebuild it for this data set "
+                "(softalign cache build ... --overwrite) or point to the matching cache"
+            )
+        for mod, want in (("text", expect_text_teacher), ("image", expect_image_teacher)):
+            name = _teacher_name(want)
+            have = manifest[f"{mod}_teacher"]
+            dim = getattr(want, "dim", None)
+            if name is not None and (name != have["name"] or (dim is not None and int(dim) != int(have["dim"]))):
+                raise CacheMismatchError(
+                    f"teacher cache {path} was built with {mod} teacher {have['name']!r} ({have['dim']}-d), "
+                    f"not {name!r}{f' ({int(dim)}-d)' if dim is not None else ''}; rebuild it with that teacher"
+                )
+
+        tables = {}
+        for mod, fname in FILES.items():
+            info = manifest["files"][mod]
+            fpath = path / info["path"]
+            if not fpath.is_file():
+                raise FileNotFoundError(f"teacher cache {path}: {info['path']} is missing")
+            if fpath.stat().st_size != int(info["bytes"]):
+                raise ValueError(f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest "
+                                 f"says {info['bytes']} (modified or truncated); rebuild the cache")
+            t = (storage.mmap_safetensors(fpath) if mmap else storage.load_tensors(fpath))[info["key"]]
+            if list(t.shape) != list(info["shape"]):
+                raise ValueError(f"teacher cache {path}: {info['path']} holds shape {list(t.shape)}, "
+                                 f"manifest says {info['shape']}")
+            tables[mod] = t
+        c2i = torch.tensor(manifest["caption_to_image"], dtype=torch.long)
+        if c2i.numel() != tables["text"].shape[0]:
+            raise ValueError(f"teacher cache {path}: caption_to_image has {c2i.numel()} entries for "
+                             f"{tables['text'].shape[0]} captions")
+        return cls(path, manifest, tables["text"], tables["image"], c2i)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_captions(self) -> int:
+        return int(self._text.shape[0])
+
+    @property
+    def num_images(self) -> int:
+        return int(self._image.shape[0])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self._text.shape[1])
+
+    @property
+    def image_dim(self) -> int:
+        return int(self._image.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device) -> "TeacherCache":
+        """Move the tables (and the caption->image map) to ``device`` for on-device lookups; returns self."""
+        device = torch.device(device)
+        self._text = self._text.to(device)
+        self._image = self._image.to(device)
+        self.caption_to_image = self.caption_to_image.to(device)
+        self._device = device
+        return self
+
+    def __len__(self) -> int:
+        return self.num_captions
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"TeacherCache({str(self.path)!r}, captions={self.num_captions}, images={self.num_images}, "
+                f"text={m['text_teacher']['name']!r} {self.text_dim}-d, image={m['image_teacher']['name']!r} "
+                f"{self.image_dim}-d, dtype={m['dtype']})")
+
+    # ------------------------------------------------------------------ lookup
+    def _ids(self, caption_ids, gather: bool) -> torch.Tensor:
+        ids = torch.as_tensor(caption_ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"caption ids must be integers, got {ids.dtype}")
+        ids = ids.long().reshape(-1)
+        if gather:
+            ids = _gather(ids)
+        ids = ids.to(self._device)
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_captions:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"caption id {bad} is out of range: this teacher cache holds captions "
+                                 f"0..{self.num_captions - 1} ({self.path})")
+        return ids
+
+    def image_ids(self, caption_ids) -> torch.Tensor:
+        """Image index of each caption id (LongTensor, same shape as the flattened ids)."""
+        ids = self._ids(caption_ids, gather=False)
+        return self.caption_to_image[ids]
+
+    def embeddings(self, caption_ids, device=None, gather: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(image [B, Di], text [B, Dt]) teacher embeddings, fp32, L2-normalised, on ``device``.
+
+        Row ``p`` of ``image`` is the teacher embedding of the image of caption ``caption_ids[p]``.
+        ``device`` defaults to the device of ``caption_ids`` (CPU for lists). ``gather=True`` first
+        concatenates the ids of every process (``softalign.distributed.gather_batch``), for callers
+        that pass local ids while their loss works on the global batch.
+        """
+        if device is None:
+            device = caption_ids.device if isinstance(caption_ids, torch.Tensor) else torch.device("cpu")
+        ids = self._ids(caption_ids, gather)
+        img = self._image.index_select(0, self.caption_to_image[ids])
+        txt = self._text.index_select(0, ids)
+        img = F.normalize(img.to(device=device, dtype=torch.float32, non_blocking=True), dim=1)
+        txt = F.normalize(txt.to(device=device, dtype=torch.float32, non_blocking=True), dim=1)
+        return img, txt
+
+    def similarities(self, caption_ids, device=None, gather: bool = False) -> TeacherSimilarities:
+        """Teacher cosine similarities ``TeacherSimilarities(image=[B, B], text=[B, B])`` (fp32, on ``device``).
+
+        ``image[p, q] = <t_img(p), t_img(q)>`` (1 where captions p and q describe the same image),
+        ``text[p, q] = <t_txt(p), t_txt(q)>``.
+        """
+        img, txt = self.embeddings(caption_ids, device=device, gather=gather)
+        return TeacherSimilarities(image=img @ img.T, text=txt @ txt.T)
+
+    def image_embeddings(self, image_ids, device=None) -> torch.Tensor:
+        """Teacher embeddings of image indices (fp32, L2-normalised)."""
+        ids = torch.as_tensor(image_ids).long().reshape(-1).to(self._device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_images):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"image id {bad} is out of range: this teacher cache holds images 0..{self.num_images - 1}")
+        out = self._image.index_select(0, ids)
+        return F.normalize(out.to(device or "cpu").float(), dim=1)
+
+
+def _gather(ids: torch.Tensor) -> torch.Tensor:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ids
+    try:
+        from softalign.distributed import gather_batch
+    except ImportError:  # pragma: no cover - module not there
+        return ids
+    return gather_batch(ids)

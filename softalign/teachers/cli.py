@@ -1,0 +1,338 @@
+"""``softalign cache``: build, import and inspect teacher-similarity caches.
+
+    softalign cache build --captions captions.json --images images/ --out cache/coco
+    softalign cache import-npy --image-features train_unicom.npy --captions train.json --out cache/coco
+    softalign cache info cache/coco
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+_CAPTION_FORMATS = """\
+caption file formats (--captions):
+  .txt   one caption per line; caption id = line number (0-based). Give the images of the
+         captions with --caption-to-image or --captions-per-image.
+  .json  a list of strings (like .txt), or a list of records, e.g. CUSA/ALBEF's train.json:
+           [{"caption": "A man on a moped.", "image": "train2014/COCO_train2014_000000000009.jpg"}, ...]
+         ("text"/"sentence" also work for the caption; the image is named by the first of
+         "image", "image_path", "file_name", "image_id" -- for import-npy "image_id" comes
+         first -- or by --image-field NAME). Images are numbered in order of first appearance and the
+         caption->image map is derived from the records; with --images DIR the names are file
+         paths under DIR. An optional "id" per record must be unique.
+         A dict {"captions": [...], "caption_to_image": [...], "images": [...]} works as well.
+
+caption->image map (--caption-to-image): .txt (one image index per line), .json list or .npy.
+--captions-per-image K: caption i belongs to image i // K (COCO / Flickr30K with 5 captions each).
+"""
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "cache",
+        help="build, import and inspect teacher-similarity caches",
+        description="Teacher embeddings of every caption and image, computed once and looked up by caption id "
+        "during training (safetensors + manifest.json). Start with `softalign cache build --help`.",
+    )
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    sub = parser.add_subparsers(dest="cache_command", metavar="{build,import-npy,info}")
+
+    b = sub.add_parser(
+        "build", help="encode captions and images with the teachers into a cache directory",
+        description="Encode every caption with a text teacher and every image with an image teacher, in "
+        "resumable chunks: if the build is interrupted, run the same command again and it continues. "
+        "Offline defaults: text 'offline-minilm' (all-MiniLM-L6-v2, 384-d), image "
+        "'offline-efficientnet-lite0' (1280-d). Run under `accelerate launch -m softalign cache build ...` to share the work across "
+        "processes/GPUs.",
+        epilog=_CAPTION_FORMATS + """
+examples:
+  softalign cache build --captions train.json --images /data/coco/images --out cache/coco_train
+  softalign cache build --captions caps.txt --captions-per-image 5 --images imgs.txt --out cache/f30k \\
+      --text-teacher sentence-transformers/all-mpnet-base-v2 --image-teacher timm:convnext_tiny
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_dataset_args(b, images_required=True)
+    b.add_argument("--text-teacher", default="offline-minilm",
+                   help="'offline-minilm' (default, packaged), or any sentence-transformers name or local path")
+    b.add_argument("--image-teacher", default="offline-efficientnet-lite0",
+                   help="'offline-efficientnet-lite0' (default, packaged) or 'timm:<model name>'")
+    b.add_argument("--image-weights", default=None, metavar="FILE",
+                   help="local weights file for a timm / EfficientNet-Lite image teacher (no download)")
+    b.add_argument("--batch-size", type=int, default=64, help="text teacher batch size (default 64)")
+    b.add_argument("--image-batch-size", type=int, default=32, help="image teacher batch size (default 32)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _add_output_args(b)
+    b.set_defaults(func=run_build)
+
+    m = sub.add_parser(
+        "import-npy", help="turn existing teacher features (.npy) into a cache",
+        description="Import image-teacher features from a .npy file: a plain matrix [num_images, D] (row i = "
+        "image i) or CUSA's pickled {image_id: array(1, D)} dict. Text features come from --text-features "
+        "(a [num_captions, D] .npy matrix) or are computed from --captions with --text-teacher. "
+        "Pickled files can run code when loaded: import only files you trust.",
+        epilog=_CAPTION_FORMATS + """
+with CUSA's dict, records' "image_id" (or "image") must be keys of the dict; images are numbered in
+the order given by --image-keys (a .txt/.json list of keys), else the order of the dict.
+
+examples:
+  softalign cache import-npy --image-features coco_train_unicom.npy --captions train.json --out cache/coco
+  softalign cache import-npy --image-features img.npy --text-features txt.npy --captions-per-image 5 --out c/
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("--image-features", required=True, metavar="FILE.npy", help="image features (.npy)")
+    m.add_argument("--text-features", default=None, metavar="FILE.npy",
+                   help="text features [num_captions, D] (.npy); otherwise --captions are encoded")
+    m.add_argument("--image-keys", default=None, metavar="FILE",
+                   help="order of the dict's image ids (.txt one per line, or .json list)")
+    _add_dataset_args(m, images_required=False)
+    m.add_argument("--text-teacher", default="offline-minilm", help="text teacher for --captions (default offline-minilm)")
+    m.add_argument("--image-teacher-name", default=None,
+                   help="name recorded for the imported image features (default imported:<file name>)")
+    m.add_argument("--text-teacher-name", default=None, help="name recorded for --text-features")
+    m.add_argument("--device", default=None, help="device for the text teacher")
+    _add_output_args(m)
+    m.set_defaults(func=run_import)
+
+    i = sub.add_parser("info", help="summarise a cache directory (teachers, sizes, fingerprint)",
+                       description="Print what a cache holds and check that it is complete and readable.")
+    i.add_argument("cache_dir", metavar="DIR", help="cache directory (holds manifest.json)")
+    i.add_argument("--json", action="store_true", help="print the manifest (without the caption->image map) as JSON")
+    i.set_defaults(func=run_info)
+    return parser
+
+
+def _add_dataset_args(p, images_required: bool) -> None:
+    p.add_argument("--captions", required=images_required, metavar="FILE",
+                   help="captions: .txt (one per line) or .json (see formats below)")
+    if images_required:
+        p.add_argument("--images", nargs="+", required=True, metavar="DIR|FILE",
+                       help="an image directory, a .txt/.json list of image paths, or the image files themselves")
+    p.add_argument("--image-field", default=None, metavar="NAME",
+                   help="record field naming the image (default: the first of "
+                   + ", ".join(_BUILD_FIELDS if images_required else _IMPORT_FIELDS) + ")")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--caption-to-image", default=None, metavar="FILE",
+                   help="image index of each caption (.txt / .json / .npy)")
+    g.add_argument("--captions-per-image", type=int, default=None, metavar="K",
+                   help="caption i belongs to image i // K")
+
+
+def _add_output_args(p) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="cache directory to write")
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="rows per resumable chunk; bounds memory while merging (default 4096)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype (default float16)")
+    p.add_argument("--fingerprint", default=None, help="record this dataset fingerprint instead of hashing the inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache in --out built for other inputs")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def _read_list(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list")
+        return data
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return np.load(path).tolist()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines
+
+
+_BUILD_FIELDS = ("image", "image_path", "file_name", "filepath", "image_id")
+_IMPORT_FIELDS = ("image_id", "image", "image_path", "file_name", "filepath")
+
+
+def _read_captions(path: Path, fields=_BUILD_FIELDS) -> Tuple[List[str], Optional[list], Optional[list]]:
+    """-> captions, image references per caption (or None), explicit images list (or None)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    if path.suffix != ".json":
+        return path.read_text(encoding="utf-8").splitlines(), None, None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        if "captions" not in data:
+            raise ValueError(f"{path}: a JSON object needs a 'captions' list")
+        return list(data["captions"]), data.get("caption_to_image"), data.get("images")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of captions or records")
+    if all(isinstance(x, str) for x in data):
+        return data, None, None
+    captions, refs, ids = [], [], {}
+    for j, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {j} is a {type(rec).__name__}; expected an object with 'caption'")
+        cap = next((rec[k] for k in ("caption", "text", "sentence", "raw") if k in rec), None)
+        if cap is None:
+            raise ValueError(f"{path}: record {j} has no 'caption' field (keys: {sorted(rec)})")
+        if isinstance(cap, list):
+            raise ValueError(f"{path}: record {j} holds a list of captions; give one record per caption")
+        ref = next((rec[k] for k in fields if k in rec), None)
+        if ref is None:
+            raise ValueError(f"{path}: record {j} names no image (expected one of the fields {list(fields)})")
+        if "id" in rec:
+            if rec["id"] in ids:
+                raise ValueError(f"{path}: duplicate caption id {rec['id']!r} in records {ids[rec['id']]} and {j}")
+            ids[rec["id"]] = j
+        captions.append(cap)
+        refs.append(ref)
+    return captions, refs, None
+
+
+def _num_rows(path) -> int:
+    import numpy as np
+
+    return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def _refs_to_map(refs: list) -> Tuple[list, List[int]]:
+    order, c2i = {}, []
+    for r in refs:
+        key = r if isinstance(r, (str, int)) else str(r)
+        if key not in order:
+            order[key] = len(order)
+        c2i.append(order[key])
+    return list(order), c2i
+
+
+def _list_images(spec: List[str]) -> Tuple[Optional[Path], Optional[List[str]]]:
+    """--images -> (root directory or None, explicit list of paths or None)."""
+    if len(spec) == 1:
+        p = Path(spec[0])
+        if p.is_dir():
+            return p, None
+        if p.suffix in (".txt", ".json") and p.is_file():
+            return None, [str(x) for x in _read_list(p)]
+    return None, list(spec)
+
+
+def _dataset(args, need_images: bool):
+    fields = _BUILD_FIELDS if need_images else _IMPORT_FIELDS
+    if getattr(args, "image_field", None):
+        fields = (args.image_field,)
+    captions, refs, images = _read_captions(Path(args.captions), fields) if args.captions else (None, None, None)
+    c2i = None
+    if args.caption_to_image:
+        c2i = [int(x) for x in _read_list(Path(args.caption_to_image)) if str(x).strip() != ""]
+    elif args.captions_per_image:
+        if captions is None:
+            n = _num_rows(args.text_features) if getattr(args, "text_features", None) else None
+            if n is None:
+                raise ValueError("--captions-per-image needs --captions (or use --caption-to-image)")
+        else:
+            n = len(captions)
+        c2i = [i // args.captions_per_image for i in range(n)]
+    elif refs is not None:
+        if all(isinstance(r, int) and not isinstance(r, bool) for r in refs):
+            c2i = list(refs)
+        elif not need_images:  # import-npy: records name keys of the feature dict; import_npy maps them
+            c2i = [str(r) for r in refs]
+        else:  # records name their image: number images by first appearance
+            names, c2i = _refs_to_map(refs)
+            if images is None:
+                images = names
+    if not need_images:
+        return captions, images, c2i, None
+    root, listed = _list_images(args.images)
+    if images is None:
+        if listed is not None:
+            images = listed
+        else:
+            images = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
+            if not images:
+                raise ValueError(f"no image files ({', '.join(sorted(_IMAGE_EXTS))}) under {root}")
+    if c2i is None:
+        if len(images) == len(captions):
+            c2i = list(range(len(captions)))
+        else:
+            raise ValueError(f"{len(captions)} captions and {len(images)} images: say which image each caption "
+                             "describes with --caption-to-image FILE or --captions-per-image K")
+    return captions, images, c2i, root
+
+
+def _fail(err: Exception) -> int:
+    print(f"softalign cache: error: {err}", file=sys.stderr)
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def run_build(args) -> int:
+    from .cache import TeacherCache
+
+    try:
+        captions, images, c2i, root = _dataset(args, need_images=True)
+        cache = TeacherCache.build(
+            args.out, captions, images, c2i, text_teacher=args.text_teacher, image_teacher=args.image_teacher,
+            chunk_size=args.chunk_size, dtype=args.dtype, fingerprint=args.fingerprint, batch_size=args.batch_size,
+            image_batch_size=args.image_batch_size, device=args.device, image_root=str(root) if root else None,
+            image_weights=args.image_weights, overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as err:
+        return _fail(err)
+    print(_summary(cache))
+    return 0
+
+
+def run_import(args) -> int:
+    from .importers import import_npy
+
+    try:
+        captions, images, c2i, _ = _dataset(args, need_images=False)
+        keys = [str(k) for k in _read_list(Path(args.image_keys))] if args.image_keys else None
+        if c2i is None:
+            raise ValueError("say which image each caption describes: --caption-to-image FILE, "
+                             "--captions-per-image K, or --captions records naming their image")
+        cache = import_npy(
+            args.out, args.image_features, c2i, captions=captions, text_features=args.text_features,
+            text_teacher=args.text_teacher, image_keys=keys, image_teacher_name=args.image_teacher_name,
+            text_teacher_name=args.text_teacher_name, chunk_size=args.chunk_size, dtype=args.dtype,
+            fingerprint=args.fingerprint, overwrite=args.overwrite, progress=not args.no_progress, device=args.device,
+        )
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as err:
+        return _fail(err)
+    print(_summary(cache))
+    return 0
+
+
+def run_info(args) -> int:
+    from .cache import TeacherCache
+
+    try:
+        cache = TeacherCache.load(args.cache_dir)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        return _fail(err)
+    if args.json:
+        m = {k: v for k, v in cache.manifest.items() if k != "caption_to_image"}
+        print(json.dumps(m, indent=1))
+    else:
+        print(_summary(cache))
+    return 0
+
+
+def _summary(cache) -> str:
+    m = cache.manifest
+    total = sum(int(f["bytes"]) for f in m["files"].values()) + os.path.getsize(Path(cache.path) / "manifest.json")
+    fp = m["fingerprint"]
+    return "\n".join([
+        f"teacher cache: {cache.path}",
+        f"  captions: {cache.num_captions}   images: {cache.num_images}   dtype: {m['dtype']}   "
+        f"normalisation: {m['normalization']}",
+        f"  text teacher:  {m['text_teacher']['name']} ({m['text_teacher']['dim']}-d)",
+        f"  image teacher: {m['image_teacher']['name']} ({m['image_teacher']['dim']}-d)",
+        f"  fingerprint:   {fp.get('dataset', '?')[:16]} ({fp.get('source', '?')})",
+        f"  size on disk:  {total / 1e6:.2f} MB ({total / max(1, cache.num_captions):.0f} bytes per caption)",
+    ])

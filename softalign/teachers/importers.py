@@ -1,0 +1,202 @@
+"""Import existing teacher features into a :class:`TeacherCache`.
+
+Two ``.npy`` layouts are understood:
+
+* a plain matrix ``[num_items, D]`` (``np.save(path, features)``), row ``i`` = item ``i``; it is
+  memory-mapped, so importing never holds the whole matrix in RAM;
+* CUSA's image-teacher file, a pickled dict ``{image_id: array(1, D)}`` saved with ``np.save``
+  (``np.load(path, allow_pickle=True).item()``). Row order follows ``image_keys`` when given, else the
+  dict's insertion order (CUSA builds it in data-set order); the keys are recorded in the manifest and
+  ``caption_to_image`` may name images by key instead of by index.
+
+Pickled files can execute code when loaded: import only files you trust (``allow_pickle``).
+Text features come from a ``.npy`` matrix too, or are computed from ``captions`` with a text teacher.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .build import array_source, build_cache, text_source
+from .fingerprint import combine, hash_caption_to_image, hash_captions
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _array_hash(a) -> str:
+    h = hashlib.sha256(f"{a.shape}|{a.dtype}|".encode())
+    for s in range(0, len(a), 65536):
+        h.update(np.ascontiguousarray(a[s:s + 65536]).tobytes())
+    return h.hexdigest()
+
+
+def _check_matrix(a, what: str):
+    if a.ndim == 3 and a.shape[1] == 1:
+        a = a[:, 0, :]
+    if a.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D feature matrix [num_items, dim], got shape {tuple(a.shape)}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{what}: feature matrix is empty (shape {tuple(a.shape)})")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{what}: expected floating-point features, got dtype {a.dtype}")
+    return a
+
+
+def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str) -> Tuple[np.ndarray, List]:
+    if not d:
+        raise ValueError(f"{what}: the feature dict is empty")
+    if image_keys is None:
+        keys = list(d.keys())
+    else:
+        keys = list(image_keys)
+        seen = {}
+        for i, k in enumerate(keys):
+            if k in seen:
+                raise ValueError(f"{what}: image key {k!r} is listed twice (positions {seen[k]} and {i})")
+            seen[k] = i
+            if k not in d:
+                raise KeyError(f"{what}: image key {k!r} (position {i}) has no features in the file")
+    dim = None
+    out = None
+    for i, k in enumerate(keys):
+        v = np.asarray(d[k])
+        if v.ndim == 2 and v.shape[0] == 1:
+            v = v[0]
+        if v.ndim != 1:
+            raise ValueError(f"{what}: features of image {k!r} have shape {tuple(np.shape(d[k]))}; "
+                             "expected (1, D) or (D,)")
+        if dim is None:
+            dim = v.shape[0]
+            out = np.empty((len(keys), dim), dtype=np.float32)
+        elif v.shape[0] != dim:
+            raise ValueError(f"{what}: features of image {k!r} are {v.shape[0]}-d, but image {keys[0]!r} is "
+                             f"{dim}-d (all entries must have the same dimension)")
+        out[i] = v
+    return out, keys
+
+
+def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool = True,
+                  what: Optional[str] = None) -> Tuple[np.ndarray, Optional[List], str]:
+    """Load features from a .npy path, an array or a dict -> (matrix [N, D], keys or None, content hash)."""
+    keys = None
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        what = what or str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"feature file not found: {path}")
+        digest = _file_hash(path)
+        try:
+            obj = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError:  # object array: CUSA's pickled dict
+            if not allow_pickle:
+                raise ValueError(f"{what} holds pickled Python objects (CUSA's dict format); "
+                                 "pass allow_pickle=True if you trust the file") from None
+            obj = np.load(path, allow_pickle=True)
+        if isinstance(obj, np.ndarray) and obj.dtype == object:
+            obj = obj.item() if obj.ndim == 0 else obj
+            if not isinstance(obj, dict):
+                raise ValueError(f"{what}: expected a feature matrix or a {{image_id: array(1, D)}} dict, "
+                                 f"got {type(obj).__name__}")
+    else:
+        obj = src
+        what = what or "features"
+        digest = None
+    if isinstance(obj, dict):
+        mat, keys = _dict_to_matrix(obj, image_keys, what)
+    else:
+        mat = obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else obj
+        if not isinstance(mat, np.ndarray):
+            mat = np.asarray(mat)
+        mat = _check_matrix(mat, what)
+        if image_keys is not None:
+            raise ValueError(f"{what}: image_keys only apply to the dict format; a matrix is indexed by row")
+    if digest is None:
+        digest = _array_hash(mat)
+    return mat, keys, digest
+
+
+def import_npy(out_dir, image_features, caption_to_image, captions: Optional[Sequence[str]] = None,
+               text_features=None, text_teacher="offline-minilm", image_keys: Optional[Sequence] = None,
+               image_teacher_name: Optional[str] = None, text_teacher_name: Optional[str] = None,
+               chunk_size: int = 4096, dtype="float16", fingerprint=None, overwrite: bool = False,
+               progress: bool = True, accelerator=None, allow_pickle: bool = True, device=None):
+    """Make a cache from existing image features (+ text features, or captions and a text teacher).
+
+    Args:
+        image_features: ``.npy`` path (matrix or CUSA dict), array, tensor or dict.
+        caption_to_image: image index per caption, or image keys (dict format) per caption.
+        captions: caption strings, encoded with ``text_teacher`` unless ``text_features`` is given
+            (they are also hashed into the fingerprint).
+        text_features: ``.npy`` path / array ``[num_captions, Dt]``.
+        image_teacher_name / text_teacher_name: names recorded for the imported features (default
+            ``"imported:<file name>"``); ``load(expect_image_teacher=...)`` compares against them.
+
+    Returns:
+        the loaded :class:`~softalign.teachers.TeacherCache`.
+    """
+    from .cache import TeacherCache
+    from .inputs import validate_caption_to_image, validate_captions
+    from .text import resolve_text_teacher
+
+    img, keys, img_hash = read_features(image_features, image_keys, allow_pickle, what=None)
+    iname = image_teacher_name or (f"imported:{Path(image_features).name}"
+                                   if isinstance(image_features, (str, os.PathLike)) else "imported:image")
+    c2i_raw = list(caption_to_image) if not isinstance(caption_to_image, (np.ndarray, torch.Tensor)) else caption_to_image
+    named = len(c2i_raw) and isinstance(c2i_raw[0], str)
+    if named and keys is None:
+        raise ValueError(f"caption_to_image names images by key ({c2i_raw[0]!r}, ...) but the image features are a "
+                         "plain matrix indexed by row: give image indices, or a {image_id: array(1, D)} dict")
+    if keys is not None and len(c2i_raw) and not isinstance(c2i_raw[0], (int, np.integer)):
+        index = {k: i for i, k in enumerate(keys)}
+        mapped = []
+        for j, k in enumerate(c2i_raw):
+            if k not in index:
+                raise KeyError(f"caption {j} refers to image {k!r}, which has no features in the imported file")
+            mapped.append(index[k])
+        c2i_raw = mapped
+
+    if text_features is not None:
+        txt, _, txt_hash = read_features(text_features, None, allow_pickle=False, what=None)
+        n_captions = len(txt)
+        tname = text_teacher_name or (f"imported:{Path(text_features).name}"
+                                      if isinstance(text_features, (str, os.PathLike)) else "imported:text")
+        if captions is not None:
+            captions = validate_captions(captions)
+            if len(captions) != n_captions:
+                raise ValueError(f"text features have {n_captions} rows but {len(captions)} captions were given")
+        tsrc = array_source("text", txt, {"name": tname, "dim": int(txt.shape[1]), "kind": "imported"})
+    else:
+        if captions is None:
+            raise ValueError("give either text_features (a .npy matrix) or captions (encoded with text_teacher)")
+        captions = validate_captions(captions)
+        n_captions = len(captions)
+        txt_hash = None
+        tsrc = text_source(resolve_text_teacher(text_teacher, device=device), captions)
+    c2i = validate_caption_to_image(c2i_raw, n_captions, len(img))
+
+    if fingerprint is None:
+        fp = {"captions": hash_captions(captions) if captions is not None else f"features:{txt_hash}",
+              "caption_to_image": hash_caption_to_image(c2i), "images": f"features:{img_hash}"}
+        fp["dataset"] = combine(fp)
+        fp["source"] = "imported"
+    elif isinstance(fingerprint, dict):
+        fp = dict(fingerprint)
+    else:
+        fp = {"dataset": str(fingerprint), "source": "user"}
+    isrc = array_source("image", img, {"name": iname, "dim": int(img.shape[1]), "kind": "imported",
+                                       "file": str(image_features) if isinstance(image_features, (str, os.PathLike)) else None})
+    extra = {"image_keys": [k if isinstance(k, (int, str)) else str(k) for k in keys]} if keys is not None else None
+    build_cache(out_dir, tsrc, isrc, c2i, fp, chunk_size=chunk_size, dtype=dtype, accelerator=accelerator,
+                overwrite=overwrite, progress=progress, extra=extra)
+    return TeacherCache.load(out_dir, expect_fingerprint=fp)

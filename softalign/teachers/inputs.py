@@ -1,0 +1,212 @@
+"""Validated build inputs: captions, the caption->image map, and image sources.
+
+An image source is a list of file paths, a list of PIL images, or a ``datasets.Dataset`` with an
+image column (decoded ``Image`` feature or path strings). Validation happens before any teacher
+runs, and every error names the offending item: the caption index, the image index and path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def validate_captions(captions: Sequence[str]) -> List[str]:
+    """Return captions as a list; raises naming the first empty or non-string caption."""
+    if isinstance(captions, (str, bytes)):
+        raise TypeError("captions must be a sequence of strings, got a single string")
+    out = list(captions)
+    if not out:
+        raise ValueError("captions is empty: a teacher cache needs at least one caption")
+    for i, c in enumerate(out):
+        if not isinstance(c, str):
+            raise TypeError(f"caption {i} is {type(c).__name__}, expected str: {c!r:.80}")
+        if not c.strip():
+            raise ValueError(f"caption {i} is empty (or whitespace only); remove it or give it text")
+    return out
+
+
+def validate_caption_to_image(caption_to_image, num_captions: int, num_images: int) -> torch.Tensor:
+    """caption->image map as int64 [num_captions]; raises naming the first out-of-range caption."""
+    c2i = torch.as_tensor(caption_to_image)
+    if c2i.dim() != 1:
+        raise ValueError(f"caption_to_image must be 1-D (one image index per caption), got shape {tuple(c2i.shape)}")
+    if c2i.dtype.is_floating_point or c2i.dtype == torch.bool:
+        raise TypeError(f"caption_to_image must hold integer image indices, got {c2i.dtype}")
+    c2i = c2i.long()
+    if c2i.numel() != num_captions:
+        raise ValueError(
+            f"caption_to_image has {c2i.numel()} entries but there are {num_captions} captions "
+            "(one image index per caption expected)"
+        )
+    bad = ((c2i < 0) | (c2i >= num_images)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"caption {i} maps to image {int(c2i[i])}, outside 0..{num_images - 1} ({num_images} images)"
+        )
+    return c2i
+
+
+class ImageSource:
+    """Uniform, validated access to the images of a data set.
+
+    ``images`` is a sequence of paths / PIL images, or a ``datasets.Dataset`` (``image_column``
+    picks the column; by default the one with an ``Image`` feature, else ``"image"``).
+    """
+
+    def __init__(self, images, image_column: Optional[str] = None, root: Optional[str] = None):
+        self.dataset = None
+        self.column = None
+        self.root = Path(root) if root else None
+        if _is_hf_dataset(images):
+            self.dataset = images
+            self.column = image_column or _guess_image_column(images)
+            if self.column not in images.column_names:
+                raise ValueError(
+                    f"image column {self.column!r} not in the dataset (columns: {images.column_names})"
+                )
+            self.items = None
+            self.kind = "dataset"
+        else:
+            if isinstance(images, (str, bytes, os.PathLike)):
+                raise TypeError("images must be a sequence of paths or PIL images (or a datasets.Dataset), "
+                                "got a single path; use a list, or the CLI's --images DIR")
+            self.items = list(images)
+            kinds = {"path" if isinstance(x, (str, os.PathLike)) else "pil" if _is_pil(x) else "other"
+                     for x in self.items}
+            if "other" in kinds:
+                i = next(i for i, x in enumerate(self.items)
+                         if not (isinstance(x, (str, os.PathLike)) or _is_pil(x)))
+                raise TypeError(
+                    f"image {i} is a {type(self.items[i]).__name__}; expected a file path or a PIL.Image"
+                )
+            self.kind = "paths" if kinds == {"path"} else "pil" if kinds == {"pil"} else "mixed"
+        if len(self) == 0:
+            raise ValueError("images is empty: a teacher cache needs at least one image")
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.items)
+
+    def _path(self, x) -> Path:
+        p = Path(x)
+        return self.root / p if self.root is not None and not p.is_absolute() else p
+
+    def check(self) -> None:
+        """Fail fast on missing files and duplicate paths, naming the image index and path."""
+        if self.items is None:
+            return
+        seen = {}
+        for i, x in enumerate(self.items):
+            if isinstance(x, (str, os.PathLike)):
+                p = self._path(x)
+                if not p.is_file():
+                    raise FileNotFoundError(f"image {i}: file not found: {p}")
+                key = os.path.normcase(os.path.abspath(p))
+                if key in seen:
+                    raise ValueError(
+                        f"image {i} ({p}) duplicates image {seen[key]}: each image must appear once; "
+                        "point several captions at one image through caption_to_image instead"
+                    )
+                seen[key] = i
+
+    def load(self, i: int):
+        """Image ``i`` as an RGB PIL image; errors name the index and path."""
+        from PIL import Image, UnidentifiedImageError
+
+        from .preprocess import to_rgb
+
+        x = self.dataset[i][self.column] if self.dataset is not None else self.items[i]
+        if _is_pil(x):
+            return to_rgb(x)
+        if isinstance(x, dict) and ("path" in x or "bytes" in x):  # undecoded datasets Image feature
+            if x.get("bytes"):
+                import io
+
+                x = io.BytesIO(x["bytes"])
+            else:
+                x = x["path"]
+        if isinstance(x, (str, os.PathLike)):
+            p = self._path(x)
+            if not p.is_file():
+                raise FileNotFoundError(f"image {i}: file not found: {p}")
+            try:
+                with Image.open(p) as img:
+                    img.load()
+                    return to_rgb(img)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                raise ValueError(f"image {i}: cannot read {p} as an image ({err})") from None
+        if hasattr(x, "read"):
+            try:
+                with Image.open(x) as img:
+                    img.load()
+                    return to_rgb(img)
+            except (UnidentifiedImageError, OSError) as err:
+                raise ValueError(f"image {i}: cannot decode image bytes ({err})") from None
+        raise TypeError(f"image {i} is a {type(x).__name__}; expected a file path or a PIL.Image")
+
+    def fingerprint(self) -> str:
+        """Identity of the images: paths + file sizes, PIL pixel hashes, or the dataset's fingerprint."""
+        h = hashlib.sha256()
+        if self.dataset is not None:
+            fp = getattr(self.dataset, "_fingerprint", None)
+            h.update(f"dataset|{fp}|{self.column}|{len(self.dataset)}".encode())
+            if fp is None:  # no fingerprint: hash the column contents
+                for i in range(len(self.dataset)):
+                    h.update(_pil_digest(self.load(i)).encode())
+            return h.hexdigest()
+        for i, x in enumerate(self.items):
+            if isinstance(x, (str, os.PathLike)):
+                p = self._path(x)
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"image {i}: file not found: {p}") from None
+                h.update(f"path|{Path(x).as_posix()}|{size}\n".encode())
+            else:
+                h.update(f"pil|{_pil_digest(x)}\n".encode())
+        return h.hexdigest()
+
+    def describe(self, i: int) -> str:
+        if self.items is not None and isinstance(self.items[i], (str, os.PathLike)):
+            return f"image {i} ({self._path(self.items[i])})"
+        return f"image {i}"
+
+
+def _pil_digest(img) -> str:
+    h = hashlib.sha256(f"{img.mode}|{img.size}|".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def _is_pil(x) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, Image.Image)
+
+
+def _is_hf_dataset(x) -> bool:
+    mod = type(x).__module__ or ""
+    return mod.startswith("datasets") and hasattr(x, "column_names") and hasattr(x, "features")
+
+
+def _guess_image_column(ds) -> str:
+    try:
+        from datasets import Image as ImageFeature
+
+        for name, feat in ds.features.items():
+            if isinstance(feat, ImageFeature):
+                return name
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("image", "img", "image_path", "path", "file_name", "filename"):
+        if name in ds.column_names:
+            return name
+    raise ValueError(
+        f"cannot tell which dataset column holds the images (columns: {ds.column_names}); pass image_column="
+    )

