@@ -1,0 +1,143 @@
+"""Torch datasets over :class:`~softalign.data.base.RetrievalData`: training pairs and encoding items.
+
+A training item is one (image, caption) pair keyed by its *global caption id*::
+
+    {"image": FloatTensor [3, H, W] (or the feature array), "caption": str, "id": caption id, "image_id": int}
+
+so a batch carries ``ids`` for :class:`softalign.losses.SoftAlignLoss` and the teacher cache. Captions stay
+strings; the text encoder tokenises them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from softalign.data.base import RetrievalData
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageTransform:
+    """PIL / path -> normalised float tensor ``[3, size, size]`` (no torchvision needed).
+
+    RGBA is composited over white; ``augment`` adds a random horizontal flip and a small random resized crop
+    (scale 0.8-1), as VSE++-style training does.
+    """
+
+    def __init__(self, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 augment: bool = False, seed: Optional[int] = None):
+        if int(size) < 1:
+            raise ValueError(f"image size must be >= 1, got {size}")
+        self.size, self.augment = int(size), bool(augment)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as im:
+                image = im.copy()
+        if image.mode in ("RGBA", "LA", "P"):
+            image = image.convert("RGBA")
+            bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(bg, image)
+        image = image.convert("RGB")
+        if self.augment:
+            w, h = image.size
+            s = self.rng.uniform(0.8, 1.0)
+            cw, ch = max(1, int(w * s)), max(1, int(h * s))
+            x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
+            image = image.crop((x0, y0, x0 + cw, y0 + ch))
+            if self.rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.resize((self.size, self.size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (x - self.mean) / self.std
+
+
+def _load_image(data: RetrievalData, index: int, transform, cache: Optional[torch.Tensor]):
+    if cache is not None:
+        return cache[index]
+    item = data.images[index]
+    if isinstance(data.images, np.ndarray) or isinstance(item, np.ndarray):
+        return torch.from_numpy(np.array(item, dtype=np.float32))  # a copy: mmap rows are read-only
+    if transform is None:
+        raise ValueError(f"{data.name}/{data.split}: images are not feature arrays, so an image transform is needed")
+    return transform(item)
+
+
+def preload_images(data: RetrievalData, transform) -> torch.Tensor:
+    """Decode and transform every image once: ``[N_images, ...]`` (small data sets such as the demo)."""
+    return torch.stack([_load_image(data, i, transform, None) for i in range(data.num_images)])
+
+
+class PairDataset(Dataset):
+    """One item per caption: ``{"image", "caption", "id", "image_id"}`` (see the module docstring)."""
+
+    def __init__(self, data: RetrievalData, transform=None, preload: bool = False):
+        self.data, self.transform = data, transform
+        self.cache = preload_images(data, transform) if preload else None
+
+    def __len__(self) -> int:
+        return self.data.num_captions
+
+    def __getitem__(self, caption_id: int):
+        caption_id = int(caption_id)
+        image_id = int(self.data.caption_to_image[caption_id])
+        return {"image": _load_image(self.data, image_id, self.transform, self.cache),
+                "caption": self.data.captions[caption_id], "id": caption_id, "image_id": image_id}
+
+
+class ImagePairDataset(PairDataset):
+    """One item per *image*, paired with one of its captions drawn at random (torch's global RNG) on each access.
+
+    An epoch then visits every image once (CLIP-style sampling) instead of every caption (VSE++-style), which is
+    ``captions_per_image`` times cheaper; items keep the global caption id of the drawn caption.
+    """
+
+    def __init__(self, data: RetrievalData, transform=None, preload: bool = False):
+        super().__init__(data, transform, preload)
+        order = np.argsort(data.caption_to_image, kind="stable")
+        counts = np.bincount(data.caption_to_image, minlength=data.num_images)
+        if (counts == 0).any():
+            raise ValueError(f"{data.name}/{data.split}: image {int(np.flatnonzero(counts == 0)[0])} has no caption")
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.counts, self.order = counts, order
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, image_id: int):
+        image_id = int(image_id)
+        k = int(torch.randint(int(self.counts[image_id]), (1,)))
+        return super().__getitem__(int(self.order[self.starts[image_id] + k]))
+
+
+class ImageDataset(Dataset):
+    """One item per image (for encoding a test split): ``{"image", "index"}``."""
+
+    def __init__(self, data: RetrievalData, transform=None, cache: Optional[torch.Tensor] = None):
+        self.data, self.transform, self.cache = data, transform, cache
+
+    def __len__(self) -> int:
+        return self.data.num_images
+
+    def __getitem__(self, i: int):
+        return {"image": _load_image(self.data, int(i), self.transform, self.cache), "index": int(i)}
+
+
+def collate_pairs(items) -> dict:
+    """Stack images, keep captions as a list, ids as int64 tensors."""
+    out: dict = {"image": torch.stack([torch.as_tensor(it["image"]) for it in items])}
+    if "caption" in items[0]:
+        out["caption"] = [it["caption"] for it in items]
+    for key in ("id", "image_id", "index"):
+        if key in items[0]:
+            out[key] = torch.tensor([it[key] for it in items], dtype=torch.long)
+    return out

@@ -1,0 +1,28 @@
+"""Recipes, reference models and the reference trainer (``softalign train``), and the offline demo
+(``softalign demo``).
+
+    from softalign.train import load_recipe, train
+    result = train(load_recipe("recipes/demo.yaml", variant="csa_usa"))
+
+Attributes are imported lazily so that building the CLI parser stays cheap.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "Recipe": "softalign.train.recipe", "RecipeError": "softalign.train.recipe",
+    "load_recipe": "softalign.train.recipe", "recipe_from_dict": "softalign.train.recipe",
+    "list_variants": "softalign.train.recipe",
+    "train": "softalign.train.trainer", "load_splits": "softalign.train.trainer",
+    "get_teacher_cache": "softalign.train.trainer", "evaluate_embeddings": "softalign.train.trainer",
+    "encode_split": "softalign.train.trainer", "save_checkpoint": "softalign.train.trainer",
+    "load_checkpoint": "softalign.train.trainer", "save_embeddings": "softalign.train.trainer",
+    "build_model": "softalign.train.models", "DualEncoder": "softalign.train.models",
+    "Vocabulary": "softalign.train.models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'softalign.train' has no attribute {name!r}")
