@@ -7,6 +7,7 @@ import os
 import torch
 
 from softalign.teachers import TeacherCache
+from tests.launch import debug_launch
 from tests.test_cache_support import CAPTION_TO_IMAGE, CAPTIONS, FakeImageTeacher, FakeTextTeacher, save_images
 
 
@@ -28,12 +29,10 @@ def _worker(out, paths, report_dir):
 
 
 def test_two_process_build_shares_chunks_and_merges(tmp_path):
-    from accelerate import debug_launcher
-
     paths = save_images(tmp_path)
     report = tmp_path / "report"
     report.mkdir()
-    debug_launcher(_worker, args=(str(tmp_path / "sharded"), paths, str(report)), num_processes=2)
+    debug_launch(_worker, str(tmp_path / "sharded"), paths, str(report), num_processes=2)
     r0 = json.loads((report / "rank0.json").read_text())
     r1 = json.loads((report / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == 2

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from accelerate import debug_launcher
 
 from softalign import distributed
 from softalign import functional as SF
 from softalign.losses import SoftAlignLoss
+from tests.launch import debug_launch
 
 SIZES = (3, 5)  # per-process batch sizes (unequal on purpose)
 
@@ -66,7 +66,7 @@ def _worker():
 
 
 def test_two_process_loss_and_gradients_equal_single_process():
-    debug_launcher(_worker, num_processes=2)
+    debug_launch(_worker, num_processes=2)
 
 
 def test_identity_when_not_distributed():
