@@ -112,8 +112,9 @@ def _temperature(t: Number, name: str) -> Number:
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
-        if not torch.isfinite(t).all() or (t <= 0).any():
-            raise ValueError(f"{name} must be finite and > 0, got {t.detach().item()}")
+        value = t.detach().item()  # one read instead of several reductions (a NaN fails "> 0")
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
         return t.float() if t.dtype != torch.float64 else t
     t = float(t)
     if not t > 0 or t != t or t == float("inf"):
@@ -134,6 +135,91 @@ def cosine_similarity_matrix(a: torch.Tensor, b: Optional[torch.Tensor] = None, 
     a = F.normalize(a, dim=1, eps=eps)
     other = a if b is None else F.normalize(other, dim=1, eps=eps)
     return a @ other.t()
+
+
+class _NormalizedGram(torch.autograd.Function):
+    """``Y = F.normalize(X, dim=1, eps)`` for ``X = [image; text]`` and the blocks of ``Y Y^T`` that are asked for.
+
+    Returns ``(S_it, S_ii, S_tt)`` (``S_ii`` / ``S_tt`` only with ``uni=True``). The backward sums the gradients
+    of all blocks into one ``[2B, 2B] @ [2B, D]`` product and applies the normalisation's analytic gradient
+    ``dX = (dY - [|x| >= eps] * Y * <dY, Y>) / max(|x|, eps)``. First order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, image_emb, text_emb, uni, eps):
+        norm_img = torch.linalg.vector_norm(image_emb, dim=1, keepdim=True)
+        norm_txt = torch.linalg.vector_norm(text_emb, dim=1, keepdim=True)
+        y_img = image_emb / norm_img.clamp_min(eps)
+        y_txt = text_emb / norm_txt.clamp_min(eps)
+        ctx.set_materialize_grads(False)
+        ctx.eps = eps
+        scores = y_img @ y_txt.t()
+        if not uni:
+            ctx.save_for_backward(y_img, y_txt, norm_img, norm_txt, scores)
+            return scores, None, None
+        s_ii, s_tt = y_img @ y_img.t(), y_txt @ y_txt.t()
+        ctx.save_for_backward(y_img, y_txt, norm_img, norm_txt, scores, s_ii, s_tt)
+        return scores, s_ii, s_tt
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_scores, g_img, g_txt):
+        y_img, y_txt, norm_img, norm_txt, scores, *uni = ctx.saved_tensors
+        eps = ctx.eps
+        grads = []
+        # d/dY_img = G_s Y_txt + (G_ii + G_ii^T) Y_img; d/dY_txt = G_s^T Y_img + (G_tt + G_tt^T) Y_txt.
+        # <dY_r, Y_r> = sum_k G_rk (Y Y^T)_rk is taken from the [B, B] blocks, not from the [B, D] products.
+        weighted = None if g_scores is None else g_scores * scores
+        for k, (y, other, norm, g_uni) in enumerate(((y_img, y_txt, norm_img, g_img), (y_txt, y_img, norm_txt, g_txt))):
+            g_y = dot = None
+            if g_scores is not None:
+                g_cross = g_scores if k == 0 else g_scores.t()
+                g_y = g_cross @ other
+                dot = weighted.sum(dim=1 - k).unsqueeze(1)
+            if g_uni is not None:
+                sym = g_uni + g_uni.t()
+                uni_dot = torch.linalg.vecdot(sym, uni[k], dim=1).unsqueeze(1)
+                g_y = sym @ y if g_y is None else g_y.addmm_(sym, y)
+                dot = uni_dot if dot is None else dot.add_(uni_dot)
+            if g_y is None:
+                grads.append(None)
+                continue
+            # normalisation: clamp_min passes the norm's gradient where norm >= eps (as autograd's clamp does)
+            dot.masked_fill_(norm < eps, 0.0)
+            grads.append(g_y.addcmul_(y, dot, value=-1.0).div_(norm.clamp_min(eps)))
+        return grads[0], grads[1], None, None
+
+
+class _NormalizedSelfGram(torch.autograd.Function):
+    """``Y Y^T`` for ``Y = F.normalize(X, dim=1, eps)``: :func:`cosine_similarity_matrix` of one ``[N, D]`` input
+    with a fused backward (one ``(G + G^T) @ Y`` product, analytic normalisation gradient; first order only)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        y = x / norm.clamp_min(eps)
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+        return y @ y.t()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        y, norm = ctx.saved_tensors
+        g_y = (grad + grad.t()) @ y
+        dot = torch.linalg.vecdot(g_y, y, dim=1).unsqueeze(1).masked_fill_(norm < ctx.eps, 0.0)
+        return g_y.addcmul_(y, dot, value=-1.0).div_(norm.clamp_min(ctx.eps)), None
+
+
+def _self_cosine_similarity(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``cosine_similarity_matrix(x)`` of a checked ``[N, D]`` float tensor, as one fused autograd node."""
+    return _NormalizedSelfGram.apply(x, eps)
+
+
+def _cosine_similarities(image_emb: torch.Tensor, text_emb: torch.Tensor, uni: bool, eps: float = 1e-12):
+    """Cosine scores ``S_it`` and, with ``uni``, the uni-modal ``S_ii`` / ``S_tt`` of checked ``[B, D]`` embeddings
+    (normalised as ``F.normalize(., dim=1, eps=eps)``), in one fused autograd node."""
+    return _NormalizedGram.apply(image_emb, text_emb, uni, eps)
 
 
 def positive_mask(row_ids: torch.Tensor, col_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -157,6 +243,93 @@ def _pair_positive_mask(batch: int, image_ids: Optional[torch.Tensor], device) -
 # soft-label alignment (CUSA)
 
 
+class _SoftLabels(NamedTuple):
+    """A soft-label target ``P = softmax(teacher / teacher_temperature)`` (detached) and ``sum(xlogy(P, P))``."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+
+
+_SOFT_LABEL_CACHE: contextvars.ContextVar = contextvars.ContextVar("softalign_soft_label_cache", default=None)
+
+
+@contextlib.contextmanager
+def soft_labels_cached():
+    """Within this block the soft-label targets of a teacher matrix are computed once and reused.
+
+    CSA (mode ``each``) and USA both turn the same teacher matrices into ``softmax(T / tau_s)``;
+    :class:`~softalign.losses.SoftAlignLoss` evaluates its terms inside this context so that happens once per
+    forward. Entries are keyed on the teacher tensor's identity and version and on the teacher temperature.
+    """
+    token = _SOFT_LABEL_CACHE.set({})
+    try:
+        yield
+    finally:
+        _SOFT_LABEL_CACHE.reset(token)
+
+
+def _temperature_key(t: Number):
+    if not isinstance(t, torch.Tensor):
+        return ("value", float(t))
+    if t.device.type == "cpu" and not t.requires_grad:
+        return ("value", float(t.item()), t.dtype)  # cheap on CPU, and equal frozen values share an entry
+    return ("tensor", id(t), t._version)
+
+
+def _soft_labels(teacher: torch.Tensor, teacher_temperature: Number, dtype: torch.dtype) -> _SoftLabels:
+    cache = _SOFT_LABEL_CACHE.get()
+    key = None
+    if cache is not None:
+        key = (id(teacher), teacher._version, _temperature_key(teacher_temperature), dtype)
+        hit = cache.get(key)
+        if hit is not None and hit[0] is teacher and (key[2][0] == "value" or hit[1] is teacher_temperature):
+            return hit[2]
+    t = teacher.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if isinstance(teacher_temperature, torch.Tensor):
+        teacher_temperature = teacher_temperature.detach()
+    logits = t / teacher_temperature
+    probs = F.softmax(logits, dim=1)
+    # sum(xlogy(P, P)) with log P from log_softmax (finite for finite logits, so P_ij = 0 adds exactly 0)
+    labels = _SoftLabels(probs, (probs * F.log_softmax(logits, dim=1)).sum())
+    if cache is not None:
+        # the tensors themselves are held so that their ids cannot be reused within the block
+        cache[key] = (teacher, teacher_temperature, labels)
+    return labels
+
+
+class _SoftLabelKL(torch.autograd.Function):
+    """``sum(P * (log P - log_softmax(s / t))) / B`` with an analytic backward.
+
+    ``grad_s = g * (softmax(s / t) - P) / (t * B)`` and, for a tensor ``t``,
+    ``grad_t = -g * sum((softmax(s / t) - P) * s) / (B * t^2)``. ``P`` carries no gradient. Double backward is
+    not supported (the backward is not itself differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, student, temperature, probs, neg_entropy):
+        log_q = F.log_softmax(student / temperature, dim=1)
+        loss = (neg_entropy - (probs * log_q).sum()) / student.shape[0]
+        ctx.save_for_backward(student, log_q, probs, temperature if isinstance(temperature, torch.Tensor) else None)
+        ctx.temperature = None if isinstance(temperature, torch.Tensor) else temperature
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        student, log_q, probs, t_tensor = ctx.saved_tensors
+        t = t_tensor if t_tensor is not None else ctx.temperature
+        diff = log_q.exp().sub_(probs)  # Q - P (log_q stays intact for a retained graph)
+        scale = grad / student.shape[0]
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[1] and t_tensor is not None:
+            grad_t = ((diff * student).sum() * (-scale / (t * t))).to(t_tensor.dtype).reshape(t_tensor.shape)
+        if ctx.needs_input_grad[0]:
+            grad_s = diff.mul_(scale / t)
+        return grad_s, grad_t, None, None
+
+
 def soft_label_kl(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -167,7 +340,11 @@ def soft_label_kl(
 
     ``KL(P || Q) = 1/B sum_i sum_j P_ij (log P_ij - log Q_ij)`` with
     ``P = softmax(teacher / teacher_temperature)`` (the soft label, no gradient) and
-    ``Q = softmax(student / temperature)``.
+    ``Q = softmax(student / temperature)``; terms with ``P_ij = 0`` contribute 0 (``xlogy``).
+
+    Computed by a fused autograd function with the analytic gradients
+    ``d/dS = (Q - P) / (temperature * B)`` and ``d/dtemperature = -sum((Q - P) * S) / (B * temperature^2)``
+    (first order only: double backward through this function is not supported).
     """
     student = as_float(student, "student similarities")
     teacher = as_float(teacher, "teacher similarities")
@@ -178,9 +355,13 @@ def soft_label_kl(
         )
     temperature = _temperature(temperature, "temperature")
     teacher_temperature = _temperature(teacher_temperature, "teacher_temperature")
-    target = F.softmax(teacher.detach().to(student.dtype) / teacher_temperature, dim=1)
-    log_q = F.log_softmax(student / temperature, dim=1)
-    return F.kl_div(log_q, target, reduction="batchmean")
+    if isinstance(teacher_temperature, torch.Tensor) and teacher_temperature.requires_grad \
+            and torch.is_grad_enabled():
+        # a learnable teacher temperature receives its gradient through the targets: plain autograd
+        target = F.softmax(teacher.detach().to(student.dtype) / teacher_temperature, dim=1)
+        return F.kl_div(F.log_softmax(student / temperature, dim=1), target, reduction="batchmean")
+    labels = _soft_labels(teacher, teacher_temperature, student.dtype)
+    return _SoftLabelKL.apply(student, temperature, labels.probs, labels.neg_entropy)
 
 
 def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -288,18 +469,31 @@ def vsepp_hinge(
     """
     scores = check_square_pair(scores, "scores")
     b = scores.shape[0]
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     pos = _pair_positive_mask(b, image_ids, scores.device)
+    return _hinge(scores, pos, margin, max_violation, negatives, reduction)
+
+
+def _hinge(scores, pos, margin, max_violation, negatives, reduction):
+    """:func:`vsepp_hinge` on checked inputs, with the ``[B, B]`` positive mask ``pos`` given."""
+    b = scores.shape[0]
     diagonal = scores.diagonal()
-    neg_i2t = ~pos
-    neg_t2i = ~pos
-    if negatives is not None:
-        neg_i2t = neg_i2t & negatives.i2t.to(scores.device)
-        neg_t2i = neg_t2i & negatives.t2i.to(scores.device)
-    cost_i2t = (margin + scores - diagonal.view(b, 1)).clamp(min=0).masked_fill(~neg_i2t, 0.0)
-    cost_t2i = (margin + scores - diagonal.view(1, b)).clamp(min=0).masked_fill(~neg_t2i, 0.0)
-    if max_violation:
-        per_anchor = cost_i2t.max(dim=1).values + cost_t2i.max(dim=0).values
+    if negatives is None:
+        excluded_i2t = excluded_t2i = pos
     else:
+        excluded_i2t = pos | ~negatives.i2t.to(scores.device)
+        excluded_t2i = pos | ~negatives.t2i.to(scores.device)
+    if max_violation:
+        # max_k [m - s_pp + S_pk]_+ over the negatives k equals [m + max_k S_pk - s_pp]_+ (rounding is monotone,
+        # so this is exact), and 0 when there is none (-inf): one masked copy of the scores serves both directions.
+        masked_i2t = scores.masked_fill(excluded_i2t, float("-inf"))
+        masked_t2i = masked_i2t if excluded_t2i is excluded_i2t else scores.masked_fill(excluded_t2i, float("-inf"))
+        per_anchor = ((margin + masked_i2t.max(dim=1).values) - diagonal).clamp(min=0) \
+            + ((margin + masked_t2i.max(dim=0).values) - diagonal).clamp(min=0)
+    else:
+        cost_i2t = (margin + scores - diagonal.view(b, 1)).clamp(min=0).masked_fill(excluded_i2t, 0.0)
+        cost_t2i = (margin + scores - diagonal.view(1, b)).clamp(min=0).masked_fill(excluded_t2i, 0.0)
         per_anchor = cost_i2t.sum(dim=1) + cost_t2i.sum(dim=0)
     return _reduce(per_anchor, reduction)
 

@@ -218,3 +218,139 @@ def test_low_precision_inputs_are_upcast():
     assert out.dtype == torch.float32
     want = ref.csa(s16.double(), t.half().double(), t.half().double(), 0.45, 1.0)
     assert out.item() == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ fused kernels
+
+
+def _plain_kl(student, teacher, t, ts):
+    """The unfused autograd formula the fused soft_label_kl replaces."""
+    target = torch.softmax(teacher.detach() / ts, dim=1)
+    return torch.nn.functional.kl_div(torch.log_softmax(student / t, dim=1), target, reduction="batchmean")
+
+
+def test_soft_label_kl_gradcheck_with_zero_soft_labels_and_learnable_temperature():
+    teacher = _sims(b=5, seed=30)
+    teacher[0, 1] = teacher[2, 4] = -1e4  # P_ij underflows to exactly 0 (xlogy semantics)
+    assert (torch.softmax(teacher, dim=1) == 0).any()
+    student = _sims(b=5, seed=31).clone().requires_grad_(True)
+    tau = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, t: SF.soft_label_kl(s, teacher, t, 1.0), (student, tau))
+    assert torch.autograd.gradcheck(lambda s: SF.soft_label_kl(s.t(), teacher, 0.6, 0.8), (student,))
+    got = SF.soft_label_kl(student, teacher, tau, 1.0)
+    assert got.item() == pytest.approx(ref.kl_rows(student.tolist(), teacher.tolist(), 0.37, 1.0), rel=1e-10)
+
+
+def test_fused_soft_label_kl_equals_plain_autograd_values_and_gradients():
+    teacher = _sims(b=6, seed=32)
+    for ts in (1.0, torch.tensor(0.5, dtype=torch.float64)):
+        s1 = _sims(b=6, seed=33).clone().requires_grad_(True)
+        s2 = s1.detach().clone().requires_grad_(True)
+        t1 = torch.tensor(0.45, dtype=torch.float64, requires_grad=True)
+        t2 = t1.detach().clone().requires_grad_(True)
+        fused, plain = SF.soft_label_kl(s1, teacher, t1, ts), _plain_kl(s2, teacher, t2, ts)
+        torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-14)
+        (3.0 * fused).backward()
+        (3.0 * plain).backward()
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_soft_label_kl_float32_temperature_and_retained_graph():
+    teacher = _sims(b=5, seed=34).float()
+    s = _sims(b=5, seed=35).float().requires_grad_(True)
+    tau = torch.tensor(0.45, requires_grad=True)
+    loss = SF.soft_label_kl(s, teacher, tau)
+    loss.backward(retain_graph=True)
+    g_s, g_t = s.grad.clone(), tau.grad.clone()
+    loss.backward()  # a retained graph gives the same gradient again
+    torch.testing.assert_close(s.grad, 2 * g_s)
+    torch.testing.assert_close(tau.grad, 2 * g_t)
+    assert tau.grad.dtype == torch.float32 and tau.grad.shape == tau.shape
+
+
+def test_learnable_teacher_temperature_still_receives_its_gradient():
+    teacher, student = _sims(b=4, seed=36), _sims(b=4, seed=37)
+    ts = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    SF.soft_label_kl(student, teacher, 0.45, ts).backward()
+    assert ts.grad is not None and ts.grad.abs() > 0
+
+
+def test_soft_label_cache_keeps_teacher_temperatures_apart():
+    scores, s_ii, s_tt = _sims(b=5, seed=38), _sims(b=5, seed=39), _sims(b=5, seed=40)
+    t_img, t_txt = _sims(b=5, seed=41), _sims(b=5, seed=42)
+    with SF.soft_labels_cached():
+        csa = SF.cross_modal_soft_label_alignment(scores, t_img, t_txt, 0.45, 0.5)
+        usa = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, torch.tensor(1.0, dtype=torch.float64))
+        usa_again = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, 1.0)
+    assert csa.item() == pytest.approx(ref.csa(scores, t_img, t_txt, 0.45, 0.5), rel=1e-10)
+    assert usa.item() == pytest.approx(ref.usa(s_ii, s_tt, t_img, t_txt, 0.45, 0.45, 1.0), rel=1e-10)
+    assert usa_again.item() == pytest.approx(usa.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("uni", [False, True])
+def test_fused_cosine_similarities_gradcheck_and_values(uni):
+    img, txt = _pairs(b=5, d=4)
+    img.requires_grad_(True)
+    txt.requires_grad_(True)
+    zero = img.detach().clone()
+    zero[3] = 0.0  # a zero row: the normalisation's eps branch (compared with autograd, not finite differences)
+    zero.requires_grad_(True)
+    w = [_sims(b=5, seed=s) for s in (43, 44, 45)]
+
+    def fused(i, t):
+        out = SF._cosine_similarities(i, t, uni)
+        return sum((o * wk).sum() for o, wk in zip(out, w) if o is not None) + out[0][1, 2] ** 2
+
+    def plain(i, t):
+        n_i, n_t = torch.nn.functional.normalize(i, dim=1), torch.nn.functional.normalize(t, dim=1)
+        out = (n_i @ n_t.t(), n_i @ n_i.t(), n_t @ n_t.t()) if uni else (n_i @ n_t.t(),)
+        return sum((o * wk).sum() for o, wk in zip(out, w)) + out[0][1, 2] ** 2
+
+    assert torch.autograd.gradcheck(fused, (img, txt))
+    torch.testing.assert_close(fused(img, txt), plain(img, txt), rtol=1e-12, atol=1e-12)
+    for i in (img, zero):
+        g_fused = torch.autograd.grad(fused(i, txt), (i, txt))
+        g_plain = torch.autograd.grad(plain(i, txt), (i, txt))
+        for a, b in zip(g_fused, g_plain):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if uni:  # only some outputs used
+        assert torch.autograd.gradcheck(lambda i, t: SF._cosine_similarities(i, t, True)[1].sum(), (img, txt))
+
+
+def test_fused_self_cosine_similarity_gradcheck_and_values():
+    x, _ = _pairs(b=5, d=4)
+    x.requires_grad_(True)
+    w = _sims(b=5, seed=46)
+    assert torch.autograd.gradcheck(lambda a: (SF._self_cosine_similarity(a) * w).sum(), (x,))
+    zero = x.detach().clone()
+    zero[2] = 0.0
+    for a in (x, zero.requires_grad_(True)):
+        torch.testing.assert_close(SF._self_cosine_similarity(a), SF.cosine_similarity_matrix(a), rtol=1e-12, atol=1e-12)
+        g_fused = torch.autograd.grad((SF._self_cosine_similarity(a) * w).sum(), a)[0]
+        g_plain = torch.autograd.grad((SF.cosine_similarity_matrix(a) * w).sum(), a)[0]
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_vsepp_anchor_without_negatives_and_with_mined_negatives(max_violation):
+    scores = _sims(b=5, seed=47).clone().requires_grad_(True)
+    same = torch.zeros(5, dtype=torch.long)  # every pair shows the same image: no negatives at all
+    loss = SF.vsepp_hinge(scores, same, max_violation=max_violation)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(scores.grad).all() and (scores.grad == 0).all()
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    i2t = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) > 0.4
+    t2i = torch.rand(5, 5, generator=torch.Generator().manual_seed(2)) > 0.4
+    got = SF.vsepp_hinge(scores, ids, margin=0.3, max_violation=max_violation, negatives=SF.MinedNegatives(i2t, t2i))
+    s, n = scores.detach(), 5
+    total = 0.0
+    for p in range(n):
+        row = [max(0.0, 0.3 - s[p, p] + s[p, k]) for k in range(n) if ids[k] != ids[p] and i2t[p, k]]
+        col = [max(0.0, 0.3 - s[p, p] + s[k, p]) for k in range(n) if ids[k] != ids[p] and t2i[k, p]]
+        agg = max if max_violation else sum
+        total += (agg(row) if row else 0.0) + (agg(col) if col else 0.0)
+    assert got.item() == pytest.approx(float(total), rel=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda x: SF.vsepp_hinge(x, ids, margin=0.3, max_violation=max_violation,
+                                 negatives=SF.MinedNegatives(i2t, t2i)), (scores,))

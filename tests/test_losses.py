@@ -218,3 +218,52 @@ def test_temperature_clamp_keeps_an_earlier_graph_valid():
     second = loss(img * 2, txt, teacher_image_sim=t, teacher_text_sim=t)
     (first + second).backward()
     assert loss.temperature.value.grad is not None
+
+
+@pytest.mark.parametrize("embed_dim,base,csa_mode", [(None, "vsepp", "each"), (8, "vsepp", "each"),
+                                                     (None, "vsepp_sum", "add"), (None, "infonce", "dot")])
+def test_combined_fast_path_equals_the_separate_modules_values_and_gradients(embed_dim, base, csa_mode):
+    # SoftAlignLoss shares work between its terms (one normalisation/Gram node, USA's similarities without
+    # heads, the base hinge as CMC's inter term, the teacher soft labels): values and gradients must be those
+    # of the terms computed one by one.
+    torch.manual_seed(5)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4])
+    t_i, t_t = SF.cosine_similarity_matrix(torch.randn(7, 5)), SF.cosine_similarity_matrix(torch.randn(7, 4))
+    loss = SoftAlignLoss(embed_dim=embed_dim, base=base, alpha=0.3, beta=0.5, gamma=0.7, csa_mode=csa_mode,
+                         return_parts=True)
+    with torch.no_grad():
+        loss.csa.temperature.value.fill_(0.3)
+        loss.usa.text_temperature.value.fill_(0.6)
+    img, txt = torch.randn(7, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True)
+    out = loss(img, txt, image_ids=ids, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    out["loss"].backward()
+
+    img2, txt2 = img.detach().clone().requires_grad_(True), txt.detach().clone().requires_grad_(True)
+    ref_loss = SoftAlignLoss(embed_dim=embed_dim, base=base, alpha=0.3, beta=0.5, gamma=0.7, csa_mode=csa_mode)
+    ref_loss.load_state_dict(loss.state_dict())
+    kw = dict(teacher_image_sim=t_i, teacher_text_sim=t_t)
+    parts = {"base": ref_loss.base(img2, txt2, image_ids=ids), "csa": ref_loss.csa(img2, txt2, **kw),
+             "usa": ref_loss.usa(img2, txt2, **kw), "cmc": ref_loss.cmc(img2, txt2, image_ids=ids)}
+    total = parts["base"] + 0.3 * parts["csa"] + 0.5 * parts["usa"] + 0.7 * parts["cmc"]
+    total.backward()
+    for key, value in parts.items():
+        assert out[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    torch.testing.assert_close(img.grad, img2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(txt.grad, txt2.grad, rtol=1e-4, atol=1e-6)
+    ref_grads = dict(ref_loss.named_parameters())
+    for name, p in loss.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_usa_uses_given_similarities_only_without_heads():
+    img, txt = torch.randn(5, 6), torch.randn(5, 6)
+    t = SF.cosine_similarity_matrix(torch.randn(5, 3))
+    s_ii, s_tt = SF.cosine_similarity_matrix(img), SF.cosine_similarity_matrix(txt)
+    plain = USALoss()
+    assert plain(img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=s_ii, text_sim=s_tt).item() == \
+        pytest.approx(plain(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
+    heads = USALoss(embed_dim=6)
+    wrong = torch.zeros(5, 5)  # ignored: with heads the similarities come after the heads
+    assert heads(img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=wrong, text_sim=wrong).item() == \
+        pytest.approx(heads(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)

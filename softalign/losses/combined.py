@@ -183,15 +183,17 @@ class SoftAlignLoss(nn.Module):
             t_img, t_txt = self._teacher(ids, batch, device, teacher_image_sim, teacher_text_sim,
                                          teacher_image_emb, teacher_text_emb)
 
-        # Every input is validated from here on: the terms skip their own checks.
-        with SF.inputs_validated():
+        # Every input is validated from here on: the terms skip their own checks; CSA and USA share the soft
+        # labels of the teacher matrices.
+        with SF.inputs_validated(), SF.soft_labels_cached():
             uni = None
             if scores is None and self._cosine:
-                # one normalisation shared by the scores and CMC's uni-modal similarities
-                image_n, text_n = F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
-                scores = image_n @ text_n.t()
-                if self.cmc is not None:
-                    uni = (image_n @ image_n.t(), text_n @ text_n.t())
+                # one fused normalisation + Gram node shared by the scores and the student's uni-modal
+                # similarities (CMC's intra term, and USA when it has no heads)
+                need_uni = self.cmc is not None or self._usa_shares_uni(image_emb)
+                scores, s_ii, s_tt = SF._cosine_similarities(image_emb, text_emb, need_uni)
+                if need_uni:
+                    uni = (s_ii, s_tt)
             elif scores is None:
                 scores = self.similarity(image_emb, text_emb).float()
             parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni)
@@ -201,6 +203,10 @@ class SoftAlignLoss(nn.Module):
                 total = total + weight * parts[name]
         return {"loss": total, **parts}
 
+    def _usa_shares_uni(self, image_emb) -> bool:
+        """USA without heads computes the same cosine similarities as CMC's intra term (in its head dtype)."""
+        return self.usa is not None and self.usa.embed_dim is None and self.usa._head_dtype() == image_emb.dtype
+
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None) -> Dict[str, torch.Tensor]:
         parts: Dict[str, torch.Tensor] = {}
         if self.base is not None:
@@ -208,14 +214,29 @@ class SoftAlignLoss(nn.Module):
                                       teacher_text_sim=t_txt)
         if self.csa is not None:
             parts["csa"] = self.csa(scores=scores, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+        image_sim, text_sim = uni if uni is not None else (None, None)
         if self.usa is not None:
-            parts["usa"] = self.usa(image_emb, text_emb, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+            shared = uni if self._usa_shares_uni(image_emb) else (None, None)
+            parts["usa"] = self.usa(image_emb, text_emb, teacher_image_sim=t_img, teacher_text_sim=t_txt,
+                                    image_sim=shared[0], text_sim=shared[1])
         if self.cmc is not None:
-            image_sim, text_sim = uni if uni is not None else (None, None)
-            parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
-                                    teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,
-                                    text_sim=text_sim)
+            if self._cmc_inter_is_base() and "base" in parts:
+                # CMC's inter term is the very hinge the base loss computed (same scores, ids, margin, no miner)
+                intra = SF.intra_modal_consistency(
+                    *(uni if uni is not None else (SF.cosine_similarity_matrix(image_emb),
+                                                   SF.cosine_similarity_matrix(text_emb))),
+                    margin=self.cmc.intra_margin)
+                parts["cmc"] = parts["base"] + intra
+            else:
+                parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
+                                        teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,
+                                        text_sim=text_sim)
         return parts
+
+    def _cmc_inter_is_base(self) -> bool:
+        base = self.base
+        return (type(base) is VSEHingeLoss and base.max_violation and base.miner is None and self.cmc.miner is None
+                and base.reduction == "sum" and base.margin == self.cmc.margin)
 
     # ------------------------------------------------------------------------------------------
     def _image_ids(self, ids, image_ids, batch, device):

@@ -47,9 +47,16 @@ class USALoss(nn.Module):
         self.teacher_temperature = Temperature(teacher_temperature, None, learnable=False)
 
     def uni_modal_similarities(self, image_emb: torch.Tensor, text_emb: torch.Tensor):
+        return self._uni_modal_similarities(image_emb, text_emb, fused=False)
+
+    def _uni_modal_similarities(self, image_emb, text_emb, fused: bool):
         image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False)
-        image = self.image_head(image_emb.to(self._head_dtype())).float()
-        text = self.text_head(text_emb.to(self._head_dtype())).float()
+        dtype = self._head_dtype()
+        image = self.image_head(image_emb.to(dtype)).float()
+        text = self.text_head(text_emb.to(dtype)).float()
+        if fused:  # same values; one fused autograd node per modality (no double backward)
+            image, text = SF.as_float(image, "a"), SF.as_float(text, "a")
+            return SF._self_cosine_similarity(image), SF._self_cosine_similarity(text)
         return SF.cosine_similarity_matrix(image), SF.cosine_similarity_matrix(text)
 
     def _head_dtype(self):
@@ -59,8 +66,15 @@ class USALoss(nn.Module):
         return torch.float32
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, teacher_image_sim: torch.Tensor,
-                teacher_text_sim: torch.Tensor, **unused) -> torch.Tensor:
-        s_ii, s_tt = self.uni_modal_similarities(image_emb, text_emb)
+                teacher_text_sim: torch.Tensor, image_sim=None, text_sim=None, **unused) -> torch.Tensor:
+        """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities of the raw
+        embeddings, if the caller already has them; used only without heads (``embed_dim=None``)."""
+        if self.embed_dim is None and image_sim is not None and text_sim is not None:
+            s_ii, s_tt = image_sim, text_sim
+        else:
+            fused = type(self).uni_modal_similarities is USALoss.uni_modal_similarities  # not overridden
+            s_ii, s_tt = self._uni_modal_similarities(image_emb, text_emb, fused=True) if fused \
+                else self.uni_modal_similarities(image_emb, text_emb)
         return SF.uni_modal_soft_label_alignment(
             s_ii, s_tt, teacher_image_sim, teacher_text_sim,
             (self.image_temperature(), self.text_temperature()), self.teacher_temperature())
