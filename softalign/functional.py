@@ -166,6 +166,8 @@ class _NormalizedGram(torch.autograd.Function):
     def backward(ctx, g_scores, g_img, g_txt):
         y_img, y_txt, norm_img, norm_txt, scores, *uni = ctx.saved_tensors
         eps = ctx.eps
+        # under a caller's autocast the products (and their gradients) may be low precision
+        g_scores, g_img, g_txt = (None if g is None else g.to(y_img.dtype) for g in (g_scores, g_img, g_txt))
         grads = []
         # d/dY_img = G_s Y_txt + (G_ii + G_ii^T) Y_img; d/dY_txt = G_s^T Y_img + (G_tt + G_tt^T) Y_txt.
         # <dY_r, Y_r> = sum_k G_rk (Y Y^T)_rk is taken from the [B, B] blocks, not from the [B, D] products.
@@ -206,6 +208,7 @@ class _NormalizedSelfGram(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         y, norm = ctx.saved_tensors
+        grad = grad.to(y.dtype)  # under a caller's autocast the product (and its gradient) may be low precision
         g_y = (grad + grad.t()) @ y
         dot = torch.linalg.vecdot(g_y, y, dim=1).unsqueeze(1).masked_fill_(norm < ctx.eps, 0.0)
         return g_y.addcmul_(y, dot, value=-1.0).div_(norm.clamp_min(ctx.eps)), None
@@ -271,8 +274,9 @@ def soft_labels_cached():
 def _temperature_key(t: Number):
     if not isinstance(t, torch.Tensor):
         return ("value", float(t))
-    if t.device.type == "cpu" and not t.requires_grad:
-        return ("value", float(t.item()), t.dtype)  # cheap on CPU, and equal frozen values share an entry
+    if not t.requires_grad:
+        # _temperature has just read this value too; equal frozen temperatures (CSA's and USA's) share an entry
+        return ("value", float(t.item()), t.dtype)
     return ("tensor", id(t), t._version)
 
 
@@ -287,9 +291,8 @@ def _soft_labels(teacher: torch.Tensor, teacher_temperature: Number, dtype: torc
     t = teacher.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
-    if isinstance(teacher_temperature, torch.Tensor):
-        teacher_temperature = teacher_temperature.detach()
-    logits = t / teacher_temperature
+    ts = teacher_temperature.detach() if isinstance(teacher_temperature, torch.Tensor) else teacher_temperature
+    logits = t / ts
     probs = F.softmax(logits, dim=1)
     # sum(xlogy(P, P)) with log P from log_softmax (finite for finite logits, so P_ij = 0 adds exactly 0)
     labels = _SoftLabels(probs, (probs * F.log_softmax(logits, dim=1)).sum())
@@ -502,12 +505,19 @@ def info_nce(
     scores: torch.Tensor,
     temperature: Number = 0.05,
     image_ids: Optional[torch.Tensor] = None,
+    reduction: str = "sum",
 ) -> torch.Tensor:
     """Symmetric InfoNCE with id-aware (multi-positive) targets [CLIP; CUSA's contrastive term].
 
     ``L = 1/2 [ -1/B sum_i sum_j y_ij log softmax_j(S_ij / t) - 1/B sum_j sum_i y_ij log softmax_i(S_ij / t) ]``
     with ``y_ij = [id_i == id_j] / sum_k [id_i == id_k]`` (uniform over the pair's positives).
+
+    ``reduction="sum"`` is the standard cross-entropy above. ``reduction="mean"`` is CUSA's
+    ``contrastive_loss_mode: "mean"`` (its configs' setting): the inner sum over ``j`` becomes a mean, i.e. the
+    loss is divided by ``B``. CUSA's CSA/USA weights (0.1 / 0.5) are tuned against that scale.
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' (cross-entropy) or 'mean' (CUSA's mean mode), got {reduction!r}")
     scores = check_square_pair(scores, "scores")
     b = scores.shape[0]
     temperature = _temperature(temperature, "temperature")
@@ -516,7 +526,8 @@ def info_nce(
     logits = scores / temperature
     i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
     t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
-    return (i2t + t2i) / 2.0
+    loss = (i2t + t2i) / 2.0
+    return loss / b if reduction == "mean" else loss
 
 
 # ----------------------------------------------------------------------------------------------

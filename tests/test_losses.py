@@ -118,13 +118,18 @@ def test_combined_equals_weighted_sum_of_parts():
 
 
 def test_combined_positives_from_cache_ids_not_batch_position():
-    # Two captions of image 0 sit in the batch; swapping rows must not change the loss (ids travel with rows).
+    # Captions 0 and 1 show image 0 (cache map). Put them at batch positions 2 and 0 with a huge cross score:
+    # an id-blind (diagonal) hinge would count them as hardest negatives; the cache's map must not.
     cache = TableCache([0, 0, 1, 2], torch.randn(3, 5), torch.randn(4, 4))
+    ids = torch.tensor([1, 3, 0, 2])  # batch position -> caption id
     img, txt = torch.randn(4, 6), torch.randn(4, 6)
-    loss = SoftAlignLoss(embed_dim=6, cache=cache)
-    perm = torch.tensor([2, 0, 3, 1])
-    ids = torch.arange(4)
-    assert loss(img, txt, ids=ids).item() == pytest.approx(loss(img[perm], txt[perm], ids=ids[perm]).item(), rel=1e-6)
+    txt[0] = img[2] * 3 + 0.01 * torch.randn(6)  # caption 1 (pos 0) ~ image of pos 2 (image 0 too)
+    txt[2] = img[0] * 3 + 0.01 * torch.randn(6)
+    got = SoftAlignLoss(alpha=0, beta=0, cache=cache)(img, txt, ids=ids)
+    scores = SF.cosine_similarity_matrix(img.double(), txt.double())
+    image_ids = [0, 2, 0, 1]  # caption_to_image[ids]
+    assert got.item() == pytest.approx(ref.vsepp(scores, image_ids, 0.2, True), rel=1e-5)
+    assert got.item() < ref.vsepp(scores, [0, 1, 2, 3], 0.2, True) - 0.1
 
 
 def test_scores_path_for_cross_attention_models():
@@ -267,3 +272,50 @@ def test_usa_uses_given_similarities_only_without_heads():
     wrong = torch.zeros(5, 5)  # ignored: with heads the similarities come after the heads
     assert heads(img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=wrong, text_sim=wrong).item() == \
         pytest.approx(heads(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
+
+
+def test_standalone_terms_backpropagate_under_autocast():
+    # outside SoftAlignLoss the terms run under the caller's autocast (low-precision products); the fused
+    # backward passes must accept the low-precision gradients
+    t = SF.cosine_similarity_matrix(torch.randn(5, 3))
+    img, txt = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+    for loss in (USALoss(embed_dim=6), USALoss(), CSALoss(), CMCLoss()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+        out.backward()
+        assert torch.isfinite(img.grad).all() and img.grad.dtype == torch.float32
+        img.grad = txt.grad = None
+
+
+def test_infonce_mean_reduction_is_cusa_mean_mode():
+    img, txt = _batch()
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    scores = SF.cosine_similarity_matrix(img.detach().double(), txt.detach().double())
+    summed = SoftAlignLoss(alpha=0, beta=0, base="infonce")(img, txt, image_ids=ids)
+    mean = SoftAlignLoss(alpha=0, beta=0, base="infonce", infonce_reduction="mean")(img, txt, image_ids=ids)
+    assert summed.item() == pytest.approx(ref.info_nce(scores, 0.05, ids.tolist()), rel=1e-5)
+    assert mean.item() == pytest.approx(ref.info_nce(scores, 0.05, ids.tolist()) / 6, rel=1e-5)
+    with pytest.raises(ValueError, match="reduction must be"):
+        InfoNCELoss(reduction="avg")
+
+
+def test_custom_base_module_is_called_with_scores_and_image_ids():
+    class Margin(torch.nn.Module):
+        def forward(self, scores, image_ids=None):
+            return scores.diagonal().neg().mean()
+
+    img, txt = _batch()
+    got = SoftAlignLoss(base=Margin(), alpha=0, beta=0)(img, txt)
+    assert got.item() == pytest.approx(-SF.cosine_similarity_matrix(img, txt).diagonal().mean().item(), rel=1e-6)
+
+
+def test_pml_miner_works_inside_the_combined_loss():
+    from pytorch_metric_learning.miners import TripletMarginMiner
+    from softalign.mining import PMLMiner
+
+    img, txt = _batch()
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    miner = PMLMiner(TripletMarginMiner(margin=0.5, type_of_triplets="all"))
+    got = SoftAlignLoss(alpha=0, beta=0, miner=miner)(img, txt, image_ids=ids)
+    want = VSEHingeLoss(miner=miner)(img, txt, image_ids=ids)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)

@@ -45,12 +45,14 @@ class SoftAlignLoss(nn.Module):
     the global batch. Precomputed ``scores`` cannot be gathered and stay per-process.
 
     Base losses: ``"vsepp"`` (hinge, max violation, margin 0.2), ``"vsepp_sum"`` (sum of hinges), ``"infonce"``
-    (symmetric, temperature 0.05 learnable), ``"none"``, or any module called as
+    (symmetric, temperature 0.05 learnable; ``infonce_reduction="mean"`` is CUSA's mean mode, CE / B, the scale its
+    alpha/beta were tuned against), ``"none"``, or any module called as
     ``base(scores=S, image_ids=ids)``. Defaults of the soft-label terms follow CUSA (alpha 0.1, beta 0.5).
 
     Returns the scalar total, or with ``return_parts=True`` (constructor default, or per call) a dict
     ``{"loss", "base", "csa", "usa", "cmc"}`` of the total and the unweighted parts that are switched on.
-    Everything is computed in fp32, also under a caller's ``torch.autocast``.
+    Everything is computed in fp32, also under a caller's ``torch.autocast``. The terms run through fused
+    autograd functions with analytic first-order gradients (double backward is not supported).
     """
 
     citation = (
@@ -71,6 +73,7 @@ class SoftAlignLoss(nn.Module):
         margin: float = 0.2,
         miner: Optional[NegativeMiner] = None,
         temperature: float = 0.05,
+        infonce_reduction: str = "sum",
         csa_mode: str = "each",
         csa_temperature: float = 0.45,
         usa_temperature: float = 0.45,
@@ -91,6 +94,7 @@ class SoftAlignLoss(nn.Module):
         self._cosine = _is_plain_cosine(self.similarity)
         self._config = dict(embed_dim=embed_dim, base=base if isinstance(base, str) else type(base).__name__,
                             alpha=alpha, beta=beta, gamma=gamma, margin=margin, temperature=temperature,
+                            infonce_reduction=infonce_reduction,
                             csa_mode=csa_mode, csa_temperature=csa_temperature, usa_temperature=usa_temperature,
                             teacher_temperature=teacher_temperature, learn_temperatures=learn_temperatures,
                             cmc_intra_margin=cmc_intra_margin, gather=gather, return_parts=return_parts)
@@ -100,7 +104,8 @@ class SoftAlignLoss(nn.Module):
         elif base in ("vsepp", "vsepp_sum"):
             self.base = VSEHingeLoss(margin, max_violation=(base == "vsepp"), miner=miner, similarity=self.similarity)
         elif base == "infonce":
-            self.base = InfoNCELoss(temperature, learn_temperature=learn_temperatures, similarity=self.similarity)
+            self.base = InfoNCELoss(temperature, learn_temperature=learn_temperatures, similarity=self.similarity,
+                                    reduction=infonce_reduction)
         elif base == "none":
             self.base = None
         else:
@@ -125,6 +130,11 @@ class SoftAlignLoss(nn.Module):
     def get_config_dict(self) -> Dict[str, Any]:
         """Constructor options (sentence-transformers convention), with the miner's own config if any."""
         cfg = dict(self._config)
+        if isinstance(self.base, VSEHingeLoss) and cfg["base"] in ("vsepp", "vsepp_sum"):
+            # an integration shim may have adopted the upstream trainer's hinge settings: report the live ones
+            cfg["base"] = "vsepp" if self.base.max_violation else "vsepp_sum"
+            if self.cmc is None:
+                cfg["margin"] = self.base.margin
         if self.miner is not None:
             cfg["miner"] = self.miner.get_config_dict()
         return cfg
@@ -210,8 +220,12 @@ class SoftAlignLoss(nn.Module):
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None) -> Dict[str, torch.Tensor]:
         parts: Dict[str, torch.Tensor] = {}
         if self.base is not None:
-            parts["base"] = self.base(scores=scores, image_ids=image_ids, teacher_image_sim=t_img,
-                                      teacher_text_sim=t_txt)
+            if isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
+                # miners may need the teacher similarities (TeacherFilteredMiner) or the embeddings (PMLMiner)
+                parts["base"] = self.base(image_emb, text_emb, scores=scores, image_ids=image_ids,
+                                          teacher_image_sim=t_img, teacher_text_sim=t_txt)
+            else:  # a user's module: the documented call
+                parts["base"] = self.base(scores=scores, image_ids=image_ids)
         if self.csa is not None:
             parts["csa"] = self.csa(scores=scores, teacher_image_sim=t_img, teacher_text_sim=t_txt)
         image_sim, text_sim = uni if uni is not None else (None, None)

@@ -52,20 +52,26 @@ class InfoNCELoss(nn.Module):
     """Symmetric InfoNCE with multi-positive targets from ids; see :func:`softalign.functional.info_nce`.
 
     Defaults follow CUSA's contrastive term: temperature 0.05, learnable within ``[0.01, 0.1]``.
+    ``reduction="mean"`` is CUSA's ``contrastive_loss_mode: "mean"`` (cross-entropy / B), the scale its
+    soft-label weights were tuned against; ``"sum"`` (default) is the standard cross-entropy.
     """
 
     citation = "van den Oord et al., 2018; Radford et al., CLIP, ICML 2021; Huang et al., CUSA, AAAI 2024"
 
     def __init__(self, temperature: float = 0.05, temperature_range: Tuple[float, float] = (0.01, 0.1),
-                 learn_temperature: bool = True, similarity=None):
+                 learn_temperature: bool = True, similarity=None, reduction: str = "sum"):
         super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
         self.temperature = Temperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
         self.similarity = similarity if similarity is not None else default_similarity()
 
     def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, **unused) -> torch.Tensor:
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
-        return SF.info_nce(scores, self.temperature(), image_ids)
+        return SF.info_nce(scores, self.temperature(), image_ids, reduction=self.reduction)
 
     def get_config_dict(self) -> dict:
         t = self.temperature
-        return {"temperature": float(t.value), "temperature_range": (t.low, t.high), "learn_temperature": t.learnable}
+        return {"temperature": float(t.value), "temperature_range": (t.low, t.high), "learn_temperature": t.learnable,
+                "reduction": self.reduction}
