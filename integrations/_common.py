@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import numbers
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from softalign import distributed as dist_utils
+from softalign.losses import VSEHingeLoss
 
-__all__ = ["SoftAlignHook", "as_ids", "find_argument", "PatchRecord", "PATCH_ATTR", "STATE_KEY", "TERMS"]
+__all__ = ["SoftAlignHook", "as_ids", "find_argument", "PatchRecord", "PATCH_ATTR", "STATE_KEY", "TERMS",
+           "match_criterion_hinge"]
 
 #: attribute under which a patched trainer keeps its :class:`PatchRecord`
 PATCH_ATTR = "_softalign_patch"
@@ -259,6 +263,7 @@ class PatchRecord:
         self.optimizer: Any = None
         self.submodule: Optional[str] = None
         self.ids: Any = None  # caption ids of the step in flight
+        self.undo: List[Callable[[], None]] = []  # other changes to reverse on restore (e.g. adopted settings)
 
     def replace(self, name: str, value: Any) -> None:
         """Set ``obj.<name> = value`` on the instance, remembering the instance attribute it shadows (if any)."""
@@ -274,6 +279,8 @@ class PatchRecord:
             else:
                 setattr(self.obj, name, old)
         self.saved.clear()
+        while self.undo:
+            self.undo.pop()()
         self.hook.unregister(self.optimizer)
         if self.submodule is not None and isinstance(self.obj, nn.Module):
             delattr(self.obj, self.submodule)
@@ -368,3 +375,65 @@ def log_values(obj: Any, logger_attr: Optional[str], values: Mapping[str, torch.
     if callable(update):
         for name, value in values.items():
             update(name, float(value.detach()), n)
+
+
+def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adopt: bool = True,
+                          stacklevel: int = 3) -> Optional[Callable[[], None]]:
+    """Make the hinge that replaces a trainer's criterion use that criterion's ``margin`` and ``max_violation``.
+
+    VSE++ and SCAN build ``ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)``; VSE++'s
+    default is the *sum* of hinges (no ``--max_violation``), while ``SoftAlignLoss``'s default base
+    ``"vsepp"`` is the max-violation hinge with margin 0.2. When the loss's base is a
+    :class:`~softalign.losses.VSEHingeLoss` whose settings differ from the criterion's, ``adopt=True`` sets
+    ``loss.base.margin`` / ``loss.base.max_violation`` to the criterion's (what the training script asked for)
+    and warns that it did; ``adopt=False`` only warns. Both warnings name the two settings and the
+    ``SoftAlignLoss(...)`` call that matches the trainer. Returns a callable that puts the loss's own settings
+    back (``None`` when nothing changed). Other bases (InfoNCE, custom modules) are left alone.
+    """
+    base = getattr(loss, "base", None)
+    if not isinstance(base, VSEHingeLoss):
+        return None
+    sim = getattr(criterion, "sim", None)
+    if getattr(sim, "__name__", "") == "order_sim":
+        warnings.warn(f"{trainer}'s criterion uses the order-embedding similarity (--measure order), but the "
+                      "SoftAlignLoss base that replaces it scores with cosine similarity; build the loss with "
+                      "base=\"none\" to keep the trainer's criterion and add only the soft-label terms",
+                      UserWarning, stacklevel=stacklevel)
+    upstream: Dict[str, Any] = {}
+    margin = getattr(criterion, "margin", None)
+    if isinstance(margin, numbers.Real) and not isinstance(margin, bool):
+        upstream["margin"] = float(margin)
+    max_violation = getattr(criterion, "max_violation", None)
+    if isinstance(max_violation, (bool, int)):
+        upstream["max_violation"] = bool(max_violation)
+    differs = {k: v for k, v in upstream.items() if getattr(base, k) != v}
+    if not differs:
+        return None
+    ours = f"margin={base.margin:g}, max_violation={base.max_violation}"
+    target = {"margin": base.margin, "max_violation": base.max_violation, **upstream}
+    theirs = ", ".join(f"{k}={target[k]:g}" if k == "margin" else f"{k}={target[k]}" for k in upstream)
+    flags = []
+    if "margin" in upstream:
+        flags.append(f"--margin {target['margin']:g}")
+    if "max_violation" in upstream:
+        flags.append("--max_violation" if target["max_violation"] else "no --max_violation")
+    call = (f"SoftAlignLoss(base=\"{'vsepp' if target['max_violation'] else 'vsepp_sum'}\", "
+            f"margin={target['margin']:g}, ...)")
+    if not adopt:
+        warnings.warn(f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge "
+                      f"that replaces it uses {ours}; keeping the loss's settings (match_criterion=False). To train "
+                      f"with {trainer}'s settings build {call}", UserWarning, stacklevel=stacklevel)
+        return None
+    previous = {k: getattr(base, k) for k in differs}
+    for k, v in differs.items():
+        setattr(base, k, v)
+    warnings.warn(f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge had "
+                  f"{ours}; the patched model now uses {trainer}'s settings (loss.base.{' and loss.base.'.join(differs)} "
+                  f"changed). To state them in your code, build {call}; to keep the loss's own settings, pass "
+                  "match_criterion=False", UserWarning, stacklevel=stacklevel)
+
+    def undo() -> None:
+        for k, v in previous.items():
+            setattr(base, k, v)
+
+    return undo

@@ -11,9 +11,11 @@ word features)::
 
     model = softalign.integrations.scan.patch(SCAN(opt), SoftAlignLoss(embed_dim=opt.embed_size, cache=cache))
 
-Hinge: the loss's base on the shared scores (``"vsepp"``: max violation, or ``"vsepp_sum"``), or with
-``base="none"`` an id-aware :class:`~softalign.losses.VSEHingeLoss` with the criterion's own ``margin`` and
-``max_violation``. Ids, optimizer, checkpoints and evaluation behave as in :mod:`softalign.integrations.vsepp`.
+Hinge: always an id-aware hinge on the shared scores with SCAN's ``--margin`` and ``--max_violation``
+(``criterion.margin`` / ``criterion.max_violation``): the loss's hinge base (``"vsepp"``/``"vsepp_sum"``) takes
+them when they differ, with a warning naming both (``match_criterion=False``: keep the loss's and warn); with
+``base="none"`` an id-aware :class:`~softalign.losses.VSEHingeLoss` built from them. Ids, optimizer,
+checkpoints and evaluation behave as in :mod:`softalign.integrations.vsepp`.
 
 References: Lee et al., "Stacked Cross Attention for Image-Text Matching", ECCV 2018; CUSA (AAAI 2024).
 """
@@ -33,6 +35,7 @@ from softalign.integrations._common import (
     extend_list_state,
     get_record,
     log_values,
+    match_criterion_hinge,
     new_record,
     restore_list_state,
 )
@@ -117,7 +120,8 @@ class SoftAlignCriterion(nn.Module):
 
 def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: Any = None,
           image_ids: Optional[Callable] = None, scorer: Optional[Callable] = None,
-          pool: Callable = mean_pool, accelerator: Any = None, optimizer: Any = None) -> Any:
+          pool: Callable = mean_pool, accelerator: Any = None, optimizer: Any = None,
+          match_criterion: bool = True) -> Any:
     """Patch a SCAN model object in place and return it.
 
     Args:
@@ -127,6 +131,9 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
             ``xattn_score_*`` (see :func:`module_scorer`).
         pool: ``pool(images, captions, cap_lens) -> (image [B, D], text [B, D])`` for USA/CMC; default
             :func:`mean_pool`.
+        match_criterion: when the loss's hinge base differs from SCAN's criterion in margin / max_violation,
+            use the criterion's (``loss.base`` is changed, restored by :func:`unpatch`) and warn; ``False``: keep
+            the loss's settings and warn.
         captions_per_image, cache, image_ids, accelerator, optimizer: as :func:`softalign.integrations.vsepp.patch`.
     """
     for name in ("train_emb", "forward_loss", "state_dict", "load_state_dict", "criterion"):
@@ -147,6 +154,10 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
     record = new_record(model, hook, KIND)
     try:
         capture_ids(record, "train_emb")
+        if hook.base_enabled:
+            undo = match_criterion_hinge(loss, criterion, "SCAN", adopt=match_criterion)
+            if undo is not None:
+                record.undo.append(undo)
         new = SoftAlignCriterion(criterion, hook, record, scorer, pool, logger_owner=model)
         if accelerator is not None:
             new.to(accelerator.device)

@@ -15,8 +15,11 @@ What :func:`patch` changes:
 * ``train_emb`` keeps the batch's ``ids`` (the collate function sorts the batch by caption length and returns
   the dataset indices in that sorted order, so ids travel with their rows; batch positions are never used);
 * ``forward_loss`` adds ``alpha L_CSA + beta L_USA + gamma L_CMC`` to VSE++'s hinge when the loss has
-  ``base="none"``; with a base (default ``"vsepp"``: max-violation hinge, margin 0.2) the loss's id-aware total
-  replaces ``criterion``. Called without captured ids (``evaluation.encode_data``) it is the original;
+  ``base="none"``; with a base the loss's id-aware total replaces ``criterion``. Called without captured ids
+  (``evaluation.encode_data``) it is the original;
+* a hinge base (``"vsepp"``/``"vsepp_sum"``, a :class:`~softalign.losses.VSEHingeLoss`) takes the margin and
+  max-violation setting of VSE++'s criterion (``opt.margin``, ``opt.max_violation``; VSE++'s default is the
+  *sum* of hinges) when they differ, with a warning naming both (``match_criterion=False``: warn only);
 * the loss's heads and temperatures join ``model.optimizer`` as a new param group and ``model.params`` (so
   VSE++'s gradient clipping covers them);
 * ``state_dict()`` appends ``{"softalign_loss": ...}`` to the list; ``load_state_dict`` restores it and still
@@ -32,7 +35,13 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from softalign.integrations import generic
-from softalign.integrations._common import SoftAlignHook, extend_list_state, get_record, restore_list_state
+from softalign.integrations._common import (
+    SoftAlignHook,
+    extend_list_state,
+    get_record,
+    match_criterion_hinge,
+    restore_list_state,
+)
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -41,7 +50,7 @@ KIND = "vsepp"
 
 def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: Any = None,
           image_ids: Optional[Callable] = None, accelerator: Any = None, optimizer: Any = None,
-          replace_base: bool = True) -> Any:
+          replace_base: bool = True, match_criterion: bool = True) -> Any:
     """Patch a VSE++ ``VSE`` object in place (see the module docstring) and return it.
 
     Args:
@@ -53,6 +62,9 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
         optimizer: defaults to ``model.optimizer``.
         replace_base: with a loss that has a base, use its total instead of ``model.criterion`` (``False``:
             keep VSE++'s criterion and add only the soft-label terms).
+        match_criterion: when the loss's hinge base replaces the criterion and its margin / max_violation differ
+            from ``model.criterion``'s, use the criterion's (``loss.base`` is changed, restored by
+            :func:`unpatch`) and warn; ``False``: keep the loss's settings and warn.
     """
     for name in ("train_emb", "forward_loss", "state_dict", "load_state_dict"):
         if not callable(getattr(model, name, None)):
@@ -65,6 +77,10 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
                          accelerator=accelerator)
     record = generic.install(model, hook, KIND, loss_method="forward_loss", ids_from="train_emb",
                              optimizer=optimizer, total_name="Le" if replace_base else None)
+    if replace_base and hook.base_enabled:
+        undo = match_criterion_hinge(loss, getattr(model, "criterion", None), "VSE++", adopt=match_criterion)
+        if undo is not None:
+            record.undo.append(undo)
     record.replace("state_dict", extend_list_state(model.state_dict, hook))
     record.replace("load_state_dict", restore_list_state(model.load_state_dict, hook))
     params = getattr(model, "params", None)

@@ -125,3 +125,65 @@ def test_import_cusa_dict_with_albef_style_records(tmp_path, capsys):
                "--no-progress"])
     assert rc == 1
     assert "caption 5 refers to image 'COCO_val2014_000000000001.jpg'" in capsys.readouterr().err
+
+
+def test_import_int_keyed_dict_maps_record_image_ids_through_the_keys(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    keys = [3, 0, 1, 2]  # int keys inside the row range, in an order unlike the rows: a row reading mis-maps
+    feats = {k: rng.normal(size=(1, 16)).astype(np.float32) for k in keys}
+    np.save(tmp_path / "feats.npy", feats, allow_pickle=True)
+    recs = [{"caption": c, "image_id": keys[i]} for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE)]
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    np.save(tmp_path / "txt.npy", rng.normal(size=(12, 10)).astype(np.float32))
+    args = ["cache", "import-npy", "--image-features", str(tmp_path / "feats.npy"), "--captions",
+            str(tmp_path / "train.json"), "--text-features", str(tmp_path / "txt.npy"), "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "c")]) == 0, capsys.readouterr().err
+    cache = TeacherCache.load(tmp_path / "c")
+    ref = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([feats[keys[i]] for i in CAPTION_TO_IMAGE])),
+                                        dim=1)
+    torch.testing.assert_close(cache.embeddings(torch.arange(12))[0], ref, atol=2e-3, rtol=0)
+    # --image-keys from a .txt (strings) still match the int keys; rows follow that order
+    (tmp_path / "keys.txt").write_text("0\n1\n2\n3\n")
+    assert main(args + ["--out", str(tmp_path / "k"), "--image-keys", str(tmp_path / "keys.txt")]) == 0
+    k = TeacherCache.load(tmp_path / "k")
+    assert k.manifest["image_keys"] == [0, 1, 2, 3]
+    torch.testing.assert_close(k.embeddings(torch.arange(12))[0], ref, atol=2e-3, rtol=0)
+    # an int id that is no key (though a valid row number) is refused, naming the caption
+    recs[7]["image_id"] = 391895
+    (tmp_path / "bad.json").write_text(json.dumps(recs))
+    bad = args[:5] + [str(tmp_path / "bad.json")] + args[6:] + ["--out", str(tmp_path / "d")]
+    assert main(bad) == 1
+    assert "caption 7 refers to image 391895" in capsys.readouterr().err
+
+
+def test_build_refuses_integer_image_refs_with_a_directory_and_uses_list_positions(tmp_path, capsys, monkeypatch):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    paths = save_images(img_dir)
+    recs = [{"caption": c, "image_id": [2, 0, 3, 1][i]} for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE)]
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    base = ["cache", "build", "--captions", str(tmp_path / "train.json"), "--out", str(tmp_path / "c"), "--no-progress"]
+    assert main(base + ["--images", str(img_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "record 0 names its image by the integer 2, but --images is the directory" in err
+    assert "--images list.txt" in err
+    assert not (tmp_path / "c").exists()
+
+    seen = {}
+
+    def fake_build(cls, out_dir, captions, images, caption_to_image, **kw):
+        seen.update(images=list(images), c2i=list(caption_to_image))
+        raise ValueError("stop after capturing the inputs")
+
+    monkeypatch.setattr(TeacherCache, "build", classmethod(fake_build))
+    listed = [paths[j] for j in (3, 1, 0, 2)]
+    (tmp_path / "list.txt").write_text("\n".join(listed))
+    assert main(base + ["--images", str(tmp_path / "list.txt")]) == 1
+    assert seen["images"] == listed
+    assert seen["c2i"] == [recs[j]["image_id"] for j in range(12)]  # 0-based positions in the list
+    recs[5]["image_id"] = "img1.png"
+    (tmp_path / "mixed.json").write_text(json.dumps(recs))
+    mixed = base[:3] + [str(tmp_path / "mixed.json")] + base[4:]
+    assert main(mixed + ["--images", str(tmp_path / "list.txt")]) == 1
+    assert "records mix integer and named image references (record 0: 2, record 5: 'img1.png')" in \
+        capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_dict_errors_name_the_item(tmp_path, feats):
     with pytest.raises(KeyError, match="caption 2 refers to image 'nope'"):
         import_npy(tmp_path / "c", {"a": np.ones(3)}, ["a", "a", "nope"], captions=["x", "y", "z"],
                    text_teacher=FakeTextTeacher(), progress=False)
-    with pytest.raises(ValueError, match="names images by key .* plain matrix"):
+    with pytest.raises(ValueError, match="caption 0 names image 'a' by key, but .* plain matrix"):
         import_npy(tmp_path / "c", np.ones((2, 3), np.float32), ["a", "b", "a"], captions=["x", "y", "z"],
                    text_teacher=FakeTextTeacher(), progress=False)
     assert not (tmp_path / "c" / "manifest.json").exists()
@@ -85,3 +85,43 @@ def test_text_feature_rows_must_match_captions(tmp_path, feats):
         import_npy(tmp_path / "c", img, CAPTION_TO_IMAGE, text_features=txt[:11], progress=False)
     with pytest.raises(ValueError, match="text features have 12 rows but 3 captions"):
         import_npy(tmp_path / "c", img, CAPTION_TO_IMAGE, text_features=txt, captions=["a", "b", "c"], progress=False)
+
+
+def test_int_keyed_dict_maps_references_through_its_keys_never_as_rows(tmp_path, feats):
+    img, txt = feats
+    # int keys, some inside the row range 0..3 (where a row-index reading would silently pick other images)
+    keys = [2, 391895, 0, 3]
+    d = {k: img[j][None, :] for j, k in enumerate(keys)}
+    refs = [keys[i] for i in CAPTION_TO_IMAGE]
+    cache = import_npy(tmp_path / "c", d, image_refs=refs, text_features=txt, dtype="float32", progress=False)
+    assert cache.manifest["image_keys"] == keys
+    torch.testing.assert_close(cache.embeddings(torch.arange(12))[0],
+                               F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1))
+    # a records file (or a .txt key list) may spell the int keys as strings, and the other way round
+    c2 = import_npy(tmp_path / "c2", d, image_refs=[str(r) for r in refs], text_features=txt,
+                    image_keys=["0", "2", "3", "391895"], dtype="float32", progress=False)
+    assert c2.manifest["image_keys"] == [0, 2, 3, 391895]
+    torch.testing.assert_close(c2.embeddings(torch.arange(12))[0], cache.embeddings(torch.arange(12))[0])
+    s = {str(k): v for k, v in d.items()}
+    c3 = import_npy(tmp_path / "c3", s, image_refs=refs, text_features=txt, dtype="float32", progress=False)
+    torch.testing.assert_close(c3.embeddings(torch.arange(12))[0], cache.embeddings(torch.arange(12))[0])
+    # 1 is a valid row number but no key: refused, naming the caption
+    with pytest.raises(KeyError, match="caption 4 refers to image 1, which has no features"):
+        import_npy(tmp_path / "bad", d, image_refs=refs[:4] + [1] + refs[5:], text_features=txt, progress=False)
+    # caption_to_image stays an index (a position in the key order)
+    c4 = import_npy(tmp_path / "c4", d, CAPTION_TO_IMAGE, text_features=txt, dtype="float32", progress=False)
+    torch.testing.assert_close(c4.embeddings(torch.arange(12))[0], cache.embeddings(torch.arange(12))[0])
+    with pytest.raises(ValueError, match="exactly one of caption_to_image .* and image_refs"):
+        import_npy(tmp_path / "bad", d, CAPTION_TO_IMAGE, image_refs=refs, text_features=txt, progress=False)
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_image_refs_with_a_plain_matrix_are_rows(tmp_path, feats):
+    img, txt = feats
+    cache = import_npy(tmp_path / "c", img, image_refs=CAPTION_TO_IMAGE, text_features=txt, dtype="float32",
+                       progress=False)
+    torch.testing.assert_close(cache.embeddings(torch.arange(12))[0],
+                               F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1))
+    with pytest.raises(ValueError, match="caption 3 names image 'x' by key, but .* plain matrix indexed by row"):
+        import_npy(tmp_path / "d", img, image_refs=[0, 0, 0, "x"] + CAPTION_TO_IMAGE[4:], text_features=txt,
+                   progress=False)

@@ -51,7 +51,9 @@ def test_eval_from_safetensors_writes_json_markdown_png(tmp_path, capsys):
     assert f"| i2t_r1 | {ref['i2t_r1']:.2f} |" in md
     assert (out / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
-    assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written left behind
+    assert m["recall_curve"]["gallery"] == "all 20 images x 100 captions (plain)"
+    assert "recall@K curve (metrics.json `recall_curve`, recall_at_k.png): all 20 images x 100 captions" in md
 
 
 def test_eval_from_npy_with_captions_per_image(tmp_path):
@@ -88,3 +90,57 @@ def test_eval_cli_bad_input(tmp_path, capsys):
     _fails(capsys, ["eval", "--image-emb", str(tmp_path / "i.npy"), "--text-emb", str(tmp_path / "t.npy"),
                     "--captions-per-image", "3", "--protocol", "coco1k", "--out", str(tmp_path / "o")],
            "expects 5000 test images, got 10")
+
+
+def test_eval_help_is_plain_text_and_explains_protocol_and_title(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "``" not in out
+    assert "mean over 5 folds of 1K images, needs the 5000-image COCO test split" in out
+    assert "f30k = Flickr30K 1K test, needs 1000 images" in out
+    assert "heading of metrics.md and title of recall_at_k.png" in out
+
+
+def _fold_curve(im, tx, n_folds, ks):
+    """One caption per image: rank of the true pair = number of strictly better candidates, per fold."""
+    size = im.shape[0] // n_folds
+    i2t, t2i = [], []
+    for f in range(n_folds):
+        a, b = im[f * size:(f + 1) * size], tx[f * size:(f + 1) * size]
+        S = (a @ b.T).double().numpy()
+        d = np.diag(S)
+        r_i2t, r_t2i = (S > d[:, None]).sum(1), (S > d[None, :]).sum(0)
+        i2t.append([100.0 * (r_i2t < k).mean() for k in ks])
+        t2i.append([100.0 * (r_t2i < k).mean() for k in ks])
+    return np.mean(i2t, 0), np.mean(t2i, 0)
+
+
+def test_coco_protocol_recall_curve_is_the_fold_mean_for_coco1k(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    im = torch.nn.functional.normalize(torch.randn(5000, 8, generator=g), dim=1)
+    tx = torch.nn.functional.normalize(im + 0.25 * torch.randn(5000, 8, generator=g), dim=1)
+    save_file({"image": im, "text": tx, "caption_to_image": torch.arange(5000)}, str(tmp_path / "e.safetensors"))
+    ks = [1, 2, 3, 5, 10, 20, 50, 100]
+    i1k, t1k = _fold_curve(im, tx, 5, ks)
+    i5k, t5k = _fold_curve(im, tx, 1, ks)
+    assert i1k[0] > i5k[0] + 5  # a 1K gallery is easier: the two curves really differ
+    out = tmp_path / "o1"
+    assert main(["eval", "--embeddings", str(tmp_path / "e.safetensors"), "--protocol", "coco1k", "--out", str(out),
+                 "--no-plot"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    curve = m["recall_curve"]
+    assert curve["k"] == ks and curve["gallery"] == "mean over 5 folds of 1000 images (coco1k)"
+    np.testing.assert_allclose(curve["i2t"], i1k)
+    np.testing.assert_allclose(curve["t2i"], t1k)
+    assert curve["i2t"][0] == pytest.approx(m["i2t_r1"])  # consistent with the reported fold-mean R@1
+    assert "mean over 5 folds of 1000 images (coco1k)" in (out / "metrics.md").read_text()
+    out = tmp_path / "o2"
+    assert main(["eval", "--embeddings", str(tmp_path / "e.safetensors"), "--protocol", "coco", "--out", str(out)]) == 0
+    curve = json.loads((out / "metrics.json").read_text())["recall_curve"]
+    np.testing.assert_allclose(curve["coco1k/i2t"], i1k)
+    np.testing.assert_allclose(curve["coco5k/t2i"], t5k)
+    assert curve["gallery"] == ("coco1k/*: mean over 5 folds of 1000 images (coco1k); "
+                                "coco5k/*: all 5000 images x 5000 captions (coco5k)")
+    assert (out / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

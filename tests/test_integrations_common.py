@@ -182,6 +182,17 @@ def hinge_criterion(scores, margin, max_violation):
     return cost_s.sum() + cost_im.sum()
 
 
+def id_aware_hinge(scores, image_ids, margin, max_violation):
+    """VSE++ hinge where every caption of the row's image is a positive (never a negative)."""
+    pos = image_ids.view(-1, 1) == image_ids.view(1, -1)
+    d = scores.diag()
+    cost_s = (margin + scores - d.view(-1, 1)).clamp(min=0).masked_fill(pos, 0)
+    cost_im = (margin + scores - d.view(1, -1)).clamp(min=0).masked_fill(pos, 0)
+    if max_violation:
+        return cost_s.max(1)[0].sum() + cost_im.max(0)[0].sum()
+    return cost_s.sum() + cost_im.sum()
+
+
 class VSEContrastiveLoss(nn.Module):
     def __init__(self, margin=0.2, max_violation=True):
         super().__init__()

@@ -18,6 +18,7 @@ from tests.test_integrations_common import (
     LogCollector,
     TinyCache,
     hinge_criterion,
+    id_aware_hinge,
     ids_from_targets,
     l2norm,
     loader,
@@ -135,16 +136,6 @@ def fresh_model(seed=0, **opt):
     return SCANStandIn(vse_opt(**opt))
 
 
-def id_aware_hinge(scores, image_ids, margin, max_violation):
-    pos = image_ids.view(-1, 1) == image_ids.view(1, -1)
-    d = scores.diag()
-    cost_s = (margin + scores - d.view(-1, 1)).clamp(min=0).masked_fill(pos, 0)
-    cost_im = (margin + scores - d.view(1, -1)).clamp(min=0).masked_fill(pos, 0)
-    if max_violation:
-        return cost_s.max(1)[0].sum() + cost_im.max(0)[0].sum()
-    return cost_s.sum() + cost_im.sum()
-
-
 def pooled(img_emb, cap_emb, cap_lens):
     text = torch.stack([cap_emb[j, :n].mean(0) for j, n in enumerate(cap_lens)])
     return img_emb.mean(1), text
@@ -258,3 +249,37 @@ def test_mean_pool_checks_lengths_and_custom_pool_is_used():
     model.train_emb(images, targets, lengths, ids)
     assert pools == [1]
     assert torch.allclose(seen[0]["args"][0], img_emb[:, 0]) and torch.allclose(seen[0]["args"][1], cap_emb[:, 0])
+
+
+def test_hinge_base_adopts_scans_margin_and_sum_of_hinges_with_a_warning():
+    cache = TinyCache()
+    model = fresh_model(margin=0.05, max_violation=False)  # SCAN run without --max_violation, --margin 0.05
+    loss = soft_loss(base="vsepp")  # max violation, margin 0.2
+    with pytest.warns(UserWarning, match=r"SCAN's criterion uses margin=0.05, max_violation=False .*"
+                                         r"had margin=0.2, max_violation=True.*"
+                                         r"SoftAlignLoss\(base=\"vsepp_sum\", margin=0.05"):
+        scan.patch(model, loss, cache=cache)
+    assert (loss.base.margin, loss.base.max_violation) == (0.05, False)
+    images, targets, lengths, ids = next(iter(loader(regions=REGIONS)))
+    img, cap, cap_lens = model.forward_emb(images, targets, lengths)
+    with model._softalign_patch.capturing(ids):
+        got = model.forward_loss(img, cap, cap_lens)
+    ids = torch.tensor(ids)
+    scores = xattn_score_t2i(img, cap, cap_lens, model.criterion.original.opt)
+    p_img, p_txt = pooled(img, cap, cap_lens)
+    t_img, t_txt = teacher_sims(cache, ids)
+    parts = loss(p_img, p_txt, scores=scores, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt,
+                 return_parts=True)
+    expected = (id_aware_hinge(scores, ids // CAPS_PER_IMAGE, 0.05, max_violation=False)
+                + loss.alpha * parts["csa"] + loss.beta * parts["usa"])
+    assert torch.allclose(got, expected, atol=1e-5)
+    scan.unpatch(model)
+    assert (loss.base.margin, loss.base.max_violation) == (0.2, True)
+
+
+def test_match_criterion_false_keeps_the_loss_settings_and_warns():
+    model = fresh_model(margin=0.05, max_violation=False)
+    loss = soft_loss(base="vsepp")
+    with pytest.warns(UserWarning, match="keeping the loss's settings"):
+        scan.patch(model, loss, cache=TinyCache(), match_criterion=False)
+    assert (loss.base.margin, loss.base.max_violation) == (0.2, True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tests.test_integrations_common import (
     TinyCache,
     VSEStandIn,
     hinge_criterion,
+    id_aware_hinge,
     ids_from_targets,
     loader,
     record_loss_inputs,
@@ -172,3 +174,52 @@ def test_bad_setups_fail_clearly():
     vsepp.patch(model, soft_loss(), cache=TinyCache())
     with pytest.raises(ValueError, match="already patched"):
         vsepp.patch(model, soft_loss(), cache=TinyCache())
+
+
+def test_hinge_base_adopts_vsepp_defaults_sum_of_hinges_and_opt_margin():
+    """VSE++ without --max_violation (its default) sums the hinges; the replacing base must do the same."""
+    cache = TinyCache()
+    torch.manual_seed(0)
+    model = VSEStandIn(vse_opt(margin=0.1, max_violation=False))
+    loss = soft_loss(base="vsepp", gamma=0.2)
+    with pytest.warns(UserWarning) as caught:
+        vsepp.patch(model, loss, cache=cache)
+    (w,) = [w for w in caught if "criterion uses" in str(w.message)]
+    msg = str(w.message)
+    for needle in ("VSE++'s criterion uses margin=0.1, max_violation=False", "--margin 0.1", "no --max_violation",
+                   "had margin=0.2, max_violation=True", 'SoftAlignLoss(base="vsepp_sum", margin=0.1, ...)',
+                   "match_criterion=False"):
+        assert needle in msg, msg
+    assert w.filename == __file__  # points at the line that called patch
+    assert (loss.base.margin, loss.base.max_violation) == (0.1, False)
+    images, targets, lengths, ids = next(iter(loader()))
+    img, cap = model.forward_emb(images, targets, lengths)
+    with model._softalign_patch.capturing(ids):
+        got = model.forward_loss(img, cap)
+    ids = torch.tensor(ids)
+    t_img, t_txt = teacher_sims(cache, ids)
+    parts = loss(img, cap, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt, return_parts=True)
+    hinge = id_aware_hinge(img @ cap.t(), ids // CAPS_PER_IMAGE, 0.1, max_violation=False)
+    assert torch.allclose(parts["base"], hinge, atol=1e-5)
+    assert torch.allclose(got, hinge + loss.alpha * parts["csa"] + loss.beta * parts["usa"]
+                          + loss.gamma * parts["cmc"], atol=1e-5)
+    vsepp.unpatch(model)
+    assert (loss.base.margin, loss.base.max_violation) == (0.2, True)
+
+
+def test_matching_criterion_is_silent_and_other_cases_keep_the_loss_settings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vsepp.patch(fresh_model(), soft_loss(base="vsepp"), cache=TinyCache())  # 0.2, max violation: same
+        loss = soft_loss(base="vsepp_sum", margin=0.1)
+        vsepp.patch(VSEStandIn(vse_opt(margin=0.1, max_violation=False)), loss, cache=TinyCache())
+        # the criterion is kept (base="none", or replace_base=False): nothing to match
+        vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), soft_loss(base="none"), cache=TinyCache())
+        loss = soft_loss(base="vsepp")
+        vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), loss, cache=TinyCache(), replace_base=False)
+        assert loss.base.max_violation is True
+    loss = soft_loss(base="vsepp")
+    with pytest.warns(UserWarning, match=r"VSE\+\+'s criterion uses margin=0.2, max_violation=False .*keeping the loss's "
+                                         r"settings \(match_criterion=False\)"):
+        vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), loss, cache=TinyCache(), match_criterion=False)
+    assert loss.base.max_violation is True

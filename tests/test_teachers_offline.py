@@ -143,3 +143,37 @@ def test_teacher_resolution_errors(fake_timm, tmp_path):
         resolve_image_teacher("timm:fakenet_tiny", weights=tmp_path / "nope.pth")
     with pytest.raises(TypeError, match="text_teacher must be"):
         resolve_text_teacher(3.5)
+
+
+def test_image_teacher_reads_files_like_the_cache_inputs(tmp_path):
+    """ImageTeacher.encode and the cache's ImageSource share one loader: same pixels, same errors."""
+    from softalign.teachers.image import ImageTeacher
+    from softalign.teachers.inputs import ImageSource, load_image
+
+    class MeanColour(ImageTeacher):
+        dim = 3
+
+        def __init__(self):
+            super().__init__("mean-colour", device="cpu", batch_size=2)
+            self.preprocessing = ImagePreprocessing(size=(4, 4), resize_shorter=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+        def features(self, x):
+            return x.mean(dim=(2, 3))
+
+    a = np.zeros((8, 8, 4), np.uint8)
+    a[..., 0], a[:4, :, 3] = 200, 255  # red top half, transparent bottom half (composited on white)
+    Image.fromarray(a, "RGBA").save(tmp_path / "half.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    t = MeanColour()
+    got = t.encode([str(tmp_path / "half.png"), Image.open(tmp_path / "half.png")])
+    ref = torch.tensor([(200 + 255) / 2, 255 / 2, 255 / 2])
+    torch.testing.assert_close(got, torch.stack([ref, ref]), atol=1.0, rtol=0)
+    loaded = load_image(str(tmp_path / "half.png"), 0)
+    assert loaded.mode == "RGB"
+    assert np.array_equal(np.asarray(ImageSource([str(tmp_path / "half.png")]).load(0)), np.asarray(loaded))
+    with pytest.raises(ValueError, match=r"image 2: cannot read .*broken.png as an image"):
+        t.encode([str(tmp_path / "half.png")] * 2 + [str(tmp_path / "broken.png")])
+    with pytest.raises(FileNotFoundError, match=r"image 0: file not found: .*missing.png"):
+        t.encode([str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match=r"image 1: cannot read .*broken.png"):
+        ImageSource([str(tmp_path / "half.png"), str(tmp_path / "broken.png")]).load(1)

@@ -1,43 +1,44 @@
 """Retrieval evaluation: cross-modal i2t/t2i (VSE++ definitions, COCO/Flickr30K protocols,
 chunked), two-stage re-ranking (TGDT), uni-modal i2i/t2t (pytorch-metric-learning), a
 sentence-transformers-style evaluator and reports (JSON, markdown, recall@K PNG)."""
-from softalign.eval.crossmodal import (
-    DEFAULT_KS,
-    RankResult,
-    check_caption_to_image,
-    cross_modal_ranks,
-    cross_modal_recall,
-    metrics_from_ranks,
-    recall_curve,
-)
-from softalign.eval.evaluator import RetrievalEvaluator, encode_with_model
-from softalign.eval.protocols import PROTOCOLS, evaluate_coco, evaluate_protocol, fold_metrics
-from softalign.eval.report import comparison_table, compare_runs, markdown_table, plot_recall_at_k, write_report
-from softalign.eval.rerank import block_scorer_from_pairs, two_stage_ranks, two_stage_rerank
-from softalign.eval.unimodal import text_similarity_correlation, unimodal_retrieval
+import importlib
 
-__all__ = [
-    "DEFAULT_KS",
-    "PROTOCOLS",
-    "RankResult",
-    "RetrievalEvaluator",
-    "block_scorer_from_pairs",
-    "check_caption_to_image",
-    "compare_runs",
-    "comparison_table",
-    "cross_modal_ranks",
-    "cross_modal_recall",
-    "encode_with_model",
-    "evaluate_coco",
-    "evaluate_protocol",
-    "fold_metrics",
-    "markdown_table",
-    "metrics_from_ranks",
-    "plot_recall_at_k",
-    "recall_curve",
-    "text_similarity_correlation",
-    "two_stage_ranks",
-    "two_stage_rerank",
-    "unimodal_retrieval",
-    "write_report",
-]
+_EXPORTS = {
+    "DEFAULT_KS": "crossmodal",
+    "RankResult": "crossmodal",
+    "check_caption_to_image": "crossmodal",
+    "cross_modal_ranks": "crossmodal",
+    "cross_modal_recall": "crossmodal",
+    "metrics_from_ranks": "crossmodal",
+    "recall_curve": "crossmodal",
+    "RetrievalEvaluator": "evaluator",
+    "encode_with_model": "evaluator",
+    "PROTOCOLS": "protocols",
+    "evaluate_coco": "protocols",
+    "evaluate_protocol": "protocols",
+    "fold_metrics": "protocols",
+    "protocol_recall_curve": "protocols",
+    "comparison_table": "report",
+    "compare_runs": "report",
+    "markdown_table": "report",
+    "plot_recall_at_k": "report",
+    "write_report": "report",
+    "block_scorer_from_pairs": "rerank",
+    "two_stage_ranks": "rerank",
+    "two_stage_rerank": "rerank",
+    "text_similarity_correlation": "unimodal",
+    "unimodal_retrieval": "unimodal",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # lazy: `softalign --help` (which imports softalign.eval.cli) must not import torch
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

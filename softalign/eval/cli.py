@@ -1,4 +1,4 @@
-"""``softalign eval``: retrieval metrics from saved embeddings.
+"""softalign eval: retrieval metrics from saved embeddings.
 
     softalign eval --embeddings emb.safetensors [--protocol plain|coco1k|coco5k|coco|f30k]
                    [--labels labels.safetensors] [--ks 1 5 10] [--chunk-size 512] --out DIR
@@ -7,6 +7,16 @@
 The safetensors file holds "image" [Ni, D], "text" [Nt, D], "caption_to_image" [Nt] int64 and
 optionally "image_labels" [Ni] / "text_labels" [Nt] (uni-modal i2i / t2t metrics). Writes
 DIR/metrics.json, DIR/metrics.md and DIR/recall_at_k.png.
+
+Protocols (--protocol):
+  plain   the embeddings as given, evaluated at once (any size)
+  coco1k  MS-COCO 1K: mean over 5 folds of 1,000 consecutive images and their captions (needs the
+          5,000-image Karpathy test split)
+  coco5k  MS-COCO 5K: all 5,000 images x their captions at once (needs 5,000 images)
+  coco    both coco1k and coco5k (keys prefixed coco1k/ and coco5k/; needs 5,000 images)
+  f30k    Flickr30K 1K test split (needs 1,000 images)
+The recall@K curve (metrics.json "recall_curve", recall_at_k.png) is measured the same way: the fold
+mean for coco1k, the whole gallery otherwise; its "gallery" entry says which.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
         help="cross-modal (i2t/t2i) and uni-modal retrieval metrics from embeddings",
-        description=__doc__,
+        description=__doc__.replace("softalign eval: retrieval", "Retrieval", 1),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
@@ -39,12 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--captions-per-image", type=int, help="captions k*N..k*N+N-1 belong to image k")
     src.add_argument("--caption-to-image", help=".npy [Nt] int image index of each caption")
     src.add_argument("--labels", help="safetensors/.npz with image_labels and/or text_labels (override the embeddings file)")
-    p.add_argument("--protocol", default="plain", choices=["plain", "coco1k", "coco5k", "coco", "f30k"])
+    p.add_argument("--protocol", default="plain", choices=["plain", "coco1k", "coco5k", "coco", "f30k"],
+                   help="test protocol (default plain: the embeddings as given). coco1k = mean over 5 folds of "
+                   "1K images, needs the 5000-image COCO test split; coco5k = all 5000 images at once; coco = both; "
+                   "f30k = Flickr30K 1K test, needs 1000 images")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default 1 5 10)")
     p.add_argument("--chunk-size", type=int, default=512, help="images per score tile (memory bound)")
     p.add_argument("--no-normalize", action="store_true", help="use raw dot products instead of cosine")
     p.add_argument("--no-plot", action="store_true", help="skip recall_at_k.png")
-    p.add_argument("--title", default="softalign eval")
+    p.add_argument("--title", default="softalign eval",
+                   help="heading of metrics.md and title of recall_at_k.png (default 'softalign eval')")
     p.add_argument("--out", required=True, help="output directory")
 
 
@@ -106,8 +120,8 @@ def load_inputs(args) -> Dict[str, Any]:
 def evaluate_inputs(data: Dict[str, Any], protocol: str = "plain", ks=(1, 5, 10), chunk_size=512, normalize=True) -> Dict[str, Any]:
     import torch
 
-    from softalign.eval.crossmodal import cross_modal_ranks, cross_modal_recall, recall_curve
-    from softalign.eval.protocols import evaluate_protocol
+    from softalign.eval.crossmodal import cross_modal_recall, recall_curve
+    from softalign.eval.protocols import evaluate_protocol, protocol_recall_curve
     from softalign.eval.unimodal import unimodal_retrieval
 
     img, txt = data["image"].float(), data["text"].float()
@@ -119,14 +133,15 @@ def evaluate_inputs(data: Dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     if protocol == "plain":
         m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size, return_ranks=True)
         i2t, t2i = m.pop("i2t_ranks"), m.pop("t2i_ranks")
+        ck = [k for k in CURVE_KS if k <= max(img.shape[0], txt.shape[0])]
+        curve = {"k": ck, "i2t": recall_curve(i2t, ck), "t2i": recall_curve(t2i, ck),
+                 "gallery": f"all {img.shape[0]} images x {txt.shape[0]} captions (plain)"}
     else:
         m = evaluate_protocol(protocol, image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size)
-        rr = cross_modal_ranks(image_emb=img, text_emb=txt, caption_to_image=c2i, chunk_size=chunk_size)
-        i2t, t2i = rr.i2t, rr.t2i
+        # measured like the metrics: the fold mean for coco1k, not the whole 5K gallery
+        curve = protocol_recall_curve(protocol, img, txt, c2i, CURVE_KS, chunk_size=chunk_size)
     metrics.update(m)
-    # recall curve over the whole gallery for the plot
-    ck = [k for k in CURVE_KS if k <= max(img.shape[0], txt.shape[0])]
-    metrics["recall_curve"] = {"k": ck, "i2t": recall_curve(i2t, ck), "t2i": recall_curve(t2i, ck)}
+    metrics["recall_curve"] = curve
     if "image_labels" in data:
         metrics.update(unimodal_retrieval(img, data["image_labels"], prefix="i2i_"))
     if "text_labels" in data:

@@ -23,7 +23,9 @@ from softalign.eval.crossmodal import (
     _as_tensor,
     _take,
     check_caption_to_image,
+    cross_modal_ranks,
     cross_modal_recall,
+    recall_curve,
 )
 
 PROTOCOLS = {
@@ -34,7 +36,7 @@ PROTOCOLS = {
     "plain": (None, 1),
 }
 
-__all__ = ["PROTOCOLS", "evaluate_coco", "evaluate_protocol", "fold_metrics"]
+__all__ = ["PROTOCOLS", "evaluate_coco", "evaluate_protocol", "fold_metrics", "protocol_recall_curve"]
 
 
 def _num_images(sims, image_emb, num_images):
@@ -45,6 +47,23 @@ def _num_images(sims, image_emb, num_images):
     if num_images is None:
         raise ValueError("scorer over indices: pass num_images")
     return int(num_images)
+
+
+def _fold_split(c2i_all: torch.Tensor, size: int, n_folds: int):
+    """Per fold: first and end image, image indices, caption indices, fold-local caption->image map."""
+    for f in range(n_folds):
+        i0, i1 = f * size, (f + 1) * size
+        caps = torch.nonzero((c2i_all >= i0) & (c2i_all < i1)).flatten()
+        yield i0, i1, torch.arange(i0, i1), caps, c2i_all[caps] - i0
+
+
+def _check_size(protocol: str, n_img: int) -> None:
+    need = PROTOCOLS[protocol][0]
+    if need is not None and n_img != need:
+        raise ValueError(
+            f"protocol {protocol!r} expects {need} test images, got {n_img} "
+            "(use protocol='plain' for other sizes)"
+        )
 
 
 def fold_metrics(
@@ -83,11 +102,7 @@ def fold_metrics(
     if n_folds == 1:  # no copy of the inputs
         return cross_modal_recall(sims, image_emb, text_emb, c2i_all, scorer=scorer, num_images=num_images, **kw)
     folds = []
-    for f in range(n_folds):
-        i0, i1 = f * size, (f + 1) * size
-        caps = torch.nonzero((c2i_all >= i0) & (c2i_all < i1)).flatten()
-        imgs = torch.arange(i0, i1)
-        c2i = c2i_all[caps] - i0
+    for f, (i0, i1, imgs, caps, c2i) in enumerate(_fold_split(c2i_all, size, n_folds)):
         if sims is not None:
             s = _as_tensor(sims, "sims")
             m = cross_modal_recall(sims=s[i0:i1].index_select(1, caps.to(s.device)), caption_to_image=c2i, **kw)
@@ -128,14 +143,61 @@ def evaluate_protocol(
         return out
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS) + ['coco']}")
-    need, n_folds = PROTOCOLS[protocol]
-    n_img = _num_images(sims, image_emb, kwargs.get("num_images"))
-    if need is not None and n_img != need:
-        raise ValueError(
-            f"protocol {protocol!r} expects {need} test images, got {n_img} "
-            "(use protocol='plain' for other sizes)"
-        )
+    n_folds = PROTOCOLS[protocol][1]
+    _check_size(protocol, _num_images(sims, image_emb, kwargs.get("num_images")))
     return fold_metrics(n_folds, sims, image_emb, text_emb, caption_to_image, **kwargs)
+
+
+def protocol_recall_curve(
+    protocol: str,
+    image_emb: Any,
+    text_emb: Any,
+    caption_to_image: Any,
+    ks: Sequence[int],
+    *,
+    chunk_size: Optional[int] = 512,
+) -> Dict[str, Any]:
+    """R@K for each K in ``ks`` (percent), measured the way ``protocol`` measures its metrics.
+
+    ``coco1k``: the mean over the 5 folds of 1,000 images of each fold's R@K (the same folds as
+    :func:`fold_metrics`); ``coco5k`` / ``f30k`` / ``plain``: the whole gallery given. Returns
+    ``{"k": [...], "i2t": [...], "t2i": [...], "gallery": "<what the curve was measured on>"}``; for
+    ``coco`` the curves of both protocols under ``"coco1k/i2t"``, ``"coco1k/t2i"``, ``"coco5k/i2t"`` and
+    ``"coco5k/t2i"``. K values larger than the (fold) gallery are dropped.
+    """
+    if protocol == "coco":
+        parts = [protocol_recall_curve(p, image_emb, text_emb, caption_to_image, ks, chunk_size=chunk_size)
+                 for p in ("coco1k", "coco5k")]
+        k = [x for x in parts[0]["k"] if x in parts[1]["k"]]
+        out: Dict[str, Any] = {"k": k, "gallery": "; ".join(f"{p}/*: {c['gallery']}" for p, c in
+                                                           zip(("coco1k", "coco5k"), parts))}
+        for p, c in zip(("coco1k", "coco5k"), parts):
+            for d in ("i2t", "t2i"):
+                out[f"{p}/{d}"] = [v for x, v in zip(c["k"], c[d]) if x in k]
+        return out
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS) + ['coco']}")
+    n_img = len(image_emb)
+    _check_size(protocol, n_img)
+    n_folds = PROTOCOLS[protocol][1]
+    c2i_all = check_caption_to_image(_as_tensor(caption_to_image, "caption_to_image").reshape(-1),
+                                     len(text_emb), n_img)
+    if n_img % n_folds:
+        raise ValueError(f"cannot split {n_img} images into {n_folds} equal folds")
+    size = n_img // n_folds
+    curves = []
+    k_max = None
+    for _, _, imgs, caps, c2i in _fold_split(c2i_all, size, n_folds):
+        rr = cross_modal_ranks(image_emb=_take(image_emb, imgs), text_emb=_take(text_emb, caps), caption_to_image=c2i,
+                               chunk_size=chunk_size)
+        k_max = max(size, caps.numel()) if k_max is None else min(k_max, max(size, caps.numel()))
+        curves.append((rr.i2t, rr.t2i))
+    kept = [k for k in ks if k <= k_max]
+    i2t = np.mean([recall_curve(a, kept) for a, _ in curves], axis=0).tolist() if kept else []
+    t2i = np.mean([recall_curve(b, kept) for _, b in curves], axis=0).tolist() if kept else []
+    gallery = (f"mean over {n_folds} folds of {size} images ({protocol})" if n_folds > 1
+               else f"all {n_img} images x {len(text_emb)} captions ({protocol})")
+    return {"k": kept, "i2t": i2t, "t2i": t2i, "gallery": gallery}
 
 
 def evaluate_coco(

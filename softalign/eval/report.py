@@ -7,8 +7,7 @@ import json
 import math
 import os
 import re
-import tempfile
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 __all__ = [
     "atomic_write_text",
@@ -24,17 +23,14 @@ _ORDER = ["i2t_r", "i2t_medr", "i2t_meanr", "t2i_r", "t2i_medr", "t2i_meanr", "r
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`softalign.teachers.storage.atomic_write`."""
+    from softalign.teachers.storage import atomic_write
+
+    def write(tmp) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:
@@ -100,9 +96,9 @@ def _curves(metrics: Mapping[str, Any]):
     curve = metrics.get("recall_curve") if isinstance(metrics, Mapping) else None
     out = {}
     if isinstance(curve, Mapping) and "k" in curve:
-        for d in ("i2t", "t2i"):
-            if d in curve:
-                out[d] = (list(curve["k"]), list(curve[d]))
+        for d, v in curve.items():  # "i2t", "t2i", or per protocol "coco1k/i2t", ...
+            if d.rsplit("/", 1)[-1] in ("i2t", "t2i") and isinstance(v, (list, tuple)):
+                out[d] = (list(curve["k"]), list(v))
         if out:
             return out
     for key, v in _scalars(metrics).items():
@@ -130,7 +126,7 @@ def plot_recall_at_k(runs: Mapping[str, Mapping[str, Any]], path: str, title: st
     drawn, all_ks = 0, set()
     for name, m in runs.items():
         for d, (ks, vs) in _curves(m).items():
-            ax.plot(ks, vs, marker="o", linestyle="-" if d == "i2t" else "--", label=f"{name} {d}")
+            ax.plot(ks, vs, marker="o", linestyle="-" if d.endswith("i2t") else "--", label=f"{name} {d}")
             all_ks.update(ks)
             drawn += 1
     if drawn == 0:
@@ -147,17 +143,12 @@ def plot_recall_at_k(runs: Mapping[str, Mapping[str, Any]], path: str, title: st
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    os.close(fd)
+    from softalign.teachers.storage import atomic_write
+
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -182,7 +173,11 @@ def write_report(metrics: Mapping[str, Any], out_dir: str, title: str = "softali
     """Write ``metrics.json``, ``metrics.md`` and (if recall@K values exist) ``recall_at_k.png``."""
     paths = {"json": os.path.join(out_dir, "metrics.json"), "markdown": os.path.join(out_dir, "metrics.md")}
     atomic_write_text(paths["json"], json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
-    atomic_write_text(paths["markdown"], f"# {title}\n\n" + markdown_table(metrics))
+    md = f"# {title}\n\n" + markdown_table(metrics)
+    curve = metrics.get("recall_curve")
+    if isinstance(curve, Mapping) and curve.get("gallery"):
+        md += f"\nrecall@K curve (metrics.json `recall_curve`, recall_at_k.png): {curve['gallery']}\n"
+    atomic_write_text(paths["markdown"], md)
     if plot and _curves(metrics):
         paths["png"] = plot_recall_at_k({title: metrics}, os.path.join(out_dir, "recall_at_k.png"), title)
     return paths

@@ -1,8 +1,9 @@
 """Two-stage (retrieve then re-rank) inference, as in TGDT.
 
-Reference: Liu et al., "Image-Text Retrieval with Binary and Continuous Label Supervision"
-(TGDT, Token-Guided Dual Transformer), arXiv:2210.11319 -- global embeddings select the top-K
-candidates of each query, a fine (token-level / cross-attention) scorer re-ranks only those.
+Reference: Liu et al., "Efficient Token-Guided Image-Text Retrieval with Consistent Multimodal
+Contrastive Training" (TGDT, Token-Guided Dual Transformer), IEEE TIP 2023, arXiv:2306.08789 --
+global embeddings select the top-K candidates of each query, a fine (token-level / cross-attention)
+scorer re-ranks only those.
 
 Rule for a query whose target is not among its K coarse candidates: it is a **miss** -- its
 0-based rank is reported as ``K`` ("beyond K"), so it is never a hit for any R@k with k <= K,

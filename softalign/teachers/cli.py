@@ -23,13 +23,21 @@ caption file formats (--captions):
            [{"caption": "A man on a moped.", "image": "train2014/COCO_train2014_000000000009.jpg"}, ...]
          ("text"/"sentence" also work for the caption; the image is named by the first of
          "image", "image_path", "file_name", "image_id" -- for import-npy "image_id" comes
-         first -- or by --image-field NAME). Images are numbered in order of first appearance and the
-         caption->image map is derived from the records; with --images DIR the names are file
-         paths under DIR. An optional "id" per record must be unique.
+         first -- or by --image-field NAME). An optional "id" per record must be unique.
+         build: records name image files (paths under --images DIR); images are numbered in order
+           of first appearance. An integer image reference (e.g. COCO's "image_id": 9) cannot name
+           a file and is refused with --images DIR; with an explicit image list (--images
+           list.txt / list.json / the files) an integer is the 0-based position in that list.
+         import-npy: with CUSA's {image_id: array(1, D)} dict, every reference is a key of the dict,
+           integers included ("image_id": 25 is the entry under key 25, never row 25); "25" and 25
+           match each other. With a plain matrix an integer reference is a row index.
          A dict {"captions": [...], "caption_to_image": [...], "images": [...]} works as well.
 
 caption->image map (--caption-to-image): .txt (one image index per line), .json list or .npy.
 --captions-per-image K: caption i belongs to image i // K (COCO / Flickr30K with 5 captions each).
+Image indices count from 0 in this order: for build, the image list as given, or with --images DIR
+the image files under DIR sorted by relative path; for import-npy, the matrix rows, or the dict's
+keys in --image-keys order (else the dict's own order).
 """
 
 
@@ -220,11 +228,35 @@ def _list_images(spec: List[str]) -> Tuple[Optional[Path], Optional[List[str]]]:
     return None, list(spec)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_refs_to_positions(refs: list, root: Optional[Path]) -> List[int]:
+    """build: records naming their image by an integer. Positions in an explicit image list; refused with a
+    directory (a sorted listing is not a numbering anyone chose, so ids would silently pick wrong files)."""
+    j = next(j for j, r in enumerate(refs) if _is_int(r))
+    if root is not None:
+        raise ValueError(
+            f"record {j} names its image by the integer {refs[j]!r}, but --images is the directory "
+            f"{root}: an integer cannot name a file there. Name the image file in the records (e.g. \"image\": "
+            "\"train2014/COCO_train2014_000000000009.jpg\", or --image-field NAME), or list the images in order with "
+            "--images list.txt (integers are then 0-based positions in that list), or give --caption-to-image FILE")
+    bad = next((k for k, r in enumerate(refs) if not _is_int(r)), None)
+    if bad is not None:
+        raise ValueError(f"records mix integer and named image references (record {j}: {refs[j]!r}, record {bad}: "
+                         f"{refs[bad]!r}); use one kind")
+    return list(refs)
+
+
 def _dataset(args, need_images: bool):
+    """-> captions, images (or None), caption->image indices (or None), image root (or None), and for
+    import-npy the records' image references (or None; mapped through the feature dict's keys later)."""
     fields = _BUILD_FIELDS if need_images else _IMPORT_FIELDS
     if getattr(args, "image_field", None):
         fields = (args.image_field,)
     captions, refs, images = _read_captions(Path(args.captions), fields) if args.captions else (None, None, None)
+    root, listed = _list_images(args.images) if need_images else (None, None)
     c2i = None
     if args.caption_to_image:
         c2i = [int(x) for x in _read_list(Path(args.caption_to_image)) if str(x).strip() != ""]
@@ -237,17 +269,16 @@ def _dataset(args, need_images: bool):
             n = len(captions)
         c2i = [i // args.captions_per_image for i in range(n)]
     elif refs is not None:
-        if all(isinstance(r, int) and not isinstance(r, bool) for r in refs):
-            c2i = list(refs)
-        elif not need_images:  # import-npy: records name keys of the feature dict; import_npy maps them
-            c2i = [str(r) for r in refs]
+        if not need_images:  # import-npy: keys of the feature dict (or matrix rows); import_npy maps them
+            return captions, images, None, None, refs
+        if any(_is_int(r) for r in refs):
+            c2i = _int_refs_to_positions(refs, root)
         else:  # records name their image: number images by first appearance
             names, c2i = _refs_to_map(refs)
             if images is None:
                 images = names
     if not need_images:
-        return captions, images, c2i, None
-    root, listed = _list_images(args.images)
+        return captions, images, c2i, None, None
     if images is None:
         if listed is not None:
             images = listed
@@ -261,7 +292,7 @@ def _dataset(args, need_images: bool):
         else:
             raise ValueError(f"{len(captions)} captions and {len(images)} images: say which image each caption "
                              "describes with --caption-to-image FILE or --captions-per-image K")
-    return captions, images, c2i, root
+    return captions, images, c2i, root, None
 
 
 def _fail(err: Exception) -> int:
@@ -274,7 +305,7 @@ def run_build(args) -> int:
     from .cache import TeacherCache
 
     try:
-        captions, images, c2i, root = _dataset(args, need_images=True)
+        captions, images, c2i, root, _ = _dataset(args, need_images=True)
         cache = TeacherCache.build(
             args.out, captions, images, c2i, text_teacher=args.text_teacher, image_teacher=args.image_teacher,
             chunk_size=args.chunk_size, dtype=args.dtype, fingerprint=args.fingerprint, batch_size=args.batch_size,
@@ -291,13 +322,15 @@ def run_import(args) -> int:
     from .importers import import_npy
 
     try:
-        captions, images, c2i, _ = _dataset(args, need_images=False)
-        keys = [str(k) for k in _read_list(Path(args.image_keys))] if args.image_keys else None
-        if c2i is None:
+        captions, images, c2i, _, refs = _dataset(args, need_images=False)
+        # keys as written (.json keeps integers); import_npy matches 25 and "25" against the dict's keys
+        keys = [k.strip() if isinstance(k, str) else k for k in _read_list(Path(args.image_keys))
+                if not (isinstance(k, str) and not k.strip())] if args.image_keys else None
+        if c2i is None and refs is None:
             raise ValueError("say which image each caption describes: --caption-to-image FILE, "
                              "--captions-per-image K, or --captions records naming their image")
         cache = import_npy(
-            args.out, args.image_features, c2i, captions=captions, text_features=args.text_features,
+            args.out, args.image_features, c2i, image_refs=refs, captions=captions, text_features=args.text_features,
             text_teacher=args.text_teacher, image_keys=keys, image_teacher_name=args.image_teacher_name,
             text_teacher_name=args.text_teacher_name, chunk_size=args.chunk_size, dtype=args.dtype,
             fingerprint=args.fingerprint, overwrite=args.overwrite, progress=not args.no_progress, device=args.device,

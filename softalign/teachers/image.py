@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .preprocess import ImagePreprocessing, to_rgb, efficientnet_lite_preprocessing, from_timm_data_config
+from .inputs import load_image
+from .preprocess import ImagePreprocessing, efficientnet_lite_preprocessing, from_timm_data_config
 from .text import is_teacher
 
 DEFAULT_IMAGE_TEACHER = "offline-efficientnet-lite0"
@@ -33,24 +34,6 @@ def _default_device(device):
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _as_pil(item, i: int):
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(item, Image.Image):
-        return item
-    if isinstance(item, (str, os.PathLike)):
-        p = Path(item)
-        if not p.is_file():
-            raise FileNotFoundError(f"image {i}: file not found: {p}")
-        try:
-            with Image.open(p) as img:
-                img.load()
-                return to_rgb(img)
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"image {i}: cannot read {p} as an image ({err})") from None
-    raise TypeError(f"image {i} is a {type(item).__name__}; expected a file path or a PIL.Image")
 
 
 class ImageTeacher:
@@ -82,7 +65,7 @@ class ImageTeacher:
         images = list(images)
         outs = []
         for start in range(0, len(images), self.batch_size):
-            batch = [_as_pil(im, start + j) for j, im in enumerate(images[start:start + self.batch_size])]
+            batch = [load_image(im, start + j) for j, im in enumerate(images[start:start + self.batch_size])]
             x = self.preprocessing.batch(batch).to(self.device)
             outs.append(self.features(x).float().cpu())
         return torch.cat(outs) if outs else torch.empty(0, self.dim)

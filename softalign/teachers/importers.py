@@ -7,7 +7,7 @@ Two ``.npy`` layouts are understood:
 * CUSA's image-teacher file, a pickled dict ``{image_id: array(1, D)}`` saved with ``np.save``
   (``np.load(path, allow_pickle=True).item()``). Row order follows ``image_keys`` when given, else the
   dict's insertion order (CUSA builds it in data-set order); the keys are recorded in the manifest and
-  ``caption_to_image`` may name images by key instead of by index.
+  captions may name their image by key (``image_refs``; integer keys are keys too, never row numbers).
 
 Pickled files can execute code when loaded: import only files you trust (``allow_pickle``).
 Text features come from a ``.npy`` matrix too, or are computed from ``captions`` with a text teacher.
@@ -53,20 +53,47 @@ def _check_matrix(a, what: str):
     return a
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def find_key(ref, keys) -> Optional[object]:
+    """The key of a feature dict that ``ref`` names, or ``None``.
+
+    An exact match wins; otherwise an integer and its decimal string name the same image (``5`` <->
+    ``"5"``): a JSON records file or a ``.txt`` key list may spell the ids of an int-keyed dict as
+    strings, and the other way round.
+    """
+    try:
+        if ref in keys:
+            return ref
+    except TypeError:  # unhashable ref
+        return None
+    if _is_int(ref):
+        alt = str(int(ref))
+    elif isinstance(ref, str) and ref.strip().lstrip("-").isdigit():
+        alt = int(ref.strip())
+    else:
+        return None
+    return alt if alt in keys else None
+
+
 def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str) -> Tuple[np.ndarray, List]:
     if not d:
         raise ValueError(f"{what}: the feature dict is empty")
     if image_keys is None:
         keys = list(d.keys())
     else:
-        keys = list(image_keys)
+        keys = []
         seen = {}
-        for i, k in enumerate(keys):
+        for i, given in enumerate(image_keys):
+            k = find_key(given, d)
+            if k is None:
+                raise KeyError(f"{what}: image key {given!r} (position {i}) has no features in the file")
             if k in seen:
-                raise ValueError(f"{what}: image key {k!r} is listed twice (positions {seen[k]} and {i})")
+                raise ValueError(f"{what}: image key {given!r} is listed twice (positions {seen[k]} and {i})")
             seen[k] = i
-            if k not in d:
-                raise KeyError(f"{what}: image key {k!r} (position {i}) has no features in the file")
+            keys.append(k)
     dim = None
     out = None
     for i, k in enumerate(keys):
@@ -126,16 +153,49 @@ def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool
     return mat, keys, digest
 
 
-def import_npy(out_dir, image_features, caption_to_image, captions: Optional[Sequence[str]] = None,
+def map_image_refs(refs: Sequence, keys: Optional[List], num_images: int) -> List[int]:
+    """Image index (row of the imported matrix) of each caption's image reference.
+
+    With dict features (``keys`` = the dict's keys in row order) every reference is looked up among the
+    keys -- integers included: ``{9: ..., 25: ...}`` with a record ``"image_id": 25`` is row 1, never row 25
+    (see :func:`find_key` for ``25`` vs ``"25"``). With a plain matrix (``keys is None``) a reference must
+    be an integer row index.
+    """
+    refs = refs.tolist() if isinstance(refs, (np.ndarray, torch.Tensor)) else list(refs)
+    if keys is None:
+        for j, r in enumerate(refs):
+            if not _is_int(r):
+                raise ValueError(f"caption {j} names image {r!r} by key, but the image features are a plain "
+                                 f"matrix indexed by row: give row indices (0..{num_images - 1}), or a "
+                                 "{image_id: array(1, D)} dict")
+        return [int(r) for r in refs]
+    index = {k: i for i, k in enumerate(keys)}
+    mapped = []
+    for j, r in enumerate(refs):
+        k = find_key(r, index)
+        if k is None:
+            raise KeyError(f"caption {j} refers to image {r!r}, which has no features in the imported file "
+                           f"(keys look like {keys[0]!r})")
+        mapped.append(index[k])
+    return mapped
+
+
+def import_npy(out_dir, image_features, caption_to_image=None, captions: Optional[Sequence[str]] = None,
                text_features=None, text_teacher="offline-minilm", image_keys: Optional[Sequence] = None,
                image_teacher_name: Optional[str] = None, text_teacher_name: Optional[str] = None,
                chunk_size: int = 4096, dtype="float16", fingerprint=None, overwrite: bool = False,
-               progress: bool = True, accelerator=None, allow_pickle: bool = True, device=None):
+               progress: bool = True, accelerator=None, allow_pickle: bool = True, device=None,
+               image_refs: Optional[Sequence] = None):
     """Make a cache from existing image features (+ text features, or captions and a text teacher).
 
     Args:
         image_features: ``.npy`` path (matrix or CUSA dict), array, tensor or dict.
-        caption_to_image: image index per caption, or image keys (dict format) per caption.
+        caption_to_image: image index per caption (a row of the matrix; for the dict format, a position in
+            ``image_keys`` / the dict's order). A list of non-integer entries (strings) is read as image keys,
+            like ``image_refs``.
+        image_refs: instead of ``caption_to_image``, the image *reference* of each caption as a records file
+            names it (CUSA/ALBEF ``"image_id"``): with the dict format always a key of the dict, integers
+            included (see :func:`map_image_refs`); with a plain matrix an integer row index.
         captions: caption strings, encoded with ``text_teacher`` unless ``text_features`` is given
             (they are also hashed into the fingerprint).
         text_features: ``.npy`` path / array ``[num_captions, Dt]``.
@@ -152,19 +212,17 @@ def import_npy(out_dir, image_features, caption_to_image, captions: Optional[Seq
     img, keys, img_hash = read_features(image_features, image_keys, allow_pickle, what=None)
     iname = image_teacher_name or (f"imported:{Path(image_features).name}"
                                    if isinstance(image_features, (str, os.PathLike)) else "imported:image")
-    c2i_raw = list(caption_to_image) if not isinstance(caption_to_image, (np.ndarray, torch.Tensor)) else caption_to_image
-    named = len(c2i_raw) and isinstance(c2i_raw[0], str)
-    if named and keys is None:
-        raise ValueError(f"caption_to_image names images by key ({c2i_raw[0]!r}, ...) but the image features are a "
-                         "plain matrix indexed by row: give image indices, or a {image_id: array(1, D)} dict")
-    if keys is not None and len(c2i_raw) and not isinstance(c2i_raw[0], (int, np.integer)):
-        index = {k: i for i, k in enumerate(keys)}
-        mapped = []
-        for j, k in enumerate(c2i_raw):
-            if k not in index:
-                raise KeyError(f"caption {j} refers to image {k!r}, which has no features in the imported file")
-            mapped.append(index[k])
-        c2i_raw = mapped
+    if (caption_to_image is None) == (image_refs is None):
+        raise ValueError("give exactly one of caption_to_image (image index per caption) and image_refs "
+                         "(image key per caption)")
+    if image_refs is not None:
+        c2i_raw = map_image_refs(image_refs, keys, len(img))
+    else:
+        c2i_raw = caption_to_image
+        if not isinstance(c2i_raw, (np.ndarray, torch.Tensor)):
+            c2i_raw = list(c2i_raw)
+            if any(not _is_int(x) for x in c2i_raw):  # named by key (strings)
+                c2i_raw = map_image_refs(c2i_raw, keys, len(img))
 
     if text_features is not None:
         txt, _, txt_hash = read_features(text_features, None, allow_pickle=False, what=None)
@@ -196,7 +254,8 @@ def import_npy(out_dir, image_features, caption_to_image, captions: Optional[Seq
         fp = {"dataset": str(fingerprint), "source": "user"}
     isrc = array_source("image", img, {"name": iname, "dim": int(img.shape[1]), "kind": "imported",
                                        "file": str(image_features) if isinstance(image_features, (str, os.PathLike)) else None})
-    extra = {"image_keys": [k if isinstance(k, (int, str)) else str(k) for k in keys]} if keys is not None else None
+    extra = ({"image_keys": [int(k) if _is_int(k) else k if isinstance(k, str) else str(k) for k in keys]}
+             if keys is not None else None)
     build_cache(out_dir, tsrc, isrc, c2i, fp, chunk_size=chunk_size, dtype=dtype, accelerator=accelerator,
                 overwrite=overwrite, progress=progress, extra=extra)
     return TeacherCache.load(out_dir, expect_fingerprint=fp)

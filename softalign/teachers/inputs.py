@@ -115,38 +115,8 @@ class ImageSource:
 
     def load(self, i: int):
         """Image ``i`` as an RGB PIL image; errors name the index and path."""
-        from PIL import Image, UnidentifiedImageError
-
-        from .preprocess import to_rgb
-
         x = self.dataset[i][self.column] if self.dataset is not None else self.items[i]
-        if _is_pil(x):
-            return to_rgb(x)
-        if isinstance(x, dict) and ("path" in x or "bytes" in x):  # undecoded datasets Image feature
-            if x.get("bytes"):
-                import io
-
-                x = io.BytesIO(x["bytes"])
-            else:
-                x = x["path"]
-        if isinstance(x, (str, os.PathLike)):
-            p = self._path(x)
-            if not p.is_file():
-                raise FileNotFoundError(f"image {i}: file not found: {p}")
-            try:
-                with Image.open(p) as img:
-                    img.load()
-                    return to_rgb(img)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-                raise ValueError(f"image {i}: cannot read {p} as an image ({err})") from None
-        if hasattr(x, "read"):
-            try:
-                with Image.open(x) as img:
-                    img.load()
-                    return to_rgb(img)
-            except (UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"image {i}: cannot decode image bytes ({err})") from None
-        raise TypeError(f"image {i} is a {type(x).__name__}; expected a file path or a PIL.Image")
+        return load_image(x, i, resolve=self._path)
 
     def fingerprint(self) -> str:
         """Identity of the images: paths + file sizes, PIL pixel hashes, or the dataset's fingerprint."""
@@ -174,6 +144,46 @@ class ImageSource:
         if self.items is not None and isinstance(self.items[i], (str, os.PathLike)):
             return f"image {i} ({self._path(self.items[i])})"
         return f"image {i}"
+
+
+def load_image(x, i: int, resolve=Path):
+    """One image as an RGB PIL image (transparency composited on white, :func:`~.preprocess.to_rgb`).
+
+    ``x`` is a PIL image, a file path (``resolve(x)`` gives the file; e.g. joined to an image root), a
+    binary file object, or an undecoded ``datasets`` ``Image`` value ``{"path": ..., "bytes": ...}``.
+    ``i`` is the image's index, named in every error.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from .preprocess import to_rgb
+
+    if _is_pil(x):
+        return to_rgb(x)
+    if isinstance(x, dict) and ("path" in x or "bytes" in x):  # undecoded datasets Image feature
+        if x.get("bytes"):
+            import io
+
+            x = io.BytesIO(x["bytes"])
+        else:
+            x = x["path"]
+    if isinstance(x, (str, os.PathLike)):
+        p = resolve(x)
+        if not p.is_file():
+            raise FileNotFoundError(f"image {i}: file not found: {p}")
+        try:
+            with Image.open(p) as img:
+                img.load()
+                return to_rgb(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"image {i}: cannot read {p} as an image ({err})") from None
+    if hasattr(x, "read"):
+        try:
+            with Image.open(x) as img:
+                img.load()
+                return to_rgb(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"image {i}: cannot decode image bytes ({err})") from None
+    raise TypeError(f"image {i} is a {type(x).__name__}; expected a file path or a PIL.Image")
 
 
 def _pil_digest(img) -> str:
