@@ -165,3 +165,39 @@ def test_karpathy_flickr_entries_without_filepath(tmp_path):
     d = load_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "flickr30k-images", "test")
     assert d.name == "flickr30k" and d.images[1].endswith("flickr30k-images/2.jpg")
     assert d.captions[5:7] == ["s20", "s21"] and d.caption_to_image.tolist() == [0] * 5 + [1] * 5
+
+
+def _gradient_images(n, size=12):
+    """Images with no symmetry, so that every crop offset / flip gives different pixels."""
+    out = []
+    for k in range(n):
+        a = np.zeros((size, size, 3), np.uint8)
+        a[..., 0] = np.arange(size)[None, :] * 20
+        a[..., 1] = np.arange(size)[:, None] * 15 + 7 * k
+        a[..., 2] = (np.arange(size)[:, None] * np.arange(size)[None, :]) % 251
+        out.append(Image.fromarray(a))
+    return out
+
+
+def _epoch(loader):
+    return torch.cat([b["image"] for b in loader])
+
+
+def test_augmentation_differs_between_epochs_with_worker_processes():
+    from torch.utils.data import DataLoader
+
+    d = RetrievalData([f"c{i}" for i in range(8)], _gradient_images(8), list(range(8)))
+    ds = PairDataset(d, ImageTransform(8, augment=True))
+    loader = DataLoader(ds, batch_size=4, shuffle=False, num_workers=2, collate_fn=collate_pairs)
+    torch.manual_seed(0)
+    first, second = _epoch(loader), _epoch(loader)
+    # a fresh worker pool per epoch must not replay the previous epoch's crops and flips
+    assert first.shape == second.shape == (8, 3, 8, 8)
+    assert not torch.equal(first, second)
+    assert sum(not torch.equal(a, b) for a, b in zip(first, second)) >= 4
+    # ... while the augmentation stays reproducible from torch's seed (the trainer seeds every epoch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(_epoch(loader), first, rtol=0, atol=0)
+    plain = PairDataset(d, ImageTransform(8))
+    torch.testing.assert_close(_epoch(DataLoader(plain, batch_size=4, num_workers=2, collate_fn=collate_pairs)),
+                               torch.stack([ImageTransform(8)(im) for im in d.images]), rtol=0, atol=0)

@@ -120,4 +120,11 @@ def test_demo_command_end_to_end_tiny(tmp_path, capsys):
     assert (out / "seed0" / "csa_usa" / "embeddings_test.safetensors").is_file()
     # a second call reuses the cache and the finished runs
     assert main(args) == 0
-    assert capsys.readouterr().out.count("reusing") == 2
+    assert capsys.readouterr().out.count("seed 0 base: reusing") == 1
+    # ... but not runs trained with another recipe: those are retrained (not resumed from their checkpoint)
+    assert main(args + ["--set", "optim.lr=0.003"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("not reusing") == 2 and "different recipe (optim.lr)" in text
+    assert text.count("retraining from scratch") == 2 and "optim.lr: 0.002 -> 0.003" in text
+    stored = json.loads((out / "seed0" / "csa_usa" / "results.json").read_text())
+    assert stored["recipe"]["optim"]["lr"] == 0.003 and len(stored["history"]) == 2

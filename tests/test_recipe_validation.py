@@ -31,6 +31,7 @@ def test_clip_recipes_follow_the_cusa_configs(name, epochs, batch):
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", variant="csa_usa")
     assert (r.train.epochs, r.train.batch_size) == (epochs, batch)
     assert r.loss.base == "infonce" and r.loss.temperature == 0.05
+    assert r.loss.infonce_reduction == "mean"  # CUSA's contrastive_loss_mode "mean", the scale of its 0.1 / 0.5
     assert (r.loss.csa_mode, r.loss.csa_temperature, r.loss.usa_temperature, r.loss.teacher_temperature) == \
         ("each", 0.45, 0.45, 1.0)
     assert (r.optim.optimizer, r.optim.lr, r.optim.weight_decay, r.optim.schedule, r.optim.min_lr) == \
@@ -118,3 +119,19 @@ def test_variants_train_into_their_own_folder_and_share_the_teacher_cache():
     own = recipe_from_dict({**values, "teacher": {"cache_dir": "c"}}, variant="a")
     assert own.teacher.cache_dir == "c"
     assert recipe_from_dict(values).output_dir == "runs/x"
+
+
+def test_loss_section_mirrors_the_soft_align_loss_options():
+    import dataclasses
+    import inspect
+
+    from softalign.losses import SoftAlignLoss
+    from softalign.train.recipe import LossConfig
+
+    options = set(inspect.signature(SoftAlignLoss.__init__).parameters)
+    kwargs = LossConfig().loss_kwargs()
+    assert set(kwargs) <= options, sorted(set(kwargs) - options)
+    assert {f.name for f in dataclasses.fields(LossConfig)} - set(kwargs) == {"use_heads"}
+    for name, value in kwargs.items():  # same defaults as the loss, except CUSA's rates (recipes set them)
+        if name not in ("alpha", "beta", "base"):
+            assert inspect.signature(SoftAlignLoss.__init__).parameters[name].default == value, name

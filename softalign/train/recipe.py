@@ -75,6 +75,7 @@ class TeacherConfig:
     cache_dir: Optional[str] = None       # default: <output_dir>/teacher_cache; built once, reused afterwards
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     chunk_size: int = 256
+    rebuild_on_mismatch: bool = False     # a cache built for other data / teachers: rebuild it in place (else error)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class LossConfig:
     gamma: float = 0.0
     margin: float = 0.2
     temperature: float = 0.05
+    infonce_reduction: Literal["sum", "mean"] = "sum"   # "mean": CUSA's contrastive_loss_mode mean (CE / B)
     csa_mode: Literal["each", "add", "dot"] = "each"
     csa_temperature: float = 0.45
     usa_temperature: float = 0.45

