@@ -1,7 +1,7 @@
 """Retrieval evaluation: cross-modal i2t/t2i (VSE++ definitions, COCO/Flickr30K protocols,
 chunked), two-stage re-ranking (TGDT), uni-modal i2i/t2t (pytorch-metric-learning), a
 sentence-transformers-style evaluator and reports (JSON, markdown, recall@K PNG)."""
-import importlib
+from softalign._lazy import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_KS": "crossmodal",
@@ -32,13 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):  # lazy: `softalign --help` (which imports softalign.eval.cli) must not import torch
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -11,7 +11,7 @@ sentence-transformers model, any timm model (``"timm:<name>"``) or your own obje
 ``dim`` and ``encode(list) -> Tensor`` work too. ``import_npy`` turns existing feature files (a plain
 matrix, or CUSA's ``{image_id: array(1, D)}`` dict) into a cache.
 """
-import importlib
+from softalign._lazy import lazy_exports
 
 _EXPORTS = {
     "TeacherCache": "cache",
@@ -33,13 +33,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name):  # lazy: `softalign --help` must not import torch
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
