@@ -13,12 +13,12 @@ public ``torch.distributed`` calls only.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_gather_with_grad", "gather_batch"]
+__all__ = ["is_distributed", "world_size", "rank", "batch_sizes", "all_gather_with_grad", "gather_batch"]
 
 
 def is_distributed() -> bool:
@@ -34,7 +34,10 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def _sizes(tensor: torch.Tensor) -> List[int]:
+def batch_sizes(tensor: torch.Tensor) -> List[int]:
+    """Every process's ``tensor.shape[0]`` (one small all-gather); pass it to the gathers of the same batch."""
+    if not is_distributed():
+        return [tensor.shape[0]]
     local = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
     sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, local)
@@ -53,8 +56,8 @@ def _gather_padded(tensor: torch.Tensor, sizes: List[int]) -> torch.Tensor:
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        sizes = _sizes(tensor)
+    def forward(ctx, tensor: torch.Tensor, sizes: Optional[List[int]]) -> torch.Tensor:
+        sizes = sizes if sizes is not None else batch_sizes(tensor)
         ctx.offset = sum(sizes[: dist.get_rank()])
         ctx.length = tensor.shape[0]
         return _gather_padded(tensor, sizes)
@@ -63,19 +66,21 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.offset : ctx.offset + ctx.length]
+        return grad[ctx.offset : ctx.offset + ctx.length], None
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every process along dim 0, differentiably (see module docstring)."""
+def all_gather_with_grad(tensor: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process along dim 0, differentiably (see module docstring).
+
+    ``sizes``: every process's row count, from :func:`batch_sizes`, to skip one all-gather per call."""
     if not is_distributed():
         return tensor
-    return _AllGatherWithGrad.apply(tensor)
+    return _AllGatherWithGrad.apply(tensor, sizes)
 
 
 @torch.no_grad()
-def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+def gather_batch(tensor: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0 without gradient (ids, teacher rows)."""
     if not is_distributed():
         return tensor
-    return _gather_padded(tensor, _sizes(tensor))
+    return _gather_padded(tensor, sizes if sizes is not None else batch_sizes(tensor))

@@ -61,6 +61,8 @@ def _worker():
     # the gather helpers themselves
     mine = torch.arange(SIZES[rank]) + 10 * rank
     torch.testing.assert_close(distributed.gather_batch(mine), torch.cat([torch.arange(3), torch.arange(5) + 10]))
+    assert distributed.batch_sizes(mine) == list(SIZES)
+    torch.testing.assert_close(distributed.gather_batch(mine, list(SIZES)), distributed.gather_batch(mine))
     with pytest.raises(ValueError, match="cannot be gathered"):
         loss(torch.randn(2, 8), torch.randn(2, 8), teacher_image_sim=torch.eye(2), teacher_text_sim=torch.eye(2))
 

@@ -173,12 +173,14 @@ class SoftAlignLoss(nn.Module):
             if teacher_image_sim is not None or teacher_text_sim is not None:
                 raise ValueError("teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
                                  "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb")
-            image_emb = dist_utils.all_gather_with_grad(image_emb)
-            text_emb = dist_utils.all_gather_with_grad(text_emb)
-            ids = None if ids is None else dist_utils.gather_batch(ids.to(image_emb.device))
-            image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids.to(image_emb.device))
-            teacher_image_emb = None if teacher_image_emb is None else dist_utils.gather_batch(teacher_image_emb)
-            teacher_text_emb = None if teacher_text_emb is None else dist_utils.gather_batch(teacher_text_emb)
+            sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
+            device = image_emb.device
+            image_emb = dist_utils.all_gather_with_grad(image_emb, sizes)
+            text_emb = dist_utils.all_gather_with_grad(text_emb, sizes)
+            ids = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
+            image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids.to(device), sizes)
+            teacher_image_emb = None if teacher_image_emb is None else dist_utils.gather_batch(teacher_image_emb, sizes)
+            teacher_text_emb = None if teacher_text_emb is None else dist_utils.gather_batch(teacher_text_emb, sizes)
 
         if scores is not None:
             scores = SF.check_square_pair(scores, "scores")
