@@ -9,6 +9,8 @@ import os
 import re
 from typing import Any, Dict, Mapping, Optional
 
+from softalign.teachers.storage import atomic_write_text
+
 __all__ = [
     "atomic_write_text",
     "markdown_table",
@@ -20,17 +22,6 @@ __all__ = [
 
 _RK = re.compile(r"^(?:(?P<pre>.*)/)?(?P<dir>i2t|t2i)_r(?P<k>\d+)$")
 _ORDER = ["i2t_r", "i2t_medr", "i2t_meanr", "t2i_r", "t2i_medr", "t2i_meanr", "rsum"]
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through :func:`softalign.teachers.storage.atomic_write`."""
-    from softalign.teachers.storage import atomic_write
-
-    def write(tmp) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def _scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:

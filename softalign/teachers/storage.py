@@ -61,6 +61,11 @@ def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
         raise
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """``path`` <- ``text`` (UTF-8) through :func:`atomic_write`: readers see the old or the new file."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def atomic_write_json(path: PathLike, obj) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:

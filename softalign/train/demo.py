@@ -205,7 +205,7 @@ def run(args) -> int:
     from softalign.data.pairs import ImageTransform, preload_images
     from softalign.train.recipe import RecipeError
     from softalign.train.trainer import ResumeMismatchError, get_teacher_cache, load_splits, train
-    from softalign.train.trainer import write_text_atomic as _atomic_text
+    from softalign.teachers.storage import atomic_write_text as _atomic_text
 
     t0 = time.time()
     out = Path(args.out)

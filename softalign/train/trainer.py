@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from softalign.data.base import RetrievalData
+from softalign.teachers.storage import atomic_write_text
 from softalign.train.recipe import Recipe
 
 CHECKPOINT = "last.pt"
@@ -192,14 +193,6 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
 
 
 # -------------------------------------------------------------------------------------------- I/O
-def write_text_atomic(path, text: str) -> None:
-    """``path`` <- ``text`` (UTF-8) through :func:`softalign.teachers.storage.atomic_write` (tmp + fsync +
-    os.replace): readers see the old or the new file, never half of one."""
-    from softalign.teachers.storage import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe: Recipe, vocab=None) -> None:
     """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}``."""
     from softalign.teachers.storage import atomic_write
@@ -446,7 +439,7 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
                 f"{_describe_differences(ckpt.get('recipe') or {}, recipe, diff)}); only "
                 f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume. Use another output_dir or --no-resume")
     if main:
-        write_text_atomic(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
+        atomic_write_text(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
     model = build_model(recipe.model, train_data.captions, _feature_shape(train_data),
                         vocab_words=ckpt["vocab"] if ckpt is not None else None)
     embed_dim = recipe.model.embed_dim
@@ -492,7 +485,7 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     history = []
     if main and metrics_path.is_file():  # keep the lines of the epochs the checkpoint covers (the commit point)
         history = read_metrics(metrics_path, max_epoch=start_epoch, log=log)
-        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     unwrapped = accelerator.unwrap_model(model)
     final: Dict[str, float] = {}
@@ -554,5 +547,5 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
               "history": history, "output_dir": str(out), "seconds": round(time.time() - t0, 2),
               "recipe": recipe.to_dict()}
     if main:
-        write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
