@@ -6,6 +6,8 @@ method wrappers on a trainer object so that ``unpatch`` restores it exactly.
 """
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import functools
 import inspect
@@ -233,14 +235,19 @@ class SoftAlignHook:
             return
         ids = {id(p) for p in self.parameters()}
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
-        for group in list(inner.param_groups):
+        kept = []
+        for group in inner.param_groups:
             if group["params"] and all(id(p) in ids for p in group["params"]):
-                inner.param_groups.remove(group)
                 for p in group["params"]:
                     inner.state.pop(p, None)
+            else:
+                kept.append(group)
+        # rebuilt by identity: list.remove would compare the groups' dicts of tensors (ambiguous truth value)
+        inner.param_groups[:] = kept
 
     def state_dict(self) -> Dict[str, Any]:
-        state = {k: v.detach().cpu().clone() for k, v in self.loss.state_dict().items()}
+        state = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in self.loss.state_dict().items()}
         config = getattr(self.loss, "get_config_dict", None)
         return {"state": state, "config": config() if callable(config) else None}
 

@@ -102,14 +102,16 @@ def test_combined_equals_weighted_sum_of_parts():
     img, txt = _batch(d=8)
     cache = TableCache([0, 0, 1, 1, 2, 3, 4, 5], torch.randn(6, 5), torch.randn(8, 4))
     ids = torch.tensor([0, 1, 2, 4, 5, 7])
-    loss = SoftAlignLoss(embed_dim=8, alpha=0.1, beta=0.5, gamma=0.3, cache=cache, return_parts=True)
+    loss = SoftAlignLoss(embed_dim=8, alpha=0.1, beta=0.5, gamma=0.3, cache=cache, return_parts=True,
+                         teacher_temperature=1.0, soft_label_reduction="batchmean")
     out = loss(img, txt, ids=ids)
     assert set(out) == {"loss", "base", "csa", "usa", "cmc"}
     t_i, t_t = cache.similarities(ids)
     image_ids = cache.image_ids(ids)
     assert out["base"].item() == pytest.approx(VSEHingeLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
     assert out["csa"].item() == pytest.approx(CSALoss()(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t).item(), rel=1e-6)
-    assert out["cmc"].item() == pytest.approx(CMCLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
+    # on a hinge base CMC adds only TGDT's intra term: base + CMC part == TGDT's CMC
+    assert (out["base"] + out["cmc"]).item() == pytest.approx(CMCLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
     total = out["base"] + 0.1 * out["csa"] + 0.5 * out["usa"] + 0.3 * out["cmc"]
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
     out["loss"].backward()
@@ -247,8 +249,12 @@ def test_combined_fast_path_equals_the_separate_modules_values_and_gradients(emb
     ref_loss = SoftAlignLoss(embed_dim=embed_dim, base=base, alpha=0.3, beta=0.5, gamma=0.7, csa_mode=csa_mode)
     ref_loss.load_state_dict(loss.state_dict())
     kw = dict(teacher_image_sim=t_i, teacher_text_sim=t_t)
-    parts = {"base": ref_loss.base(img2, txt2, image_ids=ids), "csa": ref_loss.csa(img2, txt2, **kw),
-             "usa": ref_loss.usa(img2, txt2, **kw), "cmc": ref_loss.cmc(img2, txt2, image_ids=ids)}
+    hinge = base.startswith("vsepp")
+    scale = 7.0 if hinge else 1.0  # on a hinge base (a sum over anchors) the KL terms are summed over anchors too
+    cmc = (SF.intra_modal_consistency(SF.cosine_similarity_matrix(img2), SF.cosine_similarity_matrix(txt2))
+           if hinge else ref_loss.cmc(img2, txt2, image_ids=ids))  # a hinge base is CMC's inter term already
+    parts = {"base": ref_loss.base(img2, txt2, image_ids=ids), "csa": scale * ref_loss.csa(img2, txt2, **kw),
+             "usa": scale * ref_loss.usa(img2, txt2, **kw), "cmc": cmc}
     total = parts["base"] + 0.3 * parts["csa"] + 0.5 * parts["usa"] + 0.7 * parts["cmc"]
     total.backward()
     for key, value in parts.items():

@@ -173,13 +173,24 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     res = _train(recipe, data, accelerator, cache=cache)
     emb = load_file(str(tmp_path / "run" / "embeddings_test.safetensors"))
     test = data[1]
-    # the saved uni-modal embeddings are the checkpoint's USA heads applied to the cross-modal embeddings
+    # CUSA's layout: the saved uni-modal embeddings are the checkpoint's USA heads applied to the backbone
+    # features (parallel to the cross-modal heads), not to the cross-modal embeddings
+    from softalign.train.models import build_model
+    from softalign.train.trainer import encode_split, image_transform
+
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     loss = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.1, beta=0.5)
-    loss.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["loss"])
+    loss.load_state_dict(ckpt["loss"])
+    model = build_model(recipe.model, data[0].captions, vocab_words=ckpt["vocab"])
+    model.load_state_dict(ckpt["model"])
+    img_e, txt_e, img_f, txt_f = encode_split(model, test, image_transform(recipe, False), 64, "cpu",
+                                              return_features=True)
     with torch.no_grad():
-        torch.testing.assert_close(emb["image_uni"], loss.usa.image_head(emb["image"]))
-        torch.testing.assert_close(emb["text_uni"], loss.usa.text_head(emb["text"]))
-    assert not torch.allclose(emb["image_uni"], emb["image"])
+        torch.testing.assert_close(emb["image"], img_e)
+        torch.testing.assert_close(emb["image_uni"], loss.usa.image_head(img_f))
+        torch.testing.assert_close(emb["text_uni"], loss.usa.text_head(txt_f))
+    assert not torch.allclose(emb["image_uni"], loss.usa.image_head(emb["image"]))
+    assert loss.calibration is not None and res["loss_config"]["calibration"] == loss.calibration
     m = res["metrics"]
     for prefix, uni, xm, lab in (("i2i", emb["image_uni"], emb["image"], test.image_labels),
                                  ("t2t", emb["text_uni"], emb["text"], test.text_labels)):

@@ -9,7 +9,7 @@ from softalign.losses.combined import SoftAlignLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
 from softalign.losses.temperature import Temperature
-from softalign.losses.usa import UniModalHead, USALoss
+from softalign.losses.usa import ProjectionHead, UniModalHead, USALoss
 
 __all__ = ["SoftAlignLoss", "VSEHingeLoss", "InfoNCELoss", "CSALoss", "USALoss", "CMCLoss", "Temperature",
-           "UniModalHead"]
+           "UniModalHead", "ProjectionHead"]

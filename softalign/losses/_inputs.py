@@ -23,18 +23,20 @@ def resolve_scores(
     return similarity(image_emb, text_emb)
 
 
-def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, same_dim: bool = True):
-    image_emb = as_float(image_emb, "image_emb")
-    text_emb = as_float(text_emb, "text_emb")
+def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, same_dim: bool = True,
+                     names=("image_emb", "text_emb")):
+    a, b = names
+    image_emb = as_float(image_emb, a)
+    text_emb = as_float(text_emb, b)
     if image_emb.dim() != 2 or text_emb.dim() != 2:
-        raise ValueError(f"image_emb and text_emb must be [B, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        raise ValueError(f"{a} and {b} must be [B, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     if image_emb.shape[0] != text_emb.shape[0]:
         raise ValueError(
-            f"image_emb has {image_emb.shape[0]} rows but text_emb has {text_emb.shape[0]}: a batch holds B "
+            f"{a} has {image_emb.shape[0]} rows but {b} has {text_emb.shape[0]}: a batch holds B "
             "(image, caption) pairs, one image row per caption"
         )
     if same_dim and image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"image_emb dim {image_emb.shape[1]} != text_emb dim {text_emb.shape[1]}")
+        raise ValueError(f"{a} dim {image_emb.shape[1]} != {b} dim {text_emb.shape[1]}")
     return image_emb, text_emb
 
 

@@ -16,8 +16,49 @@ from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
 from softalign.losses.usa import USALoss
 from softalign.mining import NegativeMiner, TeacherFilteredMiner
+from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
 
 BASES = ("vsepp", "vsepp_sum", "infonce", "none")
+
+#: Default ``(alpha, beta)`` per base loss, chosen so that CSA + USA carry a real share of the gradient (see
+#: README "Term balance"): CUSA's own values for its InfoNCE mean mode (CE / B), and values giving the soft-label
+#: terms a comparable gradient share next to the other bases. The hinge bases sum over anchors, so the KL terms
+#: are summed over anchors too (``soft_label_reduction="auto"``).
+DEFAULT_WEIGHTS: Dict[str, Tuple[float, float]] = {
+    "infonce_mean": (0.1, 0.5),   # CUSA, Huang et al. AAAI 2024 (configs: contrastive_loss_mode mean)
+    "infonce_sum": (1.0, 1.0),
+    "vsepp": (0.1, 0.1),
+    "vsepp_sum": (0.1, 0.1),
+    "none": (1.0, 1.0),
+    "custom": (0.1, 0.5),
+}
+
+
+def _base_key(base, infonce_reduction: str) -> str:
+    if isinstance(base, nn.Module):
+        if isinstance(base, VSEHingeLoss) and base.reduction == "sum":
+            return "vsepp" if base.max_violation else "vsepp_sum"
+        if isinstance(base, InfoNCELoss):
+            return f"infonce_{base.reduction}"
+        return "custom"
+    if base == "infonce":
+        return f"infonce_{infonce_reduction}"
+    if base in ("vsepp", "vsepp_sum", "none"):
+        return base
+    raise ValueError(f"base must be one of {BASES} or an nn.Module, got {base!r}")
+
+
+def _as_id_tensor(ids, name: str) -> torch.Tensor:
+    """Caption ids (list, numpy array, tensor) -> int64 tensor; fractional or non-finite values are refused."""
+    t = torch.as_tensor(ids)
+    if t.is_floating_point():
+        if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
+            bad = (~torch.isfinite(t) | (t != t.round())).nonzero()[0].tolist()
+            raise ValueError(f"{name} must be integer caption ids; got {t.dtype} with a fractional or non-finite "
+                             f"value at index {tuple(bad)}")
+    elif t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be integer caption ids, got dtype {t.dtype}")
+    return t.long()
 
 
 class SoftAlignLoss(nn.Module):
@@ -65,8 +106,8 @@ class SoftAlignLoss(nn.Module):
         self,
         embed_dim: Optional[Union[int, Tuple[int, int]]] = None,
         base: Union[str, nn.Module] = "vsepp",
-        alpha: float = 0.1,
-        beta: float = 0.5,
+        alpha: Optional[float] = None,
+        beta: Optional[float] = None,
         gamma: float = 0.0,
         *,
         cache: Any = None,
@@ -77,14 +118,44 @@ class SoftAlignLoss(nn.Module):
         csa_mode: str = "each",
         csa_temperature: float = 0.45,
         usa_temperature: float = 0.45,
-        teacher_temperature: float = 1.0,
+        teacher_temperature: Union[str, float, Tuple[float, float]] = "auto",
+        soft_label_entropy: float = DEFAULT_SOFT_LABEL_ENTROPY,
+        soft_label_reduction: str = "auto",
         learn_temperatures: bool = True,
         cmc_intra_margin: float = 0.3,
         gather: bool = True,
         return_parts: bool = False,
         similarity=None,
+        diagnostics_every: int = 100,
     ):
         super().__init__()
+        base_key = _base_key(base, infonce_reduction)
+        default_alpha, default_beta = DEFAULT_WEIGHTS[base_key]
+        alpha = default_alpha if alpha is None else alpha
+        beta = default_beta if beta is None else beta
+        if soft_label_reduction not in ("auto", "batchmean", "sum"):
+            raise ValueError(f"soft_label_reduction must be 'auto', 'batchmean' or 'sum', got {soft_label_reduction!r}")
+        if soft_label_reduction == "auto":
+            soft_label_reduction = "sum" if base_key in ("vsepp", "vsepp_sum") else "batchmean"
+        self.soft_label_reduction = soft_label_reduction
+        auto_tau = isinstance(teacher_temperature, str)
+        if auto_tau and teacher_temperature != "auto":
+            raise ValueError(f"teacher_temperature must be 'auto', a float or an (image, text) pair, "
+                             f"got {teacher_temperature!r}")
+        if not 0.0 < float(soft_label_entropy) < 1.0:
+            raise ValueError(f"soft_label_entropy must lie in (0, 1) (a fraction of log B), got {soft_label_entropy}")
+        self.soft_label_entropy = float(soft_label_entropy)
+        #: the calibrated soft-label temperatures (:class:`~softalign.teachers.calibration.CalibratedTemperature`
+        #: as a dict) once :meth:`calibrate` ran; None while uncalibrated or with a fixed teacher_temperature
+        self.calibration: Optional[Dict[str, Any]] = None
+        self._needs_calibration = auto_tau
+        if int(diagnostics_every) < 0:
+            raise ValueError(f"diagnostics_every must be >= 0 (0: never), got {diagnostics_every}")
+        self.diagnostics_every = int(diagnostics_every)
+        self._steps = 0
+        self._warned_low_share = False
+        #: the last gradient-share diagnostic (:func:`softalign.losses.diagnostics.gradient_shares`), or None
+        self.gradient_shares: Optional[Dict[str, float]] = None
         for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if not float(w) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {w}")
@@ -96,8 +167,10 @@ class SoftAlignLoss(nn.Module):
                             alpha=alpha, beta=beta, gamma=gamma, margin=margin, temperature=temperature,
                             infonce_reduction=infonce_reduction,
                             csa_mode=csa_mode, csa_temperature=csa_temperature, usa_temperature=usa_temperature,
-                            teacher_temperature=teacher_temperature, learn_temperatures=learn_temperatures,
-                            cmc_intra_margin=cmc_intra_margin, gather=gather, return_parts=return_parts)
+                            teacher_temperature=teacher_temperature, soft_label_entropy=soft_label_entropy,
+                            soft_label_reduction=soft_label_reduction, learn_temperatures=learn_temperatures,
+                            cmc_intra_margin=cmc_intra_margin, gather=gather, return_parts=return_parts,
+                            diagnostics_every=diagnostics_every)
 
         if isinstance(base, nn.Module):
             self.base = base
@@ -110,10 +183,12 @@ class SoftAlignLoss(nn.Module):
             self.base = None
         else:
             raise ValueError(f"base must be one of {BASES} or an nn.Module, got {base!r}")
+        fixed_tau = 1.0 if auto_tau else teacher_temperature  # placeholder until calibrate() sets the values
         self.csa = CSALoss(csa_mode, csa_temperature, learn_temperature=learn_temperatures,
-                           teacher_temperature=teacher_temperature, similarity=self.similarity) if alpha > 0 else None
+                           teacher_temperature=fixed_tau, similarity=self.similarity) if alpha > 0 else None
         self.usa = USALoss(embed_dim, usa_temperature, learn_temperature=learn_temperatures,
-                           teacher_temperature=teacher_temperature) if beta > 0 else None
+                           teacher_temperature=fixed_tau) if beta > 0 else None
+        self._needs_calibration = auto_tau and (self.csa is not None or self.usa is not None)
         self.cmc = CMCLoss(margin, cmc_intra_margin, miner=miner, similarity=self.similarity) if gamma > 0 else None
 
     # ------------------------------------------------------------------------------------------
@@ -128,8 +203,12 @@ class SoftAlignLoss(nn.Module):
         return cls(**{**config, **objects})
 
     def get_config_dict(self) -> Dict[str, Any]:
-        """Constructor options (sentence-transformers convention), with the miner's own config if any."""
+        """Constructor options (sentence-transformers convention), with the miner's own config if any; after
+        calibration ``teacher_temperature`` holds the calibrated ``(image, text)`` values and ``calibration`` how
+        they were chosen; ``alpha`` / ``beta`` are the resolved weights."""
         cfg = dict(self._config)
+        cfg["alpha"], cfg["beta"] = self.alpha, self.beta
+        cfg["soft_label_reduction"] = self.soft_label_reduction
         if isinstance(self.base, VSEHingeLoss) and cfg["base"] in ("vsepp", "vsepp_sum"):
             # an integration shim may have adopted the upstream trainer's hinge settings: report the live ones
             cfg["base"] = "vsepp" if self.base.max_violation else "vsepp_sum"
@@ -137,37 +216,145 @@ class SoftAlignLoss(nn.Module):
                 cfg["margin"] = self.base.margin
         if self.miner is not None:
             cfg["miner"] = self.miner.get_config_dict()
+        if self.calibration is not None:
+            cfg["teacher_temperature"] = (self.calibration["image"], self.calibration["text"])
+            cfg["calibration"] = dict(self.calibration)
         return cfg
 
     def _needs_teacher(self) -> bool:
         return self.csa is not None or self.usa is not None or _uses_teacher(self.miner)
 
+    # ------------------------------------------------------------------------------------------ calibration
+    def calibrate(self, cache=None, batch_size: Optional[int] = None, *, teacher_image_sim=None,
+                  teacher_text_sim=None, num_batches: int = 16, seed: int = 0) -> Optional[Dict[str, Any]]:
+        """Choose the soft-label temperature ``tau_s`` of each teacher matrix once (``teacher_temperature="auto"``).
+
+        ``tau_s`` makes the mean normalised entropy of ``softmax(T / tau_s)`` equal ``soft_label_entropy`` at the
+        training ``batch_size`` (:mod:`softalign.teachers.calibration`), computed from ``num_batches`` random
+        batches of the cache (default: the loss's own), or from given ``[B, B]`` / ``[N, B, B]`` teacher
+        matrices. CSA's ``add`` / ``dot`` modes calibrate their fused matrix. Returns the record, also kept in
+        :attr:`calibration` and :meth:`get_config_dict`, and saved with the state dict. Called automatically at
+        the first forward (with that batch's size) when not called before.
+        """
+        from softalign.teachers import calibration as cal
+
+        if self.csa is None and self.usa is None:
+            return None
+        if teacher_image_sim is not None or teacher_text_sim is not None:
+            if teacher_image_sim is None or teacher_text_sim is None:
+                raise ValueError("pass both teacher_image_sim and teacher_text_sim to calibrate from matrices")
+            t_img, t_txt = cal._as_batches(teacher_image_sim), cal._as_batches(teacher_text_sim)
+            record = {"batch_size": int(t_img.shape[-1]), "num_batches": int(t_img.shape[0]), "source": "batch"}
+        else:
+            cache = cache if cache is not None else self.cache
+            if cache is None:
+                raise ValueError("calibrate needs a teacher cache or teacher_image_sim / teacher_text_sim")
+            if batch_size is None:
+                raise ValueError("calibrate(cache) needs the training batch_size (the global batch under gather)")
+            c2i = torch.as_tensor(cache.caption_to_image).long()
+            by_images = int(batch_size) <= int(c2i.max()) + 1
+            ids = cal.sample_batch_ids(cache.num_captions, min(int(batch_size), cache.num_captions), num_batches,
+                                       seed, c2i if by_images else None)
+            t_img, t_txt = cal.teacher_batches(cache, ids)
+            record = {"batch_size": int(ids.shape[1]), "num_batches": int(num_batches), "seed": int(seed),
+                      "source": "cache"}
+        target = self.soft_label_entropy
+        tau_img = cal.calibrate_temperature(t_img, target)
+        tau_txt = cal.calibrate_temperature(t_txt, target)
+        record.update(image=tau_img, text=tau_txt, target_entropy=target)
+        if self.usa is not None:
+            self.usa.set_teacher_temperatures(tau_img, tau_txt)
+        if self.csa is not None:
+            if self.csa.mode == "each":
+                self.csa.set_teacher_temperatures(tau_img, tau_txt)
+            else:
+                fused = torch.stack([torch.stack(SF.combine_teacher_similarities(a, b, self.csa.mode))[0]
+                                     for a, b in zip(t_img, t_txt)])
+                tau_csa = cal.calibrate_temperature(fused, target)
+                self.csa.set_teacher_temperatures(tau_csa, tau_csa)
+                record["csa_fused"] = tau_csa
+        self.calibration = record
+        self._needs_calibration = False
+        return record
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"calibration": self.calibration}
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, dict) and state.get("calibration") is not None:
+            self.calibration = dict(state["calibration"])
+            self._needs_calibration = False
+
     # ------------------------------------------------------------------------------------------
     def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
+                image_features=None, text_features=None,
                 teacher_image_sim=None, teacher_text_sim=None, teacher_image_emb=None, teacher_text_emb=None,
                 return_parts: Optional[bool] = None):
+        """``image_features`` / ``text_features``: ``[B, D_i]`` / ``[B, D_t]`` backbone features for USA (CUSA's
+        layout: the uni-modal heads run parallel to the cross-modal head, so USA's gradient never reaches it);
+        without them USA uses ``image_emb`` / ``text_emb``."""
         device = (scores if scores is not None else image_emb if image_emb is not None else text_emb)
         device = device.device if isinstance(device, torch.Tensor) else torch.device("cpu")
+        inputs = [t for t in (image_emb, text_emb, scores, image_features, text_features)
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
         # Under a caller's autocast the matmuls would run in fp16/bf16: the loss computes in fp32.
         with torch.autocast(device.type, enabled=False):
             out = self._forward(image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
-                                teacher_image_emb, teacher_text_emb)
+                                teacher_image_emb, teacher_text_emb, image_features, text_features)
+        if self.training and torch.is_grad_enabled() and inputs:
+            if self.diagnostics_every and self._steps % self.diagnostics_every == 0:
+                self._diagnose(out, inputs)
+            self._steps += 1
         if self.return_parts if return_parts is None else return_parts:
             return out
         return out["loss"]
 
+    def _weights(self) -> Dict[str, float]:
+        return {"base": 1.0, "csa": self.alpha, "usa": self.beta, "cmc": self.gamma}
+
+    def _diagnose(self, out: Dict[str, torch.Tensor], inputs) -> None:
+        """Each weighted term's share of the gradient norm on the loss inputs (a few extra backward passes through
+        the loss alone, every ``diagnostics_every`` training steps); warns once when CSA + USA carry < 1%."""
+        from softalign.losses.diagnostics import gradient_shares, warn_if_soft_terms_silent
+
+        w = self._weights()
+        terms = {k: w[k] * out[k] for k in ("base", "csa", "usa", "cmc") if k in out}
+        self.gradient_shares = gradient_shares(terms, inputs)
+        if not self._warned_low_share:
+            self._warned_low_share = warn_if_soft_terms_silent(self.gradient_shares, self._config_summary())
+
+    def _config_summary(self) -> str:
+        base = self._config["base"]
+        return (f"base={base!r}, alpha={self.alpha}, beta={self.beta}, soft_label_reduction="
+                f"{self.soft_label_reduction!r}, teacher_temperature={self._teacher_tau_text()}")
+
+    def _teacher_tau_text(self) -> str:
+        term = self.csa if self.csa is not None else self.usa
+        if term is None:
+            return "-"
+        return f"({float(term.teacher_temperature.value):.4g}, {float(term.text_teacher_temperature.value):.4g})"
+
     def _forward(self, image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
-                 teacher_image_emb, teacher_text_emb) -> Dict[str, torch.Tensor]:
+                 teacher_image_emb, teacher_text_emb, image_features=None, text_features=None
+                 ) -> Dict[str, torch.Tensor]:
         have_emb = image_emb is not None and text_emb is not None
         if scores is None and not have_emb:
             raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
         if have_emb:
             image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=scores is None)
-        if (self.usa is not None or self.cmc is not None) and not have_emb:
+            if image_emb.shape[0] == 0:
+                raise ValueError("the batch is empty (image_emb and text_emb have 0 rows)")
+        have_feat = image_features is not None or text_features is not None
+        if have_feat:
+            if image_features is None or text_features is None:
+                raise ValueError("pass both image_features and text_features (the inputs of USA's uni-modal heads)")
+            image_features, text_features = check_embeddings(image_features, text_features, same_dim=False,
+                                                             names=("image_features", "text_features"))
+        if (self.usa is not None or self.cmc is not None) and not (have_emb or (have_feat and self.cmc is None)):
             raise ValueError("USA (beta > 0) and CMC (gamma > 0) need image_emb and text_emb (pooled embeddings) "
-                             "in addition to scores")
+                             "or, for USA, image_features / text_features, in addition to scores")
         if ids is not None and not isinstance(ids, torch.Tensor):
-            ids = torch.as_tensor(ids, dtype=torch.long)
+            ids = _as_id_tensor(ids, "ids")
 
         if self.gather and scores is None and dist_utils.is_distributed():
             if teacher_image_sim is not None or teacher_text_sim is not None:
@@ -177,6 +364,9 @@ class SoftAlignLoss(nn.Module):
             device = image_emb.device
             image_emb = dist_utils.all_gather_with_grad(image_emb, sizes)
             text_emb = dist_utils.all_gather_with_grad(text_emb, sizes)
+            if have_feat:
+                image_features = dist_utils.all_gather_with_grad(image_features, sizes)
+                text_features = dist_utils.all_gather_with_grad(text_features, sizes)
             ids = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
             image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids.to(device), sizes)
             teacher_image_emb = None if teacher_image_emb is None else dist_utils.gather_batch(teacher_image_emb, sizes)
@@ -189,11 +379,19 @@ class SoftAlignLoss(nn.Module):
                 raise ValueError(f"scores are [{batch}, {batch}] but the embeddings have {image_emb.shape[0]} rows")
         else:
             batch, device = image_emb.shape[0], image_emb.device
+        if have_feat and image_features.shape[0] != batch:
+            raise ValueError(f"image_features have {image_features.shape[0]} rows but the batch has {batch} pairs")
         image_ids = self._image_ids(ids, image_ids, batch, device)
         t_img, t_txt = (None, None)
         if self._needs_teacher():
             t_img, t_txt = self._teacher(ids, batch, device, teacher_image_sim, teacher_text_sim,
                                          teacher_image_emb, teacher_text_emb)
+            if self._needs_calibration:
+                if self.cache is not None and hasattr(self.cache, "num_captions") \
+                        and hasattr(self.cache, "caption_to_image"):
+                    self.calibrate(batch_size=batch)
+                else:  # no cache: the first batch's own teacher matrices, once
+                    self.calibrate(teacher_image_sim=t_img, teacher_text_sim=t_txt)
 
         # Every input is validated from here on: the terms skip their own checks; CSA and USA share the soft
         # labels of the teacher matrices.
@@ -202,15 +400,16 @@ class SoftAlignLoss(nn.Module):
             if scores is None and self._cosine:
                 # one fused normalisation + Gram node shared by the scores and the student's uni-modal
                 # similarities (CMC's intra term, and USA when it has no heads)
-                need_uni = self.cmc is not None or self._usa_shares_uni(image_emb)
+                need_uni = self.cmc is not None or (not have_feat and self._usa_shares_uni(image_emb))
                 scores, s_ii, s_tt = SF._cosine_similarities(image_emb, text_emb, need_uni)
                 if need_uni:
                     uni = (s_ii, s_tt)
             elif scores is None:
                 scores = self.similarity(image_emb, text_emb).float()
-            parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni)
+            usa_in = (image_features, text_features) if have_feat else (image_emb, text_emb)
+            parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch)
         total = scores.new_zeros(())
-        for name, weight in (("base", 1.0), ("csa", self.alpha), ("usa", self.beta), ("cmc", self.gamma)):
+        for name, weight in self._weights().items():
             if name in parts:
                 total = total + weight * parts[name]
         return {"loss": total, **parts}
@@ -219,7 +418,8 @@ class SoftAlignLoss(nn.Module):
         """USA without heads computes the same cosine similarities as CMC's intra term (in its head dtype)."""
         return self.usa is not None and self.usa.embed_dim is None and self.usa._head_dtype() == image_emb.dtype
 
-    def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None) -> Dict[str, torch.Tensor]:
+    def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
+               batch: int = 1) -> Dict[str, torch.Tensor]:
         parts: Dict[str, torch.Tensor] = {}
         if self.base is not None:
             if isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
@@ -228,31 +428,29 @@ class SoftAlignLoss(nn.Module):
                                           teacher_image_sim=t_img, teacher_text_sim=t_txt)
             else:  # a user's module: the documented call
                 parts["base"] = self.base(scores=scores, image_ids=image_ids)
+        # the KL terms are batch means; with a base that sums over anchors (VSE++'s hinge) they are summed too
+        soft_scale = float(batch) if self.soft_label_reduction == "sum" else 1.0
         if self.csa is not None:
-            parts["csa"] = self.csa(scores=scores, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+            parts["csa"] = soft_scale * self.csa(scores=scores, teacher_image_sim=t_img, teacher_text_sim=t_txt)
         image_sim, text_sim = uni if uni is not None else (None, None)
         if self.usa is not None:
-            shared = uni if self._usa_shares_uni(image_emb) else (None, None)
-            parts["usa"] = self.usa(image_emb, text_emb, teacher_image_sim=t_img, teacher_text_sim=t_txt,
-                                    image_sim=shared[0], text_sim=shared[1])
+            u_img, u_txt = usa_in if usa_in is not None else (image_emb, text_emb)
+            shared = uni if (u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
+            parts["usa"] = soft_scale * self.usa(u_img, u_txt, teacher_image_sim=t_img, teacher_text_sim=t_txt,
+                                                 image_sim=shared[0], text_sim=shared[1])
         if self.cmc is not None:
-            if self._cmc_inter_is_base() and "base" in parts:
-                # CMC's inter term is the very hinge the base loss computed (same scores, ids, margin, no miner)
-                intra = SF.intra_modal_consistency(
+            if isinstance(self.base, VSEHingeLoss):
+                # TGDT's CMC is hinge + intra-modal consistency: on a hinge base the base already is the inter term,
+                # so CMC adds only the intra term (hinge base + gamma 1 CMC == TGDT's CMC)
+                parts["cmc"] = SF.intra_modal_consistency(
                     *(uni if uni is not None else (SF.cosine_similarity_matrix(image_emb),
                                                    SF.cosine_similarity_matrix(text_emb))),
                     margin=self.cmc.intra_margin)
-                parts["cmc"] = parts["base"] + intra
             else:
                 parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
                                         teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,
                                         text_sim=text_sim)
         return parts
-
-    def _cmc_inter_is_base(self) -> bool:
-        base = self.base
-        return (type(base) is VSEHingeLoss and base.max_violation and base.miner is None and self.cmc.miner is None
-                and base.reduction == "sum" and base.margin == self.cmc.margin)
 
     # ------------------------------------------------------------------------------------------
     def _image_ids(self, ids, image_ids, batch, device):

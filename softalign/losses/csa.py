@@ -1,7 +1,7 @@
 """Cross-modal Soft-label Alignment (CSA) from CUSA [Huang et al., AAAI 2024]."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ class CSALoss(nn.Module):
     ``dot`` fuse both, see :func:`softalign.functional.combine_teacher_similarities`).
 
     Defaults as CUSA: ``tau_c = 0.45`` learnable in ``[0.1, 0.99]``, ``tau_s = 1.0`` frozen.
+    ``teacher_temperature`` may be an ``(image, text)`` pair: ``tau_s`` of the i2t rows (teacher image-image
+    matrix, mode ``each``) and of the t2i rows (text-text); :class:`~softalign.losses.SoftAlignLoss` sets
+    calibrated values (:mod:`softalign.teachers.calibration`) through :meth:`set_teacher_temperatures`.
     ``separate_temperatures=True`` learns one ``tau_c`` per direction (CUSA's ``use_same_tau: False``).
     """
 
@@ -27,7 +30,8 @@ class CSALoss(nn.Module):
 
     def __init__(self, mode: str = "each", temperature: float = 0.45,
                  temperature_range: Tuple[float, float] = (0.1, 0.99), learn_temperature: bool = True,
-                 teacher_temperature: float = 1.0, separate_temperatures: bool = False, similarity=None):
+                 teacher_temperature: Union[float, Tuple[float, float]] = 1.0, separate_temperatures: bool = False,
+                 similarity=None):
         super().__init__()
         if mode not in SF.CSA_MODES:
             raise ValueError(f"mode must be one of {SF.CSA_MODES}, got {mode!r}")
@@ -35,21 +39,44 @@ class CSALoss(nn.Module):
         rng = temperature_range if learn_temperature else None
         self.temperature = Temperature(temperature, rng, learn_temperature)
         self.text_temperature = Temperature(temperature, rng, learn_temperature) if separate_temperatures else None
-        self.teacher_temperature = Temperature(teacher_temperature, None, learnable=False)
+        tau_img, tau_txt = _pair(teacher_temperature)
+        self.teacher_temperature = Temperature(tau_img, None, learnable=False)
+        self.text_teacher_temperature = Temperature(tau_txt, None, learnable=False)
         self.similarity = similarity if similarity is not None else default_similarity()
 
     def temperatures(self):
         t_image = self.temperature()
         return (t_image, self.text_temperature() if self.text_temperature is not None else t_image)
 
+    def set_teacher_temperatures(self, image: float, text: float) -> None:
+        self.teacher_temperature.set_frozen_value(image)
+        self.text_teacher_temperature.set_frozen_value(text)
+
+    def teacher_temperatures(self):
+        return (self.teacher_temperature(), self.text_teacher_temperature())
+
     def forward(self, image_emb=None, text_emb=None, *, scores=None, teacher_image_sim: torch.Tensor,
                 teacher_text_sim: torch.Tensor, **unused) -> torch.Tensor:
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
         return SF.cross_modal_soft_label_alignment(scores, teacher_image_sim, teacher_text_sim,
-                                                   self.temperatures(), self.teacher_temperature(), self.mode)
+                                                   self.temperatures(), self.teacher_temperatures(), self.mode)
 
     def get_config_dict(self) -> dict:
         t = self.temperature
         return {"mode": self.mode, "temperature": float(t.value), "temperature_range": (t.low, t.high),
-                "learn_temperature": t.learnable, "teacher_temperature": float(self.teacher_temperature.value),
+                "learn_temperature": t.learnable, "teacher_temperature": _config_pair(self.teacher_temperature, self.text_teacher_temperature),
                 "separate_temperatures": self.text_temperature is not None}
+
+
+def _pair(value) -> Tuple[float, float]:
+    """A temperature or an ``(image, text)`` pair of them -> ``(image, text)`` floats."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"teacher_temperature pair must be (image, text), got {value!r}")
+        return float(value[0]), float(value[1])
+    return float(value), float(value)
+
+
+def _config_pair(image: Temperature, text: Temperature):
+    a, b = float(image.value), float(text.value)
+    return a if a == b else (a, b)

@@ -39,5 +39,15 @@ class Temperature(nn.Module):
             self.value.data.clamp_(self.low, self.high)
         return self.value.float()
 
+    def set_frozen_value(self, value: float) -> None:
+        """Set a frozen temperature (e.g. a calibrated soft-label temperature); learnable ones refuse."""
+        value = float(value)
+        if self.learnable:
+            raise ValueError("set_frozen_value is for frozen temperatures; a learnable one is set by its optimizer")
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {value}")
+        self.low = self.high = value
+        self.value.fill_(value)
+
     def extra_repr(self) -> str:
         return f"value={float(self.value):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"

@@ -8,32 +8,45 @@ from torch import nn
 
 from softalign import functional as SF
 from softalign.losses._inputs import check_embeddings
+from softalign.losses.csa import _config_pair, _pair
 from softalign.losses.temperature import Temperature
 
 
-class UniModalHead(nn.Sequential):
-    """CUSA's uni-modal projection: ``Linear(LayerNorm(x))`` with weights ~ N(0, 0.02)."""
+class ProjectionHead(nn.Sequential):
+    """CUSA's projection head: ``Linear(LayerNorm(x))``, ``in_dim -> out_dim``, weights ~ N(0, 0.02), bias 0.
 
-    def __init__(self, dim: int):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim))
+    CUSA [Huang et al., AAAI 2024, Fig. 2] puts one on each backbone's features for the cross-modal (joint)
+    space and, in parallel, one more per modality for the uni-modal space that USA trains."""
+
+    def __init__(self, in_dim: int, out_dim: Optional[int] = None):
+        out_dim = in_dim if out_dim is None else out_dim
+        super().__init__(nn.LayerNorm(int(in_dim)), nn.Linear(int(in_dim), int(out_dim)))
         nn.init.normal_(self[1].weight, std=0.02)
         nn.init.zeros_(self[1].bias)
+
+
+class UniModalHead(ProjectionHead):
+    """CUSA's uni-modal projection: ``Linear(LayerNorm(x))``, ``dim -> dim``, weights ~ N(0, 0.02)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, dim)
 
 
 class USALoss(nn.Module):
     """``L_USA = (KL(softmax(T_ii/tau_s) || softmax(S_ii/tau_i)) + KL(softmax(T_tt/tau_s) || softmax(S_tt/tau_t))) / 2``.
 
-    ``S_ii`` / ``S_tt`` are cosine similarities of the student embeddings after the uni-modal heads (one per
-    modality, as CUSA, so that uni-modal structure does not fight the cross-modal space); ``T_ii``/``T_tt`` are
-    the teacher's. ``embed_dim`` (int or ``(image_dim, text_dim)``) creates the heads; ``None`` uses the
-    embeddings directly. Temperatures as CUSA: 0.45, learnable in ``[0.1, 1.0]``, one per modality.
+    ``S_ii`` / ``S_tt`` are cosine similarities after the uni-modal heads (one per modality, as CUSA, so that
+    uni-modal structure does not fight the cross-modal space); ``T_ii``/``T_tt`` are the teacher's. The inputs are
+    what the caller passes: in CUSA's layout the backbone features (parallel to the cross-modal head, so USA's
+    gradient never reaches it), else the joint embeddings. ``embed_dim`` (int or ``(image_dim, text_dim)``, the
+    input dims) creates the heads; ``None`` uses the inputs directly. Temperatures as CUSA: 0.45, learnable in ``[0.1, 1.0]``, one per modality.
     """
 
     citation = "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024"
 
     def __init__(self, embed_dim: Optional[Union[int, Tuple[int, int]]] = None, temperature: float = 0.45,
                  temperature_range: Tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,
-                 teacher_temperature: float = 1.0):
+                 teacher_temperature: Union[float, Tuple[float, float]] = 1.0):
         super().__init__()
         if embed_dim is None:
             self.image_head, self.text_head = nn.Identity(), nn.Identity()
@@ -44,7 +57,14 @@ class USALoss(nn.Module):
         rng = temperature_range if learn_temperature else None
         self.image_temperature = Temperature(temperature, rng, learn_temperature)
         self.text_temperature = Temperature(temperature, rng, learn_temperature)
-        self.teacher_temperature = Temperature(teacher_temperature, None, learnable=False)
+        tau_img, tau_txt = _pair(teacher_temperature)
+        self.teacher_temperature = Temperature(tau_img, None, learnable=False)
+        self.text_teacher_temperature = Temperature(tau_txt, None, learnable=False)
+
+    def set_teacher_temperatures(self, image: float, text: float) -> None:
+        """Soft-label temperatures of the image-image and text-text teacher matrices (frozen)."""
+        self.teacher_temperature.set_frozen_value(image)
+        self.text_teacher_temperature.set_frozen_value(text)
 
     def uni_modal_similarities(self, image_emb: torch.Tensor, text_emb: torch.Tensor):
         return self._uni_modal_similarities(image_emb, text_emb, fused=False)
@@ -77,9 +97,10 @@ class USALoss(nn.Module):
                 else self.uni_modal_similarities(image_emb, text_emb)
         return SF.uni_modal_soft_label_alignment(
             s_ii, s_tt, teacher_image_sim, teacher_text_sim,
-            (self.image_temperature(), self.text_temperature()), self.teacher_temperature())
+            (self.image_temperature(), self.text_temperature()),
+            (self.teacher_temperature(), self.text_teacher_temperature()))
 
     def get_config_dict(self) -> dict:
         t = self.image_temperature
         return {"embed_dim": self.embed_dim, "temperature": float(t.value), "temperature_range": (t.low, t.high),
-                "learn_temperature": t.learnable, "teacher_temperature": float(self.teacher_temperature.value)}
+                "learn_temperature": t.learnable, "teacher_temperature": _config_pair(self.teacher_temperature, self.text_teacher_temperature)}

@@ -29,6 +29,11 @@ _EXPORTS = {
     "ImagePreprocessing": "preprocess",
     "import_npy": "importers",
     "read_features": "importers",
+    "CalibratedTemperature": "calibration",
+    "DEFAULT_SOFT_LABEL_ENTROPY": "calibration",
+    "calibrate_temperature": "calibration",
+    "calibrate_from_cache": "calibration",
+    "soft_label_stats": "calibration",
 }
 __all__ = list(_EXPORTS)
 

@@ -186,20 +186,66 @@ def import_timm():
 
 
 class DualEncoder(nn.Module):
-    """``forward(images, captions) -> (image_emb [B, D], text_emb [B, D])``, both L2-normalised."""
+    """CUSA's layout [Huang et al., AAAI 2024, Fig. 2]: backbone features -> cross-modal head -> joint embedding.
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int):
+    ``image_encoder`` / ``text_encoder`` give the backbone features (``feature_dim`` each, default ``embed_dim``);
+    a cross-modal :class:`~softalign.losses.usa.ProjectionHead` (``LayerNorm -> Linear``, N(0, 0.02)) per modality
+    maps them into the joint space, L2-normalised. The uni-modal heads of USA run in parallel on the same features
+    (they live in the loss): ``forward(..., return_features=True)`` also returns the features for them, so USA's
+    gradient reaches the backbones but never the cross-modal heads.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int,
+                 feature_dims: Optional[Tuple[int, int]] = None):
         super().__init__()
+        from softalign.losses.usa import ProjectionHead
+
         self.image_encoder, self.text_encoder, self.embed_dim = image_encoder, text_encoder, int(embed_dim)
+        self.feature_dims = tuple(feature_dims) if feature_dims is not None else (self.embed_dim, self.embed_dim)
+        self.image_head = ProjectionHead(self.feature_dims[0], self.embed_dim)
+        self.text_head = ProjectionHead(self.feature_dims[1], self.embed_dim)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_encoder(images).float(), dim=-1)
+    def image_features(self, images) -> torch.Tensor:
+        return self.image_encoder(images).float()
 
-    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        return F.normalize(self.text_encoder(captions).float(), dim=-1)
+    def text_features(self, captions) -> torch.Tensor:
+        return self.text_encoder(captions).float()
 
-    def forward(self, images: torch.Tensor, captions: Sequence[str]):
-        return self.encode_image(images), self.encode_text(captions)
+    def encode_image(self, images, return_features: bool = False):
+        feats = self.image_features(images)
+        emb = F.normalize(self.image_head(feats).float(), dim=-1)
+        return (emb, feats) if return_features else emb
+
+    def encode_text(self, captions, return_features: bool = False):
+        feats = self.text_features(captions)
+        emb = F.normalize(self.text_head(feats).float(), dim=-1)
+        return (emb, feats) if return_features else emb
+
+    def forward(self, images, captions, return_features: bool = False):
+        """``(image_emb, text_emb)``; with ``return_features`` also ``(image_features, text_features)``."""
+        if not return_features:
+            return self.encode_image(images), self.encode_text(captions)
+        img, img_f = self.encode_image(images, True)
+        txt, txt_f = self.encode_text(captions, True)
+        return img, txt, img_f, txt_f
+
+
+class FeatureMLP(nn.Module):
+    """A trainable backbone on frozen pre-computed features: ``Linear -> GELU -> Linear`` (``in_dim -> dim``).
+
+    The demo's student: frozen pre-trained encoders give the input features once; this is the part that CSA,
+    USA and the base loss train together (CUSA fine-tunes the whole backbone instead)."""
+
+    def __init__(self, in_dim: int, dim: int, hidden: Optional[int] = None):
+        super().__init__()
+        hidden = int(hidden or dim)
+        self.net = nn.Sequential(nn.Linear(int(in_dim), hidden), nn.GELU(), nn.Linear(hidden, int(dim)))
+        self.in_dim = int(in_dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.shape[-1] != self.in_dim:
+            raise ValueError(f"features have dim {feats.shape[-1]}, the encoder expects {self.in_dim}")
+        return self.net(feats.float())
 
 
 def build_model(cfg, train_captions: Sequence[str], feature_shape: Optional[Sequence[int]] = None,

@@ -92,9 +92,17 @@ class LossConfig:
     csa_mode: Literal["each", "add", "dot"] = "each"
     csa_temperature: float = 0.45
     usa_temperature: float = 0.45
-    teacher_temperature: float = 1.0
+    # soft-label temperature tau_s: "auto" calibrates it once from the cache (per teacher matrix) so that the soft
+    # labels' normalised entropy is soft_label_entropy at the training batch size; a number fixes it (CUSA: 1.0)
+    teacher_temperature: Union[float, str] = "auto"
+    soft_label_entropy: float = 0.5
+    soft_label_reduction: Literal["auto", "batchmean", "sum"] = "auto"   # auto: summed on a hinge base (per anchor)
     learn_temperatures: bool = True
     cmc_intra_margin: float = 0.3
+    # true: every term on the global batch of all processes (exact all-gather); false: per-process soft labels and
+    # losses, as CUSA's configs compute them
+    gather: bool = True
+    diagnostics_every: int = 100          # steps between gradient-share diagnostics (0: never)
     use_heads: bool = True                # USA's uni-modal heads (embed_dim passed to the loss)
 
     def loss_kwargs(self) -> Dict[str, Any]:
@@ -235,6 +243,15 @@ def _build(cls, values, where: str):
     return cls(**kwargs)
 
 
+def _numbers(r: Recipe):
+    """``(dotted key, value)`` of every float field of the recipe's sections."""
+    for section in ("data", "model", "teacher", "loss", "optim", "train"):
+        for f in dataclasses.fields(getattr(r, section)):
+            value = getattr(getattr(r, section), f.name)
+            if isinstance(value, float):
+                yield f"{section}.{f.name}", value
+
+
 def _check_values(r: Recipe) -> None:
     def need(cond, msg):
         if not cond:
@@ -244,6 +261,14 @@ def _check_values(r: Recipe) -> None:
     need(r.train.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive losses need negatives), "
                                   f"got {r.train.batch_size}")
     need(r.optim.lr > 0, f"optim.lr must be > 0, got {r.optim.lr}")
+    for where, value in _numbers(r):
+        need(value == value and value not in (float("inf"), float("-inf")), f"{where} must be finite, got {value}")
+    tau = r.loss.teacher_temperature
+    need(tau == "auto" or (isinstance(tau, float) and tau > 0),
+         f"loss.teacher_temperature: expected 'auto' (calibrated) or a number > 0, got {tau!r}")
+    need(0 < r.loss.soft_label_entropy < 1,
+         f"loss.soft_label_entropy must lie in (0, 1) (a fraction of log B), got {r.loss.soft_label_entropy}")
+    need(r.loss.diagnostics_every >= 0, f"loss.diagnostics_every must be >= 0, got {r.loss.diagnostics_every}")
     for k in ("alpha", "beta", "gamma"):
         need(getattr(r.loss, k) >= 0, f"loss.{k} must be >= 0, got {getattr(r.loss, k)}")
     need(r.model.embed_dim >= 1, f"model.embed_dim must be >= 1, got {r.model.embed_dim}")

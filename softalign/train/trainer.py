@@ -203,10 +203,15 @@ def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, reci
 
 
 def load_checkpoint(path) -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs); a corrupt file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]} (delete it, or train with "
+                         "--no-resume, to start over)") from None
 
 
 def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text_uni=None) -> None:
@@ -307,8 +312,9 @@ def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: List[s
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def encode_split(model, data: RetrievalData, transform, batch_size: int, device,
-                 image_cache: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(image_emb [N_images, D], text_emb [N_captions, D]) of a split, on CPU."""
+                 image_cache: Optional[torch.Tensor] = None, return_features: bool = False):
+    """(image_emb [N_images, D], text_emb [N_captions, D]) of a split, on CPU; with ``return_features`` also the
+    backbone features ``(image_features, text_features)`` (the inputs of USA's uni-modal heads)."""
     from torch.utils.data import DataLoader
 
     from softalign.data.pairs import ImageDataset, collate_pairs
@@ -318,12 +324,14 @@ def encode_split(model, data: RetrievalData, transform, batch_size: int, device,
     try:
         loader = DataLoader(ImageDataset(data, transform, image_cache), batch_size=batch_size, shuffle=False,
                             collate_fn=collate_pairs)
-        img = torch.cat([model.encode_image(b["image"].to(device)).float().cpu() for b in loader])
-        txt = torch.cat([model.encode_text(data.captions[i:i + batch_size]).float().cpu()
-                         for i in range(0, data.num_captions, batch_size)])
+        imgs = [model.encode_image(b["image"].to(device), return_features=True) for b in loader]
+        txts = [model.encode_text(data.captions[i:i + batch_size], return_features=True)
+                for i in range(0, data.num_captions, batch_size)]
     finally:
         model.train(was_training)
-    return img, txt
+    img, img_f = (torch.cat([x[k].float().cpu() for x in imgs]) for k in (0, 1))
+    txt, txt_f = (torch.cat([x[k].float().cpu() for x in txts]) for k in (0, 1))
+    return (img, txt, img_f, txt_f) if return_features else (img, txt)
 
 
 def uni_modal_heads(loss_fn) -> Optional[Tuple[torch.nn.Module, torch.nn.Module]]:
@@ -398,6 +406,14 @@ def _resolved_recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else repr(obj)
+
+
 def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: Optional[RetrievalData] = None,
           test_data: Optional[RetrievalData] = None, cache=None, log: Optional[Callable] = None,
           image_caches: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
@@ -442,12 +458,19 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
         atomic_write_text(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
     model = build_model(recipe.model, train_data.captions, _feature_shape(train_data),
                         vocab_words=ckpt["vocab"] if ckpt is not None else None)
-    embed_dim = recipe.model.embed_dim
-    loss_fn = SoftAlignLoss(embed_dim=embed_dim if recipe.loss.use_heads else None, cache=cache,
+    # CUSA's layout: USA's uni-modal heads take the backbone features, in parallel to the cross-modal heads
+    loss_fn = SoftAlignLoss(embed_dim=model.feature_dims if recipe.loss.use_heads else None, cache=cache,
                             return_parts=True, **recipe.loss.loss_kwargs())
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt["loss"])
+    if loss_fn._needs_calibration and cache is not None:
+        # tau_s once from the cache, at the global batch the loss sees (per process when loss.gather is false)
+        global_batch = recipe.train.batch_size * (accelerator.num_processes if recipe.loss.gather else 1)
+        cal = loss_fn.calibrate(cache, batch_size=global_batch, seed=recipe.seed)
+        log(f"{recipe.name}: calibrated soft-label temperature tau_s image {cal['image']:.4g}, text "
+            f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
+    usa_on_features = recipe.loss.use_heads and loss_fn.usa is not None
     loss_fn.to(accelerator.device)
 
     o = recipe.optim
@@ -501,8 +524,9 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(recipe, step, total_steps, steps_per_epoch)
             with accelerator.autocast():
-                img, txt = model(batch["image"], batch["caption"])
-                parts = loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"])
+                img, txt, img_f, txt_f = model(batch["image"], batch["caption"], return_features=True)
+                feats = dict(image_features=img_f, text_features=txt_f) if usa_on_features else {}
+                parts = loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"], **feats)
             loss = parts["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{recipe.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, "
@@ -520,12 +544,16 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
         record: Dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                   "epoch_seconds": round(time.time() - t_epoch, 3)}
         record.update({("train_loss" if k == "loss" else f"train_{k}"): v / max(1, n) for k, v in sums.items()})
+        if loss_fn.gradient_shares is not None:  # the last term-balance diagnostic (share of the gradient norm)
+            record.update({f"grad_share_{k}": round(v, 6) for k, v in loss_fn.gradient_shares.items()
+                           if not k.startswith("norm_")})
         last = epoch + 1 == recipe.train.epochs
         ev = recipe.train.eval_every
         if main and (last or (ev > 0 and (epoch + 1) % ev == 0)):
-            img_e, txt_e = encode_split(unwrapped, test_data, test_tf, recipe.train.eval_batch_size,
-                                        accelerator.device, image_caches.get("test"))
-            uni = encode_uni_modal(loss_fn, img_e, txt_e, recipe.train.eval_batch_size)
+            img_e, txt_e, img_f, txt_f = encode_split(unwrapped, test_data, test_tf, recipe.train.eval_batch_size,
+                                                      accelerator.device, image_caches.get("test"), True)
+            uni = encode_uni_modal(loss_fn, *((img_f, txt_f) if usa_on_features else (img_e, txt_e)),
+                                   recipe.train.eval_batch_size)
             img_u, txt_u = uni if uni is not None else (None, None)
             final = evaluate_embeddings(img_e, txt_e, test_data, img_u, txt_u)
             record.update({f"test_{k}": v for k, v in final.items()})
@@ -544,6 +572,7 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     if main and not final and history:  # resumed a finished run: report the stored final metrics
         final = {k[5:]: v for k, v in history[-1].items() if k.startswith("test_")}
     result = {"name": recipe.name, "variant": recipe.variant, "seed": recipe.seed, "metrics": final,
+              "loss_config": _jsonable(loss_fn.get_config_dict()),
               "history": history, "output_dir": str(out), "seconds": round(time.time() - t0, 2),
               "recipe": recipe.to_dict()}
     if main:
