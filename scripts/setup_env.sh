@@ -17,6 +17,19 @@ pip_install() {
   return "${PIPESTATUS[0]}"
 }
 
+# The demo's captions: Unicode CLDR emoji annotations from Debian's unicode-cldr-core.
+CLDR=/usr/share/unicode/cldr/common/annotations/en.xml
+if [ ! -f "$CLDR" ] && [ -z "${SOFTALIGN_CLDR_ANNOTATIONS:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq unicode-cldr-core >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq unicode-cldr-core >/dev/null 2>&1; }) \
+      || echo "setup_env: could not apt-get install unicode-cldr-core; the demo needs it" >&2
+  else
+    echo "setup_env: the demo needs Debian's unicode-cldr-core (sudo apt-get install unicode-cldr-core)," \
+         "or SOFTALIGN_CLDR_ANNOTATIONS=path/to/cldr/common/annotations/en.xml" >&2
+  fi
+fi
+
 pip_install --upgrade pip || true
 pip_install "$TORCH_SPEC"
 pip_install -e ".[test]" "$TORCH_SPEC"

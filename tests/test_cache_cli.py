@@ -187,3 +187,35 @@ def test_build_refuses_integer_image_refs_with_a_directory_and_uses_list_positio
     assert main(mixed + ["--images", str(tmp_path / "list.txt")]) == 1
     assert "records mix integer and named image references (record 0: 2, record 5: 'img1.png')" in \
         capsys.readouterr().err
+
+
+def test_inspect_reports_soft_labels_and_the_calibrated_tau(tmp_path, capsys):
+    from softalign.teachers import calibration as cal
+
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "img.npy", rng.normal(size=(20, 8)).astype(np.float32))
+    np.save(tmp_path / "txt.npy", rng.normal(size=(40, 6)).astype(np.float32))
+    assert main(["cache", "import-npy", "--image-features", str(tmp_path / "img.npy"), "--text-features",
+                 str(tmp_path / "txt.npy"), "--captions-per-image", "2", "--out", str(tmp_path / "c"),
+                 "--no-progress", "--dtype", "float32"]) == 0
+    (tmp_path / "labels.txt").write_text("\n".join("ab"[i % 2] for i in range(20)) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    args = ["cache", "inspect", str(tmp_path / "c"), "--batch-size", "8", "--labels", str(tmp_path / "labels.txt"),
+            "--taus", "1.0", "0.1", "--num-batches", "4"]
+    assert main(args + ["--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["kind"] for r in rows] == ["fixed", "fixed", "calibrated"] * 2
+    # independent check on the same batches
+    cache = TeacherCache.load(tmp_path / "c")
+    ids = cal.sample_batch_ids(40, 8, 4, 0, cache.caption_to_image)
+    t_img, t_txt = cal.teacher_batches(cache, ids)
+    assert rows[2]["tau"] == pytest.approx(cal.calibrate_temperature(t_img, cal.DEFAULT_SOFT_LABEL_ENTROPY))
+    assert rows[2]["entropy"] == pytest.approx(cal.DEFAULT_SOFT_LABEL_ENTROPY, abs=1e-6)
+    assert rows[4]["entropy"] == pytest.approx(cal.normalized_entropy(t_txt, 0.1))
+    assert rows[0]["same_label_chance"] == pytest.approx(3 / 7, abs=0.15)  # about half of the others share a label
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "teacher_temperature='auto'" in text and "same-label share" in text
+    (tmp_path / "short.txt").write_text("a\nb\n", encoding="utf-8")
+    assert main(["cache", "inspect", str(tmp_path / "c"), "--labels", str(tmp_path / "short.txt")]) == 1
+    assert "has 2 labels but the cache holds 20 images" in capsys.readouterr().err

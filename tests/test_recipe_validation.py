@@ -20,7 +20,12 @@ def test_every_recipe_and_variant_validates(path):
     assert {"base", "csa_usa", "cmc"} <= set(variants)
     base, cusa, cmc = (load_recipe(path, variant=v) for v in ("base", "csa_usa", "cmc"))
     assert (base.loss.alpha, base.loss.beta, base.loss.gamma) == (0, 0, 0)
-    assert (cusa.loss.alpha, cusa.loss.beta) == (0.1, 0.5)  # CUSA's rates
+    if cusa.loss.base == "infonce":
+        assert (cusa.loss.alpha, cusa.loss.beta) == (0.1, 0.5)  # CUSA's rates (with its InfoNCE mean mode)
+    else:  # a hinge base: softalign's defaults for it
+        from softalign.losses.combined import DEFAULT_WEIGHTS
+
+        assert (cusa.loss.alpha, cusa.loss.beta) == DEFAULT_WEIGHTS[cusa.loss.base]
     assert cmc.loss.gamma > 0
     assert cusa.name.endswith("-csa_usa") and cusa.variant == "csa_usa"
 
@@ -102,7 +107,7 @@ def test_cli_lists_variants_and_reports_recipe_errors(tmp_path, capsys):
 
     demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
     assert main(["train", str(demo), "--list-variants"]) == 0
-    assert capsys.readouterr().out.split() == ["base", "cmc", "csa_usa", "csa_usa_sharp"]
+    assert capsys.readouterr().out.split() == ["base", "cmc", "csa_usa", "csa_usa_tau1"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  alpah: 1\n")
     with pytest.raises(SystemExit, match=r"unknown key 'loss\.alpah'"):

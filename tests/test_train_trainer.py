@@ -485,21 +485,3 @@ def test_precomputed_features_train_end_to_end(tmp_path, accelerator):
 
         get_teacher_cache(tiny_recipe(tmp_path / "run2", data={"kind": "precomp", "path": str(tmp_path)},
                                       model={"image_encoder": "precomp"}, loss={"alpha": 0.1}), tr)
-
-
-def test_demo_reuses_a_finished_run_only_for_the_same_recipe(tmp_path, data, accelerator):
-    from softalign.train.demo import reusable_result
-
-    _train(tiny_recipe(tmp_path), data, accelerator)
-    results = tmp_path / "results.json"
-    res, why = reusable_result(results, tiny_recipe(tmp_path, train={"progress": True, "eval_batch_size": 3}))
-    assert why == "" and res["metrics"]["rsum"] > 0
-    res, why = reusable_result(results, tiny_recipe(tmp_path, optim={"lr": 0.02}, loss={"alpha": 0.1}))
-    assert res is None and why == "trained with a different recipe (loss.alpha, optim.lr)"
-    res, why = reusable_result(results, tiny_recipe(tmp_path, train={"epochs": 3}))
-    assert res is None and why == "unfinished"
-    stored = json.loads(results.read_text())
-    stored.pop("recipe")  # results written before recipes were stored: not reused
-    results.write_text(json.dumps(stored))
-    assert reusable_result(results, tiny_recipe(tmp_path)) == (None, "trained with a different recipe "
-                                                                     "(<no recipe stored>)")

