@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import numbers
+import logging
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -115,6 +116,7 @@ class SoftAlignHook:
                 raise ValueError("without a teacher cache the caption->image map must come from captions_per_image "
                                  "(e.g. 5 for COCO/Flickr30k precomp data) or image_ids=callable")
         self._placed_on = None
+        self._logged_shares = None
         if accelerator is not None:
             loss.to(accelerator.device)
 
@@ -196,7 +198,23 @@ class SoftAlignHook:
             parts = self.loss(image_emb, text_emb, scores=scores, return_parts=True, **kwargs)
         if not isinstance(parts, dict) or "loss" not in parts:
             raise TypeError(f"{type(self.loss).__name__} did not return its parts dict with return_parts=True")
+        self._log_gradient_shares()
         return parts
+
+    def _log_gradient_shares(self) -> None:
+        """Log each new term-balance diagnostic of the loss (``logging`` logger ``softalign``, level INFO)."""
+        shares = getattr(self.loss, "gradient_shares", None)
+        if shares is None or shares is self._logged_shares:
+            return
+        self._logged_shares = shares
+        terms = ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items() if not k.startswith("norm_"))
+        logging.getLogger("softalign").info("gradient shares at loss step %d: %s",
+                                            getattr(self.loss, "_steps", 0) - 1, terms)
+
+    def gradient_share_values(self) -> Dict[str, float]:
+        """``{"grad_share_soft": CSA + USA share}`` of the last diagnostic, for the trainer's logger; {} before."""
+        shares = getattr(self.loss, "gradient_shares", None)
+        return {} if shares is None else {"grad_share_soft": float(shares["soft"])}
 
     def weighted(self, parts: Mapping[str, torch.Tensor], base_name: str = "base") -> Dict[str, torch.Tensor]:
         """``{"csa": alpha * L_csa, "usa": beta * L_usa, "cmc": gamma * L_cmc}`` (enabled terms only), plus the
@@ -374,14 +392,19 @@ def capture_ids(record: PatchRecord, method: str, ids_arg: str = "ids") -> None:
     record.replace(method, wrapper)
 
 
-def log_values(obj: Any, logger_attr: Optional[str], values: Mapping[str, torch.Tensor], n: int) -> None:
+def log_values(obj: Any, logger_attr: Optional[str], values: Mapping[str, torch.Tensor], n: int,
+               hook: Optional["SoftAlignHook"] = None) -> None:
     """``obj.<logger_attr>.update(name, float(value), n)`` for each value, when such a logger exists (the
-    ``LogCollector`` of VSE++/SCAN/TERAN)."""
+    ``LogCollector`` of VSE++/SCAN/TERAN); with ``hook`` also the soft terms' last gradient share
+    (``grad_share_soft``)."""
     logger = getattr(obj, logger_attr, None) if logger_attr else None
     update = getattr(logger, "update", None)
     if callable(update):
         for name, value in values.items():
             update(name, float(value.detach()), n)
+        if hook is not None:
+            for name, value in hook.gradient_share_values().items():
+                update(name, value, 1)
 
 
 def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adopt: bool = True,

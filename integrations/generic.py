@@ -108,11 +108,11 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
         n = int(ref.shape[0])
         if hook.base_enabled and total_name is not None:
             result = parts["loss"]
-            log_values(obj, logger_attr, {total_name: result, **weighted}, n)
+            log_values(obj, logger_attr, {total_name: result, **weighted}, n, hook)
             return result
         out = original(*args, **kwargs)
         soft = {k: v for k, v in weighted.items() if k != base_name or not isinstance(out, torch.Tensor)}
-        log_values(obj, logger_attr, soft, n)
+        log_values(obj, logger_attr, soft, n, hook)
         if isinstance(out, Mapping):
             clash = sorted(set(out) & set(soft))
             if clash:

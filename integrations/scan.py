@@ -114,7 +114,7 @@ class SoftAlignCriterion(nn.Module):
             weighted["base"] = self.hinge(scores=scores, image_ids=self.hook.image_ids(ids, scores.device))
             total = total + weighted["base"]
         log_values(self.logger_owner, "logger", {k: v for k, v in weighted.items() if k != "base"},
-                   int(scores.shape[0]))
+                   int(scores.shape[0]), self.hook)
         return total
 
 

@@ -228,3 +228,17 @@ def test_matching_criterion_is_silent_and_other_cases_keep_the_loss_settings():
 def _same(a, b) -> bool:
     """Equal state-dict entries: tensors element-wise, extra state (the loss's calibration record) by value."""
     return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def test_shim_logs_the_gradient_share_diagnostic(caplog):
+    import logging
+
+    model = fresh_model()
+    loss = soft_loss(base="vsepp", diagnostics_every=1)
+    vsepp.patch(model, loss, cache=TinyCache())
+    with caplog.at_level(logging.INFO, logger="softalign"):
+        train(model, epochs=1)
+    assert loss.gradient_shares is not None
+    lines = [r.getMessage() for r in caplog.records if r.name == "softalign"]
+    assert lines and "gradient shares at loss step 0" in lines[0] and "soft" in lines[0]
+    assert model.logger.values["grad_share_soft"][-1] == pytest.approx(loss.gradient_shares["soft"])
