@@ -242,3 +242,18 @@ def test_shim_logs_the_gradient_share_diagnostic(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "softalign"]
     assert lines and "gradient shares at loss step 0" in lines[0] and "soft" in lines[0]
     assert model.logger.values["grad_share_soft"][-1] == pytest.approx(loss.gradient_shares["soft"])
+
+
+def test_unpatch_when_the_trainer_group_holds_as_many_tensors_as_the_loss_group():
+    # list.remove compared the param-group dicts (tensors) and crashed when both groups had equal length
+    model = fresh_model()
+    loss = soft_loss(base="vsepp")
+    n = len([p for p in loss.parameters() if p.requires_grad])
+    own = [torch.nn.Parameter(torch.zeros(2)) for _ in range(n)]
+    model.optimizer = torch.optim.Adam([{"params": own}])
+    vsepp.patch(model, loss, cache=TinyCache())
+    assert len(model.optimizer.param_groups) == 2
+    vsepp.unpatch(model)
+    groups = model.optimizer.param_groups
+    assert len(groups) == 1 and groups[0]["params"] == own
+    vsepp.patch(model, soft_loss(base="vsepp"), cache=TinyCache())  # re-patching works

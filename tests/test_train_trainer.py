@@ -485,3 +485,28 @@ def test_precomputed_features_train_end_to_end(tmp_path, accelerator):
 
         get_teacher_cache(tiny_recipe(tmp_path / "run2", data={"kind": "precomp", "path": str(tmp_path)},
                                       model={"image_encoder": "precomp"}, loss={"alpha": 0.1}), tr)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/softalign_pwned_by_checkpoint",))
+
+
+def test_a_pickled_code_payload_in_a_checkpoint_is_refused_and_not_run(tmp_path):
+    import os
+
+    from softalign.train.trainer import load_checkpoint
+
+    marker = "/tmp/softalign_pwned_by_checkpoint"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "evil": _Payload()}, path)
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    assert not os.path.exists(marker)
+    path.write_bytes(os.urandom(256))
+    with pytest.raises(ValueError, match=str(path.name)):
+        load_checkpoint(path)
