@@ -6,13 +6,12 @@ method wrappers on a trainer object so that ``unpatch`` restores it exactly.
 """
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import functools
 import inspect
-import numbers
 import logging
+import numbers
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 

@@ -231,3 +231,15 @@ def test_fractional_ids_and_empty_batches_are_refused():
     assert torch.isfinite(loss(img, txt, ids=np.arange(8).astype(np.float64)))  # whole floats are ids
     with pytest.raises(ValueError, match="empty"):
         loss(torch.zeros(0, 12), torch.zeros(0, 12), ids=torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["add", "dot"])
+def test_fused_csa_modes_calibrate_their_fused_matrix(mode):
+    t_i = SF.cosine_similarity_matrix(torch.randn(10, 5))
+    t_t = SF.cosine_similarity_matrix(torch.randn(10, 5))
+    loss = SoftAlignLoss(base="none", alpha=1.0, beta=1.0, csa_mode=mode)
+    rec = loss.calibrate(teacher_image_sim=t_i, teacher_text_sim=t_t)
+    fused = (t_i + t_t) / 2 if mode == "add" else torch.sqrt(t_i.clamp(min=0) * t_t.clamp(min=0))
+    assert rec["csa_fused"] == pytest.approx(cal.calibrate_temperature(fused, loss.soft_label_entropy), rel=1e-6)
+    assert float(loss.csa.teacher_temperature.value) == pytest.approx(rec["csa_fused"])
+    assert float(loss.usa.teacher_temperature.value) == pytest.approx(rec["image"])  # USA keeps per-matrix values

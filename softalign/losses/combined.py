@@ -5,7 +5,6 @@ import inspect
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from softalign import distributed as dist_utils
@@ -147,10 +146,9 @@ class SoftAlignLoss(nn.Module):
         if not 0.0 < float(soft_label_entropy) < 1.0:
             raise ValueError(f"soft_label_entropy must lie in (0, 1) (a fraction of log B), got {soft_label_entropy}")
         self.soft_label_entropy = float(soft_label_entropy)
-        #: the calibrated soft-label temperatures (:class:`~softalign.teachers.calibration.CalibratedTemperature`
-        #: as a dict) once :meth:`calibrate` ran; None while uncalibrated or with a fixed teacher_temperature
+        #: the calibrated soft-label temperatures and how they were chosen (a dict) once :meth:`calibrate` ran; None
+        #: while uncalibrated or with a fixed teacher_temperature
         self.calibration: Optional[Dict[str, Any]] = None
-        self._needs_calibration = auto_tau
         if int(diagnostics_every) < 0:
             raise ValueError(f"diagnostics_every must be >= 0 (0: never), got {diagnostics_every}")
         self.diagnostics_every = int(diagnostics_every)
@@ -253,11 +251,7 @@ class SoftAlignLoss(nn.Module):
                 raise ValueError("calibrate needs a teacher cache or teacher_image_sim / teacher_text_sim")
             if batch_size is None:
                 raise ValueError("calibrate(cache) needs the training batch_size (the global batch under gather)")
-            c2i = torch.as_tensor(cache.caption_to_image).long()
-            by_images = int(batch_size) <= int(c2i.max()) + 1
-            ids = cal.sample_batch_ids(cache.num_captions, min(int(batch_size), cache.num_captions), num_batches,
-                                       seed, c2i if by_images else None)
-            t_img, t_txt = cal.teacher_batches(cache, ids)
+            ids, t_img, t_txt = cal.cache_batches(cache, batch_size, num_batches, seed)
             record = {"batch_size": int(ids.shape[1]), "num_batches": int(num_batches), "seed": int(seed),
                       "source": "cache"}
         target = self.soft_label_entropy
@@ -270,8 +264,7 @@ class SoftAlignLoss(nn.Module):
             if self.csa.mode == "each":
                 self.csa.set_teacher_temperatures(tau_img, tau_txt)
             else:
-                fused = torch.stack([torch.stack(SF.combine_teacher_similarities(a, b, self.csa.mode))[0]
-                                     for a, b in zip(t_img, t_txt)])
+                fused = SF.combine_teacher_similarities(t_img, t_txt, self.csa.mode)[0]  # element-wise: [N, B, B]
                 tau_csa = cal.calibrate_temperature(fused, target)
                 self.csa.set_teacher_temperatures(tau_csa, tau_csa)
                 record["csa_fused"] = tau_csa

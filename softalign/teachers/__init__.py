@@ -29,10 +29,9 @@ _EXPORTS = {
     "ImagePreprocessing": "preprocess",
     "import_npy": "importers",
     "read_features": "importers",
-    "CalibratedTemperature": "calibration",
     "DEFAULT_SOFT_LABEL_ENTROPY": "calibration",
     "calibrate_temperature": "calibration",
-    "calibrate_from_cache": "calibration",
+    "cache_batches": "calibration",
     "soft_label_stats": "calibration",
 }
 __all__ = list(_EXPORTS)

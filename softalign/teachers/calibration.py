@@ -12,7 +12,8 @@ depends on the teacher's own similarity spread and on the batch size, so no fixe
 
 equals a target (``DEFAULT_SOFT_LABEL_ENTROPY``) on batches of the training batch size. ``H`` rises monotonically
 with ``tau`` (from 0 at ``tau -> 0`` with distinct row maxima, to 1 at ``tau -> inf``), so bisection on
-``log tau`` finds it. It is computed once, from the cache (:func:`calibrate_from_cache`), never per step.
+``log tau`` finds it. It is computed once, from random training-size batches of the cache (:func:`cache_batches`),
+never per step (:meth:`softalign.losses.SoftAlignLoss.calibrate`).
 
 :func:`soft_label_stats` reports what a ``tau_s`` does to a batch: the normalised entropy, the mass ``P_ii`` on
 the pair itself, and with labels the share of the off-diagonal mass on same-label items next to its chance level.
@@ -20,8 +21,7 @@ the pair itself, and with labels the share of the off-diagonal mass on same-labe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional
 
 import torch
 
@@ -30,8 +30,8 @@ import torch
 #: of {0.3, 0.5, 0.7, 0.8, 0.9, 0.95} for each base loss. CUSA's fixed tau_s = 1.0 gives about 0.99.
 DEFAULT_SOFT_LABEL_ENTROPY = 0.8
 
-__all__ = ["DEFAULT_SOFT_LABEL_ENTROPY", "CalibratedTemperature", "normalized_entropy", "soft_label_stats",
-           "calibrate_temperature", "sample_batch_ids", "teacher_batches", "calibrate_from_cache"]
+__all__ = ["DEFAULT_SOFT_LABEL_ENTROPY", "normalized_entropy", "soft_label_stats", "calibrate_temperature",
+           "sample_batch_ids", "teacher_batches", "cache_batches"]
 
 
 def _as_batches(sims) -> torch.Tensor:
@@ -123,21 +123,6 @@ def calibrate_temperature(sims, target_entropy: float = DEFAULT_SOFT_LABEL_ENTRO
     return float(math.exp((lo + hi) / 2))
 
 
-@dataclass
-class CalibratedTemperature:
-    """``tau_s`` per teacher matrix (image-image, text-text), the target and the batches it was computed on."""
-
-    image: float
-    text: float
-    target_entropy: float
-    batch_size: int
-    num_batches: int
-    seed: int
-
-    def to_dict(self) -> Dict[str, Union[float, int]]:
-        return asdict(self)
-
-
 def sample_batch_ids(num_captions: int, batch_size: int, num_batches: int, seed: int = 0,
                      caption_to_image: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[num_batches, batch_size]`` caption ids drawn as a trainer would: without replacement within a batch.
@@ -173,22 +158,17 @@ def teacher_batches(cache, batch_ids: torch.Tensor):
     return torch.stack(img), torch.stack(txt)
 
 
-def calibrate_from_cache(cache, batch_size: int, target_entropy: float = DEFAULT_SOFT_LABEL_ENTROPY,
-                         num_batches: int = 16, seed: int = 0, by_images: bool = True) -> CalibratedTemperature:
-    """Calibrated ``tau_s`` for the cache's image-image and text-text teacher matrices at ``batch_size``.
-
-    ``num_batches`` random batches (one caption per image when ``by_images``) are looked up once; the result is a
-    pure function of the cache, the batch size, the target and the seed.
-    """
+def cache_batches(cache, batch_size: int, num_batches: int = 16, seed: int = 0):
+    """``(ids [N, B], image_sims [N, B, B], text_sims [N, B, B])``: ``num_batches`` random training-size batches of
+    the cache and their teacher matrices. One caption per image (as CUSA's and the demo's loaders sample) when the
+    cache has at least ``batch_size`` images, else distinct captions; ``B = min(batch_size, captions)``."""
     batch_size = int(batch_size)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 to calibrate soft labels, got {batch_size}")
-    c2i = torch.as_tensor(cache.caption_to_image).long() if by_images else None
-    if c2i is not None and batch_size > int(c2i.max()) + 1:
-        c2i = None  # fewer images than the batch: batches of captions (several per image), as the loader would
-    ids = sample_batch_ids(cache.num_captions, min(batch_size, cache.num_captions), num_batches, seed, c2i)
-    t_img, t_txt = teacher_batches(cache, ids)
-    return CalibratedTemperature(image=calibrate_temperature(t_img, target_entropy),
-                                 text=calibrate_temperature(t_txt, target_entropy),
-                                 target_entropy=float(target_entropy), batch_size=int(ids.shape[1]),
-                                 num_batches=int(num_batches), seed=int(seed))
+    if int(num_batches) < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    c2i = torch.as_tensor(cache.caption_to_image).long().cpu()
+    by_images = c2i.numel() > 0 and batch_size <= int(c2i.max()) + 1
+    ids = sample_batch_ids(cache.num_captions, min(batch_size, cache.num_captions), int(num_batches), seed,
+                           c2i if by_images else None)
+    return (ids, *teacher_batches(cache, ids))

@@ -386,21 +386,14 @@ def run_inspect(args) -> int:
     try:
         cache = TeacherCache.load(args.cache_dir)
         target = cal.DEFAULT_SOFT_LABEL_ENTROPY if args.entropy is None else float(args.entropy)
-        if args.batch_size < 2:
-            raise ValueError(f"--batch-size must be >= 2, got {args.batch_size}")
-        if args.num_batches < 1:
-            raise ValueError(f"--num-batches must be >= 1, got {args.num_batches}")
         labels = None
         if args.labels:
             names = _read_label_file(Path(args.labels), cache.num_images)
             index = {n: i for i, n in enumerate(sorted(set(names)))}
             labels = torch.tensor([index[n] for n in names])
-        c2i = cache.caption_to_image.long()
+        ids, t_img, t_txt = cal.cache_batches(cache, args.batch_size, args.num_batches, args.seed)
         by_images = args.batch_size <= cache.num_images
-        ids = cal.sample_batch_ids(cache.num_captions, min(args.batch_size, cache.num_captions), args.num_batches,
-                                   args.seed, c2i if by_images else None)
-        t_img, t_txt = cal.teacher_batches(cache, ids)
-        batch_labels = None if labels is None else labels[c2i[ids]]
+        batch_labels = None if labels is None else labels[cache.caption_to_image.long()[ids]]
         rows = []
         for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
             tau_cal = cal.calibrate_temperature(sims, target)

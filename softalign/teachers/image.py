@@ -105,8 +105,8 @@ class EfficientNetLiteTeacher(ImageTeacher):
         self.dim = int(self.model._conv_head.out_channels)
         self.preprocessing = efficientnet_lite_preprocessing(EfficientNet.get_image_size(variant))
 
-    #: images per forward on CPU: EfficientNet's depthwise convolutions ran faster per image in small channels-last
-    #: batches (2 cores, batch 8 vs 32: Lite0 20 vs 31 ms/image, Lite2 25 vs 69 ms/image)
+    #: images per forward on CPU: EfficientNet's depthwise convolutions run faster per image in small channels-last
+    #: batches (benchmarks/bench_image_teacher.py, 2 cores, median: Lite0 14 vs 33 ms/image, Lite2 23 vs 70)
     cpu_micro_batch = 8
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

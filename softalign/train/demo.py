@@ -109,9 +109,8 @@ def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], ima
 
     from softalign.teachers import calibration as cal
 
+    ids, t_img, t_txt = cal.cache_batches(cache, batch_size, num_batches, seed)
     c2i = torch.as_tensor(cache.caption_to_image).long()
-    ids = cal.sample_batch_ids(cache.num_captions, batch_size, num_batches, seed, c2i)
-    t_img, t_txt = cal.teacher_batches(cache, ids)
     labels = None if image_labels is None else torch.as_tensor(image_labels).long()[c2i[ids]]
     rows = []
     for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
@@ -122,46 +121,38 @@ def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], ima
     return rows
 
 
-def _feature_table(path: Path, data, progress: bool):
-    """Frozen student-backbone features of a split, stored once as a TeacherCache (a table of embeddings)."""
-    from softalign.teachers import TeacherCache
-    from softalign.train.feature_student import FeatureSplit
-
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        try:
-            cache = TeacherCache.load(path, expect_fingerprint=TeacherCache.fingerprint_of(
-                data.captions, data.images, data.caption_to_image), expect_text_teacher=STUDENT_BACKBONES["text"],
-                expect_image_teacher=STUDENT_BACKBONES["image"])
-        except ValueError:
-            cache = None
-    else:
-        cache = None
-    if cache is None:
-        cache = TeacherCache.build(path, data.captions, data.images, data.caption_to_image,
-                                   text_teacher=STUDENT_BACKBONES["text"], image_teacher=STUDENT_BACKBONES["image"],
-                                   dtype="float32", progress=progress, overwrite=manifest.is_file())
-    import torch
-
-    img = cache.image_embeddings(torch.arange(cache.num_images)).float()
-    txt = cache.embeddings(torch.arange(cache.num_captions))[1].float()
-    return FeatureSplit(img, txt, data)
-
-
-def _teacher_cache(path: Path, data, progress: bool):
+def _cached_embeddings(path: Path, data, models: Dict[str, str], progress: bool, dtype: str = "float16"):
+    """A :class:`~softalign.teachers.TeacherCache` of ``data`` encoded by ``models`` (``{"text", "image"}``): loaded
+    when one for the same data and models is there, else (re)built."""
     from softalign.teachers import TeacherCache
 
     manifest = path / "manifest.json"
     if manifest.is_file():
         try:
             return TeacherCache.load(path, expect_fingerprint=TeacherCache.fingerprint_of(
-                data.captions, data.images, data.caption_to_image), expect_text_teacher=TEACHERS["text"],
-                expect_image_teacher=TEACHERS["image"])
+                data.captions, data.images, data.caption_to_image), expect_text_teacher=models["text"],
+                expect_image_teacher=models["image"])
         except ValueError:
-            pass
-    return TeacherCache.build(path, data.captions, data.images, data.caption_to_image,
-                              text_teacher=TEACHERS["text"], image_teacher=TEACHERS["image"], progress=progress,
+            pass  # stale: rebuilt below
+    return TeacherCache.build(path, data.captions, data.images, data.caption_to_image, text_teacher=models["text"],
+                              image_teacher=models["image"], dtype=dtype, progress=progress,
                               overwrite=manifest.is_file())
+
+
+def _feature_table(path: Path, data, progress: bool):
+    """Frozen student-backbone features of a split (stored once as a table of embeddings)."""
+    import torch
+
+    from softalign.train.feature_student import FeatureSplit
+
+    table = _cached_embeddings(path, data, STUDENT_BACKBONES, progress, dtype="float32")
+    img = table.image_embeddings(torch.arange(table.num_images)).float()
+    txt = table.embeddings(torch.arange(table.num_captions))[1].float()
+    return FeatureSplit(img, txt, data)
+
+
+def _teacher_cache(path: Path, data, progress: bool):
+    return _cached_embeddings(path, data, TEACHERS, progress)
 
 
 def save_plots(test_runs: Dict[str, List[dict]], variants: Sequence[str], labels: Dict[str, str],
