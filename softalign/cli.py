@@ -21,11 +21,41 @@ SUBCOMMANDS = (
 )
 
 
+EXIT_CODES = """\
+exit status:
+  0  success
+  1  an error in the input, the data or the environment (bad file, flag or recipe value, a cache or
+     checkpoint that does not match, a locked directory, disk full, ...): one line on stderr names it
+     (set SOFTALIGN_TRACEBACK=1 for the full traceback)
+  2  a usage error: unknown command or flag, missing argument (argparse)
+"""
+
+#: exceptions that mean "bad input or environment": one line on stderr and exit status 1
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, RuntimeError)
+
+
+def format_error(err: BaseException) -> str:
+    """One line for a user-facing error; OSErrors say what happened to which file in plain words."""
+    import errno
+
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno is not None:
+        where = f" {err.filename}" if err.filename else ""
+        if err.errno == errno.ENOSPC:
+            return f"disk full while writing{where or ' the output'}: free some space and rerun (finished work is kept)"
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write{where}: permission denied or read-only file system; choose a writable directory"
+        return f"{err.strerror or err}{':' + where if where else ''}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softalign",
         description="Soft-label alignment for image-text retrieval: build teacher caches, "
         "train from recipes, evaluate cross-modal and uni-modal retrieval.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="{cache,train,eval,demo}")
     for name, module in SUBCOMMANDS:
@@ -48,19 +78,20 @@ def _unavailable(name, err):
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = argv  # the command line, for messages that say how to rerun it
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
+    except USER_ERRORS as err:
         # bad input: one line that names the problem (set SOFTALIGN_TRACEBACK=1 for the full traceback)
         if os.environ.get("SOFTALIGN_TRACEBACK"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"softalign {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        print(f"softalign {args.command}: error: {format_error(err)}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -106,9 +106,13 @@ def test_import_cusa_dict_with_albef_style_records(tmp_path, capsys):
             for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE)]
     (tmp_path / "train.json").write_text(json.dumps(recs))
     np.save(tmp_path / "txt.npy", rng.normal(size=(12, 10)).astype(np.float32))
-    rc = main(["cache", "import-npy", "--image-features", str(tmp_path / "train_unicom.npy"), "--captions",
-               str(tmp_path / "train.json"), "--text-features", str(tmp_path / "txt.npy"), "--out", str(tmp_path / "c"),
-               "--no-progress"])
+    args = ["cache", "import-npy", "--image-features", str(tmp_path / "train_unicom.npy"), "--captions",
+            str(tmp_path / "train.json"), "--text-features", str(tmp_path / "txt.npy"), "--out", str(tmp_path / "c"),
+            "--no-progress"]
+    # a pickled file is refused unless the user opts in
+    assert main(args) == 1
+    assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "c" / "manifest.json").exists()
+    rc = main(args + ["--allow-pickle"])
     assert rc == 0, capsys.readouterr().err
     cache = TeacherCache.load(tmp_path / "c")
     order = cache.manifest["image_keys"]
@@ -122,7 +126,7 @@ def test_import_cusa_dict_with_albef_style_records(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(recs))
     rc = main(["cache", "import-npy", "--image-features", str(tmp_path / "train_unicom.npy"), "--captions",
                str(tmp_path / "bad.json"), "--text-features", str(tmp_path / "txt.npy"), "--out", str(tmp_path / "d"),
-               "--no-progress"])
+               "--no-progress", "--allow-pickle"])
     assert rc == 1
     assert "caption 5 refers to image 'COCO_val2014_000000000001.jpg'" in capsys.readouterr().err
 
@@ -136,7 +140,7 @@ def test_import_int_keyed_dict_maps_record_image_ids_through_the_keys(tmp_path, 
     (tmp_path / "train.json").write_text(json.dumps(recs))
     np.save(tmp_path / "txt.npy", rng.normal(size=(12, 10)).astype(np.float32))
     args = ["cache", "import-npy", "--image-features", str(tmp_path / "feats.npy"), "--captions",
-            str(tmp_path / "train.json"), "--text-features", str(tmp_path / "txt.npy"), "--no-progress"]
+            str(tmp_path / "train.json"), "--text-features", str(tmp_path / "txt.npy"), "--no-progress", "--allow-pickle"]
     assert main(args + ["--out", str(tmp_path / "c")]) == 0, capsys.readouterr().err
     cache = TeacherCache.load(tmp_path / "c")
     ref = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([feats[keys[i]] for i in CAPTION_TO_IMAGE])),

@@ -42,7 +42,7 @@ def test_cusa_dict_with_captions_and_key_map(tmp_path, feats):
     caption_keys = [KEYS[i] for i in CAPTION_TO_IMAGE]
     t = FakeTextTeacher()
     cache = import_npy(tmp_path / "c", tmp_path / "train_unicom.npy", caption_keys, captions=CAPTIONS,
-                       text_teacher=t, dtype="float32", progress=False)
+                       text_teacher=t, dtype="float32", progress=False, allow_pickle=True)
     assert cache.manifest["image_keys"] == [KEYS[j] for j in order]
     assert cache.caption_to_image.tolist() == [order.index(i) for i in CAPTION_TO_IMAGE]
     i, tx = cache.embeddings(torch.arange(12))
@@ -50,7 +50,8 @@ def test_cusa_dict_with_captions_and_key_map(tmp_path, feats):
     torch.testing.assert_close(tx, F.normalize(text_features(CAPTIONS), dim=1))
     # explicit image order
     c2 = import_npy(tmp_path / "c2", tmp_path / "train_unicom.npy", CAPTION_TO_IMAGE, captions=CAPTIONS,
-                    text_teacher=FakeTextTeacher(), image_keys=KEYS, dtype="float32", progress=False)
+                    text_teacher=FakeTextTeacher(), image_keys=KEYS, dtype="float32", progress=False,
+                    allow_pickle=True)
     torch.testing.assert_close(c2.embeddings(torch.arange(12))[0], i)
 
 
@@ -59,7 +60,7 @@ def test_dict_errors_name_the_item(tmp_path, feats):
     bad = {KEYS[0]: img[0][None], KEYS[1]: img[1][None, :8], KEYS[2]: img[2][None], KEYS[3]: img[3][None]}
     np.save(tmp_path / "bad.npy", bad, allow_pickle=True)
     with pytest.raises(ValueError, match=r"COCO_val2014_000000522418.jpg.* are 8-d, but .* is 16-d"):
-        read_features(tmp_path / "bad.npy")
+        read_features(tmp_path / "bad.npy", allow_pickle=True)
     with pytest.raises(ValueError, match=r"features of image 'x' have shape \(2, 16\)"):
         read_features({"x": np.zeros((2, 16), np.float32)})
     with pytest.raises(ValueError, match="image key 'b' is listed twice"):
@@ -68,8 +69,10 @@ def test_dict_errors_name_the_item(tmp_path, feats):
         read_features({"a": np.zeros(3)}, image_keys=["a", "c"])
     with pytest.raises(ValueError, match="pickled"):
         read_features(tmp_path / "bad.npy", allow_pickle=False)
-    with pytest.raises(ValueError, match="2-D feature matrix"):
+    with pytest.raises(ValueError, match=r"region features of shape \(3, 2, 2\).*pool='mean'"):
         read_features(np.zeros((3, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="2-D feature matrix"):
+        read_features(np.zeros((3, 2, 2, 2), np.float32))
     with pytest.raises(KeyError, match="caption 2 refers to image 'nope'"):
         import_npy(tmp_path / "c", {"a": np.ones(3)}, ["a", "a", "nope"], captions=["x", "y", "z"],
                    text_teacher=FakeTextTeacher(), progress=False)

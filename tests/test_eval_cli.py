@@ -70,7 +70,7 @@ def test_eval_from_npy_with_captions_per_image(tmp_path):
 
 
 def _fails(capsys, argv, message):
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert re.search(message, err), err
 
@@ -83,7 +83,46 @@ def test_eval_cli_bad_input(tmp_path, capsys):
                     "--captions-per-image", "4", "--out", str(tmp_path / "o")],
            "10 images x 4 = 40 captions expected, got 30")
     _fails(capsys, ["eval", "--embeddings", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")],
-           "embeddings file not found")
+           r"--embeddings \S*missing.safetensors: file not found")
+    # not a safetensors file: empty, text, a pickle -- one line naming the file, never "header too small"
+    import pickle
+
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "text.safetensors").write_text("image,text\n1,2\n")
+    (tmp_path / "pickle.safetensors").write_bytes(pickle.dumps({"image": im}))
+    for name in ("empty", "text", "pickle"):
+        _fails(capsys, ["eval", "--embeddings", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "o")],
+               rf"--embeddings \S*{name}.safetensors: not a safetensors file")
+    _fails(capsys, ["eval", "--image-emb", str(tmp_path / "text.safetensors"), "--text-emb", str(tmp_path / "t.npy"),
+                    "--captions-per-image", "3", "--out", str(tmp_path / "o")], r"--image-emb \S*: not a plain .npy")
+    # --out naming a file
+    (tmp_path / "afile").write_text("x")
+    _fails(capsys, ["eval", "--image-emb", str(tmp_path / "i.npy"), "--text-emb", str(tmp_path / "t.npy"),
+                    "--captions-per-image", "3", "--out", str(tmp_path / "afile")], r"--out \S*afile: is a file")
+    # missing keys, inconsistent maps and shapes name the key
+    save_file({"text": tx, "caption_to_image": c2i}, str(tmp_path / "no_image.safetensors"))
+    _fails(capsys, ["eval", "--embeddings", str(tmp_path / "no_image.safetensors"), "--out", str(tmp_path / "o")],
+           r"missing key\(s\) \['image'\]")
+    bad_maps = {"out_of_range": (c2i + 1, r"caption_to_image\[27\] = 10 is outside the 10 images"),
+                "short": (c2i[:-1], r"'caption_to_image' must be 30 integer image indices"),
+                "float": (c2i.float(), r"'caption_to_image' must be 30 integer image indices"),
+                "uncovered": (torch.zeros_like(c2i), r"image 1 has no caption")}
+    for name, (m, msg) in bad_maps.items():
+        save_file({"image": im, "text": tx, "caption_to_image": m}, str(tmp_path / f"{name}.safetensors"))
+        _fails(capsys, ["eval", "--embeddings", str(tmp_path / f"{name}.safetensors"), "--out", str(tmp_path / "o")],
+               msg)
+    nan_img = im.clone()
+    nan_img[4, 0] = float("nan")
+    save_file({"image": nan_img, "text": tx, "caption_to_image": c2i}, str(tmp_path / "nan.safetensors"))
+    _fails(capsys, ["eval", "--embeddings", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "o")],
+           r"'image' row 4 holds NaN/inf")
+    save_file({"image": im[:, :5].contiguous(), "text": tx, "caption_to_image": c2i}, str(tmp_path / "dims.safetensors"))
+    _fails(capsys, ["eval", "--embeddings", str(tmp_path / "dims.safetensors"), "--out", str(tmp_path / "o")],
+           r"'image' is 5-d but 'text' is \d+-d")
+    save_file({"image": im, "text": tx, "caption_to_image": c2i, "image_labels": torch.arange(3)},
+              str(tmp_path / "labels.safetensors"))
+    _fails(capsys, ["eval", "--embeddings", str(tmp_path / "labels.safetensors"), "--out", str(tmp_path / "o")],
+           r"'image_labels' must be 10 integer labels")
     save_file({"image": im, "text": tx}, str(tmp_path / "no_map.safetensors"))
     _fails(capsys, ["eval", "--embeddings", str(tmp_path / "no_map.safetensors"), "--out", str(tmp_path / "o")],
            "no caption_to_image")

@@ -62,27 +62,81 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
 
 
-def _load_array(path: str, what: str):
+def _load_array(path: str, flag: str):
     import numpy as np
     import torch
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    return torch.from_numpy(np.load(path, allow_pickle=False))
+        raise FileNotFoundError(f"{flag} {path}: file not found")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # pickled, truncated or not a .npy at all
+        raise ValueError(f"{flag} {path}: not a plain .npy array ({str(err).splitlines()[0]})") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{flag} {path}: expected one .npy array, got an .npz archive")
+    return torch.from_numpy(arr)
 
 
-def _load_mapping(path: str, what: str) -> Dict[str, Any]:
+def _load_mapping(path: str, flag: str) -> Dict[str, Any]:
     import numpy as np
     import torch
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise FileNotFoundError(f"{flag} {path}: file not found")
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            return {k: torch.from_numpy(z[k]) for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{flag} {path}: not a readable .npz archive ({str(err).splitlines()[0]})") from None
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{flag} {path}: not a safetensors file ({str(err).splitlines()[0]}); write it with "
+                         "safetensors.torch.save_file({'image': ..., 'text': ..., 'caption_to_image': ...})") from None
+
+
+def check_inputs(data: Dict[str, Any], source: str) -> None:
+    """Shapes, dtypes and maps of the evaluation inputs; every error names the key and ``source``."""
+    import torch
+
+    for key in ("image", "text"):
+        t = data[key]
+        if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{source}: {key!r} must be a non-empty [N, D] matrix, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: {key!r} must hold floating-point embeddings, got {t.dtype}")
+        finite = torch.isfinite(t).all(dim=1)
+        if not bool(finite.all()):
+            raise ValueError(f"{source}: {key!r} row {int((~finite).nonzero()[0])} holds NaN/inf")
+    n_img, n_txt = data["image"].shape[0], data["text"].shape[0]
+    if data["image"].shape[1] != data["text"].shape[1]:
+        raise ValueError(f"{source}: 'image' is {data['image'].shape[1]}-d but 'text' is {data['text'].shape[1]}-d; "
+                         "both must live in one joint space")
+    c2i = data["caption_to_image"]
+    if c2i.is_floating_point() or c2i.dtype == torch.bool or c2i.dim() != 1 or c2i.shape[0] != n_txt:
+        raise ValueError(f"{source}: 'caption_to_image' must be {n_txt} integer image indices (one per caption), "
+                         f"got {c2i.dtype} of shape {tuple(c2i.shape)}")
+    bad = ((c2i < 0) | (c2i >= n_img)).nonzero().flatten()
+    if bad.numel():
+        j = int(bad[0])
+        raise ValueError(f"{source}: caption_to_image[{j}] = {int(c2i[j])} is outside the {n_img} images 0..{n_img - 1}")
+    missing = sorted(set(range(n_img)) - set(c2i.tolist()))
+    if missing:
+        raise ValueError(f"{source}: image {missing[0]} has no caption in caption_to_image ({len(missing)} images "
+                         "without captions); i2t recall is undefined for them")
+    for key, n in (("image_labels", n_img), ("text_labels", n_txt)):
+        if key in data:
+            t = data[key]
+            if t.dim() != 1 or t.shape[0] != n or t.is_floating_point():
+                raise ValueError(f"{source}: {key!r} must be {n} integer labels, got {t.dtype} of shape {tuple(t.shape)}")
+    for key, ref in (("image_uni", "image"), ("text_uni", "text")):
+        if key in data and (data[key].dim() != 2 or data[key].shape[0] != data[ref].shape[0]):
+            raise ValueError(f"{source}: {key!r} must have one row per {ref!r} row ({data[ref].shape[0]}), got shape "
+                             f"{tuple(data[key].shape)}")
 
 
 def load_inputs(args) -> Dict[str, Any]:
@@ -92,18 +146,21 @@ def load_inputs(args) -> Dict[str, Any]:
     if args.embeddings:
         if args.image_emb or args.text_emb:
             raise ValueError("pass either --embeddings or --image-emb/--text-emb, not both")
-        data = _load_mapping(args.embeddings, "embeddings")
+        data = _load_mapping(args.embeddings, "--embeddings")
         missing = [k for k in ("image", "text") if k not in data]
         if missing:
-            raise ValueError(f"{args.embeddings} lacks {missing}; expected keys 'image', 'text', 'caption_to_image'")
+            raise ValueError(f"--embeddings {args.embeddings}: missing key(s) {missing} (it has {sorted(data)}); "
+                             "expected 'image', 'text', 'caption_to_image'")
+        source = f"--embeddings {args.embeddings}"
     else:
         if not (args.image_emb and args.text_emb):
             raise ValueError("pass --embeddings FILE.safetensors, or both --image-emb and --text-emb (.npy)")
-        data = {"image": _load_array(args.image_emb, "image embeddings"), "text": _load_array(args.text_emb, "text embeddings")}
+        data = {"image": _load_array(args.image_emb, "--image-emb"), "text": _load_array(args.text_emb, "--text-emb")}
+        source = f"--image-emb {args.image_emb} / --text-emb {args.text_emb}"
     n_img, n_txt = data["image"].shape[0], data["text"].shape[0]
     if args.caption_to_image:
-        data["caption_to_image"] = _load_array(args.caption_to_image, "caption_to_image")
-    elif args.captions_per_image:
+        data["caption_to_image"] = _load_array(args.caption_to_image, "--caption-to-image")
+    elif args.captions_per_image is not None:
         n = args.captions_per_image
         if n < 1 or n_txt != n * n_img:
             raise ValueError(
@@ -113,7 +170,12 @@ def load_inputs(args) -> Dict[str, Any]:
     if "caption_to_image" not in data:
         raise ValueError("no caption_to_image: store it in the embeddings file or pass --captions-per-image / --caption-to-image")
     if args.labels:
-        data.update({k: v for k, v in _load_mapping(args.labels, "labels").items() if k in ("image_labels", "text_labels")})
+        labels = _load_mapping(args.labels, "--labels")
+        if not any(k in labels for k in ("image_labels", "text_labels")):
+            raise ValueError(f"--labels {args.labels}: holds neither 'image_labels' nor 'text_labels' (it has "
+                             f"{sorted(labels)})")
+        data.update({k: v for k, v in labels.items() if k in ("image_labels", "text_labels")})
+    check_inputs(data, source)
     return data
 
 
@@ -152,6 +214,13 @@ def evaluate_inputs(data: Dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
 def run(args) -> int:
     from softalign.eval.report import write_report
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a file; --out names the directory for metrics.json, metrics.md and "
+                         "recall_at_k.png")
+    if any(k < 1 for k in args.ks):
+        raise ValueError(f"--ks must be positive recall cut-offs, got {args.ks}")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be a positive number of images, got {args.chunk_size}")
     data = load_inputs(args)
     metrics = evaluate_inputs(data, args.protocol, tuple(args.ks), args.chunk_size, not args.no_normalize)
     paths = write_report(metrics, args.out, title=args.title, plot=not args.no_plot)

@@ -16,6 +16,7 @@ size and the teacher batch, not by the data set.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from softalign.locking import directory_lock
+
 from . import storage
 from .fingerprint import describe_mismatch
 
@@ -40,6 +43,8 @@ FORMAT = "softalign-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
+#: inside ``.partial/``: the command line of the build, shown by ``cache info`` / load on an unfinished build
+COMMAND_FILE = "command.txt"
 FILES = {"text": "text.safetensors", "image": "image.safetensors"}
 
 
@@ -213,14 +218,30 @@ def identity_mismatch(stored: dict, wanted: dict) -> Optional[str]:
 
 def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
                 chunk_size: int = 4096, dtype="float16", accelerator=None, overwrite: bool = False,
-                progress: bool = True, extra: Optional[dict] = None) -> Path:
-    """Encode (or copy) both modalities into ``out_dir``; see the module docstring. Returns ``out_dir``."""
+                progress: bool = True, extra: Optional[dict] = None, command: Optional[str] = None) -> Path:
+    """Encode (or copy) both modalities into ``out_dir``; see the module docstring. Returns ``out_dir``.
+
+    The main process holds ``out_dir``'s lock (:func:`softalign.locking.directory_lock`) throughout: a second build
+    into the same directory fails at once, naming the first. Temporary files and a leftover ``.partial/`` of a
+    killed build are removed under that lock. ``command`` (the CLI's command line) is kept in ``.partial/`` so
+    that ``cache info`` on an unfinished build can say how to resume it.
+    """
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    st = _State(accelerator)
+    with contextlib.ExitStack() as stack:
+        if st.is_main:
+            stack.enter_context(directory_lock(out_dir, "softalign cache build"))
+        return _build_locked(out_dir, text, image, caption_to_image, fingerprint, chunk_size, dtype, st, overwrite,
+                             progress, extra, command)
+
+
+def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
+                  chunk_size, dtype, st: "_State", overwrite: bool, progress: bool, extra: Optional[dict],
+                  command: Optional[str]) -> Path:
     chunk_size = int(chunk_size)
     tdtype = storage.torch_dtype(dtype)
     out = Path(out_dir)
-    st = _State(accelerator)
     c2i = caption_to_image.long().cpu()
     identity = {
         "fingerprint": fingerprint,
@@ -237,10 +258,20 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
 
     # --- an existing complete cache: reuse if identical, refuse (or replace with overwrite=True) otherwise
     if manifest_path.is_file():
-        with open(manifest_path, encoding="utf-8") as fh:
-            stored = json.load(fh)
-        why = identity_mismatch(stored, identity) if stored.get("format") == FORMAT else "not a softalign cache"
+        try:
+            stored = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            stored = {}
+        try:
+            why = (identity_mismatch(stored, identity) if isinstance(stored, dict) and stored.get("format") == FORMAT
+                   else "its manifest.json is not a softalign cache manifest")
+        except (KeyError, TypeError):
+            why = "its manifest.json is damaged"
         if why is None:
+            if st.is_main:  # a build killed after its manifest: only leftovers remain to clean up
+                shutil.rmtree(partial, ignore_errors=True)
+                storage.remove_stale_temporaries(out)
+            st.wait()
             return out
         if not overwrite:
             raise FileExistsError(
@@ -258,6 +289,9 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
     # --- partial state from an interrupted build: resume if it is the same build, else start over
     if st.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        removed = storage.remove_stale_temporaries(out) + storage.remove_stale_temporaries(partial)
+        if removed:
+            logger.info("%s: removed %d temporary file(s) left by an interrupted build", out, removed)
         state_file = partial / "build.json"
         if state_file.is_file():
             try:
@@ -270,6 +304,8 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
         partial.mkdir(parents=True, exist_ok=True)
         if not state_file.is_file():
             storage.atomic_write_json(state_file, key)
+        if command:
+            storage.atomic_write_text(partial / COMMAND_FILE, command + "\n")
     st.wait()
 
     # --- encode this process's share of the chunks
@@ -316,7 +352,8 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
                                                {"embeddings": chunks},
                                                metadata={"format": FORMAT, "modality": src.modality})
             files[src.modality] = {"path": fname, "key": "embeddings", "shape": [src.count, src.dim],
-                                   "bytes": (out / fname).stat().st_size}
+                                   "bytes": (out / fname).stat().st_size,
+                                   "sha256": storage.file_sha256(out / fname)}
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from . import storage
-from .build import FILES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL
-from .fingerprint import describe_mismatch
+from .build import COMMAND_FILE, FILES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL
+from .fingerprint import describe_mismatch, hash_caption_to_image
 
 
 class CacheMismatchError(ValueError):
@@ -64,6 +64,75 @@ def canonical_teacher_name(modality: str, name: str) -> str:
     return DEFAULT_IMAGE_TEACHER if name in _OFFLINE_ALIASES or name == "efficientnet-lite0" else name
 
 
+def contained_path(root: Path, relative, what: str) -> Path:
+    """``root / relative``, refusing a path that leaves ``root`` (``..``, absolute paths, symlinks out)."""
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"teacher cache {root}: {what} must be a file name inside the cache, got {relative!r}")
+    candidate = (root / relative)
+    base = root.resolve()
+    try:
+        candidate.resolve().relative_to(base)
+    except ValueError:
+        raise ValueError(f"teacher cache {root}: {what} = {relative!r} points outside the cache directory; "
+                         "refusing to read it (the manifest was edited)") from None
+    return candidate
+
+
+_MANIFEST_FIELDS = {"format": str, "complete": bool, "num_captions": int, "num_images": int, "dtype": str,
+                    "fingerprint": dict, "text_teacher": dict, "image_teacher": dict, "files": dict,
+                    "caption_to_image": list}
+
+
+def validate_manifest(manifest, mpath: Path) -> None:
+    """Refuse a manifest that is not a complete softalign cache manifest, naming the missing or malformed key."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{mpath} is not a {FORMAT} manifest")
+    if not manifest.get("complete"):
+        raise ValueError(f"{mpath} is not a complete {FORMAT} manifest")
+    for key, kind in _MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise ValueError(f"{mpath}: required key {key!r} is missing; rebuild the cache")
+        value = manifest[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{mpath}: {key!r} must be a {kind.__name__}, got {type(value).__name__}")
+    for mod in FILES:
+        teacher = manifest[f"{mod}_teacher"]
+        for key, kind in (("name", str), ("dim", int)):
+            if not isinstance(teacher.get(key), kind):
+                raise ValueError(f"{mpath}: {mod}_teacher.{key} must be a {kind.__name__}, got {teacher.get(key)!r}")
+        info = manifest["files"].get(mod)
+        if not isinstance(info, dict):
+            raise ValueError(f"{mpath}: files.{mod} is missing; rebuild the cache")
+        for key, kind in (("path", str), ("key", str), ("shape", list), ("bytes", int)):
+            if not isinstance(info.get(key), kind):
+                raise ValueError(f"{mpath}: files.{mod}.{key} must be a {kind.__name__}, got {info.get(key)!r}")
+    if any(not isinstance(x, int) or isinstance(x, bool) for x in manifest["caption_to_image"]):
+        j = next(j for j, x in enumerate(manifest["caption_to_image"]) if not isinstance(x, int) or isinstance(x, bool))
+        raise ValueError(f"{mpath}: caption_to_image[{j}] = {manifest['caption_to_image'][j]!r} is not an image index")
+
+
+def first_nonfinite_row(table: torch.Tensor, rows_per_block: int = 65536):
+    """Index of the first row of ``table`` holding NaN/inf, or None (read in blocks: bounded memory)."""
+    for s in range(0, int(table.shape[0]), rows_per_block):
+        block = table[s:s + rows_per_block]
+        finite = torch.isfinite(block.float()).all(dim=1)
+        if not bool(finite.all()):
+            return s + int((~finite).nonzero()[0])
+    return None
+
+
+def resume_hint(path: Path) -> str:
+    """How to resume the unfinished build in ``path`` (its command line when the CLI recorded it)."""
+    cmd = path / PARTIAL / COMMAND_FILE
+    try:
+        command = cmd.read_text(encoding="utf-8").strip()
+    except OSError:
+        command = ""
+    if command:
+        return f"resume it by running the same command again: {command}"
+    return "resume it by rerunning the same build (TeacherCache.build / softalign cache build with the same inputs)"
+
+
 class TeacherCache:
     """Teacher embeddings of every caption and image of a data set (see module docstring).
 
@@ -87,7 +156,7 @@ class TeacherCache:
               dtype="float16", accelerator=None, fingerprint=None, *, batch_size: int = 64,
               image_batch_size: int = 32, device=None, image_column: Optional[str] = None,
               image_root: Optional[str] = None, image_weights=None, overwrite: bool = False,
-              progress: bool = True) -> "TeacherCache":
+              progress: bool = True, image_hash: str = "content", command: Optional[str] = None) -> "TeacherCache":
         """Encode ``captions`` and ``images`` once with the teachers and store them in ``out_dir``.
 
         Args:
@@ -106,6 +175,10 @@ class TeacherCache:
                 dict of :meth:`fingerprint_of`).
             overwrite: replace a complete cache in ``out_dir`` that was built for other inputs
                 (an identical one is simply reused).
+            image_hash: how image files enter the data fingerprint: ``"content"`` (default; SHA-256 of each
+                file's bytes, so an image edited in place is noticed) or ``"stat"`` (path + size only: faster
+                on slow network storage, blind to same-size edits). See ``benchmarks/bench_fingerprint.py``.
+            command: the command line of the build, shown to a user who inspects an unfinished build.
 
         Raises:
             ValueError / TypeError / FileNotFoundError naming the caption or image at fault; chunks
@@ -122,7 +195,8 @@ class TeacherCache:
         c2i = validate_caption_to_image(caption_to_image, len(captions), len(source))
         source.check()
         if fingerprint is None:
-            fp = dataset_fingerprint(captions, c2i, images, image_column=image_column, image_root=image_root)
+            fp = dataset_fingerprint(captions, c2i, images, image_column=image_column, image_root=image_root,
+                                     image_mode=image_hash)
             fp["source"] = "computed"
         elif isinstance(fingerprint, dict):
             fp = dict(fingerprint)
@@ -133,26 +207,32 @@ class TeacherCache:
         tt = resolve_text_teacher(text_teacher, device=device, batch_size=batch_size)
         it = resolve_image_teacher(image_teacher, device=device, batch_size=image_batch_size, weights=image_weights)
         build_cache(out_dir, text_source(tt, captions), image_source(it, source), c2i, fp, chunk_size=chunk_size,
-                    dtype=dtype, accelerator=accelerator, overwrite=overwrite, progress=progress)
+                    dtype=dtype, accelerator=accelerator, overwrite=overwrite, progress=progress, command=command)
         return cls.load(out_dir, expect_fingerprint=fp, expect_text_teacher=tt, expect_image_teacher=it)
 
     @staticmethod
-    def fingerprint_of(captions: Sequence[str], images, caption_to_image, image_column=None, image_root=None) -> dict:
-        """Fingerprint parts (captions, caption_to_image, images, dataset) for ``load(expect_fingerprint=...)``."""
+    def fingerprint_of(captions: Sequence[str], images, caption_to_image, image_column=None, image_root=None,
+                       image_hash: str = "content") -> dict:
+        """Fingerprint parts (captions, caption_to_image, images, dataset) for ``load(expect_fingerprint=...)``;
+        ``image_hash`` must be the mode the cache was built with (its manifest's ``fingerprint.image_hash``)."""
         from .fingerprint import dataset_fingerprint
 
         return dataset_fingerprint(list(captions), caption_to_image, images, image_column=image_column,
-                                   image_root=image_root)
+                                   image_root=image_root, image_mode=image_hash)
 
     @classmethod
     def load(cls, path, expect_fingerprint=None, expect_text_teacher=None, expect_image_teacher=None,
-             mmap: bool = True) -> "TeacherCache":
+             mmap: bool = True, verify: bool = True) -> "TeacherCache":
         """Open a complete cache; refuse incomplete builds and caches built for other data or teachers.
 
         ``expect_fingerprint``: a dataset fingerprint string, or the dict of :meth:`fingerprint_of`
         (then the error says whether captions, images or the caption->image map differ).
         ``expect_text_teacher`` / ``expect_image_teacher``: teacher names or objects.
         ``mmap=True`` maps the tables read-only (shared page cache across processes); False copies to RAM.
+        ``verify=True`` checks each table against the SHA-256 in the manifest and for NaN/inf rows (one pass over
+        the files; ``benchmarks/bench_cache_integrity.py`` measures it), ``False`` skips both. The manifest's
+        structure, file paths (inside the cache directory), sizes, shapes, dims and caption->image map are
+        always checked.
         """
         path = Path(path)
         mpath = path / MANIFEST
@@ -161,15 +241,14 @@ class TeacherCache:
                 n = len(list((path / PARTIAL).glob("*.safetensors")))
                 raise IncompleteCacheError(
                     f"{path} holds an unfinished teacher-cache build ({n} chunks done, no {MANIFEST} yet); "
-                    "rerun the same build (TeacherCache.build / softalign cache build) to resume it"
+                    f"{resume_hint(path)}"
                 )
             raise FileNotFoundError(f"no teacher cache at {path} ({MANIFEST} not found)")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{mpath} is not valid JSON ({err})") from None
-        if manifest.get("format") != FORMAT or not manifest.get("complete"):
-            raise ValueError(f"{mpath} is not a complete {FORMAT} manifest")
+        validate_manifest(manifest, mpath)
         if int(manifest.get("version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{path}: cache format version {manifest['version']} is newer than this softalign "
                              f"supports ({FORMAT_VERSION}); upgrade softalign")
@@ -192,23 +271,50 @@ class TeacherCache:
                 )
 
         tables = {}
-        for mod, fname in FILES.items():
+        for mod in FILES:
             info = manifest["files"][mod]
-            fpath = path / info["path"]
+            fpath = contained_path(path, info["path"], f"files.{mod}.path")
             if not fpath.is_file():
                 raise FileNotFoundError(f"teacher cache {path}: {info['path']} is missing")
             if fpath.stat().st_size != int(info["bytes"]):
                 raise ValueError(f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest "
                                  f"says {info['bytes']} (modified or truncated); rebuild the cache")
-            t = (storage.mmap_safetensors(fpath) if mmap else storage.load_tensors(fpath))[info["key"]]
+            if verify and "sha256" in info and storage.file_sha256(fpath) != info["sha256"]:
+                raise ValueError(f"teacher cache {path}: {info['path']} does not match the checksum in its manifest "
+                                 "(the file was modified or damaged after the build); rebuild the cache")
+            try:
+                t = (storage.mmap_safetensors(fpath) if mmap else storage.load_tensors(fpath))[info["key"]]
+            except (KeyError, ValueError, OSError) as err:
+                raise ValueError(f"teacher cache {path}: cannot read {info['key']!r} from {info['path']} ({err}); "
+                                 "rebuild the cache") from None
             if list(t.shape) != list(info["shape"]):
                 raise ValueError(f"teacher cache {path}: {info['path']} holds shape {list(t.shape)}, "
                                  f"manifest says {info['shape']}")
+            teacher = manifest[f"{mod}_teacher"]
+            if int(teacher["dim"]) != int(t.shape[1]):
+                raise ValueError(f"teacher cache {path}: {mod}_teacher.dim is {teacher['dim']} in the manifest but "
+                                 f"{info['path']} holds {int(t.shape[1])}-d rows; the manifest was edited, rebuild "
+                                 "the cache")
+            if verify:
+                bad = first_nonfinite_row(t)
+                if bad is not None:
+                    raise ValueError(f"teacher cache {path}: row {bad} of {info['path']} ({mod} item {bad}) holds "
+                                     "NaN/inf; the file is damaged, rebuild the cache")
             tables[mod] = t
         c2i = torch.tensor(manifest["caption_to_image"], dtype=torch.long)
         if c2i.numel() != tables["text"].shape[0]:
             raise ValueError(f"teacher cache {path}: caption_to_image has {c2i.numel()} entries for "
                              f"{tables['text'].shape[0]} captions")
+        n_img = int(tables["image"].shape[0])
+        out_of_range = ((c2i < 0) | (c2i >= n_img)).nonzero().flatten()
+        if out_of_range.numel():
+            j = int(out_of_range[0])
+            raise ValueError(f"teacher cache {path}: caption_to_image[{j}] = {int(c2i[j])} is outside the "
+                             f"{n_img} images 0..{n_img - 1} of the cache; the manifest was edited, rebuild the cache")
+        stored_map = manifest["fingerprint"].get("caption_to_image")
+        if stored_map is not None and hash_caption_to_image(c2i) != stored_map:
+            raise ValueError(f"teacher cache {path}: the caption_to_image map in {MANIFEST} does not match the "
+                             "map its fingerprint was computed from (the manifest was edited); rebuild the cache")
         return cls(path, manifest, tables["text"], tables["image"], c2i)
 
     # ------------------------------------------------------------------ properties

@@ -76,6 +76,10 @@ examples:
     b.add_argument("--batch-size", type=int, default=64, help="text teacher batch size (default 64)")
     b.add_argument("--image-batch-size", type=int, default=32, help="image teacher batch size (default 32)")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    b.add_argument("--image-hash", choices=("content", "stat"), default="content",
+                   help="how image files enter the data fingerprint: 'content' (default: SHA-256 of every file, so "
+                        "an image edited in place is noticed) or 'stat' (path + size: faster on slow network "
+                        "storage, blind to same-size edits)")
     _add_output_args(b)
     b.set_defaults(func=run_build)
 
@@ -84,7 +88,8 @@ examples:
         description="Import image-teacher features from a .npy file: a plain matrix [num_images, D] (row i = "
         "image i) or CUSA's pickled {image_id: array(1, D)} dict. Text features come from --text-features "
         "(a [num_captions, D] .npy matrix) or are computed from --captions with --text-teacher. "
-        "Pickled files can run code when loaded: import only files you trust.",
+        "Pickled files can run code when loaded, so they need --allow-pickle: use it only for files you trust. "
+        "Region features [N, regions, D] need --pool mean|max.",
         epilog=_CAPTION_FORMATS + """
 with CUSA's dict, records' "image_id" (or "image") must be keys of the dict; images are numbered in
 the order given by --image-keys (a .txt/.json list of keys), else the order of the dict.
@@ -106,6 +111,12 @@ examples:
                    help="name recorded for the imported image features (default imported:<file name>)")
     m.add_argument("--text-teacher-name", default=None, help="name recorded for --text-features")
     m.add_argument("--device", default=None, help="device for the text teacher")
+    m.add_argument("--pool", choices=("mean", "max"), default=None,
+                   help="pool region features [num_images, regions, D] (SCAN / bottom-up attention, e.g. "
+                        "[N, 36, 2048]) to one row per image: the mean or the element-wise max over the regions")
+    m.add_argument("--allow-pickle", action="store_true",
+                   help="load a pickled .npy (CUSA's {image_id: array(1, D)} dict). Off by default: unpickling "
+                        "can run code from the file, so use it only for files you trust")
     _add_output_args(m)
     m.set_defaults(func=run_import)
 
@@ -166,20 +177,74 @@ def _add_output_args(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- readers
-def _read_list(path: Path) -> list:
+def _read_text(path: Path, flag: str) -> str:
+    """The UTF-8 text of ``path``; errors name the flag and the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
+        raise FileNotFoundError(f"{flag} {path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it with "
+                         "iconv -t utf-8") from None
+
+
+def _read_json(path: Path, flag: str):
+    try:
+        return json.loads(_read_text(path, flag))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def _read_list(path: Path, flag: str = "--images") -> list:
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _read_json(path, flag)
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list")
+            raise ValueError(f"{flag} {path}: expected a JSON list, got a {type(data).__name__}")
         return data
     if path.suffix == ".npy":
         import numpy as np
 
-        return np.load(path).tolist()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return lines
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {path}: file not found")
+        try:
+            return np.load(path, allow_pickle=False).tolist()
+        except ValueError as err:
+            raise ValueError(f"{flag} {path}: not a plain .npy array ({err})") from None
+    return _read_text(path, flag).splitlines()
+
+
+def _read_image_indices(path: Path, flag: str = "--caption-to-image") -> List[int]:
+    """One integer image index per caption (.txt lines, .json list or .npy); a non-integer entry names its line."""
+    out = []
+    for j, x in enumerate(_read_list(path, flag)):
+        if isinstance(x, str):
+            if not x.strip():
+                continue
+            try:
+                x = int(x.strip())
+            except ValueError:
+                raise ValueError(f"{flag} {path}: entry {j} (line {j + 1}) is {x.strip()!r}, not an integer image "
+                                 "index") from None
+        elif isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and x != int(x)):
+            raise ValueError(f"{flag} {path}: entry {j} is {x!r}, not an integer image index")
+        if x < 0:
+            raise ValueError(f"{flag} {path}: entry {j} is {x}, a negative image index")
+        out.append(int(x))
+    return out
+
+
+def _groups_map(n_captions: int, k: int, num_images: Optional[int]) -> List[int]:
+    """``--captions-per-image K``: caption i -> image i // K, refused unless the captions split evenly."""
+    if k < 1:
+        raise ValueError(f"--captions-per-image must be a positive integer, got {k}")
+    if n_captions % k:
+        raise ValueError(f"--captions-per-image {k} does not divide the {n_captions} captions evenly "
+                         f"({n_captions} = {n_captions // k} x {k} + {n_captions % k}); give --caption-to-image FILE "
+                         "when images have different numbers of captions")
+    if num_images is not None and n_captions // k != num_images:
+        raise ValueError(f"--captions-per-image {k} pairs the {n_captions} captions with {n_captions // k} images, but "
+                         f"{num_images} images were given; check --captions-per-image or the image list")
+    return [i // k for i in range(n_captions)]
 
 
 _BUILD_FIELDS = ("image", "image_path", "file_name", "filepath", "image_id")
@@ -188,11 +253,9 @@ _IMPORT_FIELDS = ("image_id", "image", "image_path", "file_name", "filepath")
 
 def _read_captions(path: Path, fields=_BUILD_FIELDS) -> Tuple[List[str], Optional[list], Optional[list]]:
     """-> captions, image references per caption (or None), explicit images list (or None)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
     if path.suffix != ".json":
-        return path.read_text(encoding="utf-8").splitlines(), None, None
-    data = json.loads(path.read_text(encoding="utf-8"))
+        return _read_text(path, "--captions").splitlines(), None, None
+    data = _read_json(path, "--captions")
     if isinstance(data, dict):
         if "captions" not in data:
             raise ValueError(f"{path}: a JSON object needs a 'captions' list")
@@ -240,12 +303,15 @@ def _refs_to_map(refs: list) -> Tuple[list, List[int]]:
 
 def _list_images(spec: List[str]) -> Tuple[Optional[Path], Optional[List[str]]]:
     """--images -> (root directory or None, explicit list of paths or None)."""
+    for x in spec:
+        if not Path(x).exists():
+            raise FileNotFoundError(f"--images {x}: no such file or directory")
     if len(spec) == 1:
         p = Path(spec[0])
         if p.is_dir():
             return p, None
         if p.suffix in (".txt", ".json") and p.is_file():
-            return None, [str(x) for x in _read_list(p)]
+            return None, [str(x) for x in _read_list(p, "--images") if str(x).strip()]
     return None, list(spec)
 
 
@@ -280,15 +346,16 @@ def _dataset(args, need_images: bool):
     root, listed = _list_images(args.images) if need_images else (None, None)
     c2i = None
     if args.caption_to_image:
-        c2i = [int(x) for x in _read_list(Path(args.caption_to_image)) if str(x).strip() != ""]
-    elif args.captions_per_image:
+        c2i = _read_image_indices(Path(args.caption_to_image))
+    elif args.captions_per_image is not None:
         if captions is None:
             n = _num_rows(args.text_features) if getattr(args, "text_features", None) else None
             if n is None:
                 raise ValueError("--captions-per-image needs --captions (or use --caption-to-image)")
         else:
             n = len(captions)
-        c2i = [i // args.captions_per_image for i in range(n)]
+        known = len(images) if images is not None else len(listed) if listed is not None else None
+        c2i = _groups_map(n, args.captions_per_image, known)
     elif refs is not None:
         if not need_images:  # import-npy: keys of the feature dict (or matrix rows); import_npy maps them
             return captions, images, None, None, refs
@@ -306,7 +373,9 @@ def _dataset(args, need_images: bool):
         else:
             images = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
             if not images:
-                raise ValueError(f"no image files ({', '.join(sorted(_IMAGE_EXTS))}) under {root}")
+                raise ValueError(f"--images {root}: no image files ({', '.join(sorted(_IMAGE_EXTS))}) under it")
+    if args.captions_per_image is not None and c2i is not None and len(images) != max(c2i) + 1:
+        _groups_map(len(c2i), args.captions_per_image, len(images))  # raises, naming both counts
     if c2i is None:
         if len(images) == len(captions):
             c2i = list(range(len(captions)))
@@ -316,8 +385,18 @@ def _dataset(args, need_images: bool):
     return captions, images, c2i, root, None
 
 
+def _command(args) -> str:
+    """The command line that ran (``softalign cache ...``), kept so that an unfinished build can say how to resume."""
+    import shlex
+
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    return " ".join(shlex.quote(a) for a in ["softalign", *argv])
+
+
 def _fail(err: Exception) -> int:
-    print(f"softalign cache: error: {err}", file=sys.stderr)
+    from softalign.cli import format_error
+
+    print(f"softalign cache: error: {format_error(err)}", file=sys.stderr)
     return 1
 
 
@@ -332,8 +411,9 @@ def run_build(args) -> int:
             chunk_size=args.chunk_size, dtype=args.dtype, fingerprint=args.fingerprint, batch_size=args.batch_size,
             image_batch_size=args.image_batch_size, device=args.device, image_root=str(root) if root else None,
             image_weights=args.image_weights, overwrite=args.overwrite, progress=not args.no_progress,
+            image_hash=args.image_hash, command=_command(args),
         )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as err:
+    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
         return _fail(err)
     print(_summary(cache))
     return 0
@@ -345,7 +425,7 @@ def run_import(args) -> int:
     try:
         captions, images, c2i, _, refs = _dataset(args, need_images=False)
         # keys as written (.json keeps integers); import_npy matches 25 and "25" against the dict's keys
-        keys = [k.strip() if isinstance(k, str) else k for k in _read_list(Path(args.image_keys))
+        keys = [k.strip() if isinstance(k, str) else k for k in _read_list(Path(args.image_keys), "--image-keys")
                 if not (isinstance(k, str) and not k.strip())] if args.image_keys else None
         if c2i is None and refs is None:
             raise ValueError("say which image each caption describes: --caption-to-image FILE, "
@@ -355,8 +435,9 @@ def run_import(args) -> int:
             text_teacher=args.text_teacher, image_keys=keys, image_teacher_name=args.image_teacher_name,
             text_teacher_name=args.text_teacher_name, chunk_size=args.chunk_size, dtype=args.dtype,
             fingerprint=args.fingerprint, overwrite=args.overwrite, progress=not args.no_progress, device=args.device,
+            allow_pickle=args.allow_pickle, pool=args.pool, command=_command(args),
         )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError) as err:
+    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
         return _fail(err)
     print(_summary(cache))
     return 0
@@ -367,7 +448,7 @@ def run_info(args) -> int:
 
     try:
         cache = TeacherCache.load(args.cache_dir)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
         return _fail(err)
     if args.json:
         m = {k: v for k, v in cache.manifest.items() if k != "caption_to_image"}
@@ -399,7 +480,7 @@ def run_inspect(args) -> int:
             tau_cal = cal.calibrate_temperature(sims, target)
             for kind, tau in [("fixed", t) for t in args.taus] + [("calibrated", tau_cal)]:
                 rows.append({"matrix": matrix, "kind": kind, **cal.soft_label_stats(sims, tau, batch_labels)})
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
         return _fail(err)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -1,8 +1,10 @@
 """Dataset fingerprints: which captions, which images, which caption->image map a cache was built for.
 
 ``fingerprint = sha256(captions) + sha256(caption_to_image) + sha256(image identities)``, kept per part
-so that a mismatch can say *what* differs. Image identities are file paths + sizes, pixel hashes of
-in-memory PIL images, or a ``datasets.Dataset``'s own fingerprint (see :class:`ImageSource`).
+so that a mismatch can say *what* differs. Image identities are file paths + the SHA-256 of each file's bytes
+(``image_mode="content"``, the default, recorded as ``fingerprint.image_hash``) or + file sizes (``"stat"``, the
+format of caches built before content hashing), pixel hashes of in-memory PIL images, or a ``datasets.Dataset``'s
+own fingerprint (see :class:`ImageSource`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def combine(parts: Dict[str, str]) -> str:
 
 def dataset_fingerprint(captions: Sequence[str], caption_to_image, images=None,
                         image_column: Optional[str] = None, image_root: Optional[str] = None,
-                        image_hash: Optional[str] = None) -> Dict[str, str]:
+                        image_hash: Optional[str] = None, image_mode: str = "content") -> Dict[str, str]:
     """Fingerprint parts of a data set, as stored in a cache manifest's ``fingerprint`` field.
 
     ``images`` may be omitted when ``image_hash`` is given (e.g. imported image features, whose
@@ -45,9 +47,12 @@ def dataset_fingerprint(captions: Sequence[str], caption_to_image, images=None,
     parts = {
         "captions": hash_captions(captions),
         "caption_to_image": hash_caption_to_image(torch.as_tensor(caption_to_image).long()),
-        "images": image_hash if image_hash is not None else ImageSource(images, image_column, image_root).fingerprint(),
+        "images": (image_hash if image_hash is not None
+                   else ImageSource(images, image_column, image_root).fingerprint(mode=image_mode)),
     }
     parts["dataset"] = combine(parts)
+    if image_hash is None:
+        parts["image_hash"] = image_mode
     return parts
 
 

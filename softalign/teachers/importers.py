@@ -9,8 +9,14 @@ Two ``.npy`` layouts are understood:
   dict's insertion order (CUSA builds it in data-set order); the keys are recorded in the manifest and
   captions may name their image by key (``image_refs``; integer keys are keys too, never row numbers).
 
-Pickled files can execute code when loaded: import only files you trust (``allow_pickle``).
-Text features come from a ``.npy`` matrix too, or are computed from ``captions`` with a text teacher.
+Pickled files can execute code when loaded, so they are refused unless ``allow_pickle=True`` (CLI:
+``--allow-pickle``): import only files you trust. Text features come from a ``.npy`` matrix too, or are computed
+from ``captions`` with a text teacher.
+
+Region features (SCAN / bottom-up attention, ``[num_images, regions, D]``, e.g. ``[N, 36, 2048]``) are pooled to
+one row per image with ``pool="mean"`` (the average region feature) or ``pool="max"`` (the element-wise maximum);
+a 3-D array without ``pool`` is refused. Pooling runs block by block, so a memory-mapped file is never loaded
+whole.
 """
 from __future__ import annotations
 
@@ -41,9 +47,40 @@ def _array_hash(a) -> str:
     return h.hexdigest()
 
 
-def _check_matrix(a, what: str):
+POOLS = ("mean", "max")
+
+
+class PooledRows:
+    """Rows of ``[N, R, D]`` region features pooled over the regions on access (``rows[s:e]`` -> ``[e-s, D]``)."""
+
+    def __init__(self, array, pool: str):
+        self.array, self.pool = array, pool
+        self.shape = (int(array.shape[0]), int(array.shape[2]))
+        self.ndim = 2
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice):
+            raise TypeError("PooledRows supports slices of rows only")
+        block = np.asarray(self.array[rows], dtype=np.float32)
+        return block.mean(axis=1) if self.pool == "mean" else block.max(axis=1)
+
+
+def _check_matrix(a, what: str, pool: Optional[str] = None):
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if a.ndim == 3 and a.shape[1] == 1:
         a = a[:, 0, :]
+    elif a.ndim == 3:
+        if pool is None:
+            raise ValueError(f"{what}: got region features of shape {tuple(a.shape)} (images x regions x dim); "
+                             "pool them to one row per image with pool='mean' or 'max' (CLI: --pool mean)")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"{what}: expected floating-point features, got dtype {a.dtype}")
+        a = PooledRows(a, pool)
     if a.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D feature matrix [num_items, dim], got shape {tuple(a.shape)}")
     if a.shape[0] == 0 or a.shape[1] == 0:
@@ -78,7 +115,8 @@ def find_key(ref, keys) -> Optional[object]:
     return alt if alt in keys else None
 
 
-def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str) -> Tuple[np.ndarray, List]:
+def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str,
+                    pool: Optional[str] = None) -> Tuple[np.ndarray, List]:
     if not d:
         raise ValueError(f"{what}: the feature dict is empty")
     if image_keys is None:
@@ -100,6 +138,8 @@ def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str) -> Tuple
         v = np.asarray(d[k])
         if v.ndim == 2 and v.shape[0] == 1:
             v = v[0]
+        elif v.ndim == 2 and pool is not None:  # regions x dim
+            v = v.astype(np.float32).mean(axis=0) if pool == "mean" else v.astype(np.float32).max(axis=0)
         if v.ndim != 1:
             raise ValueError(f"{what}: features of image {k!r} have shape {tuple(np.shape(d[k]))}; "
                              "expected (1, D) or (D,)")
@@ -113,9 +153,12 @@ def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str) -> Tuple
     return out, keys
 
 
-def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool = True,
-                  what: Optional[str] = None) -> Tuple[np.ndarray, Optional[List], str]:
-    """Load features from a .npy path, an array or a dict -> (matrix [N, D], keys or None, content hash)."""
+def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool = False,
+                  what: Optional[str] = None, pool: Optional[str] = None) -> Tuple[np.ndarray, Optional[List], str]:
+    """Load features from a .npy path, an array or a dict -> (matrix [N, D], keys or None, content hash).
+
+    A pickled ``.npy`` (CUSA's dict) is refused unless ``allow_pickle=True``; ``pool`` reduces region features
+    ``[N, R, D]`` to ``[N, D]`` (``"mean"`` / ``"max"``)."""
     keys = None
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
@@ -127,8 +170,9 @@ def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool
             obj = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError:  # object array: CUSA's pickled dict
             if not allow_pickle:
-                raise ValueError(f"{what} holds pickled Python objects (CUSA's dict format); "
-                                 "pass allow_pickle=True if you trust the file") from None
+                raise ValueError(f"{what} holds pickled Python objects (CUSA's {{image_id: array}} dict format), and "
+                                 "loading a pickle can run code from the file. If you trust it, pass --allow-pickle "
+                                 "(API: allow_pickle=True)") from None
             obj = np.load(path, allow_pickle=True)
         if isinstance(obj, np.ndarray) and obj.dtype == object:
             obj = obj.item() if obj.ndim == 0 else obj
@@ -140,12 +184,12 @@ def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool
         what = what or "features"
         digest = None
     if isinstance(obj, dict):
-        mat, keys = _dict_to_matrix(obj, image_keys, what)
+        mat, keys = _dict_to_matrix(obj, image_keys, what, pool)
     else:
         mat = obj.detach().cpu().numpy() if isinstance(obj, torch.Tensor) else obj
         if not isinstance(mat, np.ndarray):
             mat = np.asarray(mat)
-        mat = _check_matrix(mat, what)
+        mat = _check_matrix(mat, what, pool)
         if image_keys is not None:
             raise ValueError(f"{what}: image_keys only apply to the dict format; a matrix is indexed by row")
     if digest is None:
@@ -184,8 +228,8 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Optiona
                text_features=None, text_teacher="offline-minilm", image_keys: Optional[Sequence] = None,
                image_teacher_name: Optional[str] = None, text_teacher_name: Optional[str] = None,
                chunk_size: int = 4096, dtype="float16", fingerprint=None, overwrite: bool = False,
-               progress: bool = True, accelerator=None, allow_pickle: bool = True, device=None,
-               image_refs: Optional[Sequence] = None):
+               progress: bool = True, accelerator=None, allow_pickle: bool = False, device=None,
+               image_refs: Optional[Sequence] = None, pool: Optional[str] = None, command: Optional[str] = None):
     """Make a cache from existing image features (+ text features, or captions and a text teacher).
 
     Args:
@@ -199,6 +243,9 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Optiona
         captions: caption strings, encoded with ``text_teacher`` unless ``text_features`` is given
             (they are also hashed into the fingerprint).
         text_features: ``.npy`` path / array ``[num_captions, Dt]``.
+        allow_pickle: load a pickled ``.npy`` (CUSA's dict); off by default, since a pickle can run code.
+        pool: ``"mean"`` / ``"max"`` over the regions of ``[N, R, D]`` image features (SCAN's bottom-up
+            features); recorded in the manifest's image teacher (``pool``).
         image_teacher_name / text_teacher_name: names recorded for the imported features (default
             ``"imported:<file name>"``); ``load(expect_image_teacher=...)`` compares against them.
 
@@ -209,9 +256,13 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Optiona
     from .inputs import validate_caption_to_image, validate_captions
     from .text import resolve_text_teacher
 
-    img, keys, img_hash = read_features(image_features, image_keys, allow_pickle, what=None)
+    img, keys, img_hash = read_features(image_features, image_keys, allow_pickle, what=None, pool=pool)
     iname = image_teacher_name or (f"imported:{Path(image_features).name}"
                                    if isinstance(image_features, (str, os.PathLike)) else "imported:image")
+    if pool is not None:
+        img_hash = f"{img_hash}:{pool}-pooled"  # another pooling is other data
+        if image_teacher_name is None:
+            iname += f" ({pool}-pooled regions)"
     if (caption_to_image is None) == (image_refs is None):
         raise ValueError("give exactly one of caption_to_image (image index per caption) and image_refs "
                          "(image key per caption)")
@@ -252,10 +303,13 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Optiona
         fp = dict(fingerprint)
     else:
         fp = {"dataset": str(fingerprint), "source": "user"}
-    isrc = array_source("image", img, {"name": iname, "dim": int(img.shape[1]), "kind": "imported",
-                                       "file": str(image_features) if isinstance(image_features, (str, os.PathLike)) else None})
+    iinfo = {"name": iname, "dim": int(img.shape[1]), "kind": "imported",
+             "file": str(image_features) if isinstance(image_features, (str, os.PathLike)) else None}
+    if pool is not None:
+        iinfo["pool"] = pool
+    isrc = array_source("image", img, iinfo)
     extra = ({"image_keys": [int(k) if _is_int(k) else k if isinstance(k, str) else str(k) for k in keys]}
              if keys is not None else None)
     build_cache(out_dir, tsrc, isrc, c2i, fp, chunk_size=chunk_size, dtype=dtype, accelerator=accelerator,
-                overwrite=overwrite, progress=progress, extra=extra)
+                overwrite=overwrite, progress=progress, extra=extra, command=command)
     return TeacherCache.load(out_dir, expect_fingerprint=fp)

@@ -96,19 +96,28 @@ class ImageSource:
         return self.root / p if self.root is not None and not p.is_absolute() else p
 
     def check(self) -> None:
-        """Fail fast on missing files and duplicate paths, naming the image index and path."""
+        """Fail fast on missing files and duplicates, naming the image index and path.
+
+        Two entries are the same image when they are the same file on disk (device + inode), so a symlink or a
+        hard link to an image listed already is refused like a repeated path: their captions would otherwise be
+        taken as negatives of each other.
+        """
         if self.items is None:
             return
-        seen = {}
+        seen: dict = {}
         for i, x in enumerate(self.items):
             if isinstance(x, (str, os.PathLike)):
                 p = self._path(x)
                 if not p.is_file():
                     raise FileNotFoundError(f"image {i}: file not found: {p}")
-                key = os.path.normcase(os.path.abspath(p))
+                st = p.stat()  # follows symlinks
+                key = (st.st_dev, st.st_ino)
                 if key in seen:
+                    j = seen[key]
+                    same = "the same path" if os.path.abspath(p) == os.path.abspath(self._path(self.items[j])) \
+                        else f"the same file as {self._path(self.items[j])} (a symlink or hard link)"
                     raise ValueError(
-                        f"image {i} ({p}) duplicates image {seen[key]}: each image must appear once; "
+                        f"image {i} ({p}) duplicates image {j}: it is {same}. Each image must appear once; "
                         "point several captions at one image through caption_to_image instead"
                     )
                 seen[key] = i
@@ -118,8 +127,11 @@ class ImageSource:
         x = self.dataset[i][self.column] if self.dataset is not None else self.items[i]
         return load_image(x, i, resolve=self._path)
 
-    def fingerprint(self) -> str:
-        """Identity of the images: paths + file sizes, PIL pixel hashes, or the dataset's fingerprint."""
+    def fingerprint(self, mode: str = "content") -> str:
+        """Identity of the images: paths + the SHA-256 of each file (``mode="content"``) or + file sizes
+        (``"stat"``), PIL pixel hashes, or the dataset's fingerprint."""
+        if mode not in ("content", "stat"):
+            raise ValueError(f"image_hash must be 'content' or 'stat', got {mode!r}")
         h = hashlib.sha256()
         if self.dataset is not None:
             fp = getattr(self.dataset, "_fingerprint", None)
@@ -132,10 +144,12 @@ class ImageSource:
             if isinstance(x, (str, os.PathLike)):
                 p = self._path(x)
                 try:
-                    size = p.stat().st_size
+                    if mode == "stat":
+                        h.update(f"path|{Path(x).as_posix()}|{p.stat().st_size}\n".encode())
+                    else:
+                        h.update(f"content|{Path(x).as_posix()}|{_file_digest(p)}\n".encode())
                 except FileNotFoundError:
                     raise FileNotFoundError(f"image {i}: file not found: {p}") from None
-                h.update(f"path|{Path(x).as_posix()}|{size}\n".encode())
             else:
                 h.update(f"pil|{_pil_digest(x)}\n".encode())
         return h.hexdigest()
@@ -184,6 +198,11 @@ def load_image(x, i: int, resolve=Path):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise ValueError(f"image {i}: cannot decode image bytes ({err})") from None
     raise TypeError(f"image {i} is a {type(x).__name__}; expected a file path or a PIL.Image")
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def _pil_digest(img) -> str:

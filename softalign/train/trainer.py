@@ -108,7 +108,8 @@ def _expected_fingerprint(train_data: RetrievalData, manifest: Mapping[str, Any]
         if isinstance(images, DatasetColumn):
             images, column = images.dataset, images.column
         parts["images"] = TeacherCache.fingerprint_of(train_data.captions, images, train_data.caption_to_image,
-                                                      image_column=column)["images"]
+                                                      image_column=column,
+                                                      image_hash=stored.get("image_hash", "stat"))["images"]
     return parts
 
 
@@ -197,9 +198,13 @@ def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, reci
     """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}``."""
     from softalign.teachers.storage import atomic_write
 
+    import io
+
     obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
            "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab}
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # in memory first: torch.save onto a full disk fails with "unexpected pos", never ENOSPC
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
 def load_checkpoint(path) -> Dict[str, Any]:
@@ -419,8 +424,29 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
           image_caches: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
     """Train ``recipe`` end to end; returns ``{"metrics": final test metrics, "history": per-epoch records,
     "output_dir", "seconds"}``. Pre-loaded ``train_data`` / ``test_data`` / ``cache`` / decoded
-    ``image_caches`` (``{"train": tensor, "test": tensor}``) may be passed to share them between runs."""
+    ``image_caches`` (``{"train": tensor, "test": tensor}``) may be passed to share them between runs.
+
+    The main process holds the output directory's lock (:func:`softalign.locking.directory_lock`) for the whole
+    run: a second run into the same directory fails at once, naming the first, instead of interleaving its
+    metrics and checkpoints with it."""
+    import contextlib
+
     from accelerate import Accelerator
+
+    from softalign.locking import directory_lock
+
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=recipe.train.cpu)
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(directory_lock(recipe.output_dir, f"softalign train ({recipe.name})"))
+        return _train(recipe, resume=resume, accelerator=accelerator, train_data=train_data, test_data=test_data,
+                      cache=cache, log=log, image_caches=image_caches)
+
+
+def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: Optional[RetrievalData],
+           test_data: Optional[RetrievalData], cache, log: Optional[Callable],
+           image_caches: Optional[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -430,8 +456,6 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     from softalign.train.models import build_model, vocab_of
 
     t0 = time.time()
-    if accelerator is None:
-        accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=recipe.train.cpu)
     main = accelerator.is_main_process
     log = log or (lambda msg: accelerator.print(msg))
     out = Path(recipe.output_dir)
@@ -444,6 +468,9 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     if cache is None and needs_teacher(recipe):
         with accelerator.main_process_first():
             cache = get_teacher_cache(recipe, train_data, accelerator=None, log=log)
+    # seeded again after the data and the cache: building a cache (a teacher's initialisation) consumes torch's
+    # RNG, and the student must not depend on whether this run built the cache or found it
+    set_seed(recipe.seed)
 
     ckpt_path = out / "checkpoints" / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if (resume and ckpt_path.is_file()) else None
