@@ -246,21 +246,29 @@ class SoftAlignHook:
         optimizer.add_param_group({"params": params})
         return True
 
-    def unregister(self, optimizer: Any) -> None:
-        """Remove the param group added by :meth:`register`, and its optimizer state."""
+    def unregister(self, optimizer: Any) -> int:
+        """Take the loss's heads and temperatures out of ``optimizer`` (and their optimizer state): the param group
+        :meth:`register` added, and the loss's tensors inside any other group (TERAN's optimizer is built from
+        ``get_parameters()``, which the shim extends, so they sit in its first group). Groups left empty are
+        dropped. Returns how many tensors were removed."""
         if optimizer is None:
-            return
-        ids = {id(p) for p in self.parameters()}
+            return 0
+        ids = {id(p) for p in self.loss.parameters()}
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
-        kept = []
+        kept, removed = [], 0
         for group in inner.param_groups:
-            if group["params"] and all(id(p) in ids for p in group["params"]):
-                for p in group["params"]:
-                    inner.state.pop(p, None)
-            else:
-                kept.append(group)
+            mine = [p for p in group["params"] if id(p) in ids]
+            for p in mine:
+                inner.state.pop(p, None)
+            removed += len(mine)
+            if mine and len(mine) == len(group["params"]):
+                continue  # the loss's own group
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            kept.append(group)
         # rebuilt by identity: list.remove would compare the groups' dicts of tensors (ambiguous truth value)
         inner.param_groups[:] = kept
+        return removed
 
     def state_dict(self) -> Dict[str, Any]:
         state = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
@@ -288,6 +296,7 @@ class PatchRecord:
         self.submodule: Optional[str] = None
         self.ids: Any = None  # caption ids of the step in flight
         self.undo: List[Callable[[], None]] = []  # other changes to reverse on restore (e.g. adopted settings)
+        self.handed_out = False  # TERAN: get_parameters() returned the loss's parameters to an optimizer
 
     def replace(self, name: str, value: Any) -> None:
         """Set ``obj.<name> = value`` on the instance, remembering the instance attribute it shadows (if any)."""
@@ -295,20 +304,34 @@ class PatchRecord:
             self.saved[name] = self.obj.__dict__.get(name, _MISSING) if hasattr(self.obj, "__dict__") else _MISSING
         setattr(self.obj, name, value)
 
-    def restore(self) -> None:
-        for name, old in self.saved.items():
+    def restore(self, optimizer: Any = None) -> None:
+        """Undo every change, each step independently: a step that fails does not leave the rest half patched
+        (the first error is raised after all steps ran). ``optimizer``: another optimizer to take the loss's
+        parameters out of (one built from the patched ``get_parameters()``, as TERAN's train.py does)."""
+        errors: List[BaseException] = []
+
+        def attempt(fn: Callable[[], Any]) -> None:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - collected and re-raised below
+                errors.append(err)
+
+        for name, old in list(self.saved.items()):
             if old is _MISSING:
-                if name in self.obj.__dict__:
-                    del self.obj.__dict__[name]
+                attempt(lambda name=name: self.obj.__dict__.pop(name, None))
             else:
-                setattr(self.obj, name, old)
+                attempt(lambda name=name, old=old: setattr(self.obj, name, old))
         self.saved.clear()
         while self.undo:
-            self.undo.pop()()
-        self.hook.unregister(self.optimizer)
+            attempt(self.undo.pop())
+        attempt(lambda: self.hook.unregister(self.optimizer))
+        if optimizer is not None and optimizer is not self.optimizer:
+            attempt(lambda: self.hook.unregister(optimizer))
         if self.submodule is not None and isinstance(self.obj, nn.Module):
-            delattr(self.obj, self.submodule)
+            attempt(lambda: delattr(self.obj, self.submodule))
             self.submodule = None
+        if errors:
+            raise errors[0]
 
     @contextlib.contextmanager
     def capturing(self, ids: Any):
@@ -438,6 +461,8 @@ def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adop
     differs = {k: v for k, v in upstream.items() if getattr(base, k) != v}
     if not differs:
         return None
+    stated = getattr(loss, "_stated", {"base": True, "margin": True, "alpha": True, "beta": True})
+    silent = all(not stated["base" if k == "max_violation" else "margin"] for k in differs)
     ours = f"margin={base.margin:g}, max_violation={base.max_violation}"
     target = {"margin": base.margin, "max_violation": base.max_violation, **upstream}
     theirs = ", ".join(f"{k}={target[k]:g}" if k == "margin" else f"{k}={target[k]}" for k in upstream)
@@ -453,16 +478,32 @@ def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adop
                       f"that replaces it uses {ours}; keeping the loss's settings (match_criterion=False). To train "
                       f"with {trainer}'s settings build {call}", UserWarning, stacklevel=stacklevel)
         return None
-    previous = {k: getattr(base, k) for k in differs}
+    previous: Dict[str, Any] = {k: getattr(base, k) for k in differs}
     for k, v in differs.items():
         setattr(base, k, v)
-    warnings.warn(f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge had "
-                  f"{ours}; the patched model now uses {trainer}'s settings (loss.base.{' and loss.base.'.join(differs)} "
-                  f"changed). To state them in your code, build {call}; to keep the loss's own settings, pass "
-                  "match_criterion=False", UserWarning, stacklevel=stacklevel)
+    # weights left to their defaults follow the adopted base (DEFAULT_WEIGHTS: a sum of hinges is larger)
+    weights_before = (loss.alpha, loss.beta)
+    if "max_violation" in differs:
+        from softalign.losses.combined import DEFAULT_WEIGHTS
+
+        new_alpha, new_beta = DEFAULT_WEIGHTS["vsepp" if base.max_violation else "vsepp_sum"]
+        if not stated["alpha"] and loss.alpha > 0:
+            loss.alpha = new_alpha
+        if not stated["beta"] and loss.beta > 0:
+            loss.beta = new_beta
+    if silent:
+        logging.getLogger("softalign").info(
+            "%s: the SoftAlignLoss hinge follows %s's criterion (%s; %s), since the loss did not state its own",
+            trainer, trainer, theirs, ", ".join(flags))
+    else:
+        warnings.warn(f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge "
+                      f"had {ours}; the patched model now uses {trainer}'s settings (loss.base."
+                      f"{' and loss.base.'.join(differs)} changed). To state them in your code, build {call}; to "
+                      "keep the loss's own settings, pass match_criterion=False", UserWarning, stacklevel=stacklevel)
 
     def undo() -> None:
         for k, v in previous.items():
             setattr(base, k, v)
+        loss.alpha, loss.beta = weights_before
 
     return undo

@@ -174,11 +174,16 @@ def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: Optional[str
     return obj
 
 
-def unpatch(obj: Any) -> Any:
-    """Undo :func:`patch` (or any softalign shim): original methods back, param group removed."""
+def unpatch(obj: Any, optimizer: Any = None) -> Any:
+    """Undo :func:`patch` (or any softalign shim): original methods back, the loss's parameters out of the
+    optimizer the shim registered them with and, when given, out of ``optimizer`` too (an optimizer built from
+    the patched model's parameter list after patching, e.g. TERAN's). The record is dropped even if a step
+    fails, so the object can be patched again."""
     record = get_record(obj)
     if record is None:
         raise ValueError(f"{type(obj).__name__} is not patched by softalign.integrations")
-    record.restore()
-    drop_record(obj)
+    try:
+        record.restore(optimizer)
+    finally:
+        drop_record(obj)
     return obj

@@ -177,11 +177,11 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
     return model
 
 
-def unpatch(model: Any) -> Any:
+def unpatch(model: Any, optimizer: Any = None) -> Any:
     """Restore the original criterion, methods, ``params`` and optimizer param groups."""
     if get_record(model, KIND) is None:
         raise ValueError(f"{type(model).__name__} is not patched by softalign.integrations.scan")
-    return generic.unpatch(model)
+    return generic.unpatch(model, optimizer)
 
 
 def is_patched(model: Any) -> bool:

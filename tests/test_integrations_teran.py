@@ -200,3 +200,67 @@ def test_bad_setups_fail_clearly():
     teran.patch(model, soft_loss(), cache=TinyCache())
     with pytest.raises(ValueError, match="patched by softalign.integrations.teran, not vsepp"):
         vsepp.unpatch(model)
+
+
+def test_unpatch_takes_the_loss_out_of_the_optimizer_built_from_get_parameters():
+    model = fresh_model()
+    loss = soft_loss(base="none")
+    teran.patch(model, loss, cache=TinyCache())
+    optimizer = build_optimizer(model)  # train.py: the loss's tensors now sit in its first group
+    loss_ids = {id(p) for p in loss.parameters()}
+    assert sum(id(p) in loss_ids for g in optimizer.param_groups for p in g["params"]) == len(loss_ids)
+    train(model, optimizer, 1)  # creates Adam state for them too
+    teran.unpatch(model, optimizer=optimizer)
+    assert not any(id(p) in loss_ids for g in optimizer.param_groups for p in g["params"])
+    assert not any(id(p) in loss_ids for p in optimizer.state)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [4, 1]  # TERAN's own groups, intact
+    optimizer.step()  # still a valid optimizer
+    # without it, a warning says that the optimizer still holds them
+    model2 = fresh_model()
+    teran.patch(model2, soft_loss(base="none"), cache=TinyCache())
+    build_optimizer(model2)
+    with pytest.warns(UserWarning, match=r"still holds the loss's \d+ parameters: pass it as unpatch\(model, optimizer="):
+        teran.unpatch(model2)
+
+
+class TeranCocoLike:
+    """TERAN's CocoDataset structure: ids index an annotation list; get_raw_item(i, False)[2] is the COCO image id."""
+
+    def __init__(self, image_of_caption):
+        self.image_of_caption = list(image_of_caption)
+
+    def __len__(self):
+        return len(self.image_of_caption)
+
+    def get_raw_item(self, index, load_image=True):
+        return "root", f"caption {index}", self.image_of_caption[index], None, None, (640, 480)
+
+
+class BottomUpLike:
+    def __init__(self, underlying):
+        self.underlying_dataset = underlying
+
+    def __len__(self):
+        return len(self.underlying_dataset)
+
+
+def test_captions_per_image_is_checked_against_the_dataset_and_refused_when_ids_are_not_grouped():
+    loss = soft_loss(alpha=0.0, beta=0.0, gamma=1.0)  # CMC only: no teacher needed
+    with pytest.raises(ValueError, match=r"captions_per_image cannot be checked for TERAN without the dataset"):
+        teran.patch(fresh_model(), loss, captions_per_image=5)
+    # COCO: annotation ids are not grouped by image (image 9 has captions 0, 3, 6, ...)
+    coco = TeranCocoLike([9, 25, 30, 9, 25, 30, 9, 25, 30, 9, 25, 30, 9, 25, 30])
+    with pytest.raises(ValueError, match=r"caption 1 shows another image than caption 0, although both are in group 0"):
+        teran.patch(fresh_model(), soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=5,
+                    dataset=BottomUpLike(coco))
+    # an image whose captions come in two separate groups is refused too
+    split = TeranCocoLike([1, 1, 2, 2, 1, 1])
+    with pytest.raises(ValueError, match=r"caption 4 \(group 2\) shows the image of group 0"):
+        teran.patch(fresh_model(), soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=2, dataset=split)
+    # Flickr30k-style: consecutive captions per image pass
+    model = fresh_model()
+    teran.patch(model, soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=3,
+                dataset=TeranCocoLike([i // 3 for i in range(30)]))
+    # the exact map from the dataset, for COCO
+    image_ids = teran.dataset_image_ids(coco)
+    assert image_ids(torch.tensor([0, 3, 1, 14])).tolist() == [0, 0, 1, 2]

@@ -257,3 +257,53 @@ def test_unpatch_when_the_trainer_group_holds_as_many_tensors_as_the_loss_group(
     groups = model.optimizer.param_groups
     assert len(groups) == 1 and groups[0]["params"] == own
     vsepp.patch(model, soft_loss(base="vsepp"), cache=TinyCache())  # re-patching works
+
+
+def test_a_default_loss_follows_vsepps_default_criterion_silently():
+    """The plain `python train.py` case: VSE++'s default is the sum of hinges, and a SoftAlignLoss that states no
+    hinge settings takes it (with the weights of that base) without a warning; stated settings still warn."""
+    from softalign.losses.combined import DEFAULT_WEIGHTS
+
+    loss = SoftAlignLoss(embed_dim=EMBED)  # nothing stated
+    assert (loss.base.max_violation, loss.alpha, loss.beta) == (True, *DEFAULT_WEIGHTS["vsepp"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = vsepp.patch(VSEStandIn(vse_opt(margin=0.1, max_violation=False)), loss, cache=TinyCache())
+    assert (loss.base.margin, loss.base.max_violation) == (0.1, False)
+    assert (loss.alpha, loss.beta) == DEFAULT_WEIGHTS["vsepp_sum"]
+    assert loss.get_config_dict()["base"] == "vsepp_sum"
+    vsepp.unpatch(model)
+    assert (loss.base.margin, loss.base.max_violation, loss.alpha, loss.beta) == (0.2, True,
+                                                                                 *DEFAULT_WEIGHTS["vsepp"])
+    # stated weights are kept, a stated base still warns
+    loss = SoftAlignLoss(embed_dim=EMBED, alpha=1.0, beta=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), loss, cache=TinyCache())
+    assert (loss.base.max_violation, loss.alpha, loss.beta) == (False, 1.0, 2.0)
+    with pytest.warns(UserWarning, match="criterion uses"):
+        vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), SoftAlignLoss(embed_dim=EMBED, base="vsepp"),
+                    cache=TinyCache())
+    with pytest.warns(UserWarning, match="criterion uses margin=0.1"):
+        vsepp.patch(VSEStandIn(vse_opt(margin=0.1)), SoftAlignLoss(embed_dim=EMBED, margin=0.3), cache=TinyCache())
+
+
+def test_unpatch_with_two_layer_trainer_groups_and_a_failing_step_leaves_nothing_half_patched(monkeypatch):
+    """--num_layers 2 / --bi_gru give a first param group as long as the loss's; and if one restore step fails,
+    the others still run and the model can be patched again."""
+    model = fresh_model()
+    loss = soft_loss(base="vsepp")
+    n = len(list(loss.parameters()))
+    model.optimizer = torch.optim.Adam([{"params": [torch.nn.Parameter(torch.zeros(1)) for _ in range(n)]}])
+    vsepp.patch(model, loss, cache=TinyCache())
+    rec = model._softalign_patch
+
+    def broken():
+        raise RuntimeError("undo failed")
+
+    rec.undo.insert(0, broken)
+    with pytest.raises(RuntimeError, match="undo failed"):
+        vsepp.unpatch(model)
+    assert not vsepp.is_patched(model) and "train_emb" not in model.__dict__
+    assert len(model.optimizer.param_groups) == 1
+    vsepp.patch(model, soft_loss(base="vsepp"), cache=TinyCache())

@@ -86,10 +86,13 @@ class SoftAlignLoss(nn.Module):
     exact gradients (:mod:`softalign.distributed`), ids and teacher rows alongside, and every term is computed on
     the global batch. Precomputed ``scores`` cannot be gathered and stay per-process.
 
-    Base losses: ``"vsepp"`` (hinge, max violation, margin 0.2), ``"vsepp_sum"`` (sum of hinges), ``"infonce"``
+    Base losses: ``"vsepp"`` (hinge, max violation, margin 0.2; the default), ``"vsepp_sum"`` (sum of hinges), ``"infonce"``
     (symmetric, temperature 0.05 learnable; ``infonce_reduction="mean"`` is CUSA's mean mode, CE / B, the scale its
     alpha/beta were tuned against), ``"none"``, or any module called as
-    ``base(scores=S, image_ids=ids)``. Defaults of the soft-label terms follow CUSA (alpha 0.1, beta 0.5).
+    ``base(scores=S, image_ids=ids)``. ``alpha`` / ``beta`` default per base (:data:`DEFAULT_WEIGHTS`). When
+    ``base`` / ``margin`` are left unset and a shim puts the loss into a VSE++ or SCAN trainer, the hinge takes
+    that trainer's own ``--margin`` / ``--max_violation`` (and the weights follow the adopted base) without a
+    warning; settings stated here that differ from the trainer's are adopted with a warning naming both.
 
     Returns the scalar total, or with ``return_parts=True`` (constructor default, or per call) a dict
     ``{"loss", "base", "csa", "usa", "cmc"}`` of the total and the unweighted parts that are switched on.
@@ -106,13 +109,13 @@ class SoftAlignLoss(nn.Module):
     def __init__(
         self,
         embed_dim: Optional[Union[int, Tuple[int, int]]] = None,
-        base: Union[str, nn.Module] = "vsepp",
+        base: Optional[Union[str, nn.Module]] = None,
         alpha: Optional[float] = None,
         beta: Optional[float] = None,
         gamma: float = 0.0,
         *,
         cache: Any = None,
-        margin: float = 0.2,
+        margin: Optional[float] = None,
         miner: Optional[NegativeMiner] = None,
         temperature: float = 0.05,
         infonce_reduction: str = "sum",
@@ -130,6 +133,12 @@ class SoftAlignLoss(nn.Module):
         diagnostics_every: int = 100,
     ):
         super().__init__()
+        #: which hinge / weight settings the caller stated; an integration shim adopts an upstream trainer's own
+        #: criterion silently where nothing was stated (base None -> "vsepp", margin None -> 0.2, weights None)
+        self._stated = {"base": base is not None, "margin": margin is not None, "alpha": alpha is not None,
+                        "beta": beta is not None}
+        base = "vsepp" if base is None else base
+        margin = 0.2 if margin is None else margin
         base_key = _base_key(base, infonce_reduction)
         default_alpha, default_beta = DEFAULT_WEIGHTS[base_key]
         alpha = default_alpha if alpha is None else alpha

@@ -369,20 +369,27 @@ def recipe_from_dict(values: Mapping[str, Any], variant: Optional[str] = None,
     return recipe
 
 
-def load_recipe(path: Union[str, os.PathLike], variant: Optional[str] = None,
-                overrides: Sequence[Union[str, Mapping[str, Any]]] = (),
-                base_overrides: Sequence[Union[str, Mapping[str, Any]]] = ()) -> Recipe:
-    """Read and validate a YAML recipe; see :func:`recipe_from_dict`."""
+def _read_yaml(path: Union[str, os.PathLike]) -> Any:
+    """The YAML document of a recipe file; a missing file, bad encoding or bad YAML is a one-line error."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            values = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_recipe(path: Union[str, os.PathLike], variant: Optional[str] = None,
+                overrides: Sequence[Union[str, Mapping[str, Any]]] = (),
+                base_overrides: Sequence[Union[str, Mapping[str, Any]]] = ()) -> Recipe:
+    """Read and validate a YAML recipe; see :func:`recipe_from_dict`."""
+    values = _read_yaml(path)
     try:
         return recipe_from_dict(values or {}, variant=variant, overrides=overrides, base_overrides=base_overrides)
     except RecipeError as err:
@@ -390,7 +397,11 @@ def load_recipe(path: Union[str, os.PathLike], variant: Optional[str] = None,
 
 
 def list_variants(path: Union[str, os.PathLike]) -> List[str]:
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        return sorted((yaml.safe_load(f) or {}).get("variants") or {})
+    """Names of the recipe's variants (sorted); the recipe must be a mapping whose ``variants`` is a mapping."""
+    values = _read_yaml(path) or {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(values).__name__}")
+    variants = values.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise RecipeError(f"{path}: variants: expected a mapping of name -> overrides, got {variants!r}")
+    return sorted(variants)
