@@ -49,7 +49,8 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
         "during training (safetensors + manifest.json). Start with `softalign cache build --help`.",
     )
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
-    sub = parser.add_subparsers(dest="cache_command", metavar="{build,import-npy,info}")
+    sub = parser.add_subparsers(dest="cache_command",
+                                metavar="{build,build-teran,import-npy,precomp-images,info,inspect}")
 
     b = sub.add_parser(
         "build", help="encode captions and images with the teachers into a cache directory",
@@ -67,21 +68,57 @@ examples:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_dataset_args(b, images_required=True)
-    b.add_argument("--text-teacher", default="offline-minilm",
-                   help="'offline-minilm' (default, packaged), or any sentence-transformers name or local path")
-    b.add_argument("--image-teacher", default="offline-efficientnet-lite0",
-                   help="'offline-efficientnet-lite0' (default, packaged) or 'timm:<model name>'")
-    b.add_argument("--image-weights", default=None, metavar="FILE",
-                   help="local weights file for a timm / EfficientNet-Lite image teacher (no download)")
-    b.add_argument("--batch-size", type=int, default=64, help="text teacher batch size (default 64)")
-    b.add_argument("--image-batch-size", type=int, default=32, help="image teacher batch size (default 32)")
-    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    b.add_argument("--image-hash", choices=("content", "stat"), default="content",
-                   help="how image files enter the data fingerprint: 'content' (default: SHA-256 of every file, so "
-                        "an image edited in place is noticed) or 'stat' (path + size: faster on slow network "
-                        "storage, blind to same-size edits)")
+    _add_teacher_args(b)
     _add_output_args(b)
     b.set_defaults(func=run_build)
+
+    t = sub.add_parser(
+        "build-teran", help="build the cache of TERAN's training split, in TERAN's caption order",
+        description="mesnico/TERAN numbers its training captions itself (its data.py): for COCO, the annotation ids "
+        "of coco_train_ids.npy (+ coco_restval_ids.npy) in captions_train2014.json / captions_val2014.json, which are "
+        "not grouped by image; for Flickr30k, the sentences of the 'train' images of dataset_flickr30k.json. This "
+        "command reads those files from TERAN's data directory and builds the cache with caption i = TERAN's id i "
+        "and the right caption->image map (softalign.data.teran).",
+        epilog="""
+examples (the values of TERAN's config: dataset.data, dataset.name, dataset.images-path, dataset.restval):
+  softalign cache build-teran --data data --dataset coco --images-path data/coco/images --out cache/teran_coco
+  softalign cache build-teran --data data --dataset f30k --images-path data/f30k/images --out cache/teran_f30k
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--data", required=True, metavar="DIR", help="TERAN's dataset.data (holds coco/ or f30k/annotations)")
+    t.add_argument("--dataset", required=True, choices=("coco", "f30k"), help="TERAN's dataset.name")
+    t.add_argument("--images-path", required=True, metavar="DIR",
+                   help="TERAN's dataset.images-path (COCO: holds train2014/ and val2014/)")
+    t.add_argument("--no-restval", action="store_true",
+                   help="COCO: leave out the restval part (TERAN's dataset.restval: False)")
+    _add_teacher_args(t)
+    _add_output_args(t)
+    t.set_defaults(func=run_build_teran)
+
+    pi = sub.add_parser(
+        "precomp-images", help="list the raw images of a VSE++/SCAN precomp split in train_ims.npy row order",
+        description="The precomp folders hold features, not images; the image teacher needs the images in the order "
+        "of the feature rows. {split}_ids.txt (shipped with the features) names the image of each row (one line per "
+        "image, or one per caption); this writes one image path per line, for `softalign cache build --images "
+        "LIST.txt` (softalign.data.precomp_images).",
+        epilog="""
+examples:
+  softalign cache precomp-images --ids data/coco_precomp/train_ids.txt --ims data/coco_precomp/train_ims.npy \
+      --coco-annotations annotations/captions_train2014.json annotations/captions_val2014.json \
+      --images-root /data/coco --out coco_train_images.txt
+  softalign cache precomp-images --ids data/f30k_precomp/train_ids.txt --pattern "{id}.jpg" \
+      --images-root /data/flickr30k-images --out f30k_train_images.txt
+  softalign cache build --captions data/coco_precomp/train_caps.txt --captions-per-image 5 \
+      --images coco_train_images.txt --out cache/coco_train
+""", formatter_class=argparse.RawDescriptionHelpFormatter)
+    pi.add_argument("--ids", required=True, metavar="FILE", help="the split's {split}_ids.txt")
+    pi.add_argument("--ims", default=None, metavar="FILE.npy", help="the split's {split}_ims.npy, to check the count")
+    pi.add_argument("--images-root", required=True, metavar="DIR", help="where the raw images are")
+    pi.add_argument("--coco-annotations", nargs="+", default=[], metavar="JSON",
+                    help="COCO json files whose 'images' list maps image ids to file names")
+    pi.add_argument("--pattern", default=None, help="file name of an id, e.g. '{id}.jpg' (Flickr30k)")
+    pi.add_argument("--captions-per-image", type=int, default=5, help="captions per image (default 5)")
+    pi.add_argument("--out", required=True, metavar="FILE", help="image list to write (.txt, one path per line)")
+    pi.set_defaults(func=run_precomp_images)
 
     m = sub.add_parser(
         "import-npy", help="turn existing teacher features (.npy) into a cache",
@@ -147,6 +184,22 @@ examples:
     q.add_argument("--json", action="store_true", help="print the rows as JSON")
     q.set_defaults(func=run_inspect)
     return parser
+
+
+def _add_teacher_args(b) -> None:
+    b.add_argument("--text-teacher", default="offline-minilm",
+                   help="'offline-minilm' (default, packaged), or any sentence-transformers name or local path")
+    b.add_argument("--image-teacher", default="offline-efficientnet-lite0",
+                   help="'offline-efficientnet-lite0' (default, packaged) or 'timm:<model name>'")
+    b.add_argument("--image-weights", default=None, metavar="FILE",
+                   help="local weights file for a timm / EfficientNet-Lite image teacher (no download)")
+    b.add_argument("--batch-size", type=int, default=64, help="text teacher batch size (default 64)")
+    b.add_argument("--image-batch-size", type=int, default=32, help="image teacher batch size (default 32)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    b.add_argument("--image-hash", choices=("content", "stat"), default="content",
+                   help="how image files enter the data fingerprint: 'content' (default: SHA-256 of every file, so "
+                        "an image edited in place is noticed) or 'stat' (path + size: faster on slow network "
+                        "storage, blind to same-size edits)")
 
 
 def _add_dataset_args(p, images_required: bool) -> None:
@@ -402,20 +455,51 @@ def _fail(err: Exception) -> int:
 
 # ---------------------------------------------------------------------------------------------- commands
 def run_build(args) -> int:
-    from .cache import TeacherCache
-
     try:
         captions, images, c2i, root, _ = _dataset(args, need_images=True)
-        cache = TeacherCache.build(
-            args.out, captions, images, c2i, text_teacher=args.text_teacher, image_teacher=args.image_teacher,
-            chunk_size=args.chunk_size, dtype=args.dtype, fingerprint=args.fingerprint, batch_size=args.batch_size,
-            image_batch_size=args.image_batch_size, device=args.device, image_root=str(root) if root else None,
-            image_weights=args.image_weights, overwrite=args.overwrite, progress=not args.no_progress,
-            image_hash=args.image_hash, command=_command(args),
-        )
+        return _build(args, captions, images, c2i, root)
     except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
         return _fail(err)
+
+
+def _build(args, captions, images, c2i, root=None) -> int:
+    from .cache import TeacherCache
+
+    cache = TeacherCache.build(
+        args.out, captions, images, c2i, text_teacher=args.text_teacher, image_teacher=args.image_teacher,
+        chunk_size=args.chunk_size, dtype=args.dtype, fingerprint=args.fingerprint, batch_size=args.batch_size,
+        image_batch_size=args.image_batch_size, device=args.device, image_root=str(root) if root else None,
+        image_weights=args.image_weights, overwrite=args.overwrite, progress=not args.no_progress,
+        image_hash=args.image_hash, command=_command(args),
+    )
     print(_summary(cache))
+    return 0
+
+
+def run_build_teran(args) -> int:
+    from softalign.data.teran import teran_training_split
+
+    try:
+        captions, images, c2i = teran_training_split(args.data, args.dataset, args.images_path,
+                                                     restval=not args.no_restval)
+        return _build(args, captions, images, c2i)
+    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
+        return _fail(err)
+
+
+def run_precomp_images(args) -> int:
+    from softalign.data.precomp_images import precomp_image_paths
+
+    from .storage import atomic_write_text
+
+    try:
+        n = _num_rows(args.ims) if args.ims else None
+        paths = precomp_image_paths(args.ids, images_root=args.images_root, coco_annotations=args.coco_annotations,
+                                    pattern=args.pattern, captions_per_image=args.captions_per_image, num_images=n)
+        atomic_write_text(args.out, "".join(p + "\n" for p in paths))
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        return _fail(err)
+    print(f"wrote {len(paths)} image paths (train_ims.npy row order) to {args.out}")
     return 0
 
 
