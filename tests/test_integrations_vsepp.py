@@ -307,3 +307,30 @@ def test_unpatch_with_two_layer_trainer_groups_and_a_failing_step_leaves_nothing
     assert not vsepp.is_patched(model) and "train_emb" not in model.__dict__
     assert len(model.optimizer.param_groups) == 1
     vsepp.patch(model, soft_loss(base="vsepp"), cache=TinyCache())
+
+
+def test_patched_checkpoints_load_with_weights_only(tmp_path):
+    """The upstream `--resume` does torch.load(path); the loss state added to the checkpoint must not need
+    pickled code (weights_only=True, PyTorch >= 2.6's default), calibration record included."""
+    from tests.test_integrations_teran import fresh_model as teran_model
+
+    from softalign.integrations import teran
+
+    model = fresh_model()
+    loss = soft_loss(base="vsepp")
+    vsepp.patch(model, loss, cache=TinyCache())
+    train(model, 1)  # calibrates tau_s and trains a step
+    assert loss.calibration is not None
+    torch.save({"model": model.state_dict(), "epoch": 1}, tmp_path / "ckpt.pth.tar")
+    back = torch.load(tmp_path / "ckpt.pth.tar", weights_only=True)
+    fresh = fresh_model(1)
+    loss2 = soft_loss(base="vsepp")
+    vsepp.patch(fresh, loss2, cache=TinyCache())
+    fresh.load_state_dict(back["model"])
+    assert loss2.calibration == loss.calibration
+    for k, v in loss.state_dict().items():
+        assert _same(v, loss2.state_dict()[k]), k
+    tmodel = teran_model()
+    teran.patch(tmodel, soft_loss(base="none"), cache=TinyCache())
+    torch.save(tmodel.state_dict(), tmp_path / "teran.pth")
+    torch.load(tmp_path / "teran.pth", weights_only=True)
