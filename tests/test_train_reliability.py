@@ -90,6 +90,10 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys):
     _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "variants: [a]\n")], r"variants: expected a mapping")
     _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "optim.lr=.inf"],
                    r"optim.lr.*finite")
+    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "train.epochs=["],
+                   r"override 'train.epochs=\[': the value '\[' is not valid YAML")
+    (tmp_path / "afile").write_text("x")
+    _one_line_exit(capsys, ["demo", "--out", str(tmp_path / "afile")], r"--out \S*afile: is a file")
 
 
 def _cli_recipe(tmp_path, out):

@@ -225,6 +225,17 @@ def _save(fig, path: Path) -> str:
 
 
 def run(args) -> int:
+    """``softalign demo``: holds the run directory's lock (one demo per directory at a time)."""
+    from softalign.locking import directory_lock
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; --out names the demo's run directory")
+    with directory_lock(out, "softalign demo"):
+        return _run(args)
+
+
+def _run(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 

@@ -308,7 +308,11 @@ def _parse_override(item: str) -> Dict[str, Any]:
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. train.epochs=2")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {item!r}: the value {raw!r} is not valid YAML "
+                          f"({' '.join(str(err).split())})") from None
     out: Dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
