@@ -154,7 +154,6 @@ def bench_recall(n_img, cpi=5, dim=128, chunk=512):
     print(f"   B from embeddings: VSE++ verbatim loop {t_ref:.2f}s  softalign {t_ours:.3f}s  speed-up {t_ref / t_ours:.1f}x  "
           f"identical={not diff}" + (f" {diff}" if diff else ""))
     print("     " + _explain(S.numpy(), c2i_np, ours_e, ri, rt) + " (ties judged on the gemm scores)")
-    del S
     print("   " + "  ".join(f"{k}={ours[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")))
 
 

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-
 VARIANTS = {
     "base": "base: VSE++ hinge (max violation)",
     "full": "full: base+CSA+USA(d x d heads, as CUSA)+CMC",

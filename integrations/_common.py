@@ -13,7 +13,8 @@ import inspect
 import logging
 import numbers
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,8 +90,8 @@ class SoftAlignHook:
     turns them into the weighted terms whose sum is ``loss``.
     """
 
-    def __init__(self, loss: nn.Module, *, cache: Any = None, captions_per_image: Optional[int] = None,
-                 image_ids: Optional[Callable[[torch.Tensor], Any]] = None, accelerator: Any = None):
+    def __init__(self, loss: nn.Module, *, cache: Any = None, captions_per_image: int | None = None,
+                 image_ids: Callable[[torch.Tensor], Any] | None = None, accelerator: Any = None):
         if not isinstance(loss, nn.Module):
             raise TypeError(f"loss must be a softalign SoftAlignLoss (an nn.Module), got {type(loss).__name__}")
         if captions_per_image is not None and (isinstance(captions_per_image, bool)
@@ -124,7 +125,7 @@ class SoftAlignHook:
     def base_enabled(self) -> bool:
         return getattr(self.loss, "base", None) is not None
 
-    def parameters(self) -> List[nn.Parameter]:
+    def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.loss.parameters() if p.requires_grad]
 
     def _autocast(self):
@@ -162,12 +163,12 @@ class SoftAlignHook:
             self.loss.to(device)
         self._placed_on = device
 
-    def loss_inputs(self, ids: Any, device) -> Dict[str, Any]:
+    def loss_inputs(self, ids: Any, device) -> dict[str, Any]:
         """Keyword arguments of ``SoftAlignLoss.forward`` that carry ids, image ids and teacher similarities."""
         ids = as_ids(ids, device)
         if getattr(self.loss, "cache", None) is not None:
             return {"ids": ids}  # the loss maps ids to images and looks the teacher up itself
-        out: Dict[str, Any] = {"ids": ids, "image_ids": self.image_ids(ids, device)}
+        out: dict[str, Any] = {"ids": ids, "image_ids": self.image_ids(ids, device)}
         if self.cache is not None:
             if loss_needs_teacher(self.loss):
                 if dist_utils.is_distributed() and callable(getattr(self.cache, "embeddings", None)):
@@ -179,8 +180,8 @@ class SoftAlignHook:
                     out["teacher_image_sim"], out["teacher_text_sim"] = sims[0], sims[1]
         return out
 
-    def __call__(self, image_emb: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
-                 ids: Any = None, *, scores: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def __call__(self, image_emb: torch.Tensor | None = None, text_emb: torch.Tensor | None = None,
+                 ids: Any = None, *, scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if ids is None:
             raise ValueError("the soft-label loss needs the batch's caption ids (the dataset indices the collate "
                              "function returns, in the batch's order)")
@@ -210,15 +211,15 @@ class SoftAlignHook:
         logging.getLogger("softalign").info("gradient shares at loss step %d: %s",
                                             getattr(self.loss, "_steps", 0) - 1, terms)
 
-    def gradient_share_values(self) -> Dict[str, float]:
+    def gradient_share_values(self) -> dict[str, float]:
         """``{"grad_share_soft": CSA + USA share}`` of the last diagnostic, for the trainer's logger; {} before."""
         shares = getattr(self.loss, "gradient_shares", None)
         return {} if shares is None else {"grad_share_soft": float(shares["soft"])}
 
-    def weighted(self, parts: Mapping[str, torch.Tensor], base_name: str = "base") -> Dict[str, torch.Tensor]:
+    def weighted(self, parts: Mapping[str, torch.Tensor], base_name: str = "base") -> dict[str, torch.Tensor]:
         """``{"csa": alpha * L_csa, "usa": beta * L_usa, "cmc": gamma * L_cmc}`` (enabled terms only), plus the
         base loss under ``base_name`` when the loss has one; the values sum to ``parts["loss"]``."""
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         if "base" in parts:
             out[base_name] = parts["base"]
         for name, weight in TERMS:
@@ -270,7 +271,7 @@ class SoftAlignHook:
         inner.param_groups[:] = kept
         return removed
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         state = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                  for k, v in self.loss.state_dict().items()}
         config = getattr(self.loss, "get_config_dict", None)
@@ -291,11 +292,11 @@ class PatchRecord:
 
     def __init__(self, obj: Any, hook: SoftAlignHook, kind: str):
         self.obj, self.hook, self.kind = obj, hook, kind
-        self.saved: Dict[str, Any] = {}
+        self.saved: dict[str, Any] = {}
         self.optimizer: Any = None
-        self.submodule: Optional[str] = None
+        self.submodule: str | None = None
         self.ids: Any = None  # caption ids of the step in flight
-        self.undo: List[Callable[[], None]] = []  # other changes to reverse on restore (e.g. adopted settings)
+        self.undo: list[Callable[[], None]] = []  # other changes to reverse on restore (e.g. adopted settings)
         self.handed_out = False  # TERAN: get_parameters() returned the loss's parameters to an optimizer
 
     def replace(self, name: str, value: Any) -> None:
@@ -308,7 +309,7 @@ class PatchRecord:
         """Undo every change, each step independently: a step that fails does not leave the rest half patched
         (the first error is raised after all steps ran). ``optimizer``: another optimizer to take the loss's
         parameters out of (one built from the patched ``get_parameters()``, as TERAN's train.py does)."""
-        errors: List[BaseException] = []
+        errors: list[BaseException] = []
 
         def attempt(fn: Callable[[], Any]) -> None:
             try:
@@ -343,7 +344,7 @@ class PatchRecord:
             self.ids = previous
 
 
-def get_record(obj: Any, kind: Optional[str] = None) -> Optional[PatchRecord]:
+def get_record(obj: Any, kind: str | None = None) -> PatchRecord | None:
     record = getattr(obj, "__dict__", {}).get(PATCH_ATTR)
     if record is not None and kind is not None and record.kind != kind:
         raise ValueError(f"this object is patched by softalign.integrations.{record.kind}, not {kind}")
@@ -359,7 +360,7 @@ def new_record(obj: Any, hook: SoftAlignHook, kind: str) -> PatchRecord:
     return record
 
 
-def drop_record(obj: Any) -> Optional[PatchRecord]:
+def drop_record(obj: Any) -> PatchRecord | None:
     return obj.__dict__.pop(PATCH_ATTR, None)
 
 
@@ -414,8 +415,8 @@ def capture_ids(record: PatchRecord, method: str, ids_arg: str = "ids") -> None:
     record.replace(method, wrapper)
 
 
-def log_values(obj: Any, logger_attr: Optional[str], values: Mapping[str, torch.Tensor], n: int,
-               hook: Optional["SoftAlignHook"] = None) -> None:
+def log_values(obj: Any, logger_attr: str | None, values: Mapping[str, torch.Tensor], n: int,
+               hook: SoftAlignHook | None = None) -> None:
     """``obj.<logger_attr>.update(name, float(value), n)`` for each value, when such a logger exists (the
     ``LogCollector`` of VSE++/SCAN/TERAN); with ``hook`` also the soft terms' last gradient share
     (``grad_share_soft``)."""
@@ -430,7 +431,7 @@ def log_values(obj: Any, logger_attr: Optional[str], values: Mapping[str, torch.
 
 
 def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adopt: bool = True,
-                          stacklevel: int = 3) -> Optional[Callable[[], None]]:
+                          stacklevel: int = 3) -> Callable[[], None] | None:
     """Make the hinge that replaces a trainer's criterion use that criterion's ``margin`` and ``max_violation``.
 
     VSE++ and SCAN build ``ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)``; VSE++'s
@@ -451,7 +452,7 @@ def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adop
                       "SoftAlignLoss base that replaces it scores with cosine similarity; build the loss with "
                       "base=\"none\" to keep the trainer's criterion and add only the soft-label terms",
                       UserWarning, stacklevel=stacklevel)
-    upstream: Dict[str, Any] = {}
+    upstream: dict[str, Any] = {}
     margin = getattr(criterion, "margin", None)
     if isinstance(margin, numbers.Real) and not isinstance(margin, bool):
         upstream["margin"] = float(margin)
@@ -478,7 +479,7 @@ def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adop
                       f"that replaces it uses {ours}; keeping the loss's settings (match_criterion=False). To train "
                       f"with {trainer}'s settings build {call}", UserWarning, stacklevel=stacklevel)
         return None
-    previous: Dict[str, Any] = {k: getattr(base, k) for k in differs}
+    previous: dict[str, Any] = {k: getattr(base, k) for k in differs}
     for k, v in differs.items():
         setattr(base, k, v)
     # weights left to their defaults follow the adopted base (DEFAULT_WEIGHTS: a sum of hinges is larger)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,11 +41,11 @@ from softalign.integrations._common import (
 __all__ = ["SoftAlignHook", "soft_align_step", "patch", "unpatch", "default_inputs"]
 
 
-def soft_align_step(loss: nn.Module, image_emb: Optional[torch.Tensor] = None,
-                    text_emb: Optional[torch.Tensor] = None, ids: Any = None, *,
-                    scores: Optional[torch.Tensor] = None, cache: Any = None,
-                    captions_per_image: Optional[int] = None, image_ids: Optional[Callable] = None,
-                    accelerator: Any = None) -> Dict[str, torch.Tensor]:
+def soft_align_step(loss: nn.Module, image_emb: torch.Tensor | None = None,
+                    text_emb: torch.Tensor | None = None, ids: Any = None, *,
+                    scores: torch.Tensor | None = None, cache: Any = None,
+                    captions_per_image: int | None = None, image_ids: Callable | None = None,
+                    accelerator: Any = None) -> dict[str, torch.Tensor]:
     """Soft-label terms of one batch.
 
     Returns ``{"loss": total of the SoftAlignLoss, "soft": alpha L_CSA + beta L_USA + gamma L_CMC,
@@ -57,12 +58,12 @@ def soft_align_step(loss: nn.Module, image_emb: Optional[torch.Tensor] = None,
     return _step(hook, image_emb, text_emb, ids, scores)
 
 
-def _step(hook: SoftAlignHook, image_emb, text_emb, ids, scores) -> Dict[str, torch.Tensor]:
+def _step(hook: SoftAlignHook, image_emb, text_emb, ids, scores) -> dict[str, torch.Tensor]:
     parts = hook(image_emb, text_emb, ids, scores=scores)
     return {"loss": parts["loss"], "soft": hook.soft_terms(parts), **hook.weighted(parts)}
 
 
-def default_inputs(image_emb, text_emb, *args, **kwargs) -> Dict[str, Any]:
+def default_inputs(image_emb, text_emb, *args, **kwargs) -> dict[str, Any]:
     """Inputs of a loss method called as ``method(image_emb, text_emb, ...)`` (VSE++'s ``forward_loss``)."""
     return {"image_emb": image_emb, "text_emb": text_emb}
 
@@ -75,10 +76,10 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_from: Optional[str] = None,
+def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_from: str | None = None,
             ids_arg: str = "ids", inputs: Callable[..., Mapping[str, Any]] = default_inputs,
-            optimizer: Any = None, logger_attr: Optional[str] = "logger", base_name: str = "softalign-base",
-            total_name: Optional[str] = None) -> PatchRecord:
+            optimizer: Any = None, logger_attr: str | None = "logger", base_name: str = "softalign-base",
+            total_name: str | None = None) -> PatchRecord:
     """Wrap ``obj.<loss_method>`` (and ``obj.<ids_from>``) in place; used by every shim. See :func:`patch`."""
     original = getattr(obj, loss_method, None)
     if not callable(original):
@@ -137,10 +138,10 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
     return record
 
 
-def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: Optional[str] = None, ids_arg: str = "ids",
+def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: str | None = None, ids_arg: str = "ids",
           inputs: Callable[..., Mapping[str, Any]] = default_inputs, optimizer: Any = None,
-          cache: Any = None, captions_per_image: Optional[int] = None, image_ids: Optional[Callable] = None,
-          accelerator: Any = None, logger_attr: Optional[str] = "logger", returns: str = "tensor",
+          cache: Any = None, captions_per_image: int | None = None, image_ids: Callable | None = None,
+          accelerator: Any = None, logger_attr: str | None = "logger", returns: str = "tensor",
           replace_base: bool = True) -> Any:
     """Add soft-label alignment to ``obj.<loss_method>`` in place; returns ``obj``.
 

@@ -22,7 +22,8 @@ References: Lee et al., "Stacked Cross Attention for Image-Text Matching", ECCV 
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ def module_scorer(criterion: Any) -> Callable[[torch.Tensor, torch.Tensor, Any],
     return scorer
 
 
-def mean_pool(images: torch.Tensor, captions: torch.Tensor, cap_lens: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def mean_pool(images: torch.Tensor, captions: torch.Tensor, cap_lens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled embeddings for USA/CMC: mean of the region features ``[B, R, D] -> [B, D]`` and of the first
     ``cap_lens[j]`` word features of each caption ``[B, W, D] -> [B, D]``."""
     if images.dim() != 3 or captions.dim() != 3:
@@ -119,7 +120,7 @@ class SoftAlignCriterion(nn.Module):
 
 
 def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: Any = None,
-          image_ids: Optional[Callable] = None, scorer: Optional[Callable] = None,
+          image_ids: Callable | None = None, scorer: Callable | None = None,
           pool: Callable = mean_pool, accelerator: Any = None, optimizer: Any = None,
           match_criterion: bool = True) -> Any:
     """Patch a SCAN model object in place and return it.

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,8 +101,8 @@ def check_grouped_ids(dataset: Any, captions_per_image: int) -> None:
                              f"of each other. {fix}")
 
 
-def patch(model: nn.Module, loss: nn.Module, *, captions_per_image: Optional[int] = None, cache: Any = None,
-          image_ids: Optional[Callable] = None, accelerator: Any = None, optimizer: Any = None,
+def patch(model: nn.Module, loss: nn.Module, *, captions_per_image: int | None = None, cache: Any = None,
+          image_ids: Callable | None = None, accelerator: Any = None, optimizer: Any = None,
           dataset: Any = None) -> nn.Module:
     """Patch a TERAN model in place and return it.
 

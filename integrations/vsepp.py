@@ -30,7 +30,8 @@ Image ids: without a cache, caption ``i`` shows image ``i // captions_per_image`
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -49,7 +50,7 @@ KIND = "vsepp"
 
 
 def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: Any = None,
-          image_ids: Optional[Callable] = None, accelerator: Any = None, optimizer: Any = None,
+          image_ids: Callable | None = None, accelerator: Any = None, optimizer: Any = None,
           replace_base: bool = True, match_criterion: bool = True) -> Any:
     """Patch a VSE++ ``VSE`` object in place (see the module docstring) and return it.
 

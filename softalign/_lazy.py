@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 
-def lazy_exports(package: str, exports: Dict[str, str], namespace: dict) -> Tuple[Callable, Callable]:
+def lazy_exports(package: str, exports: dict[str, str], namespace: dict) -> tuple[Callable, Callable]:
     """Return ``(__getattr__, __dir__)`` for ``package`` that import ``name`` from ``.{exports[name]}`` on first use."""
 
     def __getattr__(name):

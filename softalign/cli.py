@@ -10,7 +10,6 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, Optional
 
 #: (command, module providing ``add_subcommand``)
 SUBCOMMANDS = (
@@ -90,7 +89,7 @@ def _unavailable(name, err):
     return run
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

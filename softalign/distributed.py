@@ -13,8 +13,6 @@ public ``torch.distributed`` calls only.
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 import torch.distributed as dist
 
@@ -34,7 +32,7 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def batch_sizes(tensor: torch.Tensor) -> List[int]:
+def batch_sizes(tensor: torch.Tensor) -> list[int]:
     """Every process's ``tensor.shape[0]`` (one small all-gather); pass it to the gathers of the same batch."""
     if not is_distributed():
         return [tensor.shape[0]]
@@ -44,7 +42,7 @@ def batch_sizes(tensor: torch.Tensor) -> List[int]:
     return [int(s.item()) for s in sizes]
 
 
-def _gather_padded(tensor: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+def _gather_padded(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     longest = max(sizes)
     if tensor.shape[0] < longest:
         pad = tensor.new_zeros((longest - tensor.shape[0],) + tuple(tensor.shape[1:]))
@@ -56,7 +54,7 @@ def _gather_padded(tensor: torch.Tensor, sizes: List[int]) -> torch.Tensor:
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, sizes: Optional[List[int]]) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
         sizes = sizes if sizes is not None else batch_sizes(tensor)
         ctx.offset = sum(sizes[: dist.get_rank()])
         ctx.length = tensor.shape[0]
@@ -69,7 +67,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return grad[ctx.offset : ctx.offset + ctx.length], None
 
 
-def all_gather_with_grad(tensor: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0, differentiably (see module docstring).
 
     ``sizes``: every process's row count, from :func:`batch_sizes`, to skip one all-gather per call."""
@@ -79,7 +77,7 @@ def all_gather_with_grad(tensor: torch.Tensor, sizes: Optional[List[int]] = None
 
 
 @torch.no_grad()
-def gather_batch(tensor: torch.Tensor, sizes: Optional[List[int]] = None) -> torch.Tensor:
+def gather_batch(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0 without gradient (ids, teacher rows)."""
     if not is_distributed():
         return tensor

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 
 CSA_MODES = ("each", "add", "dot")
 
@@ -104,7 +104,7 @@ def as_float(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def check_square_pair(x: torch.Tensor, name: str, batch: Optional[int] = None) -> torch.Tensor:
+def check_square_pair(x: torch.Tensor, name: str, batch: int | None = None) -> torch.Tensor:
     """Validate a ``[B, B]`` matrix (optionally with a known ``B``) and upcast it."""
     x = as_float(x, name)
     if x.dim() != 2 or x.shape[0] != x.shape[1]:
@@ -132,7 +132,7 @@ def _temperature(t: Number, name: str) -> Number:
 # similarities and masks
 
 
-def cosine_similarity_matrix(a: torch.Tensor, b: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
     """``S[i, j] = <a_i, b_j> / (|a_i| |b_j|)``, computed in float32 (``b`` defaults to ``a``)."""
     a = as_float(a, "a")
     other = a if b is None else as_float(b, "b")
@@ -231,7 +231,7 @@ def _cosine_similarities(image_emb: torch.Tensor, text_emb: torch.Tensor, uni: b
     return _NormalizedGram.apply(image_emb, text_emb, uni, eps)
 
 
-def positive_mask(row_ids: torch.Tensor, col_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def positive_mask(row_ids: torch.Tensor, col_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``M[i, j] = row_ids[i] == col_ids[j]`` (bool): pairs showing the same image are positives."""
     if col_ids is None:
         col_ids = row_ids
@@ -240,7 +240,7 @@ def positive_mask(row_ids: torch.Tensor, col_ids: Optional[torch.Tensor] = None)
     return row_ids.view(-1, 1) == col_ids.view(1, -1)
 
 
-def _pair_positive_mask(batch: int, image_ids: Optional[torch.Tensor], device) -> torch.Tensor:
+def _pair_positive_mask(batch: int, image_ids: torch.Tensor | None, device) -> torch.Tensor:
     if image_ids is None:
         return torch.eye(batch, dtype=torch.bool, device=device)
     if image_ids.shape != (batch,):
@@ -373,7 +373,7 @@ def soft_label_kl(
     return _SoftLabelKL.apply(student, temperature, labels.probs, labels.neg_entropy)
 
 
-def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-label targets for the (i2t, t2i) rows of CSA [CUSA, Sec. 3.2 and the authors' modes].
 
     * ``each``: i2t rows use the teacher image-image similarities, t2i rows the text-text ones;
@@ -395,8 +395,8 @@ def cross_modal_soft_label_alignment(
     scores: torch.Tensor,
     teacher_image_sim: torch.Tensor,
     teacher_text_sim: torch.Tensor,
-    temperature: Union[Number, Tuple[Number, Number]] = 0.45,
-    teacher_temperature: Union[Number, Tuple[Number, Number]] = 1.0,
+    temperature: Number | tuple[Number, Number] = 0.45,
+    teacher_temperature: Number | tuple[Number, Number] = 1.0,
     mode: str = "each",
 ) -> torch.Tensor:
     """Cross-modal Soft-label Alignment (CSA) [CUSA, Eq. 5].
@@ -425,8 +425,8 @@ def uni_modal_soft_label_alignment(
     student_text_sim: torch.Tensor,
     teacher_image_sim: torch.Tensor,
     teacher_text_sim: torch.Tensor,
-    temperature: Union[Number, Tuple[Number, Number]] = 0.45,
-    teacher_temperature: Union[Number, Tuple[Number, Number]] = 1.0,
+    temperature: Number | tuple[Number, Number] = 0.45,
+    teacher_temperature: Number | tuple[Number, Number] = 1.0,
 ) -> torch.Tensor:
     """Uni-modal Soft-label Alignment (USA) [CUSA, Eq. 6].
 
@@ -461,10 +461,10 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def vsepp_hinge(
     scores: torch.Tensor,
-    image_ids: Optional[torch.Tensor] = None,
+    image_ids: torch.Tensor | None = None,
     margin: float = 0.2,
     max_violation: bool = True,
-    negatives: Optional[MinedNegatives] = None,
+    negatives: MinedNegatives | None = None,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """VSE++ bidirectional hinge loss with id-aware positives [VSE++, Eq. 2-5].
@@ -510,7 +510,7 @@ def _hinge(scores, pos, margin, max_violation, negatives, reduction):
 def info_nce(
     scores: torch.Tensor,
     temperature: Number = 0.05,
-    image_ids: Optional[torch.Tensor] = None,
+    image_ids: torch.Tensor | None = None,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """Symmetric InfoNCE with id-aware (multi-positive) targets [CLIP; CUSA's contrastive term].
@@ -560,10 +560,10 @@ def consistent_multimodal_contrastive(
     scores: torch.Tensor,
     student_image_sim: torch.Tensor,
     student_text_sim: torch.Tensor,
-    image_ids: Optional[torch.Tensor] = None,
+    image_ids: torch.Tensor | None = None,
     margin: float = 0.2,
     intra_margin: float = 0.3,
-    negatives: Optional[MinedNegatives] = None,
+    negatives: MinedNegatives | None = None,
 ) -> torch.Tensor:
     """Consistent Multimodal Contrastive loss [TGDT]: ``L_CMC = L_inter + L_intra``.
 

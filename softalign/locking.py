@@ -17,8 +17,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
 
 try:  # POSIX
     import fcntl
@@ -44,7 +44,7 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def directory_lock(directory: Union[str, os.PathLike], what: str) -> Iterator[Path]:
+def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold an exclusive lock on ``directory`` (created if needed) for the ``with`` block.
 
     ``what`` describes the work (e.g. ``"softalign cache build"``) and is shown to a second process, which gets

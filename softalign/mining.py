@@ -16,8 +16,6 @@ A miner looks at the ``[B, B]`` image x caption scores of a batch of pairs and r
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from softalign.functional import MinedNegatives, check_square_pair, positive_mask
@@ -32,12 +30,12 @@ class NegativeMiner:
     def __call__(
         self,
         scores: torch.Tensor,
-        image_ids: Optional[torch.Tensor] = None,
+        image_ids: torch.Tensor | None = None,
         *,
-        teacher_image_sim: Optional[torch.Tensor] = None,
-        teacher_text_sim: Optional[torch.Tensor] = None,
-        image_emb: Optional[torch.Tensor] = None,
-        text_emb: Optional[torch.Tensor] = None,
+        teacher_image_sim: torch.Tensor | None = None,
+        teacher_text_sim: torch.Tensor | None = None,
+        image_emb: torch.Tensor | None = None,
+        text_emb: torch.Tensor | None = None,
     ) -> MinedNegatives:
         scores = check_square_pair(scores, "scores").detach()
         b = scores.shape[0]
@@ -120,7 +118,7 @@ class TeacherFilteredMiner(NegativeMiner):
 
     SOURCES = ("image", "text", "max", "mean")
 
-    def __init__(self, threshold: float = 0.9, inner: Optional[NegativeMiner] = None, source: str = "max"):
+    def __init__(self, threshold: float = 0.9, inner: NegativeMiner | None = None, source: str = "max"):
         if source not in self.SOURCES:
             raise ValueError(f"source must be one of {self.SOURCES}, got {source!r}")
         self.threshold = float(threshold)

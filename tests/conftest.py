@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import os
 
 # Tests never reach a model hub: the offline teachers ship in PyPI packages.

@@ -8,8 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from softalign.teachers import CacheMismatchError, IncompleteCacheError, TeacherCache, TeacherSimilarities
-from tests.test_cache_support import (CAPTION_TO_IMAGE, CAPTIONS, FakeImageTeacher, FakeTextTeacher,
-                                      WrongDimTeacher, image_features, make_images, save_images, text_features)
+from tests.test_cache_support import (
+    CAPTION_TO_IMAGE,
+    CAPTIONS,
+    FakeImageTeacher,
+    FakeTextTeacher,
+    WrongDimTeacher,
+    image_features,
+    make_images,
+    save_images,
+    text_features,
+)
 
 
 def build(out, paths, **kw):

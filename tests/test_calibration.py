@@ -1,4 +1,6 @@
 """Calibrated soft-label temperature and the soft-label statistics, against independent numpy computations."""
+from __future__ import annotations
+
 import math
 
 import numpy as np

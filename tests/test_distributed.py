@@ -1,5 +1,7 @@
 """Distributed exactness: 2 CPU processes (gloo) via accelerate.debug_launcher give the single-process
 loss and gradients of the whole batch, with unequal per-process batch sizes."""
+from __future__ import annotations
+
 import copy
 
 import pytest

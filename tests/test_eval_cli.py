@@ -1,4 +1,6 @@
 """`softalign eval` end to end: safetensors or .npy inputs -> metrics.json, metrics.md, recall_at_k.png."""
+from __future__ import annotations
+
 import json
 import re
 

@@ -1,5 +1,7 @@
 """Cross-modal metrics against an independent per-query implementation of VSE++'s i2t / t2i
 (fartashf/vsepp evaluation.py), generalised to any number of captions per image."""
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,6 @@
 """RetrievalEvaluator (sentence-transformers call convention) and the comparison report."""
+from __future__ import annotations
+
 import csv
 import os
 
@@ -102,7 +104,7 @@ def test_compare_runs_table_and_files(tmp_path):
     assert "| i2t_r1 | 10.00 | 12.50 | +2.50 |" in lines
     assert "| t2i_r1 | 8.00 | 7.00 | -1.00 |" in lines
     assert not any("folds" in line for line in lines)
-    assert [l.split(" | ")[0] for l in lines if l.startswith("| i2t") or l.startswith("| t2i") or l.startswith("| rsum")] == \
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith(("| i2t", "| t2i", "| rsum"))] == \
         ["| i2t_r1", "| i2t_r5", "| t2i_r1", "| rsum"]
     png = tmp_path / "comparison_recall_at_k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,6 @@
 """softalign.functional: each formula against an independent loop implementation, gradients, properties."""
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch

@@ -312,9 +312,8 @@ def test_unpatch_with_two_layer_trainer_groups_and_a_failing_step_leaves_nothing
 def test_patched_checkpoints_load_with_weights_only(tmp_path):
     """The upstream `--resume` does torch.load(path); the loss state added to the checkpoint must not need
     pickled code (weights_only=True, PyTorch >= 2.6's default), calibration record included."""
-    from tests.test_integrations_teran import fresh_model as teran_model
-
     from softalign.integrations import teran
+    from tests.test_integrations_teran import fresh_model as teran_model
 
     model = fresh_model()
     loss = soft_loss(base="vsepp")

@@ -1,4 +1,6 @@
 """Loss modules: wrappers agree with the functional core, temperatures, heads, the combined module."""
+from __future__ import annotations
+
 import pytest
 import torch
 
@@ -317,6 +319,7 @@ def test_custom_base_module_is_called_with_scores_and_image_ids():
 
 def test_pml_miner_works_inside_the_combined_loss():
     from pytorch_metric_learning.miners import TripletMarginMiner
+
     from softalign.mining import PMLMiner
 
     img, txt = _batch()

@@ -1,12 +1,20 @@
 """Miners: masks against brute-force definitions; teacher filtering; PML adapter; use inside losses."""
+from __future__ import annotations
+
 import pytest
 import torch
 from pytorch_metric_learning.miners import TripletMarginMiner
 
 from softalign import functional as SF
 from softalign.losses import SoftAlignLoss, VSEHingeLoss
-from softalign.mining import (AllNegativesMiner, MaxViolationMiner, PMLMiner, SemiHardMiner, TeacherFilteredMiner,
-                              TopKMiner)
+from softalign.mining import (
+    AllNegativesMiner,
+    MaxViolationMiner,
+    PMLMiner,
+    SemiHardMiner,
+    TeacherFilteredMiner,
+    TopKMiner,
+)
 from tests import reference_formulas as ref
 
 

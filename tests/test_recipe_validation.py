@@ -1,4 +1,6 @@
 """Recipe schema: the shipped recipes load, unknown keys / wrong types / bad values give clear errors."""
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest

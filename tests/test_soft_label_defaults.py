@@ -1,4 +1,6 @@
 """What the one line does with its defaults: calibrated tau_s, term balance, CUSA's head layout, CMC on a hinge."""
+from __future__ import annotations
+
 import math
 import warnings
 

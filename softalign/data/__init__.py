@@ -3,11 +3,19 @@
 Every loader returns :class:`RetrievalData` (captions, images, ``caption_to_image``; caption ids are indices
 into the caption list). :class:`PairDataset` turns one into training items keyed by caption id.
 """
+from __future__ import annotations
+
 from softalign.data.base import RetrievalData
 from softalign.data.hf import DatasetColumn, from_hf_dataset, load_imagefolder
 from softalign.data.karpathy import load_karpathy
-from softalign.data.pairs import (ImageDataset, ImagePairDataset, ImageTransform, PairDataset, collate_pairs,
-                                  preload_images)
+from softalign.data.pairs import (
+    ImageDataset,
+    ImagePairDataset,
+    ImageTransform,
+    PairDataset,
+    collate_pairs,
+    preload_images,
+)
 from softalign.data.precomp import load_precomp
 
 __all__ = ["RetrievalData", "load_karpathy", "load_precomp", "from_hf_dataset", "load_imagefolder",

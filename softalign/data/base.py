@@ -6,8 +6,9 @@ one (image, caption) pair keyed by the caption id.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,15 +38,15 @@ class RetrievalData:
         metadata: free-form (source, licence / credit, ...).
     """
 
-    captions: List[str]
+    captions: list[str]
     images: Any
     caption_to_image: np.ndarray
-    image_labels: Optional[np.ndarray] = None
-    text_labels: Optional[np.ndarray] = None
-    label_names: Optional[List[str]] = None
+    image_labels: np.ndarray | None = None
+    text_labels: np.ndarray | None = None
+    label_names: list[str] | None = None
     name: str = "data"
     split: str = "train"
-    metadata: Dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.captions = list(self.captions)
@@ -88,10 +89,10 @@ class RetrievalData:
         """Image index of each caption id."""
         return self.caption_to_image[np.asarray(caption_ids, dtype=np.int64)]
 
-    def captions_of(self, image_index: int) -> List[int]:
+    def captions_of(self, image_index: int) -> list[int]:
         return np.flatnonzero(self.caption_to_image == image_index).tolist()
 
-    def select_images(self, image_indices: Sequence[int], split: Optional[str] = None) -> "RetrievalData":
+    def select_images(self, image_indices: Sequence[int], split: str | None = None) -> RetrievalData:
         """A new split holding the given images (in that order) and all of their captions, renumbered."""
         idx = _as_index_array(list(image_indices), "image_indices")
         if len(np.unique(idx)) != len(idx):

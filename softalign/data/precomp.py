@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -19,12 +18,12 @@ from softalign.data.base import RetrievalData
 
 
 def load_precomp(
-    data_dir: Union[str, os.PathLike],
+    data_dir: str | os.PathLike,
     split: str = "train",
     *,
     captions_per_image: int = 5,
     mmap: bool = True,
-    max_images: Optional[int] = None,
+    max_images: int | None = None,
 ) -> RetrievalData:
     """Load ``{split}_ims.npy`` (memory-mapped) and ``{split}_caps.txt`` as :class:`RetrievalData`.
 

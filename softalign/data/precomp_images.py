@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
-def read_ids(path: PathLike, captions_per_image: int = 5, num_images: Optional[int] = None) -> List[str]:
+def read_ids(path: PathLike, captions_per_image: int = 5, num_images: int | None = None) -> list[str]:
     """Image ids of an ``{split}_ids.txt``, one per image in row order (a per-caption file is folded)."""
     path = Path(path)
     if not path.is_file():
@@ -51,8 +51,8 @@ def read_ids(path: PathLike, captions_per_image: int = 5, num_images: Optional[i
                      "per image (--captions-per-image)")
 
 
-def _coco_files(annotations: Sequence[PathLike]) -> Dict[str, str]:
-    files: Dict[str, str] = {}
+def _coco_files(annotations: Sequence[PathLike]) -> dict[str, str]:
+    files: dict[str, str] = {}
     for a in annotations:
         p = Path(a)
         if not p.is_file():
@@ -67,8 +67,8 @@ def _coco_files(annotations: Sequence[PathLike]) -> Dict[str, str]:
 
 
 def precomp_image_paths(ids_file: PathLike, *, images_root: PathLike, coco_annotations: Sequence[PathLike] = (),
-                        pattern: Optional[str] = None, captions_per_image: int = 5,
-                        num_images: Optional[int] = None, check_files: bool = True) -> List[str]:
+                        pattern: str | None = None, captions_per_image: int = 5,
+                        num_images: int | None = None, check_files: bool = True) -> list[str]:
     """Image paths in ``{split}_ims.npy`` row order (see the module docstring); errors name the id at fault."""
     if bool(coco_annotations) == bool(pattern):
         raise ValueError("give either --coco-annotations (COCO image ids) or --pattern (e.g. '{id}.jpg' for Flickr30k)")

@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
 
 import numpy as np
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _json(path: Path) -> dict:
@@ -35,7 +34,7 @@ def _json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def _ids(path: Path) -> List[int]:
+def _ids(path: Path) -> list[int]:
     if not path.is_file():
         raise FileNotFoundError(f"TERAN id file not found: {path}")
     try:
@@ -47,15 +46,15 @@ def _ids(path: Path) -> List[int]:
     return arr.tolist()
 
 
-def _coco(data_dir: Path, images_path: Path, restval: bool) -> Tuple[List[str], List[str], List[int]]:
+def _coco(data_dir: Path, images_path: Path, restval: bool) -> tuple[list[str], list[str], list[int]]:
     ann_dir = data_dir / "coco" / "annotations"
     parts = [("captions_train2014.json", "coco_train_ids.npy", "train2014")]
     if restval:
         parts.append(("captions_val2014.json", "coco_restval_ids.npy", "val2014"))
-    captions: List[str] = []
-    images: List[str] = []
-    c2i: List[int] = []
-    index: Dict[Tuple[str, int], int] = {}
+    captions: list[str] = []
+    images: list[str] = []
+    c2i: list[int] = []
+    index: dict[tuple[str, int], int] = {}
     for ann_file, ids_file, img_dir in parts:
         coco = _json(ann_dir / ann_file)
         anns = {a["id"]: a for a in coco.get("annotations", [])}
@@ -76,12 +75,12 @@ def _coco(data_dir: Path, images_path: Path, restval: bool) -> Tuple[List[str], 
     return captions, images, c2i
 
 
-def _f30k(data_dir: Path, images_path: Path) -> Tuple[List[str], List[str], List[int]]:
+def _f30k(data_dir: Path, images_path: Path) -> tuple[list[str], list[str], list[int]]:
     path = data_dir / "f30k" / "annotations" / "dataset_flickr30k.json"
     entries = _json(path).get("images", [])
-    captions: List[str] = []
-    images: List[str] = []
-    c2i: List[int] = []
+    captions: list[str] = []
+    images: list[str] = []
+    c2i: list[int] = []
     for j, entry in enumerate(entries):
         if entry.get("split") != "train":
             continue
@@ -98,7 +97,7 @@ def _f30k(data_dir: Path, images_path: Path) -> Tuple[List[str], List[str], List
 
 
 def teran_training_split(data_dir: PathLike, dataset: str, images_path: PathLike,
-                         restval: bool = True) -> Tuple[List[str], List[str], List[int]]:
+                         restval: bool = True) -> tuple[list[str], list[str], list[int]]:
     """``(captions, image paths, caption_to_image)`` of TERAN's training split, caption ``i`` = TERAN's id ``i``.
 
     Args:

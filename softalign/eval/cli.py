@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict
+from typing import Any
 
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100)
 
@@ -77,7 +77,7 @@ def _load_array(path: str, flag: str):
     return torch.from_numpy(arr)
 
 
-def _load_mapping(path: str, flag: str) -> Dict[str, Any]:
+def _load_mapping(path: str, flag: str) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -99,7 +99,7 @@ def _load_mapping(path: str, flag: str) -> Dict[str, Any]:
                          "safetensors.torch.save_file({'image': ..., 'text': ..., 'caption_to_image': ...})") from None
 
 
-def check_inputs(data: Dict[str, Any], source: str) -> None:
+def check_inputs(data: dict[str, Any], source: str) -> None:
     """Shapes, dtypes and maps of the evaluation inputs; every error names the key and ``source``."""
     import torch
 
@@ -139,7 +139,7 @@ def check_inputs(data: Dict[str, Any], source: str) -> None:
                              f"{tuple(data[key].shape)}")
 
 
-def load_inputs(args) -> Dict[str, Any]:
+def load_inputs(args) -> dict[str, Any]:
     """Read the CLI inputs into {"image", "text", "caption_to_image", "image_labels"?, "text_labels"?}."""
     import torch
 
@@ -179,7 +179,7 @@ def load_inputs(args) -> Dict[str, Any]:
     return data
 
 
-def evaluate_inputs(data: Dict[str, Any], protocol: str = "plain", ks=(1, 5, 10), chunk_size=512, normalize=True) -> Dict[str, Any]:
+def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10), chunk_size=512, normalize=True) -> dict[str, Any]:
     import torch
 
     from softalign.eval.crossmodal import cross_modal_recall, recall_curve
@@ -191,7 +191,7 @@ def evaluate_inputs(data: Dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
         img = torch.nn.functional.normalize(img, dim=-1)
         txt = torch.nn.functional.normalize(txt, dim=-1)
     c2i = data["caption_to_image"]
-    metrics: Dict[str, Any] = {"protocol": protocol, "num_images": img.shape[0], "num_captions": txt.shape[0]}
+    metrics: dict[str, Any] = {"protocol": protocol, "num_images": img.shape[0], "num_captions": txt.shape[0]}
     if protocol == "plain":
         m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size, return_ranks=True)
         i2t, t2i = m.pop("i2t_ranks"), m.pop("t2i_ranks")

@@ -25,8 +25,9 @@ directions, so i2t and t2i always see the same matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def check_caption_to_image(caption_to_image: Any, num_captions: int, num_images:
     return c2i
 
 
-def _check_ks(ks: Sequence[int]) -> Tuple[int, ...]:
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(int(k) for k in ks)
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks}")
@@ -127,7 +128,7 @@ def _take(x: Any, idx: Tensor) -> Any:
     return [x[int(i)] for i in idx]
 
 
-def _make_block_fn(sims, image_emb, text_emb, scorer) -> Tuple[BlockFn, int, int, str]:
+def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[BlockFn, int, int, str]:
     """Return (block(image_idx, caption_idx) -> [a, b] float tensor, N_images, N_captions, label)."""
     if scorer is not None:
         if sims is not None:
@@ -247,15 +248,15 @@ def _tiles(n_images: int, order: Tensor, cap_start: Tensor, chunk: int, gchunk: 
 
 
 def cross_modal_ranks(
-    sims: Optional[Any] = None,
-    image_emb: Optional[Any] = None,
-    text_emb: Optional[Any] = None,
-    caption_to_image: Optional[Any] = None,
+    sims: Any | None = None,
+    image_emb: Any | None = None,
+    text_emb: Any | None = None,
+    caption_to_image: Any | None = None,
     *,
-    scorer: Optional[Callable] = None,
-    num_images: Optional[int] = None,
-    chunk_size: Optional[int] = 512,
-    gallery_chunk_size: Optional[int] = None,
+    scorer: Callable | None = None,
+    num_images: int | None = None,
+    chunk_size: int | None = 512,
+    gallery_chunk_size: int | None = None,
     ties: str = "optimistic",
 ) -> RankResult:
     """0-based i2t / t2i ranks (see module docstring for the definitions and the tie rule).
@@ -365,7 +366,7 @@ def cross_modal_ranks(
 
 
 # -------------------------------------------------------------------------------------- metrics
-def metrics_from_ranks(ranks: Any, ks: Sequence[int] = DEFAULT_KS, prefix: str = "") -> Dict[str, float]:
+def metrics_from_ranks(ranks: Any, ks: Sequence[int] = DEFAULT_KS, prefix: str = "") -> dict[str, float]:
     """R@K (percent), medr and meanr from 0-based ranks, exactly as VSE++ computes them."""
     r = np.asarray(ranks.cpu().numpy() if isinstance(ranks, Tensor) else ranks, dtype=np.float64)
     if r.size == 0:
@@ -385,19 +386,19 @@ def recall_curve(ranks: Any, ks: Sequence[int]) -> list:
 
 
 def cross_modal_recall(
-    sims: Optional[Any] = None,
-    image_emb: Optional[Any] = None,
-    text_emb: Optional[Any] = None,
-    caption_to_image: Optional[Any] = None,
+    sims: Any | None = None,
+    image_emb: Any | None = None,
+    text_emb: Any | None = None,
+    caption_to_image: Any | None = None,
     ks: Sequence[int] = DEFAULT_KS,
-    scorer: Optional[Callable] = None,
-    chunk_size: Optional[int] = 512,
+    scorer: Callable | None = None,
+    chunk_size: int | None = 512,
     *,
-    gallery_chunk_size: Optional[int] = None,
-    num_images: Optional[int] = None,
+    gallery_chunk_size: int | None = None,
+    num_images: int | None = None,
     ties: str = "optimistic",
     return_ranks: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """i2t and t2i R@K, medr, meanr and rsum (VSE++ definitions; see the module docstring).
 
     Returns ``{"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", ..., "rsum"}``
@@ -418,7 +419,7 @@ def cross_modal_recall(
         gallery_chunk_size=gallery_chunk_size,
         ties=ties,
     )
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     out.update(metrics_from_ranks(rr.i2t, ks, "i2t_"))
     out.update(metrics_from_ranks(rr.t2i, ks, "t2i_"))
     out["rsum"] = float(sum(out[f"i2t_r{k}"] + out[f"t2i_r{k}"] for k in ks))

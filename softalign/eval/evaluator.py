@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from softalign.eval.protocols import evaluate_protocol
 __all__ = ["RetrievalEvaluator", "encode_with_model"]
 
 
-def encode_with_model(model: Any, images: Any, captions: Any, batch_size: int = 64, encode_fn: Optional[Callable] = None):
+def encode_with_model(model: Any, images: Any, captions: Any, batch_size: int = 64, encode_fn: Callable | None = None):
     """Embed images and captions following the model protocol in the module docstring."""
     if encode_fn is not None:
         return encode_fn(model, images, captions)
@@ -71,10 +72,10 @@ class RetrievalEvaluator:
         name: str = "",
         batch_size: int = 64,
         normalize: bool = True,
-        chunk_size: Optional[int] = 512,
-        image_labels: Optional[Any] = None,
-        text_labels: Optional[Any] = None,
-        encode_fn: Optional[Callable] = None,
+        chunk_size: int | None = 512,
+        image_labels: Any | None = None,
+        text_labels: Any | None = None,
+        encode_fn: Callable | None = None,
         write_csv: bool = True,
     ):
         if len(images) == 0 or len(captions) == 0:
@@ -89,17 +90,17 @@ class RetrievalEvaluator:
         self.primary_metric = "rsum" if protocol != "coco" else "coco5k/rsum"
         self.csv_file = f"retrieval_evaluation{'_' + name if name else ''}_results.csv"
 
-    def prefix_name_to_metrics(self, metrics: Dict[str, float], name: str) -> Dict[str, float]:
+    def prefix_name_to_metrics(self, metrics: dict[str, float], name: str) -> dict[str, float]:
         if not name:
             return {k: float(v) for k, v in metrics.items()}
         if not self.primary_metric.startswith(name + "_"):
             self.primary_metric = f"{name}_{self.primary_metric}"
         return {f"{name}_{k}": float(v) for k, v in metrics.items()}
 
-    def compute_metrices(self, model: Any) -> Dict[str, float]:  # ST spelling kept for familiarity
+    def compute_metrices(self, model: Any) -> dict[str, float]:  # ST spelling kept for familiarity
         return self.compute_metrics(model)
 
-    def compute_metrics(self, model: Any) -> Dict[str, float]:
+    def compute_metrics(self, model: Any) -> dict[str, float]:
         img, txt = encode_with_model(model, self.images, self.captions, self.batch_size, self.encode_fn)
         img = _as_tensor(img, "image embeddings").detach().float().cpu()
         txt = _as_tensor(txt, "text embeddings").detach().float().cpu()
@@ -125,7 +126,7 @@ class RetrievalEvaluator:
                 metrics.update(unimodal_retrieval(txt, self.text_labels, prefix="t2t_"))
         return metrics
 
-    def __call__(self, model: Any, output_path: Optional[str] = None, epoch: int = -1, steps: int = -1) -> Dict[str, float]:
+    def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         metrics = self.compute_metrics(model)
         if output_path is not None and self.write_csv:
             os.makedirs(output_path, exist_ok=True)
@@ -149,5 +150,5 @@ class RetrievalEvaluator:
     def description(self) -> str:
         return "Retrieval"
 
-    def get_config_dict(self) -> Dict[str, Any]:
+    def get_config_dict(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "ks": list(self.ks)}

@@ -13,7 +13,8 @@ A fold takes images ``[f * 1000, (f + 1) * 1000)`` and every caption whose image
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,18 +69,18 @@ def _check_size(protocol: str, n_img: int) -> None:
 
 def fold_metrics(
     n_folds: int,
-    sims: Optional[Any] = None,
-    image_emb: Optional[Any] = None,
-    text_emb: Optional[Any] = None,
-    caption_to_image: Optional[Any] = None,
+    sims: Any | None = None,
+    image_emb: Any | None = None,
+    text_emb: Any | None = None,
+    caption_to_image: Any | None = None,
     *,
     ks: Sequence[int] = DEFAULT_KS,
-    scorer: Optional[Callable] = None,
-    num_images: Optional[int] = None,
-    chunk_size: Optional[int] = 512,
-    gallery_chunk_size: Optional[int] = None,
+    scorer: Callable | None = None,
+    num_images: int | None = None,
+    chunk_size: int | None = 512,
+    gallery_chunk_size: int | None = None,
     ties: str = "optimistic",
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Split the images into ``n_folds`` equal consecutive folds, evaluate each fold, average.
 
     Returns the mean metrics plus ``"folds"``: the list of per-fold metric dicts."""
@@ -120,7 +121,7 @@ def fold_metrics(
                 **kw,
             )
         folds.append(m)
-    out: Dict[str, Any] = {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}
+    out: dict[str, Any] = {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}
     if n_folds > 1:
         out["folds"] = folds
     return out
@@ -128,15 +129,15 @@ def fold_metrics(
 
 def evaluate_protocol(
     protocol: str = "plain",
-    sims: Optional[Any] = None,
-    image_emb: Optional[Any] = None,
-    text_emb: Optional[Any] = None,
-    caption_to_image: Optional[Any] = None,
+    sims: Any | None = None,
+    image_emb: Any | None = None,
+    text_emb: Any | None = None,
+    caption_to_image: Any | None = None,
     **kwargs: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Evaluate under a named protocol (see module docstring). kwargs go to :func:`fold_metrics`."""
     if protocol == "coco":
-        out: Dict[str, Any] = {}
+        out: dict[str, Any] = {}
         for p in ("coco1k", "coco5k"):
             m = evaluate_protocol(p, sims, image_emb, text_emb, caption_to_image, **kwargs)
             out.update({f"{p}/{k}": v for k, v in m.items()})
@@ -155,8 +156,8 @@ def protocol_recall_curve(
     caption_to_image: Any,
     ks: Sequence[int],
     *,
-    chunk_size: Optional[int] = 512,
-) -> Dict[str, Any]:
+    chunk_size: int | None = 512,
+) -> dict[str, Any]:
     """R@K for each K in ``ks`` (percent), measured the way ``protocol`` measures its metrics.
 
     ``coco1k``: the mean over the 5 folds of 1,000 images of each fold's R@K (the same folds as
@@ -169,7 +170,7 @@ def protocol_recall_curve(
         parts = [protocol_recall_curve(p, image_emb, text_emb, caption_to_image, ks, chunk_size=chunk_size)
                  for p in ("coco1k", "coco5k")]
         k = [x for x in parts[0]["k"] if x in parts[1]["k"]]
-        out: Dict[str, Any] = {"k": k, "gallery": "; ".join(f"{p}/*: {c['gallery']}" for p, c in
+        out: dict[str, Any] = {"k": k, "gallery": "; ".join(f"{p}/*: {c['gallery']}" for p, c in
                                                            zip(("coco1k", "coco5k"), parts))}
         for p, c in zip(("coco1k", "coco5k"), parts):
             for d in ("i2t", "t2i"):
@@ -201,14 +202,14 @@ def protocol_recall_curve(
 
 
 def evaluate_coco(
-    image_emb: Optional[Any] = None,
-    text_emb: Optional[Any] = None,
-    caption_to_image: Optional[Any] = None,
+    image_emb: Any | None = None,
+    text_emb: Any | None = None,
+    caption_to_image: Any | None = None,
     protocol: str = "coco5k",
     *,
-    sims: Optional[Any] = None,
+    sims: Any | None = None,
     **kwargs: Any,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """COCO / Flickr30K evaluation: ``protocol`` in ``coco1k`` (5-fold mean), ``coco5k``,
     ``coco`` (both), ``f30k`` or ``plain``. Keyword arguments (``ks``, ``scorer``, ``chunk_size``,
     ``gallery_chunk_size``, ``num_images``, ``ties``) go to :func:`cross_modal_recall`."""

@@ -7,7 +7,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from softalign.teachers.storage import atomic_write_text
 
@@ -24,7 +25,7 @@ _RK = re.compile(r"^(?:(?P<pre>.*)/)?(?P<dir>i2t|t2i)_r(?P<k>\d+)$")
 _ORDER = ["i2t_r", "i2t_medr", "i2t_meanr", "t2i_r", "t2i_medr", "t2i_meanr", "rsum"]
 
 
-def _scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
         if isinstance(v, bool):
@@ -50,12 +51,12 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"
 
 
-def markdown_table(metrics: Mapping[str, Any], title: Optional[str] = None) -> str:
+def markdown_table(metrics: Mapping[str, Any], title: str | None = None) -> str:
     """One-run table: a row per scalar metric (non-numeric entries such as per-fold lists are skipped)."""
     return comparison_table({title or "value": metrics})
 
 
-def comparison_table(runs: Mapping[str, Mapping[str, Any]], baseline: Optional[str] = None) -> str:
+def comparison_table(runs: Mapping[str, Mapping[str, Any]], baseline: str | None = None) -> str:
     """Markdown table, one column per run; with ``baseline`` (a run name, default the first run
     when there are two or more) a last column gives ``last run - baseline``."""
     if not runs:
@@ -110,7 +111,6 @@ def plot_recall_at_k(runs: Mapping[str, Mapping[str, Any]], path: str, title: st
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -160,7 +160,7 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_report(metrics: Mapping[str, Any], out_dir: str, title: str = "softalign eval", plot: bool = True) -> Dict[str, str]:
+def write_report(metrics: Mapping[str, Any], out_dir: str, title: str = "softalign eval", plot: bool = True) -> dict[str, str]:
     """Write ``metrics.json``, ``metrics.md`` and (if recall@K values exist) ``recall_at_k.png``."""
     paths = {"json": os.path.join(out_dir, "metrics.json"), "markdown": os.path.join(out_dir, "metrics.md")}
     atomic_write_text(paths["json"], json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
@@ -176,9 +176,9 @@ def write_report(metrics: Mapping[str, Any], out_dir: str, title: str = "softali
 
 def compare_runs(
     runs: Mapping[str, Mapping[str, Any]],
-    out_dir: Optional[str] = None,
+    out_dir: str | None = None,
     title: str = "Retrieval comparison",
-    baseline: Optional[str] = None,
+    baseline: str | None = None,
 ) -> str:
     """Markdown comparison of several runs (``{name: metrics}``, e.g. ``{"base": m0, "+CUSA": m1}``)
     with a ``last - baseline`` column; with ``out_dir`` also writes ``comparison.md``,

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ def two_stage_ranks(
     fine_scorer: PairScorer,
     top_k: int = 50,
     chunk_size: int = 256,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """0-based i2t / t2i ranks of the two-stage procedure (see module docstring)."""
     im = _as_tensor(image_emb, "image_emb")
     tx = _as_tensor(text_emb, "text_emb")
@@ -143,7 +144,7 @@ def two_stage_rerank(
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int = 256,
     compare_full: bool = True,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Global top-K retrieval + fine re-ranking; reports recall, the change against full fine
     scoring of every pair, and the speed-up.
 
@@ -166,13 +167,13 @@ def two_stage_rerank(
                 f"R@{max(ks)} is undefined with top_k={k_eff}: queries beyond the top-K have no rank; "
                 f"use ks <= top_k"
             )
-    ts: Dict[str, float] = {}
+    ts: dict[str, float] = {}
     ts.update(metrics_from_ranks(rr["i2t"], ks, "i2t_"))
     ts.update(metrics_from_ranks(rr["t2i"], ks, "t2i_"))
     ts["rsum"] = float(sum(ts[f"i2t_r{k}"] + ts[f"t2i_r{k}"] for k in ks))
     ts["i2t_miss"] = 100.0 * float((rr["i2t"] >= rr["k_i2t"]).double().mean()) if rr["k_i2t"] < len(text_emb) else 0.0
     ts["t2i_miss"] = 100.0 * float((rr["t2i"] >= rr["k_t2i"]).double().mean()) if rr["k_t2i"] < len(image_emb) else 0.0
-    out: Dict[str, Any] = {
+    out: dict[str, Any] = {
         "two_stage": ts,
         "coarse": cross_modal_recall(
             image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image, ks=ks, chunk_size=chunk_size

@@ -20,7 +20,7 @@ scores, as in sentence-transformers' ``EmbeddingSimilarityEvaluator`` (scipy.sta
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,12 +57,12 @@ def _labels(x: Any, n: int, name: str) -> torch.Tensor:
 def unimodal_retrieval(
     embeddings: Any,
     labels: Any,
-    gallery: Optional[Any] = None,
-    gallery_labels: Optional[Any] = None,
+    gallery: Any | None = None,
+    gallery_labels: Any | None = None,
     *,
     batch_size: int = 1024,
     prefix: str = "",
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Recall@1 / precision@1, R-precision and MAP@R of ``embeddings`` (queries) against
     ``gallery`` (default: the queries themselves, leave-one-out). Cosine similarity.
 
@@ -125,7 +125,7 @@ def unimodal_retrieval(
     }
 
 
-def text_similarity_correlation(emb_a: Any, emb_b: Any, scores: Any, prefix: str = "") -> Dict[str, float]:
+def text_similarity_correlation(emb_a: Any, emb_b: Any, scores: Any, prefix: str = "") -> dict[str, float]:
     """Spearman and Pearson correlation between cosine(emb_a[i], emb_b[i]) and gold ``scores[i]``."""
     from scipy.stats import pearsonr, spearmanr
 

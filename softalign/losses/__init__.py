@@ -4,6 +4,8 @@ Each loss takes student embeddings ``(image_emb, text_emb)`` of a batch of pairs
 image x caption ``scores`` matrix (cross-attention scorers such as SCAN/TERAN), and returns a scalar.
 Learnable temperatures and heads are parameters of the loss: add ``loss.parameters()`` to the optimizer.
 """
+from __future__ import annotations
+
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.combined import SoftAlignLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss

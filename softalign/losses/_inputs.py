@@ -1,17 +1,15 @@
 """Shared input handling: embeddings or a precomputed score matrix, validated and upcast to fp32."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from softalign.functional import as_float, check_square_pair
 
 
 def resolve_scores(
-    image_emb: Optional[torch.Tensor],
-    text_emb: Optional[torch.Tensor],
-    scores: Optional[torch.Tensor],
+    image_emb: torch.Tensor | None,
+    text_emb: torch.Tensor | None,
+    scores: torch.Tensor | None,
     similarity,
 ) -> torch.Tensor:
     """Return the fp32 ``[B, B]`` image x caption scores, from ``scores`` or from the two embeddings."""

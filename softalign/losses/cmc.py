@@ -1,8 +1,6 @@
 """Consistent Multimodal Contrastive (CMC) loss from TGDT [Liu et al., IEEE TIP 2023]."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -21,7 +19,7 @@ class CMCLoss(nn.Module):
     citation = ("Liu et al., Efficient Token-Guided Image-Text Retrieval with Consistent Multimodal Contrastive "
                 "Training, IEEE TIP 2023")
 
-    def __init__(self, margin: float = 0.2, intra_margin: float = 0.3, miner: Optional[NegativeMiner] = None,
+    def __init__(self, margin: float = 0.2, intra_margin: float = 0.3, miner: NegativeMiner | None = None,
                  similarity=None):
         super().__init__()
         self.margin, self.intra_margin, self.miner = float(margin), float(intra_margin), miner

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ BASES = ("vsepp", "vsepp_sum", "infonce", "none")
 #: calibrated soft labels, which gave the best validation rsum on the demo for every base (README "Term balance";
 #: validation split cut from training, 3 seeds). CUSA's own values stay for its InfoNCE mean mode (CE / B). The
 #: hinge bases sum over anchors, so the KL terms are summed over anchors too (``soft_label_reduction="auto"``).
-DEFAULT_WEIGHTS: Dict[str, Tuple[float, float]] = {
+DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
     "infonce_mean": (0.1, 0.5),   # CUSA, Huang et al. AAAI 2024 (configs: contrastive_loss_mode mean)
     "infonce_sum": (10.0, 10.0),  # CE averaged over anchors: equals CUSA's balance up to a factor ~1/B
     "vsepp": (3.0, 3.0),
@@ -109,21 +109,21 @@ class SoftAlignLoss(nn.Module):
 
     def __init__(
         self,
-        embed_dim: Optional[Union[int, Tuple[int, int]]] = None,
-        base: Optional[Union[str, nn.Module]] = None,
-        alpha: Optional[float] = None,
-        beta: Optional[float] = None,
+        embed_dim: int | tuple[int, int] | None = None,
+        base: str | nn.Module | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
         gamma: float = 0.0,
         *,
         cache: Any = None,
-        margin: Optional[float] = None,
-        miner: Optional[NegativeMiner] = None,
+        margin: float | None = None,
+        miner: NegativeMiner | None = None,
         temperature: float = 0.05,
         infonce_reduction: str = "sum",
         csa_mode: str = "each",
         csa_temperature: float = 0.45,
         usa_temperature: float = 0.45,
-        teacher_temperature: Union[str, float, Tuple[float, float]] = "auto",
+        teacher_temperature: str | float | tuple[float, float] = "auto",
         soft_label_entropy: float = DEFAULT_SOFT_LABEL_ENTROPY,
         soft_label_reduction: str = "auto",
         learn_temperatures: bool = True,
@@ -158,7 +158,7 @@ class SoftAlignLoss(nn.Module):
         self.soft_label_entropy = float(soft_label_entropy)
         #: the calibrated soft-label temperatures and how they were chosen (a dict) once :meth:`calibrate` ran; None
         #: while uncalibrated or with a fixed teacher_temperature
-        self.calibration: Optional[Dict[str, Any]] = None
+        self.calibration: dict[str, Any] | None = None
         if int(diagnostics_every) < 0:
             raise ValueError(f"diagnostics_every must be >= 0 (0: never), got {diagnostics_every}")
         self.diagnostics_every = int(diagnostics_every)
@@ -166,7 +166,7 @@ class SoftAlignLoss(nn.Module):
         self._warned_low_share = False
         self._warned_single_pair = False
         #: the last gradient-share diagnostic (:func:`softalign.losses.diagnostics.gradient_shares`), or None
-        self.gradient_shares: Optional[Dict[str, float]] = None
+        self.gradient_shares: dict[str, float] | None = None
         for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
             if not float(w) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {w}")
@@ -204,7 +204,7 @@ class SoftAlignLoss(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Dict[str, Any], **objects) -> "SoftAlignLoss":
+    def from_config(cls, config: dict[str, Any], **objects) -> SoftAlignLoss:
         """Rebuild from :meth:`get_config_dict`; objects (``cache``, ``miner``, ``similarity``) go as keywords."""
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         config = {k: v for k, v in config.items() if k != "miner"}
@@ -213,7 +213,7 @@ class SoftAlignLoss(nn.Module):
             raise ValueError(f"unknown SoftAlignLoss option(s) {unknown}; allowed: {sorted(known)}")
         return cls(**{**config, **objects})
 
-    def get_config_dict(self) -> Dict[str, Any]:
+    def get_config_dict(self) -> dict[str, Any]:
         """Constructor options (sentence-transformers convention), with the miner's own config if any; after
         calibration ``teacher_temperature`` holds the calibrated ``(image, text)`` values and ``calibration`` how
         they were chosen; ``alpha`` / ``beta`` are the resolved weights."""
@@ -236,8 +236,8 @@ class SoftAlignLoss(nn.Module):
         return self.csa is not None or self.usa is not None or _uses_teacher(self.miner)
 
     # ------------------------------------------------------------------------------------------ calibration
-    def calibrate(self, cache=None, batch_size: Optional[int] = None, *, teacher_image_sim=None,
-                  teacher_text_sim=None, num_batches: int = 16, seed: int = 0) -> Optional[Dict[str, Any]]:
+    def calibrate(self, cache=None, batch_size: int | None = None, *, teacher_image_sim=None,
+                  teacher_text_sim=None, num_batches: int = 16, seed: int = 0) -> dict[str, Any] | None:
         """Choose the soft-label temperature ``tau_s`` of each teacher matrix once (``teacher_temperature="auto"``).
 
         ``tau_s`` makes the mean normalised entropy of ``softmax(T / tau_s)`` equal ``soft_label_entropy`` at the
@@ -283,7 +283,7 @@ class SoftAlignLoss(nn.Module):
         self._needs_calibration = False
         return record
 
-    def get_extra_state(self) -> Dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         return {"calibration": self.calibration}
 
     def set_extra_state(self, state) -> None:
@@ -295,7 +295,7 @@ class SoftAlignLoss(nn.Module):
     def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
                 image_features=None, text_features=None,
                 teacher_image_sim=None, teacher_text_sim=None, teacher_image_emb=None, teacher_text_emb=None,
-                return_parts: Optional[bool] = None):
+                return_parts: bool | None = None):
         """``image_features`` / ``text_features``: ``[B, D_i]`` / ``[B, D_t]`` backbone features for USA (CUSA's
         layout: the uni-modal heads run parallel to the cross-modal head, so USA's gradient never reaches it);
         without them USA uses ``image_emb`` / ``text_emb``."""
@@ -315,10 +315,10 @@ class SoftAlignLoss(nn.Module):
             return out
         return out["loss"]
 
-    def _weights(self) -> Dict[str, float]:
+    def _weights(self) -> dict[str, float]:
         return {"base": 1.0, "csa": self.alpha, "usa": self.beta, "cmc": self.gamma}
 
-    def _diagnose(self, out: Dict[str, torch.Tensor], inputs) -> None:
+    def _diagnose(self, out: dict[str, torch.Tensor], inputs) -> None:
         """Each weighted term's share of the gradient norm on the loss inputs (a few extra backward passes through
         the loss alone, every ``diagnostics_every`` training steps); warns once when CSA + USA carry < 1%."""
         from softalign.losses.diagnostics import gradient_shares, warn_if_soft_terms_silent
@@ -342,7 +342,7 @@ class SoftAlignLoss(nn.Module):
 
     def _forward(self, image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
                  teacher_image_emb, teacher_text_emb, image_features=None, text_features=None
-                 ) -> Dict[str, torch.Tensor]:
+                 ) -> dict[str, torch.Tensor]:
         have_emb = image_emb is not None and text_emb is not None
         if scores is None and not have_emb:
             raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
@@ -430,8 +430,8 @@ class SoftAlignLoss(nn.Module):
         return self.usa is not None and self.usa.embed_dim is None and self.usa._head_dtype() == image_emb.dtype
 
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
-               batch: int = 1) -> Dict[str, torch.Tensor]:
-        parts: Dict[str, torch.Tensor] = {}
+               batch: int = 1) -> dict[str, torch.Tensor]:
+        parts: dict[str, torch.Tensor] = {}
         if self.base is not None:
             if isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
                 # miners may need the teacher similarities (TeacherFilteredMiner) or the embeddings (PMLMiner)

@@ -1,8 +1,6 @@
 """Base cross-modal losses: VSE++ hinge and symmetric InfoNCE, with positives from ids."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import nn
 
@@ -25,7 +23,7 @@ class VSEHingeLoss(nn.Module):
 
     citation = "Faghri et al., VSE++: Improving Visual-Semantic Embeddings with Hard Negatives, BMVC 2018"
 
-    def __init__(self, margin: float = 0.2, max_violation: bool = True, miner: Optional[NegativeMiner] = None,
+    def __init__(self, margin: float = 0.2, max_violation: bool = True, miner: NegativeMiner | None = None,
                  reduction: str = "sum", similarity=None):
         super().__init__()
         if reduction not in ("sum", "mean"):
@@ -58,7 +56,7 @@ class InfoNCELoss(nn.Module):
 
     citation = "van den Oord et al., 2018; Radford et al., CLIP, ICML 2021; Huang et al., CUSA, AAAI 2024"
 
-    def __init__(self, temperature: float = 0.05, temperature_range: Tuple[float, float] = (0.01, 0.1),
+    def __init__(self, temperature: float = 0.05, temperature_range: tuple[float, float] = (0.01, 0.1),
                  learn_temperature: bool = True, similarity=None, reduction: str = "sum"):
         super().__init__()
         if reduction not in ("sum", "mean"):

@@ -1,8 +1,6 @@
 """Cross-modal Soft-label Alignment (CSA) from CUSA [Huang et al., AAAI 2024]."""
 from __future__ import annotations
 
-from typing import Tuple, Union
-
 import torch
 from torch import nn
 
@@ -29,8 +27,8 @@ class CSALoss(nn.Module):
     citation = "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024"
 
     def __init__(self, mode: str = "each", temperature: float = 0.45,
-                 temperature_range: Tuple[float, float] = (0.1, 0.99), learn_temperature: bool = True,
-                 teacher_temperature: Union[float, Tuple[float, float]] = 1.0, separate_temperatures: bool = False,
+                 temperature_range: tuple[float, float] = (0.1, 0.99), learn_temperature: bool = True,
+                 teacher_temperature: float | tuple[float, float] = 1.0, separate_temperatures: bool = False,
                  similarity=None):
         super().__init__()
         if mode not in SF.CSA_MODES:
@@ -68,7 +66,7 @@ class CSALoss(nn.Module):
                 "separate_temperatures": self.text_temperature is not None}
 
 
-def _pair(value) -> Tuple[float, float]:
+def _pair(value) -> tuple[float, float]:
     """A temperature or an ``(image, text)`` pair of them -> ``(image, text)`` floats."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:

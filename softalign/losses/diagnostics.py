@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -29,10 +29,10 @@ class SoftTermsSilentWarning(UserWarning):
     """CSA + USA carry under 1% of the loss gradient: the soft labels barely change training."""
 
 
-def gradient_norms(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> Dict[str, float]:
+def gradient_norms(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> dict[str, float]:
     """``{name: ||d term / d inputs||_2}`` (the norm over all inputs together); the graph is kept."""
     inputs = [x for x in inputs if x.requires_grad]
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for name, term in terms.items():
         if not term.requires_grad:
             out[name] = 0.0
@@ -43,7 +43,7 @@ def gradient_norms(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Ten
     return out
 
 
-def gradient_shares(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> Dict[str, float]:
+def gradient_shares(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> dict[str, float]:
     """Each (weighted) term's share of the summed gradient norms, plus ``"soft"`` = CSA + USA and the norms
     themselves as ``"norm_<name>"``. Shares are 0 when no term has a gradient."""
     norms = gradient_norms(terms, inputs)

@@ -1,8 +1,6 @@
 """Learnable, clamped temperatures (CUSA keeps its temperatures in a range by clamping before each step)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import nn
 
@@ -15,7 +13,7 @@ class Temperature(nn.Module):
     is the parameter itself, so gradients reach it unchanged (also at a bound, from where it can move back).
     """
 
-    def __init__(self, value: float, range: Optional[Tuple[float, float]] = None, learnable: bool = True):
+    def __init__(self, value: float, range: tuple[float, float] | None = None, learnable: bool = True):
         super().__init__()
         value = float(value)
         if not value > 0:

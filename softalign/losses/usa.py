@@ -1,8 +1,6 @@
 """Uni-modal Soft-label Alignment (USA) from CUSA [Huang et al., AAAI 2024], with its uni-modal heads."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
-
 import torch
 from torch import nn
 
@@ -18,7 +16,7 @@ class ProjectionHead(nn.Sequential):
     CUSA [Huang et al., AAAI 2024, Fig. 2] puts one on each backbone's features for the cross-modal (joint)
     space and, in parallel, one more per modality for the uni-modal space that USA trains."""
 
-    def __init__(self, in_dim: int, out_dim: Optional[int] = None):
+    def __init__(self, in_dim: int, out_dim: int | None = None):
         out_dim = in_dim if out_dim is None else out_dim
         super().__init__(nn.LayerNorm(int(in_dim)), nn.Linear(int(in_dim), int(out_dim)))
         nn.init.normal_(self[1].weight, std=0.02)
@@ -44,9 +42,9 @@ class USALoss(nn.Module):
 
     citation = "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024"
 
-    def __init__(self, embed_dim: Optional[Union[int, Tuple[int, int]]] = None, temperature: float = 0.45,
-                 temperature_range: Tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,
-                 teacher_temperature: Union[float, Tuple[float, float]] = 1.0):
+    def __init__(self, embed_dim: int | tuple[int, int] | None = None, temperature: float = 0.45,
+                 temperature_range: tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,
+                 teacher_temperature: float | tuple[float, float] = 1.0):
         super().__init__()
         if embed_dim is None:
             self.image_head, self.text_head = nn.Identity(), nn.Identity()

@@ -24,9 +24,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def text_source(teacher, captions: Sequence[str]) -> Source:
     return Source("text", len(captions), teacher_info(teacher), encode)
 
 
-def image_source(teacher, images, batch_size: Optional[int] = None) -> Source:
+def image_source(teacher, images, batch_size: int | None = None) -> Source:
     """Images are decoded one teacher batch at a time, the next batch in a background thread."""
     bs = int(batch_size or getattr(teacher, "batch_size", 32) or 32)
 
@@ -201,7 +201,7 @@ def _chunk_ok(path: Path, rows: int, dim: int, key_hash: str) -> bool:
             and path.stat().st_size >= start + info["data_offsets"][1])
 
 
-def identity_mismatch(stored: dict, wanted: dict) -> Optional[str]:
+def identity_mismatch(stored: dict, wanted: dict) -> str | None:
     """Compare two manifests' identities (fingerprint, teachers, dtype); None if they agree."""
     fp = describe_mismatch(stored["fingerprint"], wanted["fingerprint"])
     if fp:
@@ -218,7 +218,7 @@ def identity_mismatch(stored: dict, wanted: dict) -> Optional[str]:
 
 def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
                 chunk_size: int = 4096, dtype="float16", accelerator=None, overwrite: bool = False,
-                progress: bool = True, extra: Optional[dict] = None, command: Optional[str] = None) -> Path:
+                progress: bool = True, extra: dict | None = None, command: str | None = None) -> Path:
     """Encode (or copy) both modalities into ``out_dir``; see the module docstring. Returns ``out_dir``.
 
     The main process holds ``out_dir``'s lock (:func:`softalign.locking.directory_lock`) throughout: a second build
@@ -237,8 +237,8 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
 
 
 def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
-                  chunk_size, dtype, st: "_State", overwrite: bool, progress: bool, extra: Optional[dict],
-                  command: Optional[str]) -> Path:
+                  chunk_size, dtype, st: _State, overwrite: bool, progress: bool, extra: dict | None,
+                  command: str | None) -> Path:
     chunk_size = int(chunk_size)
     tdtype = storage.torch_dtype(dtype)
     out = Path(out_dir)

@@ -15,8 +15,9 @@ re-normalised in fp32 after lookup, so returned embeddings have unit norm up to 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ class TeacherSimilarities(NamedTuple):
     text: torch.Tensor
 
 
-def _teacher_name(t) -> Optional[str]:
+def _teacher_name(t) -> str | None:
     if t is None:
         return None
     return str(getattr(t, "name", t))
@@ -161,9 +162,9 @@ class TeacherCache:
     def build(cls, out_dir, captions: Sequence[str], images, caption_to_image: Sequence[int],
               text_teacher="offline-minilm", image_teacher="offline-efficientnet-lite0", chunk_size: int = 4096,
               dtype="float16", accelerator=None, fingerprint=None, *, batch_size: int = 64,
-              image_batch_size: int = 32, device=None, image_column: Optional[str] = None,
-              image_root: Optional[str] = None, image_weights=None, overwrite: bool = False,
-              progress: bool = True, image_hash: str = "content", command: Optional[str] = None) -> "TeacherCache":
+              image_batch_size: int = 32, device=None, image_column: str | None = None,
+              image_root: str | None = None, image_weights=None, overwrite: bool = False,
+              progress: bool = True, image_hash: str = "content", command: str | None = None) -> TeacherCache:
         """Encode ``captions`` and ``images`` once with the teachers and store them in ``out_dir``.
 
         Args:
@@ -229,7 +230,7 @@ class TeacherCache:
 
     @classmethod
     def load(cls, path, expect_fingerprint=None, expect_text_teacher=None, expect_image_teacher=None,
-             mmap: bool = True, verify: bool = True) -> "TeacherCache":
+             mmap: bool = True, verify: bool = True) -> TeacherCache:
         """Open a complete cache; refuse incomplete builds and caches built for other data or teachers.
 
         ``expect_fingerprint``: a dataset fingerprint string, or the dict of :meth:`fingerprint_of`
@@ -345,7 +346,7 @@ class TeacherCache:
     def device(self) -> torch.device:
         return self._device
 
-    def to(self, device) -> "TeacherCache":
+    def to(self, device) -> TeacherCache:
         """Move the tables (and the caption->image map) to ``device`` for on-device lookups; returns self."""
         device = torch.device(device)
         self._text = self._text.to(device)
@@ -385,7 +386,7 @@ class TeacherCache:
         ids = self._ids(caption_ids, gather=False)
         return self.caption_to_image[ids]
 
-    def embeddings(self, caption_ids, device=None, gather: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(self, caption_ids, device=None, gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(image [B, Di], text [B, Dt]) teacher embeddings, fp32, L2-normalised, on ``device``.
 
         Row ``p`` of ``image`` is the teacher embedding of the image of caption ``caption_ids[p]``.

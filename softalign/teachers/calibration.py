@@ -21,7 +21,6 @@ the pair itself, and with labels the share of the off-diagonal mass on same-labe
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 
@@ -68,7 +67,7 @@ def _entropy(x: torch.Tensor, tau: float) -> float:
     return float(h.mean() / math.log(x.shape[-1]))
 
 
-def soft_label_stats(sims, tau: float, labels: Optional[torch.Tensor] = None) -> Dict[str, float]:
+def soft_label_stats(sims, tau: float, labels: torch.Tensor | None = None) -> dict[str, float]:
     """What ``P = softmax(T / tau)`` looks like on teacher batches ``sims`` (``[B, B]`` or ``[N, B, B]``).
 
     Returns ``entropy`` (mean ``H / log B``), ``diagonal_mass`` (mean ``P_ii``; uniform rows give ``1 / B``) and,
@@ -124,7 +123,7 @@ def calibrate_temperature(sims, target_entropy: float = DEFAULT_SOFT_LABEL_ENTRO
 
 
 def sample_batch_ids(num_captions: int, batch_size: int, num_batches: int, seed: int = 0,
-                     caption_to_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     caption_to_image: torch.Tensor | None = None) -> torch.Tensor:
     """``[num_batches, batch_size]`` caption ids drawn as a trainer would: without replacement within a batch.
     With ``caption_to_image`` each batch holds one caption each of ``batch_size`` distinct images (sampling by
     images, as CUSA's and the demo's loaders do), else ``batch_size`` distinct captions."""

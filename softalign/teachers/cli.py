@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -266,7 +265,7 @@ def _read_list(path: Path, flag: str = "--images") -> list:
     return _read_text(path, flag).splitlines()
 
 
-def _read_image_indices(path: Path, flag: str = "--caption-to-image") -> List[int]:
+def _read_image_indices(path: Path, flag: str = "--caption-to-image") -> list[int]:
     """One integer image index per caption (.txt lines, .json list or .npy); a non-integer entry names its line."""
     out = []
     for j, x in enumerate(_read_list(path, flag)):
@@ -286,7 +285,7 @@ def _read_image_indices(path: Path, flag: str = "--caption-to-image") -> List[in
     return out
 
 
-def _groups_map(n_captions: int, k: int, num_images: Optional[int]) -> List[int]:
+def _groups_map(n_captions: int, k: int, num_images: int | None) -> list[int]:
     """``--captions-per-image K``: caption i -> image i // K, refused unless the captions split evenly."""
     if k < 1:
         raise ValueError(f"--captions-per-image must be a positive integer, got {k}")
@@ -304,7 +303,7 @@ _BUILD_FIELDS = ("image", "image_path", "file_name", "filepath", "image_id")
 _IMPORT_FIELDS = ("image_id", "image", "image_path", "file_name", "filepath")
 
 
-def _read_captions(path: Path, fields=_BUILD_FIELDS) -> Tuple[List[str], Optional[list], Optional[list]]:
+def _read_captions(path: Path, fields=_BUILD_FIELDS) -> tuple[list[str], list | None, list | None]:
     """-> captions, image references per caption (or None), explicit images list (or None)."""
     if path.suffix != ".json":
         return _read_text(path, "--captions").splitlines(), None, None
@@ -344,7 +343,7 @@ def _num_rows(path) -> int:
     return int(np.load(path, mmap_mode="r").shape[0])
 
 
-def _refs_to_map(refs: list) -> Tuple[list, List[int]]:
+def _refs_to_map(refs: list) -> tuple[list, list[int]]:
     order, c2i = {}, []
     for r in refs:
         key = r if isinstance(r, (str, int)) else str(r)
@@ -354,7 +353,7 @@ def _refs_to_map(refs: list) -> Tuple[list, List[int]]:
     return list(order), c2i
 
 
-def _list_images(spec: List[str]) -> Tuple[Optional[Path], Optional[List[str]]]:
+def _list_images(spec: list[str]) -> tuple[Path | None, list[str] | None]:
     """--images -> (root directory or None, explicit list of paths or None)."""
     for x in spec:
         if not Path(x).exists():
@@ -372,7 +371,7 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _int_refs_to_positions(refs: list, root: Optional[Path]) -> List[int]:
+def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
     """build: records naming their image by an integer. Positions in an explicit image list; refused with a
     directory (a sorted listing is not a numbering anyone chose, so ids would silently pick wrong files)."""
     j = next(j for j, r in enumerate(refs) if _is_int(r))
@@ -588,7 +587,7 @@ def run_inspect(args) -> int:
     return 0
 
 
-def _read_label_file(path: Path, num_images: int) -> List[str]:
+def _read_label_file(path: Path, num_images: int) -> list[str]:
     try:
         names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except UnicodeDecodeError as err:

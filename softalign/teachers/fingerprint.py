@@ -9,7 +9,7 @@ own fingerprint (see :class:`ImageSource`).
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ def hash_caption_to_image(c2i: torch.Tensor) -> str:
     return hashlib.sha256(c2i.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def combine(parts: Dict[str, str]) -> str:
+def combine(parts: dict[str, str]) -> str:
     h = hashlib.sha256()
     for k in ("captions", "caption_to_image", "images"):
         h.update(f"{k}={parts.get(k)}\n".encode())
@@ -35,8 +35,8 @@ def combine(parts: Dict[str, str]) -> str:
 
 
 def dataset_fingerprint(captions: Sequence[str], caption_to_image, images=None,
-                        image_column: Optional[str] = None, image_root: Optional[str] = None,
-                        image_hash: Optional[str] = None, image_mode: str = "content") -> Dict[str, str]:
+                        image_column: str | None = None, image_root: str | None = None,
+                        image_hash: str | None = None, image_mode: str = "content") -> dict[str, str]:
     """Fingerprint parts of a data set, as stored in a cache manifest's ``fingerprint`` field.
 
     ``images`` may be omitted when ``image_hash`` is given (e.g. imported image features, whose
@@ -56,7 +56,7 @@ def dataset_fingerprint(captions: Sequence[str], caption_to_image, images=None,
     return parts
 
 
-def describe_mismatch(stored: Dict[str, str], expected) -> Optional[str]:
+def describe_mismatch(stored: dict[str, str], expected) -> str | None:
     """None if ``expected`` (a combined string or a parts dict) matches ``stored``, else which parts differ."""
     if expected is None:
         return None

@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 
@@ -81,8 +81,8 @@ class EfficientNetLiteTeacher(ImageTeacher):
 
     kind = "efficientnet-lite"
 
-    def __init__(self, variant: str = "efficientnet-lite0", weights: Optional[Union[str, os.PathLike]] = None,
-                 device=None, batch_size: int = 32, name: Optional[str] = None):
+    def __init__(self, variant: str = "efficientnet-lite0", weights: str | os.PathLike | None = None,
+                 device=None, batch_size: int = 32, name: str | None = None):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
@@ -126,7 +126,7 @@ class TimmImageTeacher(ImageTeacher):
 
     kind = "timm"
 
-    def __init__(self, model_name: str, weights: Optional[Union[str, os.PathLike]] = None, device=None,
+    def __init__(self, model_name: str, weights: str | os.PathLike | None = None, device=None,
                  batch_size: int = 32, pretrained: bool = True):
         try:
             import timm
@@ -169,7 +169,7 @@ def _timm_data_config(timm, model) -> dict:
 
 
 def resolve_image_teacher(teacher=DEFAULT_IMAGE_TEACHER, device=None, batch_size: int = 32,
-                          weights: Optional[Union[str, os.PathLike]] = None):
+                          weights: str | os.PathLike | None = None):
     """Name -> image teacher (see module docstring); teacher objects pass through."""
     if teacher is None:
         teacher = DEFAULT_IMAGE_TEACHER

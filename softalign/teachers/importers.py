@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class PooledRows:
         return block.mean(axis=1) if self.pool == "mean" else block.max(axis=1)
 
 
-def _check_matrix(a, what: str, pool: Optional[str] = None):
+def _check_matrix(a, what: str, pool: str | None = None):
     if pool is not None and pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if a.ndim == 3 and a.shape[1] == 1:
@@ -94,7 +94,7 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def find_key(ref, keys) -> Optional[object]:
+def find_key(ref, keys) -> object | None:
     """The key of a feature dict that ``ref`` names, or ``None``.
 
     An exact match wins; otherwise an integer and its decimal string name the same image (``5`` <->
@@ -115,8 +115,8 @@ def find_key(ref, keys) -> Optional[object]:
     return alt if alt in keys else None
 
 
-def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str,
-                    pool: Optional[str] = None) -> Tuple[np.ndarray, List]:
+def _dict_to_matrix(d: dict, image_keys: Sequence | None, what: str,
+                    pool: str | None = None) -> tuple[np.ndarray, list]:
     if not d:
         raise ValueError(f"{what}: the feature dict is empty")
     if image_keys is None:
@@ -153,8 +153,8 @@ def _dict_to_matrix(d: Dict, image_keys: Optional[Sequence], what: str,
     return out, keys
 
 
-def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool = False,
-                  what: Optional[str] = None, pool: Optional[str] = None) -> Tuple[np.ndarray, Optional[List], str]:
+def read_features(src, image_keys: Sequence | None = None, allow_pickle: bool = False,
+                  what: str | None = None, pool: str | None = None) -> tuple[np.ndarray, list | None, str]:
     """Load features from a .npy path, an array or a dict -> (matrix [N, D], keys or None, content hash).
 
     A pickled ``.npy`` (CUSA's dict) is refused unless ``allow_pickle=True``; ``pool`` reduces region features
@@ -197,7 +197,7 @@ def read_features(src, image_keys: Optional[Sequence] = None, allow_pickle: bool
     return mat, keys, digest
 
 
-def map_image_refs(refs: Sequence, keys: Optional[List], num_images: int) -> List[int]:
+def map_image_refs(refs: Sequence, keys: list | None, num_images: int) -> list[int]:
     """Image index (row of the imported matrix) of each caption's image reference.
 
     With dict features (``keys`` = the dict's keys in row order) every reference is looked up among the
@@ -224,12 +224,12 @@ def map_image_refs(refs: Sequence, keys: Optional[List], num_images: int) -> Lis
     return mapped
 
 
-def import_npy(out_dir, image_features, caption_to_image=None, captions: Optional[Sequence[str]] = None,
-               text_features=None, text_teacher="offline-minilm", image_keys: Optional[Sequence] = None,
-               image_teacher_name: Optional[str] = None, text_teacher_name: Optional[str] = None,
+def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequence[str] | None = None,
+               text_features=None, text_teacher="offline-minilm", image_keys: Sequence | None = None,
+               image_teacher_name: str | None = None, text_teacher_name: str | None = None,
                chunk_size: int = 4096, dtype="float16", fingerprint=None, overwrite: bool = False,
                progress: bool = True, accelerator=None, allow_pickle: bool = False, device=None,
-               image_refs: Optional[Sequence] = None, pool: Optional[str] = None, command: Optional[str] = None):
+               image_refs: Sequence | None = None, pool: str | None = None, command: str | None = None):
     """Make a cache from existing image features (+ text features, or captions and a text teacher).
 
     Args:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import torch
 
 
-def validate_captions(captions: Sequence[str]) -> List[str]:
+def validate_captions(captions: Sequence[str]) -> list[str]:
     """Return captions as a list; raises naming the first empty or non-string caption."""
     if isinstance(captions, (str, bytes)):
         raise TypeError("captions must be a sequence of strings, got a single string")
@@ -58,7 +58,7 @@ class ImageSource:
     picks the column; by default the one with an ``Image`` feature, else ``"image"``).
     """
 
-    def __init__(self, images, image_column: Optional[str] = None, root: Optional[str] = None):
+    def __init__(self, images, image_column: str | None = None, root: str | None = None):
         self.dataset = None
         self.column = None
         self.root = Path(root) if root else None

@@ -15,11 +15,12 @@ its image-teacher features were made.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
+
 
 def to_rgb(img):
     """PIL image -> RGB; transparent pixels (RGBA, LA, palette with transparency) are composited on white."""
@@ -41,14 +42,14 @@ _INTERP = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, "h
 class ImagePreprocessing:
     """Evaluation transform; ``scale`` is 255.0 when mean/std are given on the 0..255 scale, else 1.0."""
 
-    size: Tuple[int, int] = (224, 224)
+    size: tuple[int, int] = (224, 224)
     resize_shorter: int = 256
     interpolation: str = "bicubic"
-    mean: Tuple[float, float, float] = (127.0, 127.0, 127.0)
-    std: Tuple[float, float, float] = (128.0, 128.0, 128.0)
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
     scale: float = 255.0
     color: str = "RGB (alpha composited on white)"
-    steps: List[str] = field(default_factory=lambda: ["resize_shorter", "center_crop", "normalize"])
+    steps: list[str] = field(default_factory=lambda: ["resize_shorter", "center_crop", "normalize"])
 
     def to_dict(self) -> dict:
         d = asdict(self)

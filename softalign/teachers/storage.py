@@ -18,13 +18,13 @@ import os
 import struct
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 #: torch dtype <-> safetensors dtype tag
 _ST_DTYPES = {
@@ -113,7 +113,7 @@ def atomic_write_json(path: PathLike, obj) -> None:
 
 
 def atomic_save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
-                        metadata: Optional[Dict[str, str]] = None) -> None:
+                        metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` to a temporary file, then atomically into place."""
     from safetensors.torch import save
 
@@ -135,7 +135,7 @@ def file_sha256(path: PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
+def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -143,9 +143,9 @@ def load_tensors(path: PathLike) -> Dict[str, torch.Tensor]:
 
 def write_safetensors_streamed(
     path: PathLike,
-    specs: Mapping[str, Tuple[torch.dtype, Tuple[int, ...]]],
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     chunks: Mapping[str, Callable[[], Iterable[torch.Tensor]]],
-    metadata: Optional[Dict[str, str]] = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write a safetensors file whose tensors arrive as row chunks (bounded memory), atomically.
 
@@ -153,7 +153,7 @@ def write_safetensors_streamed(
     dim 0 is the full tensor. The total number of bytes written per tensor is checked against the
     declared shape, so a short or long stream raises instead of producing a corrupt file.
     """
-    header: Dict[str, object] = {}
+    header: dict[str, object] = {}
     offset = 0
     for name, (dtype, shape) in specs.items():
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
@@ -190,7 +190,7 @@ def write_safetensors_streamed(
     atomic_write(path, write)
 
 
-def read_safetensors_header(path: PathLike) -> Tuple[int, Dict[str, dict]]:
+def read_safetensors_header(path: PathLike) -> tuple[int, dict[str, dict]]:
     """Return (data_start, header) of a safetensors file; raises ValueError if it is malformed."""
     path = Path(path)
     with open(path, "rb") as fh:
@@ -207,7 +207,7 @@ def read_safetensors_header(path: PathLike) -> Tuple[int, Dict[str, dict]]:
     return 8 + n, header
 
 
-def mmap_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
+def mmap_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
     """Map every tensor of a safetensors file read-only (zero copy; pages shared across processes).
 
     The returned tensors must not be written to. bfloat16 tensors (no numpy dtype) are copied.
@@ -215,7 +215,7 @@ def mmap_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
     path = Path(path)
     start, header = read_safetensors_header(path)
     size = path.stat().st_size
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > start else None
     for name, info in header.items():
@@ -241,7 +241,7 @@ def mmap_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
     return out
 
 
-def torch_dtype(name: Union[str, torch.dtype]) -> torch.dtype:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     """``"float16" | "bfloat16" | "float32"`` (or a torch dtype) -> torch dtype; anything else raises."""
     if isinstance(name, torch.dtype):
         if name in (torch.float16, torch.bfloat16, torch.float32):

@@ -14,7 +14,7 @@ name into a teacher:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +57,8 @@ class TextTeacher:
 
     kind = "sentence-transformers"
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_TEACHER, device: Optional[Union[str, torch.device]] = None,
-                 batch_size: int = 64, max_seq_length: Optional[int] = None):
+    def __init__(self, name_or_path: str = DEFAULT_TEXT_TEACHER, device: str | torch.device | None = None,
+                 batch_size: int = 64, max_seq_length: int | None = None):
         from sentence_transformers import SentenceTransformer
 
         self.name = str(name_or_path)
@@ -117,4 +117,4 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-__all__: List[str] = ["TextTeacher", "resolve_text_teacher", "DEFAULT_TEXT_TEACHER", "is_teacher"]
+__all__: list[str] = ["TextTeacher", "resolve_text_teacher", "DEFAULT_TEXT_TEACHER", "is_teacher"]

@@ -6,6 +6,8 @@
 
 Attributes are imported lazily so that building the CLI parser stays cheap.
 """
+from __future__ import annotations
+
 from importlib import import_module
 
 _EXPORTS = {

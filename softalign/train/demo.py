@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 STUDENT_BACKBONES = {"text": "offline-minilm", "image": "offline-efficientnet-lite0"}
 TEACHERS = {"text": "offline-mpnet", "image": "offline-efficientnet-lite2"}
@@ -66,7 +66,7 @@ def mean_std(values: Sequence[float]):
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def summary_table(per_variant: Dict[str, List[dict]], variants: Sequence[str], labels: Dict[str, str],
+def summary_table(per_variant: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str],
                   split: str = "test") -> str:
     """Markdown: a row per metric, a column per variant (mean ± std over seeds), then for every variant after the
     first (the baseline) the paired difference to it (mean ± std over seeds)."""
@@ -91,7 +91,7 @@ def summary_table(per_variant: Dict[str, List[dict]], variants: Sequence[str], l
     return "\n".join(lines) + "\n"
 
 
-def soft_label_table(rows: List[dict]) -> str:
+def soft_label_table(rows: list[dict]) -> str:
     lines = ["| teacher matrix | tau_s | entropy / log B | diagonal mass | same-label share (chance) |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -102,7 +102,7 @@ def soft_label_table(rows: List[dict]) -> str:
 
 
 def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], image_labels=None,
-                           num_batches: int = 16, seed: int = 0) -> List[dict]:
+                           num_batches: int = 16, seed: int = 0) -> list[dict]:
     """Soft-label statistics of the cache's teachers on training-size batches, at CUSA's ``tau_s = 1``, at a
     sharp fixed 0.1 and at the calibrated ``tau_s`` of each entropy target."""
     import torch
@@ -121,7 +121,7 @@ def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], ima
     return rows
 
 
-def _cached_embeddings(path: Path, data, models: Dict[str, str], progress: bool, dtype: str = "float16"):
+def _cached_embeddings(path: Path, data, models: dict[str, str], progress: bool, dtype: str = "float16"):
     """A :class:`~softalign.teachers.TeacherCache` of ``data`` encoded by ``models`` (``{"text", "image"}``): loaded
     when one for the same data and models is there, else (re)built."""
     from softalign.teachers import TeacherCache
@@ -155,8 +155,8 @@ def _teacher_cache(path: Path, data, progress: bool):
     return _cached_embeddings(path, data, TEACHERS, progress)
 
 
-def save_plots(test_runs: Dict[str, List[dict]], variants: Sequence[str], labels: Dict[str, str],
-               sweep: Dict[str, List[dict]], diag: List[dict], out: Path) -> List[str]:
+def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str],
+               sweep: dict[str, list[dict]], diag: list[dict], out: Path) -> list[str]:
     """``metrics.png`` (test metrics, mean ± std over seeds), ``validation.png`` (validation rsum per entropy
     target) and ``soft_labels.png`` (same-label share of the soft labels vs tau_s)."""
     import matplotlib
@@ -285,7 +285,7 @@ def _run(args) -> int:
         return res
 
     # ---- validation: choose the soft-label entropy target (never looking at test)
-    sweep: Dict[str, List[dict]] = {}
+    sweep: dict[str, list[dict]] = {}
     val_only = {"val": splits["val"]}
     sweep["base"] = runs({"alpha": 0.0, "beta": 0.0}, val_only, "validation base")
     sweep["CUSA tau_s=1"] = runs({"teacher_temperature": 1.0}, val_only, "validation tau_s=1")

@@ -13,8 +13,9 @@ of each image per step (CUSA's and the demo's loaders sample images), with ``Sof
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class FeatureStudentConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 2.0
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -57,7 +58,7 @@ def build_student(image_dim: int, text_dim: int, cfg: FeatureStudentConfig):
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, split: FeatureSplit) -> Dict[str, float]:
+def evaluate(model, loss_fn, split: FeatureSplit) -> dict[str, float]:
     """Cross-modal and uni-modal metrics of ``split`` (:func:`softalign.train.trainer.evaluate_embeddings`), the
     uni-modal ones on USA's heads when the loss has them."""
     from softalign.train.trainer import encode_uni_modal, evaluate_embeddings
@@ -73,7 +74,7 @@ def evaluate(model, loss_fn, split: FeatureSplit) -> Dict[str, float]:
 
 
 def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit], loss_kwargs: Mapping[str, Any],
-                          cfg: FeatureStudentConfig, seed: int, cache=None) -> Dict[str, Any]:
+                          cfg: FeatureStudentConfig, seed: int, cache=None) -> dict[str, Any]:
     """Train one student; returns ``{"metrics": {split: {...}}, "history", "loss_config", "gradient_shares",
     "seconds"}``. ``cache``: the teacher cache over ``train``'s captions (caption ids = row numbers of
     ``train.text``), needed when ``loss_kwargs`` switch CSA or USA on."""
@@ -102,7 +103,7 @@ def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit]
     shares_seen = []
     for epoch in range(cfg.epochs):
         perm = torch.randperm(num_images, generator=gen)
-        sums: Dict[str, float] = {}
+        sums: dict[str, float] = {}
         for s in range(steps_per_epoch):
             imgs = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             pick = (torch.rand(len(imgs), generator=gen) * counts[imgs]).long()
@@ -126,7 +127,7 @@ def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit]
             "seconds": round(time.time() - t0, 2)}
 
 
-def mean_share(records, key: str = "soft") -> Optional[float]:
+def mean_share(records, key: str = "soft") -> float | None:
     """Mean of a gradient-share key over the diagnostics of a run (None when there were none)."""
     vals = [r[key] for r in records if key in r]
     return float(np.mean(vals)) if vals else None

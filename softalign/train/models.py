@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 PAD, UNK = "<pad>", "<unk>"
 
 
-def tokenize(text: str) -> List[str]:
+def tokenize(text: str) -> list[str]:
     return _TOKEN_RE.findall(text.lower())
 
 
@@ -36,7 +36,7 @@ class Vocabulary:
         self.index = {w: i for i, w in enumerate(words)}
 
     @classmethod
-    def build(cls, captions: Sequence[str], min_count: int = 1) -> "Vocabulary":
+    def build(cls, captions: Sequence[str], min_count: int = 1) -> Vocabulary:
         counts = Counter(t for c in captions for t in tokenize(c))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls([PAD, UNK] + kept)
@@ -44,7 +44,7 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.words)
 
-    def encode(self, captions: Sequence[str], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, captions: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens [B, L] int64 padded with 0, lengths [B])``; empty captions become one ``<unk>``."""
         seqs = [[self.index.get(t, 1) for t in tokenize(c)] or [1] for c in captions]
         length = max(len(s) for s in seqs)
@@ -127,7 +127,7 @@ class SmallCNN(nn.Module):
     def __init__(self, embed_dim: int, width: int = 32):
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 8 * width]
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2, ceil_mode=True)]
@@ -196,7 +196,7 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int,
-                 feature_dims: Optional[Tuple[int, int]] = None):
+                 feature_dims: tuple[int, int] | None = None):
         super().__init__()
         from softalign.losses.usa import ProjectionHead
 
@@ -236,7 +236,7 @@ class FeatureMLP(nn.Module):
     The demo's student: frozen pre-trained encoders give the input features once; this is the part that CSA,
     USA and the base loss train together (CUSA fine-tunes the whole backbone instead)."""
 
-    def __init__(self, in_dim: int, dim: int, hidden: Optional[int] = None):
+    def __init__(self, in_dim: int, dim: int, hidden: int | None = None):
         super().__init__()
         hidden = int(hidden or dim)
         self.net = nn.Sequential(nn.Linear(int(in_dim), hidden), nn.GELU(), nn.Linear(hidden, int(dim)))
@@ -248,8 +248,8 @@ class FeatureMLP(nn.Module):
         return self.net(feats.float())
 
 
-def build_model(cfg, train_captions: Sequence[str], feature_shape: Optional[Sequence[int]] = None,
-                vocab_words: Optional[Sequence[str]] = None) -> DualEncoder:
+def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int] | None = None,
+                vocab_words: Sequence[str] | None = None) -> DualEncoder:
     """Build the student from a :class:`~softalign.train.recipe.ModelConfig`.
 
     ``train_captions`` build the vocabulary of ``gru`` / ``bow`` (or pass the saved ``vocab_words``);
@@ -277,7 +277,7 @@ def build_model(cfg, train_captions: Sequence[str], feature_shape: Optional[Sequ
     return DualEncoder(image, text, d)
 
 
-def vocab_of(model: nn.Module) -> Optional[List[str]]:
+def vocab_of(model: nn.Module) -> list[str] | None:
     """The vocabulary words of a ``gru`` / ``bow`` text encoder (to store with checkpoints), else None."""
     text = getattr(model, "text_encoder", None)
     vocab = getattr(text, "vocab", None)

@@ -13,11 +13,12 @@ import copy
 import dataclasses
 import os
 import re
+import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
-
+from typing import Any, Literal, Union
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -31,20 +32,20 @@ class DataConfig:
     """Where the data comes from. ``kind``: demo | karpathy | precomp | hf | imagefolder."""
 
     kind: Literal["demo", "karpathy", "precomp", "hf", "imagefolder"] = "demo"
-    path: Optional[str] = None            # karpathy: JSON file; precomp/imagefolder: folder; hf: hub name or a
+    path: str | None = None            # karpathy: JSON file; precomp/imagefolder: folder; hf: hub name or a
                                           # DatasetDict saved with save_to_disk
-    image_root: Optional[str] = None      # karpathy: image folder
+    image_root: str | None = None      # karpathy: image folder
     train_split: str = "train"
     test_split: str = "test"
-    captions_per_image: Optional[int] = 5
+    captions_per_image: int | None = 5
     image_size: int = 224
     augment: bool = False
     preload: bool = False                 # decode all images once (small data sets)
-    max_images: Optional[int] = None      # cap per split (quick runs)
+    max_images: int | None = None      # cap per split (quick runs)
     test_fraction: float = 0.2            # demo only
-    image_column: Optional[str] = None    # hf / imagefolder
-    caption_column: Optional[str] = None
-    label_column: Optional[str] = None
+    image_column: str | None = None    # hf / imagefolder
+    caption_column: str | None = None
+    label_column: str | None = None
     num_workers: int = 0
     sample: Literal["captions", "images"] = "captions"   # an epoch visits every caption (VSE++) or every image
 
@@ -72,7 +73,7 @@ class TeacherConfig:
 
     text: str = "offline-minilm"
     image: str = "offline-efficientnet-lite0"
-    cache_dir: Optional[str] = None       # default: <output_dir>/teacher_cache; built once, reused afterwards
+    cache_dir: str | None = None       # default: <output_dir>/teacher_cache; built once, reused afterwards
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     chunk_size: int = 256
     rebuild_on_mismatch: bool = False     # a cache built for other data / teachers: rebuild it in place (else error)
@@ -94,7 +95,7 @@ class LossConfig:
     usa_temperature: float = 0.45
     # soft-label temperature tau_s: "auto" calibrates it once from the cache (per teacher matrix) so that the soft
     # labels' normalised entropy is soft_label_entropy at the training batch size; a number fixes it (CUSA: 1.0)
-    teacher_temperature: Union[float, str] = "auto"
+    teacher_temperature: float | str = "auto"
     soft_label_entropy: float = 0.8
     soft_label_reduction: Literal["auto", "batchmean", "sum"] = "auto"   # auto: summed on a hinge base (per anchor)
     learn_temperatures: bool = True
@@ -105,7 +106,7 @@ class LossConfig:
     diagnostics_every: int = 100          # steps between gradient-share diagnostics (0: never)
     use_heads: bool = True                # USA's uni-modal heads (embed_dim passed to the loss)
 
-    def loss_kwargs(self) -> Dict[str, Any]:
+    def loss_kwargs(self) -> dict[str, Any]:
         kw = dataclasses.asdict(self)
         kw.pop("use_heads")
         return kw
@@ -119,13 +120,13 @@ class OptimConfig:
     optimizer: Literal["adamw", "adam"] = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
-    loss_lr: Optional[float] = None       # lr of the loss's heads / temperatures (default: lr)
+    loss_lr: float | None = None       # lr of the loss's heads / temperatures (default: lr)
     schedule: Literal["cosine", "step", "constant"] = "step"
     min_lr: float = 0.0
-    lr_decay_epoch: Optional[int] = None
+    lr_decay_epoch: int | None = None
     lr_decay_factor: float = 0.1
     warmup_steps: int = 0
-    grad_clip: Optional[float] = 2.0
+    grad_clip: float | None = 2.0
 
 
 @dataclass
@@ -151,10 +152,10 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    variant: Optional[str] = None         # set by load_recipe when a variant was applied
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variant: str | None = None         # set by load_recipe when a variant was applied
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -163,11 +164,11 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         return "a mapping"
-    if origin in (list, List):
+    if origin in (list, list):
         return "a list"
     return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
         tp, getattr(tp, "__name__", str(tp)))
@@ -177,7 +178,7 @@ def _convert(value, tp, where: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -195,11 +196,11 @@ def _convert(value, tp, where: str):
         if value not in choices:
             raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return value
-    if origin in (dict, Dict):
+    if origin in (dict, dict):
         if not isinstance(value, Mapping):
             raise RecipeError(f"{where}: expected a mapping, got {value!r}")
         return {str(k): copy.deepcopy(v) for k, v in value.items()}
-    if origin in (list, List):
+    if origin in (list, list):
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{where}: expected a list, got {value!r}")
         (inner,) = typing.get_args(tp) or (Any,)
@@ -292,7 +293,7 @@ def _check_values(r: Recipe) -> None:
              f"optim.lr_decay_epoch must be >= 1, got {r.optim.lr_decay_epoch}")
 
 
-def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
@@ -302,7 +303,7 @@ def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _parse_override(item: str) -> Dict[str, Any]:
+def _parse_override(item: str) -> dict[str, Any]:
     import yaml
 
     if "=" not in item:
@@ -313,7 +314,7 @@ def _parse_override(item: str) -> Dict[str, Any]:
     except yaml.YAMLError as err:
         raise RecipeError(f"override {item!r}: the value {raw!r} is not valid YAML "
                           f"({' '.join(str(err).split())})") from None
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
     for p in parts[:-1]:
@@ -322,9 +323,9 @@ def _parse_override(item: str) -> Dict[str, Any]:
     return out
 
 
-def recipe_from_dict(values: Mapping[str, Any], variant: Optional[str] = None,
-                     overrides: Sequence[Union[str, Mapping[str, Any]]] = (),
-                     base_overrides: Sequence[Union[str, Mapping[str, Any]]] = ()) -> Recipe:
+def recipe_from_dict(values: Mapping[str, Any], variant: str | None = None,
+                     overrides: Sequence[str | Mapping[str, Any]] = (),
+                     base_overrides: Sequence[str | Mapping[str, Any]] = ()) -> Recipe:
     """Validate ``values`` (a parsed YAML mapping); apply ``base_overrides``, then ``variant``, then ``overrides``
     (each ``"a.b=value"`` or a nested mapping).
 
@@ -373,7 +374,7 @@ def recipe_from_dict(values: Mapping[str, Any], variant: Optional[str] = None,
     return recipe
 
 
-def _read_yaml(path: Union[str, os.PathLike]) -> Any:
+def _read_yaml(path: str | os.PathLike) -> Any:
     """The YAML document of a recipe file; a missing file, bad encoding or bad YAML is a one-line error."""
     import yaml
 
@@ -389,9 +390,9 @@ def _read_yaml(path: Union[str, os.PathLike]) -> Any:
         raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def load_recipe(path: Union[str, os.PathLike], variant: Optional[str] = None,
-                overrides: Sequence[Union[str, Mapping[str, Any]]] = (),
-                base_overrides: Sequence[Union[str, Mapping[str, Any]]] = ()) -> Recipe:
+def load_recipe(path: str | os.PathLike, variant: str | None = None,
+                overrides: Sequence[str | Mapping[str, Any]] = (),
+                base_overrides: Sequence[str | Mapping[str, Any]] = ()) -> Recipe:
     """Read and validate a YAML recipe; see :func:`recipe_from_dict`."""
     values = _read_yaml(path)
     try:
@@ -400,7 +401,7 @@ def load_recipe(path: Union[str, os.PathLike], variant: Optional[str] = None,
         raise RecipeError(f"{path}: {err}") from None
 
 
-def list_variants(path: Union[str, os.PathLike]) -> List[str]:
+def list_variants(path: str | os.PathLike) -> list[str]:
     """Names of the recipe's variants (sorted); the recipe must be a mapping whose ``variants`` is a mapping."""
     values = _read_yaml(path) or {}
     if not isinstance(values, dict):

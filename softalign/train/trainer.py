@@ -17,8 +17,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ CHECKPOINT = "last.pt"
 
 
 # ------------------------------------------------------------------------------------------------ data
-def load_splits(recipe: Recipe) -> Tuple[RetrievalData, RetrievalData]:
+def load_splits(recipe: Recipe) -> tuple[RetrievalData, RetrievalData]:
     """(train, test) :class:`RetrievalData` for ``recipe.data``."""
     d = recipe.data
     if d.kind == "demo":
@@ -89,7 +90,7 @@ def teacher_cache_dir(recipe: Recipe) -> Path:
     return Path(recipe.teacher.cache_dir or os.path.join(recipe.output_dir, "teacher_cache"))
 
 
-def _expected_fingerprint(train_data: RetrievalData, manifest: Mapping[str, Any]) -> Dict[str, str]:
+def _expected_fingerprint(train_data: RetrievalData, manifest: Mapping[str, Any]) -> dict[str, str]:
     """Fingerprint parts of the training split to check a cache against, restricted to the parts the cache
     computed the same way: the captions unless the cache imported text features; the images only when the cache
     hashed the images themselves (``source: computed``) and the split has images, not precomputed features (whose
@@ -196,9 +197,9 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
 # -------------------------------------------------------------------------------------------- I/O
 def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe: Recipe, vocab=None) -> None:
     """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}``."""
-    from softalign.teachers.storage import atomic_write
-
     import io
+
+    from softalign.teachers.storage import atomic_write
 
     obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
            "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab}
@@ -207,7 +208,7 @@ def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, reci
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
-def load_checkpoint(path) -> Dict[str, Any]:
+def load_checkpoint(path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no pickled code runs); a corrupt file is a one-line error."""
     path = Path(path)
     if not path.is_file():
@@ -237,7 +238,7 @@ def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text
     atomic_save_tensors(path, tensors, metadata={"split": str(data.split), "name": str(data.name)})
 
 
-def read_metrics(path, max_epoch: Optional[int] = None, log: Optional[Callable] = None) -> List[Dict[str, Any]]:
+def read_metrics(path, max_epoch: int | None = None, log: Callable | None = None) -> list[dict[str, Any]]:
     """Records of ``metrics.jsonl`` (epochs <= ``max_epoch`` when given). A line that is not valid JSON (a torn
     last line after a crash) is skipped with a message instead of failing the resume."""
     path = Path(path)
@@ -284,8 +285,8 @@ class ResumeMismatchError(ValueError):
     """A checkpoint (or finished run) was made with a different recipe than the one asked for."""
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and k != "variants":
@@ -295,8 +296,8 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def recipe_differences(saved: Optional[Mapping[str, Any]], recipe: Recipe,
-                       ignore: Iterable[str] = RESUME_MUTABLE) -> List[str]:
+def recipe_differences(saved: Mapping[str, Any] | None, recipe: Recipe,
+                       ignore: Iterable[str] = RESUME_MUTABLE) -> list[str]:
     """Dotted keys whose value in the ``saved`` recipe dict (a checkpoint's or a results.json's) differs from
     ``recipe`` (keys in ``ignore`` excepted). A key missing from ``saved`` (written before the option existed)
     counts as its schema default. ``saved=None`` -> ``["<no recipe stored>"]``."""
@@ -309,7 +310,7 @@ def recipe_differences(saved: Optional[Mapping[str, Any]], recipe: Recipe,
     return [k for k in keys if k not in ignore and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
 
 
-def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: List[str]) -> str:
+def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: list[str]) -> str:
     old, new = _flatten(saved), _flatten(recipe.to_dict())
     return "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys)
 
@@ -317,7 +318,7 @@ def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: List[s
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def encode_split(model, data: RetrievalData, transform, batch_size: int, device,
-                 image_cache: Optional[torch.Tensor] = None, return_features: bool = False):
+                 image_cache: torch.Tensor | None = None, return_features: bool = False):
     """(image_emb [N_images, D], text_emb [N_captions, D]) of a split, on CPU; with ``return_features`` also the
     backbone features ``(image_features, text_features)`` (the inputs of USA's uni-modal heads)."""
     from torch.utils.data import DataLoader
@@ -339,7 +340,7 @@ def encode_split(model, data: RetrievalData, transform, batch_size: int, device,
     return (img, txt, img_f, txt_f) if return_features else (img, txt)
 
 
-def uni_modal_heads(loss_fn) -> Optional[Tuple[torch.nn.Module, torch.nn.Module]]:
+def uni_modal_heads(loss_fn) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """``(image_head, text_head)`` of the loss's USA term when it has real heads (CUSA's uni-modal projections),
     else None (no USA term, or USA on the raw embeddings: ``nn.Identity`` heads)."""
     usa = getattr(loss_fn, "usa", None)
@@ -353,7 +354,7 @@ def uni_modal_heads(loss_fn) -> Optional[Tuple[torch.nn.Module, torch.nn.Module]
 
 @torch.no_grad()
 def encode_uni_modal(loss_fn, image: torch.Tensor, text: torch.Tensor, batch_size: int = 1024,
-                     device=None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+                     device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Uni-modal embeddings ``(image_head(image), text_head(text))`` (fp32, on CPU) of the loss's USA heads, as
     CUSA evaluates uni-modal retrieval (``encode_image(cross_modal=False)``); None when there are no heads."""
     heads = uni_modal_heads(loss_fn)
@@ -375,7 +376,7 @@ def encode_uni_modal(loss_fn, image: torch.Tensor, text: torch.Tensor, batch_siz
     return outs[0], outs[1]
 
 
-def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_uni=None) -> Dict[str, float]:
+def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_uni=None) -> dict[str, float]:
     """Cross-modal R@1/5/10, medr, rsum; with labels also uni-modal precision@1, R-precision, MAP@R (x100):
 
     * ``i2i_xm_*`` / ``t2t_xm_*``: image->image / text->text retrieval with the cross-modal embeddings
@@ -419,9 +420,9 @@ def _jsonable(obj):
     return obj if isinstance(obj, (str, int, float, bool)) or obj is None else repr(obj)
 
 
-def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: Optional[RetrievalData] = None,
-          test_data: Optional[RetrievalData] = None, cache=None, log: Optional[Callable] = None,
-          image_caches: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Any]:
+def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: RetrievalData | None = None,
+          test_data: RetrievalData | None = None, cache=None, log: Callable | None = None,
+          image_caches: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train ``recipe`` end to end; returns ``{"metrics": final test metrics, "history": per-epoch records,
     "output_dir", "seconds"}``. Pre-loaded ``train_data`` / ``test_data`` / ``cache`` / decoded
     ``image_caches`` (``{"train": tensor, "test": tensor}``) may be passed to share them between runs.
@@ -444,9 +445,9 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
                       cache=cache, log=log, image_caches=image_caches)
 
 
-def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: Optional[RetrievalData],
-           test_data: Optional[RetrievalData], cache, log: Optional[Callable],
-           image_caches: Optional[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalData | None,
+           test_data: RetrievalData | None, cache, log: Callable | None,
+           image_caches: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -538,11 +539,11 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: Optional[Re
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     unwrapped = accelerator.unwrap_model(model)
-    final: Dict[str, float] = {}
+    final: dict[str, float] = {}
     for epoch in range(start_epoch, recipe.train.epochs):
         set_seed(recipe.seed * 100003 + epoch)  # the epoch's shuffle does not depend on where we resumed
         model.train()
-        sums: Dict[str, float] = {}
+        sums: dict[str, float] = {}
         n = 0
         t_epoch = time.time()
         bar = tqdm(loader, desc=f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs}",
@@ -568,7 +569,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: Optional[Re
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        record: Dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                   "epoch_seconds": round(time.time() - t_epoch, 3)}
         record.update({("train_loss" if k == "loss" else f"train_{k}"): v / max(1, n) for k, v in sums.items()})
         if loss_fn.gradient_shares is not None:  # the last term-balance diagnostic (share of the gradient norm)
