@@ -32,5 +32,5 @@ fi
 
 pip_install --upgrade pip || true
 pip_install "$TORCH_SPEC"
-pip_install -e ".[test]" "$TORCH_SPEC"
+pip_install -e ".[dev]" "$TORCH_SPEC"
 python -c "import softalign, torch; print('softalign', softalign.__version__, '| torch', torch.__version__)"

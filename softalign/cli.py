@@ -82,9 +82,22 @@ def _document_exit_codes(parser: argparse.ArgumentParser, top: bool = True) -> N
                 _document_exit_codes(p, top=False)
 
 
+#: the extra that brings a command's dependencies (pyproject.toml)
+EXTRAS = {"cache": "cache", "train": "train", "eval": "eval", "demo": "train,offline"}
+
+
+def missing_dependency_message(command: str, err: ImportError) -> str:
+    """One line naming the missing module and the extra that installs it."""
+    module = getattr(err, "name", None) or str(err)
+    extra = EXTRAS.get(command, "all")
+    return (f"softalign {command} needs the '{extra}' extra (missing module: {module}): "
+            f"pip install 'softalign[{extra}]'")
+
+
 def _unavailable(name, err):
     def run(args):
-        raise SystemExit(f"softalign {name} is unavailable: {err}")
+        raise SystemExit(missing_dependency_message(name, err) if isinstance(err, ModuleNotFoundError)
+                         else f"softalign {name} is unavailable: {err}")
 
     return run
 
@@ -99,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # the command line, for messages that say how to rerun it
     try:
         result = args.func(args)
+    except ModuleNotFoundError as err:
+        if os.environ.get("SOFTALIGN_TRACEBACK") or not err.name or err.name.split(".")[0] == "softalign":
+            raise
+        print(missing_dependency_message(args.command, err), file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         # bad input: one line that names the problem (set SOFTALIGN_TRACEBACK=1 for the full traceback)
         if os.environ.get("SOFTALIGN_TRACEBACK"):

@@ -325,3 +325,20 @@ def test_region_features_are_pooled_on_request(tmp_path, capsys):
     # another pooling is another teacher: the mean cache is not reused for max
     assert (TeacherCache.load(tmp_path / "mean").manifest["fingerprint"]["images"]
             != TeacherCache.load(tmp_path / "max").manifest["fingerprint"]["images"])
+
+
+def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_safetensors(name, *a, **k):
+        if name.split(".")[0] == "safetensors":
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_safetensors)
+    (tmp_path / "e.safetensors").write_bytes(b"x")
+    assert main(["eval", "--embeddings", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "softalign eval needs the 'eval' extra (missing module: safetensors): pip install 'softalign[eval]'" in err

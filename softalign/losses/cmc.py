@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from softalign import functional as SF
+from softalign.losses import citations
 from softalign.losses._inputs import check_embeddings, default_similarity, resolve_scores
 from softalign.mining import NegativeMiner
 
@@ -16,8 +17,7 @@ class CMCLoss(nn.Module):
     inter term (cross-attention models).
     """
 
-    citation = ("Liu et al., Efficient Token-Guided Image-Text Retrieval with Consistent Multimodal Contrastive "
-                "Training, IEEE TIP 2023")
+    citation = citations.TGDT
 
     def __init__(self, margin: float = 0.2, intra_margin: float = 0.3, miner: NegativeMiner | None = None,
                  similarity=None):

@@ -10,6 +10,7 @@ from torch import nn
 
 from softalign import distributed as dist_utils
 from softalign import functional as SF
+from softalign.losses import citations
 from softalign.losses._inputs import check_embeddings, default_similarity
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
@@ -101,11 +102,7 @@ class SoftAlignLoss(nn.Module):
     autograd functions with analytic first-order gradients (double backward is not supported).
     """
 
-    citation = (
-        "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024; "
-        "Liu et al., Efficient Token-Guided Image-Text Retrieval with Consistent Multimodal Contrastive Training, "
-        "IEEE TIP 2023; Faghri et al., VSE++, BMVC 2018"
-    )
+    citation = citations.join(citations.CUSA, citations.TGDT, citations.VSEPP)
 
     def __init__(
         self,

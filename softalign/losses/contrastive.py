@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from softalign import functional as SF
+from softalign.losses import citations
 from softalign.losses._inputs import default_similarity, resolve_scores
 from softalign.losses.temperature import Temperature
 from softalign.mining import NegativeMiner
@@ -21,7 +22,7 @@ class VSEHingeLoss(nn.Module):
         similarity: maps ``(image_emb, text_emb)`` to scores; default pytorch-metric-learning ``CosineSimilarity``.
     """
 
-    citation = "Faghri et al., VSE++: Improving Visual-Semantic Embeddings with Hard Negatives, BMVC 2018"
+    citation = citations.VSEPP
 
     def __init__(self, margin: float = 0.2, max_violation: bool = True, miner: NegativeMiner | None = None,
                  reduction: str = "sum", similarity=None):
@@ -54,7 +55,7 @@ class InfoNCELoss(nn.Module):
     soft-label weights were tuned against; ``"sum"`` (default) is the standard cross-entropy.
     """
 
-    citation = "van den Oord et al., 2018; Radford et al., CLIP, ICML 2021; Huang et al., CUSA, AAAI 2024"
+    citation = citations.join(citations.INFONCE, citations.CUSA)
 
     def __init__(self, temperature: float = 0.05, temperature_range: tuple[float, float] = (0.01, 0.1),
                  learn_temperature: bool = True, similarity=None, reduction: str = "sum"):

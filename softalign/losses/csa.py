@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from softalign import functional as SF
+from softalign.losses import citations
 from softalign.losses._inputs import default_similarity, resolve_scores
 from softalign.losses.temperature import Temperature
 
@@ -24,7 +25,7 @@ class CSALoss(nn.Module):
     ``separate_temperatures=True`` learns one ``tau_c`` per direction (CUSA's ``use_same_tau: False``).
     """
 
-    citation = "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024"
+    citation = citations.CUSA
 
     def __init__(self, mode: str = "each", temperature: float = 0.45,
                  temperature_range: tuple[float, float] = (0.1, 0.99), learn_temperature: bool = True,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from softalign import functional as SF
+from softalign.losses import citations
 from softalign.losses._inputs import check_embeddings
 from softalign.losses.csa import _config_pair, _pair
 from softalign.losses.temperature import Temperature
@@ -40,7 +41,7 @@ class USALoss(nn.Module):
     input dims) creates the heads; ``None`` uses the inputs directly. Temperatures as CUSA: 0.45, learnable in ``[0.1, 1.0]``, one per modality.
     """
 
-    citation = "Huang et al., Cross-modal and Uni-modal Soft-label Alignment for Image-Text Retrieval, AAAI 2024"
+    citation = citations.CUSA
 
     def __init__(self, embed_dim: int | tuple[int, int] | None = None, temperature: float = 0.45,
                  temperature_range: tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,

@@ -446,9 +446,12 @@ def _command(args) -> str:
 
 
 def _fail(err: Exception) -> int:
-    from softalign.cli import format_error
+    from softalign.cli import format_error, missing_dependency_message
 
-    print(f"softalign cache: error: {format_error(err)}", file=sys.stderr)
+    if isinstance(err, ModuleNotFoundError) and err.name and not err.name.startswith("softalign"):
+        print(missing_dependency_message("cache", err), file=sys.stderr)
+    else:
+        print(f"softalign cache: error: {format_error(err)}", file=sys.stderr)
     return 1
 
 

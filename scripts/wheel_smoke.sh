@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds the wheel and installs it in clean virtual environments: the core alone (torch + numpy: the one loss
+# line) and with every extra. Smoke-tests `softalign --help`, one import per subpackage, and the one-line message
+# that names a missing extra. Run by .ci/run after the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_SPEC=${SOFTALIGN_TORCH:-torch==2.13.0}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+. .venv/bin/activate
+python -m pip wheel -q --no-deps -w "$WORK/dist" . 2>&1 | { grep -v '^WARNING: Location' || true; }
+WHEEL=$(ls "$WORK"/dist/softalign-*.whl)
+echo "wheel_smoke: built $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KB)"
+deactivate
+
+# 1. the core only: the loss line imports, every command's help works, a command names its missing extra
+python3 -m venv "$WORK/core"
+"$WORK/core/bin/python" -m pip install -q "$TORCH_SPEC" "$WHEEL" 2>&1 | { grep -v '^WARNING: Location' || true; }
+"$WORK/core/bin/python" -c "import softalign.losses, softalign.mining, softalign.distributed, softalign.integrations; print('wheel_smoke: core imports ok')"
+"$WORK/core/bin/softalign" --help > /dev/null
+set +e
+echo x > "$WORK/e.safetensors"
+"$WORK/core/bin/softalign" eval --embeddings "$WORK/e.safetensors" --out "$WORK/o" 2> "$WORK/err"
+rc=$?
+set -e
+grep -q "pip install 'softalign\[eval\]'" "$WORK/err" || { cat "$WORK/err"; echo "wheel_smoke: no extra named" >&2; exit 1; }
+[ "$rc" = 1 ] || { echo "wheel_smoke: exit $rc, expected 1" >&2; exit 1; }
+echo "wheel_smoke: core install names the missing extra: $(cat "$WORK/err")"
+
+# 2. every extra: one import per subpackage, and the CLI
+python3 -m venv "$WORK/all"
+"$WORK/all/bin/python" -m pip install -q "$TORCH_SPEC" "${WHEEL}[all]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+"$WORK/all/bin/python" -c "
+import softalign, softalign.losses, softalign.mining, softalign.distributed, softalign.integrations
+import softalign.teachers, softalign.eval, softalign.data, softalign.train, softalign.cli
+from softalign.integrations import vsepp, scan, teran, generic
+print('wheel_smoke: all subpackages import from the wheel, version', softalign.__version__)"
+"$WORK/all/bin/softalign" --help > /dev/null
+for c in cache train eval demo; do "$WORK/all/bin/softalign" $c --help > /dev/null; done
+echo "wheel_smoke: ok"
