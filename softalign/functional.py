@@ -6,7 +6,10 @@ Conventions
   images as rows and captions as columns, so ``S[p, p]`` is the score of pair ``p``.
 * ``image_ids`` (``[B]`` int) says which image each pair shows. Pairs that share an image id are
   positives of each other and are never used as negatives ("positives come from ids").
-* Every function upcasts its inputs to float32 (float64 stays float64) and rejects non-finite values.
+* Every function upcasts its inputs to float32 (float64 stays float64) and, with ``validate=True`` (the default),
+  rejects non-finite or overflowing values. That check is the only host-device sync: the loss modules run it once,
+  at their boundary, and call these functions with ``validate=False``.
+* Plain autograd throughout: gradients of any order, ``torch.func`` transforms and ``torch.compile`` work.
 
 References
 ----------
@@ -21,7 +24,7 @@ References
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -35,7 +38,11 @@ __all__ = [
     "CSA_MODES",
     "MinedNegatives",
     "as_float",
+    "check_values",
     "inputs_validated",
+    "SoftLabels",
+    "soft_labels",
+    "cosine_similarities",
     "check_square_pair",
     "cosine_similarity_matrix",
     "positive_mask",
@@ -65,48 +72,60 @@ class MinedNegatives(NamedTuple):
 # validation helpers
 
 
-_VALIDATE = contextvars.ContextVar("softalign_validate_inputs", default=True)
+@contextlib.contextmanager
+def inputs_validated():
+    """Deprecated: validation is now an explicit ``validate=`` argument of each function (``validate=False`` skips
+    the value checks; the loss modules check their inputs once, at their boundary). This context manager does
+    nothing."""
+    warnings.warn("softalign.functional.inputs_validated() is deprecated and does nothing: pass validate=False to "
+                  "the functions instead", FutureWarning, stacklevel=3)
+    yield
 
 
 @contextlib.contextmanager
-def inputs_validated():
-    """Within this block the functions skip their finiteness checks (the caller has checked its inputs once).
-
-    :class:`~softalign.losses.SoftAlignLoss` validates its inputs on entry and then evaluates every term
-    inside this context, so the checks are not repeated once per term on the hot path.
-    """
-    token = _VALIDATE.set(False)
-    try:
-        yield
-    finally:
-        _VALIDATE.reset(token)
+def soft_labels_cached():
+    """Deprecated: soft labels are now computed once by the caller (:func:`soft_labels`) and passed down as
+    ``target=`` / ``targets=``; :class:`~softalign.losses.SoftAlignLoss` does so. This context manager does nothing."""
+    warnings.warn("softalign.functional.soft_labels_cached() is deprecated and does nothing: compute the targets "
+                  "once with soft_labels() and pass them as target= / targets=", FutureWarning, stacklevel=3)
+    yield
 
 
-def as_float(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Upcast ``x`` to at least float32 and check it is finite; ``name`` appears in the error."""
+def check_values(x: torch.Tensor, name: str) -> None:
+    """Raise unless every value of ``x`` is finite and no norm or dot product of them overflows.
+
+    One reduction on the common path (a host sync): the sum of squares is finite iff every element is finite and
+    nothing squares past the dtype's range (``|x| ~ 1e19`` in fp32, where the loss would silently turn NaN); the
+    error path then tells the two apart."""
+    if torch.isfinite(x.detach().square().sum()):
+        return
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains non-finite values (first at index {tuple(bad)})")
+    big = float(x.detach().abs().max())
+    raise ValueError(f"{name} holds values too large for {str(x.dtype).replace('torch.', '')} (max |x| = "
+                     f"{big:.3g}): their squares and dot products overflow to inf and the loss would be NaN. "
+                     "Normalise or rescale the embeddings (e.g. F.normalize(x, dim=-1))")
+
+
+def as_float(x: torch.Tensor, name: str, validate: bool = True) -> torch.Tensor:
+    """Upcast ``x`` to at least float32; with ``validate`` also :func:`check_values` (``name`` is in the error).
+    Type checks never sync with the device; the value check does (once)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dtype != torch.float64:
         x = x.float()
-    # One reduction on the common path: the sum of squares is finite iff every element is finite and no
-    # norm or dot product of these values overflows (|x| ~ 1e19 in fp32 squares past 3.4e38, and the loss would
-    # silently turn NaN); the error path then tells the two apart.
-    if _VALIDATE.get() and not torch.isfinite(x.detach().square().sum()):
-        if not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-            raise ValueError(f"{name} contains non-finite values (first at index {tuple(bad)})")
-        big = float(x.detach().abs().max())
-        raise ValueError(f"{name} holds values too large for {str(x.dtype).replace('torch.', '')} (max |x| = "
-                         f"{big:.3g}): their squares and dot products overflow to inf and the loss would be NaN. "
-                         "Normalise or rescale the embeddings (e.g. F.normalize(x, dim=-1))")
+    if validate:
+        check_values(x, name)
     return x
 
 
-def check_square_pair(x: torch.Tensor, name: str, batch: int | None = None) -> torch.Tensor:
-    """Validate a ``[B, B]`` matrix (optionally with a known ``B``) and upcast it."""
-    x = as_float(x, name)
+def check_square_pair(x: torch.Tensor, name: str, batch: int | None = None, validate: bool = True) -> torch.Tensor:
+    """Check the shape of a ``[B, B]`` matrix (optionally with a known ``B``), upcast it, and with ``validate``
+    its values."""
+    x = as_float(x, name, validate)
     if x.dim() != 2 or x.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must be a square [B, B] matrix, got shape {tuple(x.shape)}")
     if batch is not None and x.shape[0] != batch:
@@ -114,10 +133,12 @@ def check_square_pair(x: torch.Tensor, name: str, batch: int | None = None) -> t
     return x
 
 
-def _temperature(t: Number, name: str) -> Number:
+def _temperature(t: Number, name: str, validate: bool = True) -> Number:
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(t.shape)}")
+        if not validate:  # e.g. a clamped Temperature module: valid by construction, and no host sync
+            return t.float() if t.dtype != torch.float64 else t
         value = t.detach().item()  # one read instead of several reductions (a NaN fails "> 0")
         if not value > 0 or value == float("inf"):
             raise ValueError(f"{name} must be finite and > 0, got {value}")
@@ -132,10 +153,11 @@ def _temperature(t: Number, name: str) -> Number:
 # similarities and masks
 
 
-def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor | None = None, eps: float = 1e-8,
+                             validate: bool = True) -> torch.Tensor:
     """``S[i, j] = <a_i, b_j> / (|a_i| |b_j|)``, computed in float32 (``b`` defaults to ``a``)."""
-    a = as_float(a, "a")
-    other = a if b is None else as_float(b, "b")
+    a = as_float(a, "a", validate)
+    other = a if b is None else as_float(b, "b", validate)
     if a.dim() != 2 or other.dim() != 2 or a.shape[1] != other.shape[1]:
         raise ValueError(f"embeddings must be [N, D] with equal D, got {tuple(a.shape)} and {tuple(other.shape)}")
     a = F.normalize(a, dim=1, eps=eps)
@@ -143,92 +165,14 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor | None = None, eps
     return a @ other.t()
 
 
-class _NormalizedGram(torch.autograd.Function):
-    """``Y = F.normalize(X, dim=1, eps)`` for ``X = [image; text]`` and the blocks of ``Y Y^T`` that are asked for.
-
-    Returns ``(S_it, S_ii, S_tt)`` (``S_ii`` / ``S_tt`` only with ``uni=True``). The backward sums the gradients
-    of all blocks into one ``[2B, 2B] @ [2B, D]`` product and applies the normalisation's analytic gradient
-    ``dX = (dY - [|x| >= eps] * Y * <dY, Y>) / max(|x|, eps)``. First order only (no double backward).
-    """
-
-    @staticmethod
-    def forward(ctx, image_emb, text_emb, uni, eps):
-        norm_img = torch.linalg.vector_norm(image_emb, dim=1, keepdim=True)
-        norm_txt = torch.linalg.vector_norm(text_emb, dim=1, keepdim=True)
-        y_img = image_emb / norm_img.clamp_min(eps)
-        y_txt = text_emb / norm_txt.clamp_min(eps)
-        ctx.set_materialize_grads(False)
-        ctx.eps = eps
-        scores = y_img @ y_txt.t()
-        if not uni:
-            ctx.save_for_backward(y_img, y_txt, norm_img, norm_txt, scores)
-            return scores, None, None
-        s_ii, s_tt = y_img @ y_img.t(), y_txt @ y_txt.t()
-        ctx.save_for_backward(y_img, y_txt, norm_img, norm_txt, scores, s_ii, s_tt)
-        return scores, s_ii, s_tt
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_scores, g_img, g_txt):
-        y_img, y_txt, norm_img, norm_txt, scores, *uni = ctx.saved_tensors
-        eps = ctx.eps
-        # under a caller's autocast the products (and their gradients) may be low precision
-        g_scores, g_img, g_txt = (None if g is None else g.to(y_img.dtype) for g in (g_scores, g_img, g_txt))
-        grads = []
-        # d/dY_img = G_s Y_txt + (G_ii + G_ii^T) Y_img; d/dY_txt = G_s^T Y_img + (G_tt + G_tt^T) Y_txt.
-        # <dY_r, Y_r> = sum_k G_rk (Y Y^T)_rk is taken from the [B, B] blocks, not from the [B, D] products.
-        weighted = None if g_scores is None else g_scores * scores
-        for k, (y, other, norm, g_uni) in enumerate(((y_img, y_txt, norm_img, g_img), (y_txt, y_img, norm_txt, g_txt))):
-            g_y = dot = None
-            if g_scores is not None:
-                g_cross = g_scores if k == 0 else g_scores.t()
-                g_y = g_cross @ other
-                dot = weighted.sum(dim=1 - k).unsqueeze(1)
-            if g_uni is not None:
-                sym = g_uni + g_uni.t()
-                uni_dot = torch.linalg.vecdot(sym, uni[k], dim=1).unsqueeze(1)
-                g_y = sym @ y if g_y is None else g_y.addmm_(sym, y)
-                dot = uni_dot if dot is None else dot.add_(uni_dot)
-            if g_y is None:
-                grads.append(None)
-                continue
-            # normalisation: clamp_min passes the norm's gradient where norm >= eps (as autograd's clamp does)
-            dot.masked_fill_(norm < eps, 0.0)
-            grads.append(g_y.addcmul_(y, dot, value=-1.0).div_(norm.clamp_min(eps)))
-        return grads[0], grads[1], None, None
-
-
-class _NormalizedSelfGram(torch.autograd.Function):
-    """``Y Y^T`` for ``Y = F.normalize(X, dim=1, eps)``: :func:`cosine_similarity_matrix` of one ``[N, D]`` input
-    with a fused backward (one ``(G + G^T) @ Y`` product, analytic normalisation gradient; first order only)."""
-
-    @staticmethod
-    def forward(ctx, x, eps):
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        y = x / norm.clamp_min(eps)
-        ctx.save_for_backward(y, norm)
-        ctx.eps = eps
-        return y @ y.t()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        y, norm = ctx.saved_tensors
-        grad = grad.to(y.dtype)  # under a caller's autocast the product (and its gradient) may be low precision
-        g_y = (grad + grad.t()) @ y
-        dot = torch.linalg.vecdot(g_y, y, dim=1).unsqueeze(1).masked_fill_(norm < ctx.eps, 0.0)
-        return g_y.addcmul_(y, dot, value=-1.0).div_(norm.clamp_min(ctx.eps)), None
-
-
-def _self_cosine_similarity(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``cosine_similarity_matrix(x)`` of a checked ``[N, D]`` float tensor, as one fused autograd node."""
-    return _NormalizedSelfGram.apply(x, eps)
-
-
-def _cosine_similarities(image_emb: torch.Tensor, text_emb: torch.Tensor, uni: bool, eps: float = 1e-12):
-    """Cosine scores ``S_it`` and, with ``uni``, the uni-modal ``S_ii`` / ``S_tt`` of checked ``[B, D]`` embeddings
-    (normalised as ``F.normalize(., dim=1, eps=eps)``), in one fused autograd node."""
-    return _NormalizedGram.apply(image_emb, text_emb, uni, eps)
+def cosine_similarities(image_emb: torch.Tensor, text_emb: torch.Tensor, uni: bool, eps: float = 1e-12):
+    """Cosine scores ``S_it`` and, with ``uni``, the uni-modal ``S_ii`` / ``S_tt`` of checked ``[B, D]`` embeddings,
+    normalised once (``F.normalize(., dim=1, eps=eps)``) and shared by the three products (plain autograd)."""
+    y_img, y_txt = F.normalize(image_emb, dim=1, eps=eps), F.normalize(text_emb, dim=1, eps=eps)
+    scores = y_img @ y_txt.t()
+    if not uni:
+        return scores, None, None
+    return scores, y_img @ y_img.t(), y_txt @ y_txt.t()
 
 
 def positive_mask(row_ids: torch.Tensor, col_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,125 +196,66 @@ def _pair_positive_mask(batch: int, image_ids: torch.Tensor | None, device) -> t
 # soft-label alignment (CUSA)
 
 
-class _SoftLabels(NamedTuple):
-    """A soft-label target ``P = softmax(teacher / teacher_temperature)`` (detached) and ``sum(xlogy(P, P))``."""
+class SoftLabels(NamedTuple):
+    """A soft-label target ``P = softmax(T / tau_s)`` and its ``log P`` (from ``log_softmax``: finite, so a
+    ``P_ij`` that underflows to 0 adds exactly 0 to the KL)."""
 
     probs: torch.Tensor
-    neg_entropy: torch.Tensor
+    log_probs: torch.Tensor
 
 
-_SOFT_LABEL_CACHE: contextvars.ContextVar = contextvars.ContextVar("softalign_soft_label_cache", default=None)
-
-
-@contextlib.contextmanager
-def soft_labels_cached():
-    """Within this block the soft-label targets of a teacher matrix are computed once and reused.
-
-    CSA (mode ``each``) and USA both turn the same teacher matrices into ``softmax(T / tau_s)``;
-    :class:`~softalign.losses.SoftAlignLoss` evaluates its terms inside this context so that happens once per
-    forward. Entries are keyed on the teacher tensor's identity and version and on the teacher temperature.
-    """
-    token = _SOFT_LABEL_CACHE.set({})
-    try:
-        yield
-    finally:
-        _SOFT_LABEL_CACHE.reset(token)
-
-
-def _temperature_key(t: Number):
-    if not isinstance(t, torch.Tensor):
-        return ("value", float(t))
-    if not t.requires_grad:
-        # _temperature has just read this value too; equal frozen temperatures (CSA's and USA's) share an entry
-        return ("value", float(t.item()), t.dtype)
-    return ("tensor", id(t), t._version)
-
-
-def _soft_labels(teacher: torch.Tensor, teacher_temperature: Number, dtype: torch.dtype) -> _SoftLabels:
-    cache = _SOFT_LABEL_CACHE.get()
-    key = None
-    if cache is not None:
-        key = (id(teacher), teacher._version, _temperature_key(teacher_temperature), dtype)
-        hit = cache.get(key)
-        if hit is not None and hit[0] is teacher and (key[2][0] == "value" or hit[1] is teacher_temperature):
-            return hit[2]
+def soft_labels(teacher: torch.Tensor, teacher_temperature: Number = 1.0, dtype: torch.dtype | None = None,
+                validate: bool = True) -> SoftLabels:
+    """``softmax(teacher / teacher_temperature)`` row-wise [CUSA, Eq. 3]: the teacher carries no gradient, a
+    learnable ``teacher_temperature`` does. Compute it once per teacher matrix and pass it to
+    :func:`soft_label_kl` (``target=``) for every term that uses it, as :class:`~softalign.losses.SoftAlignLoss`
+    does for CSA and USA."""
+    teacher = as_float(teacher, "teacher similarities", validate)
+    tau = _temperature(teacher_temperature, "teacher_temperature", validate)
     t = teacher.detach()
-    if t.dtype != dtype:
+    if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    ts = teacher_temperature.detach() if isinstance(teacher_temperature, torch.Tensor) else teacher_temperature
-    logits = t / ts
-    probs = F.softmax(logits, dim=1)
-    # sum(xlogy(P, P)) with log P from log_softmax (finite for finite logits, so P_ij = 0 adds exactly 0)
-    labels = _SoftLabels(probs, (probs * F.log_softmax(logits, dim=1)).sum())
-    if cache is not None:
-        # the tensors themselves are held so that their ids cannot be reused within the block
-        cache[key] = (teacher, teacher_temperature, labels)
-    return labels
+    logits = t / tau
+    return SoftLabels(F.softmax(logits, dim=1), F.log_softmax(logits, dim=1))
 
 
-class _SoftLabelKL(torch.autograd.Function):
-    """``sum(P * (log P - log_softmax(s / t))) / B`` with an analytic backward.
-
-    ``grad_s = g * (softmax(s / t) - P) / (t * B)`` and, for a tensor ``t``,
-    ``grad_t = -g * sum((softmax(s / t) - P) * s) / (B * t^2)``. ``P`` carries no gradient. Double backward is
-    not supported (the backward is not itself differentiable).
-    """
-
-    @staticmethod
-    def forward(ctx, student, temperature, probs, neg_entropy):
-        log_q = F.log_softmax(student / temperature, dim=1)
-        loss = (neg_entropy - (probs * log_q).sum()) / student.shape[0]
-        ctx.save_for_backward(student, log_q, probs, temperature if isinstance(temperature, torch.Tensor) else None)
-        ctx.temperature = None if isinstance(temperature, torch.Tensor) else temperature
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        student, log_q, probs, t_tensor = ctx.saved_tensors
-        t = t_tensor if t_tensor is not None else ctx.temperature
-        diff = log_q.exp().sub_(probs)  # Q - P (log_q stays intact for a retained graph)
-        scale = grad / student.shape[0]
-        grad_s = grad_t = None
-        if ctx.needs_input_grad[1] and t_tensor is not None:
-            grad_t = ((diff * student).sum() * (-scale / (t * t))).to(t_tensor.dtype).reshape(t_tensor.shape)
-        if ctx.needs_input_grad[0]:
-            grad_s = diff.mul_(scale / t)
-        return grad_s, grad_t, None, None
+def _kl_rows(student: torch.Tensor, temperature: Number, target: SoftLabels, rows: int) -> torch.Tensor:
+    """``sum_ij P_ij (log P_ij - log softmax_j(s_ij / t)) / rows`` (plain autograd)."""
+    log_q = F.log_softmax(student / temperature, dim=1)
+    return (target.probs * (target.log_probs - log_q)).sum() / rows
 
 
 def soft_label_kl(
     student: torch.Tensor,
-    teacher: torch.Tensor,
-    temperature: Number,
+    teacher: torch.Tensor | None = None,
+    temperature: Number = 1.0,
     teacher_temperature: Number = 1.0,
+    *,
+    target: SoftLabels | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Row-wise soft-label KL divergence, averaged over rows ("batchmean") [CUSA, Eq. 3-4].
 
     ``KL(P || Q) = 1/B sum_i sum_j P_ij (log P_ij - log Q_ij)`` with
-    ``P = softmax(teacher / teacher_temperature)`` (the soft label, no gradient) and
-    ``Q = softmax(student / temperature)``; terms with ``P_ij = 0`` contribute 0 (``xlogy``).
-
-    Computed by a fused autograd function with the analytic gradients
-    ``d/dS = (Q - P) / (temperature * B)`` and ``d/dtemperature = -sum((Q - P) * S) / (B * temperature^2)``
-    (first order only: double backward through this function is not supported).
+    ``P = softmax(teacher / teacher_temperature)`` (the soft label, no gradient to the teacher) and
+    ``Q = softmax(student / temperature)``; terms with ``P_ij = 0`` contribute 0. ``target``: the soft label
+    computed once by :func:`soft_labels` (then ``teacher`` / ``teacher_temperature`` are not used). Plain autograd:
+    ``d/dS = (Q - P) / (temperature * B)``; higher-order gradients and ``torch.func`` transforms work.
     """
-    student = as_float(student, "student similarities")
-    teacher = as_float(teacher, "teacher similarities")
-    if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(
-            f"student and teacher similarities must be 2-D and of equal shape, got {tuple(student.shape)} "
-            f"and {tuple(teacher.shape)}"
-        )
-    temperature = _temperature(temperature, "temperature")
-    teacher_temperature = _temperature(teacher_temperature, "teacher_temperature")
-    if isinstance(teacher_temperature, torch.Tensor) and teacher_temperature.requires_grad \
-            and torch.is_grad_enabled():
-        # a learnable teacher temperature receives its gradient through the targets: plain autograd
-        target = F.softmax(teacher.detach().to(student.dtype) / teacher_temperature, dim=1)
-        return F.kl_div(F.log_softmax(student / temperature, dim=1), target, reduction="batchmean")
-    labels = _soft_labels(teacher, teacher_temperature, student.dtype)
-    return _SoftLabelKL.apply(student, temperature, labels.probs, labels.neg_entropy)
+    student = as_float(student, "student similarities", validate)
+    if target is None:
+        if teacher is None:
+            raise ValueError("pass the teacher similarities or a precomputed target (softalign.functional.soft_labels)")
+        teacher = as_float(teacher, "teacher similarities", validate)
+        if teacher.shape != student.shape:
+            raise ValueError(f"student and teacher similarities must be 2-D and of equal shape, got "
+                             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+        target = soft_labels(teacher, teacher_temperature, student.dtype, validate)
+    if student.dim() != 2 or target.probs.shape != student.shape:
+        raise ValueError(f"student and teacher similarities must be 2-D and of equal shape, got "
+                         f"{tuple(student.shape)} and {tuple(target.probs.shape)}")
+    temperature = _temperature(temperature, "temperature", validate)
+    return _kl_rows(student, temperature, target, student.shape[0])
 
 
 def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +283,9 @@ def cross_modal_soft_label_alignment(
     temperature: Number | tuple[Number, Number] = 0.45,
     teacher_temperature: Number | tuple[Number, Number] = 1.0,
     mode: str = "each",
+    *,
+    targets: tuple[SoftLabels, SoftLabels] | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Cross-modal Soft-label Alignment (CSA) [CUSA, Eq. 5].
 
@@ -406,17 +294,20 @@ def cross_modal_soft_label_alignment(
 
     where ``S`` is the student's image-text score matrix and ``T_i2t, T_t2i`` come from
     :func:`combine_teacher_similarities` (``each``: teacher image-image and text-text similarities).
-    ``temperature`` / ``teacher_temperature`` may be ``(image, text)`` pairs.
+    ``temperature`` / ``teacher_temperature`` may be ``(image, text)`` pairs. ``targets``: the ``(i2t, t2i)`` soft
+    labels computed once (:func:`soft_labels`; then the teacher matrices are not read).
     """
-    scores = check_square_pair(scores, "scores")
+    scores = check_square_pair(scores, "scores", validate=validate)
     b = scores.shape[0]
-    teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b)
-    teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b)
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
-    s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
-    target_i2t, target_t2i = combine_teacher_similarities(teacher_image_sim, teacher_text_sim, mode)
-    i2t = soft_label_kl(scores, target_i2t, t_i, s_i)
-    t2i = soft_label_kl(scores.t(), target_t2i, t_t, s_t)
+    if targets is None:
+        teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
+        teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
+        s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
+        fused_i2t, fused_t2i = combine_teacher_similarities(teacher_image_sim, teacher_text_sim, mode)
+        targets = (soft_labels(fused_i2t, s_i, scores.dtype, validate), soft_labels(fused_t2i, s_t, scores.dtype, validate))
+    i2t = soft_label_kl(scores, temperature=t_i, target=targets[0], validate=validate)
+    t2i = soft_label_kl(scores.t(), temperature=t_t, target=targets[1], validate=validate)
     return (i2t + t2i) / 2.0
 
 
@@ -427,23 +318,30 @@ def uni_modal_soft_label_alignment(
     teacher_text_sim: torch.Tensor,
     temperature: Number | tuple[Number, Number] = 0.45,
     teacher_temperature: Number | tuple[Number, Number] = 1.0,
+    *,
+    targets: tuple[SoftLabels, SoftLabels] | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Uni-modal Soft-label Alignment (USA) [CUSA, Eq. 6].
 
     ``L_USA = 1/2 [ KL(softmax(T_ii / tau_s) || softmax(S_ii / tau_i))
                  + KL(softmax(T_tt / tau_s) || softmax(S_tt / tau_t)) ]``
 
-    with the student's uni-modal similarities ``S_ii`` (image-image) and ``S_tt`` (text-text).
+    with the student's uni-modal similarities ``S_ii`` (image-image) and ``S_tt`` (text-text). ``targets``: the
+    ``(image, text)`` soft labels computed once (:func:`soft_labels`).
     """
-    student_image_sim = check_square_pair(student_image_sim, "student_image_sim")
+    student_image_sim = check_square_pair(student_image_sim, "student_image_sim", validate=validate)
     b = student_image_sim.shape[0]
-    student_text_sim = check_square_pair(student_text_sim, "student_text_sim", b)
-    teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b)
-    teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b)
+    student_text_sim = check_square_pair(student_text_sim, "student_text_sim", b, validate)
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
-    s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
-    image = soft_label_kl(student_image_sim, teacher_image_sim, t_i, s_i)
-    text = soft_label_kl(student_text_sim, teacher_text_sim, t_t, s_t)
+    if targets is None:
+        teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
+        teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
+        s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
+        targets = (soft_labels(teacher_image_sim, s_i, student_image_sim.dtype, validate),
+                   soft_labels(teacher_text_sim, s_t, student_text_sim.dtype, validate))
+    image = soft_label_kl(student_image_sim, temperature=t_i, target=targets[0], validate=validate)
+    text = soft_label_kl(student_text_sim, temperature=t_t, target=targets[1], validate=validate)
     return (image + text) / 2.0
 
 
@@ -466,6 +364,7 @@ def vsepp_hinge(
     max_violation: bool = True,
     negatives: MinedNegatives | None = None,
     reduction: str = "sum",
+    validate: bool = True,
 ) -> torch.Tensor:
     """VSE++ bidirectional hinge loss with id-aware positives [VSE++, Eq. 2-5].
 
@@ -476,7 +375,7 @@ def vsepp_hinge(
     ``max_violation`` keeps only the hardest negative per anchor (VSE++ "MH"), otherwise all are summed
     ("SH"). The per-anchor costs of both directions are summed (``reduction='sum'``, as VSE++) or averaged.
     """
-    scores = check_square_pair(scores, "scores")
+    scores = check_square_pair(scores, "scores", validate=validate)
     b = scores.shape[0]
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -512,6 +411,7 @@ def info_nce(
     temperature: Number = 0.05,
     image_ids: torch.Tensor | None = None,
     reduction: str = "sum",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE with id-aware (multi-positive) targets [CLIP; CUSA's contrastive term].
 
@@ -524,9 +424,9 @@ def info_nce(
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' (cross-entropy) or 'mean' (CUSA's mean mode), got {reduction!r}")
-    scores = check_square_pair(scores, "scores")
+    scores = check_square_pair(scores, "scores", validate=validate)
     b = scores.shape[0]
-    temperature = _temperature(temperature, "temperature")
+    temperature = _temperature(temperature, "temperature", validate)
     pos = _pair_positive_mask(b, image_ids, scores.device).to(scores.dtype)
     targets = pos / pos.sum(dim=1, keepdim=True)
     logits = scores / temperature
@@ -544,14 +444,15 @@ def intra_modal_consistency(
     student_image_sim: torch.Tensor,
     student_text_sim: torch.Tensor,
     margin: float = 0.3,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Intra-modal consistency term of TGDT's CMC loss.
 
     ``L_intra = sum_j [ max_i |S_tt - S_ii|_ij - margin ]_+``: for every column ``j`` the largest gap between
     the text-text and the image-image similarity of the same pairs is pushed below ``margin``.
     """
-    student_image_sim = check_square_pair(student_image_sim, "student_image_sim")
-    student_text_sim = check_square_pair(student_text_sim, "student_text_sim", student_image_sim.shape[0])
+    student_image_sim = check_square_pair(student_image_sim, "student_image_sim", validate=validate)
+    student_text_sim = check_square_pair(student_text_sim, "student_text_sim", student_image_sim.shape[0], validate)
     gap = (student_text_sim - student_image_sim).abs()
     return (gap.max(dim=0).values - margin).clamp(min=0).sum()
 
@@ -564,12 +465,13 @@ def consistent_multimodal_contrastive(
     margin: float = 0.2,
     intra_margin: float = 0.3,
     negatives: MinedNegatives | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Consistent Multimodal Contrastive loss [TGDT]: ``L_CMC = L_inter + L_intra``.
 
     ``L_inter`` is the VSE++ max-violation hinge (margin 0.2) on the image-text scores and ``L_intra`` is
     :func:`intra_modal_consistency` (margin 0.3) on the student's image-image and text-text similarities.
     """
-    inter = vsepp_hinge(scores, image_ids, margin=margin, max_violation=True, negatives=negatives)
-    intra = intra_modal_consistency(student_image_sim, student_text_sim, margin=intra_margin)
+    inter = vsepp_hinge(scores, image_ids, margin=margin, max_violation=True, negatives=negatives, validate=validate)
+    intra = intra_modal_consistency(student_image_sim, student_text_sim, margin=intra_margin, validate=validate)
     return inter + intra

@@ -37,7 +37,7 @@ class NegativeMiner:
         image_emb: torch.Tensor | None = None,
         text_emb: torch.Tensor | None = None,
     ) -> MinedNegatives:
-        scores = check_square_pair(scores, "scores").detach()
+        scores = check_square_pair(scores, "scores", validate=False).detach()  # checked by the loss that mines
         b = scores.shape[0]
         if image_ids is None:
             image_ids = torch.arange(b, device=scores.device)
@@ -136,9 +136,9 @@ class TeacherFilteredMiner(NegativeMiner):
             )
         sims = []
         if need_image:
-            sims.append(check_square_pair(teacher_image_sim, "teacher_image_sim", b).to(scores.device))
+            sims.append(check_square_pair(teacher_image_sim, "teacher_image_sim", b, False).to(scores.device))
         if need_text:
-            sims.append(check_square_pair(teacher_text_sim, "teacher_text_sim", b).to(scores.device))
+            sims.append(check_square_pair(teacher_text_sim, "teacher_text_sim", b, False).to(scores.device))
         if self.source == "mean":
             teacher = (sims[0] + sims[1]) / 2
         elif self.source == "max":

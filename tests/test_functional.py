@@ -282,60 +282,49 @@ def test_learnable_teacher_temperature_still_receives_its_gradient():
     assert ts.grad is not None and ts.grad.abs() > 0
 
 
-def test_soft_label_cache_keeps_teacher_temperatures_apart():
+def test_precomputed_soft_labels_equal_the_inline_ones_and_the_old_cache_is_a_loud_no_op():
     scores, s_ii, s_tt = _sims(b=5, seed=38), _sims(b=5, seed=39), _sims(b=5, seed=40)
     t_img, t_txt = _sims(b=5, seed=41), _sims(b=5, seed=42)
-    with SF.soft_labels_cached():
-        csa = SF.cross_modal_soft_label_alignment(scores, t_img, t_txt, 0.45, 0.5)
-        usa = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, torch.tensor(1.0, dtype=torch.float64))
-        usa_again = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, 1.0)
+    targets = (SF.soft_labels(t_img, 0.5), SF.soft_labels(t_txt, 0.5))
+    csa = SF.cross_modal_soft_label_alignment(scores, None, None, 0.45, targets=targets)
     assert csa.item() == pytest.approx(ref.csa(scores, t_img, t_txt, 0.45, 0.5), rel=1e-10)
-    assert usa.item() == pytest.approx(ref.usa(s_ii, s_tt, t_img, t_txt, 0.45, 0.45, 1.0), rel=1e-10)
-    assert usa_again.item() == pytest.approx(usa.item(), rel=1e-12)
+    usa = SF.uni_modal_soft_label_alignment(s_ii, s_tt, None, None, 0.45, targets=targets)
+    assert usa.item() == pytest.approx(ref.usa(s_ii, s_tt, t_img, t_txt, 0.45, 0.45, 0.5), rel=1e-10)
+    with pytest.warns(FutureWarning, match="soft_labels_cached.*deprecated"):
+        with SF.soft_labels_cached():
+            again = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, 0.5)
+    assert again.item() == pytest.approx(usa.item(), rel=1e-12)
+    with pytest.warns(FutureWarning, match="inputs_validated.*deprecated"):
+        with SF.inputs_validated():
+            pass
 
 
 @pytest.mark.parametrize("uni", [False, True])
-def test_fused_cosine_similarities_gradcheck_and_values(uni):
+def test_cosine_similarities_values_and_gradients_of_every_order(uni):
     img, txt = _pairs(b=5, d=4)
     img.requires_grad_(True)
     txt.requires_grad_(True)
-    zero = img.detach().clone()
-    zero[3] = 0.0  # a zero row: the normalisation's eps branch (compared with autograd, not finite differences)
-    zero.requires_grad_(True)
     w = [_sims(b=5, seed=s) for s in (43, 44, 45)]
 
-    def fused(i, t):
-        out = SF._cosine_similarities(i, t, uni)
+    def shared(i, t):
+        out = SF.cosine_similarities(i, t, uni)
         return sum((o * wk).sum() for o, wk in zip(out, w) if o is not None) + out[0][1, 2] ** 2
 
-    def plain(i, t):
+    def separate(i, t):
         n_i, n_t = torch.nn.functional.normalize(i, dim=1), torch.nn.functional.normalize(t, dim=1)
         out = (n_i @ n_t.t(), n_i @ n_i.t(), n_t @ n_t.t()) if uni else (n_i @ n_t.t(),)
         return sum((o * wk).sum() for o, wk in zip(out, w)) + out[0][1, 2] ** 2
 
-    assert torch.autograd.gradcheck(fused, (img, txt))
-    torch.testing.assert_close(fused(img, txt), plain(img, txt), rtol=1e-12, atol=1e-12)
-    for i in (img, zero):
-        g_fused = torch.autograd.grad(fused(i, txt), (i, txt))
-        g_plain = torch.autograd.grad(plain(i, txt), (i, txt))
-        for a, b in zip(g_fused, g_plain):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    if uni:  # only some outputs used
-        assert torch.autograd.gradcheck(lambda i, t: SF._cosine_similarities(i, t, True)[1].sum(), (img, txt))
+    torch.testing.assert_close(shared(img, txt), separate(img, txt), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(shared, (img, txt))
+    assert torch.autograd.gradgradcheck(shared, (img, txt))  # plain autograd: double backward works
 
 
-def test_fused_self_cosine_similarity_gradcheck_and_values():
-    x, _ = _pairs(b=5, d=4)
-    x.requires_grad_(True)
-    w = _sims(b=5, seed=46)
-    assert torch.autograd.gradcheck(lambda a: (SF._self_cosine_similarity(a) * w).sum(), (x,))
-    zero = x.detach().clone()
-    zero[2] = 0.0
-    for a in (x, zero.requires_grad_(True)):
-        torch.testing.assert_close(SF._self_cosine_similarity(a), SF.cosine_similarity_matrix(a), rtol=1e-12, atol=1e-12)
-        g_fused = torch.autograd.grad((SF._self_cosine_similarity(a) * w).sum(), a)[0]
-        g_plain = torch.autograd.grad((SF.cosine_similarity_matrix(a) * w).sum(), a)[0]
-        torch.testing.assert_close(g_fused, g_plain, rtol=1e-10, atol=1e-12)
+def test_soft_label_kl_has_second_order_gradients():
+    teacher = _sims(b=4, seed=60)
+    s = _sims(b=4, seed=61).clone().requires_grad_(True)
+    tau = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, t: SF.soft_label_kl(x, teacher, t, 0.7), (s, tau))
 
 
 @pytest.mark.parametrize("max_violation", [True, False])

@@ -6,11 +6,11 @@ from torch import nn
 
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import check_embeddings, default_similarity, resolve_scores
+from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default_similarity, resolve_scores
 from softalign.mining import NegativeMiner
 
 
-class CMCLoss(nn.Module):
+class CMCLoss(ChecksValuesOnce, nn.Module):
     """``L_CMC = L_inter + L_intra`` with ``L_inter`` the VSE++ max-violation hinge (margin 0.2) and
     ``L_intra = sum_j [max_i |S_tt - S_ii|_ij - 0.3]_+`` over the student's image-image / text-text cosine
     similarities. Embeddings are required for the intra term; ``scores`` may replace their product for the
@@ -29,17 +29,18 @@ class CMCLoss(nn.Module):
                 teacher_image_sim=None, teacher_text_sim=None, image_sim=None, text_sim=None) -> torch.Tensor:
         """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities, if the caller
         already has them (otherwise computed from the embeddings)."""
-        image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False)
-        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
-        image_sim = SF.cosine_similarity_matrix(image_emb) if image_sim is None else image_sim
-        text_sim = SF.cosine_similarity_matrix(text_emb) if text_sim is None else text_sim
+        validate = self._take_value_check()
+        image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False, validate=validate)
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
+        image_sim = SF.cosine_similarity_matrix(image_emb, validate=False) if image_sim is None else image_sim
+        text_sim = SF.cosine_similarity_matrix(text_emb, validate=False) if text_sim is None else text_sim
         negatives = None
         if self.miner is not None:
             negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
                                    teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
-        return SF.consistent_multimodal_contrastive(
+        return self._checked(SF.consistent_multimodal_contrastive(
             scores, image_sim, text_sim, image_ids,
-            margin=self.margin, intra_margin=self.intra_margin, negatives=negatives)
+            margin=self.margin, intra_margin=self.intra_margin, negatives=negatives, validate=False))
 
     def get_config_dict(self) -> dict:
         return {"margin": self.margin, "intra_margin": self.intra_margin,

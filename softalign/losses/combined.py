@@ -11,7 +11,7 @@ from torch import nn
 from softalign import distributed as dist_utils
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import check_embeddings, default_similarity
+from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default_similarity
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
@@ -64,7 +64,7 @@ def _as_id_tensor(ids, name: str) -> torch.Tensor:
     return t.long()
 
 
-class SoftAlignLoss(nn.Module):
+class SoftAlignLoss(ChecksValuesOnce, nn.Module):
     """``L = L_base + alpha * L_CSA + beta * L_USA + gamma * L_CMC`` for one batch of (image, caption) pairs.
 
     Add it to an existing trainer with one line::
@@ -98,8 +98,10 @@ class SoftAlignLoss(nn.Module):
 
     Returns the scalar total, or with ``return_parts=True`` (constructor default, or per call) a dict
     ``{"loss", "base", "csa", "usa", "cmc"}`` of the total and the unweighted parts that are switched on.
-    Everything is computed in fp32, also under a caller's ``torch.autocast``. The terms run through fused
-    autograd functions with analytic first-order gradients (double backward is not supported).
+    Everything is computed in fp32, also under a caller's ``torch.autocast``, with plain autograd (gradients of any
+    order, ``torch.func``). The inputs' values (NaN/inf/overflow) are checked on the first forward, the only host
+    sync of a step (``check_values_always = True`` checks every call); the soft-label targets of each teacher
+    matrix are computed once per forward and passed to CSA and USA.
     """
 
     citation = citations.join(citations.CUSA, citations.TGDT, citations.VSEPP)
@@ -198,6 +200,15 @@ class SoftAlignLoss(nn.Module):
                            teacher_temperature=fixed_tau) if beta > 0 else None
         self._needs_calibration = auto_tau and (self.csa is not None or self.usa is not None)
         self.cmc = CMCLoss(margin, cmc_intra_margin, miner=miner, similarity=self.similarity) if gamma > 0 else None
+        if self.csa is not None and self.usa is not None and self.csa.mode == "each":
+            # CSA (mode "each") and USA read the same teacher matrices at the same tau_s: one pair of frozen
+            # temperatures, so the soft labels are computed once per forward and shared (open_clip's DistillClipLoss
+            # style: targets once, passed down)
+            self.usa.teacher_temperature = self.csa.teacher_temperature
+            self.usa.text_teacher_temperature = self.csa.text_teacher_temperature
+        for term in (self.base, self.csa, self.usa, self.cmc):
+            if isinstance(term, ChecksValuesOnce):
+                term._values_checked = True  # this loss checks its inputs once, at its boundary
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -343,8 +354,12 @@ class SoftAlignLoss(nn.Module):
         have_emb = image_emb is not None and text_emb is not None
         if scores is None and not have_emb:
             raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
+        # NaN/inf/overflow (a host sync) on the first forward and at each gradient-share diagnostic (which syncs
+        # anyway); shapes and dtypes on every call
+        validate = self._take_value_check() or (
+            self.training and self.diagnostics_every > 0 and self._steps % self.diagnostics_every == 0)
         if have_emb:
-            image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=scores is None)
+            image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=scores is None, validate=validate)
             if image_emb.shape[0] == 0:
                 raise ValueError("the batch is empty (image_emb and text_emb have 0 rows)")
         have_feat = image_features is not None or text_features is not None
@@ -352,7 +367,8 @@ class SoftAlignLoss(nn.Module):
             if image_features is None or text_features is None:
                 raise ValueError("pass both image_features and text_features (the inputs of USA's uni-modal heads)")
             image_features, text_features = check_embeddings(image_features, text_features, same_dim=False,
-                                                             names=("image_features", "text_features"))
+                                                             names=("image_features", "text_features"),
+                                                             validate=validate)
         if (self.usa is not None or self.cmc is not None) and not (have_emb or (have_feat and self.cmc is None)):
             raise ValueError("USA (beta > 0) and CMC (gamma > 0) need image_emb and text_emb (pooled embeddings) "
                              "or, for USA, image_features / text_features, in addition to scores")
@@ -376,7 +392,7 @@ class SoftAlignLoss(nn.Module):
             teacher_text_emb = None if teacher_text_emb is None else dist_utils.gather_batch(teacher_text_emb, sizes)
 
         if scores is not None:
-            scores = SF.check_square_pair(scores, "scores")
+            scores = SF.check_square_pair(scores, "scores", validate=validate)
             batch, device = scores.shape[0], scores.device
             if have_emb and image_emb.shape[0] != batch:
                 raise ValueError(f"scores are [{batch}, {batch}] but the embeddings have {image_emb.shape[0]} rows")
@@ -393,7 +409,7 @@ class SoftAlignLoss(nn.Module):
         t_img, t_txt = (None, None)
         if self._needs_teacher():
             t_img, t_txt = self._teacher(ids, batch, device, teacher_image_sim, teacher_text_sim,
-                                         teacher_image_emb, teacher_text_emb)
+                                         teacher_image_emb, teacher_text_emb, validate)
             if self._needs_calibration:
                 if self.cache is not None and hasattr(self.cache, "num_captions") \
                         and hasattr(self.cache, "caption_to_image"):
@@ -401,30 +417,29 @@ class SoftAlignLoss(nn.Module):
                 else:  # no cache: the first batch's own teacher matrices, once
                     self.calibrate(teacher_image_sim=t_img, teacher_text_sim=t_txt)
 
-        # Every input is validated from here on: the terms skip their own checks; CSA and USA share the soft
-        # labels of the teacher matrices.
-        with SF.inputs_validated(), SF.soft_labels_cached():
-            uni = None
-            if scores is None and self._cosine:
-                # one fused normalisation + Gram node shared by the scores and the student's uni-modal
-                # similarities (CMC's intra term, and USA when it has no heads)
-                need_uni = self.cmc is not None or (not have_feat and self._usa_shares_uni(image_emb))
-                scores, s_ii, s_tt = SF._cosine_similarities(image_emb, text_emb, need_uni)
-                if need_uni:
-                    uni = (s_ii, s_tt)
-            elif scores is None:
-                scores = self.similarity(image_emb, text_emb).float()
-            usa_in = (image_features, text_features) if have_feat else (image_emb, text_emb)
-            parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch)
+        # Every input is validated from here on: the terms skip their own checks
+        uni = None
+        if scores is None and self._cosine:
+            # one normalisation shared by the scores and the student's uni-modal similarities (CMC's intra term,
+            # and USA when it has no heads)
+            need_uni = self.cmc is not None or (not have_feat and self._usa_shares_uni(image_emb))
+            scores, s_ii, s_tt = SF.cosine_similarities(image_emb, text_emb, need_uni)
+            if need_uni:
+                uni = (s_ii, s_tt)
+        elif scores is None:
+            scores = self.similarity(image_emb, text_emb).float()
+        usa_in = (image_features, text_features) if have_feat else (image_emb, text_emb)
+        parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch)
         total = scores.new_zeros(())
         for name, weight in self._weights().items():
             if name in parts:
                 total = total + weight * parts[name]
+        self._values_checked = True
         return {"loss": total, **parts}
 
     def _usa_shares_uni(self, image_emb) -> bool:
         """USA without heads computes the same cosine similarities as CMC's intra term (in its head dtype)."""
-        return self.usa is not None and self.usa.embed_dim is None and self.usa._head_dtype() == image_emb.dtype
+        return self.usa is not None and self.usa.embed_dim is None
 
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
                batch: int = 1) -> dict[str, torch.Tensor]:
@@ -438,22 +453,27 @@ class SoftAlignLoss(nn.Module):
                 parts["base"] = self.base(scores=scores, image_ids=image_ids)
         # the KL terms are batch means; with a base that sums over anchors (VSE++'s hinge) they are summed too
         soft_scale = float(batch) if self.soft_label_reduction == "sum" else 1.0
+        usa_targets = self.usa.soft_labels(t_img, t_txt) if self.usa is not None else None
         if self.csa is not None:
-            parts["csa"] = soft_scale * self.csa(scores=scores, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+            shared = (usa_targets is not None and self.csa.mode == "each"
+                      and self.csa.teacher_temperature is self.usa.teacher_temperature
+                      and self.csa.text_teacher_temperature is self.usa.text_teacher_temperature)
+            csa_targets = usa_targets if shared else self.csa.soft_labels(t_img, t_txt)
+            parts["csa"] = soft_scale * self.csa(scores=scores, targets=csa_targets)
         image_sim, text_sim = uni if uni is not None else (None, None)
         if self.usa is not None:
             u_img, u_txt = usa_in if usa_in is not None else (image_emb, text_emb)
             shared = uni if (u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
-            parts["usa"] = soft_scale * self.usa(u_img, u_txt, teacher_image_sim=t_img, teacher_text_sim=t_txt,
-                                                 image_sim=shared[0], text_sim=shared[1])
+            parts["usa"] = soft_scale * self.usa(u_img, u_txt, targets=usa_targets, image_sim=shared[0],
+                                                 text_sim=shared[1])
         if self.cmc is not None:
             if isinstance(self.base, VSEHingeLoss):
                 # TGDT's CMC is hinge + intra-modal consistency: on a hinge base the base already is the inter term,
                 # so CMC adds only the intra term (hinge base + gamma 1 CMC == TGDT's CMC)
                 parts["cmc"] = SF.intra_modal_consistency(
-                    *(uni if uni is not None else (SF.cosine_similarity_matrix(image_emb),
-                                                   SF.cosine_similarity_matrix(text_emb))),
-                    margin=self.cmc.intra_margin)
+                    *(uni if uni is not None else (SF.cosine_similarity_matrix(image_emb, validate=False),
+                                                   SF.cosine_similarity_matrix(text_emb, validate=False))),
+                    margin=self.cmc.intra_margin, validate=False)
             else:
                 parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
                                         teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,
@@ -476,15 +496,15 @@ class SoftAlignLoss(nn.Module):
             return torch.as_tensor(self.cache.image_ids(ids)).to(device)
         return None  # diagonal positives
 
-    def _teacher(self, ids, batch, device, t_img, t_txt, e_img, e_txt):
+    def _teacher(self, ids, batch, device, t_img, t_txt, e_img, e_txt, validate: bool = True):
         if t_img is not None or t_txt is not None:
             if t_img is None or t_txt is None:
                 raise ValueError("pass both teacher_image_sim and teacher_text_sim")
         elif e_img is not None or e_txt is not None:
             if e_img is None or e_txt is None:
                 raise ValueError("pass both teacher_image_emb and teacher_text_emb")
-            t_img = SF.cosine_similarity_matrix(e_img.to(device))
-            t_txt = SF.cosine_similarity_matrix(e_txt.to(device))
+            t_img = SF.cosine_similarity_matrix(e_img.to(device), validate=validate)
+            t_txt = SF.cosine_similarity_matrix(e_txt.to(device), validate=validate)
         elif self.cache is not None:
             if ids is None:
                 raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
@@ -493,8 +513,8 @@ class SoftAlignLoss(nn.Module):
         else:
             raise ValueError("the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
                              "pass teacher_image_sim/teacher_text_sim (or teacher_image_emb/teacher_text_emb)")
-        t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch).to(device)
-        t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch).to(device)
+        t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch, validate).to(device)
+        t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch, validate).to(device)
         return t_img, t_txt
 
 

@@ -6,12 +6,12 @@ from torch import nn
 
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import default_similarity, resolve_scores
+from softalign.losses._inputs import ChecksValuesOnce, default_similarity, resolve_scores
 from softalign.losses.temperature import Temperature
 from softalign.mining import NegativeMiner
 
 
-class VSEHingeLoss(nn.Module):
+class VSEHingeLoss(ChecksValuesOnce, nn.Module):
     """VSE++ bidirectional hinge loss [Faghri et al., BMVC 2018]; see :func:`softalign.functional.vsepp_hinge`.
 
     Args:
@@ -34,20 +34,21 @@ class VSEHingeLoss(nn.Module):
 
     def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None,
                 teacher_image_sim=None, teacher_text_sim=None) -> torch.Tensor:
-        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
+        validate = self._take_value_check()
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
         negatives = None
         if self.miner is not None:
             negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
                                    teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
-        return SF.vsepp_hinge(scores, image_ids, margin=self.margin, max_violation=self.max_violation,
-                              negatives=negatives, reduction=self.reduction)
+        return self._checked(SF.vsepp_hinge(scores, image_ids, margin=self.margin, max_violation=self.max_violation,
+                                            negatives=negatives, reduction=self.reduction, validate=False))
 
     def get_config_dict(self) -> dict:
         return {"margin": self.margin, "max_violation": self.max_violation, "reduction": self.reduction,
                 "miner": None if self.miner is None else self.miner.get_config_dict()}
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(ChecksValuesOnce, nn.Module):
     """Symmetric InfoNCE with multi-positive targets from ids; see :func:`softalign.functional.info_nce`.
 
     Defaults follow CUSA's contrastive term: temperature 0.05, learnable within ``[0.01, 0.1]``.
@@ -67,8 +68,9 @@ class InfoNCELoss(nn.Module):
         self.similarity = similarity if similarity is not None else default_similarity()
 
     def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, **unused) -> torch.Tensor:
-        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
-        return SF.info_nce(scores, self.temperature(), image_ids, reduction=self.reduction)
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity, self._take_value_check())
+        return self._checked(SF.info_nce(scores, self.temperature(), image_ids, reduction=self.reduction,
+                                         validate=False))
 
     def get_config_dict(self) -> dict:
         t = self.temperature

@@ -6,11 +6,11 @@ from torch import nn
 
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import default_similarity, resolve_scores
+from softalign.losses._inputs import ChecksValuesOnce, default_similarity, resolve_scores
 from softalign.losses.temperature import Temperature
 
 
-class CSALoss(nn.Module):
+class CSALoss(ChecksValuesOnce, nn.Module):
     """``L_CSA = (KL(softmax(T_i2t/tau_s) || softmax(S/tau_c)) + KL(softmax(T_t2i/tau_s) || softmax(S^T/tau_c))) / 2``.
 
     ``S`` are the student's image-text scores (from embeddings, or a precomputed ``[B, B]`` matrix from a
@@ -54,11 +54,25 @@ class CSALoss(nn.Module):
     def teacher_temperatures(self):
         return (self.teacher_temperature(), self.text_teacher_temperature())
 
-    def forward(self, image_emb=None, text_emb=None, *, scores=None, teacher_image_sim: torch.Tensor,
-                teacher_text_sim: torch.Tensor, **unused) -> torch.Tensor:
-        scores = resolve_scores(image_emb, text_emb, scores, self.similarity)
-        return SF.cross_modal_soft_label_alignment(scores, teacher_image_sim, teacher_text_sim,
-                                                   self.temperatures(), self.teacher_temperatures(), self.mode)
+    def forward(self, image_emb=None, text_emb=None, *, scores=None, teacher_image_sim: torch.Tensor | None = None,
+                teacher_text_sim: torch.Tensor | None = None, targets=None, **unused) -> torch.Tensor:
+        """``targets``: the ``(i2t, t2i)`` soft labels (:func:`softalign.functional.soft_labels`) computed once by
+        the caller; otherwise from the teacher matrices and this module's teacher temperatures."""
+        validate = self._take_value_check()
+        scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
+        if targets is None:
+            b = scores.shape[0]
+            t_img = SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
+            t_txt = SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
+            targets = self.soft_labels(t_img, t_txt)
+        return self._checked(SF.cross_modal_soft_label_alignment(scores, None, None, self.temperatures(),
+                                                                 mode=self.mode, targets=targets, validate=False))
+
+    def soft_labels(self, teacher_image_sim: torch.Tensor, teacher_text_sim: torch.Tensor):
+        """The ``(i2t, t2i)`` soft labels of this term: the (mode-combined) teacher matrices at its ``tau_s``."""
+        fused_i2t, fused_t2i = SF.combine_teacher_similarities(teacher_image_sim, teacher_text_sim, self.mode)
+        tau_i, tau_t = self.teacher_temperatures()
+        return (SF.soft_labels(fused_i2t, tau_i, validate=False), SF.soft_labels(fused_t2i, tau_t, validate=False))
 
     def get_config_dict(self) -> dict:
         t = self.temperature

@@ -32,6 +32,11 @@ class Temperature(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.learnable:
+            if _functorch_active():
+                # torch.func transforms forbid mutating a captured tensor: the same value, clamped out of place, with
+                # the gradient passed through unchanged (as the in-place clamp leaves it)
+                v = self.value.float()
+                return v + (v.clamp(self.low, self.high) - v).detach()
             # In place on .data: no device sync, no autograd version bump (a graph built earlier in the
             # same step stays valid); a no-op while the value is inside its range.
             self.value.data.clamp_(self.low, self.high)
@@ -49,3 +54,8 @@ class Temperature(nn.Module):
 
     def extra_repr(self) -> str:
         return f"value={float(self.value):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if callable(active) else False

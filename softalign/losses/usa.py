@@ -6,7 +6,7 @@ from torch import nn
 
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import check_embeddings
+from softalign.losses._inputs import ChecksValuesOnce, check_embeddings
 from softalign.losses.csa import _config_pair, _pair
 from softalign.losses.temperature import Temperature
 
@@ -31,7 +31,7 @@ class UniModalHead(ProjectionHead):
         super().__init__(dim, dim)
 
 
-class USALoss(nn.Module):
+class USALoss(ChecksValuesOnce, nn.Module):
     """``L_USA = (KL(softmax(T_ii/tau_s) || softmax(S_ii/tau_i)) + KL(softmax(T_tt/tau_s) || softmax(S_tt/tau_t))) / 2``.
 
     ``S_ii`` / ``S_tt`` are cosine similarities after the uni-modal heads (one per modality, as CUSA, so that
@@ -66,38 +66,48 @@ class USALoss(nn.Module):
         self.text_teacher_temperature.set_frozen_value(text)
 
     def uni_modal_similarities(self, image_emb: torch.Tensor, text_emb: torch.Tensor):
-        return self._uni_modal_similarities(image_emb, text_emb, fused=False)
+        """Cosine similarities ``(S_ii, S_tt)`` of the uni-modal heads' outputs (the student side of USA)."""
+        return self._uni_modal_similarities(image_emb, text_emb)
 
-    def _uni_modal_similarities(self, image_emb, text_emb, fused: bool):
-        image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False)
-        dtype = self._head_dtype()
-        image = self.image_head(image_emb.to(dtype)).float()
-        text = self.text_head(text_emb.to(dtype)).float()
-        if fused:  # same values; one fused autograd node per modality (no double backward)
-            image, text = SF.as_float(image, "a"), SF.as_float(text, "a")
-            return SF._self_cosine_similarity(image), SF._self_cosine_similarity(text)
-        return SF.cosine_similarity_matrix(image), SF.cosine_similarity_matrix(text)
+    def _uni_modal_similarities(self, image_emb, text_emb, validate: bool = True):
+        image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False, validate=validate)
+        dtype = self._head_dtype(image_emb.dtype)
+        image = self.image_head(image_emb.to(dtype)).to(image_emb.dtype)
+        text = self.text_head(text_emb.to(dtype)).to(text_emb.dtype)
+        return (SF.cosine_similarity_matrix(image, validate=False), SF.cosine_similarity_matrix(text, validate=False))
 
-    def _head_dtype(self):
+    def _head_dtype(self, default: torch.dtype = torch.float32):
+        """The heads' parameter dtype (inputs are cast to it); without heads, ``default`` (the input's own)."""
         for p in self.parameters():
             if p.dim() > 0:
                 return p.dtype
-        return torch.float32
+        return default
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, teacher_image_sim: torch.Tensor,
-                teacher_text_sim: torch.Tensor, image_sim=None, text_sim=None, **unused) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, teacher_image_sim: torch.Tensor | None = None,
+                teacher_text_sim: torch.Tensor | None = None, image_sim=None, text_sim=None, targets=None,
+                **unused) -> torch.Tensor:
         """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities of the raw
-        embeddings, if the caller already has them; used only without heads (``embed_dim=None``)."""
+        embeddings, if the caller already has them; used only without heads (``embed_dim=None``). ``targets``: the
+        ``(image, text)`` soft labels computed once by the caller (:func:`softalign.functional.soft_labels`)."""
+        validate = self._take_value_check()
         if self.embed_dim is None and image_sim is not None and text_sim is not None:
             s_ii, s_tt = image_sim, text_sim
+        elif type(self).uni_modal_similarities is USALoss.uni_modal_similarities:  # not overridden
+            s_ii, s_tt = self._uni_modal_similarities(image_emb, text_emb, validate)
         else:
-            fused = type(self).uni_modal_similarities is USALoss.uni_modal_similarities  # not overridden
-            s_ii, s_tt = self._uni_modal_similarities(image_emb, text_emb, fused=True) if fused \
-                else self.uni_modal_similarities(image_emb, text_emb)
-        return SF.uni_modal_soft_label_alignment(
-            s_ii, s_tt, teacher_image_sim, teacher_text_sim,
-            (self.image_temperature(), self.text_temperature()),
-            (self.teacher_temperature(), self.text_teacher_temperature()))
+            s_ii, s_tt = self.uni_modal_similarities(image_emb, text_emb)
+        if targets is None:
+            b = s_ii.shape[0]
+            targets = self.soft_labels(SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate),
+                                       SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate))
+        return self._checked(SF.uni_modal_soft_label_alignment(s_ii, s_tt, None, None,
+                                                               (self.image_temperature(), self.text_temperature()),
+                                                               targets=targets, validate=False))
+
+    def soft_labels(self, teacher_image_sim: torch.Tensor, teacher_text_sim: torch.Tensor):
+        """The ``(image, text)`` soft labels of this term: the teacher matrices at its ``tau_s``."""
+        return (SF.soft_labels(teacher_image_sim, self.teacher_temperature(), validate=False),
+                SF.soft_labels(teacher_text_sim, self.text_teacher_temperature(), validate=False))
 
     def get_config_dict(self) -> dict:
         t = self.image_temperature

@@ -374,7 +374,10 @@ class TeacherCache:
             ids = _gather(ids)
         ids = ids.to(self._device)
         if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
+            # CPU ids (as a DataLoader gives them): checked in numpy, no Tensor sync; ids of a cache moved to the
+            # GPU are checked there (one sync per lookup)
+            lo, hi = ((int(ids.numpy().min()), int(ids.numpy().max())) if ids.device.type == "cpu"
+                      else (int(ids.min()), int(ids.max())))
             if lo < 0 or hi >= self.num_captions:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"caption id {bad} is out of range: this teacher cache holds captions "
