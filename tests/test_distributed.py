@@ -15,7 +15,16 @@ from tests.launch import debug_launch
 SIZES = (3, 5)  # per-process batch sizes (unequal on purpose)
 
 
-def _setup():
+CONFIGS = {
+    "vsepp": dict(embed_dim=8, base="vsepp", alpha=0.1, beta=0.5, gamma=0.2),
+    # InfoNCE base, CSA's fused mode, CMC with its own hinge, USA heads on separate backbone features
+    "infonce_add_features": dict(embed_dim=(6, 5), base="infonce", alpha=0.3, beta=0.4, gamma=0.5, csa_mode="add",
+                                 teacher_temperature=(0.2, 0.4)),
+    "vsepp_sum_mean_nce": dict(embed_dim=None, base="vsepp_sum", alpha=1.0, beta=1.0, gamma=1.0),
+}
+
+
+def _setup(config: str = "vsepp"):
     g = torch.Generator().manual_seed(1234)
     n = sum(SIZES)
     x_img, x_txt = torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
@@ -23,26 +32,27 @@ def _setup():
     image_ids = torch.tensor([0, 0, 1, 2, 2, 3, 4, 5])
     torch.manual_seed(99)
     model = torch.nn.ModuleDict({"img": torch.nn.Linear(6, 8), "txt": torch.nn.Linear(5, 8)})
-    loss = SoftAlignLoss(embed_dim=8, base="vsepp", alpha=0.1, beta=0.5, gamma=0.2, return_parts=True)
+    loss = SoftAlignLoss(return_parts=True, **CONFIGS[config])
     with torch.no_grad():  # move temperatures off their defaults so a wrong gradient would show
         loss.csa.temperature.value.fill_(0.3)
     return x_img, x_txt, teacher_img, teacher_txt, image_ids, model, loss
 
 
 def _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids):
+    feats = dict(image_features=x_img, text_features=x_txt) if isinstance(loss.usa.embed_dim, tuple) else {}
     out = loss(model["img"](x_img), model["txt"](x_txt), image_ids=ids, teacher_image_emb=t_img,
-               teacher_text_emb=t_txt)
+               teacher_text_emb=t_txt, **feats)
     out["loss"].backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters()}, \
         {n: p.grad.clone() for n, p in loss.named_parameters()}
 
 
-def _worker():
+def _worker(config="vsepp"):
     import torch.distributed as dist
 
     assert distributed.is_distributed() and distributed.world_size() == 2
     rank, world = distributed.rank(), distributed.world_size()
-    x_img, x_txt, t_img, t_txt, ids, model, loss = _setup()
+    x_img, x_txt, t_img, t_txt, ids, model, loss = _setup(config)
     single = copy.deepcopy(loss)
     single.gather = False  # the reference: one process holding the whole batch
     ref = _loss_and_grads(copy.deepcopy(model), single, x_img, x_txt, t_img, t_txt, ids)
@@ -59,6 +69,7 @@ def _worker():
         torch.testing.assert_close(grad, ref[2][name], rtol=1e-5, atol=1e-5, msg=f"loss grad {name}")
     for key in ref[0]:
         torch.testing.assert_close(out[key], ref[0][key], rtol=1e-5, atol=1e-5, msg=f"loss part {key}")
+    assert loss._grad_sync_installed  # the local-rows path ran (rows of this process x columns of the batch)
 
     # the gather helpers themselves
     mine = torch.arange(SIZES[rank]) + 10 * rank
@@ -69,8 +80,9 @@ def _worker():
         loss(torch.randn(2, 8), torch.randn(2, 8), teacher_image_sim=torch.eye(2), teacher_text_sim=torch.eye(2))
 
 
-def test_two_process_loss_and_gradients_equal_single_process():
-    debug_launch(_worker, num_processes=2)
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_two_process_loss_and_gradients_equal_single_process(config):
+    debug_launch(_worker, config, num_processes=2)
 
 
 def test_identity_when_not_distributed():

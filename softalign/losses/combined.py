@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from softalign import distributed as dist_utils
@@ -15,6 +16,7 @@ from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
+from softalign.losses.local_rows import local_row_parts, supports_local_rows
 from softalign.losses.usa import USALoss
 from softalign.mining import NegativeMiner, TeacherFilteredMiner
 from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
@@ -164,6 +166,10 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self._steps = 0
         self._warned_low_share = False
         self._warned_single_pair = False
+        #: under multi-process training, compute this process's anchors (rows) against the gathered batch (columns)
+        #: instead of every process building the global [B, B] matrices (softalign.losses.local_rows); same values
+        #: and gradients, 1 / world of the memory
+        self.local_rows = True
         #: the last gradient-share diagnostic (:func:`softalign.losses.diagnostics.gradient_shares`), or None
         self.gradient_shares: dict[str, float] | None = None
         for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
@@ -323,6 +329,91 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             return out
         return out["loss"]
 
+    def _forward_local_rows(self, img_l, txt_l, ids, image_ids, feat_img, feat_txt, e_img, e_txt,
+                            validate: bool) -> dict[str, torch.Tensor]:
+        """Multi-process path: this process's anchors (rows) against the gathered batch (columns); see
+        :mod:`softalign.losses.local_rows`. Values are the exact global terms, gradients exact after data-parallel
+        averaging (the loss's own parameter gradients are all-reduced by hooks)."""
+        import torch.distributed as dist
+
+        sizes = dist_utils.batch_sizes(img_l)  # one size exchange for all the gathers of this batch
+        world, offset, batch = len(sizes), sum(sizes[: dist_utils.rank()]), sum(sizes)
+        device, b = img_l.device, img_l.shape[0]
+        img_g = dist_utils.all_gather_with_grad(img_l, sizes)
+        txt_g = dist_utils.all_gather_with_grad(txt_l, sizes)
+        feats = None
+        if feat_img is not None:
+            feats = (feat_img, feat_txt, dist_utils.all_gather_with_grad(feat_img, sizes),
+                     dist_utils.all_gather_with_grad(feat_txt, sizes))
+        ids_g = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
+        if image_ids is not None:
+            image_ids_l = torch.as_tensor(image_ids).to(device)
+            if image_ids_l.shape != (b,):
+                raise ValueError(f"image_ids must have shape [{b}], got {tuple(image_ids_l.shape)}")
+            image_ids_g = dist_utils.gather_batch(image_ids_l, sizes)
+        elif ids_g is not None:
+            image_ids_g = self._image_ids(ids_g, None, batch, device)
+            image_ids_l = image_ids_g[offset: offset + b]
+        else:
+            image_ids_l = image_ids_g = None
+        teacher = None
+        if self._needs_teacher():
+            if e_img is not None or e_txt is not None:
+                if e_img is None or e_txt is None:
+                    raise ValueError("pass both teacher_image_emb and teacher_text_emb")
+                e_img_g = F.normalize(SF.as_float(dist_utils.gather_batch(e_img.to(device), sizes),
+                                                  "teacher_image_emb", validate), dim=1)
+                e_txt_g = F.normalize(SF.as_float(dist_utils.gather_batch(e_txt.to(device), sizes),
+                                                  "teacher_text_emb", validate), dim=1)
+            elif self.cache is not None:
+                if ids_g is None:
+                    raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
+                e_img_g, e_txt_g = self.cache.embeddings(ids_g, device=device)
+            else:
+                raise ValueError("the soft-label terms need teacher embeddings under multi-process training: give the "
+                                 "loss a cache and pass ids, or pass teacher_image_emb / teacher_text_emb")
+            teacher = (e_img_g[offset: offset + b], e_txt_g[offset: offset + b], e_img_g, e_txt_g)
+            if self._needs_calibration:
+                if self.cache is not None and hasattr(self.cache, "num_captions"):
+                    self.calibrate(batch_size=batch)
+                else:
+                    self.calibrate(teacher_image_sim=e_img_g @ e_img_g.t(), teacher_text_sim=e_txt_g @ e_txt_g.t())
+        self._install_gradient_sync()
+        partial = local_row_parts(self, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher,
+                                  offset, batch)
+        parts: dict[str, torch.Tensor] = {}
+        for name, value in partial.items():
+            exact = value.detach().clone()
+            dist.all_reduce(exact)  # the global term (a value, no gradient)
+            scaled = world * value  # its gradient: exact once data parallelism averages over processes
+            parts[name] = scaled + (exact - scaled).detach()
+        total = img_l.new_zeros((), dtype=torch.float32)
+        for name, weight in self._weights().items():
+            if name in parts:
+                total = total + weight * parts[name]
+        self._values_checked = True
+        return {"loss": total, **parts}
+
+    def _install_gradient_sync(self) -> None:
+        """Hooks averaging the loss's own parameter gradients over processes (data parallelism does not see these
+        parameters; with local rows each process holds ``world x`` its share of them)."""
+        if getattr(self, "_grad_sync_installed", False):
+            return
+        self._grad_sync_installed = True
+
+        def average(grad: torch.Tensor) -> torch.Tensor:
+            if not dist_utils.is_distributed():
+                return grad
+            import torch.distributed as dist
+
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            return grad / dist.get_world_size()
+
+        for p in self.parameters():
+            if p.requires_grad:
+                p.register_hook(average)
+
     def _weights(self) -> dict[str, float]:
         return {"base": 1.0, "csa": self.alpha, "usa": self.beta, "cmc": self.gamma}
 
@@ -379,6 +470,9 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             if teacher_image_sim is not None or teacher_text_sim is not None:
                 raise ValueError("teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
                                  "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb")
+            if supports_local_rows(self):
+                return self._forward_local_rows(image_emb, text_emb, ids, image_ids, image_features, text_features,
+                                                teacher_image_emb, teacher_text_emb, validate)
             sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
             device = image_emb.device
             image_emb = dist_utils.all_gather_with_grad(image_emb, sizes)
