@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -175,16 +176,46 @@ def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: str | None =
     return obj
 
 
-def unpatch(obj: Any, optimizer: Any = None) -> Any:
-    """Undo :func:`patch` (or any softalign shim): original methods back, the loss's parameters out of the
-    optimizer the shim registered them with and, when given, out of ``optimizer`` too (an optimizer built from
-    the patched model's parameter list after patching, e.g. TERAN's). The record is dropped even if a step
-    fails, so the object can be patched again."""
-    record = get_record(obj)
+def unpatch(obj: Any, optimizer: Any = None, kind: str | None = None) -> Any:
+    """Undo :func:`patch` (or any softalign shim; ``kind`` insists on one): original methods back, the loss's
+    parameters out of the optimizer the shim registered them with and, when given, out of ``optimizer`` too (an
+    optimizer built from the patched model's parameter list after patching, e.g. TERAN's). Without it, a warning says
+    when such an optimizer may still hold them. The record is dropped even if a step fails, so the object can be
+    patched again."""
+    record = get_record(obj, kind)
     if record is None:
-        raise ValueError(f"{type(obj).__name__} is not patched by softalign.integrations")
+        where = f"softalign.integrations.{kind}" if kind else "softalign.integrations"
+        raise ValueError(f"{type(obj).__name__} is not patched by {where}")
+    if optimizer is None and record.optimizer is None and record.handed_out:
+        n = sum(1 for _ in record.hook.loss.parameters())
+        warnings.warn(f"an optimizer built from the patched model's parameters still holds the loss's {n} "
+                      "parameters: pass it as unpatch(model, optimizer=optimizer) to take them out", UserWarning,
+                      stacklevel=3)
     try:
         record.restore(optimizer)
     finally:
         drop_record(obj)
     return obj
+
+
+def is_patched(obj: Any, kind: str | None = None) -> bool:
+    """Whether ``obj`` is patched by a softalign shim (by the ``kind`` one, when given)."""
+    record = get_record(obj)
+    return record is not None and (kind is None or record.kind == kind)
+
+
+def shim_api(kind: str):
+    """The ``unpatch(model, optimizer=None)`` and ``is_patched(model)`` of the shim ``kind``: one implementation
+    (:func:`unpatch`, :func:`is_patched`) shared by every upstream module."""
+
+    def unpatch_kind(model: Any, optimizer: Any = None) -> Any:
+        return unpatch(model, optimizer, kind=kind)
+
+    def is_patched_kind(model: Any) -> bool:
+        return is_patched(model, kind)
+
+    unpatch_kind.__name__, is_patched_kind.__name__ = "unpatch", "is_patched"
+    unpatch_kind.__doc__ = (f"Undo softalign.integrations.{kind}.patch: see softalign.integrations.generic.unpatch "
+                            "(``optimizer``: one built from the patched model after patching).")
+    is_patched_kind.__doc__ = f"Whether the model is patched by softalign.integrations.{kind}."
+    return unpatch_kind, is_patched_kind

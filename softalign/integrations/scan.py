@@ -34,7 +34,6 @@ from softalign.integrations._common import (
     capture_ids,
     drop_record,
     extend_list_state,
-    get_record,
     log_values,
     match_criterion_hinge,
     new_record,
@@ -178,13 +177,4 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
     return model
 
 
-def unpatch(model: Any, optimizer: Any = None) -> Any:
-    """Restore the original criterion, methods, ``params`` and optimizer param groups."""
-    if get_record(model, KIND) is None:
-        raise ValueError(f"{type(model).__name__} is not patched by softalign.integrations.scan")
-    return generic.unpatch(model, optimizer)
-
-
-def is_patched(model: Any) -> bool:
-    record = get_record(model)
-    return record is not None and record.kind == KIND
+unpatch, is_patched = generic.shim_api(KIND)

@@ -35,7 +35,6 @@ Encoders", ACM TOMM 2021.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from softalign.integrations import generic
-from softalign.integrations._common import SoftAlignHook, get_record
+from softalign.integrations._common import SoftAlignHook
 
 __all__ = ["patch", "unpatch", "is_patched", "SUBMODULE", "dataset_image_ids", "check_grouped_ids"]
 
@@ -153,23 +152,4 @@ def patch(model: nn.Module, loss: nn.Module, *, captions_per_image: int | None =
     return model
 
 
-def unpatch(model: nn.Module, optimizer: Any = None) -> nn.Module:
-    """Restore the original methods and remove the ``softalign_loss`` submodule.
-
-    ``optimizer``: the optimizer train.py built from the patched ``get_parameters()``; the loss's parameters are
-    taken out of it (and out of one passed to :func:`patch`). Without it, when ``get_parameters()`` was called
-    while patched, a warning says that such an optimizer still holds them."""
-    record = get_record(model, KIND)
-    if record is None:
-        raise ValueError(f"{type(model).__name__} is not patched by softalign.integrations.teran")
-    if optimizer is None and record.optimizer is None and getattr(record, "handed_out", False):
-        n = sum(1 for _ in record.hook.loss.parameters())
-        warnings.warn(f"an optimizer built from the patched model.get_parameters() still holds the loss's {n} "
-                      "parameters: pass it as unpatch(model, optimizer=optimizer) to take them out", UserWarning,
-                      stacklevel=2)
-    return generic.unpatch(model, optimizer)
-
-
-def is_patched(model: Any) -> bool:
-    record = get_record(model)
-    return record is not None and record.kind == KIND
+unpatch, is_patched = generic.shim_api(KIND)

@@ -39,7 +39,6 @@ from softalign.integrations import generic
 from softalign.integrations._common import (
     SoftAlignHook,
     extend_list_state,
-    get_record,
     match_criterion_hinge,
     restore_list_state,
 )
@@ -91,13 +90,4 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
     return model
 
 
-def unpatch(model: Any, optimizer: Any = None) -> Any:
-    """Restore the original methods, ``params`` and optimizer param groups."""
-    if get_record(model, KIND) is None:
-        raise ValueError(f"{type(model).__name__} is not patched by softalign.integrations.vsepp")
-    return generic.unpatch(model, optimizer)
-
-
-def is_patched(model: Any) -> bool:
-    record = get_record(model)
-    return record is not None and record.kind == KIND
+unpatch, is_patched = generic.shim_api(KIND)
