@@ -406,11 +406,27 @@ def _hinge(scores, pos, margin, max_violation, negatives, reduction):
     return _reduce(per_anchor, reduction)
 
 
+#: InfoNCE scales: the old names (before 0.2) and the new ones
+_INFONCE_OLD = {"sum": "ce", "mean": "cusa_mean"}
+
+
+def infonce_reduction(value: str) -> str:
+    """``"ce"`` (cross-entropy averaged over anchors) or ``"cusa_mean"`` (CE / B); the old ``"sum"`` / ``"mean"``
+    are mapped with a FutureWarning."""
+    if value in _INFONCE_OLD:
+        warnings.warn(f"InfoNCE reduction={value!r} is deprecated: use {_INFONCE_OLD[value]!r} ('ce' is the standard "
+                      "cross-entropy averaged over anchors, 'cusa_mean' is CUSA's CE / B)", FutureWarning, stacklevel=3)
+        return _INFONCE_OLD[value]
+    if value not in ("ce", "cusa_mean"):
+        raise ValueError(f"InfoNCE reduction must be 'ce' (cross-entropy) or 'cusa_mean' (CUSA's CE / B), got {value!r}")
+    return value
+
+
 def info_nce(
     scores: torch.Tensor,
     temperature: Number = 0.05,
     image_ids: torch.Tensor | None = None,
-    reduction: str = "sum",
+    reduction: str = "ce",
     validate: bool = True,
 ) -> torch.Tensor:
     """Symmetric InfoNCE with id-aware (multi-positive) targets [CLIP; CUSA's contrastive term].
@@ -418,12 +434,13 @@ def info_nce(
     ``L = 1/2 [ -1/B sum_i sum_j y_ij log softmax_j(S_ij / t) - 1/B sum_j sum_i y_ij log softmax_i(S_ij / t) ]``
     with ``y_ij = [id_i == id_j] / sum_k [id_i == id_k]`` (uniform over the pair's positives).
 
-    ``reduction="sum"`` is the standard cross-entropy above. ``reduction="mean"`` is CUSA's
-    ``contrastive_loss_mode: "mean"`` (its configs' setting): the inner sum over ``j`` becomes a mean, i.e. the
-    loss is divided by ``B``. CUSA's CSA/USA weights (0.1 / 0.5) are tuned against that scale.
+    ``reduction="ce"`` (default) is the standard cross-entropy above, averaged over the anchors.
+    ``reduction="cusa_mean"`` is CUSA's ``contrastive_loss_mode: "mean"`` (its configs' setting): the inner sum over
+    ``j`` becomes a mean, i.e. the loss is divided by ``B``. CUSA's CSA/USA weights (0.1 / 0.5) are tuned against
+    that scale. (The old names ``"sum"`` / ``"mean"`` still work, with a FutureWarning: ``"mean"`` never meant the
+    mean over anchors, as it does for :func:`vsepp_hinge`.)
     """
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction must be 'sum' (cross-entropy) or 'mean' (CUSA's mean mode), got {reduction!r}")
+    reduction = infonce_reduction(reduction)
     scores = check_square_pair(scores, "scores", validate=validate)
     b = scores.shape[0]
     temperature = _temperature(temperature, "temperature", validate)
@@ -433,7 +450,7 @@ def info_nce(
     i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
     t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
     loss = (i2t + t2i) / 2.0
-    return loss / b if reduction == "mean" else loss
+    return loss / b if reduction == "cusa_mean" else loss
 
 
 # ----------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def test_infonce_mean_reduction_is_cusa_mean_mode():
     ids = torch.tensor([0, 0, 1, 2, 3, 4])
     scores = SF.cosine_similarity_matrix(img.detach().double(), txt.detach().double())
     summed = SoftAlignLoss(alpha=0, beta=0, base="infonce")(img, txt, image_ids=ids)
-    mean = SoftAlignLoss(alpha=0, beta=0, base="infonce", infonce_reduction="mean")(img, txt, image_ids=ids)
+    mean = SoftAlignLoss(alpha=0, beta=0, base="infonce", infonce_reduction="cusa_mean")(img, txt, image_ids=ids)
     assert summed.item() == pytest.approx(ref.info_nce(scores, 0.05, ids.tolist()), rel=1e-5)
     assert mean.item() == pytest.approx(ref.info_nce(scores, 0.05, ids.tolist()) / 6, rel=1e-5)
     with pytest.raises(ValueError, match="reduction must be"):

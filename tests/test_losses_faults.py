@@ -97,7 +97,7 @@ def test_a_batch_of_captions_of_one_image_has_no_negatives():
     parts["loss"].backward()
     assert all(math.isfinite(float(v)) for v in parts.values()) and torch.isfinite(x.grad).all()
     nce = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.0, beta=0.0, learn_temperatures=False,
-                        temperature=0.05, infonce_reduction="sum", return_parts=True)
+                        temperature=0.05, infonce_reduction="ce", return_parts=True)
     got = nce(img, txt, image_ids=same)["base"]
     logits = (img @ txt.T) / 0.05
     ref = 0.5 * (-(logits.log_softmax(1).mean(1)).mean() - (logits.T.log_softmax(1).mean(1)).mean())

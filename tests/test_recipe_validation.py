@@ -38,7 +38,7 @@ def test_clip_recipes_follow_the_cusa_configs(name, epochs, batch):
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", variant="csa_usa")
     assert (r.train.epochs, r.train.batch_size) == (epochs, batch)
     assert r.loss.base == "infonce" and r.loss.temperature == 0.05
-    assert r.loss.infonce_reduction == "mean"  # CUSA's contrastive_loss_mode "mean", the scale of its 0.1 / 0.5
+    assert r.loss.infonce_reduction == "cusa_mean"  # CUSA's contrastive_loss_mode "mean", the scale of its 0.1 / 0.5
     assert (r.loss.csa_mode, r.loss.csa_temperature, r.loss.usa_temperature, r.loss.teacher_temperature) == \
         ("each", 0.45, 0.45, 1.0)
     assert (r.optim.optimizer, r.optim.lr, r.optim.weight_decay, r.optim.schedule, r.optim.min_lr) == \

@@ -111,10 +111,10 @@ def test_soft_terms_are_reduced_like_the_base(base, reduction):
 def test_defaults_resolve_per_base():
     from softalign.losses.combined import DEFAULT_WEIGHTS
 
-    for base, key in (("vsepp", "vsepp"), ("vsepp_sum", "vsepp_sum"), ("infonce", "infonce_sum")):
+    for base, key in (("vsepp", "vsepp"), ("vsepp_sum", "vsepp_sum"), ("infonce", "infonce_ce")):
         loss = SoftAlignLoss(base=base)
         assert (loss.alpha, loss.beta) == DEFAULT_WEIGHTS[key]
-    cusa = SoftAlignLoss(base="infonce", infonce_reduction="mean")
+    cusa = SoftAlignLoss(base="infonce", infonce_reduction="cusa_mean")
     assert (cusa.alpha, cusa.beta) == (0.1, 0.5) and cusa.soft_label_reduction == "batchmean"
     assert SoftAlignLoss(alpha=0.3).alpha == 0.3
     with pytest.raises(ValueError, match="teacher_temperature must be 'auto'"):

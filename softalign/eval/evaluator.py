@@ -97,7 +97,12 @@ class RetrievalEvaluator:
             self.primary_metric = f"{name}_{self.primary_metric}"
         return {f"{name}_{k}": float(v) for k, v in metrics.items()}
 
-    def compute_metrices(self, model: Any) -> dict[str, float]:  # ST spelling kept for familiarity
+    def compute_metrices(self, model: Any) -> dict[str, float]:
+        """Deprecated spelling (sentence-transformers' old evaluators): use :meth:`compute_metrics`."""
+        import warnings
+
+        warnings.warn("RetrievalEvaluator.compute_metrices is deprecated: use compute_metrics", FutureWarning,
+                      stacklevel=2)
         return self.compute_metrics(model)
 
     def compute_metrics(self, model: Any) -> dict[str, float]:

@@ -177,7 +177,8 @@ class SoftAlignHook:
                     out["teacher_image_emb"], out["teacher_text_emb"] = t_img, t_txt
                 else:
                     sims = self.cache.similarities(ids, device=device)
-                    out["teacher_image_sim"], out["teacher_text_sim"] = sims[0], sims[1]
+                    out["teacher_image_sim"], out["teacher_text_sim"] = (
+                        (sims.image, sims.text) if hasattr(sims, "image") else sims)
         return out
 
     def __call__(self, image_emb: torch.Tensor | None = None, text_emb: torch.Tensor | None = None,

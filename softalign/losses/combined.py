@@ -28,8 +28,8 @@ BASES = ("vsepp", "vsepp_sum", "infonce", "none")
 #: validation split cut from training, 3 seeds). CUSA's own values stay for its InfoNCE mean mode (CE / B). The
 #: hinge bases sum over anchors, so the KL terms are summed over anchors too (``soft_label_reduction="auto"``).
 DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
-    "infonce_mean": (0.1, 0.5),   # CUSA, Huang et al. AAAI 2024 (configs: contrastive_loss_mode mean)
-    "infonce_sum": (10.0, 10.0),  # CE averaged over anchors: equals CUSA's balance up to a factor ~1/B
+    "infonce_cusa_mean": (0.1, 0.5),  # CUSA, Huang et al. AAAI 2024 (configs: contrastive_loss_mode mean)
+    "infonce_ce": (10.0, 10.0),       # CE averaged over anchors: equals CUSA's balance up to a factor ~1/B
     "vsepp": (3.0, 3.0),
     "vsepp_sum": (10.0, 10.0),
     "none": (1.0, 1.0),
@@ -45,7 +45,7 @@ def _base_key(base, infonce_reduction: str) -> str:
             return f"infonce_{base.reduction}"
         return "custom"
     if base == "infonce":
-        return f"infonce_{infonce_reduction}"
+        return f"infonce_{SF.infonce_reduction(infonce_reduction)}"
     if base in ("vsepp", "vsepp_sum", "none"):
         return base
     raise ValueError(f"base must be one of {BASES} or an nn.Module, got {base!r}")
@@ -91,7 +91,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
     the global batch. Precomputed ``scores`` cannot be gathered and stay per-process.
 
     Base losses: ``"vsepp"`` (hinge, max violation, margin 0.2; the default), ``"vsepp_sum"`` (sum of hinges), ``"infonce"``
-    (symmetric, temperature 0.05 learnable; ``infonce_reduction="mean"`` is CUSA's mean mode, CE / B, the scale its
+    (symmetric, temperature 0.05 learnable; ``infonce_reduction="cusa_mean"`` is CUSA's mean mode, CE / B, the scale its
     alpha/beta were tuned against), ``"none"``, or any module called as
     ``base(scores=S, image_ids=ids)``. ``alpha`` / ``beta`` default per base (:data:`DEFAULT_WEIGHTS`). When
     ``base`` / ``margin`` are left unset and a shim puts the loss into a VSE++ or SCAN trainer, the hinge takes
@@ -120,7 +120,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         margin: float | None = None,
         miner: NegativeMiner | None = None,
         temperature: float = 0.05,
-        infonce_reduction: str = "sum",
+        infonce_reduction: str = "ce",
         csa_mode: str = "each",
         csa_temperature: float = 0.45,
         usa_temperature: float = 0.45,
@@ -141,6 +141,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                         "beta": beta is not None}
         base = "vsepp" if base is None else base
         margin = 0.2 if margin is None else margin
+        if base == "infonce" or isinstance(infonce_reduction, str) and infonce_reduction in ("sum", "mean"):
+            infonce_reduction = SF.infonce_reduction(infonce_reduction)
         base_key = _base_key(base, infonce_reduction)
         default_alpha, default_beta = DEFAULT_WEIGHTS[base_key]
         alpha = default_alpha if alpha is None else alpha
@@ -603,7 +605,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             if ids is None:
                 raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
             sims = self.cache.similarities(ids, device=device)
-            t_img, t_txt = sims[0], sims[1]
+            t_img, t_txt = (sims.image, sims.text) if hasattr(sims, "image") else sims  # a (image, text) pair
         else:
             raise ValueError("the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
                              "pass teacher_image_sim/teacher_text_sim (or teacher_image_emb/teacher_text_emb)")

@@ -52,17 +52,16 @@ class InfoNCELoss(ChecksValuesOnce, nn.Module):
     """Symmetric InfoNCE with multi-positive targets from ids; see :func:`softalign.functional.info_nce`.
 
     Defaults follow CUSA's contrastive term: temperature 0.05, learnable within ``[0.01, 0.1]``.
-    ``reduction="mean"`` is CUSA's ``contrastive_loss_mode: "mean"`` (cross-entropy / B), the scale its
-    soft-label weights were tuned against; ``"sum"`` (default) is the standard cross-entropy.
+    ``reduction="cusa_mean"`` is CUSA's ``contrastive_loss_mode: "mean"`` (cross-entropy / B), the scale its
+    soft-label weights were tuned against; ``"ce"`` (default) is the standard cross-entropy.
     """
 
     citation = citations.join(citations.INFONCE, citations.CUSA)
 
     def __init__(self, temperature: float = 0.05, temperature_range: tuple[float, float] = (0.01, 0.1),
-                 learn_temperature: bool = True, similarity=None, reduction: str = "sum"):
+                 learn_temperature: bool = True, similarity=None, reduction: str = "ce"):
         super().__init__()
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        reduction = SF.infonce_reduction(reduction)
         self.reduction = reduction
         self.temperature = Temperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
         self.similarity = similarity if similarity is not None else default_similarity()

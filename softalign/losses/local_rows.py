@@ -88,7 +88,7 @@ def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, i
         parts["base"] = total if base.reduction == "sum" else total / n
     elif isinstance(base, InfoNCELoss):
         total = _info_nce_rows(s_i2t, s_t2i, pos, base.temperature()) / n
-        parts["base"] = total / n if base.reduction == "mean" else total
+        parts["base"] = total / n if base.reduction == "cusa_mean" else total
     soft_scale = float(n) if loss.soft_label_reduction == "sum" else 1.0
     if teacher is not None:
         e_img_l, e_txt_l, e_img_g, e_txt_g = teacher

@@ -152,8 +152,9 @@ def teacher_batches(cache, batch_ids: torch.Tensor):
     img, txt = [], []
     for ids in batch_ids:
         sims = cache.similarities(ids, device="cpu")
-        img.append(sims[0].float())
-        txt.append(sims[1].float())
+        image, text = (sims.image, sims.text) if hasattr(sims, "image") else sims  # a (image, text) pair
+        img.append(image.float())
+        txt.append(text.float())
     return torch.stack(img), torch.stack(txt)
 
 

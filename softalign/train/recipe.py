@@ -89,7 +89,8 @@ class LossConfig:
     gamma: float = 0.0
     margin: float = 0.2
     temperature: float = 0.05
-    infonce_reduction: Literal["sum", "mean"] = "sum"   # "mean": CUSA's contrastive_loss_mode mean (CE / B)
+    infonce_reduction: Literal["ce", "cusa_mean", "sum", "mean"] = "ce"  # cusa_mean: CUSA's mode mean (CE / B);
+    # "sum" / "mean" are the old names of "ce" / "cusa_mean" (deprecated)
     csa_mode: Literal["each", "add", "dot"] = "each"
     csa_temperature: float = 0.45
     usa_temperature: float = 0.45
