@@ -105,9 +105,9 @@ def test_eval_cli_bad_input(tmp_path, capsys):
     save_file({"text": tx, "caption_to_image": c2i}, str(tmp_path / "no_image.safetensors"))
     _fails(capsys, ["eval", "--embeddings", str(tmp_path / "no_image.safetensors"), "--out", str(tmp_path / "o")],
            r"missing key\(s\) \['image'\]")
-    bad_maps = {"out_of_range": (c2i + 1, r"caption_to_image\[27\] = 10 is outside the 10 images"),
-                "short": (c2i[:-1], r"'caption_to_image' must be 30 integer image indices"),
-                "float": (c2i.float(), r"'caption_to_image' must be 30 integer image indices"),
+    bad_maps = {"out_of_range": (c2i + 1, r"caption_to_image\[27\] = 10 is out of range: caption 27 maps to image 10, outside 0..9"),
+                "short": (c2i[:-1], r"caption_to_image has 29 entries but there are 30 captions"),
+                "float": (c2i.float(), r"caption_to_image must hold integer image indices"),
                 "uncovered": (torch.zeros_like(c2i), r"image 1 has no caption")}
     for name, (m, msg) in bad_maps.items():
         save_file({"image": im, "text": tx, "caption_to_image": m}, str(tmp_path / f"{name}.safetensors"))

@@ -116,18 +116,13 @@ def check_inputs(data: dict[str, Any], source: str) -> None:
     if data["image"].shape[1] != data["text"].shape[1]:
         raise ValueError(f"{source}: 'image' is {data['image'].shape[1]}-d but 'text' is {data['text'].shape[1]}-d; "
                          "both must live in one joint space")
-    c2i = data["caption_to_image"]
-    if c2i.is_floating_point() or c2i.dtype == torch.bool or c2i.dim() != 1 or c2i.shape[0] != n_txt:
-        raise ValueError(f"{source}: 'caption_to_image' must be {n_txt} integer image indices (one per caption), "
-                         f"got {c2i.dtype} of shape {tuple(c2i.shape)}")
-    bad = ((c2i < 0) | (c2i >= n_img)).nonzero().flatten()
-    if bad.numel():
-        j = int(bad[0])
-        raise ValueError(f"{source}: caption_to_image[{j}] = {int(c2i[j])} is outside the {n_img} images 0..{n_img - 1}")
-    missing = sorted(set(range(n_img)) - set(c2i.tolist()))
-    if missing:
-        raise ValueError(f"{source}: image {missing[0]} has no caption in caption_to_image ({len(missing)} images "
-                         "without captions); i2t recall is undefined for them")
+    from softalign.ids import check_caption_to_image
+
+    try:
+        data["caption_to_image"] = check_caption_to_image(data["caption_to_image"], n_txt, n_img,
+                                                          every_image_captioned=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
     for key, n in (("image_labels", n_img), ("text_labels", n_txt)):
         if key in data:
             t = data[key]

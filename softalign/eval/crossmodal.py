@@ -67,36 +67,12 @@ def _as_tensor(x: Any, name: str) -> Tensor:
 
 
 def check_caption_to_image(caption_to_image: Any, num_captions: int, num_images: int) -> Tensor:
-    """Validate the caption -> image map: int64 [num_captions], values in [0, num_images), and
-    every image has at least one caption (needed by i2t)."""
-    c2i = _as_tensor(caption_to_image, "caption_to_image")
-    if c2i.dtype.is_floating_point or c2i.dtype == torch.bool:
-        raise TypeError(f"caption_to_image must hold integer image indices, got dtype {c2i.dtype}")
-    c2i = c2i.to(torch.long).reshape(-1).cpu()
-    if c2i.numel() != num_captions:
-        raise ValueError(
-            f"caption_to_image has {c2i.numel()} entries but there are {num_captions} captions; "
-            "expected one image index per caption"
-        )
-    if num_captions == 0 or num_images == 0:
-        raise ValueError(
-            f"empty gallery: {num_images} images and {num_captions} captions; need at least one of each"
-        )
-    lo, hi = int(c2i.min()), int(c2i.max())
-    if lo < 0 or hi >= num_images:
-        bad = int(torch.nonzero((c2i < 0) | (c2i >= num_images))[0])
-        raise ValueError(
-            f"caption_to_image[{bad}] = {int(c2i[bad])} is out of range; expected an image index in "
-            f"[0, {num_images})"
-        )
-    counts = torch.bincount(c2i, minlength=num_images)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten()
-        raise ValueError(
-            f"image {int(missing[0])} has no caption ({missing.numel()} images without captions); every "
-            "image needs at least one caption for i2t (drop caption-less images first)"
-        )
-    return c2i
+    """Validate the caption -> image map for retrieval (every image needs a caption for i2t); see
+    :func:`softalign.ids.check_caption_to_image`."""
+    from softalign.ids import check_caption_to_image as check
+
+    return check(_as_tensor(caption_to_image, "caption_to_image"), num_captions, num_images,
+                 every_image_captioned=True)
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:

@@ -30,25 +30,12 @@ def validate_captions(captions: Sequence[str]) -> list[str]:
 
 
 def validate_caption_to_image(caption_to_image, num_captions: int, num_images: int) -> torch.Tensor:
-    """caption->image map as int64 [num_captions]; raises naming the first out-of-range caption."""
-    c2i = torch.as_tensor(caption_to_image)
-    if c2i.dim() != 1:
-        raise ValueError(f"caption_to_image must be 1-D (one image index per caption), got shape {tuple(c2i.shape)}")
-    if c2i.dtype.is_floating_point or c2i.dtype == torch.bool:
-        raise TypeError(f"caption_to_image must hold integer image indices, got {c2i.dtype}")
-    c2i = c2i.long()
-    if c2i.numel() != num_captions:
-        raise ValueError(
-            f"caption_to_image has {c2i.numel()} entries but there are {num_captions} captions "
-            "(one image index per caption expected)"
-        )
-    bad = ((c2i < 0) | (c2i >= num_images)).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(
-            f"caption {i} maps to image {int(c2i[i])}, outside 0..{num_images - 1} ({num_images} images)"
-        )
-    return c2i
+    """caption->image map as int64 [num_captions]; see :func:`softalign.ids.check_caption_to_image`."""
+    from softalign.ids import check_caption_to_image
+
+    if num_captions == 0:
+        raise ValueError("captions is empty: a teacher cache needs at least one caption")
+    return check_caption_to_image(caption_to_image, num_captions, num_images)
 
 
 class ImageSource:
