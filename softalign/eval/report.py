@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from softalign.teachers.storage import atomic_write_text
+from softalign.io import atomic_write_text
 
 __all__ = [
     "atomic_write_text",
@@ -134,7 +134,7 @@ def plot_recall_at_k(runs: Mapping[str, Mapping[str, Any]], path: str, title: st
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from softalign.teachers.storage import atomic_write
+    from softalign.io import atomic_write
 
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

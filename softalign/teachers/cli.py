@@ -491,8 +491,7 @@ def run_build_teran(args) -> int:
 
 def run_precomp_images(args) -> int:
     from softalign.data.precomp_images import precomp_image_paths
-
-    from .storage import atomic_write_text
+    from softalign.io import atomic_write_text
 
     try:
         n = _num_rows(args.ims) if args.ims else None

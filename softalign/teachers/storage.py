@@ -16,7 +16,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -39,106 +38,17 @@ _ST_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 _ST_TO_NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
 
-#: temporary files of :func:`atomic_write` are named ``.<final name>.<random>.tmp`` (see :func:`remove_stale_temporaries`)
-TMP_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=str(path.parent))
-    try:
-        # mkstemp creates 0600; a finished file gets the mode open() would give it (0666 minus the umask), so a
-        # cache or a checkpoint shared on a cluster stays readable by the group / others when the umask says so
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
-    return Path(tmp)
-
-
-def remove_stale_temporaries(directory: PathLike) -> int:
-    """Delete the temporary files that a killed :func:`atomic_write` left in ``directory`` (not recursive).
-
-    Call it only while holding the directory's lock (:func:`softalign.locking.directory_lock`): a live writer's
-    temporary file would be removed too. Returns how many were removed.
-    """
-    removed = 0
-    directory = Path(directory)
-    if not directory.is_dir():
-        return 0
-    for p in directory.glob(f".*{TMP_SUFFIX}"):
-        if p.is_file():
-            try:
-                p.unlink()
-                removed += 1
-            except OSError:  # pragma: no cover - e.g. a read-only directory: harmless leftovers
-                pass
-    return removed
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then move ``tmp_path`` onto ``path`` atomically (tmp removed on error)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp.exists():
-            tmp.unlink()
-        if isinstance(err, OSError) and err.errno is not None:  # name the file being written, not its temporary
-            raise type(err)(err.errno, err.strerror, str(path)) from None
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """``path`` <- ``text`` (UTF-8) through :func:`atomic_write`: readers see the old or the new file."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: PathLike, obj) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-
-    atomic_write(path, write)
-
-
-def atomic_save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
-                        metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` to a temporary file, then atomically into place."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    # serialised in memory, then written by Python: a full disk is an OSError (ENOSPC) naming the file, not a
-    # SafetensorError from inside the writer
-    blob = save(tensors, metadata=metadata)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
-
-
-def file_sha256(path: PathLike, block: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes, read in blocks (bounded memory)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+# the generic writers live on the ground floor; re-exported here for the cache code and older imports
+from softalign.io import (  # noqa: E402,F401
+    TMP_SUFFIX,
+    atomic_save_tensors,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    load_tensors,
+    remove_stale_temporaries,
+)
 
 
 def write_safetensors_streamed(

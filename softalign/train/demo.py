@@ -215,7 +215,7 @@ def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    from softalign.teachers.storage import atomic_write
+    from softalign.io import atomic_write
 
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -240,8 +240,8 @@ def _run(args) -> int:
     from tqdm.auto import tqdm
 
     from softalign.data.demo import TWEMOJI_CREDIT, build_demo_data
+    from softalign.io import atomic_write_text
     from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
-    from softalign.teachers.storage import atomic_write_text
     from softalign.train.feature_student import FeatureStudentConfig, mean_share, train_feature_student
 
     t0 = time.time()

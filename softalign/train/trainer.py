@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from softalign.data.base import RetrievalData
-from softalign.teachers.storage import atomic_write_text
+from softalign.io import atomic_write_text
 from softalign.train.recipe import Recipe
 
 CHECKPOINT = "last.pt"
@@ -199,7 +199,7 @@ def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, reci
     """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}``."""
     import io
 
-    from softalign.teachers.storage import atomic_write
+    from softalign.io import atomic_write
 
     obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
            "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab}
@@ -224,7 +224,7 @@ def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text
     """Test-split embeddings in the format ``softalign eval --embeddings`` reads (``image``, ``text``,
     ``caption_to_image``, ``image_labels``, ``text_labels``); ``image_uni`` / ``text_uni``: the uni-modal
     (USA head) embeddings, stored as extra keys of the same names when given."""
-    from softalign.teachers.storage import atomic_save_tensors
+    from softalign.io import atomic_save_tensors
 
     tensors = {"image": image.float(), "text": text.float(),
                "caption_to_image": torch.as_tensor(data.caption_to_image, dtype=torch.long)}
