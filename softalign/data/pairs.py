@@ -24,8 +24,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageTransform:
     """PIL / path -> normalised float tensor ``[3, size, size]`` (no torchvision needed).
 
-    Transparent images are composited over white (:func:`softalign.teachers.preprocess.to_rgb`); ``augment``
-    adds a random horizontal flip and a small random resized crop (scale 0.8-1), as VSE++-style training does.
+    ``augment`` adds a random horizontal flip and a small random crop (scale 0.8-1), as VSE++-style training does,
+    in front of the shared pipeline :class:`softalign.images.ImagePreprocessing` (shorter side to ``size``, center
+    crop, normalisation; transparent images composited over white).
 
     The augmentation draws from torch's global RNG, which :class:`torch.utils.data.DataLoader` reseeds in every
     worker process for every epoch (``base_seed + worker_id``, ``base_seed`` drawn from the main process's RNG),
@@ -35,16 +36,19 @@ class ImageTransform:
 
     def __init__(self, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  augment: bool = False):
+        from softalign.images import ImagePreprocessing
+
         if int(size) < 1:
             raise ValueError(f"image size must be >= 1, got {size}")
         self.size, self.augment = int(size), bool(augment)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # the shared pipeline (softalign.images): shorter side to `size`, center crop, ImageNet normalisation
+        self.preprocessing = ImagePreprocessing(size=(self.size, self.size), resize_shorter=self.size,
+                                                interpolation="bilinear", mean=tuple(mean), std=tuple(std), scale=1.0)
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
 
-        from softalign.teachers.preprocess import to_rgb
+        from softalign.images import to_rgb
 
         if not isinstance(image, Image.Image):
             with Image.open(image) as im:
@@ -59,9 +63,7 @@ class ImageTransform:
             image = image.crop((x0, y0, x0 + cw, y0 + ch))
             if float(torch.rand(())) < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        image = image.resize((self.size, self.size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-        return (x - self.mean) / self.std
+        return self.preprocessing(image)
 
 
 def _load_image(data: RetrievalData, index: int, transform, cache: torch.Tensor | None):

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from softalign.images import is_pil as _is_pil
+from softalign.images import load_image
+
 
 def validate_captions(captions: Sequence[str]) -> list[str]:
     """Return captions as a list; raises naming the first empty or non-string caption."""
@@ -147,46 +150,6 @@ class ImageSource:
         return f"image {i}"
 
 
-def load_image(x, i: int, resolve=Path):
-    """One image as an RGB PIL image (transparency composited on white, :func:`~.preprocess.to_rgb`).
-
-    ``x`` is a PIL image, a file path (``resolve(x)`` gives the file; e.g. joined to an image root), a
-    binary file object, or an undecoded ``datasets`` ``Image`` value ``{"path": ..., "bytes": ...}``.
-    ``i`` is the image's index, named in every error.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from .preprocess import to_rgb
-
-    if _is_pil(x):
-        return to_rgb(x)
-    if isinstance(x, dict) and ("path" in x or "bytes" in x):  # undecoded datasets Image feature
-        if x.get("bytes"):
-            import io
-
-            x = io.BytesIO(x["bytes"])
-        else:
-            x = x["path"]
-    if isinstance(x, (str, os.PathLike)):
-        p = resolve(x)
-        if not p.is_file():
-            raise FileNotFoundError(f"image {i}: file not found: {p}")
-        try:
-            with Image.open(p) as img:
-                img.load()
-                return to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"image {i}: cannot read {p} as an image ({err})") from None
-    if hasattr(x, "read"):
-        try:
-            with Image.open(x) as img:
-                img.load()
-                return to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"image {i}: cannot decode image bytes ({err})") from None
-    raise TypeError(f"image {i} is a {type(x).__name__}; expected a file path or a PIL.Image")
-
-
 def _file_digest(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()
@@ -196,14 +159,6 @@ def _pil_digest(img) -> str:
     h = hashlib.sha256(f"{img.mode}|{img.size}|".encode())
     h.update(img.tobytes())
     return h.hexdigest()
-
-
-def _is_pil(x) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, Image.Image)
 
 
 def _is_hf_dataset(x) -> bool:
