@@ -234,3 +234,29 @@ def test_non_finite_embeddings_are_refused():
     assert not torch.isfinite(big.sum())
     m = cross_modal_recall(image_emb=big, text_emb=torch.randn(6, 4) * 1e-30, caption_to_image=c2i)
     assert "rsum" in m
+
+
+def test_one_keyword_entry_point_with_protocols_and_bounded_tiles():
+    import warnings
+
+    from softalign.eval import cross_modal_recall, evaluate_coco
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.nn.functional.normalize(torch.randn(5000, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(25000, 8, generator=g), dim=1)
+    c2i = torch.arange(25000) // 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the entry point itself warns about nothing
+        m1k = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, protocol="coco1k")
+        m5k = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, protocol="coco5k")
+        untiled = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, gallery_chunk_size=None)
+    assert len(m1k["folds"]) == 5 and m1k["rsum"] == pytest.approx(np.mean([f["rsum"] for f in m1k["folds"]]))
+    assert {k: m5k[k] for k in untiled} == untiled  # the default gallery tiles change no number
+    with pytest.warns(FutureWarning, match="evaluate_coco is deprecated"):
+        old = evaluate_coco(img, txt, c2i, protocol="coco5k")
+    assert old == m5k
+    with pytest.warns(FutureWarning, match="positional inputs are deprecated"):
+        pos = cross_modal_recall(img, txt, c2i)
+    assert pos == untiled
+    with pytest.raises(ValueError, match="return_ranks needs protocol='plain'"):
+        cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, protocol="coco1k", return_ranks=True)

@@ -178,7 +178,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     import torch
 
     from softalign.eval.crossmodal import cross_modal_recall, recall_curve
-    from softalign.eval.protocols import evaluate_protocol, protocol_recall_curve
+    from softalign.eval.protocols import protocol_recall_curve
     from softalign.eval.unimodal import unimodal_retrieval
 
     img, txt = data["image"].float(), data["text"].float()
@@ -194,7 +194,8 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
         curve = {"k": ck, "i2t": recall_curve(i2t, ck), "t2i": recall_curve(t2i, ck),
                  "gallery": f"all {img.shape[0]} images x {txt.shape[0]} captions (plain)"}
     else:
-        m = evaluate_protocol(protocol, image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size)
+        m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, protocol=protocol, ks=ks,
+                               chunk_size=chunk_size)
         # measured like the metrics: the fold mean for coco1k, not the whole 5K gallery
         curve = protocol_recall_curve(protocol, img, txt, c2i, CURVE_KS, chunk_size=chunk_size)
     metrics.update(m)

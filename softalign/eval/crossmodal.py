@@ -25,6 +25,7 @@ directions, so i2t and t2i always see the same matrix.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -184,14 +185,33 @@ def _is_index_vector(x: Any) -> bool:
     return False
 
 
-def _positional(sims, image_emb, text_emb, caption_to_image):
-    """Accept the positional forms ``f(S, c2i)`` and ``f(image_emb, text_emb, c2i)``."""
-    if caption_to_image is None:
-        if sims is not None and image_emb is not None and text_emb is not None and _is_index_vector(text_emb):
-            return None, sims, image_emb, text_emb
-        if sims is not None and image_emb is not None and text_emb is None and _is_index_vector(image_emb):
-            return sims, None, None, image_emb
-    return sims, image_emb, text_emb, caption_to_image
+#: captions per score tile by default: tiles are chunk_size images x this many captions, so memory is bounded
+#: whatever the gallery (512 x 8192 fp32 = 16 MB per tile, instead of 512 x all captions: 511 MB at 100K captions)
+DEFAULT_GALLERY_CHUNK = 8192
+
+_DATA = ("sims", "image_emb", "text_emb", "caption_to_image")
+
+
+def _deprecated_positional(fn: str, args: tuple, given: dict, order: Sequence[str]) -> dict:
+    """Map positional inputs (deprecated) onto keywords, warning once per call: the data arguments are keyword-only
+    so that nothing is guessed from an argument's type."""
+    warnings.warn(f"{fn}: positional inputs are deprecated and will be refused; pass them by name "
+                  f"({fn}(image_emb=..., text_emb=..., caption_to_image=...) or sims=..., scorer=...)", FutureWarning,
+                  stacklevel=3)
+    mapped = dict(given)
+    if len(args) == 2 and _is_index_vector(args[1]):  # the old f(S, c2i)
+        names: Sequence[str] = ("sims", "caption_to_image")
+    elif len(args) == 3 and _is_index_vector(args[2]):  # the old f(image_emb, text_emb, c2i)
+        names = ("image_emb", "text_emb", "caption_to_image")
+    else:
+        names = order
+    if len(args) > len(names):
+        raise TypeError(f"{fn} takes at most {len(names)} positional arguments, got {len(args)}")
+    for name, value in zip(names, args):
+        if mapped.get(name) is not None:
+            raise TypeError(f"{fn} got {name} both by position and by name")
+        mapped[name] = value
+    return mapped
 
 
 # ---------------------------------------------------------------------------------- rank engine
@@ -224,15 +244,15 @@ def _tiles(n_images: int, order: Tensor, cap_start: Tensor, chunk: int, gchunk: 
 
 
 def cross_modal_ranks(
+    *args: Any,
     sims: Any | None = None,
     image_emb: Any | None = None,
     text_emb: Any | None = None,
     caption_to_image: Any | None = None,
-    *,
     scorer: Callable | None = None,
     num_images: int | None = None,
     chunk_size: int | None = 512,
-    gallery_chunk_size: int | None = None,
+    gallery_chunk_size: int | None = DEFAULT_GALLERY_CHUNK,
     ties: str = "optimistic",
 ) -> RankResult:
     """0-based i2t / t2i ranks (see module docstring for the definitions and the tie rule).
@@ -242,11 +262,15 @@ def cross_modal_ranks(
     returning a [a, b] score block, called as ``scorer(image_idx, caption_idx)`` (LongTensors of
     global indices; pass ``num_images``) or, when ``image_emb``/``text_emb`` are also given (any
     indexable: tensors, arrays, lists of features), as ``scorer(images_chunk, texts_chunk)``.
-    ``chunk_size`` images x ``gallery_chunk_size`` captions bounds each tile (None: no bound).
+    ``chunk_size`` images x ``gallery_chunk_size`` captions bounds each tile (default 512 x 8192; None: no bound).
+    The inputs are keyword-only (positional ones still work, with a FutureWarning).
     """
+    if args:
+        d = _deprecated_positional("cross_modal_ranks", args, dict(sims=sims, image_emb=image_emb, text_emb=text_emb,
+                                                                    caption_to_image=caption_to_image), _DATA)
+        sims, image_emb, text_emb, caption_to_image = (d[k] for k in _DATA)
     if ties not in ("optimistic", "pessimistic"):
         raise ValueError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
-    sims, image_emb, text_emb, caption_to_image = _positional(sims, image_emb, text_emb, caption_to_image)
     if caption_to_image is None:
         raise ValueError("caption_to_image is required (LongTensor [N_captions] of image indices)")
     block_fn, n_img, n_txt, what = _make_block_fn(sims, image_emb, text_emb, scorer)
@@ -362,39 +386,60 @@ def recall_curve(ranks: Any, ks: Sequence[int]) -> list:
 
 
 def cross_modal_recall(
+    *args: Any,
     sims: Any | None = None,
     image_emb: Any | None = None,
     text_emb: Any | None = None,
     caption_to_image: Any | None = None,
+    protocol: str = "plain",
     ks: Sequence[int] = DEFAULT_KS,
     scorer: Callable | None = None,
-    chunk_size: int | None = 512,
-    *,
-    gallery_chunk_size: int | None = None,
     num_images: int | None = None,
+    chunk_size: int | None = 512,
+    gallery_chunk_size: int | None = DEFAULT_GALLERY_CHUNK,
     ties: str = "optimistic",
     return_ranks: bool = False,
 ) -> dict[str, Any]:
-    """i2t and t2i R@K, medr, meanr and rsum (VSE++ definitions; see the module docstring).
+    """i2t and t2i R@K, medr, meanr and rsum (VSE++ definitions; see the module docstring): the one entry point of
+    cross-modal evaluation.
 
-    Returns ``{"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", ..., "rsum"}``
-    (one ``r{K}`` per K in ``ks``); with ``return_ranks=True`` also ``"i2t_ranks"`` /
-    ``"t2i_ranks"`` (0-based LongTensors). Any number of captions per image is supported via
-    ``caption_to_image`` (LongTensor [N_captions]). Positional forms ``cross_modal_recall(S, c2i)``
-    and ``cross_modal_recall(image_emb, text_emb, c2i)`` are accepted.
+    Inputs, by name: ``sims`` ``[N_images, N_captions]``; or ``image_emb`` ``[Ni, D]`` + ``text_emb`` ``[Nt, D]``
+    (dot products: normalise first for cosine); or ``scorer`` (see :func:`cross_modal_ranks`), plus
+    ``caption_to_image`` (LongTensor ``[N_captions]``, any number of captions per image).
+
+    ``protocol``: ``"plain"`` (the inputs as given), ``"coco1k"`` (mean over 5 folds of 1,000 images), ``"coco5k"``,
+    ``"coco"`` (both, keys prefixed ``coco1k/`` and ``coco5k/``) or ``"f30k"`` (:mod:`softalign.eval.protocols`).
+
+    Returns ``{"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", ..., "rsum"}`` (one ``r{K}`` per K
+    in ``ks``); with ``return_ranks=True`` (plain protocol) also ``"i2t_ranks"`` / ``"t2i_ranks"`` (0-based). Scores
+    are computed in tiles of ``chunk_size`` images x ``gallery_chunk_size`` captions, so memory is bounded by
+    default whatever the gallery size.
     """
+    if args:
+        d = _deprecated_positional("cross_modal_recall", args, dict(sims=sims, image_emb=image_emb, text_emb=text_emb,
+                                                                     caption_to_image=caption_to_image),
+                                   (*_DATA, "ks", "scorer", "chunk_size"))
+        sims, image_emb, text_emb, caption_to_image = (d[k] for k in _DATA)
+        ks, scorer, chunk_size = d.get("ks", ks), d.get("scorer", scorer), d.get("chunk_size", chunk_size)
+    kw = dict(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image, ks=ks,
+              scorer=scorer, num_images=num_images, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size,
+              ties=ties)
+    if protocol != "plain":
+        if return_ranks:
+            raise ValueError(f"return_ranks needs protocol='plain' (protocol {protocol!r} averages folds)")
+        from softalign.eval.protocols import protocol_metrics
+
+        return protocol_metrics(protocol, **kw)
+    return _plain_recall(**kw, return_ranks=return_ranks)
+
+
+def _plain_recall(*, sims=None, image_emb=None, text_emb=None, caption_to_image=None, ks=DEFAULT_KS, scorer=None,
+                  num_images=None, chunk_size=512, gallery_chunk_size=DEFAULT_GALLERY_CHUNK, ties="optimistic",
+                  return_ranks: bool = False) -> dict[str, Any]:
     ks = _check_ks(ks)
-    rr = cross_modal_ranks(
-        sims,
-        image_emb,
-        text_emb,
-        caption_to_image,
-        scorer=scorer,
-        num_images=num_images,
-        chunk_size=chunk_size,
-        gallery_chunk_size=gallery_chunk_size,
-        ties=ties,
-    )
+    rr = cross_modal_ranks(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image,
+                           scorer=scorer, num_images=num_images, chunk_size=chunk_size,
+                           gallery_chunk_size=gallery_chunk_size, ties=ties)
     out: dict[str, Any] = {}
     out.update(metrics_from_ranks(rr.i2t, ks, "i2t_"))
     out.update(metrics_from_ranks(rr.t2i, ks, "t2i_"))

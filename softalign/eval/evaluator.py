@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from softalign.eval.crossmodal import DEFAULT_KS, _as_tensor, check_caption_to_image
-from softalign.eval.protocols import evaluate_protocol
+from softalign.eval.crossmodal import DEFAULT_KS, _as_tensor, check_caption_to_image, cross_modal_recall
 
 __all__ = ["RetrievalEvaluator", "encode_with_model"]
 
@@ -117,10 +116,8 @@ class RetrievalEvaluator:
         if self.normalize:
             img = torch.nn.functional.normalize(img, dim=-1)
             txt = torch.nn.functional.normalize(txt, dim=-1)
-        m = evaluate_protocol(
-            self.protocol, image_emb=img, text_emb=txt, caption_to_image=self.caption_to_image,
-            ks=self.ks, chunk_size=self.chunk_size,
-        )
+        m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=self.caption_to_image,
+                               protocol=self.protocol, ks=self.ks, chunk_size=self.chunk_size)
         metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if self.image_labels is not None or self.text_labels is not None:
             from softalign.eval.unimodal import unimodal_retrieval

@@ -13,6 +13,7 @@ A fold takes images ``[f * 1000, (f + 1) * 1000)`` and every caption whose image
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,12 +21,13 @@ import numpy as np
 import torch
 
 from softalign.eval.crossmodal import (
+    DEFAULT_GALLERY_CHUNK,
     DEFAULT_KS,
     _as_tensor,
+    _plain_recall,
     _take,
     check_caption_to_image,
     cross_modal_ranks,
-    cross_modal_recall,
     recall_curve,
 )
 
@@ -37,7 +39,14 @@ PROTOCOLS = {
     "plain": (None, 1),
 }
 
-__all__ = ["PROTOCOLS", "evaluate_coco", "evaluate_protocol", "fold_metrics", "protocol_recall_curve"]
+__all__ = ["PROTOCOLS", "protocol_metrics", "protocol_recall_curve", "evaluate_coco", "evaluate_protocol",
+           "fold_metrics"]
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(f"softalign.eval.{name} is deprecated: use cross_modal_recall(image_emb=..., text_emb=..., "
+                  "caption_to_image=..., protocol=...), the one entry point of cross-modal evaluation",
+                  FutureWarning, stacklevel=3)
 
 
 def _num_images(sims, image_emb, num_images):
@@ -67,20 +76,10 @@ def _check_size(protocol: str, n_img: int) -> None:
         )
 
 
-def fold_metrics(
-    n_folds: int,
-    sims: Any | None = None,
-    image_emb: Any | None = None,
-    text_emb: Any | None = None,
-    caption_to_image: Any | None = None,
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    scorer: Callable | None = None,
-    num_images: int | None = None,
-    chunk_size: int | None = 512,
-    gallery_chunk_size: int | None = None,
-    ties: str = "optimistic",
-) -> dict[str, Any]:
+def _fold_metrics(n_folds: int, *, sims=None, image_emb=None, text_emb=None, caption_to_image=None,
+                  ks: Sequence[int] = DEFAULT_KS, scorer: Callable | None = None, num_images: int | None = None,
+                  chunk_size: int | None = 512, gallery_chunk_size: int | None = DEFAULT_GALLERY_CHUNK,
+                  ties: str = "optimistic") -> dict[str, Any]:
     """Split the images into ``n_folds`` equal consecutive folds, evaluate each fold, average.
 
     Returns the mean metrics plus ``"folds"``: the list of per-fold metric dicts."""
@@ -99,27 +98,23 @@ def fold_metrics(
     if n_folds < 1 or n_img % n_folds != 0:
         raise ValueError(f"cannot split {n_img} images into {n_folds} equal folds")
     size = n_img // n_folds
-    kw = dict(ks=ks, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size, ties=ties)
+    kw: dict[str, Any] = dict(ks=ks, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size, ties=ties)
     if n_folds == 1:  # no copy of the inputs
-        return cross_modal_recall(sims, image_emb, text_emb, c2i_all, scorer=scorer, num_images=num_images, **kw)
+        return _plain_recall(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=c2i_all,
+                             scorer=scorer, num_images=num_images, **kw)
     folds = []
-    for f, (i0, i1, imgs, caps, c2i) in enumerate(_fold_split(c2i_all, size, n_folds)):
+    for _f, (i0, i1, imgs, caps, c2i) in enumerate(_fold_split(c2i_all, size, n_folds)):
         if sims is not None:
             s = _as_tensor(sims, "sims")
-            m = cross_modal_recall(sims=s[i0:i1].index_select(1, caps.to(s.device)), caption_to_image=c2i, **kw)
+            m = _plain_recall(sims=s[i0:i1].index_select(1, caps.to(s.device)), caption_to_image=c2i, **kw)
         elif scorer is not None and image_emb is None:
             def local(ii, cc, _i0=i0, _caps=caps):
                 return scorer(ii + _i0, _caps[cc])
 
-            m = cross_modal_recall(scorer=local, caption_to_image=c2i, num_images=size, **kw)
+            m = _plain_recall(scorer=local, caption_to_image=c2i, num_images=size, **kw)
         else:
-            m = cross_modal_recall(
-                image_emb=_take(image_emb, imgs),
-                text_emb=_take(text_emb, caps),
-                caption_to_image=c2i,
-                scorer=scorer,
-                **kw,
-            )
+            m = _plain_recall(image_emb=_take(image_emb, imgs), text_emb=_take(text_emb, caps), caption_to_image=c2i,
+                              scorer=scorer, **kw)
         folds.append(m)
     out: dict[str, Any] = {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}
     if n_folds > 1:
@@ -127,26 +122,36 @@ def fold_metrics(
     return out
 
 
-def evaluate_protocol(
-    protocol: str = "plain",
-    sims: Any | None = None,
-    image_emb: Any | None = None,
-    text_emb: Any | None = None,
-    caption_to_image: Any | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Evaluate under a named protocol (see module docstring). kwargs go to :func:`fold_metrics`."""
+def protocol_metrics(protocol: str, **kwargs: Any) -> dict[str, Any]:
+    """``cross_modal_recall(..., protocol=...)`` for a named protocol (see the module docstring); keyword inputs as
+    :func:`softalign.eval.cross_modal_recall`."""
     if protocol == "coco":
         out: dict[str, Any] = {}
         for p in ("coco1k", "coco5k"):
-            m = evaluate_protocol(p, sims, image_emb, text_emb, caption_to_image, **kwargs)
+            m = protocol_metrics(p, **kwargs)
             out.update({f"{p}/{k}": v for k, v in m.items()})
         return out
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS) + ['coco']}")
     n_folds = PROTOCOLS[protocol][1]
-    _check_size(protocol, _num_images(sims, image_emb, kwargs.get("num_images")))
-    return fold_metrics(n_folds, sims, image_emb, text_emb, caption_to_image, **kwargs)
+    _check_size(protocol, _num_images(kwargs.get("sims"), kwargs.get("image_emb"), kwargs.get("num_images")))
+    return _fold_metrics(n_folds, **kwargs)
+
+
+def fold_metrics(n_folds: int, sims: Any | None = None, image_emb: Any | None = None, text_emb: Any | None = None,
+                 caption_to_image: Any | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Deprecated: ``cross_modal_recall(..., protocol=...)`` covers the standard folds."""
+    _deprecated("fold_metrics")
+    return _fold_metrics(n_folds, sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image,
+                         **kwargs)
+
+
+def evaluate_protocol(protocol: str = "plain", sims: Any | None = None, image_emb: Any | None = None,
+                      text_emb: Any | None = None, caption_to_image: Any | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Deprecated: use ``cross_modal_recall(..., protocol=protocol)``."""
+    _deprecated("evaluate_protocol")
+    return protocol_metrics(protocol, sims=sims, image_emb=image_emb, text_emb=text_emb,
+                            caption_to_image=caption_to_image, **kwargs)
 
 
 def protocol_recall_curve(
@@ -210,7 +215,7 @@ def evaluate_coco(
     sims: Any | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """COCO / Flickr30K evaluation: ``protocol`` in ``coco1k`` (5-fold mean), ``coco5k``,
-    ``coco`` (both), ``f30k`` or ``plain``. Keyword arguments (``ks``, ``scorer``, ``chunk_size``,
-    ``gallery_chunk_size``, ``num_images``, ``ties``) go to :func:`cross_modal_recall`."""
-    return evaluate_protocol(protocol, sims, image_emb, text_emb, caption_to_image, **kwargs)
+    """Deprecated: use ``cross_modal_recall(image_emb=..., text_emb=..., caption_to_image=..., protocol=...)``."""
+    _deprecated("evaluate_coco")
+    return protocol_metrics(protocol, sims=sims, image_emb=image_emb, text_emb=text_emb,
+                            caption_to_image=caption_to_image, **kwargs)
