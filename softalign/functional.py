@@ -278,8 +278,8 @@ def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor
 
 def cross_modal_soft_label_alignment(
     scores: torch.Tensor,
-    teacher_image_sim: torch.Tensor,
-    teacher_text_sim: torch.Tensor,
+    teacher_image_sim: torch.Tensor | None,
+    teacher_text_sim: torch.Tensor | None,
     temperature: Number | tuple[Number, Number] = 0.45,
     teacher_temperature: Number | tuple[Number, Number] = 1.0,
     mode: str = "each",
@@ -301,6 +301,8 @@ def cross_modal_soft_label_alignment(
     b = scores.shape[0]
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
     if targets is None:
+        if teacher_image_sim is None or teacher_text_sim is None:
+            raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (softalign.functional.soft_labels)")
         teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
         teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
         s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
@@ -314,8 +316,8 @@ def cross_modal_soft_label_alignment(
 def uni_modal_soft_label_alignment(
     student_image_sim: torch.Tensor,
     student_text_sim: torch.Tensor,
-    teacher_image_sim: torch.Tensor,
-    teacher_text_sim: torch.Tensor,
+    teacher_image_sim: torch.Tensor | None,
+    teacher_text_sim: torch.Tensor | None,
     temperature: Number | tuple[Number, Number] = 0.45,
     teacher_temperature: Number | tuple[Number, Number] = 1.0,
     *,
@@ -335,6 +337,8 @@ def uni_modal_soft_label_alignment(
     student_text_sim = check_square_pair(student_text_sim, "student_text_sim", b, validate)
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
     if targets is None:
+        if teacher_image_sim is None or teacher_text_sim is None:
+            raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (softalign.functional.soft_labels)")
         teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
         teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
         s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2

@@ -40,8 +40,8 @@ class ImagePreprocessing:
     size: tuple[int, int] = (224, 224)
     resize_shorter: int = 256
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
-    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    mean: tuple[float, ...] = (127.0, 127.0, 127.0)
+    std: tuple[float, ...] = (128.0, 128.0, 128.0)
     scale: float = 255.0
     color: str = "RGB (alpha composited on white)"
     steps: list[str] = field(default_factory=lambda: ["resize_shorter", "center_crop", "normalize"])

@@ -62,7 +62,7 @@ def remove_stale_temporaries(directory: PathLike) -> int:
     return removed
 
 
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` then move ``tmp_path`` onto ``path`` atomically (tmp removed on error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,9 @@ class RetrievalData:
 
     captions: list[str]
     images: Any
-    caption_to_image: np.ndarray
-    image_labels: np.ndarray | None = None
-    text_labels: np.ndarray | None = None
+    caption_to_image: Any  # array-like of ints; stored as an int64 np.ndarray
+    image_labels: Any = None  # array-like of ints or None; stored as np.ndarray
+    text_labels: Any = None
     label_names: list[str] | None = None
     name: str = "data"
     split: str = "train"

@@ -74,7 +74,8 @@ def from_hf_dataset(
         if col is not None and col not in cols:
             raise ValueError(f"{what} column {col!r} not in the dataset (columns: {cols})")
 
-    captions, c2i = [], []
+    captions: list[str] = []
+    c2i: list[int] = []
     for i, value in enumerate(dataset[caption_column]):
         sents = [value] if isinstance(value, str) else list(value or [])
         sents = [s["raw"] if isinstance(s, dict) else s for s in sents]

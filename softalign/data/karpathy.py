@@ -51,7 +51,9 @@ def load_karpathy(
         raise ValueError(f"{json_path}: expected a JSON object with an 'images' list (Karpathy format)")
     wanted: Sequence[str] = ("train", "restval") if (split == "train" and restval_in_train) else (split,)
 
-    captions, images, c2i = [], [], []
+    captions: list[str] = []
+    images: list[str] = []
+    c2i: list[int] = []
     for n, entry in enumerate(meta["images"]):
         if entry.get("split") not in wanted:
             continue

@@ -62,7 +62,7 @@ class ImageTransform:
             y0 = int(torch.randint(0, h - ch + 1, ()))
             image = image.crop((x0, y0, x0 + cw, y0 + ch))
             if float(torch.rand(())) < 0.5:
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.preprocessing(image)
 
 

@@ -105,7 +105,7 @@ def _take(x: Any, idx: Tensor) -> Any:
     return [x[int(i)] for i in idx]
 
 
-def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[BlockFn, int, int, str]:
+def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[Any, int | None, int | None, str]:
     """Return (block(image_idx, caption_idx) -> [a, b] float tensor, N_images, N_captions, label)."""
     if scorer is not None:
         if sims is not None:
@@ -139,7 +139,7 @@ def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[BlockFn, int, int
         def block(ii, cc):
             return s.index_select(0, ii.to(s.device)).index_select(1, cc.to(s.device))
 
-        block.by_range = lambda a0, a1, p0, p1: s[a0:a1, p0:p1]  # a view, no copy
+        setattr(block, "by_range", lambda a0, a1, p0, p1: s[a0:a1, p0:p1])  # a view, no copy  # noqa: B010
         return block, s.shape[0], s.shape[1], "sims"
     if image_emb is None or text_emb is None:
         raise ValueError("pass sims, or image_emb and text_emb, or a scorer")
@@ -159,10 +159,10 @@ def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[BlockFn, int, int
         tx = tx.to(im.dtype)
     tx = tx.to(im.device)
 
-    def block(ii, cc):
+    def emb_block(ii, cc):
         return im.index_select(0, ii.to(im.device)) @ tx.index_select(0, cc.to(im.device)).T
 
-    block.by_range = lambda a0, a1, p0, p1: im[a0:a1] @ tx[p0:p1].T
+    setattr(emb_block, "by_range", lambda a0, a1, p0, p1: im[a0:a1] @ tx[p0:p1].T)  # noqa: B010
 
     for t, name in ((im, "image_emb"), (tx, "text_emb")):
         # fast path: a sum is finite only if every entry is (NaN/inf propagate); else look closer
@@ -172,9 +172,9 @@ def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[BlockFn, int, int
     # with finite inputs a dot product can only become NaN through overflow (inf - inf); when the
     # bound below rules that out the per-tile NaN scan is skipped
     bound = float(im.abs().max()) * float(tx.abs().max()) * im.shape[1] if im.numel() and tx.numel() else 0.0
-    block.may_be_nan = not bound < torch.finfo(im.dtype).max / 2
+    setattr(emb_block, "may_be_nan", not bound < torch.finfo(im.dtype).max / 2)  # noqa: B010
 
-    return block, im.shape[0], tx.shape[0], "embeddings"
+    return emb_block, im.shape[0], tx.shape[0], "embeddings"
 
 
 def _is_index_vector(x: Any) -> bool:
@@ -302,9 +302,10 @@ def cross_modal_ranks(
 
     # accumulators live on the device of the first score tile (GPU tiles are counted on the GPU)
     dev = None
-    i2t_best = None  # [Ni] best positive score per image
-    t2i_pos = None  # [Nt] positive score per caption (indexed by sorted position)
-    i2t_rank = t2i_rank = None  # t2i_rank by sorted position
+    i2t_best: Any = None  # [Ni] best positive score per image
+    t2i_pos: Any = None  # [Nt] positive score per caption (indexed by sorted position)
+    i2t_rank: Any = None
+    t2i_rank: Any = None  # by sorted position
     strict = ties == "optimistic"
     check_nan = getattr(block_fn, "may_be_nan", True)
 

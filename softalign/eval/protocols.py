@@ -192,11 +192,11 @@ def protocol_recall_curve(
         raise ValueError(f"cannot split {n_img} images into {n_folds} equal folds")
     size = n_img // n_folds
     curves = []
-    k_max = None
+    k_max = n_img + len(text_emb)
     for _, _, imgs, caps, c2i in _fold_split(c2i_all, size, n_folds):
         rr = cross_modal_ranks(image_emb=_take(image_emb, imgs), text_emb=_take(text_emb, caps), caption_to_image=c2i,
                                chunk_size=chunk_size)
-        k_max = max(size, caps.numel()) if k_max is None else min(k_max, max(size, caps.numel()))
+        k_max = min(k_max, max(size, caps.numel()))
         curves.append((rr.i2t, rr.t2i))
     kept = [k for k in ks if k <= k_max]
     i2t = np.mean([recall_curve(a, kept) for a, _ in curves], axis=0).tolist() if kept else []

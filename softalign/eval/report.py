@@ -77,7 +77,7 @@ def comparison_table(runs: Mapping[str, Mapping[str, Any]], baseline: str | None
     for k in keys:
         row = [k] + [_fmt(cols[n][k]) if k in cols[n] else "" for n in names]
         if show_delta:
-            a, b = cols[last].get(k), cols[baseline].get(k)
+            a, b = cols[last].get(k), cols[str(baseline)].get(k)
             row.append(f"{a - b:+.2f}" if a is not None and b is not None else "")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -146,7 +146,7 @@ class SoftAlignHook:
         elif self.image_ids_fn is not None:
             out = as_ids(self.image_ids_fn(ids), device, "image_ids(ids)")
         else:
-            out = torch.div(ids, self.captions_per_image, rounding_mode="floor")
+            out = torch.div(ids, int(self.captions_per_image or 1), rounding_mode="floor")
         if out.shape != ids.shape:
             raise ValueError(f"the caption->image map returned shape {tuple(out.shape)} for "
                              f"{tuple(ids.shape)} caption ids; expected one image id per caption")
@@ -318,19 +318,23 @@ class PatchRecord:
             except Exception as err:  # noqa: BLE001 - collected and re-raised below
                 errors.append(err)
 
-        for name, old in list(self.saved.items()):
+        def put_back(name: str, old: Any) -> None:
             if old is _MISSING:
-                attempt(lambda name=name: self.obj.__dict__.pop(name, None))
+                self.obj.__dict__.pop(name, None)
             else:
-                attempt(lambda name=name, old=old: setattr(self.obj, name, old))
+                setattr(self.obj, name, old)
+
+        for name, old in list(self.saved.items()):
+            attempt(functools.partial(put_back, name, old))
         self.saved.clear()
         while self.undo:
             attempt(self.undo.pop())
         attempt(lambda: self.hook.unregister(self.optimizer))
         if optimizer is not None and optimizer is not self.optimizer:
             attempt(lambda: self.hook.unregister(optimizer))
-        if self.submodule is not None and isinstance(self.obj, nn.Module):
-            attempt(lambda: delattr(self.obj, self.submodule))
+        submodule = self.submodule
+        if submodule is not None and isinstance(self.obj, nn.Module):
+            attempt(lambda: delattr(self.obj, submodule))
             self.submodule = None
         if errors:
             raise errors[0]
@@ -353,9 +357,10 @@ def get_record(obj: Any, kind: str | None = None) -> PatchRecord | None:
 
 
 def new_record(obj: Any, hook: SoftAlignHook, kind: str) -> PatchRecord:
-    if get_record(obj) is not None:
+    existing = get_record(obj)
+    if existing is not None:
         raise ValueError(f"{type(obj).__name__} is already patched by softalign.integrations."
-                         f"{get_record(obj).kind}; call unpatch(model) first")
+                         f"{existing.kind}; call unpatch(model) first")
     record = PatchRecord(obj, hook, kind)
     obj.__dict__[PATCH_ATTR] = record
     return record
@@ -427,11 +432,11 @@ def log_values(obj: Any, logger_attr: str | None, values: Mapping[str, torch.Ten
         for name, value in values.items():
             update(name, float(value.detach()), n)
         if hook is not None:
-            for name, value in hook.gradient_share_values().items():
-                update(name, value, 1)
+            for name, share in hook.gradient_share_values().items():
+                update(name, share, 1)
 
 
-def match_criterion_hinge(loss: nn.Module, criterion: Any, trainer: str, *, adopt: bool = True,
+def match_criterion_hinge(loss: Any, criterion: Any, trainer: str, *, adopt: bool = True,
                           stacklevel: int = 3) -> Callable[[], None] | None:
     """Make the hinge that replaces a trainer's criterion use that criterion's ``margin`` and ``max_violation``.
 

@@ -190,6 +190,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                             cmc_intra_margin=cmc_intra_margin, gather=gather, return_parts=return_parts,
                             diagnostics_every=diagnostics_every)
 
+        self.base: nn.Module | None
         if isinstance(base, nn.Module):
             self.base = base
         elif base in ("vsepp", "vsepp_sum"):
@@ -201,7 +202,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             self.base = None
         else:
             raise ValueError(f"base must be one of {BASES} or an nn.Module, got {base!r}")
-        fixed_tau = 1.0 if auto_tau else teacher_temperature  # placeholder until calibrate() sets the values
+        # placeholder until calibrate() sets the values
+        fixed_tau: float | tuple[float, float] = 1.0 if isinstance(teacher_temperature, str) else teacher_temperature
         self.csa = CSALoss(csa_mode, csa_temperature, learn_temperature=learn_temperatures,
                            teacher_temperature=fixed_tau, similarity=self.similarity) if alpha > 0 else None
         self.usa = USALoss(embed_dim, usa_temperature, learn_temperature=learn_temperatures,
@@ -233,7 +235,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         """Constructor options (sentence-transformers convention), with the miner's own config if any; after
         calibration ``teacher_temperature`` holds the calibrated ``(image, text)`` values and ``calibration`` how
         they were chosen; ``alpha`` / ``beta`` are the resolved weights."""
-        cfg = dict(self._config)
+        cfg: dict[str, Any] = dict(self._config)
         cfg["alpha"], cfg["beta"] = self.alpha, self.beta
         cfg["soft_label_reduction"] = self.soft_label_reduction
         if isinstance(self.base, VSEHingeLoss) and cfg["base"] in ("vsepp", "vsepp_sum"):
@@ -348,6 +350,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             feats = (feat_img, feat_txt, dist_utils.all_gather_with_grad(feat_img, sizes),
                      dist_utils.all_gather_with_grad(feat_txt, sizes))
         ids_g = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
+        image_ids_l: torch.Tensor | None
+        image_ids_g: torch.Tensor | None
         if image_ids is not None:
             image_ids_l = torch.as_tensor(image_ids).to(device)
             if image_ids_l.shape != (b,):
@@ -358,7 +362,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             image_ids_l = image_ids_g[offset: offset + b]
         else:
             image_ids_l = image_ids_g = None
-        teacher = None
+        teacher: tuple[torch.Tensor, ...] | None = None
         if self._needs_teacher():
             if e_img is not None or e_txt is not None:
                 if e_img is None or e_txt is None:
@@ -425,7 +429,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         from softalign.losses.diagnostics import gradient_shares, warn_if_soft_terms_silent
 
         w = self._weights()
-        terms = {k: w[k] * out[k] for k in ("base", "csa", "usa", "cmc") if k in out}
+        terms: dict[str, torch.Tensor] = {k: w[k] * out[k] for k in ("base", "csa", "usa", "cmc") if k in out}
         self.gradient_shares = gradient_shares(terms, inputs)
         if not self._warned_low_share:
             self._warned_low_share = warn_if_soft_terms_silent(self.gradient_shares, self._config_summary())
@@ -551,25 +555,24 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         soft_scale = float(batch) if self.soft_label_reduction == "sum" else 1.0
         usa_targets = self.usa.soft_labels(t_img, t_txt) if self.usa is not None else None
         if self.csa is not None:
-            shared = (usa_targets is not None and self.csa.mode == "each"
-                      and self.csa.teacher_temperature is self.usa.teacher_temperature
-                      and self.csa.text_teacher_temperature is self.usa.text_teacher_temperature)
-            csa_targets = usa_targets if shared else self.csa.soft_labels(t_img, t_txt)
+            same_tau = (self.usa is not None and self.csa.mode == "each"
+                        and self.csa.teacher_temperature is self.usa.teacher_temperature
+                        and self.csa.text_teacher_temperature is self.usa.text_teacher_temperature)
+            csa_targets = usa_targets if (same_tau and usa_targets is not None) else self.csa.soft_labels(t_img, t_txt)
             parts["csa"] = soft_scale * self.csa(scores=scores, targets=csa_targets)
         image_sim, text_sim = uni if uni is not None else (None, None)
         if self.usa is not None:
             u_img, u_txt = usa_in if usa_in is not None else (image_emb, text_emb)
-            shared = uni if (u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
-            parts["usa"] = soft_scale * self.usa(u_img, u_txt, targets=usa_targets, image_sim=shared[0],
-                                                 text_sim=shared[1])
+            s_uni = uni if (uni is not None and u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
+            parts["usa"] = soft_scale * self.usa(u_img, u_txt, targets=usa_targets, image_sim=s_uni[0],
+                                                 text_sim=s_uni[1])
         if self.cmc is not None:
             if isinstance(self.base, VSEHingeLoss):
                 # TGDT's CMC is hinge + intra-modal consistency: on a hinge base the base already is the inter term,
                 # so CMC adds only the intra term (hinge base + gamma 1 CMC == TGDT's CMC)
-                parts["cmc"] = SF.intra_modal_consistency(
-                    *(uni if uni is not None else (SF.cosine_similarity_matrix(image_emb, validate=False),
-                                                   SF.cosine_similarity_matrix(text_emb, validate=False))),
-                    margin=self.cmc.intra_margin, validate=False)
+                s_ii, s_tt = uni if uni is not None else (SF.cosine_similarity_matrix(image_emb, validate=False),
+                                                          SF.cosine_similarity_matrix(text_emb, validate=False))
+                parts["cmc"] = SF.intra_modal_consistency(s_ii, s_tt, margin=self.cmc.intra_margin, validate=False)
             else:
                 parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
                                         teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,

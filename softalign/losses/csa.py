@@ -61,6 +61,8 @@ class CSALoss(ChecksValuesOnce, nn.Module):
         validate = self._take_value_check()
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
         if targets is None:
+            if teacher_image_sim is None or teacher_text_sim is None:
+                raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (the soft labels)")
             b = scores.shape[0]
             t_img = SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
             t_txt = SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)

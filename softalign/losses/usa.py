@@ -19,9 +19,10 @@ class ProjectionHead(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int | None = None):
         out_dim = in_dim if out_dim is None else out_dim
-        super().__init__(nn.LayerNorm(int(in_dim)), nn.Linear(int(in_dim), int(out_dim)))
-        nn.init.normal_(self[1].weight, std=0.02)
-        nn.init.zeros_(self[1].bias)
+        linear = nn.Linear(int(in_dim), int(out_dim))
+        nn.init.normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+        super().__init__(nn.LayerNorm(int(in_dim)), linear)
 
 
 class UniModalHead(ProjectionHead):
@@ -47,6 +48,8 @@ class USALoss(ChecksValuesOnce, nn.Module):
                  temperature_range: tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,
                  teacher_temperature: float | tuple[float, float] = 1.0):
         super().__init__()
+        self.image_head: nn.Module
+        self.text_head: nn.Module
         if embed_dim is None:
             self.image_head, self.text_head = nn.Identity(), nn.Identity()
         else:
@@ -98,6 +101,8 @@ class USALoss(ChecksValuesOnce, nn.Module):
             s_ii, s_tt = self.uni_modal_similarities(image_emb, text_emb)
         if targets is None:
             b = s_ii.shape[0]
+            if teacher_image_sim is None or teacher_text_sim is None:
+                raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (the soft labels)")
             targets = self.soft_labels(SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate),
                                        SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate))
         return self._checked(SF.uni_modal_soft_label_alignment(s_ii, s_tt, None, None,

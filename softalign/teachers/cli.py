@@ -316,7 +316,9 @@ def _read_captions(path: Path, fields=_BUILD_FIELDS) -> tuple[list[str], list | 
         raise ValueError(f"{path}: expected a JSON list of captions or records")
     if all(isinstance(x, str) for x in data):
         return data, None, None
-    captions, refs, ids = [], [], {}
+    captions: list[str] = []
+    refs: list = []
+    ids: dict = {}
     for j, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: record {j} is a {type(rec).__name__}; expected an object with 'caption'")
@@ -344,7 +346,8 @@ def _num_rows(path) -> int:
 
 
 def _refs_to_map(refs: list) -> tuple[list, list[int]]:
-    order, c2i = {}, []
+    order: dict = {}
+    c2i: list[int] = []
     for r in refs:
         key = r if isinstance(r, (str, int)) else str(r)
         if key not in order:
@@ -391,7 +394,7 @@ def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
 def _dataset(args, need_images: bool):
     """-> captions, images (or None), caption->image indices (or None), image root (or None), and for
     import-npy the records' image references (or None; mapped through the feature dict's keys later)."""
-    fields = _BUILD_FIELDS if need_images else _IMPORT_FIELDS
+    fields: tuple[str, ...] = _BUILD_FIELDS if need_images else _IMPORT_FIELDS
     if getattr(args, "image_field", None):
         fields = (args.image_field,)
     captions, refs, images = _read_captions(Path(args.captions), fields) if args.captions else (None, None, None)
@@ -423,11 +426,14 @@ def _dataset(args, need_images: bool):
         if listed is not None:
             images = listed
         else:
+            assert root is not None  # _list_images gives a directory or a list
             images = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in _IMAGE_EXTS)
             if not images:
                 raise ValueError(f"--images {root}: no image files ({', '.join(sorted(_IMAGE_EXTS))}) under it")
     if args.captions_per_image is not None and c2i is not None and len(images) != max(c2i) + 1:
         _groups_map(len(c2i), args.captions_per_image, len(images))  # raises, naming both counts
+    if captions is None:
+        raise ValueError("--captions is required")
     if c2i is None:
         if len(images) == len(captions):
             c2i = list(range(len(captions)))

@@ -64,7 +64,7 @@ def describe_mismatch(stored: dict[str, str], expected) -> str | None:
         if expected == stored.get("dataset"):
             return None
         return f"dataset fingerprint {stored.get('dataset', '?')[:12]}... != expected {expected[:12]}..."
-    diffs = [k for k in ("captions", "caption_to_image", "images")
+    diffs: list[str] = [k for k in ("captions", "caption_to_image", "images")
              if k in expected and k in stored and expected[k] != stored[k]]
     if not diffs and expected.get("dataset", stored.get("dataset")) != stored.get("dataset"):
         diffs = ["dataset"]

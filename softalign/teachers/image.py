@@ -20,6 +20,7 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,8 +47,9 @@ class ImageTeacher:
     """
 
     kind = "image"
-    model: torch.nn.Module
+    model: Any
     preprocessing: ImagePreprocessing
+    dim: int
 
     def __init__(self, name: str, device=None, batch_size: int = 32):
         self.name = name

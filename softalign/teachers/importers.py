@@ -24,6 +24,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,6 +107,7 @@ def find_key(ref, keys) -> object | None:
             return ref
     except TypeError:  # unhashable ref
         return None
+    alt: object
     if _is_int(ref):
         alt = str(int(ref))
     elif isinstance(ref, str) and ref.strip().lstrip("-").isdigit():
@@ -123,7 +125,7 @@ def _dict_to_matrix(d: dict, image_keys: Sequence | None, what: str,
         keys = list(d.keys())
     else:
         keys = []
-        seen = {}
+        seen: dict[Any, int] = {}
         for i, given in enumerate(image_keys):
             k = find_key(given, d)
             if k is None:
@@ -132,8 +134,8 @@ def _dict_to_matrix(d: dict, image_keys: Sequence | None, what: str,
                 raise ValueError(f"{what}: image key {given!r} is listed twice (positions {seen[k]} and {i})")
             seen[k] = i
             keys.append(k)
-    dim = None
-    out = None
+    dim: int | None = None
+    out = np.empty((0, 0), dtype=np.float32)
     for i, k in enumerate(keys):
         v = np.asarray(d[k])
         if v.ndim == 2 and v.shape[0] == 1:

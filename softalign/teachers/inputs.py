@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,8 +50,9 @@ class ImageSource:
     """
 
     def __init__(self, images, image_column: str | None = None, root: str | None = None):
-        self.dataset = None
-        self.column = None
+        self.dataset: Any = None
+        self.column: str | None = None
+        self.items: list[Any] = []
         self.root = Path(root) if root else None
         if _is_hf_dataset(images):
             self.dataset = images
@@ -59,7 +61,6 @@ class ImageSource:
                 raise ValueError(
                     f"image column {self.column!r} not in the dataset (columns: {images.column_names})"
                 )
-            self.items = None
             self.kind = "dataset"
         else:
             if isinstance(images, (str, bytes, os.PathLike)):
@@ -92,7 +93,7 @@ class ImageSource:
         hard link to an image listed already is refused like a repeated path: their captions would otherwise be
         taken as negatives of each other.
         """
-        if self.items is None:
+        if self.dataset is not None:
             return
         seen: dict = {}
         for i, x in enumerate(self.items):
@@ -145,7 +146,7 @@ class ImageSource:
         return h.hexdigest()
 
     def describe(self, i: int) -> str:
-        if self.items is not None and isinstance(self.items[i], (str, os.PathLike)):
+        if self.dataset is None and isinstance(self.items[i], (str, os.PathLike)):
             return f"image {i} ({self._path(self.items[i])})"
         return f"image {i}"
 

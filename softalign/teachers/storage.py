@@ -19,6 +19,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def write_safetensors_streamed(
     dim 0 is the full tensor. The total number of bytes written per tensor is checked against the
     declared shape, so a short or long stream raises instead of producing a corrupt file.
     """
-    header: dict[str, object] = {}
+    header: dict[str, Any] = {}
     offset = 0
     for name, (dtype, shape) in specs.items():
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
@@ -139,6 +140,7 @@ def mmap_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
         if e == b:
             out[name] = torch.empty(shape, dtype=_ST_TO_TORCH[tag])
             continue
+        assert mm is not None  # a non-empty tensor lies in the data section, so the file is longer than the header
         if tag == "BF16":
             raw = np.frombuffer(mm, dtype=np.uint8, count=e - b, offset=start + b).copy()
             out[name] = torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)

@@ -74,15 +74,15 @@ class TextTeacher:
             ) from None
         self.model.eval()
         if max_seq_length is not None:
-            self.model.max_seq_length = int(max_seq_length)
+            self.model.max_seq_length = int(max_seq_length)  # type: ignore[assignment]
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        self.dim = int(get_dim() or 0)
         self.batch_size = int(batch_size)
         self.source = source
         self.config = {
             "kind": self.kind,
             "model": _hub_name(self.name),
-            "max_seq_length": int(self.model.max_seq_length),
+            "max_seq_length": int(self.model.max_seq_length or 0),
             "normalize_embeddings": True,
         }
 

@@ -301,7 +301,8 @@ def _run(args) -> int:
         i2i = mean_std([r["metrics"]["val"].get("i2i_map_at_r", float("nan")) for r in v])[0]
         t2t = mean_std([r["metrics"]["val"].get("t2t_map_at_r", float("nan")) for r in v])[0]
         share = [mean_share(r["gradient_shares"]) for r in v]
-        share_s = f"{100 * np.mean(share):.1f}%" if all(x is not None for x in share) and k != "base" else "-"
+        known = [x for x in share if x is not None]
+        share_s = f"{100 * np.mean(known):.1f}%" if len(known) == len(share) and k != "base" else "-"
         val_lines.append(f"| {k} | {m[0]:.2f} ± {m[1]:.2f} | {d[0]:+.2f} ± {d[1]:.2f} | {i2i:.2f} | {t2t:.2f} | "
                          f"{share_s} |")
     val_md = "\n".join(val_lines) + "\n"

@@ -256,6 +256,8 @@ def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int]
     ``feature_shape`` (per-image feature shape) is needed by ``precomp``.
     """
     ie, te, d = cfg.image_encoder, cfg.text_encoder, int(cfg.embed_dim)
+    image: nn.Module
+    text: nn.Module
     if ie == "small_cnn":
         image = SmallCNN(d, cfg.cnn_width)
     elif ie == "precomp":

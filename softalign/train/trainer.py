@@ -34,7 +34,12 @@ CHECKPOINT = "last.pt"
 # ------------------------------------------------------------------------------------------------ data
 def load_splits(recipe: Recipe) -> tuple[RetrievalData, RetrievalData]:
     """(train, test) :class:`RetrievalData` for ``recipe.data``."""
-    d = recipe.data
+    train, test = _load_splits(recipe)
+    return train, test
+
+
+def _load_splits(recipe: Recipe) -> tuple[RetrievalData, ...]:
+    d: Any = recipe.data  # the schema guarantees the fields each kind needs
     if d.kind == "demo":
         from softalign.data.demo import build_demo_data
 
@@ -346,10 +351,11 @@ def uni_modal_heads(loss_fn) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     usa = getattr(loss_fn, "usa", None)
     if usa is None:
         return None
-    heads = (getattr(usa, "image_head", None), getattr(usa, "text_head", None))
-    if any(h is None or isinstance(h, torch.nn.Identity) for h in heads):
+    image_head, text_head = getattr(usa, "image_head", None), getattr(usa, "text_head", None)
+    if image_head is None or text_head is None or isinstance(image_head, torch.nn.Identity) \
+            or isinstance(text_head, torch.nn.Identity):
         return None
-    return heads
+    return image_head, text_head
 
 
 @torch.no_grad()
@@ -487,7 +493,8 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     model = build_model(recipe.model, train_data.captions, _feature_shape(train_data),
                         vocab_words=ckpt["vocab"] if ckpt is not None else None)
     # CUSA's layout: USA's uni-modal heads take the backbone features, in parallel to the cross-modal heads
-    loss_fn = SoftAlignLoss(embed_dim=model.feature_dims if recipe.loss.use_heads else None, cache=cache,
+    feature_dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
+    loss_fn = SoftAlignLoss(embed_dim=feature_dims, cache=cache,
                             return_parts=True, **recipe.loss.loss_kwargs())
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -496,6 +503,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         # tau_s once from the cache, at the global batch the loss sees (per process when loss.gather is false)
         global_batch = recipe.train.batch_size * (accelerator.num_processes if recipe.loss.gather else 1)
         cal = loss_fn.calibrate(cache, batch_size=global_batch, seed=recipe.seed)
+        assert cal is not None  # the loss has CSA or USA, so it calibrated
         log(f"{recipe.name}: calibrated soft-label temperature tau_s image {cal['image']:.4g}, text "
             f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
     usa_on_features = recipe.loss.use_heads and loss_fn.usa is not None
