@@ -83,7 +83,8 @@ def test_manifest_records_teachers_dtype_fingerprint_and_map(tmp_path, paths):
     assert m["text_teacher"]["name"] == "fake-text" and m["text_teacher"]["dim"] == 8
     assert m["image_teacher"]["name"] == "fake-image" and m["image_teacher"]["dim"] == 6
     assert m["dtype"] == "float16" and m["normalization"] == "l2"
-    assert m["caption_to_image"] == CAPTION_TO_IMAGE
+    assert "caption_to_image" not in m and m["files"]["caption_to_image"]["path"] == "caption_to_image.safetensors"
+    assert TeacherCache.load(tmp_path / "c").caption_to_image.tolist() == CAPTION_TO_IMAGE  # a tensor file
     assert m["fingerprint"] == {**TeacherCache.fingerprint_of(CAPTIONS, paths, CAPTION_TO_IMAGE), "source": "computed"}
     assert not (tmp_path / "c" / ".partial").exists()
 

@@ -256,12 +256,35 @@ def test_same_size_garbage_in_a_table_is_caught_by_its_checksum(built):
 
 
 def test_an_edited_caption_to_image_map_is_refused(built):
-    _edit_manifest(built, lambda m: m.__setitem__("caption_to_image", [0, 1, 0] + m["caption_to_image"][3:]))
+    from softalign.teachers.storage import file_sha256
+
+    path = built / "caption_to_image.safetensors"
+    edited = torch.tensor([0, 1, 0] + CAPTION_TO_IMAGE[3:])
+    save_file({"caption_to_image": edited}, str(path), metadata={"format": "softalign-teacher-cache"})  # same size
+    with pytest.raises(ValueError, match="caption_to_image.safetensors does not match the checksum"):
+        TeacherCache.load(built)
+    # even with the checksum updated (or verify=False), the map no longer matches its fingerprint
+    _edit_manifest(built, lambda m: m["files"]["caption_to_image"].update(bytes=path.stat().st_size,
+                                                                           sha256=file_sha256(path)))
     with pytest.raises(ValueError, match="does not match the map its fingerprint was computed from"):
         TeacherCache.load(built)
-    _edit_manifest(built, lambda m: m["caption_to_image"].__setitem__(4, 99))
+    out_of_range = torch.tensor(CAPTION_TO_IMAGE)
+    out_of_range[4] = 99
+    save_file({"caption_to_image": out_of_range}, str(path))
+    _edit_manifest(built, lambda m: m["files"]["caption_to_image"].update(bytes=path.stat().st_size,
+                                                                           sha256=file_sha256(path)))
     with pytest.raises(ValueError, match=r"caption_to_image\[4\] = 99 is outside the 4 images"):
         TeacherCache.load(built)
+
+
+def test_a_format_1_cache_with_the_map_in_its_manifest_still_loads(built):
+    m = json.loads((built / "manifest.json").read_text())
+    m["version"] = 1
+    m["caption_to_image"] = CAPTION_TO_IMAGE
+    del m["files"]["caption_to_image"]
+    (built / "manifest.json").write_text(json.dumps(m))
+    (built / "caption_to_image.safetensors").unlink()
+    assert TeacherCache.load(built).caption_to_image.tolist() == CAPTION_TO_IMAGE
 
 
 def test_nan_rows_and_edited_dims_are_caught_at_load_naming_cache_and_row(built):

@@ -40,12 +40,15 @@ from .fingerprint import describe_mismatch
 logger = logging.getLogger("softalign.teachers")
 
 FORMAT = "softalign-teacher-cache"
-FORMAT_VERSION = 1
+#: 2: the caption->image map is a tensor file (caption_to_image.safetensors), no longer a JSON list in the manifest
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 #: inside ``.partial/``: the command line of the build, shown by ``cache info`` / load on an unfinished build
 COMMAND_FILE = "command.txt"
 FILES = {"text": "text.safetensors", "image": "image.safetensors"}
+#: the caption->image map: one int64 tensor "caption_to_image" [num_captions]
+MAP_FILE = "caption_to_image.safetensors"
 
 
 class Source:
@@ -281,7 +284,7 @@ def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.
         st.wait()
         if st.is_main:
             manifest_path.unlink()  # first: from now on the directory never looks complete
-            for f in FILES.values():
+            for f in (*FILES.values(), MAP_FILE):
                 if (out / f).exists():
                     (out / f).unlink()
         st.wait()
@@ -379,7 +382,11 @@ def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.
             pass
         if extra:
             manifest.update(extra)
-        manifest["caption_to_image"] = c2i.tolist()
+        # the map as a tensor (at 20M captions a JSON list was 214 MB that every process parsed)
+        storage.atomic_save_tensors(out / MAP_FILE, {"caption_to_image": c2i}, metadata={"format": FORMAT})
+        files["caption_to_image"] = {"path": MAP_FILE, "key": "caption_to_image", "shape": [text.count],
+                                     "bytes": (out / MAP_FILE).stat().st_size,
+                                     "sha256": storage.file_sha256(out / MAP_FILE)}
         storage.atomic_write_json(manifest_path, manifest)
         shutil.rmtree(partial, ignore_errors=True)
     st.wait()

@@ -80,8 +80,7 @@ def contained_path(root: Path, relative, what: str) -> Path:
 
 
 _MANIFEST_FIELDS = {"format": str, "complete": bool, "num_captions": int, "num_images": int, "dtype": str,
-                    "fingerprint": dict, "text_teacher": dict, "image_teacher": dict, "files": dict,
-                    "caption_to_image": list}
+                    "fingerprint": dict, "text_teacher": dict, "image_teacher": dict, "files": dict}
 
 
 def validate_manifest(manifest, mpath: Path) -> None:
@@ -107,9 +106,15 @@ def validate_manifest(manifest, mpath: Path) -> None:
         for key, kind in (("path", str), ("key", str), ("shape", list), ("bytes", int)):
             if not isinstance(info.get(key), kind):
                 raise ValueError(f"{mpath}: files.{mod}.{key} must be a {kind.__name__}, got {info.get(key)!r}")
-    if any(not isinstance(x, int) or isinstance(x, bool) for x in manifest["caption_to_image"]):
-        j = next(j for j, x in enumerate(manifest["caption_to_image"]) if not isinstance(x, int) or isinstance(x, bool))
-        raise ValueError(f"{mpath}: caption_to_image[{j}] = {manifest['caption_to_image'][j]!r} is not an image index")
+    if "caption_to_image" in manifest:  # format 1: a JSON list
+        c2i = manifest["caption_to_image"]
+        if not isinstance(c2i, list):
+            raise ValueError(f"{mpath}: 'caption_to_image' must be a list, got {type(c2i).__name__}")
+        bad = next((j for j, x in enumerate(c2i) if not isinstance(x, int) or isinstance(x, bool)), None)
+        if bad is not None:
+            raise ValueError(f"{mpath}: caption_to_image[{bad}] = {c2i[bad]!r} is not an image index")
+    elif not isinstance(manifest["files"].get("caption_to_image"), dict):
+        raise ValueError(f"{mpath}: files.caption_to_image (the caption->image map) is missing; rebuild the cache")
 
 
 def first_nonfinite_row(table: torch.Tensor, rows_per_block: int = 65536):
@@ -127,6 +132,28 @@ def first_nonfinite_row(table: torch.Tensor, rows_per_block: int = 65536):
         if not bool(ok.all()):
             return s + int((~ok).nonzero()[0])
     return None
+
+
+def _read_map(path: Path, info: dict, verify: bool) -> torch.Tensor:
+    """The caption->image map of a format-2 cache (its own safetensors file, checked like the tables)."""
+    fpath = contained_path(path, info.get("path"), "files.caption_to_image.path")
+    if not fpath.is_file():
+        raise FileNotFoundError(f"teacher cache {path}: {info.get('path')} (the caption->image map) is missing")
+    if fpath.stat().st_size != int(info.get("bytes", -1)):
+        raise ValueError(f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest says "
+                         f"{info.get('bytes')} (modified or truncated); rebuild the cache")
+    if verify and "sha256" in info and storage.file_sha256(fpath) != info["sha256"]:
+        raise ValueError(f"teacher cache {path}: {info['path']} does not match the checksum in its manifest "
+                         "(the caption->image map was modified); rebuild the cache")
+    try:
+        c2i = storage.load_tensors(fpath)[str(info.get("key", "caption_to_image"))]
+    except (KeyError, ValueError, OSError, RuntimeError) as err:
+        raise ValueError(f"teacher cache {path}: cannot read the caption->image map {info['path']} ({err}); rebuild "
+                         "the cache") from None
+    if c2i.dim() != 1 or c2i.dtype != torch.long:
+        raise ValueError(f"teacher cache {path}: {info['path']} must hold int64 [num_captions], got {c2i.dtype} "
+                         f"{tuple(c2i.shape)}")
+    return c2i
 
 
 def resume_hint(path: Path) -> str:
@@ -309,7 +336,10 @@ class TeacherCache:
                     raise ValueError(f"teacher cache {path}: row {bad} of {info['path']} ({mod} item {bad}) holds "
                                      "NaN/inf; the file is damaged, rebuild the cache")
             tables[mod] = t
-        c2i = torch.tensor(manifest["caption_to_image"], dtype=torch.long)
+        if "caption_to_image" in manifest:  # format 1
+            c2i = torch.tensor(manifest["caption_to_image"], dtype=torch.long)
+        else:
+            c2i = _read_map(path, manifest["files"]["caption_to_image"], verify)
         if c2i.numel() != tables["text"].shape[0]:
             raise ValueError(f"teacher cache {path}: caption_to_image has {c2i.numel()} entries for "
                              f"{tables['text'].shape[0]} captions")
@@ -321,8 +351,8 @@ class TeacherCache:
                              f"{n_img} images 0..{n_img - 1} of the cache; the manifest was edited, rebuild the cache")
         stored_map = manifest["fingerprint"].get("caption_to_image")
         if stored_map is not None and hash_caption_to_image(c2i) != stored_map:
-            raise ValueError(f"teacher cache {path}: the caption_to_image map in {MANIFEST} does not match the "
-                             "map its fingerprint was computed from (the manifest was edited); rebuild the cache")
+            raise ValueError(f"teacher cache {path}: the caption_to_image map does not match the map its fingerprint "
+                             "was computed from (the cache was edited); rebuild the cache")
         return cls(path, manifest, tables["text"], tables["image"], c2i)
 
     # ------------------------------------------------------------------ properties
