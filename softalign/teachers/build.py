@@ -7,8 +7,9 @@ Layout of a cache directory::
     image.safetensors      "embeddings" [num_images, image_dim]
     .partial/              only while building: build.json + one safetensors file per finished chunk
 
-Each modality is cut into chunks of ``chunk_size`` rows. Chunk ``k`` of the task list goes to process
-``k % num_processes`` (Accelerate's ``PartialState``); every finished chunk is written atomically, so an
+Each modality is cut into chunks of ``chunk_size`` rows, shared across processes by Accelerate's
+``split_between_processes`` (``PartialState`` / ``Accelerator``; every ``world``-th chunk under a bare
+torch.distributed group); every finished chunk is written atomically, so an
 interrupted build (crash, pre-emption, Ctrl-C, a bad image) resumes with the chunks that are missing.
 After a barrier the main process streams the chunks into the final files (one chunk in memory at a
 time), writes the manifest, and removes ``.partial``. Peak memory is therefore bounded by the chunk
@@ -174,6 +175,16 @@ class _State:
     def is_main(self) -> bool:
         return self.index == 0
 
+    def shard(self, tasks: list) -> list:
+        """This process's share of ``tasks``: Accelerate's ``split_between_processes`` (contiguous blocks) under
+        an Accelerator / PartialState, every ``world``-th task under a bare torch.distributed group."""
+        if self.world <= 1:
+            return list(tasks)
+        if not self._use_dist and callable(getattr(self.state, "split_between_processes", None)):
+            with self.state.split_between_processes(list(tasks)) as mine:
+                return list(mine)
+        return list(tasks[self.index::self.world])
+
     def wait(self) -> None:
         if self.world <= 1:
             return
@@ -317,7 +328,7 @@ def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.
         n = max(1, math.ceil(src.count / chunk_size))
         for k in range(n):
             tasks.append((src, k, n, k * chunk_size, min(src.count, (k + 1) * chunk_size)))
-    mine = tasks[st.index::st.world]
+    mine = st.shard(tasks)
     todo = [t for t in mine if not _chunk_ok(_chunk_path(partial, t[0].modality, t[1], t[2]), t[4] - t[3],
                                                t[0].dim, key_hash)]
     done_items = sum(t[4] - t[3] for t in mine) - sum(t[4] - t[3] for t in todo)
