@@ -146,3 +146,19 @@ def test_loss_section_mirrors_the_soft_align_loss_options():
     # to the recipe's defaults
     plain = SoftAlignLoss()
     assert (plain.base.margin, plain.base.max_violation) == (kwargs["margin"], kwargs["base"] == "vsepp")
+
+
+def test_recipes_ship_as_package_data_and_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from softalign.train.recipe import list_variants, packaged_recipes
+
+    names = packaged_recipes()
+    repo = Path(__file__).resolve().parents[1] / "recipes"
+    assert names == sorted(p.stem for p in repo.glob("*.yaml")) and "demo" in names
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    for name in names:
+        assert load_recipe(name).name and load_recipe(f"recipes/{name}.yaml").to_dict() == load_recipe(name).to_dict()
+    assert "csa_usa" in list_variants("demo")
+    with pytest.raises(FileNotFoundError, match=r"recipe not found: nope.yaml \(the packaged recipes are: .*demo"):
+        load_recipe("nope.yaml")

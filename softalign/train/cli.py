@@ -14,7 +14,8 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
         description="Train a recipe from recipes/*.yaml. Checkpoints go to OUTPUT_DIR/checkpoints/last.pt after "
                     "every epoch; rerunning resumes from there. Metrics: OUTPUT_DIR/metrics.jsonl, results.json; "
                     "test embeddings: OUTPUT_DIR/embeddings_test.safetensors (for `softalign eval --embeddings`).")
-    p.add_argument("recipe", help="path of a YAML recipe")
+    p.add_argument("recipe", help="path of a YAML recipe, or the name of a packaged one (demo, coco_clip_vitb32, "
+                                  "flickr30k_vsepp_precomp, ...: softalign/recipes/)")
     p.add_argument("--variant", default=None,
                    help="apply one of the recipe's variants (e.g. base, csa_usa, cmc), trained into "
                         "OUTPUT_DIR/<variant>; 'all' trains each variant in turn")

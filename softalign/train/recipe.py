@@ -18,9 +18,29 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BeforeValidator, ConfigDict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _yaml_number(value: Any) -> Any:
+    """A float field: a number, or a numeric string (PyYAML, YAML 1.1, reads ``1e-5`` without a dot as a string);
+    booleans are refused."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    if isinstance(value, str):
+        if not _FLOAT_RE.match(value.strip()):
+            raise ValueError("expected a number")
+        return float(value)
+    return value
+
+
+#: the recipe schema's scalar types: pydantic validates them strictly (no "3" for an integer, no "yes" for a
+#: boolean), floats also from YAML's numeric strings
+YamlFloat = Annotated[float, BeforeValidator(_yaml_number)]
+_CONFIG = ConfigDict(extra="forbid")
 
 
 class RecipeError(ValueError):
@@ -31,22 +51,24 @@ class RecipeError(ValueError):
 class DataConfig:
     """Where the data comes from. ``kind``: demo | karpathy | precomp | hf | imagefolder."""
 
+    __pydantic_config__ = _CONFIG
+
     kind: Literal["demo", "karpathy", "precomp", "hf", "imagefolder"] = "demo"
-    path: str | None = None            # karpathy: JSON file; precomp/imagefolder: folder; hf: hub name or a
+    path: StrictStr | None = None            # karpathy: JSON file; precomp/imagefolder: folder; hf: hub name or a
                                           # DatasetDict saved with save_to_disk
-    image_root: str | None = None      # karpathy: image folder
-    train_split: str = "train"
-    test_split: str = "test"
-    captions_per_image: int | None = 5
-    image_size: int = 224
-    augment: bool = False
-    preload: bool = False                 # decode all images once (small data sets)
-    max_images: int | None = None      # cap per split (quick runs)
-    test_fraction: float = 0.2            # demo only
-    image_column: str | None = None    # hf / imagefolder
-    caption_column: str | None = None
-    label_column: str | None = None
-    num_workers: int = 0
+    image_root: StrictStr | None = None      # karpathy: image folder
+    train_split: StrictStr = "train"
+    test_split: StrictStr = "test"
+    captions_per_image: StrictInt | None = 5
+    image_size: StrictInt = 224
+    augment: StrictBool = False
+    preload: StrictBool = False                 # decode all images once (small data sets)
+    max_images: StrictInt | None = None      # cap per split (quick runs)
+    test_fraction: YamlFloat = 0.2            # demo only
+    image_column: StrictStr | None = None    # hf / imagefolder
+    caption_column: StrictStr | None = None
+    label_column: StrictStr | None = None
+    num_workers: StrictInt = 0
     sample: Literal["captions", "images"] = "captions"   # an epoch visits every caption (VSE++) or every image
 
 
@@ -55,15 +77,17 @@ class ModelConfig:
     """Student model. ``image_encoder``: small_cnn | precomp | timm:<name>; ``text_encoder``: gru | bow |
     hf:<name or path> | offline-minilm."""
 
-    image_encoder: str = "small_cnn"
-    text_encoder: str = "gru"
-    embed_dim: int = 1024
-    word_dim: int = 300
-    min_word_count: int = 1
-    pretrained: bool = True               # timm / hf weights
-    finetune_image: bool = True
-    finetune_text: bool = True
-    cnn_width: int = 32                   # small_cnn channels of the first block
+    __pydantic_config__ = _CONFIG
+
+    image_encoder: StrictStr = "small_cnn"
+    text_encoder: StrictStr = "gru"
+    embed_dim: StrictInt = 1024
+    word_dim: StrictInt = 300
+    min_word_count: StrictInt = 1
+    pretrained: StrictBool = True               # timm / hf weights
+    finetune_image: StrictBool = True
+    finetune_text: StrictBool = True
+    cnn_width: StrictInt = 32                   # small_cnn channels of the first block
     precomp_pool: Literal["mean", "max"] = "mean"   # precomp region features [R, D] -> [D]
 
 
@@ -71,41 +95,45 @@ class ModelConfig:
 class TeacherConfig:
     """Teacher-similarity cache (only built / loaded when the loss needs it: alpha, beta > 0)."""
 
-    text: str = "offline-minilm"
-    image: str = "offline-efficientnet-lite0"
-    cache_dir: str | None = None       # default: <output_dir>/teacher_cache; built once, reused afterwards
+    __pydantic_config__ = _CONFIG
+
+    text: StrictStr = "offline-minilm"
+    image: StrictStr = "offline-efficientnet-lite0"
+    cache_dir: StrictStr | None = None       # default: <output_dir>/teacher_cache; built once, reused afterwards
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    chunk_size: int = 256
-    rebuild_on_mismatch: bool = False     # a cache built for other data / teachers: rebuild it in place (else error)
+    chunk_size: StrictInt = 256
+    rebuild_on_mismatch: StrictBool = False     # a cache built for other data / teachers: rebuild it in place (else error)
 
 
 @dataclass
 class LossConfig:
     """Options of :class:`softalign.losses.SoftAlignLoss` (CUSA defaults: alpha 0.1, beta 0.5)."""
 
+    __pydantic_config__ = _CONFIG
+
     base: Literal["vsepp", "vsepp_sum", "infonce", "none"] = "vsepp"
-    alpha: float = 0.0
-    beta: float = 0.0
-    gamma: float = 0.0
-    margin: float = 0.2
-    temperature: float = 0.05
+    alpha: YamlFloat = 0.0
+    beta: YamlFloat = 0.0
+    gamma: YamlFloat = 0.0
+    margin: YamlFloat = 0.2
+    temperature: YamlFloat = 0.05
     infonce_reduction: Literal["ce", "cusa_mean", "sum", "mean"] = "ce"  # cusa_mean: CUSA's mode mean (CE / B);
     # "sum" / "mean" are the old names of "ce" / "cusa_mean" (deprecated)
     csa_mode: Literal["each", "add", "dot"] = "each"
-    csa_temperature: float = 0.45
-    usa_temperature: float = 0.45
+    csa_temperature: YamlFloat = 0.45
+    usa_temperature: YamlFloat = 0.45
     # soft-label temperature tau_s: "auto" calibrates it once from the cache (per teacher matrix) so that the soft
     # labels' normalised entropy is soft_label_entropy at the training batch size; a number fixes it (CUSA: 1.0)
-    teacher_temperature: float | str = "auto"
-    soft_label_entropy: float = 0.8
+    teacher_temperature: YamlFloat | StrictStr = "auto"
+    soft_label_entropy: YamlFloat = 0.8
     soft_label_reduction: Literal["auto", "batchmean", "sum"] = "auto"   # auto: summed on a hinge base (per anchor)
-    learn_temperatures: bool = True
-    cmc_intra_margin: float = 0.3
+    learn_temperatures: StrictBool = True
+    cmc_intra_margin: YamlFloat = 0.3
     # true: every term on the global batch of all processes (exact all-gather); false: per-process soft labels and
     # losses, as CUSA's configs compute them
-    gather: bool = True
-    diagnostics_every: int = 100          # steps between gradient-share diagnostics (0: never)
-    use_heads: bool = True                # USA's uni-modal heads (embed_dim passed to the loss)
+    gather: StrictBool = True
+    diagnostics_every: StrictInt = 100          # steps between gradient-share diagnostics (0: never)
+    use_heads: StrictBool = True                # USA's uni-modal heads (embed_dim passed to the loss)
 
     def loss_kwargs(self) -> dict[str, Any]:
         kw = dataclasses.asdict(self)
@@ -118,35 +146,41 @@ class OptimConfig:
     """Optimiser and schedule. ``schedule``: cosine (to ``min_lr``) | step (x ``lr_decay_factor`` at
     ``lr_decay_epoch``) | constant."""
 
+    __pydantic_config__ = _CONFIG
+
     optimizer: Literal["adamw", "adam"] = "adamw"
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    loss_lr: float | None = None       # lr of the loss's heads / temperatures (default: lr)
+    lr: YamlFloat = 2e-4
+    weight_decay: YamlFloat = 0.0
+    loss_lr: YamlFloat | None = None       # lr of the loss's heads / temperatures (default: lr)
     schedule: Literal["cosine", "step", "constant"] = "step"
-    min_lr: float = 0.0
-    lr_decay_epoch: int | None = None
-    lr_decay_factor: float = 0.1
-    warmup_steps: int = 0
-    grad_clip: float | None = 2.0
+    min_lr: YamlFloat = 0.0
+    lr_decay_epoch: StrictInt | None = None
+    lr_decay_factor: YamlFloat = 0.1
+    warmup_steps: StrictInt = 0
+    grad_clip: YamlFloat | None = 2.0
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    eval_batch_size: int = 256
+
+    __pydantic_config__ = _CONFIG
+    epochs: StrictInt = 30
+    batch_size: StrictInt = 128
+    eval_batch_size: StrictInt = 256
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every: int = 1                   # epochs between test-split evaluations (0: only at the end)
-    checkpoint_every: int = 1
-    progress: bool = True
-    cpu: bool = False                     # force CPU even when an accelerator is present
+    eval_every: StrictInt = 1                   # epochs between test-split evaluations (0: only at the end)
+    checkpoint_every: StrictInt = 1
+    progress: StrictBool = True
+    cpu: StrictBool = False                     # force CPU even when an accelerator is present
 
 
 @dataclass
 class Recipe:
-    name: str = "recipe"
-    seed: int = 0
-    output_dir: str = "runs/recipe"
+
+    __pydantic_config__ = _CONFIG
+    name: StrictStr = "recipe"
+    seed: StrictInt = 0
+    output_dir: StrictStr = "runs/recipe"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -154,7 +188,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    variant: str | None = None         # set by load_recipe when a variant was applied
+    variant: StrictStr | None = None         # set by load_recipe when a variant was applied
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,74 +209,77 @@ def _type_name(tp) -> str:
         tp, getattr(tp, "__name__", str(tp)))
 
 
-def _convert(value, tp, where: str):
+_ADAPTERS: dict[type, TypeAdapter] = {}
+
+
+def _adapter(cls: type) -> TypeAdapter:
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
+
+
+def _field_type(cls: type, loc: Sequence[Any]) -> tuple[Any, list[str], type]:
+    """The schema type at ``loc`` (field names from ``cls`` down), the field names on the way, and the last
+    dataclass passed (whose fields an unknown key is compared with)."""
+    tp: Any = cls
+    names: list[str] = []
+    owner: Any = cls
+    for part in loc:
+        if not (isinstance(part, str) and dataclasses.is_dataclass(tp)):
+            break
+        hints = typing.get_type_hints(tp, include_extras=True)
+        owner = tp
+        names.append(part)
+        if part not in hints:
+            break
+        tp = hints[part]
+    return tp, names, owner
+
+
+def _scalar_name(tp: Any) -> str:
+    """``_type_name`` through pydantic's Annotated / Strict wrappers."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
+    if origin is Annotated:
+        return _scalar_name(typing.get_args(tp)[0])
     if origin is Union or origin is types.UnionType:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, where)
-            except RecipeError as err:
-                errors.append(err)
-        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return " or ".join(_scalar_name(a) for a in typing.get_args(tp))
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin in (dict, dict):
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): copy.deepcopy(v) for k, v in value.items()}
-    if origin in (list, list):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [v if inner is Any else _convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where}: expected a boolean (true/false), got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp in (StrictInt, int):
+        return "an integer"
+    if tp in (StrictBool, bool):
+        return "a boolean (true/false)"
+    if tp in (StrictStr, str):
+        return "a string"
     if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads 1e-5 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise RecipeError(f"{where}: unsupported schema type {tp!r}")  # pragma: no cover
+        return "a number"
+    return _type_name(tp)
+
+
+def _describe(err: ValidationError, cls: type, where: str) -> str:
+    """One line naming the key (dotted), what was expected and the value, from pydantic's first error."""
+    e = err.errors()[0]
+    tp, names, owner = _field_type(cls, e["loc"])
+    key = ".".join(([where] if where else []) + names)
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        section = ".".join(([where] if where else []) + names[:-1])
+        allowed = ", ".join(f.name for f in dataclasses.fields(owner) if not f.name.startswith("_"))
+        return f"unknown key {key!r} in recipe; allowed keys{' in ' + section if section else ''}: {allowed}"
+    if dataclasses.is_dataclass(tp):
+        return f"{key or 'recipe'}: expected a mapping of {getattr(tp, '__name__', tp)} options, got {e['input']!r}"
+    return f"{key}: expected {_scalar_name(tp)}, got {e['input']!r}"
 
 
 def _build(cls, values, where: str):
+    """Validate ``values`` against the dataclass ``cls`` with pydantic (strict scalars, unknown keys refused)."""
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping of {cls.__name__} options, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else str(unknown[0])
-        raise RecipeError(f"unknown key {key!r} in recipe; allowed keys{' in ' + where if where else ''}: "
-                          f"{', '.join(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return _adapter(cls).validate_python(copy.deepcopy(dict(values)))
+    except ValidationError as err:
+        raise RecipeError(_describe(err, cls, where)) from None
 
 
 def _numbers(r: Recipe):
@@ -375,15 +412,36 @@ def recipe_from_dict(values: Mapping[str, Any], variant: str | None = None,
     return recipe
 
 
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (``softalign/recipes/*.yaml``, read through
+    ``importlib.resources``), e.g. ``demo``, ``coco_clip_vitb32``."""
+    from importlib.resources import files
+
+    folder = files("softalign").joinpath("recipes")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_source(path: str | os.PathLike):
+    """A recipe file: the path as given, else a packaged recipe named by it (``demo``, ``demo.yaml`` or
+    ``recipes/demo.yaml``), so the shipped recipes work from any directory and from an installed wheel."""
+    from importlib.resources import files
+
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if p.parent in (Path("."), Path("recipes")) and name in packaged_recipes():
+        return files("softalign").joinpath("recipes").joinpath(f"{name}.yaml")
+    raise FileNotFoundError(f"recipe not found: {path} (the packaged recipes are: {', '.join(packaged_recipes())})")
+
+
 def _read_yaml(path: str | os.PathLike) -> Any:
     """The YAML document of a recipe file; a missing file, bad encoding or bad YAML is a one-line error."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe not found: {path}")
+    source = _recipe_source(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with source.open(encoding="utf-8") as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
