@@ -95,92 +95,17 @@ def teacher_cache_dir(recipe: Recipe) -> Path:
     return Path(recipe.teacher.cache_dir or os.path.join(recipe.output_dir, "teacher_cache"))
 
 
-def _expected_fingerprint(train_data: RetrievalData, manifest: Mapping[str, Any]) -> dict[str, str]:
-    """Fingerprint parts of the training split to check a cache against, restricted to the parts the cache
-    computed the same way: the captions unless the cache imported text features; the images only when the cache
-    hashed the images themselves (``source: computed``) and the split has images, not precomputed features (whose
-    cache was built elsewhere, from the original images)."""
-    from softalign.teachers.fingerprint import hash_caption_to_image, hash_captions
-
-    stored = manifest.get("fingerprint") or {}
-    parts = {"caption_to_image": hash_caption_to_image(torch.as_tensor(train_data.caption_to_image).long())}
-    if "captions" in stored and not str(stored["captions"]).startswith("features:"):
-        parts["captions"] = hash_captions(train_data.captions)
-    if "images" in stored and stored.get("source") == "computed" and not isinstance(train_data.images, np.ndarray):
-        from softalign.data.hf import DatasetColumn
-        from softalign.teachers import TeacherCache
-
-        images, column = train_data.images, None
-        if isinstance(images, DatasetColumn):
-            images, column = images.dataset, images.column
-        parts["images"] = TeacherCache.fingerprint_of(train_data.captions, images, train_data.caption_to_image,
-                                                      image_column=column,
-                                                      image_hash=stored.get("image_hash", "stat"))["images"]
-    return parts
-
-
-def _check_teacher_cache(path: Path, recipe: Recipe, train_data: RetrievalData):
-    """``TeacherCache.load`` with the training split's fingerprint and the recipe's teachers; raises
-    :class:`softalign.teachers.cache.CacheMismatchError` (a ValueError) naming what differs."""
-    from softalign.teachers import TeacherCache
-    from softalign.teachers.cache import CacheMismatchError
-
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {}  # TeacherCache.load reports the broken manifest
-    cache = TeacherCache.load(path, expect_fingerprint=_expected_fingerprint(train_data, manifest),
-                              expect_text_teacher=recipe.teacher.text, expect_image_teacher=recipe.teacher.image)
-    if cache.num_captions != train_data.num_captions or cache.num_images != train_data.num_images:
-        raise CacheMismatchError(
-            f"teacher cache {path} holds {cache.num_captions} captions / {cache.num_images} images but the training "
-            f"split has {train_data.num_captions} / {train_data.num_images}")
-    if not torch.equal(torch.as_tensor(cache.caption_to_image).long().cpu(),
-                       torch.as_tensor(train_data.caption_to_image).long()):
-        raise CacheMismatchError(f"teacher cache {path} has a different caption->image map than the training split")
-    return cache
-
-
 def get_teacher_cache(recipe: Recipe, train_data: RetrievalData, accelerator=None, log: Callable = print):
-    """Load the recipe's teacher cache, building it from the training split the first time.
+    """The recipe's teacher cache for its training split: :func:`softalign.teachers.for_split.cache_for_split`
+    with the recipe's cache directory, teachers and ``teacher.rebuild_on_mismatch``."""
+    from softalign.teachers.for_split import cache_for_split
 
-    An existing cache is checked against the training split (captions, caption->image map, and the images when
-    the cache hashed them) and the recipe's ``teacher.text`` / ``teacher.image`` (packaged-model aliases count as
-    the same teacher). On a mismatch it is rebuilt in place when ``teacher.rebuild_on_mismatch`` is true, else the
-    :class:`~softalign.teachers.cache.CacheMismatchError` (a ValueError) says what differs and how to fix it.
-    """
-    from softalign.teachers import TeacherCache
-    from softalign.teachers.cache import CacheMismatchError
-
-    path = teacher_cache_dir(recipe)
-    overwrite = False
-    if (path / "manifest.json").is_file():
-        try:
-            return _check_teacher_cache(path, recipe, train_data)
-        except CacheMismatchError as err:
-            if not recipe.teacher.rebuild_on_mismatch or isinstance(train_data.images, np.ndarray):
-                raise CacheMismatchError(
-                    f"{err} -- the cache does not belong to this recipe's training split / teachers: delete it, "
-                    "point teacher.cache_dir at the matching cache, or set teacher.rebuild_on_mismatch=true to "
-                    "rebuild it in place") from None
-            log(f"rebuilding the stale teacher cache in {path}: {err}")
-            overwrite = True
-    images = train_data.images
-    if isinstance(images, np.ndarray):
-        raise FileNotFoundError(
-            f"no teacher cache at {path}: with precomputed features the image teacher needs the original images; "
-            "build the cache once with `softalign cache` over the training captions and images and set "
-            "teacher.cache_dir to it")
-    from softalign.data.hf import DatasetColumn
-
-    kw = {}
-    if isinstance(images, DatasetColumn):
-        images, kw = images.dataset, {"image_column": images.column}
-    log(f"building the teacher cache in {path} ({train_data.num_captions} captions, {train_data.num_images} images)")
-    return TeacherCache.build(path, train_data.captions, images, train_data.caption_to_image,
-                              text_teacher=recipe.teacher.text, image_teacher=recipe.teacher.image,
-                              chunk_size=recipe.teacher.chunk_size, dtype=recipe.teacher.dtype,
-                              accelerator=accelerator, progress=recipe.train.progress, overwrite=overwrite, **kw)
+    t = recipe.teacher
+    return cache_for_split(teacher_cache_dir(recipe), train_data, text_teacher=t.text, image_teacher=t.image,
+                           chunk_size=t.chunk_size, dtype=t.dtype, rebuild_on_mismatch=t.rebuild_on_mismatch,
+                           accelerator=accelerator, progress=recipe.train.progress, log=log,
+                           fix_hint="point teacher.cache_dir at the matching cache, or set "
+                                    "teacher.rebuild_on_mismatch=true to rebuild it in place")
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -510,15 +435,17 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     loss_fn.to(accelerator.device)
 
     o = recipe.optim
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr, "base_lr": o.lr}]
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr, "initial_lr": o.lr}]
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         lr = o.loss_lr if o.loss_lr is not None else o.lr
-        groups.append({"params": loss_params, "lr": lr, "base_lr": lr})
+        groups.append({"params": loss_params, "lr": lr, "initial_lr": lr})
     opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
+        for g, fresh in zip(optimizer.param_groups, groups):  # checkpoints before LambdaLR kept "base_lr"
+            g["initial_lr"] = g.get("initial_lr", g.get("base_lr", fresh["initial_lr"]))
 
     image_caches = dict(image_caches or {})
     train_tf, test_tf = image_transform(recipe, True), image_transform(recipe, False)
@@ -537,6 +464,9 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     total_steps = steps_per_epoch * recipe.train.epochs
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     step = int(ckpt["step"]) if ckpt is not None else 0
+    # torch's LambdaLR, stepped once per optimizer step; on resume it starts at the checkpoint's step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=step - 1)
     if ckpt is not None:
         log(f"resuming {recipe.name} from {ckpt_path} after epoch {start_epoch}")
 
@@ -557,8 +487,6 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         bar = tqdm(loader, desc=f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs}",
                    disable=not (recipe.train.progress and main), leave=False)
         for batch in bar:
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(recipe, step, total_steps, steps_per_epoch)
             with accelerator.autocast():
                 img, txt, img_f, txt_f = model(batch["image"], batch["caption"], return_features=True)
                 feats = dict(image_features=img_f, text_features=txt_f) if usa_on_features else {}
@@ -572,6 +500,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
             if o.grad_clip:
                 accelerator.clip_grad_norm_(list(model.parameters()) + loss_params, o.grad_clip)
             optimizer.step()
+            scheduler.step()
             step += 1
             n += 1
             for k, v in parts.items():
