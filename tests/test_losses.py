@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from softalign import functional as SF
-from softalign.losses import CMCLoss, CSALoss, InfoNCELoss, SoftAlignLoss, Temperature, USALoss, VSEHingeLoss
+from softalign.losses import (
+    ClampedTemperature,
+    CMCLoss,
+    CSALoss,
+    InfoNCELoss,
+    SoftAlignLoss,
+    Temperature,
+    USALoss,
+    VSEHingeLoss,
+)
 from tests import reference_formulas as ref
 
 
@@ -48,17 +57,20 @@ def test_scores_and_embeddings_paths_agree():
 
 
 def test_temperature_is_clamped_after_a_step_and_frozen_one_has_no_grad():
-    t = Temperature(0.45, (0.1, 0.99))
+    t = ClampedTemperature(0.45, (0.1, 0.99))
     with torch.no_grad():
         t.value.fill_(5.0)
     assert t().item() == pytest.approx(0.99)
     with torch.no_grad():
         t.value.fill_(-1.0)
     assert t().item() == pytest.approx(0.1)
-    frozen = Temperature(1.0, learnable=False)
+    frozen = ClampedTemperature(1.0, learnable=False)
     assert list(frozen.parameters()) == [] and frozen().item() == 1.0
     with pytest.raises(ValueError, match="outside its range"):
-        Temperature(2.0, (0.1, 1.0))
+        ClampedTemperature(2.0, (0.1, 1.0))
+    with pytest.warns(FutureWarning, match="Temperature is deprecated: use ClampedTemperature"):
+        old = Temperature(0.5)
+    assert isinstance(old, ClampedTemperature)
 
 
 def test_csa_temperature_learns():

@@ -7,7 +7,7 @@ from torch import nn
 from softalign import functional as SF
 from softalign.losses import citations
 from softalign.losses._inputs import ChecksValuesOnce, default_similarity, resolve_scores
-from softalign.losses.temperature import Temperature
+from softalign.losses.temperature import ClampedTemperature
 from softalign.mining import NegativeMiner
 
 
@@ -63,7 +63,7 @@ class InfoNCELoss(ChecksValuesOnce, nn.Module):
         super().__init__()
         reduction = SF.infonce_reduction(reduction)
         self.reduction = reduction
-        self.temperature = Temperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
+        self.temperature = ClampedTemperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
         self.similarity = similarity if similarity is not None else default_similarity()
 
     def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, **unused) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 from softalign import functional as SF
 from softalign.losses import citations
 from softalign.losses._inputs import ChecksValuesOnce, default_similarity, resolve_scores
-from softalign.losses.temperature import Temperature
+from softalign.losses.temperature import ClampedTemperature
 
 
 class CSALoss(ChecksValuesOnce, nn.Module):
@@ -36,11 +36,11 @@ class CSALoss(ChecksValuesOnce, nn.Module):
             raise ValueError(f"mode must be one of {SF.CSA_MODES}, got {mode!r}")
         self.mode = mode
         rng = temperature_range if learn_temperature else None
-        self.temperature = Temperature(temperature, rng, learn_temperature)
-        self.text_temperature = Temperature(temperature, rng, learn_temperature) if separate_temperatures else None
+        self.temperature = ClampedTemperature(temperature, rng, learn_temperature)
+        self.text_temperature = ClampedTemperature(temperature, rng, learn_temperature) if separate_temperatures else None
         tau_img, tau_txt = _pair(teacher_temperature)
-        self.teacher_temperature = Temperature(tau_img, None, learnable=False)
-        self.text_teacher_temperature = Temperature(tau_txt, None, learnable=False)
+        self.teacher_temperature = ClampedTemperature(tau_img, None, learnable=False)
+        self.text_teacher_temperature = ClampedTemperature(tau_txt, None, learnable=False)
         self.similarity = similarity if similarity is not None else default_similarity()
 
     def temperatures(self):
@@ -92,6 +92,6 @@ def _pair(value) -> tuple[float, float]:
     return float(value), float(value)
 
 
-def _config_pair(image: Temperature, text: Temperature):
+def _config_pair(image: ClampedTemperature, text: ClampedTemperature):
     a, b = float(image.value), float(text.value)
     return a if a == b else (a, b)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 
-class Temperature(nn.Module):
+class ClampedTemperature(nn.Module):
     """A positive scalar temperature, learnable or frozen, kept inside ``[low, high]``.
 
     Like CUSA's ``clamp_tau`` (and CLIP's logit-scale clamp) the stored value is clamped in place, without
@@ -54,6 +54,17 @@ class Temperature(nn.Module):
 
     def extra_repr(self) -> str:
         return f"value={float(self.value):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"
+
+
+class Temperature(ClampedTemperature):
+    """Deprecated name of :class:`ClampedTemperature` (what it is: a temperature kept inside ``[low, high]``)."""
+
+    def __init__(self, *args, **kwargs):
+        import warnings
+
+        warnings.warn("softalign.losses.Temperature is deprecated: use ClampedTemperature", FutureWarning,
+                      stacklevel=2)
+        super().__init__(*args, **kwargs)
 
 
 def _functorch_active() -> bool:

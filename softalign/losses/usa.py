@@ -8,7 +8,7 @@ from softalign import functional as SF
 from softalign.losses import citations
 from softalign.losses._inputs import ChecksValuesOnce, check_embeddings
 from softalign.losses.csa import _config_pair, _pair
-from softalign.losses.temperature import Temperature
+from softalign.losses.temperature import ClampedTemperature
 
 
 class ProjectionHead(nn.Sequential):
@@ -57,11 +57,11 @@ class USALoss(ChecksValuesOnce, nn.Module):
             self.image_head, self.text_head = UniModalHead(int(image_dim)), UniModalHead(int(text_dim))
         self.embed_dim = embed_dim
         rng = temperature_range if learn_temperature else None
-        self.image_temperature = Temperature(temperature, rng, learn_temperature)
-        self.text_temperature = Temperature(temperature, rng, learn_temperature)
+        self.image_temperature = ClampedTemperature(temperature, rng, learn_temperature)
+        self.text_temperature = ClampedTemperature(temperature, rng, learn_temperature)
         tau_img, tau_txt = _pair(teacher_temperature)
-        self.teacher_temperature = Temperature(tau_img, None, learnable=False)
-        self.text_teacher_temperature = Temperature(tau_txt, None, learnable=False)
+        self.teacher_temperature = ClampedTemperature(tau_img, None, learnable=False)
+        self.text_teacher_temperature = ClampedTemperature(tau_txt, None, learnable=False)
 
     def set_teacher_temperatures(self, image: float, text: float) -> None:
         """Soft-label temperatures of the image-image and text-text teacher matrices (frozen)."""
