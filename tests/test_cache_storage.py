@@ -53,7 +53,7 @@ def test_truncated_safetensors_is_refused(tmp_path):
     storage.atomic_save_tensors(tmp_path / "t.safetensors", {"embeddings": torch.ones(5, 4)})
     raw = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "t.safetensors").write_bytes(raw[:-8])
-    with pytest.raises(ValueError, match="past the end of the file"):
+    with pytest.raises(ValueError, match="is not a safetensors file .*not fully covered"):
         storage.mmap_safetensors(tmp_path / "t.safetensors")
     (tmp_path / "t.safetensors").write_bytes(raw[:5])
     with pytest.raises(ValueError, match="not a safetensors file"):

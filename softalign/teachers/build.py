@@ -203,16 +203,15 @@ def _chunk_path(partial: Path, modality: str, k: int, n: int) -> Path:
 
 
 def _chunk_ok(path: Path, rows: int, dim: int, key_hash: str) -> bool:
+    """A finished chunk of this build: a complete safetensors file (``safe_open`` checks the header against the
+    file) with the expected shape and this build's key in its metadata."""
     if not path.is_file():
         return False
     try:
-        start, header = storage.read_safetensors_header(path)
-    except (ValueError, OSError):
+        meta, shapes = storage.safetensors_metadata_and_shapes(path)
+    except ValueError:
         return False
-    info = header.get("embeddings")
-    meta = header.get("__metadata__", {})
-    return (info is not None and info["shape"] == [rows, dim] and meta.get("build") == key_hash
-            and path.stat().st_size >= start + info["data_offsets"][1])
+    return shapes.get("embeddings") == [rows, dim] and meta.get("build") == key_hash
 
 
 def identity_mismatch(stored: dict, wanted: dict) -> str | None:

@@ -4,19 +4,18 @@ Every file is written to a temporary name in the same directory and moved into p
 ``os.replace`` (atomic on POSIX and Windows), so a reader sees either the old file, the new file,
 or no file, never a half-written one.
 
-The final embedding tables are written with :func:`write_safetensors_streamed`, which emits the
-safetensors layout (8-byte little-endian header length, JSON header, raw row-major bytes) chunk by
-chunk, so merging a cache never holds more than one chunk in memory. :func:`mmap_safetensors`
-maps such a file read-only: pages are shared by every process on the machine (one copy in the page
-cache instead of one per data-parallel worker).
+Chunks are written with ``safetensors.torch.save_file`` and every file is read with ``safe_open`` (memory-mapped:
+pages shared by every process on the machine, one copy in the page cache instead of one per data-parallel worker).
+The one thing safetensors does not offer is writing a file whose tensor arrives in pieces: the final tables are
+merged with :func:`write_safetensors_streamed`, which emits the safetensors layout (8-byte little-endian header
+length, JSON header, raw row-major bytes) chunk by chunk, so merging a cache never holds more than one chunk in
+memory; ``safe_open`` validates what it wrote.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,56 +100,28 @@ def write_safetensors_streamed(
     atomic_write(path, write)
 
 
-def read_safetensors_header(path: PathLike) -> tuple[int, dict[str, dict]]:
-    """Return (data_start, header) of a safetensors file; raises ValueError if it is malformed."""
-    path = Path(path)
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (truncated header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            header = json.loads(fh.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a safetensors file ({err})") from None
-    return 8 + n, header
+def safetensors_metadata_and_shapes(path: PathLike) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """``(metadata, {name: shape})`` of a safetensors file through ``safe_open`` (nothing is read but the header);
+    raises ValueError naming the file if it is not a complete safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a safetensors file ({str(err).splitlines()[0]})") from None
 
 
 def mmap_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
-    """Map every tensor of a safetensors file read-only (zero copy; pages shared across processes).
+    """Every tensor of a safetensors file through ``safe_open``: memory-mapped, so nothing is read until used and
+    the pages are shared in the page cache by every process on the machine. The tensors must not be written to."""
+    from safetensors import SafetensorError, safe_open
 
-    The returned tensors must not be written to. bfloat16 tensors (no numpy dtype) are copied.
-    """
-    path = Path(path)
-    start, header = read_safetensors_header(path)
-    size = path.stat().st_size
-    out: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size > start else None
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        if start + e > size:
-            raise ValueError(f"{path}: tensor '{name}' extends past the end of the file (truncated?)")
-        shape = tuple(info["shape"])
-        tag = info["dtype"]
-        if e == b:
-            out[name] = torch.empty(shape, dtype=_ST_TO_TORCH[tag])
-            continue
-        assert mm is not None  # a non-empty tensor lies in the data section, so the file is longer than the header
-        if tag == "BF16":
-            raw = np.frombuffer(mm, dtype=np.uint8, count=e - b, offset=start + b).copy()
-            out[name] = torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
-            continue
-        arr = np.frombuffer(mm, dtype=_ST_TO_NUMPY[tag], count=(e - b) // np.dtype(_ST_TO_NUMPY[tag]).itemsize,
-                            offset=start + b).reshape(shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
-            out[name] = torch.from_numpy(arr)
-    return out
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a safetensors file ({str(err).splitlines()[0]})") from None
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
