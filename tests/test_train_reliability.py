@@ -151,3 +151,38 @@ def test_disk_full_and_read_only_directories_say_so(tmp_path, data, accelerator,
                                      "rerun (finished work is kept)")
     ro = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / ".softalign.lock"))
     assert format_error(ro).startswith("cannot write") and "read-only" in format_error(ro)
+
+
+def test_metrics_go_through_accelerate_trackers_and_metrics_jsonl_is_one_of_them(tmp_path, data):
+    import json
+
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class Recording(GeneralTracker):
+        name, requires_logging_directory = "recording", False
+
+        def __init__(self):
+            super().__init__()
+            self.records, self.config = [], None
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.records.append((step, dict(values)))
+
+    tracker = Recording()
+    acc = Accelerator(cpu=True, log_with=[tracker])
+    res = _train(tiny_recipe(tmp_path / "run"), data, acc)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for _, r in tracker.records] == [r["epoch"] for r in lines] == [1, 2]
+    assert [s for s, _ in tracker.records] == [r["step"] for r in lines] and tracker.config["train.epochs"] == 2
+    assert res["history"][-1]["test_rsum"] == tracker.records[-1][1]["test_rsum"]
+    # the shared accelerator does not keep this run's metrics.jsonl for the next run
+    _train(tiny_recipe(tmp_path / "other"), data, acc)
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

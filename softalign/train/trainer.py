@@ -192,14 +192,6 @@ def read_metrics(path, max_epoch: int | None = None, log: Callable | None = None
     return out
 
 
-def _append_line(path: Path, line: str) -> None:
-    """Append one line and fsync, so that the line is on disk before the checkpoint (the commit point) is."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ------------------------------------------------------------------------------------------ resume checks
 #: Recipe fields that may change between a checkpoint and its resume (and between a finished run and its reuse by
 #: the demo, except ``train.epochs``): the number of epochs, logging / progress / evaluation cadence, output
@@ -372,8 +364,15 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(directory_lock(recipe.output_dir, f"softalign train ({recipe.name})"))
+        stack.callback(_drop_jsonl_trackers, accelerator)  # this run's metrics.jsonl, not the next run's
         return _train(recipe, resume=resume, accelerator=accelerator, train_data=train_data, test_data=test_data,
                       cache=cache, log=log, image_caches=image_caches)
+
+
+def _drop_jsonl_trackers(accelerator) -> None:
+    from softalign.train.tracking import JsonlTracker
+
+    accelerator.trackers[:] = [t for t in accelerator.trackers if not isinstance(t, JsonlTracker)]
 
 
 def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalData | None,
@@ -471,6 +470,13 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         log(f"resuming {recipe.name} from {ckpt_path} after epoch {start_epoch}")
 
     metrics_path = out / "metrics.jsonl"
+    # metrics go through accelerate's trackers: the user's (Accelerator(log_with=...)) and metrics.jsonl
+    from softalign.train.tracking import JsonlTracker
+
+    if accelerator.log_with:
+        accelerator.init_trackers(recipe.name.replace("/", "_"), config=_flatten(recipe.to_dict()))
+    jsonl = JsonlTracker(metrics_path)
+    accelerator.trackers.append(jsonl)
     history = []
     if main and metrics_path.is_file():  # keep the lines of the epochs the checkpoint covers (the commit point)
         history = read_metrics(metrics_path, max_epoch=start_epoch, log=log)
@@ -526,7 +532,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
                 save_embeddings(out / "embeddings_test.safetensors", img_e, txt_e, test_data, img_u, txt_u)
         accelerator.wait_for_everyone()
         if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
-            _append_line(metrics_path, json.dumps(record))
+            accelerator.log(record, step=record["step"])
             if recipe.train.checkpoint_every > 0 and ((epoch + 1) % recipe.train.checkpoint_every == 0 or last):
                 save_checkpoint(ckpt_path, unwrapped, loss_fn, optimizer, epoch + 1, step, recipe, vocab_of(unwrapped))
             history.append(record)
