@@ -186,3 +186,33 @@ def test_metrics_go_through_accelerate_trackers_and_metrics_jsonl_is_one_of_them
     # the shared accelerator does not keep this run's metrics.jsonl for the next run
     _train(tiny_recipe(tmp_path / "other"), data, acc)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_run_killed_mid_epoch_resumes_after_the_batches_it_had_done(tmp_path, data, accelerator, monkeypatch):
+    import softalign.train.trainer as trainer_mod
+    from softalign.train.trainer import load_checkpoint
+
+    recipe = dict(train={"epochs": 2, "batch_size": 6, "eval_batch_size": 16, "progress": False,
+                         "checkpoint_steps": 1})
+    full = _train(tiny_recipe(tmp_path / "full", **recipe), data, accelerator)
+    real = trainer_mod.save_checkpoint
+
+    def killed_after(path, *a, **kw):
+        real(path, *a, **kw)
+        if kw.get("batch") == 2 and a[3] == 1:  # epoch 2, after its second batch was committed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_recipe(tmp_path / "resumed", **recipe), data, accelerator)
+    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 2)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real)
+    resumed = _train(tiny_recipe(tmp_path / "resumed", **recipe), data, accelerator)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] and b["batch"] == 0
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][1]["train_loss"] == pytest.approx(full["history"][1]["train_loss"], rel=1e-5)

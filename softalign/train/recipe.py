@@ -170,6 +170,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     eval_every: StrictInt = 1                   # epochs between test-split evaluations (0: only at the end)
     checkpoint_every: StrictInt = 1
+    checkpoint_steps: StrictInt = 0       # also checkpoint every N optimizer steps inside an epoch (0: off); a
+    # resume then skips the batches already done (accelerate's skip_first_batches)
     progress: StrictBool = True
     cpu: StrictBool = False                     # force CPU even when an accelerator is present
 
@@ -297,6 +299,7 @@ def _check_values(r: Recipe) -> None:
             raise RecipeError(msg)
 
     need(r.train.epochs >= 1, f"train.epochs must be >= 1, got {r.train.epochs}")
+    need(r.train.checkpoint_steps >= 0, f"train.checkpoint_steps must be >= 0 (0: off), got {r.train.checkpoint_steps}")
     need(r.train.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive losses need negatives), "
                                   f"got {r.train.batch_size}")
     need(r.optim.lr > 0, f"optim.lr must be > 0, got {r.optim.lr}")

@@ -125,14 +125,18 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
 
 
 # -------------------------------------------------------------------------------------------- I/O
-def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe: Recipe, vocab=None) -> None:
-    """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}``."""
+def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe: Recipe, vocab=None,
+                    batch: int = 0, partial: dict[str, Any] | None = None) -> None:
+    """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}`` and,
+    inside an epoch (``train.checkpoint_steps``), ``"batch"`` (batches of epoch ``epoch + 1`` done) and ``"partial"``
+    (that epoch's running loss sums)."""
     import io
 
     from softalign.io import atomic_write
 
     obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-           "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab}
+           "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab, "batch": int(batch),
+           "partial": partial}
     buf = io.BytesIO()
     torch.save(obj, buf)  # in memory first: torch.save onto a full disk fails with "unexpected pos", never ENOSPC
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
@@ -198,7 +202,7 @@ def read_metrics(path, max_epoch: int | None = None, log: Callable | None = None
 #: locations, and resources that do not change what is trained.
 RESUME_MUTABLE = frozenset({
     "name", "output_dir", "variants", "train.epochs", "train.progress", "train.eval_every",
-    "train.checkpoint_every", "train.eval_batch_size", "train.cpu", "teacher.cache_dir", "teacher.chunk_size",
+    "train.checkpoint_every", "train.checkpoint_steps", "train.eval_batch_size", "train.cpu", "teacher.cache_dir", "teacher.chunk_size",
     "teacher.rebuild_on_mismatch", "data.num_workers",
 })
 
@@ -484,14 +488,22 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
 
     unwrapped = accelerator.unwrap_model(model)
     final: dict[str, float] = {}
+    # a mid-epoch checkpoint (train.checkpoint_steps): the epoch restarts after its first `start_batch` batches
+    start_batch = int(ckpt.get("batch") or 0) if ckpt is not None else 0
     for epoch in range(start_epoch, recipe.train.epochs):
         set_seed(recipe.seed * 100003 + epoch)  # the epoch's shuffle does not depend on where we resumed
         model.train()
         sums: dict[str, float] = {}
         n = 0
+        batches: Iterable = loader
+        if epoch == start_epoch and start_batch:
+            batches = accelerator.skip_first_batches(loader, start_batch)
+            partial = ckpt.get("partial") or {} if ckpt is not None else {}
+            sums, n = dict(partial.get("sums") or {}), int(partial.get("n") or 0)
+        done = start_batch if epoch == start_epoch else 0
         t_epoch = time.time()
-        bar = tqdm(loader, desc=f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs}",
-                   disable=not (recipe.train.progress and main), leave=False)
+        bar = tqdm(batches, desc=f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs}",
+                   disable=not (recipe.train.progress and main), leave=False, initial=done, total=steps_per_epoch)
         for batch in bar:
             with accelerator.autocast():
                 img, txt, img_f, txt_f = model(batch["image"], batch["caption"], return_features=True)
@@ -512,6 +524,13 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            done += 1
+            every = recipe.train.checkpoint_steps
+            if every > 0 and step % every == 0 and done < steps_per_epoch:
+                accelerator.wait_for_everyone()
+                if main:  # a mid-epoch commit point: the epoch's line is written when it ends
+                    save_checkpoint(ckpt_path, unwrapped, loss_fn, optimizer, epoch, step, recipe,
+                                    vocab_of(unwrapped), batch=done, partial={"sums": sums, "n": n})
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                   "epoch_seconds": round(time.time() - t_epoch, 3)}
         record.update({("train_loss" if k == "loss" else f"train_{k}"): v / max(1, n) for k, v in sums.items()})
