@@ -167,6 +167,11 @@ def test_build_refuses_integer_image_refs_with_a_directory_and_uses_list_positio
     recs = [{"caption": c, "image_id": [2, 0, 3, 1][i]} for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE)]
     (tmp_path / "train.json").write_text(json.dumps(recs))
     base = ["cache", "build", "--captions", str(tmp_path / "train.json"), "--out", str(tmp_path / "c"), "--no-progress"]
+    # nothing is guessed: these records name their image in "image_id", which the build must be told
+    assert main(base + ["--images", str(img_dir)]) == 1
+    assert "record 0 has no 'image' field (keys: ['caption', 'image_id']); name the image column with " \
+        "--image-column NAME" in capsys.readouterr().err
+    base += ["--image-column", "image_id"]
     assert main(base + ["--images", str(img_dir)]) == 1
     err = capsys.readouterr().err
     assert "record 0 names its image by the integer 2, but --images is the directory" in err
@@ -187,7 +192,7 @@ def test_build_refuses_integer_image_refs_with_a_directory_and_uses_list_positio
     assert seen["c2i"] == [recs[j]["image_id"] for j in range(12)]  # 0-based positions in the list
     recs[5]["image_id"] = "img1.png"
     (tmp_path / "mixed.json").write_text(json.dumps(recs))
-    mixed = base[:3] + [str(tmp_path / "mixed.json")] + base[4:]
+    mixed = base[:3] + [str(tmp_path / "mixed.json")] + base[4:]  # keeps --image-column image_id
     assert main(mixed + ["--images", str(tmp_path / "list.txt")]) == 1
     assert "records mix integer and named image references (record 0: 2, record 5: 'img1.png')" in \
         capsys.readouterr().err
@@ -223,3 +228,37 @@ def test_inspect_reports_soft_labels_and_the_calibrated_tau(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("a\nb\n", encoding="utf-8")
     assert main(["cache", "inspect", str(tmp_path / "c"), "--labels", str(tmp_path / "short.txt")]) == 1
     assert "has 2 labels but the cache holds 20 images" in capsys.readouterr().err
+
+
+def test_tables_are_read_with_datasets_and_explicit_columns(tmp_path, capsys, monkeypatch):
+    import csv
+
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    paths = save_images(img_dir)
+    names = [p.rsplit("/", 1)[1] for p in paths]
+    with open(tmp_path / "caps.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "file"])
+        for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE):
+            w.writerow([c, names[i]])
+    seen = {}
+
+    def fake_build(cls, out_dir, captions, images, caption_to_image, **kw):
+        seen.update(captions=list(captions), images=list(images), c2i=list(caption_to_image))
+        raise ValueError("stop after capturing the inputs")
+
+    monkeypatch.setattr(TeacherCache, "build", classmethod(fake_build))
+    base = ["cache", "build", "--captions", str(tmp_path / "caps.csv"), "--images", str(img_dir), "--out",
+            str(tmp_path / "c")]
+    assert main(base) == 1
+    assert "no column 'caption' (columns: ['sentence', 'file']); name it with --caption-column NAME" in \
+        capsys.readouterr().err
+    assert main(base + ["--caption-column", "sentence", "--image-column", "file"]) == 1
+    assert seen["captions"] == CAPTIONS and seen["images"] == names and seen["c2i"] == CAPTION_TO_IMAGE
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"caption": c, "image": names[i]}) + "\n"
+                                                 for c, i in zip(CAPTIONS, CAPTION_TO_IMAGE)))
+    seen.clear()
+    assert main(["cache", "build", "--captions", str(tmp_path / "caps.jsonl"), "--images", str(img_dir), "--out",
+                 str(tmp_path / "c")]) == 1
+    assert seen["c2i"] == CAPTION_TO_IMAGE

@@ -20,9 +20,11 @@ caption file formats (--captions):
          captions with --caption-to-image or --captions-per-image.
   .json  a list of strings (like .txt), or a list of records, e.g. CUSA/ALBEF's train.json:
            [{"caption": "A man on a moped.", "image": "train2014/COCO_train2014_000000000009.jpg"}, ...]
-         ("text"/"sentence" also work for the caption; the image is named by the first of
-         "image", "image_path", "file_name", "image_id" -- for import-npy "image_id" comes
-         first -- or by --image-field NAME). An optional "id" per record must be unique.
+         The caption is the record's --caption-column (default "caption"), the image its
+         --image-column (default "image"; for import-npy "image_id"); nothing is guessed, a record
+         without them is refused naming the flag. An optional "id" per record must be unique.
+  .jsonl / .csv / .tsv / .parquet   a table, one row per caption, read with datasets.load_dataset;
+         the same --caption-column / --image-column name its columns.
          build: records name image files (paths under --images DIR); images are numbered in order
            of first appearance. An integer image reference (e.g. COCO's "image_id": 9) cannot name
            a file and is refused with --images DIR; with an explicit image list (--images
@@ -203,13 +205,17 @@ def _add_teacher_args(b) -> None:
 
 def _add_dataset_args(p, images_required: bool) -> None:
     p.add_argument("--captions", required=images_required, metavar="FILE",
-                   help="captions: .txt (one per line) or .json (see formats below)")
+                   help="captions: .txt (one per line), .json, or a .jsonl / .csv / .tsv / .parquet table (see "
+                        "formats below)")
     if images_required:
         p.add_argument("--images", nargs="+", required=True, metavar="DIR|FILE",
                        help="an image directory, a .txt/.json list of image paths, or the image files themselves")
-    p.add_argument("--image-field", default=None, metavar="NAME",
-                   help="record field naming the image (default: the first of "
-                   + ", ".join(_BUILD_FIELDS if images_required else _IMPORT_FIELDS) + ")")
+    p.add_argument("--caption-column", default=DEFAULT_CAPTION_COLUMN, metavar="NAME",
+                   help=f"record field / table column holding the caption (default {DEFAULT_CAPTION_COLUMN!r})")
+    default_image = DEFAULT_IMAGE_COLUMN["build" if images_required else "import-npy"]
+    p.add_argument("--image-column", "--image-field", dest="image_column", default=None, metavar="NAME",
+                   help=f"record field / table column naming the image (default {default_image!r}; --image-field is "
+                        "the old spelling)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--caption-to-image", default=None, metavar="FILE",
                    help="image index of each caption (.txt / .json / .npy)")
@@ -299,43 +305,82 @@ def _groups_map(n_captions: int, k: int, num_images: int | None) -> list[int]:
     return [i // k for i in range(n_captions)]
 
 
-_BUILD_FIELDS = ("image", "image_path", "file_name", "filepath", "image_id")
-_IMPORT_FIELDS = ("image_id", "image", "image_path", "file_name", "filepath")
+#: the columns that name a record's caption and image, unless --caption-column / --image-column say otherwise
+#: (CUSA / ALBEF records: {"caption": ..., "image": "train2014/...jpg", "image_id": ...})
+DEFAULT_CAPTION_COLUMN = "caption"
+DEFAULT_IMAGE_COLUMN = {"build": "image", "import-npy": "image_id"}
+#: table formats read through datasets.load_dataset (one row per caption)
+_TABLE_BUILDERS = {".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-def _read_captions(path: Path, fields=_BUILD_FIELDS) -> tuple[list[str], list | None, list | None]:
-    """-> captions, image references per caption (or None), explicit images list (or None)."""
+def _records(rows: list, path: Path, caption_column: str, image_column: str) -> tuple[list[str], list]:
+    """Captions and image references of ``rows`` (dicts), from the named columns only (no guessing)."""
+    captions: list[str] = []
+    refs: list = []
+    ids: dict = {}
+    for j, rec in enumerate(rows):
+        if not isinstance(rec, dict):
+            raise ValueError(f"--captions {path}: record {j} is a {type(rec).__name__}; expected an object with "
+                             f"{caption_column!r}")
+        if caption_column not in rec:
+            raise ValueError(f"--captions {path}: record {j} has no {caption_column!r} field (keys: {sorted(rec)}); "
+                             "name the caption column with --caption-column NAME")
+        if image_column not in rec:
+            raise ValueError(f"--captions {path}: record {j} has no {image_column!r} field (keys: {sorted(rec)}); "
+                             "name the image column with --image-column NAME")
+        cap, ref = rec[caption_column], rec[image_column]
+        if isinstance(cap, list):
+            raise ValueError(f"--captions {path}: record {j} holds a list of captions; give one record per caption")
+        if not isinstance(cap, str):
+            raise ValueError(f"--captions {path}: record {j}'s {caption_column!r} is a {type(cap).__name__}, not text")
+        if "id" in rec:
+            if rec["id"] in ids:
+                raise ValueError(f"--captions {path}: duplicate caption id {rec['id']!r} in records {ids[rec['id']]} "
+                                 f"and {j}")
+            ids[rec["id"]] = j
+        captions.append(cap)
+        refs.append(ref)
+    return captions, refs
+
+
+def _read_captions(path: Path, caption_column: str = DEFAULT_CAPTION_COLUMN,
+                   image_column: str = DEFAULT_IMAGE_COLUMN["build"]) -> tuple[list[str], list | None, list | None]:
+    """-> captions, image references per caption (or None), explicit images list (or None).
+
+    ``.txt``: one caption per line. ``.json``: a list of captions, a list of records, or ``{"captions": [...],
+    "caption_to_image": [...], "images": [...]}``. ``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet``: a table read with
+    ``datasets.load_dataset``, one row per caption. Records and tables name their caption and image by the columns
+    given (``--caption-column`` / ``--image-column``)."""
+    builder = _TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--captions {path}: file not found")
+        import datasets
+
+        kw = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", **kw)
+        except Exception as err:  # noqa: BLE001 - datasets raises many types for a bad file
+            raise ValueError(f"--captions {path}: cannot read it as {builder} ({str(err).splitlines()[0]})") from None
+        for flag, col in (("--caption-column", caption_column), ("--image-column", image_column)):
+            if col not in table.column_names:
+                raise ValueError(f"--captions {path}: no column {col!r} (columns: {table.column_names}); name it with "
+                                 f"{flag} NAME")
+        captions, refs = _records(table.select_columns([caption_column, image_column] + (
+            ["id"] if "id" in table.column_names else [])).to_list(), path, caption_column, image_column)
+        return captions, refs, None
     if path.suffix != ".json":
         return _read_text(path, "--captions").splitlines(), None, None
     data = _read_json(path, "--captions")
     if isinstance(data, dict):
         if "captions" not in data:
-            raise ValueError(f"{path}: a JSON object needs a 'captions' list")
+            raise ValueError(f"--captions {path}: a JSON object needs a 'captions' list")
         return list(data["captions"]), data.get("caption_to_image"), data.get("images")
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of captions or records")
+        raise ValueError(f"--captions {path}: expected a JSON list of captions or records")
     if all(isinstance(x, str) for x in data):
         return data, None, None
-    captions: list[str] = []
-    refs: list = []
-    ids: dict = {}
-    for j, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}: record {j} is a {type(rec).__name__}; expected an object with 'caption'")
-        cap = next((rec[k] for k in ("caption", "text", "sentence", "raw") if k in rec), None)
-        if cap is None:
-            raise ValueError(f"{path}: record {j} has no 'caption' field (keys: {sorted(rec)})")
-        if isinstance(cap, list):
-            raise ValueError(f"{path}: record {j} holds a list of captions; give one record per caption")
-        ref = next((rec[k] for k in fields if k in rec), None)
-        if ref is None:
-            raise ValueError(f"{path}: record {j} names no image (expected one of the fields {list(fields)})")
-        if "id" in rec:
-            if rec["id"] in ids:
-                raise ValueError(f"{path}: duplicate caption id {rec['id']!r} in records {ids[rec['id']]} and {j}")
-            ids[rec["id"]] = j
-        captions.append(cap)
-        refs.append(ref)
+    captions, refs = _records(data, path, caption_column, image_column)
     return captions, refs, None
 
 
@@ -382,7 +427,7 @@ def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
         raise ValueError(
             f"record {j} names its image by the integer {refs[j]!r}, but --images is the directory "
             f"{root}: an integer cannot name a file there. Name the image file in the records (e.g. \"image\": "
-            "\"train2014/COCO_train2014_000000000009.jpg\", or --image-field NAME), or list the images in order with "
+            "\"train2014/COCO_train2014_000000000009.jpg\", or --image-column NAME), or list the images in order with "
             "--images list.txt (integers are then 0-based positions in that list), or give --caption-to-image FILE")
     bad = next((k for k, r in enumerate(refs) if not _is_int(r)), None)
     if bad is not None:
@@ -394,10 +439,9 @@ def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
 def _dataset(args, need_images: bool):
     """-> captions, images (or None), caption->image indices (or None), image root (or None), and for
     import-npy the records' image references (or None; mapped through the feature dict's keys later)."""
-    fields: tuple[str, ...] = _BUILD_FIELDS if need_images else _IMPORT_FIELDS
-    if getattr(args, "image_field", None):
-        fields = (args.image_field,)
-    captions, refs, images = _read_captions(Path(args.captions), fields) if args.captions else (None, None, None)
+    image_column = args.image_column or DEFAULT_IMAGE_COLUMN["build" if need_images else "import-npy"]
+    captions, refs, images = (_read_captions(Path(args.captions), args.caption_column, image_column)
+                              if args.captions else (None, None, None))
     root, listed = _list_images(args.images) if need_images else (None, None)
     c2i = None
     if args.caption_to_image:
