@@ -276,6 +276,18 @@ def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor
     raise ValueError(f"csa mode must be one of {CSA_MODES}, got {mode!r}")
 
 
+def _pair_targets(teacher_image_sim, teacher_text_sim, teacher_temperature, batch: int, dtype, validate: bool,
+                  mode: str = "each") -> tuple[SoftLabels, SoftLabels]:
+    """The two soft labels of CSA (``mode``-combined) or USA (``mode="each"``) from the teacher matrices."""
+    if teacher_image_sim is None or teacher_text_sim is None:
+        raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (softalign.functional.soft_labels)")
+    t_img = check_square_pair(teacher_image_sim, "teacher_image_sim", batch, validate)
+    t_txt = check_square_pair(teacher_text_sim, "teacher_text_sim", batch, validate)
+    s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
+    first, second = combine_teacher_similarities(t_img, t_txt, mode)
+    return soft_labels(first, s_i, dtype, validate), soft_labels(second, s_t, dtype, validate)
+
+
 def cross_modal_soft_label_alignment(
     scores: torch.Tensor,
     teacher_image_sim: torch.Tensor | None,
@@ -301,13 +313,7 @@ def cross_modal_soft_label_alignment(
     b = scores.shape[0]
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
     if targets is None:
-        if teacher_image_sim is None or teacher_text_sim is None:
-            raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (softalign.functional.soft_labels)")
-        teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
-        teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
-        s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
-        fused_i2t, fused_t2i = combine_teacher_similarities(teacher_image_sim, teacher_text_sim, mode)
-        targets = (soft_labels(fused_i2t, s_i, scores.dtype, validate), soft_labels(fused_t2i, s_t, scores.dtype, validate))
+        targets = _pair_targets(teacher_image_sim, teacher_text_sim, teacher_temperature, b, scores.dtype, validate, mode)
     i2t = soft_label_kl(scores, temperature=t_i, target=targets[0], validate=validate)
     t2i = soft_label_kl(scores.t(), temperature=t_t, target=targets[1], validate=validate)
     return (i2t + t2i) / 2.0
@@ -337,13 +343,8 @@ def uni_modal_soft_label_alignment(
     student_text_sim = check_square_pair(student_text_sim, "student_text_sim", b, validate)
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
     if targets is None:
-        if teacher_image_sim is None or teacher_text_sim is None:
-            raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (softalign.functional.soft_labels)")
-        teacher_image_sim = check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
-        teacher_text_sim = check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
-        s_i, s_t = teacher_temperature if isinstance(teacher_temperature, (tuple, list)) else (teacher_temperature,) * 2
-        targets = (soft_labels(teacher_image_sim, s_i, student_image_sim.dtype, validate),
-                   soft_labels(teacher_text_sim, s_t, student_text_sim.dtype, validate))
+        targets = _pair_targets(teacher_image_sim, teacher_text_sim, teacher_temperature, b, student_image_sim.dtype,
+                                validate)
     image = soft_label_kl(student_image_sim, temperature=t_i, target=targets[0], validate=validate)
     text = soft_label_kl(student_text_sim, temperature=t_t, target=targets[1], validate=validate)
     return (image + text) / 2.0

@@ -98,23 +98,21 @@ def load_image(x, i: int, resolve=Path):
             x = io.BytesIO(x["bytes"])
         else:
             x = x["path"]
+    def decoded(source, what: str):
+        try:
+            with Image.open(source) as img:
+                img.load()
+                return to_rgb(img)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"image {i}: cannot {what} ({err})") from None
+
     if isinstance(x, (str, os.PathLike)):
         p = resolve(x)
         if not p.is_file():
             raise FileNotFoundError(f"image {i}: file not found: {p}")
-        try:
-            with Image.open(p) as img:
-                img.load()
-                return to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"image {i}: cannot read {p} as an image ({err})") from None
+        return decoded(p, f"read {p} as an image")
     if hasattr(x, "read"):
-        try:
-            with Image.open(x) as img:
-                img.load()
-                return to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ValueError(f"image {i}: cannot decode image bytes ({err})") from None
+        return decoded(x, "decode image bytes")
     raise TypeError(f"image {i} is a {type(x).__name__}; expected a file path or a PIL.Image")
 
 

@@ -134,17 +134,24 @@ def first_nonfinite_row(table: torch.Tensor, rows_per_block: int = 65536):
     return None
 
 
-def _read_map(path: Path, info: dict, verify: bool) -> torch.Tensor:
-    """The caption->image map of a format-2 cache (its own safetensors file, checked like the tables)."""
-    fpath = contained_path(path, info.get("path"), "files.caption_to_image.path")
+def _checked_file(path: Path, info: dict, what: str, verify: bool) -> Path:
+    """The cache file a manifest entry ``files.<what>`` names: inside the cache, present, of the recorded size and
+    (``verify``) checksum; every failure names the cache and the file."""
+    fpath = contained_path(path, info.get("path"), f"files.{what}.path")
     if not fpath.is_file():
-        raise FileNotFoundError(f"teacher cache {path}: {info.get('path')} (the caption->image map) is missing")
+        raise FileNotFoundError(f"teacher cache {path}: {info.get('path')} is missing")
     if fpath.stat().st_size != int(info.get("bytes", -1)):
         raise ValueError(f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest says "
                          f"{info.get('bytes')} (modified or truncated); rebuild the cache")
     if verify and "sha256" in info and storage.file_sha256(fpath) != info["sha256"]:
         raise ValueError(f"teacher cache {path}: {info['path']} does not match the checksum in its manifest "
-                         "(the caption->image map was modified); rebuild the cache")
+                         "(the file was modified or damaged after the build); rebuild the cache")
+    return fpath
+
+
+def _read_map(path: Path, info: dict, verify: bool) -> torch.Tensor:
+    """The caption->image map of a format-2 cache (its own safetensors file, checked like the tables)."""
+    fpath = _checked_file(path, info, "caption_to_image", verify)
     try:
         c2i = storage.load_tensors(fpath)[str(info.get("key", "caption_to_image"))]
     except (KeyError, ValueError, OSError, RuntimeError) as err:
@@ -308,15 +315,7 @@ class TeacherCache:
         tables = {}
         for mod in FILES:
             info = manifest["files"][mod]
-            fpath = contained_path(path, info["path"], f"files.{mod}.path")
-            if not fpath.is_file():
-                raise FileNotFoundError(f"teacher cache {path}: {info['path']} is missing")
-            if fpath.stat().st_size != int(info["bytes"]):
-                raise ValueError(f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest "
-                                 f"says {info['bytes']} (modified or truncated); rebuild the cache")
-            if verify and "sha256" in info and storage.file_sha256(fpath) != info["sha256"]:
-                raise ValueError(f"teacher cache {path}: {info['path']} does not match the checksum in its manifest "
-                                 "(the file was modified or damaged after the build); rebuild the cache")
+            fpath = _checked_file(path, info, mod, verify)
             try:
                 t = (storage.mmap_safetensors(fpath) if mmap else storage.load_tensors(fpath))[info["key"]]
             except (KeyError, ValueError, OSError) as err:
