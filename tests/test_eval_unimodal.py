@@ -87,3 +87,36 @@ def test_unimodal_bad_input():
         unimodal_retrieval(bad, torch.zeros(5))
     with pytest.raises(ValueError, match="scores has 3 entries but there are 5 pairs"):
         text_similarity_correlation(x, x, [0.1, 0.2, 0.3])
+
+
+def test_recall_at_k_follows_the_dml_convention():
+    """R@K = a same-label item among the K nearest neighbours (leave-one-out and query/gallery), checked against an
+    independent loop; R@1 equals precision@1."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    emb = rng.normal(size=(40, 6)).astype(np.float32)
+    labels = rng.integers(0, 6, size=40)
+
+    def loop(q, ql, g, gl, k, loo):
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+        hits = []
+        for i in range(len(q)):
+            s = gn @ qn[i]
+            if loo:
+                s[i] = -np.inf
+            if not ((gl == ql[i]).sum() - (1 if loo else 0)) > 0:
+                continue  # PML skips lone queries
+            hits.append(any(gl[j] == ql[i] for j in np.argsort(-s)[:k]))
+        return float(np.mean(hits))
+
+    m = unimodal_retrieval(emb, labels)
+    for k in (2, 4, 8):
+        assert m[f"recall_at_{k}"] == pytest.approx(loop(emb, labels, emb, labels, k, True))
+    assert m["recall_at_1"] == m["precision_at_1"] == pytest.approx(loop(emb, labels, emb, labels, 1, True))
+    mq = unimodal_retrieval(emb[:10], labels[:10], gallery=emb[10:], gallery_labels=labels[10:], ks=(1, 4))
+    assert mq["recall_at_4"] == pytest.approx(loop(emb[:10], labels[:10], emb[10:], labels[10:], 4, False))
+    assert "recall_at_8" not in mq
+    with pytest.raises(ValueError, match="ks must be positive"):
+        unimodal_retrieval(emb, labels, ks=(0,))

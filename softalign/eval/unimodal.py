@@ -8,7 +8,10 @@ Learning Reality Check", ECCV 2020) with a non-faiss exact KNN
 * ``precision_at_1`` (= Recall@1 in the metric-learning sense: the nearest neighbour shares the
   query's label; also reported as ``recall_at_1``);
 * ``r_precision``: with R = number of same-label gallery items, the fraction of them in the top R;
-* ``map_at_r``: MAP@R = 1/R * sum_{i<=R} P(i) * rel(i) (mean over queries).
+* ``map_at_r``: MAP@R = 1/R * sum_{i<=R} P(i) * rel(i) (mean over queries);
+* ``recall_at_{K}`` for K in ``ks`` (default 1, 2, 4, 8: the deep-metric-learning convention of CUB / Cars / SOP /
+  In-Shop papers): the fraction of queries with at least one same-label item among their K nearest neighbours
+  (computed here, in batches; K = 1 equals ``precision_at_1``).
 
 Leave-one-out (``gallery=None``): every item is a query against all the others
 (``ref_includes_query=True``, the query itself is removed). Query/gallery: separate sets.
@@ -62,12 +65,15 @@ def unimodal_retrieval(
     *,
     batch_size: int = 1024,
     prefix: str = "",
+    ks: tuple[int, ...] = (1, 2, 4, 8),
 ) -> dict[str, float]:
     """Recall@1 / precision@1, R-precision and MAP@R of ``embeddings`` (queries) against
     ``gallery`` (default: the queries themselves, leave-one-out). Cosine similarity.
 
-    Returns ``{prefix+"precision_at_1", prefix+"recall_at_1", prefix+"r_precision",
+    Returns ``{prefix+"precision_at_1", prefix+"recall_at_{K}" (K in ``ks``), prefix+"r_precision",
     prefix+"map_at_r", prefix+"num_queries"}`` (fractions in [0, 1])."""
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive neighbour counts, got {ks}")
     from pytorch_metric_learning.distances import CosineSimilarity
     from pytorch_metric_learning.utils.accuracy_calculator import (
         AccuracyCalculator,
@@ -116,13 +122,41 @@ def unimodal_retrieval(
         res = calc.get_accuracy(q, qc, q, qc, ref_includes_query=True)
     else:
         res = calc.get_accuracy(q, qc, g, gc, ref_includes_query=False)
-    return {
+    out = {
         f"{prefix}precision_at_1": float(res["precision_at_1"]),
         f"{prefix}recall_at_1": float(res["precision_at_1"]),
         f"{prefix}r_precision": float(res["r_precision"]),
         f"{prefix}map_at_r": float(res["mean_average_precision_at_r"]),
         f"{prefix}num_queries": float(n_scored),
     }
+    hits = _recall_at_k(q[not_lone], qc[not_lone], g, gc, tuple(int(k) for k in ks), batch_size,
+                        torch.nonzero(not_lone).flatten() if loo else None)
+    for k, v in hits.items():
+        if k != 1:  # R@1 is PML's precision@1 above
+            out[f"{prefix}recall_at_{k}"] = v
+    return out
+
+
+def _recall_at_k(q: torch.Tensor, qc: torch.Tensor, g: torch.Tensor, gc: torch.Tensor, ks: tuple[int, ...],
+                 batch_size: int, self_index: torch.Tensor | None) -> dict[int, float]:
+    """Fraction of queries with a same-label item among their K nearest gallery items (cosine), for each K;
+    ``self_index``: leave-one-out, the gallery position of each query (excluded from its neighbours)."""
+    qn = torch.nn.functional.normalize(q, dim=1)
+    gn = torch.nn.functional.normalize(g, dim=1)
+    k_max = min(max(ks), gn.shape[0] - (1 if self_index is not None else 0))
+    first_hit = []
+    for s in range(0, qn.shape[0], batch_size):
+        sims = qn[s:s + batch_size] @ gn.T
+        if self_index is not None:
+            rows = torch.arange(sims.shape[0])
+            sims[rows, self_index[s:s + batch_size]] = -float("inf")
+        top = sims.topk(k_max, dim=1).indices
+        match = gc[top] == qc[s:s + batch_size].view(-1, 1)
+        # rank of the first same-label neighbour (k_max when none in the top k_max)
+        first = torch.where(match.any(dim=1), match.float().argmax(dim=1), torch.full((match.shape[0],), k_max))
+        first_hit.append(first)
+    ranks = torch.cat(first_hit)
+    return {k: float((ranks < k).double().mean()) for k in ks}
 
 
 def text_similarity_correlation(emb_a: Any, emb_b: Any, scores: Any, prefix: str = "") -> dict[str, float]:
