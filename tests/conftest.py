@@ -18,3 +18,19 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    """A CPU Accelerator for the reference-trainer tests."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The trainer tests' tiny (train, test) splits (tests.test_train_trainer.tiny_data)."""
+    from tests.test_train_trainer import tiny_data
+
+    return tiny_data("train"), tiny_data("test")

@@ -14,20 +14,6 @@ from softalign.locking import DirectoryLockedError, directory_lock
 from tests.test_train_trainer import STUB_TEACHERS, StubImageTeacher, StubTextTeacher, _train, tiny_recipe
 
 
-@pytest.fixture(scope="module")
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
-@pytest.fixture(scope="module")
-def data():
-    from tests.test_train_trainer import tiny_data
-
-    return tiny_data("train"), tiny_data("test")
-
-
 def test_a_second_run_into_a_locked_output_directory_fails_naming_the_first(tmp_path, data, accelerator):
     with directory_lock(tmp_path / "run", "softalign train (tiny)"):
         with pytest.raises(DirectoryLockedError, match=rf"in use by softalign train \(tiny\) \(pid {os.getpid()}"):

@@ -50,18 +50,6 @@ def tiny_recipe(out, **over):
     return recipe_from_dict(values)
 
 
-@pytest.fixture(scope="module")
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tiny_data("train"), tiny_data("test")
-
-
 def _train(recipe, data, accelerator, **kw):
     from softalign.train.trainer import train
 

@@ -94,7 +94,6 @@ def _check_finite(block: Tensor, rows: Tensor, cols: Tensor, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------- block providers
-BlockFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _take(x: Any, idx: Tensor) -> Any:

@@ -541,6 +541,18 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         """USA without heads computes the same cosine similarities as CMC's intra term (in its head dtype)."""
         return self.usa is not None and self.usa.embed_dim is None
 
+    def soft_label_targets(self, teacher_image_sim, teacher_text_sim):
+        """``(csa_targets, usa_targets)``: the soft labels of each teacher matrix (square, or local rows x global
+        columns), computed once; CSA in mode ``each`` shares USA's (one frozen ``tau_s`` pair). None for a term
+        that is off."""
+        usa_t = self.usa.soft_labels(teacher_image_sim, teacher_text_sim) if self.usa is not None else None
+        if self.csa is None:
+            return None, usa_t
+        same_tau = (usa_t is not None and self.csa.mode == "each"
+                    and self.csa.teacher_temperature is self.usa.teacher_temperature
+                    and self.csa.text_teacher_temperature is self.usa.text_teacher_temperature)
+        return (usa_t if same_tau else self.csa.soft_labels(teacher_image_sim, teacher_text_sim)), usa_t
+
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
                batch: int = 1) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
@@ -553,12 +565,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 parts["base"] = self.base(scores=scores, image_ids=image_ids)
         # the KL terms are batch means; with a base that sums over anchors (VSE++'s hinge) they are summed too
         soft_scale = float(batch) if self.soft_label_reduction == "sum" else 1.0
-        usa_targets = self.usa.soft_labels(t_img, t_txt) if self.usa is not None else None
+        csa_targets, usa_targets = self.soft_label_targets(t_img, t_txt)
         if self.csa is not None:
-            same_tau = (self.usa is not None and self.csa.mode == "each"
-                        and self.csa.teacher_temperature is self.usa.teacher_temperature
-                        and self.csa.text_teacher_temperature is self.usa.text_teacher_temperature)
-            csa_targets = usa_targets if (same_tau and usa_targets is not None) else self.csa.soft_labels(t_img, t_txt)
             parts["csa"] = soft_scale * self.csa(scores=scores, targets=csa_targets)
         image_sim, text_sim = uni if uni is not None else (None, None)
         if self.usa is not None:

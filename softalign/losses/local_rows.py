@@ -53,9 +53,8 @@ def _info_nce_rows(s_i2t, s_t2i, pos, temperature) -> torch.Tensor:
     return (i2t + t2i) / 2.0
 
 
-def _kl_rows(student, teacher_rows, temperature, teacher_temperature) -> torch.Tensor:
-    """Sum over the rows of ``KL(softmax(T / tau_s) || softmax(S / tau))`` (the targets carry no gradient)."""
-    target = SF.soft_labels(teacher_rows, teacher_temperature, validate=False)
+def _kl_rows(student, target: SF.SoftLabels, temperature) -> torch.Tensor:
+    """Sum over the rows of ``KL(P || softmax(S / tau))`` for soft labels ``P`` (no gradient to the teacher)."""
     log_q = F.log_softmax(student / temperature, dim=1)
     return (target.probs * (target.log_probs - log_q)).sum()
 
@@ -93,13 +92,15 @@ def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, i
     if teacher is not None:
         e_img_l, e_txt_l, e_img_g, e_txt_g = teacher
         t_img_rows, t_txt_rows = e_img_l @ e_img_g.t(), e_txt_l @ e_txt_g.t()
-    if loss.csa is not None:
+    csa_targets = usa_targets = None
+    if teacher is not None:  # once per teacher matrix, shared by CSA and USA as on the global path
+        csa_targets, usa_targets = loss.soft_label_targets(t_img_rows, t_txt_rows)
+    if loss.csa is not None and csa_targets is not None:
         tau_i, tau_t = loss.csa.temperatures()
-        ts_i, ts_t = loss.csa.teacher_temperatures()
-        rows_i2t, rows_t2i = SF.combine_teacher_similarities(t_img_rows, t_txt_rows, loss.csa.mode)
-        csa = (_kl_rows(s_i2t, rows_i2t, tau_i, ts_i) + _kl_rows(s_t2i, rows_t2i, tau_t, ts_t)) / 2.0
+        p_i2t, p_t2i = csa_targets
+        csa = (_kl_rows(s_i2t, p_i2t, tau_i) + _kl_rows(s_t2i, p_t2i, tau_t)) / 2.0
         parts["csa"] = soft_scale * csa / n
-    if loss.usa is not None:
+    if loss.usa is not None and usa_targets is not None:
         usa = loss.usa
         if feats is not None:
             f_img_l, f_txt_l, f_img_g, f_txt_g = feats
@@ -112,8 +113,8 @@ def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, i
 
         u_ii = head(usa.image_head, f_img_l) @ head(usa.image_head, f_img_g).t()
         u_tt = head(usa.text_head, f_txt_l) @ head(usa.text_head, f_txt_g).t()
-        value = (_kl_rows(u_ii, t_img_rows, usa.image_temperature(), usa.teacher_temperature())
-                 + _kl_rows(u_tt, t_txt_rows, usa.text_temperature(), usa.text_teacher_temperature())) / 2.0
+        value = (_kl_rows(u_ii, usa_targets[0], usa.image_temperature())
+                 + _kl_rows(u_tt, usa_targets[1], usa.text_temperature())) / 2.0
         parts["usa"] = soft_scale * value / n
     if loss.cmc is not None:
         # TGDT's intra term sums over columns j the max over rows i of |S_tt - S_ii|; both matrices are symmetric,

@@ -34,8 +34,6 @@ _ST_DTYPES = {
     torch.int64: "I64",
     torch.int32: "I32",
 }
-_ST_TO_TORCH = {v: k for k, v in _ST_DTYPES.items()}
-_ST_TO_NUMPY = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
 
 # the generic writers live on the ground floor; re-exported here for the cache code and older imports
