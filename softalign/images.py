@@ -57,15 +57,18 @@ class ImagePreprocessing:
         """PIL image -> float tensor [3, H, W]."""
         img = to_rgb(img)
         w, h = img.size
-        s = self.resize_shorter / min(w, h)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        # torchvision's Resize(int) / CenterCrop arithmetic, so that a timm model sees exactly the pixels of
+        # timm.data.create_transform: the shorter side becomes resize_shorter, the longer int(size * long / short)
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = max(1, int(self.resize_shorter * long / short))
+        nw, nh = (self.resize_shorter, new_long) if w <= h else (new_long, self.resize_shorter)
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), resample=_INTERP.get(self.interpolation, 3))
         th, tw = self.size
         if nw < tw or nh < th:  # tiny resize_shorter: pad by resizing up to the crop
             img = img.resize((max(nw, tw), max(nh, th)), resample=_INTERP.get(self.interpolation, 3))
             nw, nh = img.size
-        left, top = (nw - tw) // 2, (nh - th) // 2
+        left, top = int(round((nw - tw) / 2.0)), int(round((nh - th) / 2.0))
         img = img.crop((left, top, left + tw, top + th))
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
         if self.scale != 255.0:

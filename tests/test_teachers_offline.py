@@ -1,8 +1,5 @@
-"""The packaged offline teachers (MiniLM, EfficientNet-Lite0), preprocessing, and the timm backend (fake timm)."""
+"""The packaged offline teachers (MiniLM, EfficientNet-Lite0) and preprocessing (timm: tests/test_timm_real.py)."""
 from __future__ import annotations
-
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -11,7 +8,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from softalign.teachers import ImagePreprocessing, resolve_image_teacher, resolve_text_teacher
-from softalign.teachers.image import TimmImageTeacher
 from softalign.teachers.preprocess import efficientnet_lite_preprocessing
 
 
@@ -76,71 +72,13 @@ def test_preprocessing_resize_crop_normalise_against_numpy():
     assert grey.shape == (3, 224, 224) and float(grey.abs().max()) == 0.0
 
 
-# ------------------------------------------------------------------------------------------- timm backend
-class _FakeTimmModel(torch.nn.Module):
-    num_features = 5
-
-    def __init__(self):
-        super().__init__()
-        self.pretrained_cfg = {"input_size": (3, 8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-                               "crop_pct": 0.8, "interpolation": "bilinear"}
-
-    def forward(self, x):  # pooled "features": per-channel means + global max + min
-        return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(1, 2, 3))[:, None], x.amin(dim=(1, 2, 3))[:, None]], 1)
-
-
-@pytest.fixture
-def fake_timm(monkeypatch):
-    calls = []
-    timm = types.ModuleType("timm")
-    data = types.ModuleType("timm.data")
-
-    def create_model(name, pretrained=False, num_classes=None, **kw):
-        calls.append(dict(name=name, pretrained=pretrained, num_classes=num_classes, **kw))
-        return _FakeTimmModel()
-
-    data.resolve_model_data_config = lambda model: dict(model.pretrained_cfg)
-    timm.create_model = create_model
-    timm.data = data
-    monkeypatch.setitem(sys.modules, "timm", timm)
-    monkeypatch.setitem(sys.modules, "timm.data", data)
-    return calls
-
-
-def test_timm_teacher_local_weights_and_data_config(fake_timm, tmp_path):
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(b"x")
-    t = resolve_image_teacher("timm:fakenet_tiny", device="cpu", weights=weights)
-    assert isinstance(t, TimmImageTeacher) and t.name == "timm:fakenet_tiny" and t.dim == 5
-    assert fake_timm == [dict(name="fakenet_tiny", pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(weights)))]
-    pp = t.config["preprocessing"]
-    assert pp["size"] == [8, 8] and pp["resize_shorter"] == 10 and pp["interpolation"] == "bilinear"
-    img = Image.new("RGB", (20, 10), (255, 0, 51))
-    f = t.encode([img])
-    expected_pixel = (np.array([255, 0, 51]) / 255.0 - 0.5) / 0.25  # resize of a flat image keeps its colour
-    np.testing.assert_allclose(f[0, :3].numpy(), expected_pixel, rtol=1e-5)
-    assert f.shape == (1, 5)
-
-
-def test_timm_hub_name_without_weights(fake_timm):
-    resolve_image_teacher("timm:fakenet_tiny", device="cpu")
-    assert fake_timm[-1] == dict(name="fakenet_tiny", pretrained=True, num_classes=0)
-
-
-def test_timm_missing_gives_install_hint(monkeypatch):
-    monkeypatch.setitem(sys.modules, "timm", None)
-    with pytest.raises(ImportError, match=r"pip install softalign\[timm\]"):
-        resolve_image_teacher("timm:resnet50")
-
-
-def test_teacher_resolution_errors(fake_timm, tmp_path):
+def test_teacher_resolution_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown image teacher 'resnet50'"):
         resolve_image_teacher("resnet50")
     with pytest.raises(TypeError, match="image_teacher must be"):
         resolve_image_teacher(42)
     with pytest.raises(FileNotFoundError, match="timm weights .* not found"):
-        resolve_image_teacher("timm:fakenet_tiny", weights=tmp_path / "nope.pth")
+        resolve_image_teacher("timm:test_vit", weights=tmp_path / "nope.pth")
     with pytest.raises(TypeError, match="text_teacher must be"):
         resolve_text_teacher(3.5)
 

@@ -3,8 +3,6 @@ checkpoint round-trip, resume continues at the right epoch, embeddings readable 
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -406,38 +404,6 @@ def test_lr_schedules(tmp_path):
     assert lr_factor(cos, 100, 100, 10) == pytest.approx(0.1)
     step = tiny_recipe(tmp_path, optim={"schedule": "step", "lr_decay_epoch": 15, "lr_decay_factor": 0.1})
     assert lr_factor(step, 149, 300, 10) == 1.0 and lr_factor(step, 150, 300, 10) == pytest.approx(0.1)
-
-
-def test_timm_encoder_is_imported_lazily(monkeypatch):
-    from softalign.train.models import build_model
-
-    class FakeBackbone(torch.nn.Module):
-        num_features = 6
-
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(3, 6)
-
-        def forward(self, x):
-            return self.lin(x.mean((2, 3)))
-
-    calls = {}
-
-    def create_model(name, pretrained, num_classes):
-        calls.update(name=name, pretrained=pretrained, num_classes=num_classes)
-        return FakeBackbone()
-
-    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
-    cfg = tiny_recipe("x", model={"image_encoder": "timm:fake_net", "pretrained": False}).model
-    model = build_model(cfg, ["a b"])
-    assert calls == {"name": "fake_net", "pretrained": False, "num_classes": 0}
-    img, txt = model(torch.randn(2, 3, 8, 8), ["a", "b"])
-    assert img.shape == txt.shape == (2, 16)
-    torch.testing.assert_close(img.norm(dim=1), torch.ones(2))
-
-    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
-    with pytest.raises(ImportError, match=r"pip install softalign\[timm\]"):
-        build_model(cfg, ["a b"])
 
 
 def test_precomp_encoder_pools_regions():

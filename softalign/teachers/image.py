@@ -149,7 +149,7 @@ class TimmImageTeacher(ImageTeacher):
         self.model_name = model_name
         self.weights = None if weights is None else str(weights)
         self.dim = int(getattr(model, "num_features"))
-        self.preprocessing = from_timm_data_config(_timm_data_config(timm, model))
+        self.preprocessing = from_timm_data_config(dict(timm.data.resolve_model_data_config(model)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
@@ -159,15 +159,6 @@ class TimmImageTeacher(ImageTeacher):
     def config(self) -> dict:
         return {"kind": self.kind, "model": self.model_name, "weights": self.weights,
                 "pooling": "timm num_classes=0 (pre-logits)", "preprocessing": self.preprocessing.to_dict()}
-
-
-def _timm_data_config(timm, model) -> dict:
-    data = getattr(timm, "data", None)
-    if data is not None and hasattr(data, "resolve_model_data_config"):
-        return dict(data.resolve_model_data_config(model))
-    if data is not None and hasattr(data, "resolve_data_config"):
-        return dict(data.resolve_data_config({}, model=model))
-    return dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {})
 
 
 def resolve_image_teacher(teacher=DEFAULT_IMAGE_TEACHER, device=None, batch_size: int = 32,
