@@ -138,7 +138,7 @@ class TimmImageTeacher(ImageTeacher):
                 "pip install softalign[timm] (timm needs a torchvision build that matches your torch)"
             ) from None
         super().__init__(f"timm:{model_name}", device=device, batch_size=batch_size)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if weights is not None:
             if not Path(weights).is_file():
                 raise FileNotFoundError(f"timm weights for {model_name!r} not found: {weights}")
