@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from softalign import functional as SF
 from softalign.losses import (
@@ -188,6 +189,25 @@ def test_state_dict_round_trip_restores_heads_and_temperatures():
     b.load_state_dict(a.state_dict())
     assert b.csa.temperature().item() == pytest.approx(0.3)
     torch.testing.assert_close(b.usa.image_head[1].weight, a.usa.image_head[1].weight)
+
+
+def test_calibrated_state_dict_is_tensors_only_and_round_trips_through_safetensors():
+    from safetensors.torch import load, save
+
+    g = torch.Generator().manual_seed(0)
+    e = F.normalize(torch.randn(3, 8, 8, generator=g), dim=-1)
+    a = SoftAlignLoss(embed_dim=8)
+    record = a.calibrate(teacher_image_sim=e @ e.transpose(1, 2), teacher_text_sim=e.flip(0) @ e.flip(0).transpose(1, 2))
+    state = a.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # safetensors / weights_only friendly
+    b = SoftAlignLoss(embed_dim=8)
+    assert b._needs_calibration
+    b.load_state_dict(load(save(state)))
+    assert b.calibration == record and not b._needs_calibration
+    assert float(b.usa.teacher_temperature.value) == pytest.approx(record["image"])
+    c = SoftAlignLoss(embed_dim=8)  # a state dict saved by softalign 0.1.0 held the record as a dict
+    c.load_state_dict({**state, "_extra_state": {"calibration": record}})
+    assert c.calibration == record and not c._needs_calibration
 
 
 def test_combined_bad_input_messages():

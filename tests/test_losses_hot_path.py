@@ -118,7 +118,11 @@ def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(mon
                          diagnostics_every=0, return_parts=True, learn_temperatures=False).double()
     parts = loss(img, txt, image_ids=torch.arange(b), teacher_image_sim=t_img, teacher_text_sim=t_txt)
     assert len(calls) == 2  # image and text targets, once each, for both terms
-    assert loss.csa.teacher_temperature is loss.usa.teacher_temperature
+    # the two terms hold equal, separate tau_s buffers: the state dict has no shared tensors and saves as safetensors
+    from safetensors.torch import save
+
+    assert float(loss.csa.teacher_temperature.value) == float(loss.usa.teacher_temperature.value) == pytest.approx(0.3)
+    save({k: v for k, v in loss.state_dict().items()})
     s = F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
     assert parts["csa"].item() == pytest.approx(ref.csa(s, t_img, t_txt, 0.45, 0.3), rel=1e-6)
     s_ii = F.normalize(img, dim=1) @ F.normalize(img, dim=1).T
@@ -129,7 +133,7 @@ def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(mon
     fused = SoftAlignLoss(embed_dim=None, base="none", alpha=1.0, beta=1.0, csa_mode="add", teacher_temperature=0.5,
                           diagnostics_every=0)
     fused(img, txt, image_ids=torch.arange(b), teacher_image_sim=t_img, teacher_text_sim=t_txt)
-    assert len(calls) == 4 and fused.csa.teacher_temperature is not fused.usa.teacher_temperature
+    assert len(calls) == 4
 
 
 def test_values_are_checked_on_the_first_forward_and_a_failed_check_is_repeated():

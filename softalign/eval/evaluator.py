@@ -1,7 +1,9 @@
 """``RetrievalEvaluator``: image-text retrieval evaluation in the sentence-transformers evaluator
 convention -- ``evaluator(model, output_path=None, epoch=-1, steps=-1) -> dict`` of metrics,
 with ``evaluator.primary_metric`` ("rsum", prefixed by ``name``) and ``greater_is_better``;
-usable as the ``evaluator=`` of a SentenceTransformerTrainer or called from any training loop.
+usable as the ``evaluator=`` of a SentenceTransformerTrainer or called from any training loop. With
+sentence-transformers installed it subclasses its ``BaseEvaluator`` (so the trainer takes it as one evaluator and
+writes its metrics into the model card); without it, a stand-in base with the same methods.
 
 Model protocol (first that applies):
 
@@ -28,6 +30,40 @@ from softalign.eval.crossmodal import DEFAULT_KS, _as_tensor, check_caption_to_i
 __all__ = ["RetrievalEvaluator", "encode_with_model"]
 
 
+class _StandaloneEvaluatorBase:
+    """sentence-transformers' ``BaseEvaluator`` protocol, for installs without sentence-transformers."""
+
+    def __init__(self):
+        self.greater_is_better = True
+        self.primary_metric: str | None = None
+
+    def prefix_name_to_metrics(self, metrics: dict[str, float], name: str) -> dict[str, float]:
+        if not name:
+            return {k: float(v) for k, v in metrics.items()}
+        if self.primary_metric is not None and not self.primary_metric.startswith(name + "_"):
+            self.primary_metric = f"{name}_{self.primary_metric}"
+        return {f"{name}_{k}": float(v) for k, v in metrics.items()}
+
+    def store_metrics_in_model_card_data(self, model: Any, metrics: dict[str, Any], epoch: int = 0,
+                                         step: int = 0) -> None:
+        model.model_card_data.set_evaluation_metrics(self, metrics, epoch, step)
+
+
+def _evaluator_base() -> type:
+    """sentence-transformers' evaluator base class (``BaseEvaluator`` from 6.0, ``SentenceEvaluator`` before), or
+    the stand-in when sentence-transformers is not installed."""
+    try:
+        from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+        return BaseEvaluator
+    except ImportError:
+        pass
+    try:
+        from sentence_transformers.evaluation import SentenceEvaluator
+        return SentenceEvaluator
+    except ImportError:
+        return _StandaloneEvaluatorBase
+
+
 def encode_with_model(model: Any, images: Any, captions: Any, batch_size: int = 64, encode_fn: Callable | None = None):
     """Embed images and captions following the model protocol in the module docstring."""
     if encode_fn is not None:
@@ -48,7 +84,7 @@ def encode_with_model(model: Any, images: Any, captions: Any, batch_size: int = 
     )
 
 
-class RetrievalEvaluator:
+class RetrievalEvaluator(_evaluator_base()):  # type: ignore[misc]
     """Cross-modal (and optionally uni-modal) retrieval evaluator.
 
     Args:
@@ -77,6 +113,7 @@ class RetrievalEvaluator:
         encode_fn: Callable | None = None,
         write_csv: bool = True,
     ):
+        super().__init__()
         if len(images) == 0 or len(captions) == 0:
             raise ValueError(f"empty test set: {len(images)} images, {len(captions)} captions")
         self.caption_to_image = check_caption_to_image(caption_to_image, len(captions), len(images))
@@ -88,13 +125,6 @@ class RetrievalEvaluator:
         self.greater_is_better = True
         self.primary_metric = "rsum" if protocol != "coco" else "coco5k/rsum"
         self.csv_file = f"retrieval_evaluation{'_' + name if name else ''}_results.csv"
-
-    def prefix_name_to_metrics(self, metrics: dict[str, float], name: str) -> dict[str, float]:
-        if not name:
-            return {k: float(v) for k, v in metrics.items()}
-        if not self.primary_metric.startswith(name + "_"):
-            self.primary_metric = f"{name}_{self.primary_metric}"
-        return {f"{name}_{k}": float(v) for k, v in metrics.items()}
 
     def compute_metrices(self, model: Any) -> dict[str, float]:
         """Deprecated spelling (sentence-transformers' old evaluators): use :meth:`compute_metrics`."""
@@ -142,10 +172,7 @@ class RetrievalEvaluator:
                 w.writerow([epoch, steps] + [metrics[k] for k in keys])
         metrics = self.prefix_name_to_metrics(metrics, self.name)
         if model is not None and hasattr(model, "model_card_data"):
-            try:
-                model.model_card_data.set_evaluation_metrics(self, metrics, epoch, steps)
-            except Exception:  # model card bookkeeping must never break evaluation
-                pass
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
         return metrics
 
     @property

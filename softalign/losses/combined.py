@@ -210,12 +210,11 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                            teacher_temperature=fixed_tau) if beta > 0 else None
         self._needs_calibration = auto_tau and (self.csa is not None or self.usa is not None)
         self.cmc = CMCLoss(margin, cmc_intra_margin, miner=miner, similarity=self.similarity) if gamma > 0 else None
-        if self.csa is not None and self.usa is not None and self.csa.mode == "each":
-            # CSA (mode "each") and USA read the same teacher matrices at the same tau_s: one pair of frozen
-            # temperatures, so the soft labels are computed once per forward and shared (open_clip's DistillClipLoss
-            # style: targets once, passed down)
-            self.usa.teacher_temperature = self.csa.teacher_temperature
-            self.usa.text_teacher_temperature = self.csa.text_teacher_temperature
+        # CSA (mode "each") and USA read the same teacher matrices at the same frozen tau_s (CUSA's
+        # use_cross_softlabel_same_softlabel_tau): this loss sets both pairs together (constructor, calibrate), so
+        # the soft labels are computed once per forward and passed to both (open_clip's DistillClipLoss style). Each
+        # term keeps its own buffers: a state dict without shared tensors saves as safetensors.
+        self._shared_soft_labels = self.csa is not None and self.usa is not None and self.csa.mode == "each"
         for term in (self.base, self.csa, self.usa, self.cmc):
             if isinstance(term, ChecksValuesOnce):
                 term._values_checked = True  # this loss checks its inputs once, at its boundary
@@ -301,11 +300,20 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self._needs_calibration = False
         return record
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"calibration": self.calibration}
+    def get_extra_state(self) -> torch.Tensor:
+        """The calibration record as JSON in a uint8 tensor: a state dict of tensors only, so that it saves as
+        safetensors (``transformers.Trainer``, accelerate) and loads with ``weights_only=True``."""
+        import json
+
+        data = json.dumps({"calibration": self.calibration}, sort_keys=True).encode("utf-8")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict) and state.get("calibration") is not None:
+        if isinstance(state, torch.Tensor):  # the JSON tensor of get_extra_state
+            import json
+
+            state = json.loads(bytes(state.to(torch.uint8).cpu().tolist()).decode("utf-8"))
+        if isinstance(state, dict) and state.get("calibration") is not None:  # a dict: state dicts saved by softalign 0.1.0
             self.calibration = dict(state["calibration"])
             self._needs_calibration = False
 
@@ -422,6 +430,13 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
 
     def _weights(self) -> dict[str, float]:
         return {"base": 1.0, "csa": self.alpha, "usa": self.beta, "cmc": self.gamma}
+
+    def weighted_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"base": L_base, "csa": alpha L_CSA, "usa": beta L_USA, "cmc": gamma L_CMC}`` from a
+        ``return_parts=True`` result: the weighted terms whose sum is ``parts["loss"]``, without the total. This is
+        what a host that sums a returned dict (sentence-transformers' trainer) or logs each entry should get, so
+        that no term is counted twice."""
+        return {name: weight * parts[name] for name, weight in self._weights().items() if name in parts}
 
     def _diagnose(self, out: dict[str, torch.Tensor], inputs) -> None:
         """Each weighted term's share of the gradient norm on the loss inputs (a few extra backward passes through
@@ -543,15 +558,13 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
 
     def soft_label_targets(self, teacher_image_sim, teacher_text_sim):
         """``(csa_targets, usa_targets)``: the soft labels of each teacher matrix (square, or local rows x global
-        columns), computed once; CSA in mode ``each`` shares USA's (one frozen ``tau_s`` pair). None for a term
-        that is off."""
+        columns), computed once; CSA in mode ``each`` shares USA's (the same frozen ``tau_s``, set together). None
+        for a term that is off."""
         usa_t = self.usa.soft_labels(teacher_image_sim, teacher_text_sim) if self.usa is not None else None
         if self.csa is None:
             return None, usa_t
-        same_tau = (usa_t is not None and self.csa.mode == "each"
-                    and self.csa.teacher_temperature is self.usa.teacher_temperature
-                    and self.csa.text_teacher_temperature is self.usa.text_teacher_temperature)
-        return (usa_t if same_tau else self.csa.soft_labels(teacher_image_sim, teacher_text_sim)), usa_t
+        shared = usa_t is not None and self._shared_soft_labels
+        return (usa_t if shared else self.csa.soft_labels(teacher_image_sim, teacher_text_sim)), usa_t
 
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
                batch: int = 1) -> dict[str, torch.Tensor]:
