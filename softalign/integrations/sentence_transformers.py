@@ -31,10 +31,13 @@ embeddings of the first column (e.g. ``softalign cache import-npy`` with the anc
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from softalign.losses import SoftAlignLoss
 
 __all__ = ["SoftAlignSTLoss"]
 
@@ -52,10 +55,11 @@ class SoftAlignSTLoss(nn.Module):
         super().__init__()
         from softalign.losses import SoftAlignLoss
 
+        loss = loss if loss is not None else SoftAlignLoss(base="infonce")
+        if not isinstance(loss, SoftAlignLoss):
+            raise TypeError(f"loss must be a softalign SoftAlignLoss, got {type(loss).__name__}")
         self.model = model
-        self.loss = loss if loss is not None else SoftAlignLoss(base="infonce")
-        if not isinstance(self.loss, SoftAlignLoss):
-            raise TypeError(f"loss must be a softalign SoftAlignLoss, got {type(self.loss).__name__}")
+        self.loss: SoftAlignLoss = loss
 
     def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
                 labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
