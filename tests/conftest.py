@@ -34,3 +34,22 @@ def data():
     from tests.test_train_trainer import tiny_data
 
     return tiny_data("train"), tiny_data("test")
+
+
+TINY_CLIP = "softalign-tiny-vit"  # a randomly initialised open_clip ViT, small enough for CPU tests
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """Registers the open_clip config ``softalign-tiny-vit`` (ViT: 32 px, patch 8, width 32; text: 16 tokens,
+    width 32; embed_dim 32) and returns its name."""
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    path = tmp_path_factory.mktemp("open_clip_cfg") / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(path)
+    return TINY_CLIP

@@ -98,3 +98,46 @@ def test_single_process_reference_is_itself_consistent():
     explicit = loss(model["img"](x_img), model["txt"](x_txt), image_ids=ids,
                     teacher_image_sim=SF.cosine_similarity_matrix(t_img), teacher_text_sim=SF.cosine_similarity_matrix(t_txt))
     torch.testing.assert_close(out["loss"], explicit["loss"])
+
+
+def _clip_loss_worker():
+    """SoftAlignClipLoss (open_clip_train's drop-in) over 2 processes equals one process holding the batch."""
+    import torch.distributed as dist
+
+    from softalign.integrations.open_clip import SoftAlignClipLoss
+
+    rank, world = distributed.rank(), distributed.world_size()
+    g = torch.Generator().manual_seed(7)
+    n = sum(SIZES)
+    x_img, x_txt = torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
+    t_img, t_txt = torch.randn(n, 7, generator=g), torch.randn(n, 4, generator=g)
+    torch.manual_seed(3)
+    model = torch.nn.ModuleDict({"img": torch.nn.Linear(6, 8), "txt": torch.nn.Linear(5, 8)})
+    model.logit_scale = torch.nn.Parameter(torch.tensor(2.5))  # CLIP's log scale, a model parameter
+    loss = SoftAlignClipLoss(diagnostics_every=0)
+
+    def run(m, lo, sl):
+        out = lo(m["img"](x_img[sl]), m["txt"](x_txt[sl]), m.logit_scale.exp(), output_dict=True,
+                 dist_image_features=t_img[sl], dist_text_features=t_txt[sl])
+        sum(out.values()).backward()
+        return ({k: v.detach() for k, v in out.items()}, {k: p.grad.clone() for k, p in m.named_parameters()},
+                {k: p.grad.clone() for k, p in lo.named_parameters() if p.grad is not None})
+
+    single = copy.deepcopy(loss)
+    single.soft.gather = False
+    ref = run(copy.deepcopy(model), single, slice(0, n))
+    start = sum(SIZES[:rank])
+    out, model_grads, loss_grads = run(model, loss, slice(start, start + SIZES[rank]))
+    for key, value in ref[0].items():
+        torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-5, msg=f"term {key}")
+    for name, grad in model_grads.items():  # DDP's average over processes
+        dist.all_reduce(grad)
+        grad /= world
+        torch.testing.assert_close(grad, ref[1][name], rtol=1e-5, atol=1e-5, msg=f"model grad {name}")
+    assert set(loss_grads) == set(ref[2]) and loss_grads
+    for name, grad in loss_grads.items():
+        torch.testing.assert_close(grad, ref[2][name], rtol=1e-5, atol=1e-5, msg=f"loss grad {name}")
+
+
+def test_two_process_clip_drop_in_loss_equals_single_process():
+    debug_launch(_clip_loss_worker, num_processes=2)

@@ -53,7 +53,7 @@ class ClampedTemperature(nn.Module):
         self.value.fill_(value)
 
     def extra_repr(self) -> str:
-        return f"value={float(self.value):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"
+        return f"value={float(self.value.detach()):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"
 
 
 class Temperature(ClampedTemperature):

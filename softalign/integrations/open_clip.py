@@ -1,0 +1,116 @@
+"""open_clip's training loop (``open_clip_train``): a drop-in for ``ClipLoss`` that adds CUSA's soft labels.
+
+:class:`SoftAlignClipLoss` takes ``ClipLoss``'s call convention, ``loss(image_features, text_features,
+logit_scale, output_dict=True)``, so ``open_clip_train.train.train_one_epoch`` runs it unchanged. The contrastive
+term is CLIP's (the model's own ``logit_scale``; equal to ``ClipLoss`` when every pair is its own positive). CSA
+and USA [Huang et al., AAAI 2024] need teacher similarities, from either
+
+* **teacher features**: with ``--distill-model`` / ``--distill-pretrained`` the loop passes the teacher's
+  ``dist_image_features`` / ``dist_text_features``; they become the soft labels (instead of
+  ``DistillClipLoss``'s logit distillation), or
+* **caption ids** into a teacher cache (``caption_ids=``, from your own loop: open_clip's data pipeline yields
+  ``(images, texts)`` only); the cache also makes captions of one image positives of each other.
+
+The lines a user adds to ``open_clip_train/main.py`` (after the optimizer is built)::
+
+    from softalign.integrations.open_clip import create_loss   # instead of open_clip's create_loss
+    ...
+    loss = create_loss(args)                                   # SoftAlignClipLoss; needs --distill-model
+    optimizer.add_param_group({"params": loss.trainable_parameters(), "weight_decay": 0.0})
+
+:func:`create_loss` follows open_clip's ``create_loss(args)`` (it reads ``args.distill``, ``args.siglip``,
+``args.model``) and refuses the losses it does not replace (SigLIP, CoCa) by name.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from softalign import distributed as dist_utils
+from softalign import functional as SF
+from softalign.losses import SoftAlignLoss, citations
+
+__all__ = ["SoftAlignClipLoss", "create_loss"]
+
+
+class SoftAlignClipLoss(nn.Module):
+    """``L = L_CLIP(logit_scale) + alpha L_CSA + beta L_USA`` with ``ClipLoss``'s call convention.
+
+    ``L_CLIP`` is CLIP's symmetric cross-entropy over ``logit_scale * img @ txt.T`` (Radford et al., ICML 2021),
+    with id-aware positives when caption ids and a cache are given; CSA / USA come from a ``SoftAlignLoss`` with
+    ``base="none"`` (``alpha`` / ``beta``, calibrated ``tau_s`` and the rest of its options via ``**kwargs``).
+    Under ``torch.distributed`` every term is computed over the global batch with exact gradients.
+
+    Returns ``{"contrastive_loss", "csa_loss", "usa_loss"}`` (the weighted terms; open_clip's loop sums them) with
+    ``output_dict=True``, else their sum.
+    """
+
+    citation = citations.join(citations.CUSA, citations.INFONCE)
+
+    def __init__(self, cache: Any = None, alpha: float = 0.1, beta: float = 0.5, **kwargs):
+        super().__init__()
+        if "base" in kwargs:
+            raise ValueError("SoftAlignClipLoss's base is CLIP's contrastive loss with the model's logit_scale; "
+                             "use softalign.losses.SoftAlignLoss directly for another base")
+        self.soft = SoftAlignLoss(base="none", alpha=alpha, beta=beta, cache=cache, return_parts=True, **kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The loss's own parameters (USA heads, CSA / USA temperatures) for the host's optimizer."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None, output_dict: bool = False, *,
+                caption_ids: torch.Tensor | None = None, dist_image_features: torch.Tensor | None = None,
+                dist_text_features: torch.Tensor | None = None, dist_logit_scale: Any = None, **unused: Any):
+        if logit_bias is not None:
+            raise ValueError("SoftAlignClipLoss replaces ClipLoss (softmax); the model returned a logit_bias "
+                             "(SigLIP's sigmoid loss), which it does not replace")
+        teacher = {}
+        if dist_image_features is not None and dist_text_features is not None:
+            teacher = dict(teacher_image_emb=dist_image_features.detach(),
+                           teacher_text_emb=dist_text_features.detach())
+        elif caption_ids is None:
+            raise ValueError("SoftAlignClipLoss needs teacher similarities: run open_clip_train with "
+                             "--distill-model/--distill-pretrained (teacher features), or pass caption_ids= with a "
+                             "teacher cache")
+        image_ids = None
+        if caption_ids is not None and self.soft.cache is not None:
+            image_ids = self.soft.cache.image_ids(caption_ids).to(image_features.device)
+        parts = self.soft(image_features, text_features, ids=caption_ids, image_ids=image_ids, **teacher)
+        losses = {"contrastive_loss": self._clip_contrastive(image_features, text_features, logit_scale, image_ids)}
+        losses.update({f"{k}_loss": v for k, v in self.soft.weighted_parts(parts).items()})
+        return losses if output_dict else sum(losses.values())
+
+    def _clip_contrastive(self, image_features, text_features, logit_scale, image_ids):
+        img = nn.functional.normalize(image_features.float(), dim=-1)
+        txt = nn.functional.normalize(text_features.float(), dim=-1)
+        if dist_utils.is_distributed() and self.soft.gather:
+            sizes = dist_utils.batch_sizes(img)
+            img, txt = dist_utils.all_gather_with_grad(img, sizes), dist_utils.all_gather_with_grad(txt, sizes)
+            if image_ids is not None:
+                image_ids = dist_utils.gather_batch(image_ids, sizes)
+        scores = img @ txt.t()
+        return SF.info_nce(scores, 1.0 / logit_scale.float(), image_ids=image_ids, validate=False)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"base": "clip (model logit_scale)", **{k: v for k, v in self.soft.get_config_dict().items()
+                                                        if k not in ("base", "margin", "temperature")}}
+
+
+def create_loss(args: Any, cache: Any = None, **kwargs: Any) -> SoftAlignClipLoss:
+    """open_clip's ``create_loss(args)`` for softalign: a :class:`SoftAlignClipLoss` in place of ``ClipLoss`` /
+    ``DistillClipLoss``. ``cache`` (a :class:`~softalign.teachers.TeacherCache`) and ``**kwargs`` (``alpha``,
+    ``beta``, ``soft_label_entropy``, ...) go to the loss."""
+    model = str(getattr(args, "model", ""))
+    if getattr(args, "siglip", False):
+        raise ValueError("softalign's create_loss replaces ClipLoss / DistillClipLoss; --siglip selects SigLipLoss, "
+                         "which it does not replace")
+    if "coca" in model.lower():
+        raise ValueError(f"softalign's create_loss replaces ClipLoss / DistillClipLoss; --model {model} selects "
+                         "CoCaLoss, which it does not replace")
+    if not getattr(args, "distill", False) and cache is None:
+        raise ValueError("softalign's create_loss needs teacher features or a cache: run with --distill-model and "
+                         "--distill-pretrained, or pass cache= and give the loss caption_ids=")
+    return SoftAlignClipLoss(cache=cache, **kwargs)
