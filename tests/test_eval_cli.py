@@ -185,3 +185,15 @@ def test_coco_protocol_recall_curve_is_the_fold_mean_for_coco1k(tmp_path):
     assert curve["gallery"] == ("coco1k/*: mean over 5 folds of 1000 images (coco1k); "
                                 "coco5k/*: all 5000 images x 5000 captions (coco5k)")
     assert (out / "recall_at_k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_skips_uni_modal_metrics_when_every_label_is_unique(tmp_path, capsys):
+    im, tx, c2i = make(n_img=6, cpi=2)
+    f = tmp_path / "emb.safetensors"
+    save_file({"image": im, "text": tx, "caption_to_image": c2i, "image_labels": torch.arange(6),
+               "text_labels": c2i.clone()}, str(f))
+    assert main(["eval", "--embeddings", str(f), "--out", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    flat = json.dumps(metrics)
+    assert "rsum" in flat and "i2i_" not in flat and "t2t_map_at_r" in flat  # t2t: captions share their image
+    assert "i2i skipped: every one of 6 image_labels occurs once" in capsys.readouterr().err

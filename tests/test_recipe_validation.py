@@ -74,7 +74,13 @@ def test_unknown_key_in_an_unused_variant_is_reported():
     ({"loss": {"beta": -1}}, r"loss\.beta must be >= 0"),
     ({"data": {"kind": "karpathy"}}, r"data\.path is required for data\.kind='karpathy'"),
     ({"data": {"kind": "precomp", "path": "x"}}, r"set model\.image_encoder: precomp"),
-    ({"model": {"image_encoder": "resnet"}}, r"model\.image_encoder: expected 'small_cnn', 'precomp' or 'timm:"),
+    ({"model": {"image_encoder": "resnet"}}, r"model\.image_encoder: expected 'small_cnn', 'precomp', 'timm:<model "
+                                              r"name>' or 'open_clip:<arch>\[/<pretrained>\]', got 'resnet'"),
+    ({"model": {"image_encoder": "open_clip:ViT-B-32"}}, r"set model\.image_encoder: open_clip:<arch>.* together "
+                                                          r"with model\.text_encoder: open_clip"),
+    ({"model": {"text_encoder": "open_clip"}}, r"together with model\.text_encoder: open_clip \(got image_encoder "
+                                                 r"'small_cnn'"),
+    ({"optim": {"schedule_interval": "batch"}}, r"optim\.schedule_interval"),
 ])
 def test_bad_values_give_clear_errors(values, match):
     with pytest.raises(RecipeError, match=match):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100)
@@ -179,7 +180,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
 
     from softalign.eval.crossmodal import cross_modal_recall, recall_curve
     from softalign.eval.protocols import protocol_recall_curve
-    from softalign.eval.unimodal import unimodal_retrieval
+    from softalign.eval.unimodal import has_shared_label, unimodal_retrieval
 
     img, txt = data["image"].float(), data["text"].float()
     if normalize:
@@ -200,10 +201,14 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
         curve = protocol_recall_curve(protocol, img, txt, c2i, CURVE_KS, chunk_size=chunk_size)
     metrics.update(m)
     metrics["recall_curve"] = curve
-    if "image_labels" in data:
-        metrics.update(unimodal_retrieval(img, data["image_labels"], prefix="i2i_"))
-    if "text_labels" in data:
-        metrics.update(unimodal_retrieval(txt, data["text_labels"], prefix="t2t_"))
+    for key, prefix, emb in (("image_labels", "i2i_", img), ("text_labels", "t2t_", txt)):
+        if key not in data:
+            continue
+        if not has_shared_label(data[key]):  # a small test split: the cross-modal metrics still stand
+            print(f"softalign eval: {prefix[:-1]} skipped: every one of {len(data[key])} {key} occurs once "
+                  "(leave-one-out retrieval needs a label shared by >= 2 items)", file=sys.stderr)
+            continue
+        metrics.update(unimodal_retrieval(emb, data[key], prefix=prefix))
     return metrics
 
 

@@ -33,7 +33,7 @@ __all__ = ["RetrievalEvaluator", "encode_with_model"]
 class _StandaloneEvaluatorBase:
     """sentence-transformers' ``BaseEvaluator`` protocol, for installs without sentence-transformers."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.greater_is_better = True
         self.primary_metric: str | None = None
 

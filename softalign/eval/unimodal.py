@@ -179,3 +179,11 @@ def text_similarity_correlation(emb_a: Any, emb_b: Any, scores: Any, prefix: str
         f"{prefix}spearman": float(spearmanr(cos, s).statistic),
         f"{prefix}pearson": float(pearsonr(cos, s).statistic),
     }
+
+
+def has_shared_label(labels) -> bool:
+    """Whether some label occurs at least twice: leave-one-out retrieval is defined only then."""
+    import numpy as np
+
+    codes = np.unique(np.asarray(labels), return_inverse=True)[1].ravel()
+    return codes.size > 0 and int(np.bincount(codes).max()) >= 2

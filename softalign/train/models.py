@@ -256,6 +256,13 @@ def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int]
     ``feature_shape`` (per-image feature shape) is needed by ``precomp``.
     """
     ie, te, d = cfg.image_encoder, cfg.text_encoder, int(cfg.embed_dim)
+    if ie.startswith("open_clip:"):
+        from softalign.train.open_clip_student import OpenCLIPDualEncoder
+
+        if te != "open_clip":
+            raise ValueError(f"image_encoder {ie!r} needs text_encoder 'open_clip' (both towers of one model), "
+                             f"got {te!r}")
+        return OpenCLIPDualEncoder(ie, d, cfg.pretrained, cfg.finetune_image, cfg.finetune_text)
     image: nn.Module
     text: nn.Module
     if ie == "small_cnn":
@@ -267,7 +274,8 @@ def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int]
     elif ie.startswith("timm:"):
         image = TimmImageEncoder(ie[5:], d, cfg.pretrained, cfg.finetune_image)
     else:
-        raise ValueError(f"unknown image_encoder {ie!r}; expected small_cnn, precomp or timm:<name>")
+        raise ValueError(f"unknown image_encoder {ie!r}; expected small_cnn, precomp, timm:<name> or "
+                         "open_clip:<arch>[/<pretrained>]")
     if te in ("gru", "bow"):
         vocab = Vocabulary(vocab_words) if vocab_words is not None else Vocabulary.build(train_captions,
                                                                                          cfg.min_word_count)

@@ -74,8 +74,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Student model. ``image_encoder``: small_cnn | precomp | timm:<name>; ``text_encoder``: gru | bow |
-    hf:<name or path> | offline-minilm."""
+    """Student model. ``image_encoder``: small_cnn | precomp | timm:<name> | open_clip:<arch>[/<pretrained>];
+    ``text_encoder``: gru | bow | hf:<name or path> | offline-minilm | open_clip (with an open_clip image encoder:
+    both towers of that model)."""
 
     __pydantic_config__ = _CONFIG
 
@@ -144,7 +145,9 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     """Optimiser and schedule. ``schedule``: cosine (to ``min_lr``) | step (x ``lr_decay_factor`` at
-    ``lr_decay_epoch``) | constant."""
+    ``lr_decay_epoch``) | constant. ``schedule_interval``: the cosine advances every optimizer step, or once per
+    epoch (CUSA's timm ``CosineLRScheduler``, stepped per epoch). ``decay_1d``: false (default) exempts biases and
+    other 1-D parameters (norms, temperatures) from weight decay, as CUSA's and open_clip's optimizer factories do."""
 
     __pydantic_config__ = _CONFIG
 
@@ -153,6 +156,8 @@ class OptimConfig:
     weight_decay: YamlFloat = 0.0
     loss_lr: YamlFloat | None = None       # lr of the loss's heads / temperatures (default: lr)
     schedule: Literal["cosine", "step", "constant"] = "step"
+    schedule_interval: Literal["step", "epoch"] = "step"
+    decay_1d: StrictBool = False
     min_lr: YamlFloat = 0.0
     lr_decay_epoch: StrictInt | None = None
     lr_decay_factor: YamlFloat = 0.1
@@ -324,11 +329,16 @@ def _check_values(r: Recipe) -> None:
              f"data.kind='precomp' gives feature arrays: set model.image_encoder: precomp "
              f"(got {r.model.image_encoder!r})")
     ie = r.model.image_encoder
-    need(ie in ("small_cnn", "precomp") or ie.startswith("timm:"),
-         f"model.image_encoder: expected 'small_cnn', 'precomp' or 'timm:<model name>', got {ie!r}")
+    need(ie in ("small_cnn", "precomp") or ie.startswith(("timm:", "open_clip:")),
+         f"model.image_encoder: expected 'small_cnn', 'precomp', 'timm:<model name>' or "
+         f"'open_clip:<arch>[/<pretrained>]', got {ie!r}")
     te = r.model.text_encoder
-    need(te in ("gru", "bow", "offline-minilm") or te.startswith("hf:"),
-         f"model.text_encoder: expected 'gru', 'bow', 'offline-minilm' or 'hf:<name or path>', got {te!r}")
+    need(te in ("gru", "bow", "offline-minilm", "open_clip") or te.startswith("hf:"),
+         f"model.text_encoder: expected 'gru', 'bow', 'offline-minilm', 'hf:<name or path>' or 'open_clip', "
+         f"got {te!r}")
+    need(ie.startswith("open_clip:") == (te == "open_clip"),
+         f"an open_clip student uses both towers of one model: set model.image_encoder: open_clip:<arch>[/<pretrained>] "
+         f"together with model.text_encoder: open_clip (got image_encoder {ie!r}, text_encoder {te!r})")
     if r.optim.schedule == "step":
         need(r.optim.lr_decay_epoch is None or r.optim.lr_decay_epoch >= 1,
              f"optim.lr_decay_epoch must be >= 1, got {r.optim.lr_decay_epoch}")

@@ -119,9 +119,27 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
         epoch = step // max(1, steps_per_epoch)
         decay = o.lr_decay_factor if (o.lr_decay_epoch is not None and epoch >= o.lr_decay_epoch) else 1.0
         return warm * decay
-    progress = min(1.0, step / max(1, total_steps))
+    if o.schedule_interval == "epoch":  # CUSA: timm's CosineLRScheduler(t_initial=epochs), stepped per epoch
+        progress = min(1.0, (step // max(1, steps_per_epoch)) / max(1, total_steps // max(1, steps_per_epoch)))
+    else:
+        progress = min(1.0, step / max(1, total_steps))
     floor = o.min_lr / o.lr
     return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, decay_1d: bool = False) -> list[dict]:
+    """Optimizer groups of ``module``'s trainable parameters: with ``decay_1d=False``, biases and other parameters
+    of fewer than 2 dimensions (norms, temperatures, CLIP's embeddings of one row) get no weight decay, as in CUSA's
+    ``optim_factory.add_weight_decay`` and open_clip's ``main.py``; the rest get ``weight_decay``. An empty group
+    is left out."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if decay_1d or not weight_decay:
+        split = [[p for _, p in named], []]
+    else:
+        split = [[p for n, p in named if p.ndim >= 2 and not n.endswith(".bias")],
+                 [p for n, p in named if p.ndim < 2 or n.endswith(".bias")]]
+    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd}
+            for ps, wd in zip(split, (weight_decay, 0.0)) if ps]
 
 
 # -------------------------------------------------------------------------------------------- I/O
@@ -313,6 +331,7 @@ def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_u
       to the ``*_xm_*`` numbers).
     """
     from softalign.eval import cross_modal_recall, unimodal_retrieval
+    from softalign.eval.unimodal import has_shared_label
 
     out = {k: float(v) for k, v in cross_modal_recall(image_emb=image, text_emb=text,
                                                       caption_to_image=torch.as_tensor(data.caption_to_image),
@@ -322,7 +341,7 @@ def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_u
         uni_txt = text if text_uni is None else text_uni
         for prefix, emb, lab in (("i2i_", uni_img, data.image_labels), ("t2t_", uni_txt, data.text_labels),
                                  ("i2i_xm_", image, data.image_labels), ("t2t_xm_", text, data.text_labels)):
-            if np.bincount(np.unique(np.asarray(lab), return_inverse=True)[1].ravel()).max() < 2:
+            if not has_shared_label(lab):
                 continue  # no label shared by two items: leave-one-out retrieval is undefined
             res = unimodal_retrieval(emb, torch.as_tensor(lab), prefix=prefix)
             for k in ("precision_at_1", "r_precision", "map_at_r"):
@@ -438,11 +457,11 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     loss_fn.to(accelerator.device)
 
     o = recipe.optim
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": o.lr, "initial_lr": o.lr}]
+    groups = parameter_groups(model, o.lr, o.weight_decay, o.decay_1d)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         lr = o.loss_lr if o.loss_lr is not None else o.lr
-        groups.append({"params": loss_params, "lr": lr, "initial_lr": lr})
+        groups += parameter_groups(loss_fn, lr, o.weight_decay, o.decay_1d)
     opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
     if ckpt is not None:
@@ -451,7 +470,11 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
             g["initial_lr"] = g.get("initial_lr", g.get("base_lr", fresh["initial_lr"]))
 
     image_caches = dict(image_caches or {})
-    train_tf, test_tf = image_transform(recipe, True), image_transform(recipe, False)
+    model_transform = getattr(model, "image_transform", None)
+    if callable(model_transform):  # the model's own preprocessing (open_clip students)
+        train_tf, test_tf = model_transform(True), model_transform(False)
+    else:
+        train_tf, test_tf = image_transform(recipe, True), image_transform(recipe, False)
     if recipe.data.preload and not recipe.data.augment:
         if "train" not in image_caches and not isinstance(train_data.images, np.ndarray):
             image_caches["train"] = preload_images(train_data, test_tf)
