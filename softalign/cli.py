@@ -33,7 +33,7 @@ EXIT_CODES_SHORT = ("exit status: 0 success; 1 an error in the input, data or en
                     "SOFTALIGN_TRACEBACK=1 for the traceback); 2 a usage error (argparse)")
 
 #: exceptions that mean "bad input or environment": one line on stderr and exit status 1
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, RuntimeError)
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, RuntimeError, ImportError)
 
 
 def format_error(err: BaseException) -> str:

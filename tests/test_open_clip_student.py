@@ -113,3 +113,20 @@ def test_the_clip_recipes_fine_tune_openai_clip_through_open_clip():
             assert arch in open_clip.list_models() and "openai" in open_clip.list_pretrained_tags_by_model(arch)
             assert r.model.embed_dim == open_clip.get_model_config(arch)["embed_dim"]  # CUSA: embed_dim -> embed_dim
             assert (r.optim.schedule, r.optim.schedule_interval, r.optim.decay_1d) == ("cosine", "epoch", False)
+
+
+def test_without_open_clip_the_cli_names_the_extra_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import yaml
+
+    from softalign.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "run"), "data": {"kind": "demo"},
+                                    "model": {"image_encoder": "open_clip:ViT-B-32/openai",
+                                              "text_encoder": "open_clip"}}))
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    assert main(["train", str(path), "--cpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'softalign[clip]'" in err[0]
