@@ -1,5 +1,5 @@
 """Retrieval evaluation: cross-modal i2t/t2i (VSE++ definitions, COCO/Flickr30K protocols,
-chunked), two-stage re-ranking (TGDT), uni-modal i2i/t2t (pytorch-metric-learning), a
+chunked), COCO 5K with ECCV Caption / CxC extended positives, two-stage re-ranking (TGDT), uni-modal i2i/t2t (pytorch-metric-learning), a
 sentence-transformers-style evaluator and reports (JSON, markdown, recall@K PNG)."""
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ _EXPORTS = {
     "metrics_from_ranks": "crossmodal",
     "recall_curve": "crossmodal",
     "RetrievalEvaluator": "evaluator",
+    "coco5k_test_ids": "extended_positives",
+    "extended_positive_metrics": "extended_positives",
     "encode_with_model": "evaluator",
     "PROTOCOLS": "protocols",
     "evaluate_coco": "protocols",

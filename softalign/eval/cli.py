@@ -8,6 +8,9 @@ The safetensors file holds "image" [Ni, D], "text" [Nt, D], "caption_to_image" [
 optionally "image_labels" [Ni] / "text_labels" [Nt] (uni-modal i2i / t2t metrics). Writes
 DIR/metrics.json, DIR/metrics.md and DIR/recall_at_k.png.
 
+COCO 5K with extended positives (false negatives of COCO's five captions; ECCV Caption, CxC):
+    softalign eval --embeddings emb.safetensors --protocol coco5k --positives eccv cxc --out DIR
+
 Protocols (--protocol):
   plain   the embeddings as given, evaluated at once (any size)
   coco1k  MS-COCO 1K: mean over 5 folds of 1,000 consecutive images and their captions (needs the
@@ -54,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="test protocol (default plain: the embeddings as given). coco1k = mean over 5 folds of "
                    "1K images, needs the 5000-image COCO test split; coco5k = all 5000 images at once; coco = both; "
                    "f30k = Flickr30K 1K test, needs 1000 images")
+    p.add_argument("--positives", nargs="+", choices=["eccv", "cxc", "original"], default=None,
+                   help="COCO 5K with extended positives (needs --protocol coco5k or coco and the 5,000-image Karpathy "
+                        "test split; the eccv-caption package's annotations): eccv = ECCV Caption mAP@R, R-Precision, "
+                        "R@1 (Chun et al., ECCV 2022); cxc = CxC R@K (Parekh et al., EACL 2021); original = COCO's "
+                        "five captions, for comparison. Rows follow the Karpathy order unless the embeddings file "
+                        "holds coco_caption_ids / coco_image_ids (the COCO id of each text / image row)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default 1 5 10)")
     p.add_argument("--chunk-size", type=int, default=512, help="images per score tile (memory bound)")
     p.add_argument("--no-normalize", action="store_true", help="use raw dot products instead of cosine")
@@ -171,6 +180,11 @@ def load_inputs(args) -> dict[str, Any]:
             raise ValueError(f"--labels {args.labels}: holds neither 'image_labels' nor 'text_labels' (it has "
                              f"{sorted(labels)})")
         data.update({k: v for k, v in labels.items() if k in ("image_labels", "text_labels")})
+    if getattr(args, "positives", None):
+        if args.protocol not in ("coco5k", "coco"):
+            raise ValueError(f"--positives {' '.join(args.positives)}: extended positives are for COCO 5K; add "
+                             f"--protocol coco5k (got --protocol {args.protocol})")
+        data["positives"] = list(args.positives)
     check_inputs(data, source)
     return data
 
@@ -209,6 +223,12 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
                   "(leave-one-out retrieval needs a label shared by >= 2 items)", file=sys.stderr)
             continue
         metrics.update(unimodal_retrieval(emb, data[key], prefix=prefix))
+    if data.get("positives"):
+        from softalign.eval.extended_positives import extended_positive_metrics
+
+        metrics.update(extended_positive_metrics(
+            img, txt, positives=data["positives"], ks=ks, caption_ids=data.get("coco_caption_ids"),
+            image_ids=data.get("coco_image_ids"), caption_to_image=c2i, chunk_size=chunk_size, normalize=normalize))
     return metrics
 
 
