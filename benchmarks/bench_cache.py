@@ -27,21 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _interleave import interleaved  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _timeit(fn, repeat: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        best = min(best, (time.perf_counter() - t) / repeat)
-    return best
 
 
 def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
@@ -60,14 +51,16 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
     def lookup():
         cache.similarities(batches[next(it) % 64])
 
-    t_cache = _timeit(lookup, 200)
     # the unavoidable compute: two B x B matmuls of already-gathered, normalised fp32 rows
     e_img, e_txt = cache.embeddings(batches[0])
-    t_floor = _timeit(lambda: (e_img @ e_img.T, e_txt @ e_txt.T), 200)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    t_cache1 = _timeit(lookup, 200)
-    torch.set_num_threads(threads)
+
+    def one_thread():
+        torch.set_num_threads(1)
+        try:
+            lookup()
+        finally:
+            torch.set_num_threads(threads)
 
     # CUSA per step: text teacher on the batch's captions + dict gather of image features + cosine matrices
     feats = {f"COCO_{i:012d}.jpg": img[i][None] for i in range(n_img)}
@@ -82,8 +75,22 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
         im = torch.nn.functional.normalize(im, dim=1)
         return im @ im.T, t @ t.T
 
-    t_cusa = _timeit(cusa_step, 3 if quick else 5, warmup=2)
-    print(f"[1] lookup + similarities, B={b}, d={d}, {len(txt)} captions / {n_img} images (fp16, mmap)")
+    def many(fn, n=200):
+        def run():
+            for _ in range(n):
+                fn()
+        return run
+
+    cusa_step()  # warm-up: the teacher's first call
+    r = interleaved({"cache": many(lookup), "cache 1 thread": many(one_thread),
+                     "floor": many(lambda: (e_img @ e_img.T, e_txt @ e_txt.T)), "cusa": cusa_step},
+                    rounds=3 if quick else 5)
+    per = {"cache": 200, "cache 1 thread": 200, "floor": 200, "cusa": 1}
+    t_cache, t_cache1, t_floor, t_cusa = (r[k]["median"] / per[k] for k in ("cache", "cache 1 thread", "floor", "cusa"))
+    mins = {k: r[k]["min"] / per[k] for k in per}
+    print(f"[1] lookup + similarities, B={b}, d={d}, {len(txt)} captions / {n_img} images (fp16, mmap); medians "
+          f"of {r['cache']['n']} interleaved rounds (min: cache {mins['cache'] * 1e3:.3f}, floor "
+          f"{mins['floor'] * 1e3:.3f}, CUSA {mins['cusa'] * 1e3:.1f} ms)")
     print(f"    softalign cache.similarities : {t_cache * 1e3:8.3f} ms/batch   (target < 1 ms; {threads} threads)")
     print(f"    same, 1 thread               : {t_cache1 * 1e3:8.3f} ms/batch")
     print(f"    floor: the 2 matmuls alone   : {t_floor * 1e3:8.3f} ms/batch   (lookup overhead "

@@ -13,14 +13,17 @@ B. end to end from embeddings: VSE++ evaluation.py verbatim (a numpy dot per que
    argsort) vs softalign computing the scores tile by tile (never the full matrix). Float32 dot
    products from different kernels can round differently, so a near-tie may flip a rank; the
    number of such queries is printed.
-Timings: softalign best of 3, the loop once, all on --threads (default 1) threads.
+C. the floor: one bare ``[Ni, D] x [D, Nt]`` matmul of the same size, timed in the same rounds; recall time /
+   matmul time says how close the tiled recall is to the limit (goal: within 2x).
+Timings: interleaved rounds (``--rounds``, default 3): every round runs each variant once, in turn; min / median
+are printed. The per-query loops take minutes at 5K x 25K: they run in the first round only (n=1), unless
+``--loop-rounds``. All on --threads (default 1) threads.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 if __name__ == "__main__":  # thread count must be fixed before numpy / torch load their BLAS
     _t = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
@@ -30,7 +33,10 @@ if __name__ == "__main__":  # thread count must be fixed before numpy / torch lo
 import numpy as np
 import torch
 
-from softalign.eval import cross_modal_recall, two_stage_rerank
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _interleave import fmt, interleaved  # noqa: E402
+
+from softalign.eval import cross_modal_recall, two_stage_rerank  # noqa: E402
 
 
 def _vsepp_ranks_from_matrix(S, c2i):
@@ -87,15 +93,6 @@ def vsepp_metrics(i2t, t2i, ks=(1, 5, 10)):
     return out
 
 
-def _best_of(n, fn):
-    best, out = float("inf"), None
-    for _ in range(n):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def make_data(n_img, cpi, dim, seed=0, noise=1.2):
     g = torch.Generator().manual_seed(seed)
     im = torch.nn.functional.normalize(torch.randn(n_img, dim, generator=g), dim=1)
@@ -126,35 +123,47 @@ def _explain(S, c2i, ours, ri, rt):
             f"{tied} (documented tie rule: ties go to the positive; VSE++ argsort order is arbitrary)")
 
 
-def bench_recall(n_img, cpi=5, dim=128, chunk=512):
+def bench_recall(n_img, cpi=5, dim=128, chunk=512, rounds=3, loop_rounds=False):
     im, tx, c2i = make_data(n_img, cpi, dim)
     c2i_np = c2i.numpy()
     label = f"{n_img}x{n_img * cpi} (D={dim}, float32, tiles of {chunk} images)"
+    S = im @ tx.T  # A: the same similarity matrix for both (computed once, outside the timings)
+    S_np = S.numpy()
+    out = {}
 
-    # A. the same similarity matrix for both (computed once, outside the timings)
-    S = im @ tx.T
-    t_ours, ours = _best_of(3, lambda: cross_modal_recall(sims=S, caption_to_image=c2i, chunk_size=chunk, return_ranks=True))
-    t0 = time.perf_counter()
-    ri, rt = _vsepp_ranks_from_matrix(S.numpy(), c2i_np)
-    ref = vsepp_metrics(ri, rt)
-    t_ref = time.perf_counter() - t0
-    diff = {k: (ours[k], ref[k]) for k in ref if ours[k] != ref[k]}
-    print(f"{label}\n   A same score matrix: per-query loop {t_ref:.2f}s  softalign {t_ours:.3f}s  "
-          f"speed-up {t_ref / t_ours:.1f}x  identical={not diff}" + (f" {diff}" if diff else ""))
-    print("     " + _explain(S.numpy(), c2i_np, ours, ri, rt))
+    def keep(name, fn):
+        def run():
+            out[name] = fn()
+        return run
 
-    # B. end to end from embeddings: VSE++ verbatim vs softalign's tiled matmul + counting
-    t_ours, ours_e = _best_of(3, lambda: cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i,
-                                                             chunk_size=chunk, return_ranks=True))
-    t0 = time.perf_counter()
-    ri, rt = _vsepp_ranks_verbatim(im.numpy(), tx.numpy(), c2i_np)
-    t_ref = time.perf_counter() - t0
-    ref = vsepp_metrics(ri, rt)
-    diff = {k: (ours_e[k], ref[k]) for k in ref if ours_e[k] != ref[k]}
-    print(f"   B from embeddings: VSE++ verbatim loop {t_ref:.2f}s  softalign {t_ours:.3f}s  speed-up {t_ref / t_ours:.1f}x  "
-          f"identical={not diff}" + (f" {diff}" if diff else ""))
-    print("     " + _explain(S.numpy(), c2i_np, ours_e, ri, rt) + " (ties judged on the gemm scores)")
-    print("   " + "  ".join(f"{k}={ours[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")))
+    variants = {
+        "A softalign (matrix)": keep("A", lambda: cross_modal_recall(sims=S, caption_to_image=c2i, chunk_size=chunk,
+                                                                      return_ranks=True)),
+        "A per-query loop": keep("A_ref", lambda: _vsepp_ranks_from_matrix(S_np, c2i_np)),
+        "B softalign (embeddings)": keep("B", lambda: cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i,
+                                                                         chunk_size=chunk, return_ranks=True)),
+        "B VSE++ verbatim": keep("B_ref", lambda: _vsepp_ranks_verbatim(im.numpy(), tx.numpy(), c2i_np)),
+        "C bare matmul": lambda: im @ tx.T,
+    }
+    loops = () if (loop_rounds or n_img <= 1000) else ("A per-query loop", "B VSE++ verbatim")  # minutes at 5K
+    t = interleaved(variants, rounds=rounds, only_first_round=loops)
+    print(f"{label}  [seconds, min / median over interleaved rounds]")
+    for name, v in t.items():
+        print(f"   {name:<26} {fmt(v)}")
+    for part, ours, ref in (("A", "A softalign (matrix)", "A per-query loop"),
+                            ("B", "B softalign (embeddings)", "B VSE++ verbatim")):
+        ranks = out[f"{part}_ref"]
+        reference = vsepp_metrics(*ranks)
+        diff = {k: (out[part][k], reference[k]) for k in reference if out[part][k] != reference[k]}
+        print(f"   {part}: loop / softalign (medians) {t[ref]['median'] / t[ours]['median']:.1f}x  "
+              f"identical={not diff}" + (f" {diff}" if diff else ""))
+        print("     " + _explain(S_np, c2i_np, out[part], *ranks))
+    m = t["C bare matmul"]["median"]
+    print(f"   recall / bare matmul (medians): from the matrix {t['A softalign (matrix)']['median'] / m:.2f}x, "
+          f"from embeddings {t['B softalign (embeddings)']['median'] / m:.2f}x (goal: within 2x)")
+    ours = out["A"]
+    print("   " + "  ".join(f"{k}={ours[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5",
+                                                          "t2i_r10", "rsum")))
 
 
 def bench_two_stage(n_img=1000, cpi=5, dim=128, fine_dim=64, top_k=20):
@@ -188,15 +197,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="threads for both sides (default 1: a fair single-core comparison)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--loop-rounds", action="store_true", help="repeat the per-query loops in every round too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     w_im, w_tx, w_c2i = make_data(50, 5, 128)  # warm-up both sides (thread pools, kernels)
     cross_modal_recall(image_emb=w_im, text_emb=w_tx, caption_to_image=w_c2i)
     _vsepp_ranks_verbatim(w_im.numpy(), w_tx.numpy(), w_c2i.numpy())
-    bench_recall(1000)
+    bench_recall(1000, rounds=args.rounds, loop_rounds=args.loop_rounds)
     if not args.quick:
-        bench_recall(5000)
+        bench_recall(5000, rounds=args.rounds, loop_rounds=args.loop_rounds)
     bench_two_stage()
 
 
