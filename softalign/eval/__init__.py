@@ -16,6 +16,7 @@ _EXPORTS = {
     "RetrievalEvaluator": "evaluator",
     "coco5k_test_ids": "extended_positives",
     "extended_positive_metrics": "extended_positives",
+    "faiss_recall_at_k": "faiss_recall",
     "encode_with_model": "evaluator",
     "PROTOCOLS": "protocols",
     "evaluate_coco": "protocols",
