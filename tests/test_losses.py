@@ -205,7 +205,7 @@ def test_calibrated_state_dict_is_tensors_only_and_round_trips_through_safetenso
     b.load_state_dict(load(save(state)))
     assert b.calibration == record and not b._needs_calibration
     assert float(b.usa.teacher_temperature.value) == pytest.approx(record["image"])
-    c = SoftAlignLoss(embed_dim=8)  # a state dict saved by softalign 0.1.0 held the record as a dict
+    c = SoftAlignLoss(embed_dim=8)  # older state dicts held the record as a dict
     c.load_state_dict({**state, "_extra_state": {"calibration": record}})
     assert c.calibration == record and not c._needs_calibration
 

@@ -466,3 +466,23 @@ def test_a_pickled_code_payload_in_a_checkpoint_is_refused_and_not_run(tmp_path)
     path.write_bytes(os.urandom(256))
     with pytest.raises(ValueError, match=str(path.name)):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_from_before_decay_1d_resumes_only_with_its_grouping(tmp_path, data, accelerator):
+    from softalign.train.trainer import ResumeMismatchError, load_checkpoint
+
+    over = dict(optim={"weight_decay": 0.01, "decay_1d": True})
+    _train(tiny_recipe(tmp_path, train={"epochs": 1}, **over), data, accelerator)
+    path = tmp_path / "checkpoints" / "last.pt"
+    ck = load_checkpoint(path)
+    # the old grouping: one group for the model and one for the loss, every parameter decayed
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [0.01, 0.01]
+    del ck["recipe"]["optim"]["decay_1d"]  # a checkpoint written before the option existed
+    torch.save(ck, path)
+    with pytest.raises(ResumeMismatchError, match=r"optim\.decay_1d: True -> False"):
+        _train(tiny_recipe(tmp_path, optim={"weight_decay": 0.01}), data, accelerator)
+    res = _train(tiny_recipe(tmp_path, **over), data, accelerator)
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    fresh = _train(tiny_recipe(tmp_path / "new", optim={"weight_decay": 0.01}), data, accelerator)
+    ck2 = load_checkpoint(tmp_path / "new" / "checkpoints" / "last.pt")
+    assert [g["weight_decay"] for g in ck2["optimizer"]["param_groups"]][:2] == [0.01, 0.0] and fresh["history"]

@@ -313,7 +313,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             import json
 
             state = json.loads(bytes(state.to(torch.uint8).cpu().tolist()).decode("utf-8"))
-        if isinstance(state, dict) and state.get("calibration") is not None:  # a dict: state dicts saved by softalign 0.1.0
+        if isinstance(state, dict) and state.get("calibration") is not None:  # a dict: saved before the record became a tensor
             self.calibration = dict(state["calibration"])
             self._needs_calibration = False
 

@@ -128,10 +128,10 @@ def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
 
 
 def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, decay_1d: bool = False) -> list[dict]:
-    """Optimizer groups of ``module``'s trainable parameters: with ``decay_1d=False``, biases and other parameters
-    of fewer than 2 dimensions (norms, temperatures, CLIP's embeddings of one row) get no weight decay, as in CUSA's
-    ``optim_factory.add_weight_decay`` and open_clip's ``main.py``; the rest get ``weight_decay``. An empty group
-    is left out."""
+    """Optimizer groups of ``module``'s trainable parameters: with ``decay_1d=False``, biases and parameters of
+    fewer than 2 dimensions (norm weights, CLIP's class embedding, scalar temperatures) get no weight decay, as in
+    open_clip's ``main.py`` and CUSA's ``optim_factory.add_weight_decay`` (which tests ``len(shape) == 1`` and so
+    does decay its 0-D temperatures); the rest get ``weight_decay``. An empty group is left out."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if decay_1d or not weight_decay:
         split = [[p for _, p in named], []]
@@ -225,6 +225,11 @@ RESUME_MUTABLE = frozenset({
 })
 
 
+#: Options whose schema default differs from what runs did before the option existed: a saved recipe without the
+#: key gets this value (checkpoints before ``optim.decay_1d`` decayed every parameter).
+LEGACY_DEFAULTS: dict[str, Any] = {"optim.decay_1d": True}
+
+
 class ResumeMismatchError(ValueError):
     """A checkpoint (or finished run) was made with a different recipe than the one asked for."""
 
@@ -250,12 +255,14 @@ def recipe_differences(saved: Mapping[str, Any] | None, recipe: Recipe,
     ignore = set(ignore)
     defaults = _flatten(Recipe().to_dict())
     old, new = _flatten(saved), _flatten(recipe.to_dict())
+    for k, v in LEGACY_DEFAULTS.items():  # what a run did before the option existed
+        old.setdefault(k, v)
     keys = sorted(set(old) | set(new))
     return [k for k in keys if k not in ignore and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
 
 
 def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: list[str]) -> str:
-    old, new = _flatten(saved), _flatten(recipe.to_dict())
+    old, new = {**LEGACY_DEFAULTS, **_flatten(saved)}, _flatten(recipe.to_dict())
     return "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys)
 
 
@@ -465,6 +472,12 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
     if ckpt is not None:
+        saved_groups = len(ckpt["optimizer"].get("param_groups", []))
+        if saved_groups != len(optimizer.param_groups):
+            raise ResumeMismatchError(
+                f"cannot resume from {ckpt_path}: its optimizer has {saved_groups} parameter groups, this run builds "
+                f"{len(optimizer.param_groups)} (biases and 1-D parameters now get no weight decay: set "
+                "optim.decay_1d: true to resume a checkpoint made before), or use --no-resume")
         optimizer.load_state_dict(ckpt["optimizer"])
         for g, fresh in zip(optimizer.param_groups, groups):  # checkpoints before LambdaLR kept "base_lr"
             g["initial_lr"] = g.get("initial_lr", g.get("base_lr", fresh["initial_lr"]))
