@@ -38,7 +38,7 @@ import softalign.teachers, softalign.eval, softalign.data, softalign.train, soft
 from softalign.integrations import vsepp, scan, teran, generic
 print('wheel_smoke: all subpackages import from the wheel, version', softalign.__version__)"
 "$WORK/all/bin/softalign" --help > /dev/null
-for c in cache train eval demo; do "$WORK/all/bin/softalign" $c --help > /dev/null; done
+for c in cache train encode eval demo; do "$WORK/all/bin/softalign" $c --help > /dev/null; done
 # the recipes ship inside the wheel: by name, from any directory
 (cd "$WORK" && "$WORK/all/bin/softalign" train demo --list-variants | grep -q csa_usa) \
   || { echo "wheel_smoke: the packaged recipe 'demo' is missing" >&2; exit 1; }

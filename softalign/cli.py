@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = (
     ("cache", "softalign.teachers.cli"),
     ("train", "softalign.train.cli"),
+    ("encode", "softalign.eval.encode_cli"),
     ("eval", "softalign.eval.cli"),
     ("demo", "softalign.train.demo"),
 )
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train from recipes, evaluate cross-modal and uni-modal retrieval.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{cache,train,eval,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{cache,train,encode,eval,demo}")
     for name, module in SUBCOMMANDS:
         try:
             mod = importlib.import_module(module)
@@ -83,7 +84,7 @@ def _document_exit_codes(parser: argparse.ArgumentParser, top: bool = True) -> N
 
 
 #: the extra that brings a command's dependencies (pyproject.toml)
-EXTRAS = {"cache": "cache", "train": "train", "eval": "eval", "demo": "train,offline"}
+EXTRAS = {"cache": "cache", "train": "train", "encode": "train", "eval": "eval", "demo": "train,offline"}
 
 
 def missing_dependency_message(command: str, err: ImportError) -> str:

@@ -3,6 +3,7 @@
     softalign eval --embeddings emb.safetensors [--protocol plain|coco1k|coco5k|coco|f30k]
                    [--labels labels.safetensors] [--ks 1 5 10] [--chunk-size 512] --out DIR
     softalign eval --image-emb img.npy --text-emb txt.npy --captions-per-image 5 --out DIR
+    softalign eval --model RUN_DIR|open_clip:<arch>[/<pretrained>]|timm:<name> --benchmark sop --root DATA --out DIR
 
 The safetensors file holds "image" [Ni, D], "text" [Nt, D], "caption_to_image" [Nt] int64 and
 optionally "image_labels" [Ni] / "text_labels" [Nt] (uni-modal i2i / t2t metrics). Writes
@@ -46,7 +47,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("inputs (either --embeddings or --image-emb/--text-emb)")
+    from softalign.eval.encode_cli import add_model_arguments
+
+    src = p.add_argument_group("inputs (--embeddings, --image-emb/--text-emb, or --model with --benchmark)")
     src.add_argument("--embeddings", help="safetensors with image, text, caption_to_image[, image_labels, text_labels]")
     src.add_argument("--image-emb", help=".npy [Ni, D] image embeddings")
     src.add_argument("--text-emb", help=".npy [Nt, D] text embeddings")
@@ -70,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="softalign eval",
                    help="heading of metrics.md and title of recall_at_k.png (default 'softalign eval')")
     p.add_argument("--out", required=True, help="output directory")
+    add_model_arguments(p)
 
 
 def _load_array(path: str, flag: str):
@@ -144,14 +148,54 @@ def check_inputs(data: dict[str, Any], source: str) -> None:
                              f"{tuple(data[key].shape)}")
 
 
-def load_inputs(args) -> dict[str, Any]:
-    """Read the CLI inputs into {"image", "text", "caption_to_image", "image_labels"?, "text_labels"?}."""
+def check_image_only(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """An image-only input (a DML benchmark): ``image`` [N, D], ``image_labels`` [N], optional
+    ``query_indices`` / ``gallery_indices``; every error names the key and ``source``."""
     import torch
 
+    img = data["image"]
+    if img.dim() != 2 or img.shape[0] == 0 or not img.is_floating_point():
+        raise ValueError(f"{source}: 'image' must be a non-empty floating-point [N, D] matrix, got {tuple(img.shape)} "
+                         f"{img.dtype}")
+    finite = torch.isfinite(img).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"{source}: 'image' row {int((~finite).nonzero()[0])} holds NaN/inf")
+    if "image_labels" not in data:
+        raise ValueError(f"{source}: no 'text' and no 'image_labels': an image-only file is evaluated by its labels "
+                         "(uni-modal retrieval)")
+    labels = torch.as_tensor(data["image_labels"])
+    if labels.shape != (img.shape[0],):
+        raise ValueError(f"{source}: 'image_labels' has shape {tuple(labels.shape)}, expected ({img.shape[0]},)")
+    data["image_labels"] = labels
+    if ("query_indices" in data) != ("gallery_indices" in data):
+        raise ValueError(f"{source}: give both 'query_indices' and 'gallery_indices' (query vs gallery), or neither")
+    for key in ("query_indices", "gallery_indices"):
+        if key in data:
+            idx = torch.as_tensor(data[key]).long()
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= img.shape[0]:
+                raise ValueError(f"{source}: '{key}' must hold row indices in [0, {img.shape[0]})")
+            data[key] = idx
+    return data
+
+
+def load_inputs(args) -> dict[str, Any]:
+    """Read the CLI inputs into {"image", "text", "caption_to_image", "image_labels"?, "text_labels"?}, or an
+    image-only {"image", "image_labels", "query_indices"?, "gallery_indices"?} (``--model --benchmark``, or an
+    embeddings file without "text")."""
+    import torch
+
+    if getattr(args, "model", None):
+        if args.embeddings or args.image_emb or args.text_emb:
+            raise ValueError("pass either --model (with --benchmark and --root) or embeddings, not both")
+        from softalign.eval.encode_cli import encode_from_args
+
+        return check_image_only(encode_from_args(args), f"--model {args.model}")
     if args.embeddings:
         if args.image_emb or args.text_emb:
             raise ValueError("pass either --embeddings or --image-emb/--text-emb, not both")
         data = _load_mapping(args.embeddings, "--embeddings")
+        if "image" in data and "text" not in data and "image_labels" in data:
+            return check_image_only(data, f"--embeddings {args.embeddings}")
         missing = [k for k in ("image", "text") if k not in data]
         if missing:
             raise ValueError(f"--embeddings {args.embeddings}: missing key(s) {missing} (it has {sorted(data)}); "
@@ -196,6 +240,8 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     from softalign.eval.protocols import protocol_recall_curve
     from softalign.eval.unimodal import has_shared_label, unimodal_retrieval
 
+    if "text" not in data:
+        return _evaluate_image_only(data, normalize)
     img, txt = data["image"].float(), data["text"].float()
     if normalize:
         img = torch.nn.functional.normalize(img, dim=-1)
@@ -232,6 +278,24 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     return metrics
 
 
+def _evaluate_image_only(data: dict[str, Any], normalize: bool) -> dict[str, Any]:
+    """DML metrics of an image-only input: R@1/2/4/8, MAP@R, R-Precision (query vs gallery when given, else
+    leave-one-out), through pytorch-metric-learning's AccuracyCalculator (fractions)."""
+    from softalign.eval.unimodal import unimodal_retrieval
+
+    img, labels = data["image"].float(), data["image_labels"]
+    if normalize:
+        img = img / img.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    metrics: dict[str, Any] = {"protocol": "unimodal", "num_images": img.shape[0]}
+    if "query_indices" in data:
+        q, g = data["query_indices"], data["gallery_indices"]
+        metrics["num_gallery"] = int(g.numel())
+        metrics.update(unimodal_retrieval(img[q], labels[q], gallery=img[g], gallery_labels=labels[g], prefix="i2i_"))
+    else:
+        metrics.update(unimodal_retrieval(img, labels, prefix="i2i_"))
+    return metrics
+
+
 def run(args) -> int:
     from softalign.eval.report import write_report
 
@@ -244,7 +308,7 @@ def run(args) -> int:
         raise ValueError(f"--chunk-size must be a positive number of images, got {args.chunk_size}")
     data = load_inputs(args)
     metrics = evaluate_inputs(data, args.protocol, tuple(args.ks), args.chunk_size, not args.no_normalize)
-    paths = write_report(metrics, args.out, title=args.title, plot=not args.no_plot)
+    paths = write_report(metrics, args.out, title=args.title, plot=not args.no_plot and "recall_curve" in metrics)
     from softalign.eval.report import markdown_table
 
     print(markdown_table(metrics, title=args.title))

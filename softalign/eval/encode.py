@@ -1,0 +1,129 @@
+"""Image embeddings from a model, for ``softalign eval``: ``softalign encode`` and ``softalign eval --model``.
+
+Model specs (``--model``):
+
+* a ``softalign train`` output directory (``recipe.yaml`` + ``checkpoints/last.pt``) or its ``last.pt``: the
+  trained student. ``heads="cross"`` gives the joint (cross-modal) embeddings; ``heads="uni"`` USA's uni-modal
+  heads on the backbone features, as CUSA evaluates uni-modal retrieval;
+* ``open_clip:<arch>[/<pretrained>]``: an open_clip model's ``encode_image`` with its own preprocessing;
+* ``timm:<name>`` (``weights=`` a local file; without it timm's pretrained weights, from the Hub): pooled
+  pre-logits features with the model's own data config.
+
+Embeddings are L2-normalised (cosine retrieval). Images are read in batches with a progress bar, on
+accelerate's device (``PartialState().device``: a GPU when there is one).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["encode_images", "image_encoder"]
+
+ImageEncoder = Callable[[Sequence], torch.Tensor]
+
+
+def _device(device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def _softalign_run(spec: str, heads: str, device: torch.device) -> ImageEncoder:
+    from softalign.losses import SoftAlignLoss
+    from softalign.train.models import build_model
+    from softalign.train.recipe import load_recipe
+    from softalign.train.trainer import CHECKPOINT, image_transform, load_checkpoint, uni_modal_heads
+
+    path = Path(spec)
+    ckpt_path = path / "checkpoints" / CHECKPOINT if path.is_dir() else path
+    run_dir = ckpt_path.parent.parent
+    if not (run_dir / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"--model {spec}: no recipe.yaml in {run_dir} (expected a softalign train output "
+                                "directory, or its checkpoints/last.pt)")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    ckpt = load_checkpoint(ckpt_path)
+    if recipe.model.image_encoder == "precomp":
+        raise ValueError(f"--model {spec}: a precomp student encodes feature arrays, not images")
+    model = build_model(recipe.model, [], vocab_words=ckpt.get("vocab"))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    model_transform = getattr(model, "image_transform", None)
+    transform = model_transform(False) if callable(model_transform) else image_transform(recipe, False)
+    image_head = None
+    if heads == "uni":
+        dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
+        loss_fn = SoftAlignLoss(embed_dim=dims, **recipe.loss.loss_kwargs())
+        loss_fn.load_state_dict(ckpt["loss"])
+        found = uni_modal_heads(loss_fn) if dims is not None else None
+        if found is None:
+            raise ValueError(f"--model {spec} --heads uni: this run has no USA heads (loss.beta = 0 or "
+                             "loss.use_heads = false); use --heads cross")
+        image_head = found[0].to(device).eval()
+
+    def encode(images: Sequence) -> torch.Tensor:
+        x = torch.stack([transform(im) for im in images]).to(device)
+        emb, feats = model.encode_image(x, return_features=True)
+        return image_head(feats) if image_head is not None else emb
+
+    return encode
+
+
+def _open_clip(spec: str, device: torch.device) -> ImageEncoder:
+    from softalign.train.open_clip_student import OpenCLIPImageTransform, import_open_clip, parse_open_clip_name
+
+    open_clip = import_open_clip()
+    arch, tag = parse_open_clip_name(spec)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
+    model.to(device).eval()
+    transform = OpenCLIPImageTransform(preprocess)
+
+    def encode(images: Sequence) -> torch.Tensor:
+        return model.encode_image(torch.stack([transform(im) for im in images]).to(device))
+
+    return encode
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a ``--model`` that is none of the accepted forms, before any image is read."""
+    if not (spec.startswith(("open_clip:", "timm:")) or Path(spec).exists()):
+        raise ValueError(f"--model {spec!r}: expected a softalign train output directory (or its "
+                         "checkpoints/last.pt), 'open_clip:<arch>[/<pretrained>]' or 'timm:<name>'")
+
+
+def image_encoder(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
+                  device=None) -> ImageEncoder:
+    """A function ``images (paths or PIL) -> [N, D]`` for a model spec (see the module docstring)."""
+    if heads not in ("cross", "uni"):
+        raise ValueError(f"heads must be 'cross' or 'uni', got {heads!r}")
+    check_model_spec(spec)
+    dev = _device(device)
+    if spec.startswith("open_clip:"):
+        return _open_clip(spec, dev)
+    if spec.startswith("timm:"):
+        from softalign.teachers.image import TimmImageTeacher
+
+        teacher = TimmImageTeacher(spec[len("timm:"):], weights=weights, device=dev)
+        return lambda images: teacher.encode(list(images))
+    return _softalign_run(spec, heads, dev)
+
+
+@torch.no_grad()
+def encode_images(encoder: ImageEncoder, images: Sequence, batch_size: int = 64, progress: bool = True,
+                  desc: str = "softalign encode") -> torch.Tensor:
+    """L2-normalised ``[N, D]`` float32 embeddings of ``images``, in batches."""
+    from tqdm.auto import tqdm
+
+    if len(images) == 0:
+        raise ValueError("no images to encode")
+    out = []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        for s in range(0, len(images), batch_size):
+            batch = images[s:s + batch_size]
+            out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
