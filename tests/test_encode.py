@@ -112,13 +112,29 @@ def test_encode_a_softalign_run_gives_its_cross_and_uni_modal_embeddings(tmp_pat
         im.save(tmp_path / f"{i}.png")
         listed.append(str(tmp_path / f"{i}.png"))
     (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    c2i = np.asarray(test.caption_to_image)
+    k = len(c2i) // len(test.images)
+    assert (c2i == np.repeat(np.arange(len(test.images)), k)).all()
+    (tmp_path / "captions.txt").write_text("\n".join(test.captions) + "\n")
     saved = load_file(str(tmp_path / "run" / "embeddings_test.safetensors"))
-    for heads, key in (("cross", "image"), ("uni", "image_uni")):
+    for heads, suffix in (("cross", ""), ("uni", "_uni")):
         out = tmp_path / f"{heads}.safetensors"
         assert main(["encode", "--model", str(tmp_path / "run"), "--heads", heads, "--images",
-                     str(tmp_path / "list.txt"), "--no-progress", "--out", str(out)]) == 0
-        got = load_file(str(out))["image"]
-        torch.testing.assert_close(got, torch.nn.functional.normalize(saved[key], dim=1), atol=1e-5, rtol=1e-4)
+                     str(tmp_path / "list.txt"), "--captions", str(tmp_path / "captions.txt"),
+                     "--captions-per-image", str(k), "--no-progress", "--out", str(out)]) == 0
+        got = load_file(str(out))
+        for key in ("image", "text"):
+            torch.testing.assert_close(got[key], torch.nn.functional.normalize(saved[key + suffix], dim=1),
+                                       atol=1e-5, rtol=1e-4)
+        assert got["caption_to_image"].tolist() == c2i.tolist()
+    # one command: the model's cross-modal recall equals the evaluation of the run's own test embeddings
+    assert main(["eval", "--model", str(tmp_path / "run"), "--images", str(tmp_path / "list.txt"), "--captions",
+                 str(tmp_path / "captions.txt"), "--captions-per-image", str(k), "--no-progress", "--no-plot",
+                 "--out", str(tmp_path / "ev_model")]) == 0
+    assert main(["eval", "--embeddings", str(tmp_path / "run" / "embeddings_test.safetensors"), "--no-plot",
+                 "--out", str(tmp_path / "ev_file")]) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ev_model", "ev_file"))
+    assert a["rsum"] == pytest.approx(b["rsum"], abs=1e-9) and a["i2t_r1"] == pytest.approx(b["i2t_r1"], abs=1e-9)
 
 
 def test_encode_errors_are_named(tmp_path, capsys):
@@ -131,6 +147,11 @@ def test_encode_errors_are_named(tmp_path, capsys):
     assert "no image files" in capsys.readouterr().err
     assert main(["encode", "--model", "timm:test_vit", "--benchmark", "sop", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "needs --root" in capsys.readouterr().err
+    _photo(1).save(tmp_path / "a.png")
+    (tmp_path / "caps.txt").write_text("one\ntwo\nthree\n")
+    assert main(["encode", "--model", "timm:test_vit", "--images", str(tmp_path), "--captions",
+                 str(tmp_path / "caps.txt"), "--captions-per-image", "2", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "3 captions for 1 images" in capsys.readouterr().err
 
 
 def test_encode_an_open_clip_model_with_its_own_preprocessing(tmp_path, tiny_open_clip):
@@ -149,3 +170,20 @@ def test_encode_an_open_clip_model_with_its_own_preprocessing(tmp_path, tiny_ope
     with torch.no_grad():
         want = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]), normalize=True)
     torch.testing.assert_close(load_file(str(out))["image"], want, atol=1e-5, rtol=1e-4)
+
+
+def test_encode_a_karpathy_split_for_cross_modal_eval(tmp_path, tiny_open_clip):
+    for i in range(3):
+        (tmp_path / "imgs").mkdir(exist_ok=True)
+        _photo(300 + i).save(tmp_path / "imgs" / f"{i}.jpg", format="JPEG")
+    entries = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"photo {i} view {j}"} for j in
+                                                                         range(2 + (i == 0))]} for i in range(3)]
+    entries.append({"filename": "9.jpg", "split": "train", "sentences": [{"raw": "not in test"}]})
+    (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
+    out = tmp_path / "k.safetensors"
+    assert main(["encode", "--model", f"open_clip:{tiny_open_clip}", "--karpathy", str(tmp_path / "dataset.json"),
+                 "--image-root", str(tmp_path / "imgs"), "--split", "test", "--no-progress", "--out", str(out)]) == 0
+    e = load_file(str(out))
+    assert e["image"].shape[0] == 3 and e["text"].shape[0] == 7
+    assert e["caption_to_image"].tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert main(["eval", "--embeddings", str(out), "--no-plot", "--out", str(tmp_path / "ev")]) == 0

@@ -189,7 +189,11 @@ def load_inputs(args) -> dict[str, Any]:
             raise ValueError("pass either --model (with --benchmark and --root) or embeddings, not both")
         from softalign.eval.encode_cli import encode_from_args
 
-        return check_image_only(encode_from_args(args), f"--model {args.model}")
+        data = encode_from_args(args)
+        if "text" not in data:
+            return check_image_only(data, f"--model {args.model}")
+        check_inputs(data, f"--model {args.model}")
+        return data
     if args.embeddings:
         if args.image_emb or args.text_emb:
             raise ValueError("pass either --embeddings or --image-emb/--text-emb, not both")

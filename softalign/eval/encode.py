@@ -9,7 +9,8 @@ Model specs (``--model``):
 * ``timm:<name>`` (``weights=`` a local file; without it timm's pretrained weights, from the Hub): pooled
   pre-logits features with the model's own data config.
 
-Embeddings are L2-normalised (cosine retrieval). Images are read in batches with a progress bar, on
+Captions are encoded by the same model (a softalign run's text tower, or open_clip's tokenizer and ``encode_text``;
+timm models have none). Embeddings are L2-normalised (cosine retrieval). Images are read in batches with a progress bar, on
 accelerate's device (``PartialState().device``: a GPU when there is one).
 """
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["encode_images", "image_encoder"]
+__all__ = ["encode_images", "encode_texts", "image_encoder", "load_encoders"]
 
 ImageEncoder = Callable[[Sequence], torch.Tensor]
+TextEncoder = Callable[[Sequence[str]], torch.Tensor]
 
 
 def _device(device=None) -> torch.device:
@@ -33,7 +35,7 @@ def _device(device=None) -> torch.device:
     return PartialState().device
 
 
-def _softalign_run(spec: str, heads: str, device: torch.device) -> ImageEncoder:
+def _softalign_run(spec: str, heads: str, device: torch.device) -> tuple[ImageEncoder, TextEncoder]:
     from softalign.losses import SoftAlignLoss
     from softalign.train.models import build_model
     from softalign.train.recipe import load_recipe
@@ -54,7 +56,7 @@ def _softalign_run(spec: str, heads: str, device: torch.device) -> ImageEncoder:
     model.to(device).eval()
     model_transform = getattr(model, "image_transform", None)
     transform = model_transform(False) if callable(model_transform) else image_transform(recipe, False)
-    image_head = None
+    image_head = text_head = None
     if heads == "uni":
         dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
         loss_fn = SoftAlignLoss(embed_dim=dims, **recipe.loss.loss_kwargs())
@@ -63,17 +65,21 @@ def _softalign_run(spec: str, heads: str, device: torch.device) -> ImageEncoder:
         if found is None:
             raise ValueError(f"--model {spec} --heads uni: this run has no USA heads (loss.beta = 0 or "
                              "loss.use_heads = false); use --heads cross")
-        image_head = found[0].to(device).eval()
+        image_head, text_head = found[0].to(device).eval(), found[1].to(device).eval()
 
     def encode(images: Sequence) -> torch.Tensor:
         x = torch.stack([transform(im) for im in images]).to(device)
         emb, feats = model.encode_image(x, return_features=True)
         return image_head(feats) if image_head is not None else emb
 
-    return encode
+    def encode_text(captions: Sequence[str]) -> torch.Tensor:
+        emb, feats = model.encode_text(list(captions), return_features=True)
+        return text_head(feats) if text_head is not None else emb
+
+    return encode, encode_text
 
 
-def _open_clip(spec: str, device: torch.device) -> ImageEncoder:
+def _open_clip(spec: str, device: torch.device) -> tuple[ImageEncoder, TextEncoder]:
     from softalign.train.open_clip_student import OpenCLIPImageTransform, import_open_clip, parse_open_clip_name
 
     open_clip = import_open_clip()
@@ -81,11 +87,15 @@ def _open_clip(spec: str, device: torch.device) -> ImageEncoder:
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
     model.to(device).eval()
     transform = OpenCLIPImageTransform(preprocess)
+    tokenizer = open_clip.get_tokenizer(arch)
 
     def encode(images: Sequence) -> torch.Tensor:
         return model.encode_image(torch.stack([transform(im) for im in images]).to(device))
 
-    return encode
+    def encode_text(captions: Sequence[str]) -> torch.Tensor:
+        return model.encode_text(tokenizer(list(captions)).to(device))
+
+    return encode, encode_text
 
 
 def check_model_spec(spec: str) -> None:
@@ -95,9 +105,10 @@ def check_model_spec(spec: str) -> None:
                          "checkpoints/last.pt), 'open_clip:<arch>[/<pretrained>]' or 'timm:<name>'")
 
 
-def image_encoder(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
-                  device=None) -> ImageEncoder:
-    """A function ``images (paths or PIL) -> [N, D]`` for a model spec (see the module docstring)."""
+def load_encoders(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
+                  device=None) -> tuple[ImageEncoder, TextEncoder | None]:
+    """``(images -> [N, D], captions -> [N, D] or None)`` for a model spec (see the module docstring); a timm
+    model has no text tower (None)."""
     if heads not in ("cross", "uni"):
         raise ValueError(f"heads must be 'cross' or 'uni', got {heads!r}")
     check_model_spec(spec)
@@ -108,8 +119,14 @@ def image_encoder(spec: str, *, heads: str = "cross", weights: str | os.PathLike
         from softalign.teachers.image import TimmImageTeacher
 
         teacher = TimmImageTeacher(spec[len("timm:"):], weights=weights, device=dev)
-        return lambda images: teacher.encode(list(images))
+        return (lambda images: teacher.encode(list(images))), None
     return _softalign_run(spec, heads, dev)
+
+
+def image_encoder(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
+                  device=None) -> ImageEncoder:
+    """A function ``images (paths or PIL) -> [N, D]`` for a model spec (see the module docstring)."""
+    return load_encoders(spec, heads=heads, weights=weights, device=device)[0]
 
 
 @torch.no_grad()
@@ -124,6 +141,23 @@ def encode_images(encoder: ImageEncoder, images: Sequence, batch_size: int = 64,
     with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
         for s in range(0, len(images), batch_size):
             batch = images[s:s + batch_size]
+            out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256, progress: bool = True,
+                 desc: str = "softalign encode captions") -> torch.Tensor:
+    """L2-normalised ``[N, D]`` float32 embeddings of ``captions``, in batches."""
+    from tqdm.auto import tqdm
+
+    if len(captions) == 0:
+        raise ValueError("no captions to encode")
+    out = []
+    with tqdm(total=len(captions), desc=desc, unit="caption", disable=not progress) as bar:
+        for s in range(0, len(captions), batch_size):
+            batch = list(captions[s:s + batch_size])
             out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
             bar.update(len(batch))
     return torch.cat(out)

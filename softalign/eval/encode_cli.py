@@ -3,6 +3,7 @@
     softalign encode --model runs/sop_student --benchmark sop --root data/Stanford_Online_Products --out sop.safetensors
     softalign encode --model open_clip:ViT-B-32/openai --benchmark inshop --root data/inshop --out inshop.safetensors
     softalign encode --model timm:convnext_tiny --weights convnext_tiny.safetensors --images photos/ --out photos.safetensors
+    softalign encode --model runs/coco_clip --karpathy dataset_coco.json --image-root coco/ --split test --out coco5k.safetensors
 
 ``--model``: a ``softalign train`` output directory (or its checkpoints/last.pt), ``open_clip:<arch>[/<pretrained>]``
 or ``timm:<name>``; see :mod:`softalign.eval.encode`. The file holds ``image`` [N, D] (L2-normalised) and, for a
@@ -28,6 +29,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--benchmark", choices=("cub", "cars", "sop", "inshop", "inaturalist"), default=None,
                    help="encode a DML benchmark's evaluation split (with --root: the data set's own folder)")
     g.add_argument("--root", default=None, help="the benchmark's folder, as downloaded")
+    g.add_argument("--karpathy", default=None, help="a Karpathy-split JSON (with --image-root and --split): encode "
+                                                   "its images and captions, for cross-modal evaluation")
+    g.add_argument("--image-root", default=None, help="the images of --karpathy")
+    g.add_argument("--split", default="test", help="the --karpathy split (default test)")
+    g.add_argument("--images", default=None, help="a folder of images, or a text file with one image path per line")
+    g.add_argument("--captions", default=None, help="a text file, one caption per line (with --images and "
+                                                    "--captions-per-image: captions k*N .. k*N+N-1 describe image k)")
     g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -36,7 +44,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("encode", help="embed images with a trained model, for softalign eval",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--images", default=None, help="a folder of images, or a text file with one image path per line")
+    p.add_argument("--captions-per-image", type=int, default=None, help="with --captions: captions per image")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=run)
     return p
@@ -58,11 +66,11 @@ def _image_list(spec: str) -> list[str]:
     raise FileNotFoundError(f"--images {spec}: no such folder or list file")
 
 
-def encode_from_args(args, images: str | None = None) -> dict[str, Any]:
+def encode_from_args(args) -> dict[str, Any]:
     """The embeddings (and benchmark labels / query-gallery indices) that ``args`` ask for."""
     import torch
 
-    from softalign.eval.encode import check_model_spec, encode_images, image_encoder
+    from softalign.eval.encode import check_model_spec, encode_images, encode_texts, load_encoders
 
     if not args.model:
         raise ValueError("--model is required (a softalign train output directory, open_clip:<arch>[/<pretrained>] "
@@ -71,6 +79,7 @@ def encode_from_args(args, images: str | None = None) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     out: dict[str, Any] = {}
+    captions: list[str] | None = None
     if args.benchmark:
         from softalign.data.dml import load_dml_benchmark
 
@@ -82,13 +91,43 @@ def encode_from_args(args, images: str | None = None) -> dict[str, Any]:
         if bench.query is not None and bench.gallery is not None:
             out["query_indices"] = torch.as_tensor(bench.query, dtype=torch.long)
             out["gallery_indices"] = torch.as_tensor(bench.gallery, dtype=torch.long)
-    elif images:
-        paths = _image_list(images)
+    elif getattr(args, "karpathy", None):
+        from softalign.data.karpathy import load_karpathy
+
+        if not args.image_root:
+            raise ValueError(f"--karpathy {args.karpathy} needs --image-root (the folder of its images)")
+        split = load_karpathy(args.karpathy, args.image_root, args.split, captions_per_image=None)
+        paths, captions = list(split.images), list(split.captions)
+        out["caption_to_image"] = torch.as_tensor(split.caption_to_image, dtype=torch.long)
+    elif args.images:
+        paths = _image_list(args.images)
     else:
-        raise ValueError("nothing to encode: pass --benchmark NAME --root DIR, or --images DIR|LIST")
-    encoder = image_encoder(args.model, heads=args.heads, weights=args.weights)
-    out["image"] = encode_images(encoder, paths, batch_size=args.batch_size, progress=not args.no_progress)
+        raise ValueError("nothing to encode: pass --benchmark NAME --root DIR, --karpathy JSON --image-root DIR, or "
+                         "--images DIR|LIST")
+    if captions is None and getattr(args, "captions", None):
+        captions, out["caption_to_image"] = _captions(args, len(paths))
+    encode_image, encode_text = load_encoders(args.model, heads=args.heads, weights=args.weights)
+    if captions is not None and encode_text is None:
+        raise ValueError(f"--model {args.model} is an image model (no text tower): it cannot encode captions")
+    out["image"] = encode_images(encode_image, paths, batch_size=args.batch_size, progress=not args.no_progress)
+    if captions is not None:
+        assert encode_text is not None
+        out["text"] = encode_texts(encode_text, captions, progress=not args.no_progress)
     return out
+
+
+def _captions(args, n_images: int):
+    import torch
+
+    path = Path(args.captions)
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions {args.captions}: no such file")
+    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    k = args.captions_per_image
+    if k is None or k < 1 or len(captions) != k * n_images:
+        raise ValueError(f"--captions {args.captions}: {len(captions)} captions for {n_images} images; pass "
+                         f"--captions-per-image K with K x {n_images} captions (got K = {k})")
+    return captions, torch.arange(n_images).repeat_interleave(k)
 
 
 def run(args) -> int:
@@ -97,7 +136,7 @@ def run(args) -> int:
     out_path = Path(args.out)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"--out {args.out}: expected a .safetensors file name")
-    data = encode_from_args(args, images=args.images)
+    data = encode_from_args(args)
 
     def write(tmp):
         from safetensors.torch import save_file
@@ -107,5 +146,6 @@ def run(args) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, write)
     print(f"wrote {out_path}: {data['image'].shape[0]} x {data['image'].shape[1]} image embeddings"
+          + (f", {data['text'].shape[0]} caption embeddings" if "text" in data else "")
           + (", labels" if "image_labels" in data else ""))
     return 0
