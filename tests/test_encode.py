@@ -187,3 +187,13 @@ def test_encode_a_karpathy_split_for_cross_modal_eval(tmp_path, tiny_open_clip):
     assert e["image"].shape[0] == 3 and e["text"].shape[0] == 7
     assert e["caption_to_image"].tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert main(["eval", "--embeddings", str(out), "--no-plot", "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_eval_model_asks_for_coco5k_before_extended_positives(tmp_path, tiny_open_clip, capsys):
+    (tmp_path / "imgs").mkdir()
+    _photo(1).save(tmp_path / "imgs" / "0.jpg", format="JPEG")
+    (tmp_path / "caps.txt").write_text("a\nb\n")
+    assert main(["eval", "--model", f"open_clip:{tiny_open_clip}", "--images", str(tmp_path / "imgs"), "--captions",
+                 str(tmp_path / "caps.txt"), "--captions-per-image", "2", "--positives", "eccv", "--no-progress",
+                 "--out", str(tmp_path / "ev")]) == 1
+    assert "add --protocol coco5k" in capsys.readouterr().err

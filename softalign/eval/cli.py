@@ -178,6 +178,14 @@ def check_image_only(data: dict[str, Any], source: str) -> dict[str, Any]:
     return data
 
 
+def _positives(args, data: dict[str, Any]) -> None:
+    if getattr(args, "positives", None):
+        if args.protocol not in ("coco5k", "coco"):
+            raise ValueError(f"--positives {' '.join(args.positives)}: extended positives are for COCO 5K; add "
+                             f"--protocol coco5k (got --protocol {args.protocol})")
+        data["positives"] = list(args.positives)
+
+
 def load_inputs(args) -> dict[str, Any]:
     """Read the CLI inputs into {"image", "text", "caption_to_image", "image_labels"?, "text_labels"?}, or an
     image-only {"image", "image_labels", "query_indices"?, "gallery_indices"?} (``--model --benchmark``, or an
@@ -192,6 +200,7 @@ def load_inputs(args) -> dict[str, Any]:
         data = encode_from_args(args)
         if "text" not in data:
             return check_image_only(data, f"--model {args.model}")
+        _positives(args, data)
         check_inputs(data, f"--model {args.model}")
         return data
     if args.embeddings:
@@ -228,11 +237,7 @@ def load_inputs(args) -> dict[str, Any]:
             raise ValueError(f"--labels {args.labels}: holds neither 'image_labels' nor 'text_labels' (it has "
                              f"{sorted(labels)})")
         data.update({k: v for k, v in labels.items() if k in ("image_labels", "text_labels")})
-    if getattr(args, "positives", None):
-        if args.protocol not in ("coco5k", "coco"):
-            raise ValueError(f"--positives {' '.join(args.positives)}: extended positives are for COCO 5K; add "
-                             f"--protocol coco5k (got --protocol {args.protocol})")
-        data["positives"] = list(args.positives)
+    _positives(args, data)
     check_inputs(data, source)
     return data
 
