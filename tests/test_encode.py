@@ -197,3 +197,31 @@ def test_eval_model_asks_for_coco5k_before_extended_positives(tmp_path, tiny_ope
                  str(tmp_path / "caps.txt"), "--captions-per-image", "2", "--positives", "eccv", "--no-progress",
                  "--out", str(tmp_path / "ev")]) == 1
     assert "add --protocol coco5k" in capsys.readouterr().err
+
+
+def test_encode_captions_with_a_sentence_transformers_model_then_text_text_eval(tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from softalign.eval import unimodal_retrieval
+    from softalign.teachers.packaged import offline_minilm_path
+
+    captions = ["a red car", "a car painted red", "a small cat", "a kitten on a mat", "two dogs", "a pair of dogs"]
+    (tmp_path / "caps.txt").write_text("\n".join(captions) + "\n")
+    (tmp_path / "labels.txt").write_text("car\ncar\ncat\ncat\ndog\ndog\n")
+    out = tmp_path / "st.safetensors"
+    assert main(["encode", "--model", "st:offline-minilm", "--captions", str(tmp_path / "caps.txt"),
+                 "--caption-labels", str(tmp_path / "labels.txt"), "--no-progress", "--out", str(out)]) == 0
+    e = load_file(str(out))
+    want = SentenceTransformer(offline_minilm_path(), device="cpu").encode(captions, convert_to_tensor=True)
+    torch.testing.assert_close(e["text"], torch.nn.functional.normalize(want.float(), dim=1), atol=1e-5, rtol=1e-4)
+    assert e["text_labels"].tolist() == [0, 0, 1, 1, 2, 2] and "image" not in e
+    assert main(["eval", "--embeddings", str(out), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    ref = unimodal_retrieval(e["text"], e["text_labels"], prefix="t2t_")
+    assert metrics["t2t_map_at_r"] == pytest.approx(ref["t2t_map_at_r"], abs=1e-6) and metrics["num_captions"] == 6
+    # a text model asked for images says so in one line
+    _photo(1).save(tmp_path / "a.png")
+    capsys.readouterr()
+    assert main(["encode", "--model", "st:offline-minilm", "--images", str(tmp_path), "--out",
+                 str(tmp_path / "x.safetensors")]) == 1
+    assert "cannot encode images" in capsys.readouterr().err

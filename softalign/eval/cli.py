@@ -3,7 +3,7 @@
     softalign eval --embeddings emb.safetensors [--protocol plain|coco1k|coco5k|coco|f30k]
                    [--labels labels.safetensors] [--ks 1 5 10] [--chunk-size 512] --out DIR
     softalign eval --image-emb img.npy --text-emb txt.npy --captions-per-image 5 --out DIR
-    softalign eval --model RUN_DIR|open_clip:<arch>[/<pretrained>]|timm:<name> --benchmark sop --root DATA --out DIR
+    softalign eval --model RUN_DIR|open_clip:<arch>[/<pretrained>]|timm:<name>|st:<name> --benchmark sop --root DATA --out DIR
 
 The safetensors file holds "image" [Ni, D], "text" [Nt, D], "caption_to_image" [Nt] int64 and
 optionally "image_labels" [Ni] / "text_labels" [Nt] (uni-modal i2i / t2t metrics). Writes
@@ -149,32 +149,35 @@ def check_inputs(data: dict[str, Any], source: str) -> None:
 
 
 def check_image_only(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """An image-only input (a DML benchmark): ``image`` [N, D], ``image_labels`` [N], optional
-    ``query_indices`` / ``gallery_indices``; every error names the key and ``source``."""
+    """A one-modality input: ``image`` [N, D] with ``image_labels`` [N] (a DML benchmark; optional
+    ``query_indices`` / ``gallery_indices``), or ``text`` [N, D] with ``text_labels`` [N] (text-text retrieval);
+    every error names the key and ``source``."""
     import torch
 
-    img = data["image"]
-    if img.dim() != 2 or img.shape[0] == 0 or not img.is_floating_point():
-        raise ValueError(f"{source}: 'image' must be a non-empty floating-point [N, D] matrix, got {tuple(img.shape)} "
-                         f"{img.dtype}")
-    finite = torch.isfinite(img).all(dim=1)
+    key = "image" if "image" in data else "text"
+    emb = data[key]
+    if emb.dim() != 2 or emb.shape[0] == 0 or not emb.is_floating_point():
+        raise ValueError(f"{source}: {key!r} must be a non-empty floating-point [N, D] matrix, got {tuple(emb.shape)} "
+                         f"{emb.dtype}")
+    finite = torch.isfinite(emb).all(dim=1)
     if not bool(finite.all()):
-        raise ValueError(f"{source}: 'image' row {int((~finite).nonzero()[0])} holds NaN/inf")
-    if "image_labels" not in data:
-        raise ValueError(f"{source}: no 'text' and no 'image_labels': an image-only file is evaluated by its labels "
-                         "(uni-modal retrieval)")
-    labels = torch.as_tensor(data["image_labels"])
-    if labels.shape != (img.shape[0],):
-        raise ValueError(f"{source}: 'image_labels' has shape {tuple(labels.shape)}, expected ({img.shape[0]},)")
-    data["image_labels"] = labels
+        raise ValueError(f"{source}: {key!r} row {int((~finite).nonzero()[0])} holds NaN/inf")
+    other = "text" if key == "image" else "image"
+    if f"{key}_labels" not in data:
+        raise ValueError(f"{source}: no {other!r} and no '{key}_labels': a one-modality file is evaluated by its "
+                         "labels (uni-modal retrieval)")
+    labels = torch.as_tensor(data[f"{key}_labels"])
+    if labels.shape != (emb.shape[0],):
+        raise ValueError(f"{source}: '{key}_labels' has shape {tuple(labels.shape)}, expected ({emb.shape[0]},)")
+    data[f"{key}_labels"] = labels
     if ("query_indices" in data) != ("gallery_indices" in data):
         raise ValueError(f"{source}: give both 'query_indices' and 'gallery_indices' (query vs gallery), or neither")
-    for key in ("query_indices", "gallery_indices"):
-        if key in data:
-            idx = torch.as_tensor(data[key]).long()
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= img.shape[0]:
-                raise ValueError(f"{source}: '{key}' must hold row indices in [0, {img.shape[0]})")
-            data[key] = idx
+    for name in ("query_indices", "gallery_indices"):
+        if name in data:
+            idx = torch.as_tensor(data[name]).long()
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= emb.shape[0]:
+                raise ValueError(f"{source}: '{name}' must hold row indices in [0, {emb.shape[0]})")
+            data[name] = idx
     return data
 
 
@@ -198,7 +201,7 @@ def load_inputs(args) -> dict[str, Any]:
         from softalign.eval.encode_cli import encode_from_args
 
         data = encode_from_args(args)
-        if "text" not in data:
+        if "text" not in data or "image" not in data:
             return check_image_only(data, f"--model {args.model}")
         _positives(args, data)
         check_inputs(data, f"--model {args.model}")
@@ -207,7 +210,7 @@ def load_inputs(args) -> dict[str, Any]:
         if args.image_emb or args.text_emb:
             raise ValueError("pass either --embeddings or --image-emb/--text-emb, not both")
         data = _load_mapping(args.embeddings, "--embeddings")
-        if "image" in data and "text" not in data and "image_labels" in data:
+        if ("image" in data) != ("text" in data) and ("image_labels" in data or "text_labels" in data):
             return check_image_only(data, f"--embeddings {args.embeddings}")
         missing = [k for k in ("image", "text") if k not in data]
         if missing:
@@ -249,7 +252,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     from softalign.eval.protocols import protocol_recall_curve
     from softalign.eval.unimodal import has_shared_label, unimodal_retrieval
 
-    if "text" not in data:
+    if "text" not in data or "image" not in data:
         return _evaluate_image_only(data, normalize)
     img, txt = data["image"].float(), data["text"].float()
     if normalize:
@@ -288,20 +291,22 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
 
 
 def _evaluate_image_only(data: dict[str, Any], normalize: bool) -> dict[str, Any]:
-    """DML metrics of an image-only input: R@1/2/4/8, MAP@R, R-Precision (query vs gallery when given, else
-    leave-one-out), through pytorch-metric-learning's AccuracyCalculator (fractions)."""
+    """DML metrics of a one-modality input: R@1/2/4/8, MAP@R, R-Precision (query vs gallery when given, else
+    leave-one-out), through pytorch-metric-learning's AccuracyCalculator (fractions); ``i2i_*`` for images,
+    ``t2t_*`` for captions."""
     from softalign.eval.unimodal import unimodal_retrieval
 
-    img, labels = data["image"].float(), data["image_labels"]
+    key, prefix = ("image", "i2i_") if "image" in data else ("text", "t2t_")
+    emb, labels = data[key].float(), data[f"{key}_labels"]
     if normalize:
-        img = img / img.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    metrics: dict[str, Any] = {"protocol": "unimodal", "num_images": img.shape[0]}
+        emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    metrics: dict[str, Any] = {"protocol": "unimodal", f"num_{'images' if key == 'image' else 'captions'}": emb.shape[0]}
     if "query_indices" in data:
         q, g = data["query_indices"], data["gallery_indices"]
         metrics["num_gallery"] = int(g.numel())
-        metrics.update(unimodal_retrieval(img[q], labels[q], gallery=img[g], gallery_labels=labels[g], prefix="i2i_"))
+        metrics.update(unimodal_retrieval(emb[q], labels[q], gallery=emb[g], gallery_labels=labels[g], prefix=prefix))
     else:
-        metrics.update(unimodal_retrieval(img, labels, prefix="i2i_"))
+        metrics.update(unimodal_retrieval(emb, labels, prefix=prefix))
     return metrics
 
 

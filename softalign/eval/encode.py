@@ -7,7 +7,9 @@ Model specs (``--model``):
   heads on the backbone features, as CUSA evaluates uni-modal retrieval;
 * ``open_clip:<arch>[/<pretrained>]``: an open_clip model's ``encode_image`` with its own preprocessing;
 * ``timm:<name>`` (``weights=`` a local file; without it timm's pretrained weights, from the Hub): pooled
-  pre-logits features with the model's own data config.
+  pre-logits features with the model's own data config;
+* ``st:<name or path>`` (``st:offline-minilm``: the packaged all-MiniLM-L6-v2): a sentence-transformers model's
+  ``encode``, for captions (and images, when the model takes them, e.g. ``st:clip-ViT-B-32``).
 
 Captions are encoded by the same model (a softalign run's text tower, or open_clip's tokenizer and ``encode_text``;
 timm models have none). Embeddings are L2-normalised (cosine retrieval). Images are read in batches with a progress bar, on
@@ -100,9 +102,36 @@ def _open_clip(spec: str, device: torch.device) -> tuple[ImageEncoder, TextEncod
 
 def check_model_spec(spec: str) -> None:
     """Refuse a ``--model`` that is none of the accepted forms, before any image is read."""
-    if not (spec.startswith(("open_clip:", "timm:")) or Path(spec).exists()):
+    if not (spec.startswith(("open_clip:", "timm:", "st:")) or Path(spec).exists()):
         raise ValueError(f"--model {spec!r}: expected a softalign train output directory (or its "
-                         "checkpoints/last.pt), 'open_clip:<arch>[/<pretrained>]' or 'timm:<name>'")
+                         "checkpoints/last.pt), 'open_clip:<arch>[/<pretrained>]', 'timm:<name>' or "
+                         "'st:<sentence-transformers name or path>'")
+
+
+def _sentence_transformer(spec: str, device: torch.device) -> tuple[ImageEncoder, TextEncoder]:
+    from sentence_transformers import SentenceTransformer
+
+    name = spec[len("st:"):]
+    if name == "offline-minilm":
+        from softalign.teachers.packaged import offline_minilm_path
+
+        name = offline_minilm_path()
+    model = SentenceTransformer(name, device=str(device))
+
+    def encode_text(captions: Sequence[str]) -> torch.Tensor:
+        return model.encode(list(captions), convert_to_tensor=True, show_progress_bar=False)
+
+    def encode(images: Sequence) -> torch.Tensor:
+        from softalign.images import load_image
+
+        try:
+            return model.encode([load_image(im, i) for i, im in enumerate(images)], convert_to_tensor=True,
+                                show_progress_bar=False)
+        except Exception as err:  # noqa: BLE001 - a text-only model fails in its tokenizer, in many ways
+            raise ValueError(f"--model {spec}: this sentence-transformers model cannot encode images ("
+                             f"{type(err).__name__}); use it for captions only (--captions without images)") from None
+
+    return encode, encode_text
 
 
 def load_encoders(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
@@ -115,6 +144,8 @@ def load_encoders(spec: str, *, heads: str = "cross", weights: str | os.PathLike
     dev = _device(device)
     if spec.startswith("open_clip:"):
         return _open_clip(spec, dev)
+    if spec.startswith("st:"):
+        return _sentence_transformer(spec, dev)
     if spec.startswith("timm:"):
         from softalign.teachers.image import TimmImageTeacher
 

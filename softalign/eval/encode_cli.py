@@ -4,9 +4,10 @@
     softalign encode --model open_clip:ViT-B-32/openai --benchmark inshop --root data/inshop --out inshop.safetensors
     softalign encode --model timm:convnext_tiny --weights convnext_tiny.safetensors --images photos/ --out photos.safetensors
     softalign encode --model runs/coco_clip --karpathy dataset_coco.json --image-root coco/ --split test --out coco5k.safetensors
+    softalign encode --model st:all-MiniLM-L6-v2 --captions captions.txt --caption-labels labels.txt --out t2t.safetensors
 
-``--model``: a ``softalign train`` output directory (or its checkpoints/last.pt), ``open_clip:<arch>[/<pretrained>]``
-or ``timm:<name>``; see :mod:`softalign.eval.encode`. The file holds ``image`` [N, D] (L2-normalised) and, for a
+``--model``: a ``softalign train`` output directory (or its checkpoints/last.pt), ``open_clip:<arch>[/<pretrained>]``,
+``timm:<name>`` or ``st:<sentence-transformers name or path>``; see :mod:`softalign.eval.encode`. The file holds ``image`` [N, D] (L2-normalised) and, for a
 benchmark, ``image_labels`` (and In-Shop's ``query_indices`` / ``gallery_indices``): ``softalign eval --embeddings``
 reports the DML metrics (R@1/2/4/8, MAP@R, R-Precision) of such an image-only file.
 """
@@ -22,7 +23,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and images")
     g.add_argument("--model", help="softalign train output directory (or checkpoints/last.pt), "
-                                   "open_clip:<arch>[/<pretrained>] or timm:<name>")
+                                   "open_clip:<arch>[/<pretrained>], timm:<name> or st:<sentence-transformers "
+                                   "name or path>")
     g.add_argument("--weights", default=None, help="local weights file for a timm:<name> model")
     g.add_argument("--heads", choices=("cross", "uni"), default="cross",
                    help="softalign runs: the joint embeddings (cross, default) or USA's uni-modal heads (uni)")
@@ -36,6 +38,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", default=None, help="a folder of images, or a text file with one image path per line")
     g.add_argument("--captions", default=None, help="a text file, one caption per line (with --images and "
                                                     "--captions-per-image: captions k*N .. k*N+N-1 describe image k)")
+    g.add_argument("--caption-labels", default=None, help="with --captions alone: one label per line (text-text "
+                                                          "retrieval of the captions)")
     g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -101,9 +105,11 @@ def encode_from_args(args) -> dict[str, Any]:
         out["caption_to_image"] = torch.as_tensor(split.caption_to_image, dtype=torch.long)
     elif args.images:
         paths = _image_list(args.images)
+    elif getattr(args, "captions", None):  # captions alone: text-text retrieval by their labels
+        return _captions_only(args)
     else:
-        raise ValueError("nothing to encode: pass --benchmark NAME --root DIR, --karpathy JSON --image-root DIR, or "
-                         "--images DIR|LIST")
+        raise ValueError("nothing to encode: pass --benchmark NAME --root DIR, --karpathy JSON --image-root DIR, "
+                         "--images DIR|LIST, or --captions FILE")
     if captions is None and getattr(args, "captions", None):
         captions, out["caption_to_image"] = _captions(args, len(paths))
     encode_image, encode_text = load_encoders(args.model, heads=args.heads, weights=args.weights)
@@ -113,6 +119,29 @@ def encode_from_args(args) -> dict[str, Any]:
     if captions is not None:
         assert encode_text is not None
         out["text"] = encode_texts(encode_text, captions, progress=not args.no_progress)
+    return out
+
+
+def _captions_only(args) -> dict[str, Any]:
+    import torch
+
+    from softalign.eval.encode import encode_texts, load_encoders
+
+    path = Path(args.captions)
+    if not path.is_file():
+        raise FileNotFoundError(f"--captions {args.captions}: no such file")
+    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    out: dict[str, Any] = {}
+    if args.caption_labels:
+        labels = [ln.strip() for ln in Path(args.caption_labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(labels) != len(captions):
+            raise ValueError(f"--caption-labels {args.caption_labels}: {len(labels)} labels for {len(captions)} captions")
+        codes = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
+        out["text_labels"] = torch.tensor([codes[lab] for lab in labels], dtype=torch.long)
+    _, encode_text = load_encoders(args.model, heads=args.heads, weights=args.weights)
+    if encode_text is None:
+        raise ValueError(f"--model {args.model} is an image model (no text tower): it cannot encode captions")
+    out["text"] = encode_texts(encode_text, captions, progress=not args.no_progress)
     return out
 
 
@@ -145,7 +174,7 @@ def run(args) -> int:
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, write)
-    print(f"wrote {out_path}: {data['image'].shape[0]} x {data['image'].shape[1]} image embeddings"
-          + (f", {data['text'].shape[0]} caption embeddings" if "text" in data else "")
-          + (", labels" if "image_labels" in data else ""))
+    parts = [f"{data[k].shape[0]} x {data[k].shape[1]} {k} embeddings" for k in ("image", "text") if k in data]
+    print(f"wrote {out_path}: {', '.join(parts)}" + (", labels" if "image_labels" in data or "text_labels" in data
+                                                      else ""))
     return 0
