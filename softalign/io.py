@@ -123,3 +123,13 @@ def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def read_lines(path: PathLike, what: str = "file") -> list[str]:
+    """The non-empty, stripped lines of a UTF-8 text file; a missing file or bad encoding is named (``what``:
+    how the message calls the file, e.g. ``"benchmark file"`` or ``"--captions"``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None

@@ -47,12 +47,9 @@ class DMLBenchmark:
 
 
 def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark file not found: {path}")
-    try:
-        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    from softalign.io import read_lines
+
+    return read_lines(path, "benchmark file")
 
 
 def _fields(path: Path, line: str, n: int, number: int) -> list[str]:

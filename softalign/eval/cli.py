@@ -148,7 +148,7 @@ def check_inputs(data: dict[str, Any], source: str) -> None:
                              f"{tuple(data[key].shape)}")
 
 
-def check_image_only(data: dict[str, Any], source: str) -> dict[str, Any]:
+def check_one_modality(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A one-modality input: ``image`` [N, D] with ``image_labels`` [N] (a DML benchmark; optional
     ``query_indices`` / ``gallery_indices``), or ``text`` [N, D] with ``text_labels`` [N] (text-text retrieval);
     every error names the key and ``source``."""
@@ -202,7 +202,7 @@ def load_inputs(args) -> dict[str, Any]:
 
         data = encode_from_args(args)
         if "text" not in data or "image" not in data:
-            return check_image_only(data, f"--model {args.model}")
+            return check_one_modality(data, f"--model {args.model}")
         _positives(args, data)
         check_inputs(data, f"--model {args.model}")
         return data
@@ -211,7 +211,7 @@ def load_inputs(args) -> dict[str, Any]:
             raise ValueError("pass either --embeddings or --image-emb/--text-emb, not both")
         data = _load_mapping(args.embeddings, "--embeddings")
         if ("image" in data) != ("text" in data) and ("image_labels" in data or "text_labels" in data):
-            return check_image_only(data, f"--embeddings {args.embeddings}")
+            return check_one_modality(data, f"--embeddings {args.embeddings}")
         missing = [k for k in ("image", "text") if k not in data]
         if missing:
             raise ValueError(f"--embeddings {args.embeddings}: missing key(s) {missing} (it has {sorted(data)}); "
@@ -253,7 +253,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     from softalign.eval.unimodal import has_shared_label, unimodal_retrieval
 
     if "text" not in data or "image" not in data:
-        return _evaluate_image_only(data, normalize)
+        return _evaluate_one_modality(data, normalize)
     img, txt = data["image"].float(), data["text"].float()
     if normalize:
         img = torch.nn.functional.normalize(img, dim=-1)
@@ -290,7 +290,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     return metrics
 
 
-def _evaluate_image_only(data: dict[str, Any], normalize: bool) -> dict[str, Any]:
+def _evaluate_one_modality(data: dict[str, Any], normalize: bool) -> dict[str, Any]:
     """DML metrics of a one-modality input: R@1/2/4/8, MAP@R, R-Precision (query vs gallery when given, else
     leave-one-out), through pytorch-metric-learning's AccuracyCalculator (fractions); ``i2i_*`` for images,
     ``t2t_*`` for captions."""

@@ -161,34 +161,29 @@ def image_encoder(spec: str, *, heads: str = "cross", weights: str | os.PathLike
 
 
 @torch.no_grad()
+def _encode_batched(encoder: Callable[[Sequence], torch.Tensor], items: Sequence, batch_size: int, progress: bool,
+                    desc: str, unit: str) -> torch.Tensor:
+    """L2-normalised ``[N, D]`` float32 rows of ``encoder`` over ``items``, in batches, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    if len(items) == 0:
+        raise ValueError(f"no {unit}s to encode")
+    out = []
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
+        for s in range(0, len(items), batch_size):
+            batch = list(items[s:s + batch_size])
+            out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
 def encode_images(encoder: ImageEncoder, images: Sequence, batch_size: int = 64, progress: bool = True,
                   desc: str = "softalign encode") -> torch.Tensor:
     """L2-normalised ``[N, D]`` float32 embeddings of ``images``, in batches."""
-    from tqdm.auto import tqdm
-
-    if len(images) == 0:
-        raise ValueError("no images to encode")
-    out = []
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-        for s in range(0, len(images), batch_size):
-            batch = images[s:s + batch_size]
-            out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
-            bar.update(len(batch))
-    return torch.cat(out)
+    return _encode_batched(encoder, images, batch_size, progress, desc, "image")
 
 
-@torch.no_grad()
 def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256, progress: bool = True,
                  desc: str = "softalign encode captions") -> torch.Tensor:
     """L2-normalised ``[N, D]`` float32 embeddings of ``captions``, in batches."""
-    from tqdm.auto import tqdm
-
-    if len(captions) == 0:
-        raise ValueError("no captions to encode")
-    out = []
-    with tqdm(total=len(captions), desc=desc, unit="caption", disable=not progress) as bar:
-        for s in range(0, len(captions), batch_size):
-            batch = list(captions[s:s + batch_size])
-            out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
-            bar.update(len(batch))
-    return torch.cat(out)
+    return _encode_batched(encoder, captions, batch_size, progress, desc, "caption")

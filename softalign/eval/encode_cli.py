@@ -54,6 +54,12 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _lines(path: str, flag: str) -> list[str]:
+    from softalign.io import read_lines
+
+    return read_lines(path, f"{flag} file")
+
+
 def _image_list(spec: str) -> list[str]:
     path = Path(spec)
     if path.is_dir():
@@ -62,7 +68,7 @@ def _image_list(spec: str) -> list[str]:
             raise ValueError(f"--images {spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder")
         return files
     if path.is_file():
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = _lines(spec, "--images")
         missing = next((ln for ln in lines if not Path(ln).is_file()), None)
         if missing is not None:
             raise FileNotFoundError(f"--images {spec}: listed image {missing} does not exist")
@@ -127,13 +133,10 @@ def _captions_only(args) -> dict[str, Any]:
 
     from softalign.eval.encode import encode_texts, load_encoders
 
-    path = Path(args.captions)
-    if not path.is_file():
-        raise FileNotFoundError(f"--captions {args.captions}: no such file")
-    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    captions = _lines(args.captions, "--captions")
     out: dict[str, Any] = {}
     if args.caption_labels:
-        labels = [ln.strip() for ln in Path(args.caption_labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        labels = _lines(args.caption_labels, "--caption-labels")
         if len(labels) != len(captions):
             raise ValueError(f"--caption-labels {args.caption_labels}: {len(labels)} labels for {len(captions)} captions")
         codes = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
@@ -148,10 +151,7 @@ def _captions_only(args) -> dict[str, Any]:
 def _captions(args, n_images: int):
     import torch
 
-    path = Path(args.captions)
-    if not path.is_file():
-        raise FileNotFoundError(f"--captions {args.captions}: no such file")
-    captions = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    captions = _lines(args.captions, "--captions")
     k = args.captions_per_image
     if k is None or k < 1 or len(captions) != k * n_images:
         raise ValueError(f"--captions {args.captions}: {len(captions)} captions for {n_images} images; pass "

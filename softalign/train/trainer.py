@@ -471,13 +471,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         groups += parameter_groups(loss_fn, lr, o.weight_decay, o.decay_1d)
     opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
-    if ckpt is not None:
-        saved_groups = len(ckpt["optimizer"].get("param_groups", []))
-        if saved_groups != len(optimizer.param_groups):
-            raise ResumeMismatchError(
-                f"cannot resume from {ckpt_path}: its optimizer has {saved_groups} parameter groups, this run builds "
-                f"{len(optimizer.param_groups)} (biases and 1-D parameters now get no weight decay: set "
-                "optim.decay_1d: true to resume a checkpoint made before), or use --no-resume")
+    if ckpt is not None:  # the recipe check above refused a different grouping (LEGACY_DEFAULTS: optim.decay_1d)
         optimizer.load_state_dict(ckpt["optimizer"])
         for g, fresh in zip(optimizer.param_groups, groups):  # checkpoints before LambdaLR kept "base_lr"
             g["initial_lr"] = g.get("initial_lr", g.get("base_lr", fresh["initial_lr"]))
