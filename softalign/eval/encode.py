@@ -2,9 +2,10 @@
 
 Model specs (``--model``):
 
-* a ``softalign train`` output directory (``recipe.yaml`` + ``checkpoints/last.pt``) or its ``last.pt``: the
-  trained student. ``heads="cross"`` gives the joint (cross-modal) embeddings; ``heads="uni"`` USA's uni-modal
-  heads on the backbone features, as CUSA evaluates uni-modal retrieval;
+* a ``softalign train`` output directory (``recipe.yaml`` + ``checkpoints/``), one of its checkpoint folders or
+  an older release's ``last.pt``: the trained student, read from safetensors. ``heads="cross"`` gives the joint
+  (cross-modal) embeddings; ``heads="uni"`` USA's uni-modal heads on the backbone features, as CUSA evaluates
+  uni-modal retrieval;
 * ``open_clip:<arch>[/<pretrained>]``: an open_clip model's ``encode_image`` with its own preprocessing;
 * ``timm:<name>`` (``weights=`` a local file; without it timm's pretrained weights, from the Hub): pooled
   pre-logits features with the model's own data config;
@@ -39,16 +40,17 @@ def _device(device=None) -> torch.device:
 
 def _softalign_run(spec: str, heads: str, device: torch.device) -> tuple[ImageEncoder, TextEncoder]:
     from softalign.losses import SoftAlignLoss
+    from softalign.train.checkpoint import resolve
     from softalign.train.models import build_model
     from softalign.train.recipe import load_recipe
-    from softalign.train.trainer import CHECKPOINT, image_transform, load_checkpoint, uni_modal_heads
+    from softalign.train.trainer import image_transform, load_checkpoint, uni_modal_heads
 
     path = Path(spec)
-    ckpt_path = path / "checkpoints" / CHECKPOINT if path.is_dir() else path
-    run_dir = ckpt_path.parent.parent
-    if not (run_dir / "recipe.yaml").is_file():
-        raise FileNotFoundError(f"--model {spec}: no recipe.yaml in {run_dir} (expected a softalign train output "
-                                "directory, or its checkpoints/last.pt)")
+    ckpt_path = resolve(path)
+    run_dir = next((d for d in (path, *ckpt_path.parents[:3]) if (d / "recipe.yaml").is_file()), None)
+    if run_dir is None:
+        raise FileNotFoundError(f"--model {spec}: no recipe.yaml in {path} or above {ckpt_path} (expected a "
+                                "softalign train output directory, or one of its checkpoints)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     ckpt = load_checkpoint(ckpt_path)
     if recipe.model.image_encoder == "precomp":
@@ -103,8 +105,8 @@ def _open_clip(spec: str, device: torch.device) -> tuple[ImageEncoder, TextEncod
 def check_model_spec(spec: str) -> None:
     """Refuse a ``--model`` that is none of the accepted forms, before any image is read."""
     if not (spec.startswith(("open_clip:", "timm:", "st:")) or Path(spec).exists()):
-        raise ValueError(f"--model {spec!r}: expected a softalign train output directory (or its "
-                         "checkpoints/last.pt), 'open_clip:<arch>[/<pretrained>]', 'timm:<name>' or "
+        raise ValueError(f"--model {spec!r}: expected a softalign train output directory (or one of "
+                         "its checkpoints), 'open_clip:<arch>[/<pretrained>]', 'timm:<name>' or "
                          "'st:<sentence-transformers name or path>'")
 
 

@@ -6,7 +6,7 @@
     softalign encode --model runs/coco_clip --karpathy dataset_coco.json --image-root coco/ --split test --out coco5k.safetensors
     softalign encode --model st:all-MiniLM-L6-v2 --captions captions.txt --caption-labels labels.txt --out t2t.safetensors
 
-``--model``: a ``softalign train`` output directory (or its checkpoints/last.pt), ``open_clip:<arch>[/<pretrained>]``,
+``--model``: a ``softalign train`` output directory (or one of its checkpoints), ``open_clip:<arch>[/<pretrained>]``,
 ``timm:<name>`` or ``st:<sentence-transformers name or path>``; see :mod:`softalign.eval.encode`. The file holds ``image`` [N, D] (L2-normalised) and, for a
 benchmark, ``image_labels`` (and In-Shop's ``query_indices`` / ``gallery_indices``): ``softalign eval --embeddings``
 reports the DML metrics (R@1/2/4/8, MAP@R, R-Precision) of such an image-only file.
@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and images")
-    g.add_argument("--model", help="softalign train output directory (or checkpoints/last.pt), "
+    g.add_argument("--model", help="softalign train output directory (or one of its checkpoints), "
                                    "open_clip:<arch>[/<pretrained>], timm:<name> or st:<sentence-transformers "
                                    "name or path>")
     g.add_argument("--weights", default=None, help="local weights file for a timm:<name> model")

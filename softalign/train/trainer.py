@@ -3,8 +3,9 @@
 Per epoch: shuffle the training pairs, ``loss = SoftAlignLoss(img, txt, ids=caption_ids)`` (the loss is never
 passed through ``accelerator.prepare``; its heads and temperatures are added to the optimizer), evaluate the test
 split (cross-modal R@K / rsum, uni-modal precision@1 / MAP@R when labels exist, see :func:`evaluate_embeddings`),
-append a line to ``metrics.jsonl`` and then write ``checkpoints/last.pt`` atomically (model, loss, optimizer, epoch,
-step, recipe, vocab). The checkpoint is the commit point: ``resume=True`` continues from it at the next epoch, drops
+append a line to ``metrics.jsonl`` (an accelerate tracker) and then checkpoint with accelerate's ``save_state``
+(:mod:`softalign.train.checkpoint`: model, optimizer, RNG, the loss as safetensors, epoch / step / recipe / vocab as
+JSON). The checkpoint is the commit point: ``resume=True`` continues from it at the next epoch, drops
 the ``metrics.jsonl`` lines of later (uncommitted) epochs and an unparsable (torn) line, and refuses a recipe that
 differs from the checkpoint's in anything but :data:`RESUME_MUTABLE`. At the end the test embeddings are saved as
 ``embeddings_test.safetensors`` (keys ``image``, ``text``, ``caption_to_image``, ``image_labels``, ``text_labels``,
@@ -26,9 +27,17 @@ import torch
 
 from softalign.data.base import RetrievalData
 from softalign.io import atomic_write_text
+from softalign.train.checkpoint import (  # noqa: F401 - load_checkpoint / save_checkpoint: public names
+    TrainProgress,
+    latest_checkpoint,
+    load_checkpoint,
+    read_progress,
+    register_checkpoint_hooks,
+    restore_training_state,
+    save_checkpoint,
+    save_training_state,
+)
 from softalign.train.recipe import Recipe
-
-CHECKPOINT = "last.pt"
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -143,35 +152,6 @@ def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, de
 
 
 # -------------------------------------------------------------------------------------------- I/O
-def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe: Recipe, vocab=None,
-                    batch: int = 0, partial: dict[str, Any] | None = None) -> None:
-    """Atomic checkpoint: ``{"model", "loss", "optimizer", "epoch" (epochs done), "step", "recipe", "vocab"}`` and,
-    inside an epoch (``train.checkpoint_steps``), ``"batch"`` (batches of epoch ``epoch + 1`` done) and ``"partial"``
-    (that epoch's running loss sums)."""
-    import io
-
-    from softalign.io import atomic_write
-
-    obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-           "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab, "batch": int(batch),
-           "partial": partial}
-    buf = io.BytesIO()
-    torch.save(obj, buf)  # in memory first: torch.save onto a full disk fails with "unexpected pos", never ENOSPC
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
-
-
-def load_checkpoint(path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code runs); a corrupt file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]} (delete it, or train with "
-                         "--no-resume, to start over)") from None
-
-
 def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text_uni=None) -> None:
     """Test-split embeddings in the format ``softalign eval --embeddings`` reads (``image``, ``text``,
     ``caption_to_image``, ``image_labels``, ``text_labels``); ``image_uni`` / ``text_uni``: the uni-modal
@@ -382,7 +362,8 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
 
     The main process holds the output directory's lock (:func:`softalign.locking.directory_lock`) for the whole
     run: a second run into the same directory fails at once, naming the first, instead of interleaving its
-    metrics and checkpoints with it."""
+    metrics and checkpoints with it. A passed ``accelerator`` can serve several runs one after the other: what a
+    run prepares, registers and tracks on it is taken off when the run ends."""
     import contextlib
 
     from accelerate import Accelerator
@@ -394,179 +375,163 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(directory_lock(recipe.output_dir, f"softalign train ({recipe.name})"))
-        stack.callback(_drop_jsonl_trackers, accelerator)  # this run's metrics.jsonl, not the next run's
         return _train(recipe, resume=resume, accelerator=accelerator, train_data=train_data, test_data=test_data,
-                      cache=cache, log=log, image_caches=image_caches)
+                      cache=cache, log=log, image_caches=image_caches, cleanup=stack)
 
 
-def _drop_jsonl_trackers(accelerator) -> None:
-    from softalign.train.tracking import JsonlTracker
+def _release(accelerator, prepared: tuple, hooks: list, jsonl) -> None:
+    """Take a finished run's objects off a (possibly shared) accelerator: what ``save_state`` would save next and
+    the run's ``metrics.jsonl`` tracker. ``Accelerator.free_memory`` would drop the caller's objects too."""
+    for attr in ("_models", "_optimizers", "_dataloaders"):
+        getattr(accelerator, attr)[:] = [o for o in getattr(accelerator, attr) if all(o is not p for p in prepared)]
+    for h in hooks:
+        h.remove()
+    accelerator.trackers[:] = [t for t in accelerator.trackers if t is not jsonl]
 
-    accelerator.trackers[:] = [t for t in accelerator.trackers if not isinstance(t, JsonlTracker)]
+
+def _checkpoint_to_resume(recipe: Recipe, root: Path, resume: bool) -> tuple[Path | None, TrainProgress]:
+    """The committed checkpoint under ``root`` and its progress, after checking that its recipe matches
+    (:func:`recipe_differences`); ``(None, fresh progress)`` without one or with ``resume=False``."""
+    path = latest_checkpoint(root) if resume else None
+    if path is None:
+        return None, TrainProgress(recipe=recipe.to_dict())
+    progress = read_progress(path)
+    diff = recipe_differences(progress.recipe, recipe)
+    if diff:
+        raise ResumeMismatchError(
+            f"cannot resume from {path}: it was trained with a different recipe ("
+            f"{_describe_differences(progress.recipe, recipe, diff)}); only "
+            f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume. Use another output_dir or --no-resume")
+    progress.recipe = recipe.to_dict()  # the resumed run's (it may differ in RESUME_MUTABLE)
+    return path, progress
+
+
+def _build_optimizer(recipe: Recipe, model: torch.nn.Module, loss_fn: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam(W) over the model's parameter groups and, at ``optim.loss_lr``, the loss's heads and temperatures."""
+    o = recipe.optim
+    groups = parameter_groups(model, o.lr, o.weight_decay, o.decay_1d)
+    if any(p.requires_grad for p in loss_fn.parameters()):
+        groups += parameter_groups(loss_fn, o.loss_lr if o.loss_lr is not None else o.lr, o.weight_decay, o.decay_1d)
+    opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _transforms_and_images(recipe: Recipe, model, train_data: RetrievalData, test_data: RetrievalData,
+                           image_caches: dict[str, torch.Tensor] | None):
+    """(train transform, test transform, decoded image caches): the model's own preprocessing when it has one
+    (open_clip students), else the recipe's; images decoded once when ``data.preload`` allows it."""
+    from softalign.data.pairs import preload_images
+
+    caches = dict(image_caches or {})
+    own = getattr(model, "image_transform", None)
+    train_tf, test_tf = (own(True), own(False)) if callable(own) else \
+        (image_transform(recipe, True), image_transform(recipe, False))
+    if recipe.data.preload:
+        todo = [("test", test_data)] + ([("train", train_data)] if not recipe.data.augment else [])
+        for split, data in todo:
+            if split not in caches and not isinstance(data.images, np.ndarray):
+                caches[split] = preload_images(data, test_tf)
+    return train_tf, test_tf, caches
+
+
+def _train_loader(recipe: Recipe, data: RetrievalData, transform, image_cache):
+    from torch.utils.data import DataLoader
+
+    from softalign.data.pairs import ImagePairDataset, PairDataset, collate_pairs
+
+    dataset = (ImagePairDataset if recipe.data.sample == "images" else PairDataset)(data, transform)
+    dataset.cache = image_cache
+    bs = recipe.train.batch_size
+    return DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) > bs, collate_fn=collate_pairs,
+                      num_workers=recipe.data.num_workers)
+
+
+def _calibrate(recipe: Recipe, loss_fn, cache, num_processes: int, log: Callable) -> None:
+    """tau_s once from the cache, at the global batch the loss sees (per process when ``loss.gather`` is false);
+    a resumed loss already holds its calibration."""
+    if not (loss_fn._needs_calibration and cache is not None):
+        return
+    global_batch = recipe.train.batch_size * (num_processes if recipe.loss.gather else 1)
+    cal = loss_fn.calibrate(cache, batch_size=global_batch, seed=recipe.seed)
+    assert cal is not None  # the loss has CSA or USA, so it calibrated
+    log(f"{recipe.name}: calibrated soft-label temperature tau_s image {cal['image']:.4g}, text "
+        f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
 
 
 def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalData | None,
            test_data: RetrievalData | None, cache, log: Callable | None,
-           image_caches: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+           image_caches: dict[str, torch.Tensor] | None, cleanup) -> dict[str, Any]:
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
-    from softalign.data.pairs import ImagePairDataset, PairDataset, collate_pairs, preload_images
     from softalign.losses import SoftAlignLoss
     from softalign.train.models import build_model, vocab_of
+    from softalign.train.tracking import JsonlTracker
 
     t0 = time.time()
     main = accelerator.is_main_process
-    log = log or (lambda msg: accelerator.print(msg))
+    log = log or accelerator.print
     out = Path(recipe.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    set_seed(recipe.seed)
 
+    # 1. data and the teacher cache (checked, built or rebuilt by softalign.teachers)
+    set_seed(recipe.seed)
     if train_data is None or test_data is None:
         train_data, test_data = load_splits(recipe)
     if cache is None and needs_teacher(recipe):
         with accelerator.main_process_first():
             cache = get_teacher_cache(recipe, train_data, accelerator=None, log=log)
-    # seeded again after the data and the cache: building a cache (a teacher's initialisation) consumes torch's
-    # RNG, and the student must not depend on whether this run built the cache or found it
+    # seeded again: building a cache consumes torch's RNG, and the student must not depend on whether it was built
     set_seed(recipe.seed)
 
-    ckpt_path = out / "checkpoints" / CHECKPOINT
-    ckpt = load_checkpoint(ckpt_path) if (resume and ckpt_path.is_file()) else None
-    if ckpt is not None:
-        diff = recipe_differences(ckpt.get("recipe"), recipe)
-        if diff:
-            raise ResumeMismatchError(
-                f"cannot resume from {ckpt_path}: it was trained with a different recipe ("
-                f"{_describe_differences(ckpt.get('recipe') or {}, recipe, diff)}); only "
-                f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume. Use another output_dir or --no-resume")
+    # 2. the student, the loss and the optimizer; a resume checks the recipe before building anything
+    ckpt_path, progress = _checkpoint_to_resume(recipe, out / "checkpoints", resume)
     if main:
         atomic_write_text(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
-    model = build_model(recipe.model, train_data.captions, _feature_shape(train_data),
-                        vocab_words=ckpt["vocab"] if ckpt is not None else None)
+    model = build_model(recipe.model, train_data.captions, _feature_shape(train_data), vocab_words=progress.vocab)
+    progress.vocab = vocab_of(model)
     # CUSA's layout: USA's uni-modal heads take the backbone features, in parallel to the cross-modal heads
     feature_dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
-    loss_fn = SoftAlignLoss(embed_dim=feature_dims, cache=cache,
-                            return_parts=True, **recipe.loss.loss_kwargs())
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt["loss"])
-    if loss_fn._needs_calibration and cache is not None:
-        # tau_s once from the cache, at the global batch the loss sees (per process when loss.gather is false)
-        global_batch = recipe.train.batch_size * (accelerator.num_processes if recipe.loss.gather else 1)
-        cal = loss_fn.calibrate(cache, batch_size=global_batch, seed=recipe.seed)
-        assert cal is not None  # the loss has CSA or USA, so it calibrated
-        log(f"{recipe.name}: calibrated soft-label temperature tau_s image {cal['image']:.4g}, text "
-            f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
+    loss_fn = SoftAlignLoss(embed_dim=feature_dims, cache=cache, return_parts=True, **recipe.loss.loss_kwargs())
     usa_on_features = recipe.loss.use_heads and loss_fn.usa is not None
-    loss_fn.to(accelerator.device)
-
-    o = recipe.optim
-    groups = parameter_groups(model, o.lr, o.weight_decay, o.decay_1d)
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    if loss_params:
-        lr = o.loss_lr if o.loss_lr is not None else o.lr
-        groups += parameter_groups(loss_fn, lr, o.weight_decay, o.decay_1d)
-    opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
-    if ckpt is not None:  # the recipe check above refused a different grouping (LEGACY_DEFAULTS: optim.decay_1d)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for g, fresh in zip(optimizer.param_groups, groups):  # checkpoints before LambdaLR kept "base_lr"
-            g["initial_lr"] = g.get("initial_lr", g.get("base_lr", fresh["initial_lr"]))
-
-    image_caches = dict(image_caches or {})
-    model_transform = getattr(model, "image_transform", None)
-    if callable(model_transform):  # the model's own preprocessing (open_clip students)
-        train_tf, test_tf = model_transform(True), model_transform(False)
-    else:
-        train_tf, test_tf = image_transform(recipe, True), image_transform(recipe, False)
-    if recipe.data.preload and not recipe.data.augment:
-        if "train" not in image_caches and not isinstance(train_data.images, np.ndarray):
-            image_caches["train"] = preload_images(train_data, test_tf)
-    if recipe.data.preload and "test" not in image_caches and not isinstance(test_data.images, np.ndarray):
-        image_caches["test"] = preload_images(test_data, test_tf)
-    train_set = (ImagePairDataset if recipe.data.sample == "images" else PairDataset)(train_data, train_tf)
-    train_set.cache = image_caches.get("train")
-    bs = recipe.train.batch_size
-    loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) > bs,
-                        collate_fn=collate_pairs, num_workers=recipe.data.num_workers)
+    loss_fn.to(accelerator.device)  # never through accelerator.prepare; its parameters are in the optimizer
+    optimizer = _build_optimizer(recipe, model, loss_fn)
+    train_tf, test_tf, image_caches = _transforms_and_images(recipe, model, train_data, test_data, image_caches)
+    loader = _train_loader(recipe, train_data, train_tf, image_caches.get("train"))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    jsonl = JsonlTracker(out / "metrics.jsonl")  # metrics.jsonl: one of accelerate's trackers
+    hooks = register_checkpoint_hooks(accelerator, loss_fn, progress)
+    cleanup.callback(_release, accelerator, (model, optimizer, loader), hooks, jsonl)
+
+    # 3. resume (accelerate's load_state), calibration, the schedule (torch's LambdaLR, one step per batch)
+    initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    if ckpt_path is not None:
+        restore_training_state(accelerator, ckpt_path, model, optimizer=optimizer, loss_fn=loss_fn)
+        log(f"resuming {recipe.name} from {ckpt_path} after epoch {progress.epoch}")
+    _calibrate(recipe, loss_fn, cache, accelerator.num_processes, log)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * recipe.train.epochs
-    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
-    step = int(ckpt["step"]) if ckpt is not None else 0
-    # torch's LambdaLR, stepped once per optimizer step; on resume it starts at the checkpoint's step
+    for g, lr0 in zip(optimizer.param_groups, initial_lrs):  # checkpoints before LambdaLR kept "base_lr"
+        g["initial_lr"] = g.get("initial_lr", g.get("base_lr", lr0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=step - 1)
-    if ckpt is not None:
-        log(f"resuming {recipe.name} from {ckpt_path} after epoch {start_epoch}")
+        optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=progress.step - 1)
 
-    metrics_path = out / "metrics.jsonl"
-    # metrics go through accelerate's trackers: the user's (Accelerator(log_with=...)) and metrics.jsonl
-    from softalign.train.tracking import JsonlTracker
-
+    # 4. metrics: the user's trackers (Accelerator(log_with=...)) and metrics.jsonl, cut back to the checkpoint
     if accelerator.log_with:
         accelerator.init_trackers(recipe.name.replace("/", "_"), config=_flatten(recipe.to_dict()))
-    jsonl = JsonlTracker(metrics_path)
     accelerator.trackers.append(jsonl)
     history = []
-    if main and metrics_path.is_file():  # keep the lines of the epochs the checkpoint covers (the commit point)
-        history = read_metrics(metrics_path, max_epoch=start_epoch, log=log)
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    if main and jsonl.path.is_file():  # keep the lines of the epochs the checkpoint covers (the commit point)
+        history = read_metrics(jsonl.path, max_epoch=progress.epoch, log=log)
+        atomic_write_text(jsonl.path, "".join(json.dumps(r) + "\n" for r in history))
 
+    # 5. the epochs: train, evaluate when due, log the epoch's line, then commit it with a checkpoint
+    loop = _EpochLoop(recipe, accelerator, model, loss_fn, optimizer, scheduler, loader, progress,
+                      usa_on_features, out / "checkpoints")
     unwrapped = accelerator.unwrap_model(model)
     final: dict[str, float] = {}
-    # a mid-epoch checkpoint (train.checkpoint_steps): the epoch restarts after its first `start_batch` batches
-    start_batch = int(ckpt.get("batch") or 0) if ckpt is not None else 0
-    for epoch in range(start_epoch, recipe.train.epochs):
-        set_seed(recipe.seed * 100003 + epoch)  # the epoch's shuffle does not depend on where we resumed
-        model.train()
-        sums: dict[str, float] = {}
-        n = 0
-        batches: Iterable = loader
-        if epoch == start_epoch and start_batch:
-            batches = accelerator.skip_first_batches(loader, start_batch)
-            partial = ckpt.get("partial") or {} if ckpt is not None else {}
-            sums, n = dict(partial.get("sums") or {}), int(partial.get("n") or 0)
-        done = start_batch if epoch == start_epoch else 0
-        t_epoch = time.time()
-        bar = tqdm(batches, desc=f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs}",
-                   disable=not (recipe.train.progress and main), leave=False, initial=done, total=steps_per_epoch)
-        for batch in bar:
-            with accelerator.autocast():
-                img, txt, img_f, txt_f = model(batch["image"], batch["caption"], return_features=True)
-                feats = dict(image_features=img_f, text_features=txt_f) if usa_on_features else {}
-                parts = loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"], **feats)
-            loss = parts["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{recipe.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, "
-                                         f"step {step}; lower optim.lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if o.grad_clip:
-                accelerator.clip_grad_norm_(list(model.parameters()) + loss_params, o.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            n += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            done += 1
-            every = recipe.train.checkpoint_steps
-            if every > 0 and step % every == 0 and done < steps_per_epoch:
-                accelerator.wait_for_everyone()
-                if main:  # a mid-epoch commit point: the epoch's line is written when it ends
-                    save_checkpoint(ckpt_path, unwrapped, loss_fn, optimizer, epoch, step, recipe,
-                                    vocab_of(unwrapped), batch=done, partial={"sums": sums, "n": n})
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                  "epoch_seconds": round(time.time() - t_epoch, 3)}
-        record.update({("train_loss" if k == "loss" else f"train_{k}"): v / max(1, n) for k, v in sums.items()})
-        if loss_fn.gradient_shares is not None:  # the last term-balance diagnostic (share of the gradient norm)
-            record.update({f"grad_share_{k}": round(v, 6) for k, v in loss_fn.gradient_shares.items()
-                           if not k.startswith("norm_")})
+    for epoch in range(progress.epoch, recipe.train.epochs):
+        record = loop.run_epoch(epoch)
         last = epoch + 1 == recipe.train.epochs
         ev = recipe.train.eval_every
         if main and (last or (ev > 0 and (epoch + 1) % ev == 0)):
@@ -582,13 +547,13 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         accelerator.wait_for_everyone()
         if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
             accelerator.log(record, step=record["step"])
-            if recipe.train.checkpoint_every > 0 and ((epoch + 1) % recipe.train.checkpoint_every == 0 or last):
-                save_checkpoint(ckpt_path, unwrapped, loss_fn, optimizer, epoch + 1, step, recipe, vocab_of(unwrapped))
             history.append(record)
             msg = f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs} loss {record.get('train_loss', 0):.4f}"
-            if "test_rsum" in record:
-                msg += f" rsum {record['test_rsum']:.1f}"
-            log(msg)
+            log(msg + (f" rsum {record['test_rsum']:.1f}" if "test_rsum" in record else ""))
+        if recipe.train.checkpoint_every > 0 and ((epoch + 1) % recipe.train.checkpoint_every == 0 or last):
+            loop.checkpoint(epoch + 1)
+
+    # 6. results.json
     if main and not final and history:  # resumed a finished run: report the stored final metrics
         final = {k[5:]: v for k, v in history[-1].items() if k.startswith("test_")}
     result = {"name": recipe.name, "variant": recipe.variant, "seed": recipe.seed, "metrics": final,
@@ -598,3 +563,74 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     if main:
         atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+class _EpochLoop:
+    """One epoch of optimizer steps, with the mid-epoch checkpoints of ``train.checkpoint_steps`` and the resume
+    of a run that stopped inside an epoch (accelerate's ``skip_first_batches``)."""
+
+    def __init__(self, recipe: Recipe, accelerator, model, loss_fn, optimizer, scheduler, loader,
+                 progress: TrainProgress, usa_on_features: bool, checkpoint_root: Path):
+        self.recipe, self.accelerator, self.model, self.loss_fn = recipe, accelerator, model, loss_fn
+        self.optimizer, self.scheduler, self.loader, self.progress = optimizer, scheduler, loader, progress
+        self.usa_on_features, self.checkpoint_root = usa_on_features, checkpoint_root
+        self.clip_params = list(model.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
+
+    def checkpoint(self, epochs_done: int, batch: int = 0, partial: dict[str, Any] | None = None) -> None:
+        p = self.progress
+        p.epoch, p.batch, p.partial = epochs_done, batch, partial
+        save_training_state(self.accelerator, self.checkpoint_root, p)
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train epoch ``epoch`` (0-based); returns its metrics record (``epoch``, ``step``, ``lr``,
+        ``epoch_seconds``, ``train_*`` loss means, ``grad_share_*``)."""
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        r, acc, p = self.recipe, self.accelerator, self.progress
+        set_seed(r.seed * 100003 + epoch)  # the epoch's shuffle does not depend on where we resumed
+        self.model.train()
+        resumed = epoch == p.epoch and p.batch > 0  # a mid-epoch checkpoint: skip the batches it had done
+        done = p.batch if resumed else 0
+        sums: dict[str, float] = dict((p.partial or {}).get("sums") or {}) if resumed else {}
+        n = int((p.partial or {}).get("n") or 0) if resumed else 0
+        batches = acc.skip_first_batches(self.loader, done) if resumed else self.loader
+        t_epoch = time.time()
+        bar = tqdm(batches, desc=f"{r.name} epoch {epoch + 1}/{r.train.epochs}", leave=False, initial=done,
+                   total=len(self.loader), disable=not (r.train.progress and acc.is_main_process))
+        for batch in bar:
+            parts = self.step(batch, epoch)
+            n, done = n + 1, done + 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(parts['loss'].detach()):.4f}")
+            every = r.train.checkpoint_steps
+            if every > 0 and p.step % every == 0 and done < len(self.loader):  # a mid-epoch commit point
+                self.checkpoint(epoch, batch=done, partial={"sums": sums, "n": n})
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": p.step, "lr": self.optimizer.param_groups[0]["lr"],
+                                  "epoch_seconds": round(time.time() - t_epoch, 3)}
+        record.update({("train_loss" if k == "loss" else f"train_{k}"): v / max(1, n) for k, v in sums.items()})
+        if self.loss_fn.gradient_shares is not None:  # the term-balance diagnostic (share of the gradient norm)
+            record.update({f"grad_share_{k}": round(v, 6) for k, v in self.loss_fn.gradient_shares.items()
+                           if not k.startswith("norm_")})
+        return record
+
+    def step(self, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch``; returns the loss parts."""
+        acc, o = self.accelerator, self.recipe.optim
+        with acc.autocast():
+            img, txt, img_f, txt_f = self.model(batch["image"], batch["caption"], return_features=True)
+            feats = dict(image_features=img_f, text_features=txt_f) if self.usa_on_features else {}
+            parts = self.loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"], **feats)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.recipe.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, "
+                                     f"step {self.progress.step}; lower optim.lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if o.grad_clip:
+            acc.clip_grad_norm_(self.clip_params, o.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step += 1
+        return parts
