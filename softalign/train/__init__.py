@@ -15,9 +15,9 @@ _EXPORTS = {
     "load_recipe": "softalign.train.recipe", "recipe_from_dict": "softalign.train.recipe",
     "list_variants": "softalign.train.recipe",
     "train": "softalign.train.trainer", "load_splits": "softalign.train.trainer",
-    "get_teacher_cache": "softalign.train.trainer", "evaluate_embeddings": "softalign.train.trainer",
-    "encode_split": "softalign.train.trainer", "save_checkpoint": "softalign.train.trainer",
-    "load_checkpoint": "softalign.train.trainer", "save_embeddings": "softalign.train.trainer",
+    "get_teacher_cache": "softalign.train.trainer", "evaluate_embeddings": "softalign.train.evaluation",
+    "encode_split": "softalign.train.evaluation", "save_checkpoint": "softalign.train.checkpoint",
+    "load_checkpoint": "softalign.train.checkpoint", "save_embeddings": "softalign.train.evaluation",
     "build_model": "softalign.train.models", "DualEncoder": "softalign.train.models",
     "Vocabulary": "softalign.train.models",
 }

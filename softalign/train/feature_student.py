@@ -59,9 +59,9 @@ def build_student(image_dim: int, text_dim: int, cfg: FeatureStudentConfig):
 
 @torch.no_grad()
 def evaluate(model, loss_fn, split: FeatureSplit) -> dict[str, float]:
-    """Cross-modal and uni-modal metrics of ``split`` (:func:`softalign.train.trainer.evaluate_embeddings`), the
+    """Cross-modal and uni-modal metrics of ``split`` (:func:`softalign.train.evaluation.evaluate_embeddings`), the
     uni-modal ones on USA's heads when the loss has them."""
-    from softalign.train.trainer import encode_uni_modal, evaluate_embeddings
+    from softalign.train.evaluation import encode_uni_modal, evaluate_embeddings
 
     model.eval()
     loss_fn.eval()

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,22 @@ from softalign.train.checkpoint import (  # noqa: F401 - load_checkpoint / save_
     save_checkpoint,
     save_training_state,
 )
+from softalign.train.evaluation import (  # noqa: F401 - public names of softalign.train.trainer
+    encode_split,
+    encode_uni_modal,
+    evaluate_embeddings,
+    save_embeddings,
+    uni_modal_heads,
+)
 from softalign.train.recipe import Recipe
+from softalign.train.resume import (  # noqa: F401 - public names of softalign.train.trainer
+    LEGACY_DEFAULTS,
+    RESUME_MUTABLE,
+    ResumeMismatchError,
+    _describe_differences,
+    _flatten,
+    recipe_differences,
+)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -152,24 +167,6 @@ def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, de
 
 
 # -------------------------------------------------------------------------------------------- I/O
-def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text_uni=None) -> None:
-    """Test-split embeddings in the format ``softalign eval --embeddings`` reads (``image``, ``text``,
-    ``caption_to_image``, ``image_labels``, ``text_labels``); ``image_uni`` / ``text_uni``: the uni-modal
-    (USA head) embeddings, stored as extra keys of the same names when given."""
-    from softalign.io import atomic_save_tensors
-
-    tensors = {"image": image.float(), "text": text.float(),
-               "caption_to_image": torch.as_tensor(data.caption_to_image, dtype=torch.long)}
-    if data.image_labels is not None:
-        tensors["image_labels"] = torch.as_tensor(data.image_labels, dtype=torch.long)
-        tensors["text_labels"] = torch.as_tensor(data.text_labels, dtype=torch.long)
-    if image_uni is not None:
-        tensors["image_uni"] = image_uni.float()
-    if text_uni is not None:
-        tensors["text_uni"] = text_uni.float()
-    atomic_save_tensors(path, tensors, metadata={"split": str(data.split), "name": str(data.name)})
-
-
 def read_metrics(path, max_epoch: int | None = None, log: Callable | None = None) -> list[dict[str, Any]]:
     """Records of ``metrics.jsonl`` (epochs <= ``max_epoch`` when given). A line that is not valid JSON (a torn
     last line after a crash) is skipped with a message instead of failing the resume."""
@@ -191,148 +188,6 @@ def read_metrics(path, max_epoch: int | None = None, log: Callable | None = None
             continue
         if max_epoch is None or int(rec.get("epoch", 0)) <= max_epoch:
             out.append(rec)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ resume checks
-#: Recipe fields that may change between a checkpoint and its resume (and between a finished run and its reuse by
-#: the demo, except ``train.epochs``): the number of epochs, logging / progress / evaluation cadence, output
-#: locations, and resources that do not change what is trained.
-RESUME_MUTABLE = frozenset({
-    "name", "output_dir", "variants", "train.epochs", "train.progress", "train.eval_every",
-    "train.checkpoint_every", "train.checkpoint_steps", "train.eval_batch_size", "train.cpu", "teacher.cache_dir", "teacher.chunk_size",
-    "teacher.rebuild_on_mismatch", "data.num_workers",
-})
-
-
-#: Options whose schema default differs from what runs did before the option existed: a saved recipe without the
-#: key gets this value (checkpoints before ``optim.decay_1d`` decayed every parameter).
-LEGACY_DEFAULTS: dict[str, Any] = {"optim.decay_1d": True}
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint (or finished run) was made with a different recipe than the one asked for."""
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and k != "variants":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def recipe_differences(saved: Mapping[str, Any] | None, recipe: Recipe,
-                       ignore: Iterable[str] = RESUME_MUTABLE) -> list[str]:
-    """Dotted keys whose value in the ``saved`` recipe dict (a checkpoint's or a results.json's) differs from
-    ``recipe`` (keys in ``ignore`` excepted). A key missing from ``saved`` (written before the option existed)
-    counts as its schema default. ``saved=None`` -> ``["<no recipe stored>"]``."""
-    if not isinstance(saved, Mapping):
-        return ["<no recipe stored>"]
-    ignore = set(ignore)
-    defaults = _flatten(Recipe().to_dict())
-    old, new = _flatten(saved), _flatten(recipe.to_dict())
-    for k, v in LEGACY_DEFAULTS.items():  # what a run did before the option existed
-        old.setdefault(k, v)
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if k not in ignore and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
-
-
-def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: list[str]) -> str:
-    old, new = {**LEGACY_DEFAULTS, **_flatten(saved)}, _flatten(recipe.to_dict())
-    return "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys)
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def encode_split(model, data: RetrievalData, transform, batch_size: int, device,
-                 image_cache: torch.Tensor | None = None, return_features: bool = False):
-    """(image_emb [N_images, D], text_emb [N_captions, D]) of a split, on CPU; with ``return_features`` also the
-    backbone features ``(image_features, text_features)`` (the inputs of USA's uni-modal heads)."""
-    from torch.utils.data import DataLoader
-
-    from softalign.data.pairs import ImageDataset, collate_pairs
-
-    was_training = model.training
-    model.eval()
-    try:
-        loader = DataLoader(ImageDataset(data, transform, image_cache), batch_size=batch_size, shuffle=False,
-                            collate_fn=collate_pairs)
-        imgs = [model.encode_image(b["image"].to(device), return_features=True) for b in loader]
-        txts = [model.encode_text(data.captions[i:i + batch_size], return_features=True)
-                for i in range(0, data.num_captions, batch_size)]
-    finally:
-        model.train(was_training)
-    img, img_f = (torch.cat([x[k].float().cpu() for x in imgs]) for k in (0, 1))
-    txt, txt_f = (torch.cat([x[k].float().cpu() for x in txts]) for k in (0, 1))
-    return (img, txt, img_f, txt_f) if return_features else (img, txt)
-
-
-def uni_modal_heads(loss_fn) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """``(image_head, text_head)`` of the loss's USA term when it has real heads (CUSA's uni-modal projections),
-    else None (no USA term, or USA on the raw embeddings: ``nn.Identity`` heads)."""
-    usa = getattr(loss_fn, "usa", None)
-    if usa is None:
-        return None
-    image_head, text_head = getattr(usa, "image_head", None), getattr(usa, "text_head", None)
-    if image_head is None or text_head is None or isinstance(image_head, torch.nn.Identity) \
-            or isinstance(text_head, torch.nn.Identity):
-        return None
-    return image_head, text_head
-
-
-@torch.no_grad()
-def encode_uni_modal(loss_fn, image: torch.Tensor, text: torch.Tensor, batch_size: int = 1024,
-                     device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Uni-modal embeddings ``(image_head(image), text_head(text))`` (fp32, on CPU) of the loss's USA heads, as
-    CUSA evaluates uni-modal retrieval (``encode_image(cross_modal=False)``); None when there are no heads."""
-    heads = uni_modal_heads(loss_fn)
-    if heads is None:
-        return None
-    outs = []
-    for head, emb in zip(heads, (image, text)):
-        was_training = head.training
-        head.eval()
-        try:
-            p = next(head.parameters(), None)
-            dev = device if device is not None else (p.device if p is not None else torch.device("cpu"))
-            dtype = p.dtype if p is not None else torch.float32
-            outs.append(torch.cat([head(emb[i:i + batch_size].to(dev, dtype)).float().cpu()
-                                   for i in range(0, emb.shape[0], batch_size)]) if emb.shape[0]
-                        else emb.new_zeros(emb.shape).float())
-        finally:
-            head.train(was_training)
-    return outs[0], outs[1]
-
-
-def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_uni=None) -> dict[str, float]:
-    """Cross-modal R@1/5/10, medr, rsum; with labels also uni-modal precision@1, R-precision, MAP@R (x100):
-
-    * ``i2i_xm_*`` / ``t2t_xm_*``: image->image / text->text retrieval with the cross-modal embeddings
-      (``image``, ``text``), reported for every model;
-    * ``i2i_*`` / ``t2t_*``: the model's uni-modal embeddings: the USA heads' outputs ``image_uni`` /
-      ``text_uni`` when given (how CUSA reports uni-modal retrieval), else the cross-modal embeddings (then equal
-      to the ``*_xm_*`` numbers).
-    """
-    from softalign.eval import cross_modal_recall, unimodal_retrieval
-    from softalign.eval.unimodal import has_shared_label
-
-    out = {k: float(v) for k, v in cross_modal_recall(image_emb=image, text_emb=text,
-                                                      caption_to_image=torch.as_tensor(data.caption_to_image),
-                                                      ks=(1, 5, 10)).items()}
-    if data.image_labels is not None:
-        uni_img = image if image_uni is None else image_uni
-        uni_txt = text if text_uni is None else text_uni
-        for prefix, emb, lab in (("i2i_", uni_img, data.image_labels), ("t2t_", uni_txt, data.text_labels),
-                                 ("i2i_xm_", image, data.image_labels), ("t2t_xm_", text, data.text_labels)):
-            if not has_shared_label(lab):
-                continue  # no label shared by two items: leave-one-out retrieval is undefined
-            res = unimodal_retrieval(emb, torch.as_tensor(lab), prefix=prefix)
-            for k in ("precision_at_1", "r_precision", "map_at_r"):
-                out[prefix + k] = 100.0 * float(res[prefix + k])
     return out
 
 
