@@ -12,13 +12,14 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 PathLike = str | os.PathLike
 
 __all__ = ["TMP_SUFFIX", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
-           "load_tensors", "file_sha256", "remove_stale_temporaries"]
+           "load_tensors", "file_sha256", "remove_stale_temporaries", "read_text", "read_json", "read_lines"]
 
 
 #: temporary files of :func:`atomic_write` are named ``.<final name>.<random>.tmp`` (see :func:`remove_stale_temporaries`)
@@ -121,6 +122,30 @@ def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def read_text(path: PathLike, what: str | None = None) -> str:
+    """The UTF-8 text of ``path``. A missing file or a bad encoding is one error naming ``what`` (e.g. the flag
+    ``"--captions"``) and the file."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{label}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{label}: not UTF-8 text ({err.reason} at byte {err.start}); convert it with "
+                         "iconv -t utf-8") from None
+
+
+def read_json(path: PathLike, what: str | None = None) -> Any:
+    """:func:`read_text` parsed as JSON; a syntax error names the file, the line and the column."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        label = f"{what} {path}" if what else str(path)
+        raise ValueError(f"{label}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
 
 
 def read_lines(path: PathLike, what: str = "file") -> list[str]:

@@ -64,6 +64,9 @@ def test_karpathy_test_split_and_errors(karpathy, tmp_path):
         load_karpathy(path, root, "test")
     with pytest.raises(FileNotFoundError, match="Karpathy split file not found"):
         load_karpathy(tmp_path / "missing.json", root)
+    (tmp_path / "torn.json").write_text('{"images": [')
+    with pytest.raises(ValueError, match=r"Karpathy split file \S*torn.json: not valid JSON \(.* line 1, column 13"):
+        load_karpathy(tmp_path / "torn.json", root)
 
 
 def _precomp(tmp_path, n_img=4, cpi=5, repeat=False):

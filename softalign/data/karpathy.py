@@ -13,12 +13,12 @@ images join ``train`` by default (as in VSE++/SCAN: 113,287 training images). Ea
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from softalign.data.base import RetrievalData
+from softalign.io import read_json
 
 SPLITS = ("train", "val", "test", "restval")
 
@@ -45,8 +45,7 @@ def load_karpathy(
         raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
     if not image_root.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_root}")
-    with open(json_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(json_path, "Karpathy split file")
     if not isinstance(meta, dict) or not isinstance(meta.get("images"), list):
         raise ValueError(f"{json_path}: expected a JSON object with an 'images' list (Karpathy format)")
     wanted: Sequence[str] = ("train", "restval") if (split == "train" and restval_in_train) else (split,)

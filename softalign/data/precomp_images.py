@@ -18,10 +18,11 @@ LIST.txt --captions train_caps.txt --captions-per-image 5``; the number of lines
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from softalign.io import read_json
 
 PathLike = str | os.PathLike
 
@@ -54,13 +55,7 @@ def read_ids(path: PathLike, captions_per_image: int = 5, num_images: int | None
 def _coco_files(annotations: Sequence[PathLike]) -> dict[str, str]:
     files: dict[str, str] = {}
     for a in annotations:
-        p = Path(a)
-        if not p.is_file():
-            raise FileNotFoundError(f"--coco-annotations {p}: file not found")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"--coco-annotations {p}: not valid JSON ({err})") from None
+        data = read_json(a, "--coco-annotations")
         for im in data.get("images", []):
             files[str(im["id"])] = im["file_name"]
     return files

@@ -16,22 +16,14 @@ appearance); ``softalign cache build-teran`` builds the cache from them.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from softalign.io import read_json
+
 PathLike = str | os.PathLike
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"TERAN annotation file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def _ids(path: Path) -> list[int]:
@@ -56,7 +48,7 @@ def _coco(data_dir: Path, images_path: Path, restval: bool) -> tuple[list[str], 
     c2i: list[int] = []
     index: dict[tuple[str, int], int] = {}
     for ann_file, ids_file, img_dir in parts:
-        coco = _json(ann_dir / ann_file)
+        coco = read_json(ann_dir / ann_file, "TERAN annotation file")
         anns = {a["id"]: a for a in coco.get("annotations", [])}
         files = {im["id"]: im["file_name"] for im in coco.get("images", [])}
         for pos, ann_id in enumerate(_ids(ann_dir / ids_file)):
@@ -77,7 +69,7 @@ def _coco(data_dir: Path, images_path: Path, restval: bool) -> tuple[list[str], 
 
 def _f30k(data_dir: Path, images_path: Path) -> tuple[list[str], list[str], list[int]]:
     path = data_dir / "f30k" / "annotations" / "dataset_flickr30k.json"
-    entries = _json(path).get("images", [])
+    entries = read_json(path, "TERAN annotation file").get("images", [])
     captions: list[str] = []
     images: list[str] = []
     c2i: list[int] = []

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from softalign.io import read_json, read_text
+
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 _CAPTION_FORMATS = """\
@@ -235,27 +237,9 @@ def _add_output_args(p) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- readers
-def _read_text(path: Path, flag: str) -> str:
-    """The UTF-8 text of ``path``; errors name the flag and the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{flag} {path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it with "
-                         "iconv -t utf-8") from None
-
-
-def _read_json(path: Path, flag: str):
-    try:
-        return json.loads(_read_text(path, flag))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{flag} {path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-
-
 def _read_list(path: Path, flag: str = "--images") -> list:
     if path.suffix == ".json":
-        data = _read_json(path, flag)
+        data = read_json(path, flag)
         if not isinstance(data, list):
             raise ValueError(f"{flag} {path}: expected a JSON list, got a {type(data).__name__}")
         return data
@@ -268,7 +252,7 @@ def _read_list(path: Path, flag: str = "--images") -> list:
             return np.load(path, allow_pickle=False).tolist()
         except ValueError as err:
             raise ValueError(f"{flag} {path}: not a plain .npy array ({err})") from None
-    return _read_text(path, flag).splitlines()
+    return read_text(path, flag).splitlines()
 
 
 def _read_image_indices(path: Path, flag: str = "--caption-to-image") -> list[int]:
@@ -370,8 +354,8 @@ def _read_captions(path: Path, caption_column: str = DEFAULT_CAPTION_COLUMN,
             ["id"] if "id" in table.column_names else [])).to_list(), path, caption_column, image_column)
         return captions, refs, None
     if path.suffix != ".json":
-        return _read_text(path, "--captions").splitlines(), None, None
-    data = _read_json(path, "--captions")
+        return read_text(path, "--captions").splitlines(), None, None
+    data = read_json(path, "--captions")
     if isinstance(data, dict):
         if "captions" not in data:
             raise ValueError(f"--captions {path}: a JSON object needs a 'captions' list")
@@ -640,10 +624,7 @@ def run_inspect(args) -> int:
 
 
 def _read_label_file(path: Path, num_images: int) -> list[str]:
-    try:
-        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--labels {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    names = [ln.strip() for ln in read_text(path, "--labels").splitlines() if ln.strip()]
     if len(names) != num_images:
         raise ValueError(f"--labels {path} has {len(names)} labels but the cache holds {num_images} images "
                          "(one label per image, in the cache's image order)")
