@@ -127,7 +127,19 @@ def _clip_loss_worker():
     single.soft.gather = False
     ref = run(copy.deepcopy(model), single, slice(0, n))
     start = sum(SIZES[:rank])
-    out, model_grads, loss_grads = run(model, loss, slice(start, start + SIZES[rank]))
+    gathers = []
+    real_gather = distributed.all_gather_with_grad
+
+    def counting(x, sizes=None):
+        gathers.append(tuple(x.shape))
+        return real_gather(x, sizes)
+
+    distributed.all_gather_with_grad = counting
+    try:
+        out, model_grads, loss_grads = run(model, loss, slice(start, start + SIZES[rank]))
+    finally:
+        distributed.all_gather_with_grad = real_gather
+    assert len(gathers) == 2, gathers  # the features once (images, captions), shared by every term
     for key, value in ref[0].items():
         torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-5, msg=f"term {key}")
     for name, grad in model_grads.items():  # DDP's average over processes

@@ -55,6 +55,16 @@ def test_contrastive_term_equals_open_clips_clip_loss(tiny_open_clip):
     parts = ref(img, txt, teacher_image_emb=t_img, teacher_text_emb=t_txt)
     torch.testing.assert_close(ours["csa_loss"], 0.1 * parts["csa"])
     torch.testing.assert_close(ours["usa_loss"], 0.5 * parts["usa"])
+    # the model's logit_scale is the contrastive temperature: the same gradient as through ClipLoss
+    mine, theirs = scale.clone().requires_grad_(), scale.clone().requires_grad_()
+    loss = SoftAlignClipLoss(diagnostics_every=0)
+    loss(img, txt, mine, output_dict=True, dist_image_features=t_img, dist_text_features=t_txt)[
+        "contrastive_loss"].backward()
+    open_clip.ClipLoss()(n_img, n_txt, theirs).backward()
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    assert not any(p.requires_grad for p in loss.soft.base.parameters())  # its own temperature is unused
+    with pytest.raises(ValueError, match="base_temperature is the temperature of an InfoNCE base.*'vsepp'"):
+        SoftAlignLoss(base="vsepp")(img, txt, base_temperature=0.1)
 
 
 def test_loss_refuses_what_it_does_not_replace(tiny_open_clip):

@@ -28,8 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from softalign import distributed as dist_utils
-from softalign import functional as SF
 from softalign.losses import SoftAlignLoss, citations
 
 __all__ = ["SoftAlignClipLoss", "create_loss"]
@@ -39,9 +37,12 @@ class SoftAlignClipLoss(nn.Module):
     """``L = L_CLIP(logit_scale) + alpha L_CSA + beta L_USA`` with ``ClipLoss``'s call convention.
 
     ``L_CLIP`` is CLIP's symmetric cross-entropy over ``logit_scale * img @ txt.T`` (Radford et al., ICML 2021),
-    with id-aware positives when caption ids and a cache are given; CSA / USA come from a ``SoftAlignLoss`` with
-    ``base="none"`` (``alpha`` / ``beta``, calibrated ``tau_s`` and the rest of its options via ``**kwargs``).
-    Under ``torch.distributed`` every term is computed over the global batch with exact gradients.
+    with id-aware positives when caption ids and a cache are given. All three terms come from one
+    ``SoftAlignLoss(base="infonce")`` called with ``base_temperature = 1 / logit_scale`` (the model's learnable
+    scale replaces the base's own temperature, which is frozen and unused); ``alpha`` / ``beta``, the calibrated
+    ``tau_s`` and the rest of its options come via ``**kwargs``. Under ``torch.distributed`` every term is computed
+    over the global batch with exact gradients, from one all-gather of the features and with local rows x global
+    columns per process (open_clip's ``local_loss``), not the full global matrices.
 
     Returns ``{"contrastive_loss", "csa_loss", "usa_loss"}`` (the weighted terms; open_clip's loop sums them) with
     ``output_dict=True``, else their sum.
@@ -54,7 +55,9 @@ class SoftAlignClipLoss(nn.Module):
         if "base" in kwargs:
             raise ValueError("SoftAlignClipLoss's base is CLIP's contrastive loss with the model's logit_scale; "
                              "use softalign.losses.SoftAlignLoss directly for another base")
-        self.soft = SoftAlignLoss(base="none", alpha=alpha, beta=beta, cache=cache, return_parts=True, **kwargs)
+        self.soft = SoftAlignLoss(base="infonce", alpha=alpha, beta=beta, cache=cache, return_parts=True, **kwargs)
+        assert self.soft.base is not None
+        self.soft.base.requires_grad_(False)  # the model's logit_scale is the temperature
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The loss's own parameters (USA heads, CSA / USA temperatures) for the host's optimizer."""
@@ -78,21 +81,11 @@ class SoftAlignClipLoss(nn.Module):
         image_ids = None
         if caption_ids is not None and self.soft.cache is not None:
             image_ids = self.soft.cache.image_ids(caption_ids).to(image_features.device)
-        parts = self.soft(image_features, text_features, ids=caption_ids, image_ids=image_ids, **teacher)
-        losses = {"contrastive_loss": self._clip_contrastive(image_features, text_features, logit_scale, image_ids)}
-        losses.update({f"{k}_loss": v for k, v in self.soft.weighted_parts(parts).items()})
+        parts = self.soft(image_features, text_features, ids=caption_ids, image_ids=image_ids,
+                          base_temperature=1.0 / logit_scale.float(), **teacher)
+        weighted = self.soft.weighted_parts(parts)
+        losses = {"contrastive_loss": weighted.pop("base"), **{f"{k}_loss": v for k, v in weighted.items()}}
         return losses if output_dict else sum(losses.values())
-
-    def _clip_contrastive(self, image_features, text_features, logit_scale, image_ids):
-        img = nn.functional.normalize(image_features.float(), dim=-1)
-        txt = nn.functional.normalize(text_features.float(), dim=-1)
-        if dist_utils.is_distributed() and self.soft.gather:
-            sizes = dist_utils.batch_sizes(img)
-            img, txt = dist_utils.all_gather_with_grad(img, sizes), dist_utils.all_gather_with_grad(txt, sizes)
-            if image_ids is not None:
-                image_ids = dist_utils.gather_batch(image_ids, sizes)
-        scores = img @ txt.t()
-        return SF.info_nce(scores, 1.0 / logit_scale.float(), image_ids=image_ids, validate=False)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"base": "clip (model logit_scale)", **{k: v for k, v in self.soft.get_config_dict().items()

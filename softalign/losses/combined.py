@@ -321,10 +321,14 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
     def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
                 image_features=None, text_features=None,
                 teacher_image_sim=None, teacher_text_sim=None, teacher_image_emb=None, teacher_text_emb=None,
-                return_parts: bool | None = None):
+                return_parts: bool | None = None, base_temperature=None):
         """``image_features`` / ``text_features``: ``[B, D_i]`` / ``[B, D_t]`` backbone features for USA (CUSA's
         layout: the uni-modal heads run parallel to the cross-modal head, so USA's gradient never reaches it);
-        without them USA uses ``image_emb`` / ``text_emb``."""
+        without them USA uses ``image_emb`` / ``text_emb``. ``base_temperature``: the InfoNCE base's temperature
+        for this call in place of its own, e.g. ``1 / logit_scale`` of a CLIP model (its gradient flows back)."""
+        if base_temperature is not None and not isinstance(self.base, InfoNCELoss):
+            raise ValueError(f"base_temperature is the temperature of an InfoNCE base; this loss's base is "
+                             f"{self._config['base']!r}")
         device = (scores if scores is not None else image_emb if image_emb is not None else text_emb)
         device = device.device if isinstance(device, torch.Tensor) else torch.device("cpu")
         inputs = [t for t in (image_emb, text_emb, scores, image_features, text_features)
@@ -332,7 +336,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         # Under a caller's autocast the matmuls would run in fp16/bf16: the loss computes in fp32.
         with torch.autocast(device.type, enabled=False):
             out = self._forward(image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
-                                teacher_image_emb, teacher_text_emb, image_features, text_features)
+                                teacher_image_emb, teacher_text_emb, image_features, text_features,
+                                base_temperature)
         if self.training and torch.is_grad_enabled() and inputs:
             if self.diagnostics_every and self._steps % self.diagnostics_every == 0:
                 self._diagnose(out, inputs)
@@ -342,7 +347,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return out["loss"]
 
     def _forward_local_rows(self, img_l, txt_l, ids, image_ids, feat_img, feat_txt, e_img, e_txt,
-                            validate: bool) -> dict[str, torch.Tensor]:
+                            validate: bool, base_temperature=None) -> dict[str, torch.Tensor]:
         """Multi-process path: this process's anchors (rows) against the gathered batch (columns); see
         :mod:`softalign.losses.local_rows`. Values are the exact global terms, gradients exact after data-parallel
         averaging (the loss's own parameter gradients are all-reduced by hooks)."""
@@ -394,7 +399,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                     self.calibrate(teacher_image_sim=e_img_g @ e_img_g.t(), teacher_text_sim=e_txt_g @ e_txt_g.t())
         self._install_gradient_sync()
         partial = local_row_parts(self, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher,
-                                  offset, batch)
+                                  offset, batch, base_temperature)
         parts: dict[str, torch.Tensor] = {}
         for name, value in partial.items():
             exact = value.detach().clone()
@@ -461,8 +466,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return f"({float(term.teacher_temperature.value):.4g}, {float(term.text_teacher_temperature.value):.4g})"
 
     def _forward(self, image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
-                 teacher_image_emb, teacher_text_emb, image_features=None, text_features=None
-                 ) -> dict[str, torch.Tensor]:
+                 teacher_image_emb, teacher_text_emb, image_features=None, text_features=None,
+                 base_temperature=None) -> dict[str, torch.Tensor]:
         have_emb = image_emb is not None and text_emb is not None
         if scores is None and not have_emb:
             raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
@@ -493,7 +498,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                                  "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb")
             if supports_local_rows(self):
                 return self._forward_local_rows(image_emb, text_emb, ids, image_ids, image_features, text_features,
-                                                teacher_image_emb, teacher_text_emb, validate)
+                                                teacher_image_emb, teacher_text_emb, validate, base_temperature)
             sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
             device = image_emb.device
             image_emb = dist_utils.all_gather_with_grad(image_emb, sizes)
@@ -544,7 +549,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         elif scores is None:
             scores = self.similarity(image_emb, text_emb).float()
         usa_in = (image_features, text_features) if have_feat else (image_emb, text_emb)
-        parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch)
+        parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch,
+                            base_temperature)
         total = scores.new_zeros(())
         for name, weight in self._weights().items():
             if name in parts:
@@ -567,13 +573,14 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return (usa_t if shared else self.csa.soft_labels(teacher_image_sim, teacher_text_sim)), usa_t
 
     def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
-               batch: int = 1) -> dict[str, torch.Tensor]:
+               batch: int = 1, base_temperature=None) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
         if self.base is not None:
             if isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
                 # miners may need the teacher similarities (TeacherFilteredMiner) or the embeddings (PMLMiner)
+                extra = {} if base_temperature is None else {"temperature": base_temperature}
                 parts["base"] = self.base(image_emb, text_emb, scores=scores, image_ids=image_ids,
-                                          teacher_image_sim=t_img, teacher_text_sim=t_txt)
+                                          teacher_image_sim=t_img, teacher_text_sim=t_txt, **extra)
             else:  # a user's module: the documented call
                 parts["base"] = self.base(scores=scores, image_ids=image_ids)
         # the KL terms are batch means; with a base that sums over anchors (VSE++'s hinge) they are summed too

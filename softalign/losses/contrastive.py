@@ -66,10 +66,13 @@ class InfoNCELoss(ChecksValuesOnce, nn.Module):
         self.temperature = ClampedTemperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
         self.similarity = similarity if similarity is not None else default_similarity()
 
-    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, **unused) -> torch.Tensor:
+    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, temperature=None,
+                **unused) -> torch.Tensor:
+        """``temperature``: this call's temperature in place of the module's own, e.g. ``1 / logit_scale`` of a
+        CLIP model (a tensor keeps its gradient)."""
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, self._take_value_check())
-        return self._checked(SF.info_nce(scores, self.temperature(), image_ids, reduction=self.reduction,
-                                         validate=False))
+        tau = self.temperature() if temperature is None else temperature
+        return self._checked(SF.info_nce(scores, tau, image_ids, reduction=self.reduction, validate=False))
 
     def get_config_dict(self) -> dict:
         t = self.temperature

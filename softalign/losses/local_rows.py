@@ -60,14 +60,14 @@ def _kl_rows(student, target: SF.SoftLabels, temperature) -> torch.Tensor:
 
 
 def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher,
-                    offset: int, batch: int) -> dict[str, torch.Tensor]:
+                    offset: int, batch: int, base_temperature=None) -> dict[str, torch.Tensor]:
     """This process's share ``partial_r`` of every switched-on term of ``loss`` (a :class:`SoftAlignLoss`), each
     normalised as the global term is (``batch`` = the global batch size).
 
     ``img_l`` / ``txt_l``: this process's ``[b, D]`` embeddings; ``img_g`` / ``txt_g``: the gathered ``[B, D]``;
     ``feats``: ``(image_l, text_l, image_g, text_g)`` backbone features for USA's heads, or None; ``teacher``:
     ``(image_l, text_l, image_g, text_g)`` L2-normalised teacher embeddings, or None; ``offset``: this process's
-    first row in the global batch.
+    first row in the global batch; ``base_temperature``: InfoNCE's temperature for this call (else its own).
     """
     from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 
@@ -86,7 +86,8 @@ def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, i
         total = _hinge_rows(s_i2t, s_t2i, diag_i2t, diag_t2i, pos, base.margin, base.max_violation)
         parts["base"] = total if base.reduction == "sum" else total / n
     elif isinstance(base, InfoNCELoss):
-        total = _info_nce_rows(s_i2t, s_t2i, pos, base.temperature()) / n
+        tau = base.temperature() if base_temperature is None else base_temperature
+        total = _info_nce_rows(s_i2t, s_t2i, pos, tau) / n
         parts["base"] = total / n if base.reduction == "cusa_mean" else total
     soft_scale = float(n) if loss.soft_label_reduction == "sum" else 1.0
     if teacher is not None:

@@ -202,20 +202,6 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union or origin is types.UnionType:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (dict, dict):
-        return "a mapping"
-    if origin in (list, list):
-        return "a list"
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
 _ADAPTERS: dict[type, TypeAdapter] = {}
 
 
@@ -244,7 +230,8 @@ def _field_type(cls: type, loc: Sequence[Any]) -> tuple[Any, list[str], type]:
 
 
 def _scalar_name(tp: Any) -> str:
-    """``_type_name`` through pydantic's Annotated / Strict wrappers."""
+    """How an error names the schema type ``tp`` ("an integer", "one of 'a', 'b'", ...), through pydantic's
+    Annotated / Strict wrappers."""
     origin = typing.get_origin(tp)
     if origin is Annotated:
         return _scalar_name(typing.get_args(tp)[0])
@@ -260,7 +247,11 @@ def _scalar_name(tp: Any) -> str:
         return "a string"
     if tp is float:
         return "a number"
-    return _type_name(tp)
+    if origin is dict:
+        return "a mapping"
+    if origin is list:
+        return "a list"
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _describe(err: ValidationError, cls: type, where: str) -> str:
