@@ -113,3 +113,18 @@ def save_embeddings(path, image, text, data: RetrievalData, image_uni=None, text
     if text_uni is not None:
         tensors["text_uni"] = text_uni.float()
     atomic_save_tensors(path, tensors, metadata={"split": str(data.split), "name": str(data.name)})
+
+
+def evaluate_student(model, loss_fn, data: RetrievalData, transform, batch_size: int, device,
+                     image_cache: torch.Tensor | None = None, usa_on_features: bool = False,
+                     save_to=None) -> dict[str, float]:
+    """:func:`evaluate_embeddings` of a student on ``data``: its joint embeddings and, when the loss has USA heads,
+    their outputs on the backbone features (``usa_on_features``, CUSA's layout) or on the joint embeddings.
+    ``save_to``: also write the embeddings there (:func:`save_embeddings`)."""
+    img_e, txt_e, img_f, txt_f = encode_split(model, data, transform, batch_size, device, image_cache, True)
+    uni = encode_uni_modal(loss_fn, *((img_f, txt_f) if usa_on_features else (img_e, txt_e)), batch_size)
+    img_u, txt_u = uni if uni is not None else (None, None)
+    if save_to is not None:
+        save_embeddings(save_to, img_e, txt_e, data, img_u, txt_u)
+    return evaluate_embeddings(img_e, txt_e, data, img_u, txt_u)
+

@@ -41,6 +41,7 @@ from softalign.train.evaluation import (  # noqa: F401 - public names of softali
     encode_split,
     encode_uni_modal,
     evaluate_embeddings,
+    evaluate_student,
     save_embeddings,
     uni_modal_heads,
 )
@@ -313,6 +314,19 @@ def _calibrate(recipe: Recipe, loss_fn, cache, num_processes: int, log: Callable
         f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
 
 
+def _open_trackers(recipe: Recipe, accelerator, jsonl, epochs_done: int, log: Callable) -> list[dict[str, Any]]:
+    """Start the user's trackers (``Accelerator(log_with=...)``) and add ``metrics.jsonl``, keeping only the lines
+    of the epochs the checkpoint covers (the commit point); returns those records."""
+    if accelerator.log_with:
+        accelerator.init_trackers(recipe.name.replace("/", "_"), config=_flatten(recipe.to_dict()))
+    accelerator.trackers.append(jsonl)
+    if not (accelerator.is_main_process and jsonl.path.is_file()):
+        return []
+    history = read_metrics(jsonl.path, max_epoch=epochs_done, log=log)
+    atomic_write_text(jsonl.path, "".join(json.dumps(r) + "\n" for r in history))
+    return history
+
+
 def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalData | None,
            test_data: RetrievalData | None, cache, log: Callable | None,
            image_caches: dict[str, torch.Tensor] | None, cleanup) -> dict[str, Any]:
@@ -372,13 +386,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=progress.step - 1)
 
     # 4. metrics: the user's trackers (Accelerator(log_with=...)) and metrics.jsonl, cut back to the checkpoint
-    if accelerator.log_with:
-        accelerator.init_trackers(recipe.name.replace("/", "_"), config=_flatten(recipe.to_dict()))
-    accelerator.trackers.append(jsonl)
-    history = []
-    if main and jsonl.path.is_file():  # keep the lines of the epochs the checkpoint covers (the commit point)
-        history = read_metrics(jsonl.path, max_epoch=progress.epoch, log=log)
-        atomic_write_text(jsonl.path, "".join(json.dumps(r) + "\n" for r in history))
+    history = _open_trackers(recipe, accelerator, jsonl, progress.epoch, log)
 
     # 5. the epochs: train, evaluate when due, log the epoch's line, then commit it with a checkpoint
     loop = _EpochLoop(recipe, accelerator, model, loss_fn, optimizer, scheduler, loader, progress,
@@ -390,15 +398,10 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         last = epoch + 1 == recipe.train.epochs
         ev = recipe.train.eval_every
         if main and (last or (ev > 0 and (epoch + 1) % ev == 0)):
-            img_e, txt_e, img_f, txt_f = encode_split(unwrapped, test_data, test_tf, recipe.train.eval_batch_size,
-                                                      accelerator.device, image_caches.get("test"), True)
-            uni = encode_uni_modal(loss_fn, *((img_f, txt_f) if usa_on_features else (img_e, txt_e)),
-                                   recipe.train.eval_batch_size)
-            img_u, txt_u = uni if uni is not None else (None, None)
-            final = evaluate_embeddings(img_e, txt_e, test_data, img_u, txt_u)
+            final = evaluate_student(unwrapped, loss_fn, test_data, test_tf, recipe.train.eval_batch_size,
+                                     accelerator.device, image_caches.get("test"), usa_on_features,
+                                     save_to=out / "embeddings_test.safetensors" if last else None)
             record.update({f"test_{k}": v for k, v in final.items()})
-            if last:
-                save_embeddings(out / "embeddings_test.safetensors", img_e, txt_e, test_data, img_u, txt_u)
         accelerator.wait_for_everyone()
         if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
             accelerator.log(record, step=record["step"])
