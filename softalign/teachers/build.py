@@ -252,54 +252,65 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
 def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
                   chunk_size, dtype, st: _State, overwrite: bool, progress: bool, extra: dict | None,
                   command: str | None) -> Path:
+    """The build under the directory lock, in four steps: reuse (or clear) a finished cache, resume (or discard)
+    the chunks of an interrupted build, encode this process's chunks, then (main process) merge them and write
+    the manifest last."""
     chunk_size = int(chunk_size)
     tdtype = storage.torch_dtype(dtype)
     out = Path(out_dir)
-    c2i = caption_to_image.long().cpu()
-    identity = {
-        "fingerprint": fingerprint,
-        "text_teacher": text.info,
-        "image_teacher": image.info,
-        "dtype": storage.dtype_name(tdtype),
-    }
+    identity = {"fingerprint": fingerprint, "text_teacher": text.info, "image_teacher": image.info,
+                "dtype": storage.dtype_name(tdtype)}
     key = {"fingerprint": fingerprint.get("dataset"), "text": [text.info["name"], text.dim],
            "image": [image.info["name"], image.dim], "dtype": identity["dtype"], "chunk_size": chunk_size,
            "counts": [text.count, image.count]}
-    key_hash = _key_hash(key)
-    partial = out / PARTIAL
+    if _reuse_or_clear(out, identity, st, overwrite):
+        return out
+    _prepare_partial(out, key, st, command)
+    _encode_chunks(out, text, image, chunk_size, tdtype, _key_hash(key), st, progress)
+    if st.is_main:
+        _merge_and_commit(out, text, image, chunk_size, tdtype, _key_hash(key), caption_to_image, identity,
+                          st.world, extra)
+    st.wait()
+    return out
+
+
+def _reuse_or_clear(out: Path, identity: dict, st: _State, overwrite: bool) -> bool:
+    """True when ``out`` already holds this cache (only leftovers are cleaned); a cache of other inputs is refused,
+    or removed (manifest first, so the directory never looks complete) with ``overwrite``."""
     manifest_path = out / MANIFEST
-
-    # --- an existing complete cache: reuse if identical, refuse (or replace with overwrite=True) otherwise
-    if manifest_path.is_file():
-        try:
-            stored = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            stored = {}
-        try:
-            why = (identity_mismatch(stored, identity) if isinstance(stored, dict) and stored.get("format") == FORMAT
-                   else "its manifest.json is not a softalign cache manifest")
-        except (KeyError, TypeError):
-            why = "its manifest.json is damaged"
-        if why is None:
-            if st.is_main:  # a build killed after its manifest: only leftovers remain to clean up
-                shutil.rmtree(partial, ignore_errors=True)
-                storage.remove_stale_temporaries(out)
-            st.wait()
-            return out
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a teacher cache built for other inputs: {why}. "
-                "Choose another directory or pass overwrite=True (CLI: --overwrite)"
-            )
+    if not manifest_path.is_file():
+        return False
+    try:
+        stored = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        stored = {}
+    try:
+        why = (identity_mismatch(stored, identity) if isinstance(stored, dict) and stored.get("format") == FORMAT
+               else "its manifest.json is not a softalign cache manifest")
+    except (KeyError, TypeError):
+        why = "its manifest.json is damaged"
+    if why is None:
+        if st.is_main:  # a build killed after its manifest: only leftovers remain to clean up
+            shutil.rmtree(out / PARTIAL, ignore_errors=True)
+            storage.remove_stale_temporaries(out)
         st.wait()
-        if st.is_main:
-            manifest_path.unlink()  # first: from now on the directory never looks complete
-            for f in (*FILES.values(), MAP_FILE):
-                if (out / f).exists():
-                    (out / f).unlink()
-        st.wait()
+        return True
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a teacher cache built for other inputs: {why}. "
+                              "Choose another directory or pass overwrite=True (CLI: --overwrite)")
+    st.wait()
+    if st.is_main:
+        manifest_path.unlink()  # first: from now on the directory never looks complete
+        for f in (*FILES.values(), MAP_FILE):
+            if (out / f).exists():
+                (out / f).unlink()
+    st.wait()
+    return False
 
-    # --- partial state from an interrupted build: resume if it is the same build, else start over
+
+def _prepare_partial(out: Path, key: dict, st: _State, command: str | None) -> None:
+    """The chunk folder of this build: kept when an interrupted build had the same settings, else started over."""
+    partial = out / PARTIAL
     if st.is_main:
         out.mkdir(parents=True, exist_ok=True)
         removed = storage.remove_stale_temporaries(out) + storage.remove_stale_temporaries(partial)
@@ -321,99 +332,85 @@ def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.
             storage.atomic_write_text(partial / COMMAND_FILE, command + "\n")
     st.wait()
 
-    # --- encode this process's share of the chunks
-    tasks = []
-    for src in (text, image):
-        n = max(1, math.ceil(src.count / chunk_size))
-        for k in range(n):
-            tasks.append((src, k, n, k * chunk_size, min(src.count, (k + 1) * chunk_size)))
-    mine = st.shard(tasks)
+
+def _chunk_tasks(src: Source, chunk_size: int) -> list[tuple[Source, int, int, int, int]]:
+    """``(source, k, n, start, stop)`` of each of the source's ``n`` chunks."""
+    n = max(1, math.ceil(src.count / chunk_size))
+    return [(src, k, n, k * chunk_size, min(src.count, (k + 1) * chunk_size)) for k in range(n)]
+
+
+def _encode_chunks(out: Path, text: Source, image: Source, chunk_size: int, tdtype, key_hash: str, st: _State,
+                   progress: bool) -> None:
+    """Encode this process's share of the chunks (``split_between_processes``) that are not already complete."""
+    from tqdm.auto import tqdm
+
+    partial = out / PARTIAL
+    mine = st.shard(_chunk_tasks(text, chunk_size) + _chunk_tasks(image, chunk_size))
     todo = [t for t in mine if not _chunk_ok(_chunk_path(partial, t[0].modality, t[1], t[2]), t[4] - t[3],
                                                t[0].dim, key_hash)]
     done_items = sum(t[4] - t[3] for t in mine) - sum(t[4] - t[3] for t in todo)
     if done_items and st.is_main:
         logger.info("resuming %s: %d of %d chunks already built", out, len(mine) - len(todo), len(mine))
-    bar = _progress(total=sum(t[4] - t[3] for t in mine), initial=done_items, enabled=progress and st.is_main,
-                    desc=f"softalign cache [{st.index}/{st.world}]" if st.world > 1 else "softalign cache")
-    try:
+    with tqdm(total=sum(t[4] - t[3] for t in mine), initial=done_items, unit="item", dynamic_ncols=True,
+              disable=not (progress and st.is_main),
+              desc=f"softalign cache [{st.index}/{st.world}]" if st.world > 1 else "softalign cache") as bar:
         for src, k, n, s, e in todo:
             rows = _finalize_rows(src.encode(s, e), src, s, e, tdtype)
             storage.atomic_save_tensors(_chunk_path(partial, src.modality, k, n), {"embeddings": rows},
                                         metadata={"build": key_hash, "start": str(s), "stop": str(e)})
             bar.update(e - s)
-    finally:
-        bar.close()
     st.wait()
 
-    # --- merge (main process), manifest last
-    if st.is_main:
-        files = {}
-        for src in (text, image):
-            n = max(1, math.ceil(src.count / chunk_size))
-            paths = [_chunk_path(partial, src.modality, k, n) for k in range(n)]
-            for k, p in enumerate(paths):
-                rows = min(src.count, (k + 1) * chunk_size) - k * chunk_size
-                if not _chunk_ok(p, rows, src.dim, key_hash):
-                    raise RuntimeError(f"{src.modality} chunk {k} of {n} is missing or invalid after the build: {p}")
 
-            def chunks(paths=paths):
-                for p in paths:
-                    yield storage.load_tensors(p)["embeddings"]
+def _merge_and_commit(out: Path, text: Source, image: Source, chunk_size: int, tdtype, key_hash: str,
+                      caption_to_image: torch.Tensor, identity: dict, world: int, extra: dict | None) -> None:
+    """Main process: check every chunk, merge each modality into one file (one chunk in memory at a time), write
+    the caption->image map as a tensor, then the manifest (the commit point), then drop the chunks."""
+    from softalign import __version__
 
-            fname = FILES[src.modality]
-            storage.write_safetensors_streamed(out / fname, {"embeddings": (tdtype, (src.count, src.dim))},
-                                               {"embeddings": chunks},
-                                               metadata={"format": FORMAT, "modality": src.modality})
-            files[src.modality] = {"path": fname, "key": "embeddings", "shape": [src.count, src.dim],
-                                   "bytes": (out / fname).stat().st_size,
-                                   "sha256": storage.file_sha256(out / fname)}
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "complete": True,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "num_captions": text.count,
-            "num_images": image.count,
-            "dtype": identity["dtype"],
-            "normalization": "l2",
-            "similarity": "cosine (dot product of the stored L2-normalised rows)",
-            "fingerprint": fingerprint,
-            "text_teacher": text.info,
-            "image_teacher": image.info,
-            "chunk_size": chunk_size,
-            "num_processes": st.world,
-            "files": files,
-        }
-        try:
-            from softalign import __version__ as _v
+    partial = out / PARTIAL
+    files = {}
+    for src in (text, image):
+        tasks = _chunk_tasks(src, chunk_size)
+        paths = [_chunk_path(partial, src.modality, k, n) for _, k, n, _, _ in tasks]
+        for (_, k, n, s, e), p in zip(tasks, paths):
+            if not _chunk_ok(p, e - s, src.dim, key_hash):
+                raise RuntimeError(f"{src.modality} chunk {k} of {n} is missing or invalid after the build: {p}")
 
-            manifest["softalign_version"] = _v
-        except ImportError:  # pragma: no cover
-            pass
-        if extra:
-            manifest.update(extra)
-        # the map as a tensor (at 20M captions a JSON list was 214 MB that every process parsed)
-        storage.atomic_save_tensors(out / MAP_FILE, {"caption_to_image": c2i}, metadata={"format": FORMAT})
-        files["caption_to_image"] = {"path": MAP_FILE, "key": "caption_to_image", "shape": [text.count],
-                                     "bytes": (out / MAP_FILE).stat().st_size,
-                                     "sha256": storage.file_sha256(out / MAP_FILE)}
-        storage.atomic_write_json(manifest_path, manifest)
-        shutil.rmtree(partial, ignore_errors=True)
-    st.wait()
-    return out
+        def chunks(paths=paths):
+            for p in paths:
+                yield storage.load_tensors(p)["embeddings"]
 
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="item", desc=desc, dynamic_ncols=True)
+        fname = FILES[src.modality]
+        storage.write_safetensors_streamed(out / fname, {"embeddings": (tdtype, (src.count, src.dim))},
+                                           {"embeddings": chunks},
+                                           metadata={"format": FORMAT, "modality": src.modality})
+        files[src.modality] = {"path": fname, "key": "embeddings", "shape": [src.count, src.dim],
+                               "bytes": (out / fname).stat().st_size, "sha256": storage.file_sha256(out / fname)}
+    # the map as a tensor (at 20M captions a JSON list was 214 MB that every process parsed)
+    storage.atomic_save_tensors(out / MAP_FILE, {"caption_to_image": caption_to_image.long().cpu()},
+                                metadata={"format": FORMAT})
+    files["caption_to_image"] = {"path": MAP_FILE, "key": "caption_to_image", "shape": [text.count],
+                                 "bytes": (out / MAP_FILE).stat().st_size,
+                                 "sha256": storage.file_sha256(out / MAP_FILE)}
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_captions": text.count,
+        "num_images": image.count,
+        "dtype": identity["dtype"],
+        "normalization": "l2",
+        "similarity": "cosine (dot product of the stored L2-normalised rows)",
+        "fingerprint": identity["fingerprint"],
+        "text_teacher": text.info,
+        "image_teacher": image.info,
+        "chunk_size": chunk_size,
+        "num_processes": world,
+        "files": files,
+        "softalign_version": __version__,
+        **(extra or {}),
+    }
+    storage.atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
