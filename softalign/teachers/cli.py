@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from softalign.io import read_json, read_text
+from softalign.teachers.importers import is_integer_ref
 
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -399,21 +400,17 @@ def _list_images(spec: list[str]) -> tuple[Path | None, list[str] | None]:
     return None, list(spec)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
     """build: records naming their image by an integer. Positions in an explicit image list; refused with a
     directory (a sorted listing is not a numbering anyone chose, so ids would silently pick wrong files)."""
-    j = next(j for j, r in enumerate(refs) if _is_int(r))
+    j = next(j for j, r in enumerate(refs) if is_integer_ref(r))
     if root is not None:
         raise ValueError(
             f"record {j} names its image by the integer {refs[j]!r}, but --images is the directory "
             f"{root}: an integer cannot name a file there. Name the image file in the records (e.g. \"image\": "
             "\"train2014/COCO_train2014_000000000009.jpg\", or --image-column NAME), or list the images in order with "
             "--images list.txt (integers are then 0-based positions in that list), or give --caption-to-image FILE")
-    bad = next((k for k, r in enumerate(refs) if not _is_int(r)), None)
+    bad = next((k for k, r in enumerate(refs) if not is_integer_ref(r)), None)
     if bad is not None:
         raise ValueError(f"records mix integer and named image references (record {j}: {refs[j]!r}, record {bad}: "
                          f"{refs[bad]!r}); use one kind")
@@ -442,7 +439,7 @@ def _dataset(args, need_images: bool):
     elif refs is not None:
         if not need_images:  # import-npy: keys of the feature dict (or matrix rows); import_npy maps them
             return captions, images, None, None, refs
-        if any(_is_int(r) for r in refs):
+        if any(is_integer_ref(r) for r in refs):
             c2i = _int_refs_to_positions(refs, root)
         else:  # records name their image: number images by first appearance
             names, c2i = _refs_to_map(refs)

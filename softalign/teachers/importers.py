@@ -29,16 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from softalign.io import file_sha256
+
 from .build import array_source, build_cache, text_source
 from .fingerprint import combine, hash_caption_to_image, hash_captions
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _array_hash(a) -> str:
@@ -91,7 +85,8 @@ def _check_matrix(a, what: str, pool: str | None = None):
     return a
 
 
-def _is_int(x) -> bool:
+def is_integer_ref(x) -> bool:
+    """Whether an image reference is an integer (a key or a position), not a name; booleans are not."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -108,7 +103,7 @@ def find_key(ref, keys) -> object | None:
     except TypeError:  # unhashable ref
         return None
     alt: object
-    if _is_int(ref):
+    if is_integer_ref(ref):
         alt = str(int(ref))
     elif isinstance(ref, str) and ref.strip().lstrip("-").isdigit():
         alt = int(ref.strip())
@@ -167,7 +162,7 @@ def read_features(src, image_keys: Sequence | None = None, allow_pickle: bool = 
         what = what or str(path)
         if not path.is_file():
             raise FileNotFoundError(f"feature file not found: {path}")
-        digest = _file_hash(path)
+        digest = file_sha256(path)
         try:
             obj = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError:  # object array: CUSA's pickled dict
@@ -210,7 +205,7 @@ def map_image_refs(refs: Sequence, keys: list | None, num_images: int) -> list[i
     refs = refs.tolist() if isinstance(refs, (np.ndarray, torch.Tensor)) else list(refs)
     if keys is None:
         for j, r in enumerate(refs):
-            if not _is_int(r):
+            if not is_integer_ref(r):
                 raise ValueError(f"caption {j} names image {r!r} by key, but the image features are a plain "
                                  f"matrix indexed by row: give row indices (0..{num_images - 1}), or a "
                                  "{image_id: array(1, D)} dict")
@@ -274,7 +269,7 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequenc
         c2i_raw = caption_to_image
         if not isinstance(c2i_raw, (np.ndarray, torch.Tensor)):
             c2i_raw = list(c2i_raw)
-            if any(not _is_int(x) for x in c2i_raw):  # named by key (strings)
+            if any(not is_integer_ref(x) for x in c2i_raw):  # named by key (strings)
                 c2i_raw = map_image_refs(c2i_raw, keys, len(img))
 
     if text_features is not None:
@@ -310,7 +305,7 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequenc
     if pool is not None:
         iinfo["pool"] = pool
     isrc = array_source("image", img, iinfo)
-    extra = ({"image_keys": [int(k) if _is_int(k) else k if isinstance(k, str) else str(k) for k in keys]}
+    extra = ({"image_keys": [int(k) if is_integer_ref(k) else k if isinstance(k, str) else str(k) for k in keys]}
              if keys is not None else None)
     build_cache(out_dir, tsrc, isrc, c2i, fp, chunk_size=chunk_size, dtype=dtype, accelerator=accelerator,
                 overwrite=overwrite, progress=progress, extra=extra, command=command)
