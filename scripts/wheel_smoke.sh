@@ -40,6 +40,7 @@ print('wheel_smoke: all subpackages import from the wheel, version', softalign._
 "$WORK/all/bin/softalign" --help > /dev/null
 for c in cache train encode eval demo; do "$WORK/all/bin/softalign" $c --help > /dev/null; done
 # the recipes ship inside the wheel: by name, from any directory
-(cd "$WORK" && "$WORK/all/bin/softalign" train demo --list-variants | grep -q csa_usa) \
+# (the output is read whole: `| grep -q` closes the pipe at its first match, a broken pipe under pipefail)
+variants=$(cd "$WORK" && "$WORK/all/bin/softalign" train demo --list-variants) && grep -q csa_usa <<< "$variants" \
   || { echo "wheel_smoke: the packaged recipe 'demo' is missing" >&2; exit 1; }
 echo "wheel_smoke: ok"

@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # the command line, for messages that say how to rerun it
     try:
         result = args.func(args)
+        sys.stdout.flush()  # here, so that a reader that left is handled below and not at interpreter exit
+    except BrokenPipeError:  # the reader left (`| head`, `| grep -q`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except ModuleNotFoundError as err:
         if os.environ.get("SOFTALIGN_TRACEBACK") or not err.name or err.name.split(".")[0] == "softalign":
             raise

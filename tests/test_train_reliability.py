@@ -222,3 +222,15 @@ def test_a_run_killed_mid_epoch_resumes_after_the_batches_it_had_done(tmp_path, 
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     assert resumed["history"][1]["train_loss"] == pytest.approx(full["history"][1]["train_loss"], rel=1e-5)
+
+
+def test_a_reader_that_leaves_ends_the_cli_quietly():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "softalign", "train", "demo", "--list-variants"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| grep -q`, the reader is gone before the list is written
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
+

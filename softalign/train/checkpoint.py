@@ -69,7 +69,8 @@ class CheckpointError(ValueError):
 
 def _bad(path: Path, err: BaseException) -> CheckpointError:
     first = (str(err).splitlines() or [type(err).__name__])[0]
-    return CheckpointError(f"cannot load checkpoint {path}: {first} (delete it, or train with --no-resume, to start over)")
+    return CheckpointError(f"cannot load checkpoint {path}: {first} (delete it, or train with --no-resume, to start "
+                           "over)")
 
 
 # ------------------------------------------------------------------------------------------------ locate
@@ -81,8 +82,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if pointer.is_file():
         folder = root / pointer.read_text(encoding="utf-8").strip()
         if not folder.is_dir():
-            raise CheckpointError(f"cannot load checkpoint {pointer}: it names {folder.name!r}, which does not exist "
-                             "(delete it, or train with --no-resume, to start over)")
+            raise CheckpointError(f"cannot load checkpoint {pointer}: it names {folder.name!r}, which does not "
+                                  "exist (delete it, or train with --no-resume, to start over)")
         return folder
     return root / LEGACY if (root / LEGACY).is_file() else None
 
@@ -108,7 +109,7 @@ def read_progress(path: str | Path) -> TrainProgress:
         return TrainProgress.from_dict(_load_legacy(path))
     try:
         return TrainProgress.from_dict(json.loads((path / TRAIN_STATE).read_text(encoding="utf-8")))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, AttributeError, TypeError) as err:  # unreadable, torn, or not an object
         raise _bad(path / TRAIN_STATE, err) from None
 
 
@@ -188,9 +189,10 @@ def save_training_state(accelerator, root: str | Path, progress: TrainProgress) 
     accelerator.wait_for_everyone()
     if main:
         atomic_write_text(pointer, folder.name + "\n")
-        for old in [*root.glob("step-*"), root / LEGACY]:
+        for old in root.glob("step-*"):
             if old != folder:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+                shutil.rmtree(old, ignore_errors=True)
+        (root / LEGACY).unlink(missing_ok=True)  # an older release's checkpoint, now replaced
     return folder
 
 
