@@ -69,6 +69,25 @@ def test_a_standard_step_makes_no_host_sync(cache, base):
     assert sum(_count_tensor_syncs(step).values()) > 0
 
 
+def test_open_clips_drop_in_makes_no_host_sync(cache):
+    from softalign.integrations.open_clip import SoftAlignClipLoss
+
+    loss = SoftAlignClipLoss(cache=cache)
+    img = torch.randn(32, 24, requires_grad=True)
+    txt = torch.randn(32, 24, requires_grad=True)
+    scale = torch.tensor(2.5, requires_grad=True)  # CLIP's log scale, a model parameter
+    ids = torch.arange(32) * 7 % 320
+
+    def step():
+        sum(loss(img, txt, scale.exp(), output_dict=True, caption_ids=ids).values()).backward()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step()  # the first step: calibration, value check, gradient-share diagnostic
+    assert _count_tensor_syncs(step) == {}
+    assert scale.grad is not None and img.grad is not None
+
+
 def test_torch_func_grad_and_double_backward_work():
     torch.manual_seed(0)
     b, d = 6, 8
