@@ -20,6 +20,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset around a test that needs other settings (e.g. mixed precision) than
+    the accelerators made before it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def accelerator():
     """A CPU Accelerator for the reference-trainer tests."""

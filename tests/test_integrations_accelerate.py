@@ -23,15 +23,6 @@ from tests.test_integrations_common import (
 accelerate = pytest.importorskip("accelerate")
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def autocast_probe(loss):
     seen = []
     loss.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))

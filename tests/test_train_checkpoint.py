@@ -94,3 +94,21 @@ def test_resolve_names_what_it_expected(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step-00000001\n")
     with pytest.raises(ValueError, match=r"latest: it names 'step-00000001', which does not exist"):
         resolve(tmp_path)
+
+
+def test_a_bf16_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, data, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from tests.test_train_trainer import _train, tiny_recipe
+
+    acc = Accelerator(cpu=True, mixed_precision="bf16")  # autocast on the CPU; the trainer's checkpoint under it
+    over = dict(train={"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False,
+                       "mixed_precision": "bf16"})
+    full = _train(tiny_recipe(tmp_path / "full", **over), data, acc)
+    _train(tiny_recipe(tmp_path / "resumed", **{**over, "train": {**over["train"], "epochs": 1}}), data, acc)
+    resumed = _train(tiny_recipe(tmp_path / "resumed", **over), data, acc)
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "resumed")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert resumed["history"][1]["train_loss"] == pytest.approx(full["history"][1]["train_loss"], rel=1e-4)
