@@ -154,7 +154,4 @@ def read_lines(path: PathLike, what: str = "file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]

@@ -86,6 +86,13 @@ def test_open_clips_drop_in_makes_no_host_sync(cache):
         step()  # the first step: calibration, value check, gradient-share diagnostic
     assert _count_tensor_syncs(step) == {}
     assert scale.grad is not None and img.grad is not None
+    # positives from the caption ids through the cache: captions 5k..5k+4 share image k
+    ids = torch.arange(32)
+    got = loss(img, txt, scale.exp(), output_dict=True, caption_ids=ids)["contrastive_loss"]
+    s = torch.nn.functional.normalize(img, dim=1) @ torch.nn.functional.normalize(txt, dim=1).t()
+    want = SF.info_nce(s, 1.0 / scale.exp(), image_ids=ids // 5)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(want, SF.info_nce(s, 1.0 / scale.exp()))  # the shared images matter
 
 
 def test_torch_func_grad_and_double_backward_work():

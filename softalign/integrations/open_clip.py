@@ -78,11 +78,9 @@ class SoftAlignClipLoss(nn.Module):
             raise ValueError("SoftAlignClipLoss needs teacher similarities: run open_clip_train with "
                              "--distill-model/--distill-pretrained (teacher features), or pass caption_ids= with a "
                              "teacher cache")
-        image_ids = None
-        if caption_ids is not None and self.soft.cache is not None:
-            image_ids = self.soft.cache.image_ids(caption_ids).to(image_features.device)
-        parts = self.soft(image_features, text_features, ids=caption_ids, image_ids=image_ids,
-                          base_temperature=1.0 / logit_scale.float(), **teacher)
+        # positives from the caption ids: SoftAlignLoss maps them to images through its cache (after the gather)
+        parts = self.soft(image_features, text_features, ids=caption_ids, base_temperature=1.0 / logit_scale.float(),
+                          **teacher)
         weighted = self.soft.weighted_parts(parts)
         losses = {"contrastive_loss": weighted.pop("base"), **{f"{k}_loss": v for k, v in weighted.items()}}
         return losses if output_dict else sum(losses.values())

@@ -12,8 +12,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="train a YAML recipe (reference dual-encoder trainer on Accelerate)",
         description="Train a recipe from recipes/*.yaml. Checkpoints (accelerate's save_state) go to "
-                    "OUTPUT_DIR/checkpoints/ after every epoch; rerunning resumes from the last one. Metrics: OUTPUT_DIR/metrics.jsonl, results.json; "
-                    "test embeddings: OUTPUT_DIR/embeddings_test.safetensors (for `softalign eval --embeddings`).")
+                    "OUTPUT_DIR/checkpoints/ after every epoch; rerunning resumes from the last one. Metrics: "
+                    "OUTPUT_DIR/metrics.jsonl, results.json; test embeddings: "
+                    "OUTPUT_DIR/embeddings_test.safetensors (for `softalign eval --embeddings`).")
     p.add_argument("recipe", help="path of a YAML recipe, or the name of a packaged one (demo, coco_clip_vitb32, "
                                   "flickr30k_vsepp_precomp, ...: softalign/recipes/)")
     p.add_argument("--variant", default=None,
