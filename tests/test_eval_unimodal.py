@@ -26,7 +26,7 @@ def brute_force(q, ql, g, gl, leave_one_out):
         rp.append(hits[:R].sum() / R)
         prec = np.cumsum(hits[:R]) / np.arange(1, R + 1)
         mapr.append((prec * hits[:R]).sum() / R)
-    return np.mean(p1), np.mean(rp), np.mean(mapr), len(p1)
+    return 100 * np.mean(p1), 100 * np.mean(rp), 100 * np.mean(mapr), len(p1)  # percent, as the metrics
 
 
 def clustered(n, n_cls, d, seed, noise=1.5):
@@ -46,7 +46,7 @@ def test_leave_one_out_matches_brute_force():
     assert got["i2i_r_precision"] == pytest.approx(rp, abs=1e-6)
     assert got["i2i_map_at_r"] == pytest.approx(mapr, abs=1e-6)
     assert got["i2i_num_queries"] == n == 59
-    assert 0 < mapr < 1
+    assert 0 < mapr < 100
 
 
 def test_query_gallery_matches_brute_force():
@@ -109,7 +109,7 @@ def test_recall_at_k_follows_the_dml_convention():
             if not ((gl == ql[i]).sum() - (1 if loo else 0)) > 0:
                 continue  # PML skips lone queries
             hits.append(any(gl[j] == ql[i] for j in np.argsort(-s)[:k]))
-        return float(np.mean(hits))
+        return 100.0 * float(np.mean(hits))  # percent
 
     m = unimodal_retrieval(emb, labels)
     for k in (2, 4, 8):

@@ -23,6 +23,52 @@ def test_the_loss_line_imports_only_torch_and_numpy():
     assert sorted(d.split(">")[0].split("=")[0] for d in deps) == ["numpy", "torch"]
 
 
+_CORE_RUN = """
+import sys
+for blocked in {blocked!r}:
+    sys.modules[blocked] = None  # an import of it raises ImportError, as on the core install
+import torch
+from softalign.losses import CMCLoss, CSALoss, InfoNCELoss, SoftAlignLoss, USALoss, VSEHingeLoss
+g = torch.Generator().manual_seed(0)
+img, txt = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g, requires_grad=True)
+t_img, t_txt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+teacher = dict(teacher_image_emb=t_img, teacher_text_emb=t_txt)
+ts = dict(teacher_image_sim=t_img @ t_img.t(), teacher_text_sim=t_txt @ t_txt.t())
+values = [SoftAlignLoss(embed_dim=8, gamma=1.0)(img, txt, **teacher), VSEHingeLoss()(img, txt),
+          InfoNCELoss()(img, txt), CSALoss()(img, txt, **ts), USALoss(embed_dim=8)(img, txt, **ts), CMCLoss()(img, txt)]
+sum(values).backward()
+assert img.grad is not None and torch.isfinite(img.grad).all() and float(img.grad.abs().sum()) > 0
+print([m for m in {blocked!r} if sys.modules.get(m) is not None], len(values))
+"""
+
+
+def test_every_loss_module_trains_with_torch_and_numpy_alone():
+    """The core install (``pip install softalign``: torch + numpy) builds, runs and backpropagates every loss
+    module: the default similarity is softalign's own cosine, not pytorch-metric-learning's."""
+    blocked = ["pytorch_metric_learning", "safetensors", "accelerate", "sentence_transformers", "yaml", "scipy",
+               "transformers", "datasets"]
+    out = subprocess.run([sys.executable, "-c", _CORE_RUN.format(blocked=blocked)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "6"]
+
+
+def test_the_default_cosine_equals_pytorch_metric_learnings():
+    import torch
+    from pytorch_metric_learning.distances import CosineSimilarity as PMLCosine
+
+    from softalign.losses import SoftAlignLoss
+    from softalign.losses._inputs import CosineSimilarity, is_plain_cosine
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    torch.testing.assert_close(CosineSimilarity()(a, b), PMLCosine()(a, b), rtol=1e-6, atol=1e-7)
+    assert is_plain_cosine(CosineSimilarity()) and is_plain_cosine(PMLCosine()) and not is_plain_cosine(
+        PMLCosine(power=2))
+    ours, pml = SoftAlignLoss(diagnostics_every=0), SoftAlignLoss(diagnostics_every=0, similarity=PMLCosine())
+    t = dict(teacher_image_sim=a @ a.t(), teacher_text_sim=b @ b.t())
+    torch.testing.assert_close(ours(a, b, **t), pml(a, b, **t))
+
+
 def test_one_version_source_and_an_apache_licence():
     import softalign
 

@@ -66,7 +66,7 @@ def test_unknown_key_in_an_unused_variant_is_reported():
 @pytest.mark.parametrize("values,match", [
     ({"train": {"epochs": "3"}}, r"train\.epochs: expected an integer, got '3'"),
     ({"train": {"epochs": 2.5}}, r"train\.epochs: expected an integer"),
-    ({"loss": {"alpha": "high"}}, r"loss\.alpha: expected a number, got 'high'"),
+    ({"loss": {"alpha": "high"}}, r"loss\.alpha: expected a number or null \(the default\), got 'high'"),
     ({"train": {"progress": "yes"}}, r"train\.progress: expected a boolean"),
     ({"loss": {"base": "triplet"}}, r"loss\.base: expected one of 'vsepp', 'vsepp_sum', 'infonce', 'none'"),
     ({"data": ["demo"]}, r"data: expected a mapping of DataConfig options"),
@@ -115,7 +115,9 @@ def test_cli_lists_variants_and_reports_recipe_errors(tmp_path, capsys):
 
     demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
     assert main(["train", str(demo), "--list-variants"]) == 0
-    assert capsys.readouterr().out.split() == ["base", "cmc", "csa_usa", "csa_usa_tau1"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["base", "cmc", "csa_usa", "csa_usa_tau1"]
+    assert lines[2].split(maxsplit=1)[1] == "base=infonce, alpha=0.1, beta=0.5, gamma=0"  # the resolved weights
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  alpah: 1\n")
     with pytest.raises(SystemExit, match=r"unknown key 'loss\.alpah'"):
@@ -145,8 +147,8 @@ def test_loss_section_mirrors_the_soft_align_loss_options():
     kwargs = LossConfig().loss_kwargs()
     assert set(kwargs) <= options, sorted(set(kwargs) - options)
     assert {f.name for f in dataclasses.fields(LossConfig)} - set(kwargs) == {"use_heads"}
-    for name, value in kwargs.items():  # same defaults as the loss, except CUSA's rates (recipes set them)
-        if name not in ("alpha", "beta", "base", "margin"):
+    for name, value in kwargs.items():  # the loss's defaults (base / margin: below; alpha / beta: resolved)
+        if name not in ("base", "margin"):
             assert inspect.signature(SoftAlignLoss.__init__).parameters[name].default == value, name
     # the loss leaves base / margin unset (None) so that a shim can adopt a trainer's criterion; unset they resolve
     # to the recipe's defaults
@@ -168,3 +170,26 @@ def test_recipes_ship_as_package_data_and_load_by_name_from_anywhere(tmp_path, m
     assert "csa_usa" in list_variants("demo")
     with pytest.raises(FileNotFoundError, match=r"recipe not found: nope.yaml \(the packaged recipes are: .*demo"):
         load_recipe("nope.yaml")
+
+
+@pytest.mark.parametrize("loss,weights", [({"base": "infonce"}, (10.0, 10.0)),
+                                          ({"base": "infonce", "infonce_reduction": "cusa_mean"}, (0.1, 0.5)),
+                                          ({}, (3.0, 3.0)), ({"base": "vsepp_sum", "beta": 0.0}, (10.0, 0.0))])
+def test_unset_weights_take_the_losss_default_for_the_base(loss, weights):
+    """A self-written recipe that leaves alpha / beta unset trains with the soft terms on, as SoftAlignLoss does."""
+    from softalign.losses import SoftAlignLoss
+
+    r = recipe_from_dict({"loss": loss, "variants": {"soft": {}}}, variant="soft")
+    assert (r.loss.alpha, r.loss.beta) == weights
+    built = SoftAlignLoss(**{k: v for k, v in loss.items() if k not in ("alpha", "beta")})
+    if "beta" not in loss:
+        assert (built.alpha, built.beta) == weights  # the same numbers the loss itself takes
+    assert r.to_dict()["loss"]["alpha"] == weights[0]  # recipe.yaml and results.json show the resolved values
+
+
+def test_a_variant_named_for_a_soft_term_that_switches_it_off_is_refused():
+    values = {"loss": {"base": "infonce"}, "variants": {"csa_usa": {"loss": {"alpha": 0.0, "beta": 0.0}},
+                                                        "usa_only": {"loss": {"alpha": 0.0}}}}
+    with pytest.raises(RecipeError, match=r"variant 'csa_usa' is named for CSA but trains with loss.alpha = 0.0"):
+        recipe_from_dict(values, variant="csa_usa")
+    assert recipe_from_dict(values, variant="usa_only").loss.beta == 10.0

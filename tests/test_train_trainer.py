@@ -41,7 +41,7 @@ def tiny_recipe(out, **over):
     values = {"name": "tiny", "seed": 0, "output_dir": str(out),
               "data": {"kind": "demo", "image_size": 8, "preload": True},
               "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
-              "loss": {"base": "infonce"},
+              "loss": {"base": "infonce", "alpha": 0.0, "beta": 0.0},
               "optim": {"lr": 0.01, "schedule": "constant"},
               "train": {"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False}}
     for k, v in over.items():
@@ -190,6 +190,17 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
         assert m[f"{prefix}_precision_at_1"] == pytest.approx(_precision_at_1(uni, lab), abs=1e-6)
         assert m[f"{prefix}_xm_precision_at_1"] == pytest.approx(_precision_at_1(xm, lab), abs=1e-6)
         assert f"{prefix}_map_at_r" in m and f"{prefix}_xm_map_at_r" in m
+    # one metric contract: `softalign eval` of the saved file gives the same keys with the same numbers (percent;
+    # i2i_* / t2t_* on USA's heads, *_xm_* on the joint embeddings)
+    from softalign.cli import main
+
+    assert main(["eval", "--embeddings", str(tmp_path / "run" / "embeddings_test.safetensors"), "--no-plot",
+                 "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    shared = [k for k in m if k.startswith(("i2i_", "t2t_", "i2t_", "t2i_", "rsum"))]
+    assert len(shared) > 20 and {k: evaluated[k] for k in shared} == pytest.approx({k: m[k] for k in shared})
+    assert any(evaluated[f"{p}_{k}"] != evaluated[f"{p}_xm_{k}"] for p in ("i2i", "t2t")
+               for k in ("precision_at_1", "map_at_r", "r_precision"))  # the heads were scored, not the joint space
     # without USA heads the uni-modal numbers are those of the cross-modal embeddings
     base = _train(tiny_recipe(tmp_path / "base"), data, accelerator)["metrics"]
     assert base["i2i_precision_at_1"] == base["i2i_xm_precision_at_1"]

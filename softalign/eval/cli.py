@@ -250,7 +250,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
 
     from softalign.eval.crossmodal import cross_modal_recall, recall_curve
     from softalign.eval.protocols import protocol_recall_curve
-    from softalign.eval.unimodal import has_shared_label, unimodal_retrieval
+    from softalign.eval.unimodal import uni_modal_metrics
 
     if "text" not in data or "image" not in data:
         return _evaluate_one_modality(data, normalize)
@@ -273,14 +273,15 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
         curve = protocol_recall_curve(protocol, img, txt, c2i, CURVE_KS, chunk_size=chunk_size)
     metrics.update(m)
     metrics["recall_curve"] = curve
-    for key, prefix, emb in (("image_labels", "i2i_", img), ("text_labels", "t2t_", txt)):
-        if key not in data:
-            continue
-        if not has_shared_label(data[key]):  # a small test split: the cross-modal metrics still stand
-            print(f"softalign eval: {prefix[:-1]} skipped: every one of {len(data[key])} {key} occurs once "
-                  "(leave-one-out retrieval needs a label shared by >= 2 items)", file=sys.stderr)
-            continue
-        metrics.update(unimodal_retrieval(emb, data[key], prefix=prefix))
+
+    def skipped(prefix, labels):  # a small test split: the cross-modal metrics still stand
+        key = "image_labels" if prefix == "i2i_" else "text_labels"
+        print(f"softalign eval: {prefix[:-1]} skipped: every one of {len(labels)} {key} occurs once "
+              "(leave-one-out retrieval needs a label shared by >= 2 items)", file=sys.stderr)
+
+    # i2i_* / t2t_* on USA's heads (image_uni / text_uni) when the file has them, *_xm_* on the joint embeddings
+    metrics.update(uni_modal_metrics(img, txt, data.get("image_labels"), data.get("text_labels"),
+                                     data.get("image_uni"), data.get("text_uni"), skipped=skipped))
     if data.get("positives"):
         from softalign.eval.extended_positives import extended_positive_metrics
 
@@ -292,7 +293,7 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
 
 def _evaluate_one_modality(data: dict[str, Any], normalize: bool) -> dict[str, Any]:
     """DML metrics of a one-modality input: R@1/2/4/8, MAP@R, R-Precision (query vs gallery when given, else
-    leave-one-out), through pytorch-metric-learning's AccuracyCalculator (fractions); ``i2i_*`` for images,
+    leave-one-out), through pytorch-metric-learning's AccuracyCalculator (percent); ``i2i_*`` for images,
     ``t2t_*`` for captions."""
     from softalign.eval.unimodal import unimodal_retrieval
 

@@ -30,7 +30,7 @@ import torch
 
 from softalign.eval.crossmodal import _as_tensor
 
-__all__ = ["unimodal_retrieval", "text_similarity_correlation"]
+__all__ = ["unimodal_retrieval", "uni_modal_metrics", "text_similarity_correlation"]
 
 
 def _emb(x: Any, name: str) -> torch.Tensor:
@@ -71,7 +71,7 @@ def unimodal_retrieval(
     ``gallery`` (default: the queries themselves, leave-one-out). Cosine similarity.
 
     Returns ``{prefix+"precision_at_1", prefix+"recall_at_{K}" (K in ``ks``), prefix+"r_precision",
-    prefix+"map_at_r", prefix+"num_queries"}`` (fractions in [0, 1])."""
+    prefix+"map_at_r", prefix+"num_queries"}``, in percent (0-100) like the cross-modal R@K."""
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be positive neighbour counts, got {ks}")
     from pytorch_metric_learning.distances import CosineSimilarity
@@ -123,17 +123,40 @@ def unimodal_retrieval(
     else:
         res = calc.get_accuracy(q, qc, g, gc, ref_includes_query=False)
     out = {
-        f"{prefix}precision_at_1": float(res["precision_at_1"]),
-        f"{prefix}recall_at_1": float(res["precision_at_1"]),
-        f"{prefix}r_precision": float(res["r_precision"]),
-        f"{prefix}map_at_r": float(res["mean_average_precision_at_r"]),
+        f"{prefix}precision_at_1": 100.0 * float(res["precision_at_1"]),
+        f"{prefix}recall_at_1": 100.0 * float(res["precision_at_1"]),
+        f"{prefix}r_precision": 100.0 * float(res["r_precision"]),
+        f"{prefix}map_at_r": 100.0 * float(res["mean_average_precision_at_r"]),
         f"{prefix}num_queries": float(n_scored),
     }
     hits = _recall_at_k(q[not_lone], qc[not_lone], g, gc, tuple(int(k) for k in ks), batch_size,
                         torch.nonzero(not_lone).flatten() if loo else None)
     for k, v in hits.items():
         if k != 1:  # R@1 is PML's precision@1 above
-            out[f"{prefix}recall_at_{k}"] = v
+            out[f"{prefix}recall_at_{k}"] = 100.0 * v
+    return out
+
+
+def uni_modal_metrics(image: Any, text: Any, image_labels: Any = None, text_labels: Any = None,
+                      image_uni: Any = None, text_uni: Any = None, skipped=None) -> dict[str, float]:
+    """The uni-modal keys that ``softalign train``, ``softalign eval`` and the demo write, one meaning each:
+
+    * ``i2i_*`` / ``t2t_*``: the model's uni-modal embeddings, USA's heads ``image_uni`` / ``text_uni`` when given
+      (how CUSA evaluates uni-modal retrieval), else the joint embeddings;
+    * ``i2i_xm_*`` / ``t2t_xm_*``: the joint (cross-modal) embeddings ``image`` / ``text``, for every model.
+
+    Leave-one-out :func:`unimodal_retrieval` over the labels, in percent. A modality without labels, or whose
+    labels are all distinct (leave-one-out is undefined), is left out; ``skipped(prefix, labels)`` is told."""
+    out: dict[str, float] = {}
+    for prefix, joint, uni, labels in (("i2i_", image, image_uni, image_labels), ("t2t_", text, text_uni, text_labels)):
+        if labels is None or joint is None:
+            continue
+        if not has_shared_label(labels):
+            if skipped is not None:
+                skipped(prefix, labels)
+            continue
+        out.update(unimodal_retrieval(joint if uni is None else uni, labels, prefix=prefix))
+        out.update(unimodal_retrieval(joint, labels, prefix=prefix + "xm_"))
     return out
 
 

@@ -57,8 +57,27 @@ def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, same_dim: 
     return image_emb, text_emb
 
 
-def default_similarity():
-    """pytorch-metric-learning's cosine similarity (normalises embeddings, returns the [B, B] matrix)."""
-    from pytorch_metric_learning.distances import CosineSimilarity
+class CosineSimilarity(torch.nn.Module):
+    """``S = normalize(a) normalize(b)^T`` (L2 over dim 1, fp32): the loss modules' default similarity, with torch
+    alone. It equals pytorch-metric-learning's default ``CosineSimilarity()``, which a user may pass instead
+    (``similarity=``), as any PML distance; PML is then the user's own install (``pip install 'softalign[eval]'``)."""
 
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).t()
+
+
+def default_similarity() -> CosineSimilarity:
     return CosineSimilarity()
+
+
+def is_plain_cosine(similarity) -> bool:
+    """True for the default cosine (softalign's, or PML's default ``CosineSimilarity``): the loss may then compute
+    the scores and the uni-modal similarities from one normalisation (exact). PML is looked up only when the
+    caller already imported it."""
+    if type(similarity) is CosineSimilarity:
+        return True
+    import sys
+
+    pml = sys.modules.get("pytorch_metric_learning.distances")
+    return (pml is not None and type(similarity) is pml.CosineSimilarity and similarity.normalize_embeddings
+            and similarity.p == 2 and similarity.power == 1 and not getattr(similarity, "collect_stats", False))

@@ -12,7 +12,7 @@ from torch import nn
 from softalign import distributed as dist_utils
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default_similarity
+from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default_similarity, is_plain_cosine
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
@@ -49,6 +49,14 @@ def _base_key(base, infonce_reduction: str) -> str:
     if base in ("vsepp", "vsepp_sum", "none"):
         return base
     raise ValueError(f"base must be one of {BASES} or an nn.Module, got {base!r}")
+
+
+def default_weights(base: str | nn.Module = "vsepp", infonce_reduction: str = "ce") -> tuple[float, float]:
+    """The ``(alpha, beta)`` that :class:`SoftAlignLoss` takes for ``base`` when they are left unset
+    (:data:`DEFAULT_WEIGHTS`); recipes resolve unset weights through it."""
+    if base == "infonce" or infonce_reduction in ("sum", "mean"):
+        infonce_reduction = SF.infonce_reduction(infonce_reduction)
+    return DEFAULT_WEIGHTS[_base_key(base, infonce_reduction)]
 
 
 def _as_id_tensor(ids, name: str) -> torch.Tensor:
@@ -144,7 +152,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         if base == "infonce" or isinstance(infonce_reduction, str) and infonce_reduction in ("sum", "mean"):
             infonce_reduction = SF.infonce_reduction(infonce_reduction)
         base_key = _base_key(base, infonce_reduction)
-        default_alpha, default_beta = DEFAULT_WEIGHTS[base_key]
+        default_alpha, default_beta = default_weights(base, infonce_reduction)
         alpha = default_alpha if alpha is None else alpha
         beta = default_beta if beta is None else beta
         if soft_label_reduction not in ("auto", "batchmean", "sum"):
@@ -180,7 +188,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.cache, self.miner, self.gather, self.return_parts = cache, miner, bool(gather), bool(return_parts)
         self.similarity = similarity if similarity is not None else default_similarity()
-        self._cosine = _is_plain_cosine(self.similarity)
+        self._cosine = is_plain_cosine(self.similarity)
         self._config = dict(embed_dim=embed_dim, base=base if isinstance(base, str) else type(base).__name__,
                             alpha=alpha, beta=beta, gamma=gamma, margin=margin, temperature=temperature,
                             infonce_reduction=infonce_reduction,
@@ -643,14 +651,6 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch, validate).to(device)
         t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch, validate).to(device)
         return t_img, t_txt
-
-
-def _is_plain_cosine(similarity) -> bool:
-    """True for pytorch-metric-learning's default CosineSimilarity (the fused fast path is then exact)."""
-    from pytorch_metric_learning.distances import CosineSimilarity
-
-    return (type(similarity) is CosineSimilarity and similarity.normalize_embeddings and similarity.p == 2
-            and similarity.power == 1 and not getattr(similarity, "collect_stats", False))
 
 
 def _uses_teacher(miner) -> bool:

@@ -19,7 +19,7 @@ class VSEHingeLoss(ChecksValuesOnce, nn.Module):
         max_violation: keep only the hardest negative per anchor ("MH"); ``False`` sums all ("SH").
         miner: optional :class:`~softalign.mining.NegativeMiner` restricting the negatives first.
         reduction: ``"sum"`` over anchors (VSE++) or ``"mean"``.
-        similarity: maps ``(image_emb, text_emb)`` to scores; default pytorch-metric-learning ``CosineSimilarity``.
+        similarity: maps ``(image_emb, text_emb)`` to scores; default cosine (torch only; any PML distance works).
     """
 
     citation = citations.VSEPP

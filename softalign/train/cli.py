@@ -48,13 +48,21 @@ def _overrides(args):
     return ov
 
 
+def _variant_line(args, variant: str) -> str:
+    """``name  base=..., alpha=..., beta=..., gamma=...``: the loss a variant trains, weights resolved."""
+    from softalign.train.recipe import load_recipe
+
+    loss = load_recipe(args.recipe, variant=variant, overrides=_overrides(args)).loss
+    return f"{variant:<24} base={loss.base}, alpha={loss.alpha:g}, beta={loss.beta:g}, gamma={loss.gamma:g}"
+
+
 def run(args) -> int:
     from softalign.train.recipe import RecipeError, list_variants, load_recipe
 
     try:
         variants = list_variants(args.recipe)
         if args.list_variants:
-            print("\n".join(variants) if variants else "(no variants)")
+            print("\n".join(_variant_line(args, v) for v in variants) if variants else "(no variants)")
             return 0
         names = variants if args.variant == "all" else [args.variant]
         if args.variant == "all" and not variants:

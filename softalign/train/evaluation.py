@@ -70,30 +70,18 @@ def encode_uni_modal(loss_fn, image: torch.Tensor, text: torch.Tensor, batch_siz
 
 
 def evaluate_embeddings(image, text, data: RetrievalData, image_uni=None, text_uni=None) -> dict[str, float]:
-    """Cross-modal R@1/5/10, medr, rsum; with labels also uni-modal precision@1, R-precision, MAP@R (x100):
-
-    * ``i2i_xm_*`` / ``t2t_xm_*``: image->image / text->text retrieval with the cross-modal embeddings
-      (``image``, ``text``), reported for every model;
-    * ``i2i_*`` / ``t2t_*``: the model's uni-modal embeddings: the USA heads' outputs ``image_uni`` /
-      ``text_uni`` when given (how CUSA reports uni-modal retrieval), else the cross-modal embeddings (then equal
-      to the ``*_xm_*`` numbers).
-    """
-    from softalign.eval import cross_modal_recall, unimodal_retrieval
-    from softalign.eval.unimodal import has_shared_label
+    """Cross-modal R@1/5/10, medr, rsum and, with labels, the uni-modal keys of
+    :func:`softalign.eval.unimodal.uni_modal_metrics` (``i2i_*`` / ``t2t_*`` on USA's heads when given, ``*_xm_*``
+    on the joint embeddings), all in percent: the keys and numbers ``softalign eval`` gives for the saved file."""
+    from softalign.eval import cross_modal_recall
+    from softalign.eval.unimodal import uni_modal_metrics
 
     out = {k: float(v) for k, v in cross_modal_recall(image_emb=image, text_emb=text,
                                                       caption_to_image=torch.as_tensor(data.caption_to_image),
                                                       ks=(1, 5, 10)).items()}
     if data.image_labels is not None:
-        uni_img = image if image_uni is None else image_uni
-        uni_txt = text if text_uni is None else text_uni
-        for prefix, emb, lab in (("i2i_", uni_img, data.image_labels), ("t2t_", uni_txt, data.text_labels),
-                                 ("i2i_xm_", image, data.image_labels), ("t2t_xm_", text, data.text_labels)):
-            if not has_shared_label(lab):
-                continue  # no label shared by two items: leave-one-out retrieval is undefined
-            res = unimodal_retrieval(emb, torch.as_tensor(lab), prefix=prefix)
-            for k in ("precision_at_1", "r_precision", "map_at_r"):
-                out[prefix + k] = 100.0 * float(res[prefix + k])
+        out.update(uni_modal_metrics(image, text, torch.as_tensor(data.image_labels),
+                                     torch.as_tensor(data.text_labels), image_uni, text_uni))
     return out
 
 

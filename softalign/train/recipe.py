@@ -108,13 +108,16 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    """Options of :class:`softalign.losses.SoftAlignLoss` (CUSA defaults: alpha 0.1, beta 0.5)."""
+    """Options of :class:`softalign.losses.SoftAlignLoss`, with its defaults. An unset ``alpha`` / ``beta`` is the
+    loss's default for the base (:func:`softalign.losses.combined.default_weights`: 0.1 / 0.5 for CUSA's InfoNCE
+    mean mode, 10 / 10 for the cross-entropy, 3 / 3 for the VSE++ hinge), resolved when the recipe is loaded; a
+    recipe trains the base loss alone only when it sets both to 0."""
 
     __pydantic_config__ = _CONFIG
 
     base: Literal["vsepp", "vsepp_sum", "infonce", "none"] = "vsepp"
-    alpha: YamlFloat = 0.0
-    beta: YamlFloat = 0.0
+    alpha: YamlFloat | None = None
+    beta: YamlFloat | None = None
     gamma: YamlFloat = 0.0
     margin: YamlFloat = 0.2
     temperature: YamlFloat = 0.05
@@ -251,7 +254,7 @@ def _scalar_name(tp: Any) -> str:
         return "a mapping"
     if origin is list:
         return "a list"
-    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {type(None): "null (the default)"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _describe(err: ValidationError, cls: type, where: str) -> str:
@@ -289,6 +292,22 @@ def _numbers(r: Recipe):
                 yield f"{section}.{f.name}", value
 
 
+def _resolve_loss_weights(r: Recipe) -> None:
+    """Unset ``loss.alpha`` / ``loss.beta`` take the loss's default for ``loss.base``; a variant named for a
+    soft-label term (``csa`` / ``usa`` in its name) that ends with that term's weight at 0 is refused."""
+    from softalign.losses.combined import default_weights
+
+    alpha, beta = default_weights(r.loss.base, r.loss.infonce_reduction)
+    r.loss.alpha = alpha if r.loss.alpha is None else r.loss.alpha
+    r.loss.beta = beta if r.loss.beta is None else r.loss.beta
+    name = (r.variant or "").lower()
+    for term, key in (("csa", "alpha"), ("usa", "beta")):
+        if term in name and not getattr(r.loss, key) > 0:
+            raise RecipeError(f"variant {r.variant!r} is named for {term.upper()} but trains with loss.{key} = "
+                              f"{getattr(r.loss, key)}: the term is off. Set loss.{key} > 0 in the variant, or leave "
+                              f"it unset for the default of base {r.loss.base!r} ({alpha if key == 'alpha' else beta})")
+
+
 def _check_values(r: Recipe) -> None:
     def need(cond, msg):
         if not cond:
@@ -308,7 +327,8 @@ def _check_values(r: Recipe) -> None:
          f"loss.soft_label_entropy must lie in (0, 1) (a fraction of log B), got {r.loss.soft_label_entropy}")
     need(r.loss.diagnostics_every >= 0, f"loss.diagnostics_every must be >= 0, got {r.loss.diagnostics_every}")
     for k in ("alpha", "beta", "gamma"):
-        need(getattr(r.loss, k) >= 0, f"loss.{k} must be >= 0, got {getattr(r.loss, k)}")
+        value = getattr(r.loss, k)
+        need(value is None or value >= 0, f"loss.{k} must be >= 0, got {value}")
     need(r.model.embed_dim >= 1, f"model.embed_dim must be >= 1, got {r.model.embed_dim}")
     need(0 < r.data.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {r.data.test_fraction}")
     if r.data.kind in ("karpathy", "precomp", "hf", "imagefolder"):
@@ -413,6 +433,7 @@ def recipe_from_dict(values: Mapping[str, Any], variant: str | None = None,
     recipe = _build(Recipe, {**merged, "variants": variants}, "")
     recipe.variant = variant
     _check_values(recipe)
+    _resolve_loss_weights(recipe)
     return recipe
 
 

@@ -113,7 +113,8 @@ def _feature_shape(data: RetrievalData):
 
 # --------------------------------------------------------------------------------------------- teacher
 def needs_teacher(recipe: Recipe) -> bool:
-    return recipe.loss.alpha > 0 or recipe.loss.beta > 0
+    """Whether the recipe's loss has a soft-label term (its weights are resolved when the recipe loads)."""
+    return bool(recipe.loss.alpha) or bool(recipe.loss.beta)
 
 
 def teacher_cache_dir(recipe: Recipe) -> Path:
