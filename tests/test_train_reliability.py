@@ -186,12 +186,12 @@ def test_metrics_go_through_accelerate_trackers_and_metrics_jsonl_is_one_of_them
     acc = Accelerator(cpu=True, log_with=[tracker])
     res = _train(tiny_recipe(tmp_path / "run"), data, acc)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for _, r in tracker.records] == [r["epoch"] for r in lines] == [1, 2]
+    assert [r["epoch"] for _, r in tracker.records] == [r["epoch"] for r in lines] == [1, 2, 2]  # + test, once
     assert [s for s, _ in tracker.records] == [r["step"] for r in lines] and tracker.config["train.epochs"] == 2
-    assert res["history"][-1]["test_rsum"] == tracker.records[-1][1]["test_rsum"]
+    assert res["metrics"]["rsum"] == tracker.records[-1][1]["test_rsum"]
     # the shared accelerator does not keep this run's metrics.jsonl for the next run
     _train(tiny_recipe(tmp_path / "other"), data, acc)
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_a_run_killed_mid_epoch_resumes_after_the_batches_it_had_done(tmp_path, data, accelerator, monkeypatch):

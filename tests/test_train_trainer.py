@@ -61,7 +61,10 @@ def test_two_epoch_run_loss_goes_down_and_writes_outputs(tmp_path, data, acceler
     assert [h["epoch"] for h in hist] == [1, 2]
     assert hist[1]["train_loss"] < hist[0]["train_loss"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [1, 2] and "test_rsum" in lines[-1]
+    # one line per epoch, then the test split scored once, at the end (no validation split: the last epoch)
+    assert [x["epoch"] for x in lines] == [1, 2, 2] and "test_rsum" in lines[-1]
+    assert not any(k.startswith(("test_", "val_")) for x in lines[:2] for k in x)
+    assert res["selection"] == {"checkpoint": "last", "epoch": 2, "why": "train.keep_best is off: the last epoch"}
     ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
     # accelerate's save_state, plus softalign's loss and progress files
     assert {"model.safetensors", "optimizer.bin", "loss.safetensors", "train_state.json"} <= \
@@ -340,7 +343,8 @@ def test_the_metrics_line_is_written_before_the_checkpoint_commits_the_epoch(tmp
     monkeypatch.setattr(T, "save_training_state", real)
     res = _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)  # resumes after epoch 1
     assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3, 3] and "test_rsum" in lines[-1]  # the epochs, then test once
 
 
 def test_resume_drops_a_torn_last_metrics_line(tmp_path, data, accelerator):
@@ -352,9 +356,10 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, data, accelerator):
 
     res = train(tiny_recipe(tmp_path, train={"epochs": 3}), accelerator=accelerator, train_data=data[0],
                 test_data=data[1], log=msgs.append)
-    assert any("dropping unparsable line 3" in m for m in msgs)
+    assert any("dropping unparsable line 4 (the last)" in m for m in msgs)  # after epochs 1, 2 and the test line
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    assert [x["epoch"] for x in lines[:-1]] == [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    assert "test_rsum" in lines[-1] and sum("test_rsum" in x for x in lines) == 1  # the old test line is gone
 
 
 def test_loss_heads_and_temperatures_are_gradient_clipped(tmp_path, data, accelerator, monkeypatch):
@@ -449,7 +454,8 @@ def test_precomputed_features_train_end_to_end(tmp_path, accelerator):
                          loss={"base": "vsepp"}, train={"epochs": 2})
     from softalign.train.trainer import load_splits, train
 
-    tr, te = load_splits(recipe)
+    tr, val, te = load_splits(recipe)
+    assert val is None
     assert isinstance(tr.images, np.ndarray) and tr.num_captions == 60
     res = train(recipe, accelerator=accelerator, log=lambda m: None)
     assert res["history"][1]["train_loss"] < res["history"][0]["train_loss"]

@@ -56,11 +56,14 @@ class TrainProgress:
     step: int = 0
     batch: int = 0
     partial: dict[str, Any] | None = None
+    #: the best validation epoch so far under ``train.keep_best`` (``epoch``, ``metric``, ``value``), else None
+    best: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainProgress:
         return cls(recipe=d.get("recipe") or {}, vocab=d.get("vocab"), epoch=int(d.get("epoch", 0)),
-                   step=int(d.get("step", 0)), batch=int(d.get("batch") or 0), partial=d.get("partial"))
+                   step=int(d.get("step", 0)), batch=int(d.get("batch") or 0), partial=d.get("partial"),
+                   best=d.get("best"))
 
 
 class CheckpointError(ValueError):

@@ -6,6 +6,7 @@ Runs on Accelerate: ``accelerate launch -m softalign.cli train RECIPE`` for seve
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +31,11 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is available")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--list-variants", action="store_true", help="print the recipe's variants and exit")
+    p.add_argument("--list-variants", action="store_true",
+                   help="print the recipe's variants with the loss weights each trains with, and exit")
+    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb", "all"), default="none",
+                   help="also log the metrics to TensorBoard and/or Weights & Biases (accelerate's trackers; one run "
+                        "per variant, named after it, under OUTPUT_DIR). metrics.jsonl is always written")
     p.set_defaults(func=run)
     return p
 
@@ -56,6 +61,17 @@ def _variant_line(args, variant: str) -> str:
     return f"{variant:<24} base={loss.base}, alpha={loss.alpha:g}, beta={loss.beta:g}, gamma={loss.gamma:g}"
 
 
+def _trackers(report_to: str) -> list[str]:
+    """accelerate's tracker names for ``--report-to``; a tracker whose package is missing is a one-line error."""
+    import importlib.util
+
+    names = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[report_to]
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise SystemExit(f"softalign train: --report-to {report_to} needs the {name} package: pip install {name}")
+    return names
+
+
 def run(args) -> int:
     from softalign.train.recipe import RecipeError, list_variants, load_recipe
 
@@ -79,7 +95,10 @@ def run(args) -> int:
     from softalign.train.trainer import train
 
     first = recipes[0]
-    accelerator = Accelerator(mixed_precision=first.train.mixed_precision, cpu=first.train.cpu)
+    trackers = _trackers(args.report_to)
+    root = args.output_dir or (Path(first.output_dir).parent if first.variant else Path(first.output_dir))
+    accelerator = Accelerator(mixed_precision=first.train.mixed_precision, cpu=first.train.cpu,
+                              log_with=trackers or None, project_dir=str(root))
     from softalign.teachers.cache import CacheMismatchError
     from softalign.train.trainer import ResumeMismatchError
 

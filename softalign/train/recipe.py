@@ -65,6 +65,10 @@ class DataConfig:
     preload: StrictBool = False                 # decode all images once (small data sets)
     max_images: StrictInt | None = None      # cap per split (quick runs)
     test_fraction: YamlFloat = 0.2            # demo only
+    # the split that settings and checkpoints are chosen on: a split name (karpathy: "val", precomp: "dev", hf /
+    # imagefolder: a split), or a fraction of the training images cut off with the recipe's seed; null: none (the
+    # last checkpoint is scored on test, once, at the end)
+    validation: YamlFloat | StrictStr | None = None
     image_column: StrictStr | None = None    # hf / imagefolder
     caption_column: StrictStr | None = None
     label_column: StrictStr | None = None
@@ -176,7 +180,9 @@ class TrainConfig:
     batch_size: StrictInt = 128
     eval_batch_size: StrictInt = 256
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every: StrictInt = 1                   # epochs between test-split evaluations (0: only at the end)
+    eval_every: StrictInt = 1                   # epochs between validation evaluations (0: only after the last)
+    keep_best: StrictStr | None = None          # a validation metric (rsum, i2t_r1, t2t_map_at_r, ...): keep the best
+    # checkpoint by it (higher is better; medr / meanr lower) and score test on that one; null: the last epoch
     checkpoint_every: StrictInt = 1
     checkpoint_steps: StrictInt = 0       # also checkpoint every N optimizer steps inside an epoch (0: off); a
     # resume then skips the batches already done (accelerate's skip_first_batches)
@@ -331,6 +337,20 @@ def _check_values(r: Recipe) -> None:
         need(value is None or value >= 0, f"loss.{k} must be >= 0, got {value}")
     need(r.model.embed_dim >= 1, f"model.embed_dim must be >= 1, got {r.model.embed_dim}")
     need(0 < r.data.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {r.data.test_fraction}")
+    v = r.data.validation
+    if isinstance(v, float):
+        need(0 < v < 1, f"data.validation: a fraction of the training images must lie in (0, 1), got {v}")
+    elif isinstance(v, str):
+        need(r.data.kind != "demo", f"data.validation: the demo data has no named splits; give a fraction of the "
+                                    f"training images (e.g. 0.1), got {v!r}")
+        need(v not in (r.data.train_split, r.data.test_split),
+             f"data.validation: {v!r} is the {'training' if v == r.data.train_split else 'test'} split; choose "
+             "settings on a split of its own")
+    need(r.train.keep_best is None or v is not None,
+         f"train.keep_best: {r.train.keep_best!r} is chosen on validation: set data.validation (a split, or a "
+         "fraction of the training images)")
+    need(r.train.eval_every >= 0, f"train.eval_every must be >= 0 (0: only after the last epoch), got "
+                                  f"{r.train.eval_every}")
     if r.data.kind in ("karpathy", "precomp", "hf", "imagefolder"):
         need(r.data.path is not None, f"data.path is required for data.kind={r.data.kind!r}")
     if r.data.kind == "karpathy":

@@ -57,47 +57,64 @@ from softalign.train.resume import (  # noqa: F401 - public names of softalign.t
 
 
 # ------------------------------------------------------------------------------------------------ data
-def load_splits(recipe: Recipe) -> tuple[RetrievalData, RetrievalData]:
-    """(train, test) :class:`RetrievalData` for ``recipe.data``."""
-    train, test = _load_splits(recipe)
-    return train, test
-
-
-def _load_splits(recipe: Recipe) -> tuple[RetrievalData, ...]:
+def load_splits(recipe: Recipe) -> tuple[RetrievalData, RetrievalData | None, RetrievalData]:
+    """(train, validation or None, test) :class:`RetrievalData` for ``recipe.data``: ``data.validation`` names a
+    split, or cuts a fraction of the training images off (:func:`cut_validation`)."""
     d: Any = recipe.data  # the schema guarantees the fields each kind needs
+    v = d.validation
     if d.kind == "demo":
         from softalign.data.demo import build_demo_data
 
-        return build_demo_data(captions_per_image=d.captions_per_image or 5, test_fraction=d.test_fraction,
-                               max_images=d.max_images)
+        splits = build_demo_data(captions_per_image=d.captions_per_image or 5, test_fraction=d.test_fraction,
+                                 max_images=d.max_images, val_fraction=v or 0.0)
+        return (splits[0], splits[1], splits[2]) if v else (splits[0], None, splits[1])
+    named = [d.train_split, d.test_split] + ([v] if isinstance(v, str) else [])
+    train, test, *val = (_load_split(recipe, s) for s in named)
+    if isinstance(v, float):
+        train, cut = cut_validation(train, v, recipe.seed)
+        val = [cut]
+    return train, (val[0] if val else None), test
+
+
+def cut_validation(data: RetrievalData, fraction: float, seed: int) -> tuple[RetrievalData, RetrievalData]:
+    """(rest, validation): ``fraction`` of ``data``'s images (at least one, with all their captions) drawn with
+    ``seed``, both in the original order; captions are renumbered in each (:meth:`RetrievalData.select_images`)."""
+    n = data.num_images
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    if n < 2:
+        raise ValueError(f"data.validation: {data.name}/{data.split} has {n} image(s); a validation split needs >= 2")
+    picked = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    rest = np.setdiff1d(np.arange(n), picked)
+    return data.select_images(rest, split=data.split), data.select_images(picked, split="validation")
+
+
+def _load_split(recipe: Recipe, split: str) -> RetrievalData:
+    d: Any = recipe.data
     if d.kind == "karpathy":
         from softalign.data.karpathy import load_karpathy
 
-        return tuple(load_karpathy(d.path, d.image_root, s, captions_per_image=d.captions_per_image,
-                                   max_images=d.max_images) for s in (d.train_split, d.test_split))
+        return load_karpathy(d.path, d.image_root, split, captions_per_image=d.captions_per_image,
+                             max_images=d.max_images)
     if d.kind == "precomp":
         from softalign.data.precomp import load_precomp
 
-        return tuple(load_precomp(d.path, s, captions_per_image=d.captions_per_image or 5, max_images=d.max_images)
-                     for s in (d.train_split, d.test_split))
+        return load_precomp(d.path, split, captions_per_image=d.captions_per_image or 5, max_images=d.max_images)
     if d.kind == "imagefolder":
         from softalign.data.hf import load_imagefolder
 
-        return tuple(load_imagefolder(d.path, s, caption_column=d.caption_column, label_column=d.label_column,
-                                      captions_per_image=d.captions_per_image) for s in (d.train_split, d.test_split))
+        return load_imagefolder(d.path, split, caption_column=d.caption_column, label_column=d.label_column,
+                                captions_per_image=d.captions_per_image)
     if d.kind == "hf":
         import datasets
 
         from softalign.data.hf import from_hf_dataset
 
-        out = []
-        for s in (d.train_split, d.test_split):
-            ds = datasets.load_from_disk(d.path)[s] if Path(d.path).is_dir() else datasets.load_dataset(d.path, split=s)
-            if d.max_images is not None:
-                ds = ds.select(range(min(d.max_images, len(ds))))
-            out.append(from_hf_dataset(ds, d.image_column, d.caption_column, d.label_column, name=str(d.path),
-                                       split=s, captions_per_image=d.captions_per_image))
-        return tuple(out)
+        ds = datasets.load_from_disk(d.path)[split] if Path(d.path).is_dir() else datasets.load_dataset(d.path,
+                                                                                                         split=split)
+        if d.max_images is not None:
+            ds = ds.select(range(min(d.max_images, len(ds))))
+        return from_hf_dataset(ds, d.image_column, d.caption_column, d.label_column, name=str(d.path), split=split,
+                               captions_per_image=d.captions_per_image)
     raise ValueError(f"unknown data.kind {d.kind!r}")  # pragma: no cover - the recipe schema checks it
 
 
@@ -212,10 +229,14 @@ def _jsonable(obj):
 
 def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: RetrievalData | None = None,
           test_data: RetrievalData | None = None, cache=None, log: Callable | None = None,
-          image_caches: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train ``recipe`` end to end; returns ``{"metrics": final test metrics, "history": per-epoch records,
-    "output_dir", "seconds"}``. Pre-loaded ``train_data`` / ``test_data`` / ``cache`` / decoded
-    ``image_caches`` (``{"train": tensor, "test": tensor}``) may be passed to share them between runs.
+          image_caches: dict[str, torch.Tensor] | None = None,
+          val_data: RetrievalData | None = None) -> dict[str, Any]:
+    """Train ``recipe`` end to end; returns ``{"metrics": test metrics of the selected checkpoint, "selection":
+    which checkpoint and why, "history": per-epoch records (``val_*`` on the validation split), "output_dir",
+    "seconds"}``. Settings and checkpoints are chosen on ``data.validation``; the test split is scored once, at the
+    end. Pre-loaded ``train_data`` / ``val_data`` / ``test_data`` / ``cache`` / decoded ``image_caches``
+    (``{"train": tensor, "val": tensor, "test": tensor}``) may be passed to share them between runs; with a
+    fraction ``data.validation`` and no ``val_data``, the validation images are cut from ``train_data``.
 
     The main process holds the output directory's lock (:func:`softalign.locking.directory_lock`) for the whole
     run: a second run into the same directory fails at once, naming the first, instead of interleaving its
@@ -232,18 +253,18 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(directory_lock(recipe.output_dir, f"softalign train ({recipe.name})"))
-        return _train(recipe, resume=resume, accelerator=accelerator, train_data=train_data, test_data=test_data,
-                      cache=cache, log=log, image_caches=image_caches, cleanup=stack)
+        return _train(recipe, resume=resume, accelerator=accelerator, train_data=train_data, val_data=val_data,
+                      test_data=test_data, cache=cache, log=log, image_caches=image_caches, cleanup=stack)
 
 
-def _release(accelerator, prepared: tuple, hooks: list, jsonl) -> None:
-    """Take a finished run's objects off a (possibly shared) accelerator: what ``save_state`` would save next and
-    the run's ``metrics.jsonl`` tracker. ``Accelerator.free_memory`` would drop the caller's objects too."""
+def _release(accelerator, prepared: tuple, hooks: list) -> None:
+    """Take a finished run's objects off a (possibly shared) accelerator: what ``save_state`` would save next
+    (its trackers are ended by :func:`_open_trackers`). ``Accelerator.free_memory`` would drop the caller's objects
+    too."""
     for attr in ("_models", "_optimizers", "_dataloaders"):
         getattr(accelerator, attr)[:] = [o for o in getattr(accelerator, attr) if all(o is not p for p in prepared)]
     for h in hooks:
         h.remove()
-    accelerator.trackers[:] = [t for t in accelerator.trackers if t is not jsonl]
 
 
 def _checkpoint_to_resume(recipe: Recipe, root: Path, resume: bool) -> tuple[Path | None, TrainProgress]:
@@ -273,7 +294,7 @@ def _build_optimizer(recipe: Recipe, model: torch.nn.Module, loss_fn: torch.nn.M
     return opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _transforms_and_images(recipe: Recipe, model, train_data: RetrievalData, test_data: RetrievalData,
+def _transforms_and_images(recipe: Recipe, model, train_data: RetrievalData, eval_splits: dict[str, RetrievalData],
                            image_caches: dict[str, torch.Tensor] | None):
     """(train transform, test transform, decoded image caches): the model's own preprocessing when it has one
     (open_clip students), else the recipe's; images decoded once when ``data.preload`` allows it."""
@@ -284,7 +305,7 @@ def _transforms_and_images(recipe: Recipe, model, train_data: RetrievalData, tes
     train_tf, test_tf = (own(True), own(False)) if callable(own) else \
         (image_transform(recipe, True), image_transform(recipe, False))
     if recipe.data.preload:
-        todo = [("test", test_data)] + ([("train", train_data)] if not recipe.data.augment else [])
+        todo = list(eval_splits.items()) + ([("train", train_data)] if not recipe.data.augment else [])
         for split, data in todo:
             if split not in caches and not isinstance(data.images, np.ndarray):
                 caches[split] = preload_images(data, test_tf)
@@ -315,26 +336,38 @@ def _calibrate(recipe: Recipe, loss_fn, cache, num_processes: int, log: Callable
         f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
 
 
-def _open_trackers(recipe: Recipe, accelerator, jsonl, epochs_done: int, log: Callable) -> list[dict[str, Any]]:
-    """Start the user's trackers (``Accelerator(log_with=...)``) and add ``metrics.jsonl``, keeping only the lines
-    of the epochs the checkpoint covers (the commit point); returns those records."""
+def _open_trackers(recipe: Recipe, accelerator, jsonl, epochs_done: int, log: Callable,
+                   cleanup) -> list[dict[str, Any]]:
+    """Start the user's trackers (``Accelerator(log_with=...)``, ``softalign train --report-to``; they write under
+    the accelerator's ``project_dir``, one run each) and add ``metrics.jsonl``, keeping only the lines of the epochs
+    the checkpoint covers (the commit point); returns those records. The run's trackers end with it."""
+    before = list(accelerator.trackers)
     if accelerator.log_with:
-        accelerator.init_trackers(recipe.name.replace("/", "_"), config=_flatten(recipe.to_dict()))
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                  for k, v in _flatten(recipe.to_dict()).items() if k != "variants"}
+        accelerator.init_trackers(recipe.name.replace("/", "_"), config=config)
     accelerator.trackers.append(jsonl)
+    mine = [t for t in accelerator.trackers if all(t is not b for b in before)]
+    cleanup.callback(lambda: accelerator.trackers.__setitem__(
+        slice(None), [t for t in accelerator.trackers if all(t is not m for m in mine)]))
+    cleanup.callback(lambda: [t.finish() for t in mine if accelerator.is_main_process])
     if not (accelerator.is_main_process and jsonl.path.is_file()):
         return []
-    history = read_metrics(jsonl.path, max_epoch=epochs_done, log=log)
+    # the test line of a finished run is written again when the run ends: only the epochs' lines are kept
+    history = [r for r in read_metrics(jsonl.path, max_epoch=epochs_done, log=log)
+               if not any(k.startswith("test_") for k in r)]
     atomic_write_text(jsonl.path, "".join(json.dumps(r) + "\n" for r in history))
     return history
 
 
 def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalData | None,
-           test_data: RetrievalData | None, cache, log: Callable | None,
+           val_data: RetrievalData | None, test_data: RetrievalData | None, cache, log: Callable | None,
            image_caches: dict[str, torch.Tensor] | None, cleanup) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from softalign.losses import SoftAlignLoss
     from softalign.train.models import build_model, vocab_of
+    from softalign.train.selection import BestCheckpoint
     from softalign.train.tracking import JsonlTracker
 
     t0 = time.time()
@@ -344,13 +377,19 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # 1. data and the teacher cache (checked, built or rebuilt by softalign.teachers)
+    # 1. data (train, validation, test) and the teacher cache (checked, built or rebuilt by softalign.teachers)
     set_seed(recipe.seed)
     if train_data is None or test_data is None:
-        train_data, test_data = load_splits(recipe)
+        train_data, val_data, test_data = load_splits(recipe)
+    elif val_data is None and isinstance(recipe.data.validation, float):
+        train_data, val_data = cut_validation(train_data, recipe.data.validation, recipe.seed)
     if cache is None and needs_teacher(recipe):
         with accelerator.main_process_first():
             cache = get_teacher_cache(recipe, train_data, accelerator=None, log=log)
+    if cache is not None and getattr(cache, "num_captions", train_data.num_captions) != train_data.num_captions:
+        raise ValueError(f"{recipe.name}: the teacher cache holds {cache.num_captions} captions but the training "
+                         f"split has {train_data.num_captions} (data.validation cut its images off): build the cache "
+                         "for the training split the run trains on")
     # seeded again: building a cache consumes torch's RNG, and the student must not depend on whether it was built
     set_seed(recipe.seed)
 
@@ -363,15 +402,18 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     # CUSA's layout: USA's uni-modal heads take the backbone features, in parallel to the cross-modal heads
     feature_dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
     loss_fn = SoftAlignLoss(embed_dim=feature_dims, cache=cache, return_parts=True, **recipe.loss.loss_kwargs())
+    log(f"{recipe.name}: loss {loss_fn._config_summary()}, gamma={loss_fn.gamma}"
+        + ("" if needs_teacher(recipe) else " (the base loss alone: loss.alpha = loss.beta = 0)"))
     usa_on_features = recipe.loss.use_heads and loss_fn.usa is not None
     loss_fn.to(accelerator.device)  # never through accelerator.prepare; its parameters are in the optimizer
     optimizer = _build_optimizer(recipe, model, loss_fn)
-    train_tf, test_tf, image_caches = _transforms_and_images(recipe, model, train_data, test_data, image_caches)
+    eval_splits = {"test": test_data, **({"val": val_data} if val_data is not None else {})}
+    train_tf, test_tf, image_caches = _transforms_and_images(recipe, model, train_data, eval_splits, image_caches)
     loader = _train_loader(recipe, train_data, train_tf, image_caches.get("train"))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     jsonl = JsonlTracker(out / "metrics.jsonl")  # metrics.jsonl: one of accelerate's trackers
     hooks = register_checkpoint_hooks(accelerator, loss_fn, progress)
-    cleanup.callback(_release, accelerator, (model, optimizer, loader), hooks, jsonl)
+    cleanup.callback(_release, accelerator, (model, optimizer, loader), hooks)
 
     # 3. resume (accelerate's load_state), calibration, the schedule (torch's LambdaLR, one step per batch)
     initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
@@ -387,36 +429,51 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=progress.step - 1)
 
     # 4. metrics: the user's trackers (Accelerator(log_with=...)) and metrics.jsonl, cut back to the checkpoint
-    history = _open_trackers(recipe, accelerator, jsonl, progress.epoch, log)
+    history = _open_trackers(recipe, accelerator, jsonl, progress.epoch, log, cleanup)
 
-    # 5. the epochs: train, evaluate when due, log the epoch's line, then commit it with a checkpoint
+    # 5. the epochs: train, evaluate the validation split when due (and keep the best checkpoint by it), log the
+    #    epoch's line, then commit it with a checkpoint
     loop = _EpochLoop(recipe, accelerator, model, loss_fn, optimizer, scheduler, loader, progress,
                       usa_on_features, out / "checkpoints")
     unwrapped = accelerator.unwrap_model(model)
-    final: dict[str, float] = {}
+    best = BestCheckpoint(out / "best", recipe.train.keep_best, progress)
+    if val_data is None and main and progress.epoch < recipe.train.epochs:
+        log(f"{recipe.name}: no data.validation: nothing is evaluated while training; the last epoch is scored on "
+            "test once, at the end")
+
+    def evaluate(data: RetrievalData, split: str, save_to=None) -> dict[str, float]:
+        return evaluate_student(unwrapped, loss_fn, data, test_tf, recipe.train.eval_batch_size, accelerator.device,
+                                image_caches.get(split), usa_on_features, save_to=save_to)
+
     for epoch in range(progress.epoch, recipe.train.epochs):
         record = loop.run_epoch(epoch)
         last = epoch + 1 == recipe.train.epochs
         ev = recipe.train.eval_every
-        if main and (last or (ev > 0 and (epoch + 1) % ev == 0)):
-            final = evaluate_student(unwrapped, loss_fn, test_data, test_tf, recipe.train.eval_batch_size,
-                                     accelerator.device, image_caches.get("test"), usa_on_features,
-                                     save_to=out / "embeddings_test.safetensors" if last else None)
-            record.update({f"test_{k}": v for k, v in final.items()})
+        if main and val_data is not None and (last or (ev > 0 and (epoch + 1) % ev == 0)):
+            val = evaluate(val_data, "val")
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if best.offer(epoch + 1, val, unwrapped, loss_fn):
+                log(f"{recipe.name}: best validation {best.metric} so far ({val[best.metric]:.2f}) -> {best.folder}")
         accelerator.wait_for_everyone()
         if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
             accelerator.log(record, step=record["step"])
             history.append(record)
             msg = f"{recipe.name} epoch {epoch + 1}/{recipe.train.epochs} loss {record.get('train_loss', 0):.4f}"
-            log(msg + (f" rsum {record['test_rsum']:.1f}" if "test_rsum" in record else ""))
+            log(msg + (f" val rsum {record['val_rsum']:.1f}" if "val_rsum" in record else ""))
         if recipe.train.checkpoint_every > 0 and ((epoch + 1) % recipe.train.checkpoint_every == 0 or last):
             loop.checkpoint(epoch + 1)
 
-    # 6. results.json
-    if main and not final and history:  # resumed a finished run: report the stored final metrics
-        final = {k[5:]: v for k, v in history[-1].items() if k.startswith("test_")}
+    # 6. the test split, once, on the selected checkpoint; results.json says which one and why
+    final: dict[str, float] = {}
+    selection: dict[str, Any] = {}
+    if main:
+        selection = best.select(unwrapped, loss_fn, last_epoch=progress.epoch)
+        final = evaluate(test_data, "test", save_to=out / "embeddings_test.safetensors")
+        accelerator.log({"epoch": progress.epoch, **{f"test_{k}": v for k, v in final.items()}}, step=progress.step)
+        log(f"{recipe.name}: test (checkpoint of epoch {selection['epoch']}, {selection['why']}): "
+            + ", ".join(f"{k} {final[k]:.2f}" for k in ("i2t_r1", "t2i_r1", "rsum") if k in final))
     result = {"name": recipe.name, "variant": recipe.variant, "seed": recipe.seed, "metrics": final,
-              "loss_config": _jsonable(loss_fn.get_config_dict()),
+              "selection": selection, "loss_config": _jsonable(loss_fn.get_config_dict()),
               "history": history, "output_dir": str(out), "seconds": round(time.time() - t0, 2),
               "recipe": recipe.to_dict()}
     if main:
