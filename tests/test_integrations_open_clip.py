@@ -45,8 +45,11 @@ def test_contrastive_term_equals_open_clips_clip_loss(tiny_open_clip):
     img, txt = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
     t_img, t_txt = torch.randn(6, 12, generator=g), torch.randn(6, 12, generator=g)
     scale = torch.tensor(14.3)
-    ours = SoftAlignClipLoss(diagnostics_every=0)(img, txt, scale, output_dict=True, dist_image_features=t_img,
-                                                  dist_text_features=t_txt)
+    ours = SoftAlignClipLoss(alpha=0.1, beta=0.5, diagnostics_every=0)(img, txt, scale, output_dict=True,
+                                                                       dist_image_features=t_img,
+                                                                       dist_text_features=t_txt)
+    # unset, the weights are the loss's own for a cross-entropy base (CUSA's 0.1 / 0.5 are for its CE / B)
+    assert (SoftAlignClipLoss().soft.alpha, SoftAlignClipLoss().soft.beta) == (10.0, 10.0)
     n_img, n_txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
     want = open_clip.ClipLoss()(n_img, n_txt, scale)
     torch.testing.assert_close(ours["contrastive_loss"], want, rtol=1e-5, atol=1e-6)

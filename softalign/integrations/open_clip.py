@@ -11,15 +11,16 @@ and USA [Huang et al., AAAI 2024] need teacher similarities, from either
 * **caption ids** into a teacher cache (``caption_ids=``, from your own loop: open_clip's data pipeline yields
   ``(images, texts)`` only); the cache also makes captions of one image positives of each other.
 
-The lines a user adds to ``open_clip_train/main.py`` (after the optimizer is built)::
+With open_clip's own script, run ``python -m softalign.integrations.open_clip_train`` with its usual flags
+(:mod:`softalign.integrations.open_clip_train`): the loss becomes a submodule of the student, so main.py's
+optimizer, checkpoints and ``--resume`` carry it, with no edit of main.py. In your own loop::
 
-    from softalign.integrations.open_clip import create_loss   # instead of open_clip's create_loss
-    ...
-    loss = create_loss(args)                                   # SoftAlignClipLoss; needs --distill-model
+    loss = create_loss(args)                                   # or SoftAlignClipLoss(cache=...)
     optimizer.add_param_group({"params": loss.trainable_parameters(), "weight_decay": 0.0})
 
 :func:`create_loss` follows open_clip's ``create_loss(args)`` (it reads ``args.distill``, ``args.siglip``,
-``args.model``) and refuses the losses it does not replace (SigLIP, CoCa) by name.
+``args.model``) and refuses the losses it does not replace (SigLIP, CoCa) by name. :func:`load_checkpoint` reads a
+checkpoint of the runner into a plain open_clip model.
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ from torch import nn
 
 from softalign.losses import SoftAlignLoss, citations
 
-__all__ = ["SoftAlignClipLoss", "create_loss"]
+__all__ = ["SoftAlignClipLoss", "create_loss", "load_checkpoint", "LOSS_KEY"]
+
+#: the student's submodule that holds the loss in ``python -m softalign.integrations.open_clip_train`` runs
+LOSS_KEY = "softalign_loss"
 
 
 class SoftAlignClipLoss(nn.Module):
@@ -39,8 +43,9 @@ class SoftAlignClipLoss(nn.Module):
     ``L_CLIP`` is CLIP's symmetric cross-entropy over ``logit_scale * img @ txt.T`` (Radford et al., ICML 2021),
     with id-aware positives when caption ids and a cache are given. All three terms come from one
     ``SoftAlignLoss(base="infonce")`` called with ``base_temperature = 1 / logit_scale`` (the model's learnable
-    scale replaces the base's own temperature, which is frozen and unused); ``alpha`` / ``beta``, the calibrated
-    ``tau_s`` and the rest of its options come via ``**kwargs``. Under ``torch.distributed`` every term is computed
+    scale replaces the base's own temperature, which is frozen and unused). ``alpha`` / ``beta`` default to the
+    loss's for a cross-entropy base (10 / 10; CUSA's 0.1 / 0.5 belong to its CE / B mode); the calibrated ``tau_s``
+    and the rest of its options come via ``**kwargs``. Under ``torch.distributed`` every term is computed
     over the global batch with exact gradients, from one all-gather of the features and with local rows x global
     columns per process (open_clip's ``local_loss``), not the full global matrices.
 
@@ -50,7 +55,7 @@ class SoftAlignClipLoss(nn.Module):
 
     citation = citations.join(citations.CUSA, citations.INFONCE)
 
-    def __init__(self, cache: Any = None, alpha: float = 0.1, beta: float = 0.5, **kwargs):
+    def __init__(self, cache: Any = None, alpha: float | None = None, beta: float | None = None, **kwargs):
         super().__init__()
         if "base" in kwargs:
             raise ValueError("SoftAlignClipLoss's base is CLIP's contrastive loss with the model's logit_scale; "
@@ -90,10 +95,9 @@ class SoftAlignClipLoss(nn.Module):
                                                         if k not in ("base", "margin", "temperature")}}
 
 
-def create_loss(args: Any, cache: Any = None, **kwargs: Any) -> SoftAlignClipLoss:
-    """open_clip's ``create_loss(args)`` for softalign: a :class:`SoftAlignClipLoss` in place of ``ClipLoss`` /
-    ``DistillClipLoss``. ``cache`` (a :class:`~softalign.teachers.TeacherCache`) and ``**kwargs`` (``alpha``,
-    ``beta``, ``soft_label_entropy``, ...) go to the loss."""
+def check_args(args: Any, cache: Any = None) -> None:
+    """Refuse, by name, what :class:`SoftAlignClipLoss` does not replace (``--siglip``, CoCa models) and training
+    without a teacher (``--distill-model`` / ``--distill-pretrained``, or a ``cache``)."""
     model = str(getattr(args, "model", ""))
     if getattr(args, "siglip", False):
         raise ValueError("softalign's create_loss replaces ClipLoss / DistillClipLoss; --siglip selects SigLipLoss, "
@@ -104,4 +108,30 @@ def create_loss(args: Any, cache: Any = None, **kwargs: Any) -> SoftAlignClipLos
     if not getattr(args, "distill", False) and cache is None:
         raise ValueError("softalign's create_loss needs teacher features or a cache: run with --distill-model and "
                          "--distill-pretrained, or pass cache= and give the loss caption_ids=")
+
+
+def create_loss(args: Any, cache: Any = None, **kwargs: Any) -> SoftAlignClipLoss:
+    """open_clip's ``create_loss(args)`` for softalign: a :class:`SoftAlignClipLoss` in place of ``ClipLoss`` /
+    ``DistillClipLoss`` (:func:`check_args` first). ``cache`` (a :class:`~softalign.teachers.TeacherCache`) and
+    ``**kwargs`` (``alpha``, ``beta``, ``soft_label_entropy``, ...) go to the loss."""
+    check_args(args, cache)
     return SoftAlignClipLoss(cache=cache, **kwargs)
+
+
+def load_checkpoint(model: nn.Module, path: str, loss: SoftAlignClipLoss | None = None) -> int:
+    """Load an ``open_clip_train`` checkpoint written by ``python -m softalign.integrations.open_clip_train`` into
+    a plain open_clip ``model`` (strictly: every model key, no other), and its ``softalign_loss.*`` state into
+    ``loss`` when given. Read with ``weights_only=True``. Returns the checkpoint's epoch (0 for a bare state dict)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not an open_clip checkpoint (expected a dict with 'state_dict')")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    prefix = LOSS_KEY + "."
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+    if loss is not None:
+        loss_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not loss_state:
+            raise ValueError(f"{path}: holds no {LOSS_KEY}.* state (not written by softalign's open_clip_train)")
+        loss.load_state_dict(loss_state)
+    return int(checkpoint.get("epoch", 0)) if isinstance(checkpoint, dict) else 0

@@ -309,11 +309,13 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return record
 
     def get_extra_state(self) -> torch.Tensor:
-        """The calibration record as JSON in a uint8 tensor: a state dict of tensors only, so that it saves as
-        safetensors (``transformers.Trainer``, accelerate) and loads with ``weights_only=True``."""
+        """The calibration record and the training-step counter (which schedules the gradient-share diagnostic) as
+        JSON in a uint8 tensor: a state dict of tensors only, so that it saves as safetensors
+        (``transformers.Trainer``, accelerate) and loads with ``weights_only=True``; a resumed loss continues as an
+        uninterrupted one."""
         import json
 
-        data = json.dumps({"calibration": self.calibration}, sort_keys=True).encode("utf-8")
+        data = json.dumps({"calibration": self.calibration, "steps": self._steps}, sort_keys=True).encode("utf-8")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
     def set_extra_state(self, state) -> None:
@@ -321,9 +323,12 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             import json
 
             state = json.loads(bytes(state.to(torch.uint8).cpu().tolist()).decode("utf-8"))
-        if isinstance(state, dict) and state.get("calibration") is not None:  # a dict: saved before the record became a tensor
+        if not isinstance(state, dict):
+            raise ValueError(f"SoftAlignLoss state: expected the JSON record of get_extra_state, got {type(state)}")
+        if state.get("calibration") is not None:
             self.calibration = dict(state["calibration"])
             self._needs_calibration = False
+        self._steps = int(state.get("steps", 0))
 
     # ------------------------------------------------------------------------------------------
     def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
