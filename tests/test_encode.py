@@ -106,7 +106,7 @@ def test_encode_a_softalign_run_gives_its_cross_and_uni_modal_embeddings(tmp_pat
         "loss": {"base": "infonce", "alpha": 0.1, "beta": 0.5}, "optim": {"lr": 0.01, "schedule": "constant"},
         "train": {"epochs": 1, "batch_size": 12, "eval_batch_size": 16, "progress": False}})
     train(recipe, log=lambda m: None)
-    _, test = load_splits(recipe)
+    _, _, test = load_splits(recipe)
     listed = []
     for i, im in enumerate(test.images):  # PNG is lossless: the same pixels as the run's test images
         im.save(tmp_path / f"{i}.png")

@@ -144,3 +144,74 @@ def test_lightning_snippet_trains_two_steps_and_checkpoints_the_loss(tmp_path, c
     ckpt = torch.load(str(tmp_path / "last.ckpt"), map_location="cpu", weights_only=True)
     for n, p in module.loss.named_parameters():
         torch.testing.assert_close(ckpt["state_dict"][f"loss.{n}"], p.detach())
+
+
+# --------------------------------------------------------------------------------------------- resume, per host
+class _StopAt:
+    """A transformers callback that ends training right after the checkpoint of ``step`` (a killed run)."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    control.should_training_stop = True
+
+        return Stop()
+
+
+def _hf_run(out, cache_dir, stop_at=None, resume=False, seed=0):
+    from transformers import AutoTokenizer
+
+    from softalign.teachers.packaged import offline_minilm_path
+
+    snippet = doc_block("hosts.md", "transformers.Trainer")
+    torch.manual_seed(seed)  # a fresh model and loss: the resumed run must take their values from the checkpoint
+    model = MiniLMDualEncoder()
+    data = _PairDataset(AutoTokenizer.from_pretrained(offline_minilm_path()))
+    trainer = snippet["make_trainer"](model, data, str(out), cache_dir=cache_dir, max_steps=4,
+                                      per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="constant",
+                                      save_strategy="steps", save_steps=2, use_cpu=True, seed=0, logging_steps=1)
+    if stop_at:
+        trainer.add_callback(_StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
+    return trainer, model.soft_align
+
+
+def test_transformers_trainer_resume_restores_the_loss_as_an_uninterrupted_run(tmp_path, cache_dir):
+    _, whole = _hf_run(tmp_path / "whole", cache_dir)
+    _hf_run(tmp_path / "split", cache_dir, stop_at=2)
+    trainer, resumed = _hf_run(tmp_path / "split", cache_dir, resume=True, seed=1)
+    assert trainer.state.global_step == 4
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert resumed.calibration == whole.calibration and resumed._steps == whole._steps == 4
+
+
+def _lightning_run(tmp_path, cache_dir, max_steps, ckpt_path=None, seed=0):
+    pl = pytest.importorskip("pytorch_lightning")
+    snippet = doc_block("hosts.md", "Lightning")
+    images = _images()
+    g = torch.Generator().manual_seed(1)
+    rows = [{"image": images[i // K], "caption": torch.randint(0, 50, (6,), generator=g), "caption_id": i}
+            for i in range(N_IMG * K)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=8, shuffle=False, drop_last=True)
+    torch.manual_seed(seed)
+    module = snippet["SoftAlignModule"](_TinyDualEncoder(), cache_dir=cache_dir, lr=1e-2)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=[checkpoints],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer, module.loss
+
+
+def test_lightning_fit_from_a_checkpoint_restores_the_loss_as_an_uninterrupted_run(tmp_path, cache_dir):
+    _, whole = _lightning_run(tmp_path / "whole", cache_dir, max_steps=4)
+    _lightning_run(tmp_path / "split", cache_dir, max_steps=2)
+    ckpt = next((tmp_path / "split" / "ckpt").glob("*step=2.ckpt"))
+    trainer, resumed = _lightning_run(tmp_path / "split", cache_dir, max_steps=4, ckpt_path=str(ckpt), seed=1)
+    assert trainer.global_step == 4
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.calibration == whole.calibration and resumed._steps == whole._steps == 4

@@ -126,3 +126,74 @@ def test_sentence_transformer_trainer_runs_two_steps_with_the_loss_and_the_evalu
     evals = [r for r in logs if "eval_para_rsum" in r]
     assert evals and np.isfinite(evals[-1]["eval_para_rsum"])
     assert loss.loss.calibration is not None and loss.loss.calibration["batch_size"] == 8
+
+
+def _st_run(tmp_path, st_cache, out, stop_at=None, resume=False, callback=True, seed=0):
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    torch.manual_seed(seed)  # the loss's USA heads start from this seed's random values
+    model = SentenceTransformer(offline_minilm_path(), device="cpu")
+    loss = SoftAlignSTLoss(model, SoftAlignLoss(base="infonce", cache=st_cache, embed_dim=384, diagnostics_every=1))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=2, report_to=[],
+        use_cpu=True, seed=0, dataloader_drop_last=True)
+
+    class Stop(TrainerCallback):  # a run killed right after its step-2 checkpoint
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == stop_at:
+                control.should_training_stop = True
+
+    callbacks = ([loss.checkpoint_callback] if callback else []) + [Stop()]
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=_dataset(), loss=loss,
+                                         callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
+    return trainer, loss.loss
+
+
+def test_resume_from_checkpoint_restores_the_loss_as_an_uninterrupted_run(tmp_path, st_cache):
+    from softalign.integrations.sentence_transformers import LOSS_FILE
+
+    _, whole = _st_run(tmp_path, st_cache, tmp_path / "whole")
+    assert (tmp_path / "whole" / "checkpoint-2" / LOSS_FILE).is_file()
+    first, _ = _st_run(tmp_path, st_cache, tmp_path / "split", stop_at=2)
+    assert first.state.global_step == 2
+    # resumed with a loss built from another seed: its heads, temperatures, calibration and step counter come back
+    trainer, resumed = _st_run(tmp_path, st_cache, tmp_path / "split", resume=True, seed=1)
+    assert trainer.state.global_step == 4
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert resumed.calibration == whole.calibration and resumed._steps == whole._steps == 4
+    # a checkpoint without the loss's file is refused on resume, naming the file
+    (tmp_path / "split" / "checkpoint-2" / LOSS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint-2/{LOSS_FILE} is missing"):
+        _st_run(tmp_path, st_cache, tmp_path / "split", resume=True)
+
+
+def test_a_trainer_without_the_checkpoint_callback_warns(tmp_path, st_cache):
+    with pytest.warns(UserWarning, match=r"built without callbacks=\[loss.checkpoint_callback\]"):
+        _st_run(tmp_path, st_cache, tmp_path / "nocb", stop_at=2, callback=False)
+
+
+def test_the_docs_block_trains_and_checkpoints_without_deprecation_warnings(tmp_path, st_cache):
+    """docs/hosts.md's sentence-transformers block, run as printed on the installed sentence-transformers: no
+    deprecated call, and its trainer carries the loss's checkpoint callback."""
+    import warnings
+
+    from softalign.integrations.sentence_transformers import LOSS_FILE
+    from tests.doc_blocks import doc_block
+
+    snippet = doc_block("hosts.md", "sentence-transformers")
+    model = SentenceTransformer(offline_minilm_path(), device="cpu")
+    anchors, captions, c2i = _pairs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = snippet["make_st_trainer"](model, _dataset(), anchors, captions, c2i, str(tmp_path / "out"),
+                                             cache_dir=str(st_cache.path), max_steps=2, save_steps=2,
+                                             per_device_train_batch_size=8, use_cpu=True, dataloader_drop_last=True)
+        trainer.train()
+    from_block = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
+                  and w.filename.startswith("docs/hosts.md")]
+    assert not from_block, [str(w.message) for w in from_block]
+    assert (tmp_path / "out" / "checkpoint-2" / LOSS_FILE).is_file()

