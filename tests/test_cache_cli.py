@@ -225,6 +225,11 @@ def test_inspect_reports_soft_labels_and_the_calibrated_tau(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "teacher_temperature='auto'" in text and "same-label share" in text
+    # a batch larger than the cache is said, with what was measured instead (20 images, 40 captions)
+    assert main(["cache", "inspect", str(tmp_path / "c"), "--batch-size", "100", "--num-batches", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "note: --batch-size 100 is more than the cache's 20 images and 40 captions: batches of 40" in captured.err
+    assert "several captions of one image" in captured.err and "random batches of 40" in captured.out
     (tmp_path / "short.txt").write_text("a\nb\n", encoding="utf-8")
     assert main(["cache", "inspect", str(tmp_path / "c"), "--labels", str(tmp_path / "short.txt")]) == 1
     assert "has 2 labels but the cache holds 20 images" in capsys.readouterr().err

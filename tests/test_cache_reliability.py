@@ -73,7 +73,7 @@ def test_bad_files_and_flags_are_named(tmp_path, capsys, paths):
     (tmp_path / "c2i.txt").write_text("0\n0\nzero\n")
     _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", img_dir,
                     "--caption-to-image", str(tmp_path / "c2i.txt"), "--out", str(tmp_path / "c")],
-           r"--caption-to-image \S*c2i.txt: entry 2 \(line 3\) is 'zero', not an integer image index")
+           r"--caption-to-image \S*c2i.txt: caption 2 \(line 3\) is 'zero', not an integer image index")
     _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images",
                     str(tmp_path / "no_such_dir"), "--captions-per-image", "3", "--out", str(tmp_path / "c")],
            r"--images \S*no_such_dir: no such file or directory")
@@ -296,7 +296,7 @@ def test_nan_rows_and_edited_dims_are_caught_at_load_naming_cache_and_row(built)
 
     digest = file_sha256(built / "text.safetensors")
     _edit_manifest(built, lambda m: m["files"]["text"].update(bytes=size, sha256=digest))
-    with pytest.raises(ValueError, match=rf"teacher cache {built}: row 7 of text.safetensors .* NaN/inf"):
+    with pytest.raises(ValueError, match=rf"teacher cache {built}: row 7 of text.safetensors .* non-finite values \(NaN or inf\)"):
         TeacherCache.load(built)
     _edit_manifest(built, lambda m: m["text_teacher"].update(dim=999))
     with pytest.raises(ValueError, match=r"text_teacher.dim is 999 in the manifest but text.safetensors holds 8-d"):
@@ -365,3 +365,17 @@ def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeyp
     assert main(["eval", "--embeddings", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "softalign eval needs the 'eval' extra (missing module: safetensors): pip install 'softalign[eval]'" in err
+
+
+def test_a_blank_line_in_the_image_list_is_refused_not_skipped(tmp_path, capsys, paths):
+    """Images are numbered by their position in --images list.txt; skipping a blank line would pair every later
+    image with the wrong captions (the build once exited 0 with img004's captions on img005)."""
+    n = len(paths)
+    (tmp_path / "caps.txt").write_text("".join(f"caption {i}\n" for i in range(2 * n)))
+    (tmp_path / "c2i.txt").write_text("".join(f"{i // 2}\n" for i in range(2 * n)))
+    listed = [str(p) for p in paths]
+    (tmp_path / "images.txt").write_text("\n".join(listed[:3] + [""] + listed[3:]) + "\n\n")
+    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", str(tmp_path / "images.txt"),
+                    "--caption-to-image", str(tmp_path / "c2i.txt"), "--out", str(tmp_path / "c")],
+           r"--images \S*images.txt: line 4 is blank. Images are numbered by their position in the list")
+    assert not (tmp_path / "c" / "manifest.json").exists()

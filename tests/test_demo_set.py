@@ -159,3 +159,27 @@ def test_demo_command_end_to_end_tiny(tmp_path, capsys):
     assert (out / "teacher_cache" / "manifest.json").is_file()
     # a second call reuses the feature tables and the teacher cache
     assert main(args) == 0
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--epochs", "0"], r"--epochs must be >= 1, got 0 \(every variant would be an untrained student\)"),
+    (["--seeds", "1", "1"], r"--seeds 1 1 repeats a seed"),
+    (["--batch-size", "1"], r"--batch-size must be >= 2"),
+    (["--max-images", "0"], r"--max-images must be a positive number of images, got 0"),
+])
+def test_demo_refuses_settings_that_train_or_compare_nothing(tmp_path, extra, match):
+    from softalign.cli import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(["demo", "--out", str(tmp_path / "demo"), "--no-progress", *extra])
+    assert not (tmp_path / "demo").exists()  # refused before anything is written
+
+
+def test_demo_names_max_images_when_a_split_would_be_empty(tmp_path):
+    from softalign.cli import main
+    from softalign.data.cldr import annotations_path
+
+    annotations_path()
+    with pytest.raises(SystemExit, match=r"--max-images 12 leaves \d image\(s\) in the (training|validation|test) "
+                                         r"split .* use a larger --max-images"):
+        main(["demo", "--out", str(tmp_path / "demo"), "--max-images", "12", "--no-progress"])

@@ -197,3 +197,42 @@ def test_eval_skips_uni_modal_metrics_when_every_label_is_unique(tmp_path, capsy
     flat = json.dumps(metrics)
     assert "rsum" in flat and "i2i_" not in flat and "t2t_map_at_r" in flat  # t2t: captions share their image
     assert "i2i skipped: every one of 6 image_labels occurs once" in capsys.readouterr().err
+
+
+def test_labels_may_be_names_in_any_label_format(tmp_path, capsys):
+    """eval --labels takes integers or names, from .txt / .json / .npy / .npz (string arrays too): the metrics
+    equal those of the integer codes; a bad entry is named with its file."""
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(12, 8, generator=g), torch.randn(24, 8, generator=g)
+    c2i = torch.arange(12).repeat_interleave(2)
+    codes = torch.arange(12) % 3
+    save_file({"image": img, "text": txt, "caption_to_image": c2i}, str(tmp_path / "e.safetensors"))
+    save_file({"image_labels": codes}, str(tmp_path / "int.safetensors"))
+    names = [["cat", "dog", "emu"][int(c)] for c in codes]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    np.save(tmp_path / "names.npy", np.array(names))
+    np.savez(tmp_path / "names.npz", image_labels=np.array(names))
+    results = {}
+    for f in ("int.safetensors", "names.txt", "names.json", "names.npy", "names.npz"):
+        assert main(["eval", "--embeddings", str(tmp_path / "e.safetensors"), "--labels", str(tmp_path / f),
+                     "--no-plot", "--out", str(tmp_path / f"o_{f}")]) == 0, capsys.readouterr().err
+        results[f] = json.loads((tmp_path / f"o_{f}" / "metrics.json").read_text())
+    keys = [k for k in results["int.safetensors"] if k.startswith(("i2i_", "t2t_"))]
+    assert keys and all(results[f][k] == results["int.safetensors"][k] for f in results for k in keys)
+    (tmp_path / "bad.json").write_text(json.dumps(["cat", None] + names[2:]))
+    assert main(["eval", "--embeddings", str(tmp_path / "e.safetensors"), "--labels", str(tmp_path / "bad.json"),
+                 "--out", str(tmp_path / "bad")]) == 1
+    assert re.search(r"--labels \S*bad.json: label 1 is None; labels are integers or names",
+                     capsys.readouterr().err)
+
+
+def test_a_datasets_label_column_of_names_is_coded():
+    from datasets import Dataset
+
+    from softalign.data.hf import from_hf_dataset
+
+    ds = Dataset.from_dict({"image": ["a.png", "b.png", "c.png"], "caption": ["x", "y", "z"],
+                            "label": ["dog", "cat", "dog"]})
+    d = from_hf_dataset(ds, image_column="image", caption_column="caption", label_column="label")
+    assert d.image_labels.tolist() == [1, 0, 1] and d.label_names == ["cat", "dog"]

@@ -97,8 +97,12 @@ def test_cli_reports_extended_positives_and_refuses_them_off_coco5k(embeddings, 
     img, txt = embeddings
     f = tmp_path / "coco5k.safetensors"
     save_file({"image": img, "text": txt, "caption_to_image": torch.arange(5000).repeat_interleave(5)}, str(f))
+    # without COCO ids nothing shows the row order: refused, unless the Karpathy order is stated
+    assert main(["eval", "--embeddings", str(f), "--protocol", "coco5k", "--positives", "eccv", "--no-plot",
+                 "--out", str(tmp_path / "refused")]) == 1
+    assert "the rows carry no COCO ids (coco_caption_ids / coco_image_ids)" in capsys.readouterr().err
     assert main(["eval", "--embeddings", str(f), "--protocol", "coco5k", "--positives", "eccv", "cxc",
-                 "--no-plot", "--out", str(tmp_path / "out")]) == 0
+                 "--row-order", "karpathy", "--no-plot", "--out", str(tmp_path / "out")]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     flat = json.dumps(metrics)
     for key in ("eccv_i2t_map_at_r", "eccv_t2i_r_precision", "eccv_t2i_r1", "cxc_i2t_r5", "cxc_t2i_r10"):

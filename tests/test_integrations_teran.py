@@ -264,3 +264,31 @@ def test_captions_per_image_is_checked_against_the_dataset_and_refused_when_ids_
     # the exact map from the dataset, for COCO
     image_ids = teran.dataset_image_ids(coco)
     assert image_ids(torch.tensor([0, 3, 1, 14])).tolist() == [0, 0, 1, 2]
+
+
+def test_the_gradient_share_counts_terans_own_loss(caplog):
+    """TERAN's line (base="none") adds the soft terms to TERAN's own losses: the logged share weighs them against
+    those, measured on the tensors TERAN's loss reads (it was 1.0: the share saw the soft terms alone)."""
+    import logging
+
+    from softalign.losses.diagnostics import gradient_norms
+
+    model = fresh_model()
+    loss = soft_loss(base="none", diagnostics_every=1)
+    teran.patch(model, loss, cache=TinyCache())
+    batch = next(iter(teran_loader()))
+    with caplog.at_level(logging.INFO, logger="softalign"):
+        out = model(*batch)
+    shares = loss.gradient_shares
+    assert {"csa", "usa", "host", "soft"} <= set(shares) and 0 < shares["soft"] < 1
+    assert sum(shares[k] for k in ("csa", "usa", "host")) == pytest.approx(1.0)
+    # the host's norm, computed independently on TERAN's own loss and the tensors forward_loss received
+    plain = fresh_model()
+    img, cap, img_set, cap_seq, cap_len = plain.forward_emb(*batch[:2], batch[2], batch[3], batch[4])
+    host = plain.forward_loss(img, cap, img_set, cap_seq, batch[2], cap_len)
+    want = gradient_norms({"h": host["matching-loss"] + host["alignment-loss"]}, [img, cap, img_set, cap_seq])["h"]
+    assert shares["norm_host"] == pytest.approx(want, rel=1e-4)
+    assert model.logger.values["grad_share_soft"] == [pytest.approx(shares["soft"])]  # TERAN's LogCollector
+    logged = [r.getMessage() for r in caplog.records if "gradient shares" in r.getMessage()]
+    assert len(logged) == 1 and "host" in logged[0]
+    assert set(out) >= {"matching-loss", "alignment-loss", "csa", "usa"}

@@ -102,3 +102,39 @@ def test_a_batch_of_captions_of_one_image_has_no_negatives():
     logits = (img @ txt.T) / 0.05
     ref = 0.5 * (-(logits.log_softmax(1).mean(1)).mean() - (logits.T.log_softmax(1).mean(1)).mean())
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["VSEHingeLoss", "InfoNCELoss", "CSALoss", "USALoss", "CMCLoss", "SoftAlignLoss"])
+def test_every_module_refuses_a_non_finite_loss_on_every_call_not_only_the_first(name):
+    """The detailed input check runs once; after it, NaN inputs, overflowing embeddings or a NaN temperature still
+    raise, from the loss value (torch._assert_async: no host sync on an accelerator)."""
+    import softalign.losses as L
+
+    loss = getattr(L, name)(**({"embed_dim": 16} if name in ("USALoss", "SoftAlignLoss") else {}))
+    img, txt = torch.randn(6, 16), torch.randn(6, 16)
+    teacher = dict(teacher_image_sim=_teacher(6), teacher_text_sim=_teacher(6, 1))
+    kw = teacher if name in ("CSALoss", "USALoss", "SoftAlignLoss") else {}
+    assert torch.isfinite(loss(img, txt, **kw))  # the first call, checked in detail
+    bad = img.clone()
+    bad[1, 2] = float("nan")
+    # (SoftAlignLoss also re-checks its inputs in detail while no training step has counted: a ValueError naming them)
+    with pytest.raises((RuntimeError, ValueError), match=rf"{name}: the loss is not finite \(NaN or inf\)|image_emb "
+                                                         "contains non-finite values"):
+        loss(bad, txt, **kw)
+    temperatures = [p for n, p in loss.named_parameters() if "temperature" in n]
+    if temperatures:  # a NaN temperature (e.g. after a bad optimizer step)
+        with torch.no_grad():
+            temperatures[0].fill_(float("nan"))
+        with pytest.raises(RuntimeError, match=rf"{name}: the loss is not finite"):
+            loss(img, txt, **kw)
+    assert temperatures or name in ("VSEHingeLoss", "CMCLoss")  # the hinges have no temperature
+
+
+def test_a_wrong_embed_dim_names_embed_dim_and_both_sizes():
+    loss = SoftAlignLoss(embed_dim=32)  # the embeddings are 16-d
+    with pytest.raises(ValueError, match=r"USA's image head was built for 32-d inputs \(embed_dim = 32\) but the image "
+                                         r"inputs are 16-d"):
+        _call(loss, torch.randn(6, 16), torch.randn(6, 16))
+    pair = SoftAlignLoss(embed_dim=(16, 24))
+    with pytest.raises(ValueError, match=r"USA's text head was built for 24-d inputs .* but the text inputs are 16-d"):
+        _call(pair, torch.randn(6, 16), torch.randn(6, 16))

@@ -19,6 +19,24 @@ from softalign.integrations.open_clip_train import main  # noqa: E402
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "pink", "brown"]
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """open_clip_train.main sets every logger to INFO and adds root handlers: put them back for the other tests."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    yield
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    for name in logging.root.manager.loggerDict:
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_open_clip):
     from PIL import Image

@@ -115,3 +115,29 @@ def test_image_teacher_reads_files_like_the_cache_inputs(tmp_path):
         t.encode([str(tmp_path / "missing.png")])
     with pytest.raises(ValueError, match=r"image 1: cannot read .*broken.png"):
         ImageSource([str(tmp_path / "half.png"), str(tmp_path / "broken.png")]).load(1)
+
+
+def test_a_hub_name_that_cannot_load_fails_at_once(monkeypatch):
+    """Offline, or with the Hub out of reach, an uncached Hub name is an error at once (it was ~100 s of retries)."""
+    import time
+
+    from huggingface_hub import constants
+
+    import softalign.teachers.hub as hub
+    from softalign.teachers.text import TextTeacher
+
+    name = "sentence-transformers/not-in-this-cache-v9"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match=rf"cannot load text teacher '{name}': HF_HUB_OFFLINE is set and it is not in "
+                                      "the local Hugging Face cache"):
+        TextTeacher(name, device="cpu")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)  # no network here: the probe's answer
+    with pytest.raises(OSError, match=r"not in the local Hugging Face cache and the Hub \(huggingface.co\) cannot "
+                                      "be reached"):
+        TextTeacher(name, device="cpu")
+    assert time.perf_counter() - t0 < 5
+    from softalign.teachers.packaged import offline_minilm_path
+
+    hub.check_loadable(offline_minilm_path(), "text teacher")  # a local path never asks the Hub

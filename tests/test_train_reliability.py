@@ -4,6 +4,7 @@ correct recovery (issue 10)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -101,19 +102,29 @@ def test_a_corrupt_or_half_written_checkpoint_is_a_one_line_error(tmp_path, caps
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(os.urandom(512))
     recipe = _cli_recipe(tmp_path, out)
-    _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint \S*last.pt.*--no-resume")
+    _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint file \S*last.pt: not a readable checkpoint file.*--no-resume")
     assert main(["train", recipe, "--no-resume"]) == 0  # the documented way out
     capsys.readouterr()
     assert not legacy.exists()
     folder = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     for name in ("model.safetensors", "optimizer.bin", "train_state.json"):
         original = (folder / name).read_bytes()
-        (folder / name).write_bytes(original[: len(original) // 2])  # torn
-        _one_line_exit(capsys, ["train", recipe, "--set", "train.epochs=2"],
-                       rf"cannot load checkpoint {folder}\S*.*--no-resume")
+        for damaged in (original[: len(original) // 2], os.urandom(len(original))):  # torn, random bytes
+            (folder / name).write_bytes(damaged)
+            _one_line_exit(capsys, ["train", recipe, "--set", "train.epochs=2"],
+                           rf"cannot load checkpoint file {folder}/{name}: .*--no-resume")
         (folder / name).write_bytes(original)
     (out / "checkpoints" / "latest").write_text("step-99999999\n")
     _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint \S*latest: it names 'step-99999999'")
+    # a pointer out of the run directory is refused, even to a real checkpoint folder
+    (out / "checkpoints" / "latest").write_text(f"../../{out.name}/checkpoints/{folder.name}\n")
+    _one_line_exit(capsys, ["train", recipe], r"latest: it names '\.\./\.\./run/checkpoints/step-\d+', which is not a "
+                                              r"folder inside")
+    (out / "checkpoints" / "latest").write_text(folder.name + "\n")
+    # checkpoint files get the umask's mode, like every other file of the run (safetensors writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(0o666 & ~umask)}
 
 
 def test_disk_full_and_read_only_directories_say_so(tmp_path, data, accelerator, monkeypatch, capsys):
@@ -234,3 +245,30 @@ def test_a_reader_that_leaves_ends_the_cli_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == "", err
 
+
+
+def test_a_resumed_runs_metrics_history_equals_the_uninterrupted_one(tmp_path, data, accelerator):
+    """The loss's step counter (which schedules the gradient-share diagnostic) and its last shares come back with
+    the checkpoint: every metrics.jsonl line of a resumed run equals the uninterrupted run's, wall times aside."""
+    from tests.test_train_trainer import STUB_TEACHERS, _stub_cache
+
+    cache = _stub_cache(tmp_path / "cache", data[0])
+    loss = {"base": "infonce", "alpha": 0.1, "beta": 0.5, "diagnostics_every": 2}
+    teacher = {"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}
+
+    def lines(run):
+        return [{k: v for k, v in json.loads(x).items() if k != "epoch_seconds"}
+                for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    _train(tiny_recipe(tmp_path / "whole", loss=loss, teacher=teacher, train={"epochs": 3}), data, accelerator,
+           cache=cache)
+    _train(tiny_recipe(tmp_path / "split", loss=loss, teacher=teacher, train={"epochs": 1}), data, accelerator,
+           cache=cache)
+    _train(tiny_recipe(tmp_path / "split", loss=loss, teacher=teacher, train={"epochs": 3}), data, accelerator,
+           cache=cache)
+    whole, resumed = lines(tmp_path / "whole"), lines(tmp_path / "split")
+    assert [x["epoch"] for x in whole] == [1, 2, 3, 3]
+    assert all("grad_share_soft" in x for x in whole[:3])
+    assert [set(x) for x in resumed] == [set(x) for x in whole]
+    for a, b in zip(resumed, whole):
+        assert a == pytest.approx(b, rel=1e-5), (a, b)

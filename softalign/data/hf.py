@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from softalign.data.base import RetrievalData
 
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "raw")
@@ -89,10 +87,12 @@ def from_hf_dataset(
         captions.extend(str(s).strip() for s in sents)
         c2i.extend([i] * len(sents))
     labels, label_names = None, None
-    if label_column is not None:
-        labels = np.asarray(dataset[label_column], dtype=np.int64)
+    if label_column is not None:  # integers, a ClassLabel, or names (coded in sorted order)
+        from softalign.labels import label_codes
+
+        labels, label_names = label_codes(dataset[label_column], f"{name}/{split}: label column {label_column!r}")
         feat = dataset.features[label_column]
-        label_names = list(feat.names) if hasattr(feat, "names") else None
+        label_names = list(feat.names) if hasattr(feat, "names") else label_names
     return RetrievalData(captions=captions, images=DatasetColumn(dataset, image_column), caption_to_image=c2i,
                          image_labels=labels, label_names=label_names, name=name, split=split,
                          metadata={"source": "datasets", "image_column": image_column,

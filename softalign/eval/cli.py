@@ -55,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text-emb", help=".npy [Nt, D] text embeddings")
     src.add_argument("--captions-per-image", type=int, help="captions k*N..k*N+N-1 belong to image k")
     src.add_argument("--caption-to-image", help=".npy [Nt] int image index of each caption")
-    src.add_argument("--labels", help="safetensors/.npz with image_labels and/or text_labels (override the embeddings file)")
+    src.add_argument("--labels", help="labels (integers or names) overriding the embeddings file's: .npz / .safetensors "
+                                      "with image_labels and/or text_labels, or one label per image (.txt lines, .json "
+                                      "list, .npy); the captions then take their image's label")
     p.add_argument("--protocol", default="plain", choices=["plain", "coco1k", "coco5k", "coco", "f30k"],
                    help="test protocol (default plain: the embeddings as given). coco1k = mean over 5 folds of "
                    "1K images, needs the 5000-image COCO test split; coco5k = all 5000 images at once; coco = both; "
@@ -66,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "R@1 (Chun et al., ECCV 2022); cxc = CxC R@K (Parekh et al., EACL 2021); original = COCO's "
                         "five captions, for comparison. Rows follow the Karpathy order unless the embeddings file "
                         "holds coco_caption_ids / coco_image_ids (the COCO id of each text / image row)")
+    p.add_argument("--row-order", choices=["karpathy"], default=None,
+                   help="with --positives and a file without coco_caption_ids / coco_image_ids: state that caption "
+                        "row i is COCO caption coco_test_ids.npy[i] (the Karpathy 5K order, 5 consecutive captions "
+                        "per image). `--model ... --karpathy` encodes in that order by itself")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default 1 5 10)")
     p.add_argument("--chunk-size", type=int, default=512, help="images per score tile (memory bound)")
     p.add_argument("--no-normalize", action="store_true", help="use raw dot products instead of cosine")
@@ -107,7 +113,13 @@ def _load_mapping(path: str, flag: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        data: dict[str, Any] = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:  # softalign encode --karpathy states the row order in the metadata
+            if (f.metadata() or {}).get("row_order") == "karpathy":
+                data["row_order"] = "karpathy"
+        return data
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{flag} {path}: not a safetensors file ({str(err).splitlines()[0]}); write it with "
                          "safetensors.torch.save_file({'image': ..., 'text': ..., 'caption_to_image': ...})") from None
@@ -183,9 +195,16 @@ def check_one_modality(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _positives(args, data: dict[str, Any]) -> None:
     if getattr(args, "positives", None):
+        named = f"--positives {' '.join(args.positives)}"
         if args.protocol not in ("coco5k", "coco"):
-            raise ValueError(f"--positives {' '.join(args.positives)}: extended positives are for COCO 5K; add "
-                             f"--protocol coco5k (got --protocol {args.protocol})")
+            raise ValueError(f"{named}: extended positives are for COCO 5K; add --protocol coco5k (got --protocol "
+                             f"{args.protocol})")
+        has_ids = "coco_caption_ids" in data and "coco_image_ids" in data
+        if not has_ids and getattr(args, "row_order", None) != "karpathy" and data.get("row_order") != "karpathy":
+            raise ValueError(f"{named}: the rows carry no COCO ids (coco_caption_ids / coco_image_ids), so nothing "
+                             "shows which caption each text row is; rows in another order (e.g. sorted by COCO id) "
+                             "would be scored against the wrong positives. Store the ids in the file, or pass "
+                             "--row-order karpathy if the rows follow the Karpathy 5K test order")
         data["positives"] = list(args.positives)
 
 
@@ -234,12 +253,12 @@ def load_inputs(args) -> dict[str, Any]:
         data["caption_to_image"] = torch.arange(n_img).repeat_interleave(n)
     if "caption_to_image" not in data:
         raise ValueError("no caption_to_image: store it in the embeddings file or pass --captions-per-image / --caption-to-image")
-    if args.labels:
-        labels = _load_mapping(args.labels, "--labels")
-        if not any(k in labels for k in ("image_labels", "text_labels")):
-            raise ValueError(f"--labels {args.labels}: holds neither 'image_labels' nor 'text_labels' (it has "
-                             f"{sorted(labels)})")
-        data.update({k: v for k, v in labels.items() if k in ("image_labels", "text_labels")})
+    if args.labels:  # integers or names, in any of the label formats (softalign.labels)
+        from softalign.labels import read_label_file
+
+        data.update({k: torch.from_numpy(v) for k, v in read_label_file(args.labels, "--labels").items()})
+        if "image_labels" in data and "text_labels" not in data and data["image_labels"].shape[0] == n_img:
+            data["text_labels"] = data["image_labels"][torch.as_tensor(data["caption_to_image"]).long()]
     _positives(args, data)
     check_inputs(data, source)
     return data

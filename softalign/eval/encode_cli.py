@@ -109,6 +109,7 @@ def encode_from_args(args) -> dict[str, Any]:
         split = load_karpathy(args.karpathy, args.image_root, args.split, captions_per_image=None)
         paths, captions = list(split.images), list(split.captions)
         out["caption_to_image"] = torch.as_tensor(split.caption_to_image, dtype=torch.long)
+        out["row_order"] = "karpathy"  # rows as the Karpathy JSON lists them (checked by --positives)
     elif args.images:
         paths = _image_list(args.images)
     elif getattr(args, "captions", None):  # captions alone: text-text retrieval by their labels
@@ -170,7 +171,9 @@ def run(args) -> int:
     def write(tmp):
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+        meta = {k: v for k, v in data.items() if isinstance(v, str)}  # row_order: safetensors metadata
+        save_file({k: v.contiguous() for k, v in data.items() if not isinstance(v, str)}, str(tmp),
+                  metadata=meta or None)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, write)

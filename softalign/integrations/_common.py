@@ -117,6 +117,9 @@ class SoftAlignHook:
                                  "(e.g. 5 for COCO/Flickr30k precomp data) or image_ids=callable")
         self._placed_on = None
         self._logged_shares = None
+        #: set by a shim that adds the soft terms to the host's own loss (TERAN): the shares are logged after the
+        #: host's loss joins them (add_host_share)
+        self.host_loss_in_shares = False
         if accelerator is not None:
             loss.to(accelerator.device)
 
@@ -199,8 +202,26 @@ class SoftAlignHook:
             parts = self.loss(image_emb, text_emb, scores=scores, return_parts=True, **kwargs)
         if not isinstance(parts, dict) or "loss" not in parts:
             raise TypeError(f"{type(self.loss).__name__} did not return its parts dict with return_parts=True")
-        self._log_gradient_shares()
+        if not self.host_loss_in_shares:
+            self._log_gradient_shares()
         return parts
+
+    def add_host_share(self, host_loss: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """Put the host trainer's own loss (e.g. TERAN's matching and alignment losses, which the shim adds the
+        soft terms to) into the loss's last gradient shares as ``"host"``: its gradient norm on the tensors the host's
+        loss reads, next to each weighted term's (:mod:`softalign.losses.diagnostics`); then log them."""
+        from softalign.losses.diagnostics import gradient_norms
+
+        shares = getattr(self.loss, "gradient_shares", None)
+        if shares is not None and host_loss.requires_grad:
+            norms = {k[len("norm_"):]: v for k, v in shares.items() if k.startswith("norm_")}
+            norms["host"] = gradient_norms({"host": host_loss}, [t for t in tensors if t.requires_grad])["host"]
+            total = sum(norms.values())
+            new = {k: (v / total if total > 0 else 0.0) for k, v in norms.items()}
+            new["soft"] = new.get("csa", 0.0) + new.get("usa", 0.0)
+            new.update({f"norm_{k}": v for k, v in norms.items()})
+            setattr(self.loss, "gradient_shares", new)  # noqa: B010 - an attribute of SoftAlignLoss, not of Module
+        self._log_gradient_shares()
 
     def _log_gradient_shares(self) -> None:
         """Log each new term-balance diagnostic of the loss (``logging`` logger ``softalign``, level INFO)."""

@@ -104,6 +104,7 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
         unknown = sorted(set(found) - {"image_emb", "text_emb", "scores"})
         if unknown:
             raise ValueError(f"inputs returned unknown key(s) {unknown}; expected image_emb, text_emb, scores")
+        shares_before = getattr(hook.loss, "gradient_shares", None)
         parts = hook(found.get("image_emb"), found.get("text_emb"), ids, scores=found.get("scores"))
         weighted = hook.weighted(parts, base_name=base_name)
         ref = found.get("scores") if found.get("scores") is not None else found.get("image_emb")
@@ -113,6 +114,12 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
             log_values(obj, logger_attr, {total_name: result, **weighted}, n, hook)
             return result
         out = original(*args, **kwargs)
+        if getattr(hook.loss, "gradient_shares", None) is not shares_before:  # measured in this call: the host's
+            # own loss (to which the soft terms are added) joins the shares, on the tensors it reads
+            host = [v for v in (out.values() if isinstance(out, Mapping) else [out]) if isinstance(v, torch.Tensor)]
+            if host:
+                hook.add_host_share(torch.stack([v.float() for v in host]).sum(),
+                                    [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
         soft = {k: v for k, v in weighted.items() if k != base_name or not isinstance(out, torch.Tensor)}
         log_values(obj, logger_attr, soft, n, hook)
         if isinstance(out, Mapping):
@@ -125,6 +132,7 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
         raise TypeError(f"{type(obj).__name__}.{loss_method} returned {type(out).__name__}; expected a loss tensor "
                         "or a dict of loss tensors")
 
+    hook.host_loss_in_shares = total_name is None or not hook.base_enabled
     try:
         if ids_from is not None:
             capture_ids(record, ids_from, ids_arg)

@@ -7,13 +7,17 @@ from softalign.functional import as_float, check_square_pair
 
 
 class ChecksValuesOnce:
-    """Mixin of the loss modules: the value check (NaN/inf/overflow, :func:`softalign.functional.check_values`, a
-    host-device sync) runs on the first forward, or on every one with ``check_values_always = True``; shapes and
-    dtypes are checked on every call (no sync). A module inside :class:`~softalign.losses.SoftAlignLoss` never
-    checks: the combined loss checks its inputs once, at its boundary."""
+    """Mixin of the loss modules. The inputs' value check (NaN/inf/overflow, :func:`softalign.functional.
+    check_values`, a host-device sync that names the bad input) runs on the first forward, or on every one with
+    ``check_values_always = True``; shapes and dtypes are checked on every call (no sync). On every call the loss
+    value itself must be finite: :func:`assert_finite` raises on NaN/inf without a host sync (``torch._assert_async``:
+    at once on the CPU, at the next synchronisation on an accelerator), so later NaN inputs, overflow or a NaN
+    temperature never pass silently. A module inside :class:`~softalign.losses.SoftAlignLoss` leaves both to the
+    combined loss, which checks at its boundary."""
 
     check_values_always: bool = False
     _values_checked: bool = False
+    _owned: bool = False  # a term of a SoftAlignLoss: the owner checks
 
     def _take_value_check(self) -> bool:
         """Whether this call checks its inputs' values; a forward that passed marks them checked (:meth:`_checked`)."""
@@ -21,7 +25,18 @@ class ChecksValuesOnce:
 
     def _checked(self, out):
         self._values_checked = True
+        if not self._owned:
+            assert_finite(out, type(self).__name__)
         return out
+
+
+def assert_finite(loss: torch.Tensor, name: str) -> None:
+    """Raise (``RuntimeError``) when the scalar ``loss`` is NaN or inf, without a host sync: ``torch._assert_async``
+    checks on the device; on the CPU it raises at once."""
+    torch._assert_async(torch.isfinite(loss.detach()).all(),
+                        f"{name}: the loss is not finite (NaN or inf): an input (embeddings, scores, teacher "
+                        "similarities) or a temperature holds NaN/inf, or the embeddings overflow; set "
+                        "check_values_always = True on the loss to have the bad input named")
 
 
 def resolve_scores(

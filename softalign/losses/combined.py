@@ -12,7 +12,13 @@ from torch import nn
 from softalign import distributed as dist_utils
 from softalign import functional as SF
 from softalign.losses import citations
-from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default_similarity, is_plain_cosine
+from softalign.losses._inputs import (
+    ChecksValuesOnce,
+    assert_finite,
+    check_embeddings,
+    default_similarity,
+    is_plain_cosine,
+)
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
@@ -226,6 +232,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         for term in (self.base, self.csa, self.usa, self.cmc):
             if isinstance(term, ChecksValuesOnce):
                 term._values_checked = True  # this loss checks its inputs once, at its boundary
+                term._owned = True  # and its total on every call
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -309,13 +316,14 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return record
 
     def get_extra_state(self) -> torch.Tensor:
-        """The calibration record and the training-step counter (which schedules the gradient-share diagnostic) as
-        JSON in a uint8 tensor: a state dict of tensors only, so that it saves as safetensors
+        """The calibration record, the training-step counter (which schedules the gradient-share diagnostic) and the
+        last gradient shares as JSON in a uint8 tensor: a state dict of tensors only, so that it saves as safetensors
         (``transformers.Trainer``, accelerate) and loads with ``weights_only=True``; a resumed loss continues as an
         uninterrupted one."""
         import json
 
-        data = json.dumps({"calibration": self.calibration, "steps": self._steps}, sort_keys=True).encode("utf-8")
+        data = json.dumps({"calibration": self.calibration, "steps": self._steps,
+                           "gradient_shares": self.gradient_shares}, sort_keys=True).encode("utf-8")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
     def set_extra_state(self, state) -> None:
@@ -329,6 +337,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             self.calibration = dict(state["calibration"])
             self._needs_calibration = False
         self._steps = int(state.get("steps", 0))
+        self.gradient_shares = state.get("gradient_shares")
 
     # ------------------------------------------------------------------------------------------
     def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
@@ -351,6 +360,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             out = self._forward(image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
                                 teacher_image_emb, teacher_text_emb, image_features, text_features,
                                 base_temperature)
+        assert_finite(out["loss"], type(self).__name__)
         if self.training and torch.is_grad_enabled() and inputs:
             if self.diagnostics_every and self._steps % self.diagnostics_every == 0:
                 self._diagnose(out, inputs)

@@ -26,10 +26,20 @@ class ProjectionHead(nn.Sequential):
 
 
 class UniModalHead(ProjectionHead):
-    """CUSA's uni-modal projection: ``Linear(LayerNorm(x))``, ``dim -> dim``, weights ~ N(0, 0.02)."""
+    """CUSA's uni-modal projection: ``Linear(LayerNorm(x))``, ``dim -> dim``, weights ~ N(0, 0.02). An input of
+    another width is an error naming ``embed_dim`` and both sizes (a shape check: no host sync)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, modality: str = "image"):
         super().__init__(dim, dim)
+        self.dim, self.modality = int(dim), modality
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            which = "embed_dim" if self.modality == "image" else "embed_dim (the text side of an (image, text) pair)"
+            raise ValueError(f"USA's {self.modality} head was built for {self.dim}-d inputs ({which} = {self.dim}) "
+                             f"but the {self.modality} inputs are {x.shape[-1]}-d: build the loss with the width of "
+                             f"what you pass (embed_dim=D, or (D_image, D_text) for image_features / text_features)")
+        return super().forward(x)
 
 
 class USALoss(ChecksValuesOnce, nn.Module):
@@ -54,7 +64,8 @@ class USALoss(ChecksValuesOnce, nn.Module):
             self.image_head, self.text_head = nn.Identity(), nn.Identity()
         else:
             image_dim, text_dim = (embed_dim, embed_dim) if isinstance(embed_dim, int) else embed_dim
-            self.image_head, self.text_head = UniModalHead(int(image_dim)), UniModalHead(int(text_dim))
+            self.image_head = UniModalHead(int(image_dim), "image")
+            self.text_head = UniModalHead(int(text_dim), "text")
         self.embed_dim = embed_dim
         rng = temperature_range if learn_temperature else None
         self.image_temperature = ClampedTemperature(temperature, rng, learn_temperature)

@@ -141,8 +141,8 @@ def _finalize_rows(out, source: Source, start: int, stop: int, dtype: torch.dtyp
     finite = torch.isfinite(out).all(dim=1)
     if not bool(finite.all()):
         bad = start + int((~finite).nonzero()[0])
-        raise ValueError(f"{source.modality} teacher {source.info['name']!r} returned NaN/inf for "
-                         f"{source.modality} item {bad}")
+        raise ValueError(f"{source.modality} teacher {source.info['name']!r} returned non-finite values (NaN or inf) "
+                         f"for {source.modality} item {bad}; nothing of it was written to the cache")
     return F.normalize(out, dim=1).to(dtype)
 
 

@@ -333,7 +333,7 @@ class TeacherCache:
                 bad = first_nonfinite_row(t)
                 if bad is not None:
                     raise ValueError(f"teacher cache {path}: row {bad} of {info['path']} ({mod} item {bad}) holds "
-                                     "NaN/inf; the file is damaged, rebuild the cache")
+                                     "non-finite values (NaN or inf); the file is damaged, rebuild the cache")
             tables[mod] = t
         if "caption_to_image" in manifest:  # format 1
             c2i = torch.tensor(manifest["caption_to_image"], dtype=torch.long)

@@ -164,7 +164,10 @@ def cache_batches(cache, batch_size: int, num_batches: int = 16, seed: int = 0):
     cache has at least ``batch_size`` images, else distinct captions; ``B = min(batch_size, captions)``."""
     batch_size = int(batch_size)
     if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 to calibrate soft labels, got {batch_size}")
+        raise ValueError(f"batch_size must be >= 2 to calibrate soft labels, got {batch_size}: a batch of one pair has "
+                         "a 1 x 1 soft label. Calibrate once on the training batch size (loss.calibrate(cache, "
+                         "batch_size=B) before the first step), or fix the soft-label temperature "
+                         "(teacher_temperature=1.0, CUSA's)")
     if int(num_batches) < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     c2i = torch.as_tensor(cache.caption_to_image).long().cpu()

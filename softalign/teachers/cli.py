@@ -258,20 +258,21 @@ def _read_list(path: Path, flag: str = "--images") -> list:
 
 def _read_image_indices(path: Path, flag: str = "--caption-to-image") -> list[int]:
     """One integer image index per caption (.txt lines, .json list or .npy); a non-integer entry names its line."""
-    out = []
-    for j, x in enumerate(_read_list(path, flag)):
+    out: list[int] = []
+    for line, x in enumerate(_read_list(path, flag)):
+        j = len(out)  # the caption this entry maps (blank lines name no caption)
         if isinstance(x, str):
             if not x.strip():
                 continue
             try:
                 x = int(x.strip())
             except ValueError:
-                raise ValueError(f"{flag} {path}: entry {j} (line {j + 1}) is {x.strip()!r}, not an integer image "
+                raise ValueError(f"{flag} {path}: caption {j} (line {line + 1}) is {x.strip()!r}, not an integer image "
                                  "index") from None
         elif isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and x != int(x)):
-            raise ValueError(f"{flag} {path}: entry {j} is {x!r}, not an integer image index")
+            raise ValueError(f"{flag} {path}: caption {j} is {x!r}, not an integer image index")
         if x < 0:
-            raise ValueError(f"{flag} {path}: entry {j} is {x}, a negative image index")
+            raise ValueError(f"{flag} {path}: caption {j} is {x}, a negative image index")
         out.append(int(x))
     return out
 
@@ -396,7 +397,16 @@ def _list_images(spec: list[str]) -> tuple[Path | None, list[str] | None]:
         if p.is_dir():
             return p, None
         if p.suffix in (".txt", ".json") and p.is_file():
-            return None, [str(x) for x in _read_list(p, "--images") if str(x).strip()]
+            items = [str(x) for x in _read_list(p, "--images")]
+            while items and not items[-1].strip():  # a trailing newline or blank lines at the end shift nothing
+                items.pop()
+            blank = next((j for j, x in enumerate(items) if not x.strip()), None)
+            if blank is not None:
+                where = f"line {blank + 1}" if p.suffix == ".txt" else f"entry {blank}"
+                raise ValueError(f"--images {p}: {where} is blank. Images are numbered by their position in the list "
+                                 "(--caption-to-image, --captions-per-image, integer image references), so a skipped "
+                                 "blank would pair every later image with the wrong captions: remove it")
+            return None, [x.strip() for x in items]
     return None, list(spec)
 
 
@@ -585,9 +595,7 @@ def run_inspect(args) -> int:
         target = cal.DEFAULT_SOFT_LABEL_ENTROPY if args.entropy is None else float(args.entropy)
         labels = None
         if args.labels:
-            names = _read_label_file(Path(args.labels), cache.num_images)
-            index = {n: i for i, n in enumerate(sorted(set(names)))}
-            labels = torch.tensor([index[n] for n in names])
+            labels = torch.from_numpy(_read_label_file(Path(args.labels), cache.num_images))
         ids, t_img, t_txt = cal.cache_batches(cache, args.batch_size, args.num_batches, args.seed)
         by_images = args.batch_size <= cache.num_images
         batch_labels = None if labels is None else labels[cache.caption_to_image.long()[ids]]
@@ -602,6 +610,11 @@ def run_inspect(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     b = int(ids.shape[1])
+    if b != args.batch_size or not by_images:
+        print(f"note: --batch-size {args.batch_size} is more than the cache's {cache.num_images} images"
+              + (f" and {cache.num_captions} captions: batches of {b}" if b != args.batch_size else "")
+              + ("; a batch holds several captions of one image (their teacher rows are near-duplicates)"
+                 if not by_images else ""), file=sys.stderr)
     print(f"soft labels of {cache.path} on {args.num_batches} random batches of {b} "
           f"({'one caption per image' if by_images else 'captions'}); uniform rows: entropy 1, diagonal 1/B = "
           f"{1 / b:.4f}")
@@ -620,12 +633,18 @@ def run_inspect(args) -> int:
     return 0
 
 
-def _read_label_file(path: Path, num_images: int) -> list[str]:
-    names = [ln.strip() for ln in read_text(path, "--labels").splitlines() if ln.strip()]
-    if len(names) != num_images:
-        raise ValueError(f"--labels {path} has {len(names)} labels but the cache holds {num_images} images "
+def _read_label_file(path: Path, num_images: int):
+    """One label per cache image (integers or names; any format of :func:`softalign.labels.read_label_file`)."""
+    from softalign.labels import read_label_file
+
+    labels = read_label_file(path, "--labels")
+    if "image_labels" not in labels:
+        raise ValueError(f"--labels {path}: holds no 'image_labels' (one label per cache image)")
+    codes = labels["image_labels"]
+    if len(codes) != num_images:
+        raise ValueError(f"--labels {path} has {len(codes)} labels but the cache holds {num_images} images "
                          "(one label per image, in the cache's image order)")
-    return names
+    return codes
 
 
 def _summary(cache) -> str:

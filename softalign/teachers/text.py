@@ -64,6 +64,9 @@ class TextTeacher:
         source = _source(self.name)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        from softalign.teachers.hub import check_loadable
+
+        check_loadable(source, "text teacher", marker="modules.json")  # at once, not after the client's retries
         try:
             self.model = SentenceTransformer(source, device=str(device))
         except OSError as err:

@@ -70,10 +70,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (missing part, corrupt or torn file, a pickled payload)."""
 
 
+def _reason(err: BaseException) -> str:
+    """One line on why a file did not load. torch's refusal of a pickled object is said plainly; its advice to load
+    with ``weights_only=False`` (which would run whatever the file holds) is never passed on."""
+    text = str(err)
+    if any(k in text for k in ("Unsupported global", "Unsupported class", "unsupported GLOBAL")):
+        return ("it holds pickled Python objects beyond tensors, which softalign never unpickles (a checkpoint may "
+                "come from someone else)")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("WeightsUnpickler error")), None)
+    if cause is None:
+        cause = next((ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln),
+                     type(err).__name__)
+    return f"not a readable checkpoint file, torn or of another kind ({cause})" if "Weights only" in text else cause
+
+
 def _bad(path: Path, err: BaseException) -> CheckpointError:
-    first = (str(err).splitlines() or [type(err).__name__])[0]
-    return CheckpointError(f"cannot load checkpoint {path}: {first} (delete it, or train with --no-resume, to start "
-                           "over)")
+    return CheckpointError(f"cannot load checkpoint file {path}: {_reason(err)} (delete its checkpoint, or train "
+                           "with --no-resume, to start over)")
 
 
 # ------------------------------------------------------------------------------------------------ locate
@@ -83,7 +97,11 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        folder = root / pointer.read_text(encoding="utf-8").strip()
+        name = pointer.read_text(encoding="utf-8").strip()
+        folder = root / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"cannot load checkpoint {pointer}: it names {name!r}, which is not a folder inside "
+                                  f"{root} (delete it, or train with --no-resume, to start over)")
         if not folder.is_dir():
             raise CheckpointError(f"cannot load checkpoint {pointer}: it names {folder.name!r}, which does not "
                                   "exist (delete it, or train with --no-resume, to start over)")
@@ -191,12 +209,24 @@ def save_training_state(accelerator, root: str | Path, progress: TrainProgress) 
         raise
     accelerator.wait_for_everyone()
     if main:
+        _honour_umask(folder)
         atomic_write_text(pointer, folder.name + "\n")
         for old in root.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
         (root / LEGACY).unlink(missing_ok=True)  # an older release's checkpoint, now replaced
     return folder
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give the checkpoint's files the mode the process umask gives new files (safetensors writes 0600)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def restore_training_state(accelerator, path: Path, model, loss_fn, optimizer) -> None:
@@ -211,12 +241,42 @@ def restore_training_state(accelerator, path: Path, model, loss_fn, optimizer) -
         loss_fn.load_state_dict(ck["loss"])
         optimizer.load_state_dict(ck["optimizer"])
         return
+    _warn_unreadable_rng_state(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
     except CheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - torch / safetensors raise many types for a bad file
-        raise _bad(path, err) from None
+        raise _bad(_culprit(path) or path, err) from None
+
+
+def _culprit(path: Path) -> Path | None:
+    """After a failed ``load_state``: the first of the checkpoint's files that does not load on its own (read as
+    accelerate reads it: safetensors, or ``torch.load(weights_only=True)``), to name it in the error."""
+    from accelerate.utils import load as accelerate_load
+    from safetensors.torch import load_file
+
+    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        try:
+            load_file(file) if file.suffix == ".safetensors" else accelerate_load(file, map_location="cpu")
+        except Exception:  # noqa: BLE001 - any failure names this file
+            return file
+    return None
+
+
+def _warn_unreadable_rng_state(path: Path, process_index: int) -> None:
+    """accelerate skips an RNG file it cannot read and resumes silently; say so, naming the file."""
+    from accelerate.utils import load as accelerate_load
+
+    file = path / f"random_states_{process_index}.pkl"
+    if not file.is_file():
+        return
+    try:
+        accelerate_load(file)
+    except Exception as err:  # noqa: BLE001 - a torn file or a pickled payload: either way it is not restored
+        warnings.warn(f"checkpoint file {file}: the random-number state was not restored ({_reason(err)}); the "
+                      "run resumes, but its random draws (shuffles, augmentation) differ from an uninterrupted run's",
+                      UserWarning, stacklevel=3)
 
 
 def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe, vocab=None, batch: int = 0,

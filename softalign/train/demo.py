@@ -228,11 +228,32 @@ def run(args) -> int:
     """``softalign demo``: holds the run directory's lock (one demo per directory at a time)."""
     from softalign.locking import directory_lock
 
+    _check_args(args)  # before anything is written
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file; --out names the demo's run directory")
     with directory_lock(out, "softalign demo"):
         return _run(args)
+
+
+def _check_args(args) -> None:
+    """Refuse settings that would train nothing or compare nothing, naming the flag (one line, exit 1)."""
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit(f"softalign demo: --epochs must be >= 1, got {args.epochs} (every variant would be an "
+                         "untrained student)")
+    if not args.seeds:
+        raise SystemExit("softalign demo: --seeds needs at least one seed (the table reports paired differences "
+                         "over seeds)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"softalign demo: --seeds {' '.join(map(str, args.seeds))} repeats a seed; a repeated run "
+                         "adds no evidence to the paired differences")
+    if args.batch_size is not None and args.batch_size < 2:
+        raise SystemExit(f"softalign demo: --batch-size must be >= 2 (contrastive losses need negatives), got "
+                         f"{args.batch_size}")
+    if args.max_images is not None and args.max_images < 1:
+        raise SystemExit(f"softalign demo: --max-images must be a positive number of images, got {args.max_images}")
+    if any(not 0 < t < 1 for t in args.targets):
+        raise SystemExit(f"softalign demo: --targets must lie in (0, 1), got {args.targets}")
 
 
 def _run(args) -> int:
@@ -253,11 +274,15 @@ def _run(args) -> int:
         cfg.epochs = int(args.epochs)
     if args.batch_size is not None:
         cfg.batch_size = int(args.batch_size)
-    if any(not 0 < t < 1 for t in args.targets):
-        raise SystemExit(f"softalign demo: --targets must lie in (0, 1), got {args.targets}")
     print(f"softalign demo -> {out}\n{TWEMOJI_CREDIT}")
     train_d, val_d, test_d = build_demo_data(captions_per_image=3, test_fraction=0.2, val_fraction=0.2,
                                              max_images=args.max_images, captions="cldr", label="subcategory")
+    for name, d in (("training", train_d), ("validation", val_d), ("test", test_d)):
+        if d.num_images < 2 or d.num_captions < 2:
+            raise SystemExit(f"softalign demo: --max-images {args.max_images} leaves {d.num_images} image(s) in the "
+                             f"{name} split (train / validation / test: {train_d.num_images} / {val_d.num_images} / "
+                             f"{test_d.num_images}); every split needs at least 2: use a larger --max-images "
+                             "(e.g. 200), or leave it unset for all images")
     cfg.batch_size = min(cfg.batch_size, train_d.num_images)
     print(f"data: train {train_d.num_images} images / {train_d.num_captions} captions, validation "
           f"{val_d.num_images} / {val_d.num_captions}, test {test_d.num_images} / {test_d.num_captions}; "
