@@ -154,11 +154,37 @@ def test_demo_command_end_to_end_tiny(tmp_path, capsys):
     run = summary["test"]["cusa_default"][0]
     assert run["loss_config"]["calibration"]["target_entropy"] == summary["default_entropy"]
     assert run["gradient_shares"] and 0 < run["gradient_shares"][0]["soft"] < 1
+    # which embeddings serve uni-modal retrieval: chosen on validation, next to the teachers' own scores
+    assert "uni-modal retrieval, which embeddings" in text and "| teachers' own |" in text
+    choice = summary["uni_modal"]["choice"]
+    for mod in ("i2i", "t2t"):
+        assert f"{'image' if mod == 'i2i' else 'text'}->" in text
+        if choice[mod]["use"] is not None:  # measured where the validation split shares labels
+            val = choice[mod]["validation_map_at_r"]
+            assert choice[mod]["use"] == max(val, key=val.get)
     for png in ("metrics.png", "validation.png", "soft_labels.png"):
         assert (out / png).stat().st_size > 0
     assert (out / "teacher_cache" / "manifest.json").is_file()
     # a second call reuses the feature tables and the teacher cache
     assert main(args) == 0
+
+
+def test_the_uni_modal_choice_is_made_on_validation_and_reports_what_test_showed():
+    from softalign.train.demo import uni_modal_choice
+
+    def run(split_values):
+        return {"metrics": {split: dict(v) for split, v in split_values.items()}}
+
+    val = {"i2i_map_at_r": 20.0, "i2i_xm_map_at_r": 15.0, "t2t_map_at_r": 10.0, "t2t_xm_map_at_r": 30.0}
+    test = {"i2i_map_at_r": 12.0, "i2i_xm_map_at_r": 14.0, "t2t_map_at_r": 9.0, "t2t_xm_map_at_r": 28.0,
+            "i2i_precision_at_1": 1.0, "i2i_xm_precision_at_1": 2.0, "t2t_precision_at_1": 3.0,
+            "t2t_xm_precision_at_1": 4.0}
+    runs = {"cusa_default": [run({"val": val, "test": test})] * 2, "base": [run({"val": val, "test": test})]}
+    teacher = {"i2i_map_at_r": 16.0, "t2t_map_at_r": 27.0, "i2i_precision_at_1": 5.0, "t2t_precision_at_1": 6.0}
+    md, advice = uni_modal_choice(runs, teacher)
+    assert advice["i2i"]["use"] == "USA heads" and "test disagrees: 12.00 vs 14.00" in advice["i2i"]["text"]
+    assert advice["t2t"]["use"] == "joint space" and "test agrees" in advice["t2t"]["text"]
+    assert "the teacher alone: 27.00" in advice["t2t"]["text"] and "| i2i MAP@R | 16.00 | 14.00 | 12.00 | 14.00 |" in md
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -454,3 +454,16 @@ def test_generic_patch_takes_ids_from_the_step_method():
     assert len(seen) == 2  # one for the step, one for the expected value above
     with pytest.raises(TypeError, match="has no argument 'ids'"):
         generic.patch(StepTrainer(), loss, loss_method="compute_loss", ids_from="compute_loss", cache=cache)
+
+
+def assert_same_loss_state(resumed, whole, steps=4):
+    """A resumed SoftAlignLoss equals the uninterrupted one: its tensors, its calibration and step counter exactly,
+    its last gradient shares (floats in the JSON record) to rounding."""
+    import pytest
+
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        if not name.endswith("_extra_state"):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert resumed.calibration == whole.calibration and resumed._steps == whole._steps == steps
+    if whole.gradient_shares is not None:
+        assert resumed.gradient_shares == pytest.approx(whole.gradient_shares, rel=1e-4, abs=1e-6)

@@ -31,8 +31,11 @@ _EXPORTS = {
     "block_scorer_from_pairs": "rerank",
     "two_stage_ranks": "rerank",
     "two_stage_rerank": "rerank",
-    "text_similarity_correlation": "unimodal",
     "unimodal_retrieval": "unimodal",
+    "uni_modal_metrics": "unimodal",
+    "load_sts": "sts",
+    "sts_metrics": "sts",
+    "universal_report": "universal",
 }
 __all__ = sorted(_EXPORTS)
 

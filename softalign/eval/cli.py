@@ -72,6 +72,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --positives and a file without coco_caption_ids / coco_image_ids: state that caption "
                         "row i is COCO caption coco_test_ids.npy[i] (the Karpathy 5K order, 5 consecutive captions "
                         "per image). `--model ... --karpathy` encodes in that order by itself")
+    uni = p.add_argument_group("universal retrieval (CUSA's layout: --model with --universal)")
+    uni.add_argument("--universal", action="store_true",
+                     help="report the model's uni-modal scores as CUSA does: image->image R@1 on each --dml "
+                          "benchmark, STS Spearman on each --sts set, and their averages; for a softalign run both "
+                          "USA's heads (uni) and the joint space (cross), side by side -> universal.json, .md, .png")
+    uni.add_argument("--dml", nargs="+", default=[], metavar="NAME=DIR",
+                     help="DML benchmarks for --universal, e.g. sop=data/Stanford_Online_Products cub=data/CUB_200_2011 "
+                          "(names: cub, cars, sop, inshop, inaturalist)")
+    uni.add_argument("--sts", nargs="+", default=[], metavar="SET",
+                     help="STS sets for --universal: a local .csv/.tsv/.jsonl/.json/.parquet with the columns "
+                          "sentence1, sentence2, score, or a Hub set (stsb, sts12 .. sts16, sickr, or a Hub id; "
+                          "needs internet)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default 1 5 10)")
     p.add_argument("--chunk-size", type=int, default=512, help="images per score tile (memory bound)")
     p.add_argument("--no-normalize", action="store_true", help="use raw dot products instead of cosine")
@@ -340,12 +352,34 @@ def run(args) -> int:
         raise ValueError(f"--ks must be positive recall cut-offs, got {args.ks}")
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size must be a positive number of images, got {args.chunk_size}")
+    if args.universal or args.dml or args.sts:
+        return _run_universal(args)
     data = load_inputs(args)
     metrics = evaluate_inputs(data, args.protocol, tuple(args.ks), args.chunk_size, not args.no_normalize)
     paths = write_report(metrics, args.out, title=args.title, plot=not args.no_plot and "recall_curve" in metrics)
     from softalign.eval.report import markdown_table
 
     print(markdown_table(metrics, title=args.title))
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def _run_universal(args) -> int:
+    from softalign.eval.report import comparison_table
+    from softalign.eval.universal import parse_dml, universal_report, write_universal_report
+
+    if not args.universal:
+        raise ValueError("--dml / --sts are the inputs of the universal report: add --universal")
+    if not args.model:
+        raise ValueError("--universal evaluates a model: pass --model RUN_DIR|open_clip:<arch>|st:<name>|timm:<name>")
+    if args.embeddings or args.image_emb or args.text_emb or args.benchmark:
+        raise ValueError("--universal takes its benchmarks from --dml and --sts, not --embeddings / --benchmark")
+    report = universal_report(args.model, parse_dml(args.dml), args.sts, weights=args.weights,
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    title = args.title if args.title != "softalign eval" else "softalign universal retrieval"
+    paths = write_universal_report(report, args.out, title=title, plot=not args.no_plot)
+    names = {"uni": "USA heads (uni)", "cross": "joint space (cross)", "model": args.model}
+    print(comparison_table({names.get(c, c): m for c, m in report["columns"].items()}))
     print("wrote " + ", ".join(paths.values()))
     return 0
 

@@ -1,5 +1,4 @@
-"""Uni-modal ("universal") retrieval: image->image and text->text with class or group labels,
-and text-text similarity correlation.
+"""Uni-modal ("universal") retrieval: image->image and text->text with class or group labels.
 
 Metrics come from pytorch-metric-learning's ``AccuracyCalculator`` (Musgrave et al., "A Metric
 Learning Reality Check", ECCV 2020) with a non-faiss exact KNN
@@ -18,8 +17,7 @@ Leave-one-out (``gallery=None``): every item is a query against all the others
 Queries whose label does not occur in the gallery (or only once, leave-one-out) are skipped by
 pytorch-metric-learning; ``num_queries`` counts the queries that were scored.
 
-Text-text similarity: Spearman (and Pearson) correlation between cosine(emb_a, emb_b) and gold
-scores, as in sentence-transformers' ``EmbeddingSimilarityEvaluator`` (scipy.stats).
+Text-text similarity (STS, Spearman of cosine similarity with human scores) is :mod:`softalign.eval.sts`.
 """
 from __future__ import annotations
 
@@ -30,7 +28,7 @@ import torch
 
 from softalign.eval.crossmodal import _as_tensor
 
-__all__ = ["unimodal_retrieval", "uni_modal_metrics", "text_similarity_correlation"]
+__all__ = ["unimodal_retrieval", "uni_modal_metrics"]
 
 
 def _emb(x: Any, name: str) -> torch.Tensor:
@@ -182,31 +180,8 @@ def _recall_at_k(q: torch.Tensor, qc: torch.Tensor, g: torch.Tensor, gc: torch.T
     return {k: float((ranks < k).double().mean()) for k in ks}
 
 
-def text_similarity_correlation(emb_a: Any, emb_b: Any, scores: Any, prefix: str = "") -> dict[str, float]:
-    """Spearman and Pearson correlation between cosine(emb_a[i], emb_b[i]) and gold ``scores[i]``."""
-    from scipy.stats import pearsonr, spearmanr
-
-    a = _emb(emb_a, "emb_a")
-    b = _emb(emb_b, "emb_b")
-    s = np.asarray(_as_tensor(scores, "scores").reshape(-1).double().cpu().numpy())
-    if a.shape != b.shape:
-        raise ValueError(f"emb_a {tuple(a.shape)} and emb_b {tuple(b.shape)} must have the same shape (one pair per row)")
-    if s.shape[0] != a.shape[0]:
-        raise ValueError(f"scores has {s.shape[0]} entries but there are {a.shape[0]} pairs")
-    if np.isnan(s).any():
-        raise ValueError("scores contain NaN")
-    if a.shape[0] < 2:
-        raise ValueError("need at least 2 scored pairs for a correlation")
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).numpy()
-    return {
-        f"{prefix}spearman": float(spearmanr(cos, s).statistic),
-        f"{prefix}pearson": float(pearsonr(cos, s).statistic),
-    }
-
-
 def has_shared_label(labels) -> bool:
     """Whether some label occurs at least twice: leave-one-out retrieval is defined only then."""
-    import numpy as np
 
     codes = np.unique(np.asarray(labels), return_inverse=True)[1].ravel()
     return codes.size > 0 and int(np.bincount(codes).max()) >= 2

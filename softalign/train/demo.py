@@ -26,6 +26,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 STUDENT_BACKBONES = {"text": "offline-minilm", "image": "offline-efficientnet-lite0"}
 TEACHERS = {"text": "offline-mpnet", "image": "offline-efficientnet-lite2"}
@@ -153,6 +154,64 @@ def _feature_table(path: Path, data, progress: bool):
 
 def _teacher_cache(path: Path, data, progress: bool):
     return _cached_embeddings(path, data, TEACHERS, progress)
+
+
+def _teacher_uni_modal(path: Path, data, progress: bool) -> dict[str, float]:
+    """The teachers' own uni-modal retrieval on a split (their embeddings, the split's labels): the ceiling of what
+    USA's heads learn from them."""
+    import torch
+
+    from softalign.eval.unimodal import uni_modal_metrics
+
+    table = _cached_embeddings(path, data, TEACHERS, progress)
+    img = table.image_embeddings(torch.arange(table.num_images)).float()
+    txt = table.embeddings(torch.arange(table.num_captions))[1].float()
+    return uni_modal_metrics(img, txt, torch.as_tensor(data.image_labels), torch.as_tensor(data.text_labels))
+
+
+#: the uni-modal rows of the "which embeddings" table
+UNI_MODAL_ROWS = (("i2i", "precision_at_1", "P@1"), ("i2i", "map_at_r", "MAP@R"), ("t2t", "precision_at_1", "P@1"),
+                  ("t2t", "map_at_r", "MAP@R"))
+
+
+def uni_modal_choice(test_runs: dict[str, list[dict]], teacher: dict[str, float], variant: str = "cusa_default"):
+    """``(markdown, advice)``: test uni-modal scores of the teachers, the base's joint space, and ``variant``'s USA
+    heads and joint space (means over seeds); and, per modality, the embeddings to use for uni-modal retrieval,
+    chosen by validation MAP@R (heads vs joint space of ``variant``), with what test then showed."""
+    import numpy as np
+
+    def mean(v, split, key):
+        values = [r["metrics"][split].get(key) for r in test_runs[v]]
+        return float(np.mean(values)) if values and None not in values else float("nan")
+
+    def cell(x: float) -> str:
+        return "-" if x != x else f"{x:.2f}"
+
+    lines = ["| metric (test, mean of seeds) | teachers' own | base, joint space | +CUSA, USA heads | +CUSA, joint "
+             "space |", "|---|---:|---:|---:|---:|"]
+    for mod, key, name in UNI_MODAL_ROWS:
+        lines.append(f"| {mod} {name} | {cell(teacher.get(f'{mod}_{key}', float('nan')))} | "
+                     f"{cell(mean('base', 'test', f'{mod}_xm_{key}'))} | {cell(mean(variant, 'test', f'{mod}_{key}'))} "
+                     f"| {cell(mean(variant, 'test', f'{mod}_xm_{key}'))} |")
+    advice: dict[str, dict[str, Any]] = {}
+    for mod, what in (("i2i", "image->image"), ("t2t", "text->text")):
+        val = {"USA heads": mean(variant, "val", f"{mod}_map_at_r"),
+               "joint space": mean(variant, "val", f"{mod}_xm_map_at_r")}
+        test = {"USA heads": mean(variant, "test", f"{mod}_map_at_r"),
+                "joint space": mean(variant, "test", f"{mod}_xm_map_at_r")}
+        if any(x != x for x in val.values()):
+            advice[mod] = {"use": None, "text": f"{what}: not chosen (the validation split has no label shared by "
+                                                "two items)"}
+            continue
+        pick = max(val, key=lambda k: val[k])
+        other = "joint space" if pick == "USA heads" else "USA heads"
+        held = "test agrees" if test[pick] >= test[other] else "test disagrees"
+        ceiling = teacher.get(f"{mod}_map_at_r", float("nan"))
+        advice[mod] = {"use": pick, "validation_map_at_r": val, "test_map_at_r": test, "teacher_test_map_at_r": ceiling,
+                       "text": f"{what}: use the {pick} (validation MAP@R {val[pick]:.2f} vs {val[other]:.2f} for the "
+                               f"{other}; {held}: {test[pick]:.2f} vs {test[other]:.2f}; the teacher alone: "
+                               f"{cell(ceiling)})"}
+    return "\n".join(lines) + "\n", advice
 
 
 def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str],
@@ -346,6 +405,9 @@ def _run(args) -> int:
     test_runs = {v: runs(kw, evals, f"test {v}") for v, kw in variants.items()}
     order = list(variants)
     table = summary_table(test_runs, order, labels)
+    teacher_test = _teacher_uni_modal(out / "teacher_eval" / "test", test_d, progress)
+    uni_md, uni_advice = uni_modal_choice(test_runs, teacher_test)
+    uni_text = "\n".join(f"- {a['text']}" for a in uni_advice.values())
     plots = save_plots(test_runs, order, labels, sweep, diag, out)
     cal = test_runs["cusa_default"][0]["loss_config"].get("calibration", {})
     wall = time.time() - t0
@@ -354,6 +416,8 @@ def _run(args) -> int:
           f"uni-modal labels: emoji sub-category; uni-modal rows on USA's heads (base: cross-modal embeddings), "
           f"(xm) rows on the cross-modal embeddings. Calibrated tau_s (defaults): image {cal.get('image', 0):.4g}, "
           f"text {cal.get('text', 0):.4g} at batch {cal.get('batch_size', '-')}.\n\n"
+          f"## Uni-modal retrieval: which embeddings (+CUSA defaults; chosen on validation)\n\n{uni_md}\n"
+          f"{uni_text}\n\n"
           f"## Validation (choice of the soft-label entropy)\n\n{val_md}\nChosen: H = {chosen:g}.\n\n"
           f"## Soft labels\n\n{diag_md}\nWall time: {wall:.0f}s.\n\n{TWEMOJI_CREDIT}; emoji names and keywords: "
           f"Unicode CLDR.\n")
@@ -362,9 +426,11 @@ def _run(args) -> int:
                "default_entropy": DEFAULT_SOFT_LABEL_ENTROPY, "validation_rsum": val_rsum, "soft_labels": diag,
                "test": {v: [{"seed": r["seed"], "metrics": r["metrics"], "loss_config": r["loss_config"],
                              "gradient_shares": r["gradient_shares"]} for r in test_runs[v]] for v in order},
-               "labels": labels, "wall_seconds": round(wall, 1), "credit": TWEMOJI_CREDIT, "plots": plots}
+               "labels": labels, "wall_seconds": round(wall, 1), "credit": TWEMOJI_CREDIT, "plots": plots,
+               "uni_modal": {"teachers_test": teacher_test, "choice": uni_advice}}
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     print("\n" + table)
+    print(f"uni-modal retrieval, which embeddings (+CUSA defaults; chosen on validation):\n{uni_md}\n{uni_text}\n")
     print(f"plots: {', '.join(plots)}\ntable: {out / 'results.md'}\nwall time: {wall:.0f}s\n{TWEMOJI_CREDIT}")
     return 0

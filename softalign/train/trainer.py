@@ -1,13 +1,16 @@
 """Reference trainer: a recipe -> a trained dual encoder, on Accelerate (CPU, one GPU or many; mixed precision).
 
 Per epoch: shuffle the training pairs, ``loss = SoftAlignLoss(img, txt, ids=caption_ids)`` (the loss is never
-passed through ``accelerator.prepare``; its heads and temperatures are added to the optimizer), evaluate the test
-split (cross-modal R@K / rsum, uni-modal precision@1 / MAP@R when labels exist, see :func:`evaluate_embeddings`),
-append a line to ``metrics.jsonl`` (an accelerate tracker) and then checkpoint with accelerate's ``save_state``
+passed through ``accelerator.prepare``; its heads and temperatures are added to the optimizer), evaluate the
+validation split when ``data.validation`` gives one (cross-modal R@K / rsum, uni-modal precision@1 / MAP@R when
+labels exist, see :func:`evaluate_embeddings`; ``train.keep_best`` keeps the best epoch's weights,
+:mod:`softalign.train.selection`), append a line to ``metrics.jsonl`` (an accelerate tracker; ``softalign train
+--report-to`` adds TensorBoard / W&B) and then checkpoint with accelerate's ``save_state``
 (:mod:`softalign.train.checkpoint`: model, optimizer, RNG, the loss as safetensors, epoch / step / recipe / vocab as
 JSON). The checkpoint is the commit point: ``resume=True`` continues from it at the next epoch, drops
 the ``metrics.jsonl`` lines of later (uncommitted) epochs and an unparsable (torn) line, and refuses a recipe that
-differs from the checkpoint's in anything but :data:`RESUME_MUTABLE`. At the end the test embeddings are saved as
+differs from the checkpoint's in anything but :data:`RESUME_MUTABLE`. At the end the test split is scored once, on
+the selected weights (the best validation epoch, or the last), and its embeddings are saved as
 ``embeddings_test.safetensors`` (keys ``image``, ``text``, ``caption_to_image``, ``image_labels``, ``text_labels``,
 and ``image_uni`` / ``text_uni`` when the loss has USA heads) for ``softalign eval --embeddings``, and
 ``results.json`` holds the final metrics and the resolved recipe.
