@@ -95,17 +95,25 @@ def test_eval_model_on_inshop_uses_query_vs_gallery(tmp_path, vit_weights):
     assert metrics["i2i_map_at_r"] == pytest.approx(ref["i2i_map_at_r"], abs=1e-6)
 
 
-def test_encode_a_softalign_run_gives_its_cross_and_uni_modal_embeddings(tmp_path):
+def train_tiny_run(out):
+    """One epoch of a tiny softalign run with USA heads (demo data, 24 images) into ``out``; returns its recipe."""
     from softalign.train.recipe import recipe_from_dict
-    from softalign.train.trainer import load_splits, train
+    from softalign.train.trainer import train
 
     recipe = recipe_from_dict({
-        "name": "enc", "seed": 0, "output_dir": str(tmp_path / "run"),
+        "name": "enc", "seed": 0, "output_dir": str(out),
         "data": {"kind": "demo", "image_size": 8, "max_images": 24},
         "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
         "loss": {"base": "infonce", "alpha": 0.1, "beta": 0.5}, "optim": {"lr": 0.01, "schedule": "constant"},
         "train": {"epochs": 1, "batch_size": 12, "eval_batch_size": 16, "progress": False}})
     train(recipe, log=lambda m: None)
+    return recipe
+
+
+def test_encode_a_softalign_run_gives_its_cross_and_uni_modal_embeddings(tmp_path):
+    from softalign.train.trainer import load_splits
+
+    recipe = train_tiny_run(tmp_path / "run")
     _, _, test = load_splits(recipe)
     listed = []
     for i, im in enumerate(test.images):  # PNG is lossless: the same pixels as the run's test images

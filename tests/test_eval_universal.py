@@ -13,7 +13,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from softalign.cli import main
 from softalign.eval.sts import load_sts, sts_metrics
-from tests.test_encode import _sop
+from tests.test_encode import _sop, train_tiny_run
 
 PAIRS = [("a red car", "a crimson automobile", 4.6), ("a red car", "a bowl of soup", 0.2),
          ("two dogs play", "puppies playing together", 4.1), ("a man rides a bike", "a person cycling", 4.4),
@@ -73,16 +73,7 @@ def test_universal_report_of_a_softalign_run_puts_usa_heads_and_the_joint_space_
     from softalign.data.dml import load_dml_benchmark
     from softalign.eval.encode import encode_images, load_encoders
     from softalign.eval.unimodal import unimodal_retrieval
-    from softalign.train.recipe import recipe_from_dict
-    from softalign.train.trainer import train
-
-    recipe = recipe_from_dict({
-        "name": "uni", "seed": 0, "output_dir": str(tmp_path / "run"),
-        "data": {"kind": "demo", "image_size": 8, "max_images": 24},
-        "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
-        "loss": {"base": "infonce", "alpha": 0.1, "beta": 0.5}, "optim": {"lr": 0.01, "schedule": "constant"},
-        "train": {"epochs": 1, "batch_size": 12, "eval_batch_size": 16, "progress": False}})
-    train(recipe, log=lambda m: None)
+    train_tiny_run(tmp_path / "run")  # with USA heads
     _sop(tmp_path / "sop")
     root = tmp_path / "sop" / "Stanford_Online_Products"
     sts = _sts_file(tmp_path / "mini_sts.csv")

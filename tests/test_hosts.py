@@ -38,6 +38,14 @@ class _TinyImageTower(nn.Module):
         return self.net(x)
 
 
+def _lightning_rows():
+    """The Lightning tests' data: each of the 8 images with 2 captions of 6 random word ids, and caption ids."""
+    images = _images()
+    g = torch.Generator().manual_seed(1)
+    return [{"image": images[i // K], "caption": torch.randint(0, 50, (6,), generator=g), "caption_id": i}
+            for i in range(N_IMG * K)]
+
+
 def _loss_params(loss):
     params = [p for p in loss.parameters() if p.requires_grad]
     assert params, "the loss has learnable temperatures"
@@ -123,11 +131,7 @@ class _TinyDualEncoder(nn.Module):
 def test_lightning_snippet_trains_two_steps_and_checkpoints_the_loss(tmp_path, cache_dir):
     pl = pytest.importorskip("pytorch_lightning")
     snippet = doc_block("hosts.md", "Lightning")
-    images = _images()
-    g = torch.Generator().manual_seed(1)
-    rows = [{"image": images[i // K], "caption": torch.randint(0, 50, (6,), generator=g), "caption_id": i}
-            for i in range(N_IMG * K)]
-    loader = torch.utils.data.DataLoader(rows, batch_size=8, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(_lightning_rows(), batch_size=8, shuffle=True, drop_last=True)
     module = snippet["SoftAlignModule"](_TinyDualEncoder(), cache_dir=cache_dir, lr=1e-2)
     params, before = _loss_params(module.loss)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -190,11 +194,7 @@ def test_transformers_trainer_resume_restores_the_loss_as_an_uninterrupted_run(t
 def _lightning_run(tmp_path, cache_dir, max_steps, ckpt_path=None, seed=0):
     pl = pytest.importorskip("pytorch_lightning")
     snippet = doc_block("hosts.md", "Lightning")
-    images = _images()
-    g = torch.Generator().manual_seed(1)
-    rows = [{"image": images[i // K], "caption": torch.randint(0, 50, (6,), generator=g), "caption_id": i}
-            for i in range(N_IMG * K)]
-    loader = torch.utils.data.DataLoader(rows, batch_size=8, shuffle=False, drop_last=True)
+    loader = torch.utils.data.DataLoader(_lightning_rows(), batch_size=8, shuffle=False, drop_last=True)
     torch.manual_seed(seed)
     module = snippet["SoftAlignModule"](_TinyDualEncoder(), cache_dir=cache_dir, lr=1e-2)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
