@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import pearsonr, spearmanr
 
 from softalign.cli import main
@@ -107,4 +106,3 @@ def test_universal_report_of_a_sentence_transformers_model_and_its_errors(tmp_pa
     assert main(["eval", "--model", "st:offline-minilm", "--universal", "--dml", "sopp=/x", "--out",
                  str(tmp_path / "y")]) == 1
     assert "--dml 'sopp=/x': unknown benchmark 'sopp'" in capsys.readouterr().err
-    torch.manual_seed(0)

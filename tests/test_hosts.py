@@ -151,18 +151,16 @@ def test_lightning_snippet_trains_two_steps_and_checkpoints_the_loss(tmp_path, c
 
 
 # --------------------------------------------------------------------------------------------- resume, per host
-class _StopAt:
+def _stop_at(step):
     """A transformers callback that ends training right after the checkpoint of ``step`` (a killed run)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, step):
-        from transformers import TrainerCallback
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
 
-        class Stop(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):
-                if state.global_step == step:
-                    control.should_training_stop = True
-
-        return Stop()
+    return Stop()
 
 
 def _hf_run(out, cache_dir, stop_at=None, resume=False, seed=0):
@@ -178,7 +176,7 @@ def _hf_run(out, cache_dir, stop_at=None, resume=False, seed=0):
                                       per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="constant",
                                       save_strategy="steps", save_steps=2, use_cpu=True, seed=0, logging_steps=1)
     if stop_at:
-        trainer.add_callback(_StopAt(stop_at))
+        trainer.add_callback(_stop_at(stop_at))
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
     return trainer, model.soft_align
 

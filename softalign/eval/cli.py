@@ -365,8 +365,7 @@ def run(args) -> int:
 
 
 def _run_universal(args) -> int:
-    from softalign.eval.report import comparison_table
-    from softalign.eval.universal import parse_dml, universal_report, write_universal_report
+    from softalign.eval.universal import parse_dml, universal_report, universal_table, write_universal_report
 
     if not args.universal:
         raise ValueError("--dml / --sts are the inputs of the universal report: add --universal")
@@ -378,8 +377,7 @@ def _run_universal(args) -> int:
                               batch_size=args.batch_size, progress=not args.no_progress)
     title = args.title if args.title != "softalign eval" else "softalign universal retrieval"
     paths = write_universal_report(report, args.out, title=title, plot=not args.no_plot)
-    names = {"uni": "USA heads (uni)", "cross": "joint space (cross)", "model": args.model}
-    print(comparison_table({names.get(c, c): m for c, m in report["columns"].items()}))
+    print(universal_table(report))
     print("wrote " + ", ".join(paths.values()))
     return 0
 

@@ -99,13 +99,23 @@ def _with_means(m: dict[str, float]) -> dict[str, float]:
     return out
 
 
+#: how the report names each column
+COLUMN_NAMES = {"uni": "USA heads (uni)", "cross": "joint space (cross)"}
+
+
+def universal_table(report: Mapping[str, Any]) -> str:
+    """Markdown: a row per metric, a column per embedding (and their difference for a run's two)."""
+    from softalign.eval.report import comparison_table
+
+    return comparison_table({COLUMN_NAMES.get(c, str(report["model"])): m for c, m in report["columns"].items()})
+
+
 def write_universal_report(report: Mapping[str, Any], out_dir: str | Path, title: str = "softalign universal",
                            plot: bool = True) -> dict[str, str]:
     """``universal.json``, ``universal.md`` (a row per metric, a column per embedding) and ``universal.png`` (a
     bar per embedding and metric)."""
     import json
 
-    from softalign.eval.report import comparison_table
     from softalign.io import atomic_write_text
 
     out = Path(out_dir)
@@ -113,10 +123,9 @@ def write_universal_report(report: Mapping[str, Any], out_dir: str | Path, title
     columns = report["columns"]
     paths = {"json": str(out / "universal.json"), "markdown": str(out / "universal.md")}
     atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")
-    names = {"uni": "USA heads (uni)", "cross": "joint space (cross)", "model": str(report["model"])}
-    table = comparison_table({names.get(c, c): m for c, m in columns.items()})
+    names = {**COLUMN_NAMES, "model": str(report["model"])}
     atomic_write_text(paths["markdown"], f"# {title}\n\nmodel: `{report['model']}` (percent: DML R@1, STS "
-                                         f"Spearman x 100)\n\n{table}")
+                                         f"Spearman x 100)\n\n{universal_table(report)}")
     if plot:
         paths["plot"] = _plot(columns, str(out / "universal.png"), names, title)
     return paths

@@ -210,17 +210,13 @@ class SoftAlignHook:
         """Put the host trainer's own loss (e.g. TERAN's matching and alignment losses, which the shim adds the
         soft terms to) into the loss's last gradient shares as ``"host"``: its gradient norm on the tensors the host's
         loss reads, next to each weighted term's (:mod:`softalign.losses.diagnostics`); then log them."""
-        from softalign.losses.diagnostics import gradient_norms
+        from softalign.losses.diagnostics import gradient_norms, shares_from_norms
 
         shares = getattr(self.loss, "gradient_shares", None)
         if shares is not None and host_loss.requires_grad:
             norms = {k[len("norm_"):]: v for k, v in shares.items() if k.startswith("norm_")}
             norms["host"] = gradient_norms({"host": host_loss}, [t for t in tensors if t.requires_grad])["host"]
-            total = sum(norms.values())
-            new = {k: (v / total if total > 0 else 0.0) for k, v in norms.items()}
-            new["soft"] = new.get("csa", 0.0) + new.get("usa", 0.0)
-            new.update({f"norm_{k}": v for k, v in norms.items()})
-            setattr(self.loss, "gradient_shares", new)  # noqa: B010 - an attribute of SoftAlignLoss, not of Module
+            setattr(self.loss, "gradient_shares", shares_from_norms(norms))  # noqa: B010 - SoftAlignLoss's attribute
         self._log_gradient_shares()
 
     def _log_gradient_shares(self) -> None:

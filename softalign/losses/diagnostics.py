@@ -22,7 +22,7 @@ import torch
 #: Below this combined share of CSA + USA a one-time warning says the soft labels hardly act.
 LOW_SHARE = 0.01
 
-__all__ = ["LOW_SHARE", "gradient_norms", "gradient_shares", "warn_if_soft_terms_silent", "SoftTermsSilentWarning"]
+__all__ = ["LOW_SHARE", "gradient_norms", "gradient_shares", "shares_from_norms", "warn_if_soft_terms_silent", "SoftTermsSilentWarning"]
 
 
 class SoftTermsSilentWarning(UserWarning):
@@ -46,7 +46,11 @@ def gradient_norms(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Ten
 def gradient_shares(terms: Mapping[str, torch.Tensor], inputs: Sequence[torch.Tensor]) -> dict[str, float]:
     """Each (weighted) term's share of the summed gradient norms, plus ``"soft"`` = CSA + USA and the norms
     themselves as ``"norm_<name>"``. Shares are 0 when no term has a gradient."""
-    norms = gradient_norms(terms, inputs)
+    return shares_from_norms(gradient_norms(terms, inputs))
+
+
+def shares_from_norms(norms: Mapping[str, float]) -> dict[str, float]:
+    """``{name: norm / sum of norms}``, ``"soft"`` = CSA + USA, and the norms as ``"norm_<name>"``."""
     total = sum(norms.values())
     shares = {k: (v / total if total > 0 else 0.0) for k, v in norms.items()}
     shares["soft"] = shares.get("csa", 0.0) + shares.get("usa", 0.0)

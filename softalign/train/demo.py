@@ -142,14 +142,20 @@ def _cached_embeddings(path: Path, data, models: dict[str, str], progress: bool,
 
 def _feature_table(path: Path, data, progress: bool):
     """Frozen student-backbone features of a split (stored once as a table of embeddings)."""
-    import torch
 
     from softalign.train.feature_student import FeatureSplit
 
     table = _cached_embeddings(path, data, STUDENT_BACKBONES, progress, dtype="float32")
-    img = table.image_embeddings(torch.arange(table.num_images)).float()
-    txt = table.embeddings(torch.arange(table.num_captions))[1].float()
+    img, txt = _all_embeddings(table)
     return FeatureSplit(img, txt, data)
+
+
+def _all_embeddings(table):
+    """``(image [N_images, D_i], text [N_captions, D_t])`` fp32 rows of an embeddings table, in split order."""
+    import torch
+
+    img = table.image_embeddings(torch.arange(table.num_images)).float()
+    return img, table.embeddings(torch.arange(table.num_captions))[1].float()
 
 
 def _teacher_cache(path: Path, data, progress: bool):
@@ -163,9 +169,7 @@ def _teacher_uni_modal(path: Path, data, progress: bool) -> dict[str, float]:
 
     from softalign.eval.unimodal import uni_modal_metrics
 
-    table = _cached_embeddings(path, data, TEACHERS, progress)
-    img = table.image_embeddings(torch.arange(table.num_images)).float()
-    txt = table.embeddings(torch.arange(table.num_captions))[1].float()
+    img, txt = _all_embeddings(_cached_embeddings(path, data, TEACHERS, progress))
     return uni_modal_metrics(img, txt, torch.as_tensor(data.image_labels), torch.as_tensor(data.text_labels))
 
 
