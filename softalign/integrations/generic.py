@@ -108,6 +108,7 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
         parts = hook(found.get("image_emb"), found.get("text_emb"), ids, scores=found.get("scores"))
         weighted = hook.weighted(parts, base_name=base_name)
         ref = found.get("scores") if found.get("scores") is not None else found.get("image_emb")
+        assert ref is not None  # hook() refused a call without scores or embeddings
         n = int(ref.shape[0])
         if hook.base_enabled and total_name is not None:
             result = parts["loss"]

@@ -90,6 +90,10 @@ class SoftAlignCriterion(nn.Module):
     Without ids (evaluation): the original criterion, unchanged.
     """
 
+    scorer: Callable
+    pool: Callable
+    original: Any
+
     def __init__(self, original: Any, hook: SoftAlignHook, record: Any, scorer: Callable, pool: Callable,
                  logger_owner: Any = None):
         super().__init__()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any
 
@@ -23,6 +24,7 @@ from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
 from softalign.losses.local_rows import local_row_parts, supports_local_rows
+from softalign.losses.soft_weight import soft_weight_from_config
 from softalign.losses.usa import USALoss
 from softalign.mining import NegativeMiner, TeacherFilteredMiner
 from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
@@ -30,7 +32,7 @@ from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
 BASES = ("vsepp", "vsepp_sum", "infonce", "none")
 
 #: Default ``(alpha, beta)`` per base loss, chosen so that CSA + USA carry about half of the gradient norm at the
-#: calibrated soft labels, which gave the best validation rsum on the demo for every base (README "Term balance";
+#: calibrated soft labels, which gave the best validation rsum on the demo for every base (docs/losses.md "Term balance";
 #: validation split cut from training, 3 seeds). CUSA's own values stay for its InfoNCE mean mode (CE / B). The
 #: hinge bases sum over anchors, so the KL terms are summed over anchors too (``soft_label_reduction="auto"``).
 DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
@@ -147,6 +149,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return_parts: bool = False,
         similarity=None,
         diagnostics_every: int = 100,
+        soft_weight=None,
     ):
         super().__init__()
         #: which hinge / weight settings the caller stated; an integration shim adopts an upstream trainer's own
@@ -178,7 +181,12 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self.calibration: dict[str, Any] | None = None
         if int(diagnostics_every) < 0:
             raise ValueError(f"diagnostics_every must be >= 0 (0: never), got {diagnostics_every}")
-        self.diagnostics_every = int(diagnostics_every)
+        #: how CSA's and USA's weights move over training (:mod:`softalign.losses.soft_weight`; None: constant)
+        self.soft_weight = soft_weight_from_config(soft_weight)
+        self._soft_scale = 1.0
+        needed = getattr(self.soft_weight, "every", None)
+        self.diagnostics_every = int(diagnostics_every) if not needed else (
+            needed if not diagnostics_every else math.gcd(int(diagnostics_every), needed))
         self._steps = 0
         self._warned_low_share = False
         self._warned_single_pair = False
@@ -195,7 +203,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self.cache, self.miner, self.gather, self.return_parts = cache, miner, bool(gather), bool(return_parts)
         self.similarity = similarity if similarity is not None else default_similarity()
         self._cosine = is_plain_cosine(self.similarity)
-        self._config = dict(embed_dim=embed_dim, base=base if isinstance(base, str) else type(base).__name__,
+        self._config: dict[str, Any] = dict(embed_dim=embed_dim, base=base if isinstance(base, str) else type(base).__name__,
                             alpha=alpha, beta=beta, gamma=gamma, margin=margin, temperature=temperature,
                             infonce_reduction=infonce_reduction,
                             csa_mode=csa_mode, csa_temperature=csa_temperature, usa_temperature=usa_temperature,
@@ -203,6 +211,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                             soft_label_reduction=soft_label_reduction, learn_temperatures=learn_temperatures,
                             cmc_intra_margin=cmc_intra_margin, gather=gather, return_parts=return_parts,
                             diagnostics_every=diagnostics_every)
+        if self.soft_weight is not None:
+            self._config["soft_weight"] = self.soft_weight.get_config_dict()
 
         self.base: nn.Module | None
         if isinstance(base, nn.Module):
@@ -323,7 +333,9 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         import json
 
         data = json.dumps({"calibration": self.calibration, "steps": self._steps,
-                           "gradient_shares": self.gradient_shares}, sort_keys=True).encode("utf-8")
+                           "gradient_shares": self.gradient_shares,
+                           "soft_weight": None if self.soft_weight is None else self.soft_weight.state_dict()},
+                          sort_keys=True).encode("utf-8")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
     def set_extra_state(self, state) -> None:
@@ -338,6 +350,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             self._needs_calibration = False
         self._steps = int(state.get("steps", 0))
         self.gradient_shares = state.get("gradient_shares")
+        if self.soft_weight is not None and state.get("soft_weight") is not None:
+            self.soft_weight.load_state_dict(state["soft_weight"])
 
     # ------------------------------------------------------------------------------------------
     def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
@@ -355,6 +369,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         device = device.device if isinstance(device, torch.Tensor) else torch.device("cpu")
         inputs = [t for t in (image_emb, text_emb, scores, image_features, text_features)
                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        if self.soft_weight is not None and self.training:
+            self._soft_scale = float(self.soft_weight.scale(self._steps))
         # Under a caller's autocast the matmuls would run in fp16/bf16: the loss computes in fp32.
         with torch.autocast(device.type, enabled=False):
             out = self._forward(image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
@@ -457,7 +473,9 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 p.register_hook(average)
 
     def _weights(self) -> dict[str, float]:
-        return {"base": 1.0, "csa": self.alpha, "usa": self.beta, "cmc": self.gamma}
+        """The weights of this step: CSA's and USA's times the ``soft_weight`` scale."""
+        return {"base": 1.0, "csa": self.alpha * self._soft_scale, "usa": self.beta * self._soft_scale,
+                "cmc": self.gamma}
 
     def weighted_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"base": L_base, "csa": alpha L_CSA, "usa": beta L_USA, "cmc": gamma L_CMC}`` from a
@@ -474,8 +492,11 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         w = self._weights()
         terms: dict[str, torch.Tensor] = {k: w[k] * out[k] for k in ("base", "csa", "usa", "cmc") if k in out}
         self.gradient_shares = gradient_shares(terms, inputs)
-        if not self._warned_low_share:
+        if not self._warned_low_share and self.soft_weight is None:  # a schedule lowers the weights on purpose
             self._warned_low_share = warn_if_soft_terms_silent(self.gradient_shares, self._config_summary())
+        if self.soft_weight is not None:
+            self.soft_weight.observe(_same_on_every_process(self.gradient_shares, inputs[0].device))
+            self.gradient_shares["soft_scale"] = self._soft_scale
 
     def _config_summary(self) -> str:
         base = self._config["base"]
@@ -666,6 +687,23 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch, validate).to(device)
         t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch, validate).to(device)
         return t_img, t_txt
+
+
+def _same_on_every_process(shares: dict[str, float], device) -> dict[str, float]:
+    """Under multi-process training, the gradient norms averaged over the processes (one all-reduce at a
+    diagnostic step), so that a :class:`~softalign.losses.soft_weight.TargetShare` moves every process's weights
+    alike; the shares as they are on one process."""
+    if not dist_utils.is_distributed():
+        return shares
+    import torch.distributed as dist
+
+    keys = sorted(k for k in shares if k.startswith("norm_"))
+    norms = torch.tensor([shares[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(norms)
+    norms /= dist.get_world_size()
+    from softalign.losses.diagnostics import shares_from_norms
+
+    return shares_from_norms({k[len("norm_"):]: float(v) for k, v in zip(keys, norms.tolist())})
 
 
 def _uses_teacher(miner) -> bool:

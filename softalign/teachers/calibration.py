@@ -25,7 +25,7 @@ import math
 import torch
 
 #: Target normalised soft-label entropy (H / log B) of the calibrated ``tau_s``. Chosen on the demo's validation
-#: split (cut from training; 3 seeds; README "Soft-label temperature"): 0.8 was best or within 1.5 rsum of the best
+#: split (cut from training; 3 seeds; docs/losses.md "Soft-label temperature"): 0.8 was best or within 1.5 rsum of the best
 #: of {0.3, 0.5, 0.7, 0.8, 0.9, 0.95} for each base loss. CUSA's fixed tau_s = 1.0 gives about 0.99.
 DEFAULT_SOFT_LABEL_ENTROPY = 0.8
 

@@ -45,13 +45,20 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                     "EfficientNet-Lite2 / mpnet; the soft-label entropy target is chosen on a validation split cut "
                     "from training; test: base vs +CUSA over seeds with paired differences. Emoji art: Twemoji by "
                     "Twitter, Inc and other contributors, CC-BY 4.0.")
-    p.add_argument("--out", default="runs/demo", help="run directory (feature tables, teacher cache, results)")
+    p.add_argument("--out", default=None, help="run directory (feature tables, teacher cache, results; default "
+                                                "runs/demo, or runs/demo-text-layers-K with --text-layers K)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--base", default="infonce", choices=["vsepp", "vsepp_sum", "infonce"],
                    help="base loss of every variant (default: InfoNCE; VSE++'s max-violation hinge collapses on "
                         "this student without soft labels)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
                    help="soft-label entropy targets (fractions of log B) compared on the validation split")
+    p.add_argument("--text-layers", type=int, default=0, metavar="K",
+                   help="trained-encoder regime: MiniLM's top K transformer layers train with the student "
+                        "(default 0: frozen features)")
+    p.add_argument("--folds", type=int, default=5,
+                   help="validation folds of the training images; seed s validates on fold s mod FOLDS and trains "
+                        "on the others (default 5)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 30)")
     p.add_argument("--max-images", type=int, default=None, help="use an evenly spaced subset (faster)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
@@ -219,9 +226,11 @@ def uni_modal_choice(test_runs: dict[str, list[dict]], teacher: dict[str, float]
 
 
 def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str],
-               sweep: dict[str, list[dict]], diag: list[dict], out: Path) -> list[str]:
-    """``metrics.png`` (test metrics, mean ± std over seeds), ``validation.png`` (validation rsum per entropy
-    target) and ``soft_labels.png`` (same-label share of the soft labels vs tau_s)."""
+               sweep: dict[str, list[dict]], diag: list[dict], out: Path,
+               regime: str = "frozen-feature") -> list[str]:
+    """``metrics.png`` (test metrics, mean ± std over seeds), ``validation.png`` (each setting's paired rsum gain
+    over the base on validation, where it was chosen, next to test's) and ``soft_labels.png`` (same-label share of
+    the soft labels vs tau_s)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -240,20 +249,25 @@ def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels
                yerr=[s[1] for s in stats], capsize=3, label=labels.get(v, v))
     ax.set_xticks(x, [lab for _, lab in keys], rotation=30, ha="right")
     ax.set_ylabel("% (test split)")
-    ax.set_title("softalign demo: frozen-feature student, test split")
+    ax.set_title(f"softalign demo: {regime} student, test split")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.text(0.99, 0.01, "Emoji art: Twemoji (Twitter, Inc and contributors), CC-BY 4.0", ha="right", fontsize=7)
     fig.tight_layout()
     paths.append(_save(fig, out / "metrics.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    names = list(sweep)
-    stats = [mean_std([r["metrics"]["val"]["rsum"] for r in sweep[n]]) for n in names]
-    ax.errorbar(range(len(names)), [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", capsize=3)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    names = [n for n in sweep if n != "base"]
+    for j, split in enumerate(("val", "test")):
+        stats = [mean_std([a["metrics"][split]["rsum"] - b["metrics"][split]["rsum"]
+                           for a, b in zip(sweep[n], sweep["base"])]) for n in names]
+        ax.errorbar(np.arange(len(names)) + (j - 0.5) * 0.15, [s[0] for s in stats], yerr=[s[1] for s in stats],
+                    fmt="o", capsize=3, label="validation (chooses)" if split == "val" else "test (reported)")
+    ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("validation rsum (mean ± std over seeds)")
-    ax.set_title("choosing the soft-label entropy on validation")
+    ax.set_ylabel("rsum gain over base (paired, mean ± std)")
+    ax.set_title(f"{regime}: settings on validation vs test")
+    ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     paths.append(_save(fig, out / "validation.png"))
@@ -292,6 +306,8 @@ def run(args) -> int:
     from softalign.locking import directory_lock
 
     _check_args(args)  # before anything is written
+    if args.out is None:
+        args.out = "runs/demo" if not args.text_layers else f"runs/demo-text-layers-{args.text_layers}"
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file; --out names the demo's run directory")
@@ -315,6 +331,11 @@ def _check_args(args) -> None:
                          f"{args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
         raise SystemExit(f"softalign demo: --max-images must be a positive number of images, got {args.max_images}")
+    if not 0 <= args.text_layers <= 6:
+        raise SystemExit(f"softalign demo: --text-layers must be in [0, 6] (MiniLM has 6 layers), got "
+                         f"{args.text_layers}")
+    if args.folds < 2:
+        raise SystemExit(f"softalign demo: --folds must be >= 2, got {args.folds}")
     if any(not 0 < t < 1 for t in args.targets):
         raise SystemExit(f"softalign demo: --targets must lie in (0, 1), got {args.targets}")
 
@@ -323,7 +344,7 @@ def _run(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from softalign.data.demo import TWEMOJI_CREDIT, build_demo_data
+    from softalign.data.demo import TWEMOJI_CREDIT, build_demo_data, stratified_folds
     from softalign.io import atomic_write_text
     from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
     from softalign.train.feature_student import FeatureStudentConfig, mean_share, train_feature_student
@@ -332,102 +353,120 @@ def _run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    cfg = FeatureStudentConfig()
+    cfg = FeatureStudentConfig(text_layers=int(args.text_layers))
     if args.epochs is not None:
         cfg.epochs = int(args.epochs)
     if args.batch_size is not None:
         cfg.batch_size = int(args.batch_size)
-    print(f"softalign demo -> {out}\n{TWEMOJI_CREDIT}")
-    train_d, val_d, test_d = build_demo_data(captions_per_image=3, test_fraction=0.2, val_fraction=0.2,
-                                             max_images=args.max_images, captions="cldr", label="subcategory")
-    for name, d in (("training", train_d), ("validation", val_d), ("test", test_d)):
-        if d.num_images < 2 or d.num_captions < 2:
-            raise SystemExit(f"softalign demo: --max-images {args.max_images} leaves {d.num_images} image(s) in the "
-                             f"{name} split (train / validation / test: {train_d.num_images} / {val_d.num_images} / "
-                             f"{test_d.num_images}); every split needs at least 2: use a larger --max-images "
-                             "(e.g. 200), or leave it unset for all images")
-    cfg.batch_size = min(cfg.batch_size, train_d.num_images)
-    print(f"data: train {train_d.num_images} images / {train_d.num_captions} captions, validation "
-          f"{val_d.num_images} / {val_d.num_captions}, test {test_d.num_images} / {test_d.num_captions}; "
-          f"{len(train_d.label_names)} sub-categories ({time.time() - t0:.0f}s)")
+    regime = regime_name(cfg.text_layers)
+    print(f"softalign demo ({regime}) -> {out}\n{TWEMOJI_CREDIT}")
+    pool_d, test_d = build_demo_data(captions_per_image=3, test_fraction=0.2, max_images=args.max_images,
+                                     captions="cldr", label="subcategory")
+    folds = stratified_folds(pool_d.image_labels, args.folds, seed=0)
+    fold_of = {s: i % args.folds for i, s in enumerate(args.seeds)}
+    sizes = {f: int((folds == f).sum()) for f in sorted(set(fold_of.values()))}
+    smallest = min(min(sizes.values()), pool_d.num_images - max(sizes.values()), test_d.num_images)
+    if smallest < 2:
+        raise SystemExit(f"softalign demo: --max-images {args.max_images} leaves {smallest} image(s) in a "
+                         f"training, validation or test split (training pool {pool_d.num_images}, validation folds "
+                         f"{sizes}, test {test_d.num_images}); every split needs at least 2: use a larger "
+                         "--max-images (e.g. 200), or leave it unset for all images")
+    cfg.batch_size = min(cfg.batch_size, pool_d.num_images - max(sizes.values()))
+    print(f"data: training pool {pool_d.num_images} images / {pool_d.num_captions} captions in {args.folds} folds "
+          f"(seed s validates on fold s mod {args.folds}: {max(sizes.values())} images or fewer, trains on the "
+          f"rest), test {test_d.num_images} / {test_d.num_captions}; {len(pool_d.label_names)} sub-categories "
+          f"({time.time() - t0:.0f}s)")
 
     t1 = time.time()
-    splits = {name: _feature_table(out / "features" / name, d, progress)
-              for name, d in (("train", train_d), ("val", val_d), ("test", test_d))}
-    print(f"student features (frozen {STUDENT_BACKBONES['image']} + {STUDENT_BACKBONES['text']}): "
+    pool = _feature_table(out / "features" / "pool", pool_d, progress)
+    test = _feature_table(out / "features" / "test", test_d, progress)
+    text_backbone = None
+    if cfg.text_layers:
+        from softalign.train.text_top_layers import bottom_states, load_sentence_encoder
+
+        text_backbone, tokenizer = load_sentence_encoder(STUDENT_BACKBONES["text"])
+        for split in (pool, test):
+            split.text = bottom_states(text_backbone, tokenizer, split.data.captions, cfg.text_layers)
+    print(f"student features ({regime}: {STUDENT_BACKBONES['image']} + {STUDENT_BACKBONES['text']}): "
           f"{time.time() - t1:.0f}s")
     t1 = time.time()
-    cache = _teacher_cache(out / "teacher_cache", train_d, progress)
+    cache = _teacher_cache(out / "teacher_cache", pool_d, progress)
     print(f"teacher cache ({TEACHERS['image']} + {TEACHERS['text']}): {time.time() - t1:.0f}s")
 
     diag = soft_label_diagnostics(cache, cfg.batch_size, sorted(set(args.targets) | {DEFAULT_SOFT_LABEL_ENTROPY}),
-                                  image_labels=train_d.image_labels)
+                                  image_labels=pool_d.image_labels)
     diag_md = soft_label_table(diag)
     print(f"\nsoft labels on training batches of {cfg.batch_size} (labels: emoji sub-category)\n{diag_md}")
 
-    def runs(loss_kwargs, evals, desc):
+    val_splits = {f: pool.select_images(np.flatnonzero(folds == f)) for f in sizes}
+
+    def runs(loss_kwargs, desc):
         res = []
         for s in tqdm(args.seeds, desc=desc, disable=not progress, leave=False):
-            res.append(train_feature_student(splits["train"], evals, {"base": args.base, **loss_kwargs}, cfg, s,
-                                             cache=cache))
+            f = fold_of[s]
+            res.append(train_feature_student(pool, {"val": val_splits[f], "test": test},
+                                             {"base": args.base, **loss_kwargs}, cfg, s, cache=cache,
+                                             train_images=np.flatnonzero(folds != f), text_backbone=text_backbone))
         return res
 
-    # ---- validation: choose the soft-label entropy target (never looking at test)
-    sweep: dict[str, list[dict]] = {}
-    val_only = {"val": splits["val"]}
-    sweep["base"] = runs({"alpha": 0.0, "beta": 0.0}, val_only, "validation base")
-    sweep["CUSA tau_s=1"] = runs({"teacher_temperature": 1.0}, val_only, "validation tau_s=1")
-    for t in args.targets:
-        sweep[f"H={t:g}"] = runs({"soft_label_entropy": t}, val_only, f"validation H={t:g}")
+    # ---- every setting trains once per seed and is scored on its seed's validation fold and on test; the choice
+    # reads validation only
+    targets = sorted(set(args.targets) | {DEFAULT_SOFT_LABEL_ENTROPY})
+    settings = {"base": {"alpha": 0.0, "beta": 0.0}, "CUSA tau_s=1": {"teacher_temperature": 1.0},
+                **{f"H={t:g}": {"soft_label_entropy": t} for t in targets}}
+    sweep = {k: runs(kw, k) for k, kw in settings.items()}
     val_rsum = {k: mean_std([r["metrics"]["val"]["rsum"] for r in v])[0] for k, v in sweep.items()}
     chosen = max(args.targets, key=lambda t: val_rsum[f"H={t:g}"])
-    val_lines = ["| variant (validation) | rsum | Δ rsum vs base (paired) | i2i MAP@R | t2t MAP@R | soft share of "
-                 "the gradient |", "|---|---:|---:|---:|---:|---:|"]
+    val_lines = ["| setting | validation rsum | Δ rsum vs base, validation (paired) | Δ rsum vs base, test (paired) "
+                 "| i2i MAP@R (val) | t2t MAP@R (val) | soft share of the gradient |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
     for k, v in sweep.items():
         m = mean_std([r["metrics"]["val"]["rsum"] for r in v])
-        d = mean_std([a["metrics"]["val"]["rsum"] - b["metrics"]["val"]["rsum"] for a, b in zip(v, sweep["base"])])
+        d = {split: mean_std([a["metrics"][split]["rsum"] - b["metrics"][split]["rsum"]
+                              for a, b in zip(v, sweep["base"])]) for split in ("val", "test")}
         i2i = mean_std([r["metrics"]["val"].get("i2i_map_at_r", float("nan")) for r in v])[0]
         t2t = mean_std([r["metrics"]["val"].get("t2t_map_at_r", float("nan")) for r in v])[0]
         share = [mean_share(r["gradient_shares"]) for r in v]
         known = [x for x in share if x is not None]
         share_s = f"{100 * np.mean(known):.1f}%" if len(known) == len(share) and k != "base" else "-"
-        val_lines.append(f"| {k} | {m[0]:.2f} ± {m[1]:.2f} | {d[0]:+.2f} ± {d[1]:.2f} | {i2i:.2f} | {t2t:.2f} | "
-                         f"{share_s} |")
-    val_md = "\n".join(val_lines) + "\n"
-    print(f"\nvalidation ({len(args.seeds)} seeds):\n{val_md}\nchosen on validation: soft-label entropy {chosen:g} "
-          f"(library default {DEFAULT_SOFT_LABEL_ENTROPY:g})")
+        val_lines.append(f"| {k} | {m[0]:.2f} ± {m[1]:.2f} | {d['val'][0]:+.2f} ± {d['val'][1]:.2f} | "
+                         f"{d['test'][0]:+.2f} ± {d['test'][1]:.2f} | {i2i:.2f} | {t2t:.2f} | {share_s} |")
+    agreement = validation_vs_test(sweep)
+    val_md = "\n".join(val_lines) + "\n\n" + agreement["text"] + "\n"
+    print(f"\nsettings ({len(args.seeds)} seeds, seed s validating on fold s mod {args.folds}):\n{val_md}\n"
+          f"chosen on validation: soft-label entropy {chosen:g} (library default {DEFAULT_SOFT_LABEL_ENTROPY:g})")
 
     # ---- test
-    variants = {"base": {"alpha": 0.0, "beta": 0.0}, "cusa_default": {},
-                "cusa_tau1": {"teacher_temperature": 1.0}}
+    test_runs = {"base": sweep["base"], "cusa_default": sweep[f"H={DEFAULT_SOFT_LABEL_ENTROPY:g}"],
+                 "cusa_tau1": sweep["CUSA tau_s=1"]}
     labels = {"base": "base", "cusa_default": f"+CUSA (defaults, H={DEFAULT_SOFT_LABEL_ENTROPY:g})",
               "cusa_tau1": "+CUSA (tau_s=1, CUSA)"}
     if chosen != DEFAULT_SOFT_LABEL_ENTROPY:
-        variants["cusa_val"] = {"soft_label_entropy": chosen}
+        test_runs["cusa_val"] = sweep[f"H={chosen:g}"]
         labels["cusa_val"] = f"+CUSA (validation choice, H={chosen:g})"
-    evals = {"val": splits["val"], "test": splits["test"]}
-    test_runs = {v: runs(kw, evals, f"test {v}") for v, kw in variants.items()}
-    order = list(variants)
+    order = list(test_runs)
     table = summary_table(test_runs, order, labels)
     teacher_test = _teacher_uni_modal(out / "teacher_eval" / "test", test_d, progress)
     uni_md, uni_advice = uni_modal_choice(test_runs, teacher_test)
     uni_text = "\n".join(f"- {a['text']}" for a in uni_advice.values())
-    plots = save_plots(test_runs, order, labels, sweep, diag, out)
+    plots = save_plots(test_runs, order, labels, sweep, diag, out, regime)
     cal = test_runs["cusa_default"][0]["loss_config"].get("calibration", {})
     wall = time.time() - t0
-    md = (f"# softalign demo: frozen-feature student, base `{args.base}`\n\n{table}\n"
+    md = (f"# softalign demo: {regime} student, base `{args.base}`\n\n{table}\n"
           f"Seeds {list(args.seeds)}; test: {test_d.num_images} held-out images, {test_d.num_captions} captions; "
           f"uni-modal labels: emoji sub-category; uni-modal rows on USA's heads (base: cross-modal embeddings), "
           f"(xm) rows on the cross-modal embeddings. Calibrated tau_s (defaults): image {cal.get('image', 0):.4g}, "
           f"text {cal.get('text', 0):.4g} at batch {cal.get('batch_size', '-')}.\n\n"
           f"## Uni-modal retrieval: which embeddings (+CUSA defaults; chosen on validation)\n\n{uni_md}\n"
           f"{uni_text}\n\n"
-          f"## Validation (choice of the soft-label entropy)\n\n{val_md}\nChosen: H = {chosen:g}.\n\n"
+          f"## Settings on validation, and what test showed\n\n{val_md}\nChosen on validation: H = {chosen:g}.\n\n"
           f"## Soft labels\n\n{diag_md}\nWall time: {wall:.0f}s.\n\n{TWEMOJI_CREDIT}; emoji names and keywords: "
           f"Unicode CLDR.\n")
-    summary = {"seeds": list(args.seeds), "base": args.base, "student": cfg.to_dict(),
+    summary = {"seeds": list(args.seeds), "folds": args.folds, "fold_of_seed": {str(k): v for k, v in fold_of.items()},
+               "base": args.base, "regime": regime, "student": cfg.to_dict(),
                "student_backbones": STUDENT_BACKBONES, "teachers": TEACHERS, "chosen_entropy": chosen,
-               "default_entropy": DEFAULT_SOFT_LABEL_ENTROPY, "validation_rsum": val_rsum, "soft_labels": diag,
+               "default_entropy": DEFAULT_SOFT_LABEL_ENTROPY, "validation_rsum": val_rsum,
+               "validation_vs_test": {k: v for k, v in agreement.items() if k != "text"}, "soft_labels": diag,
                "test": {v: [{"seed": r["seed"], "metrics": r["metrics"], "loss_config": r["loss_config"],
                              "gradient_shares": r["gradient_shares"]} for r in test_runs[v]] for v in order},
                "labels": labels, "wall_seconds": round(wall, 1), "credit": TWEMOJI_CREDIT, "plots": plots,
@@ -438,3 +477,49 @@ def _run(args) -> int:
     print(f"uni-modal retrieval, which embeddings (+CUSA defaults; chosen on validation):\n{uni_md}\n{uni_text}\n")
     print(f"plots: {', '.join(plots)}\ntable: {out / 'results.md'}\nwall time: {wall:.0f}s\n{TWEMOJI_CREDIT}")
     return 0
+
+
+def regime_name(text_layers: int) -> str:
+    return "frozen-feature" if not text_layers else f"trained-encoder (MiniLM's top {text_layers} layers train)"
+
+
+def validation_vs_test(sweep: dict[str, list[dict]], baseline: str = "base", key: str = "rsum") -> dict[str, Any]:
+    """How well validation predicted test over the settings of ``sweep``: each setting's paired gain over
+    ``baseline`` (mean over seeds) on validation and on test, their Spearman rank correlation, whether the setting
+    best on validation was best on test, and the share of (setting, seed) pairs whose gain has the same sign on
+    both."""
+    import numpy as np
+
+    names = [k for k in sweep if k != baseline]
+    gains = {split: {k: [a["metrics"][split][key] - b["metrics"][split][key]
+                         for a, b in zip(sweep[k], sweep[baseline])] for k in names} for split in ("val", "test")}
+    val = np.array([np.mean(gains["val"][k]) for k in names])
+    test = np.array([np.mean(gains["test"][k]) for k in names])
+    rho = _spearman(val, test) if len(names) > 2 else float("nan")
+    signs = [np.sign(v) == np.sign(t) for k in names for v, t in zip(gains["val"][k], gains["test"][k])]
+    best_val, best_test = names[int(val.argmax())], names[int(test.argmax())]
+    same_sign = float(np.mean(signs))
+    text = (f"How validation predicted test ({key}, gains over {baseline} per setting): Spearman rho = {rho:.2f} "
+            f"over {len(names)} settings; best on validation: {best_val}, best on test: {best_test}; the sign of a "
+            f"seed's gain agreed on {100 * same_sign:.0f}% of (setting, seed) pairs.")
+    return {"spearman": rho, "best_validation": best_val, "best_test": best_test, "same_sign_share": same_sign,
+            "validation_gain": dict(zip(names, val.tolist())), "test_gain": dict(zip(names, test.tolist())),
+            "text": text}
+
+
+def _spearman(a, b) -> float:
+    """Spearman's rank correlation (average ranks on ties)."""
+    import numpy as np
+
+    def ranks(x):
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
