@@ -44,6 +44,13 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
     txt = rng.normal(size=(n_img * cpi, d)).astype(np.float32)
     c2i = np.repeat(np.arange(n_img), cpi)
     cache = import_npy(tmp / "lookup", img, c2i, text_features=txt, progress=False, chunk_size=8192)
+    # a second teacher pair of other widths over the same data: softalign.teachers.TeacherEnsemble of the two
+    from softalign.teachers import TeacherEnsemble
+
+    second = import_npy(tmp / "lookup2", rng.normal(size=(n_img, 512)).astype(np.float32), c2i,
+                        text_features=rng.normal(size=(n_img * cpi, 384)).astype(np.float32), progress=False,
+                        chunk_size=8192)
+    ensemble = TeacherEnsemble([cache, second])
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randperm(len(txt), generator=gen)[:b] for _ in range(64)]
     it = iter(range(10 ** 9))
@@ -83,9 +90,10 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
 
     cusa_step()  # warm-up: the teacher's first call
     r = interleaved({"cache": many(lookup), "cache 1 thread": many(one_thread),
+                     "ensemble": many(lambda: ensemble.similarities(batches[next(it) % 64])),
                      "floor": many(lambda: (e_img @ e_img.T, e_txt @ e_txt.T)), "cusa": cusa_step},
                     rounds=3 if quick else 5)
-    per = {"cache": 200, "cache 1 thread": 200, "floor": 200, "cusa": 1}
+    per = {"cache": 200, "cache 1 thread": 200, "ensemble": 200, "floor": 200, "cusa": 1}
     t_cache, t_cache1, t_floor, t_cusa = (r[k]["median"] / per[k] for k in ("cache", "cache 1 thread", "floor", "cusa"))
     mins = {k: r[k]["min"] / per[k] for k in per}
     print(f"[1] lookup + similarities, B={b}, d={d}, {len(txt)} captions / {n_img} images (fp16, mmap); medians "
@@ -93,6 +101,9 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
           f"{mins['floor'] * 1e3:.3f}, CUSA {mins['cusa'] * 1e3:.1f} ms)")
     print(f"    softalign cache.similarities : {t_cache * 1e3:8.3f} ms/batch   (target < 1 ms; {threads} threads)")
     print(f"    same, 1 thread               : {t_cache1 * 1e3:8.3f} ms/batch")
+    t_ens = r["ensemble"]["median"] / per["ensemble"]
+    print(f"    TeacherEnsemble of 2 caches  : {t_ens * 1e3:8.3f} ms/batch   ({t_ens / t_cache:.2f}x one cache; "
+          "the second is 512 / 384-d)")
     print(f"    floor: the 2 matmuls alone   : {t_floor * 1e3:8.3f} ms/batch   (lookup overhead "
           f"{(t_cache - t_floor) * 1e3:.3f} ms)")
     print(f"    CUSA-style re-encode + dict  : {t_cusa * 1e3:8.1f} ms/batch   (MiniLM text teacher, CPU)")

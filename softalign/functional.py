@@ -23,8 +23,6 @@ References
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from typing import NamedTuple
 
 import torch
@@ -39,7 +37,6 @@ __all__ = [
     "MinedNegatives",
     "as_float",
     "check_values",
-    "inputs_validated",
     "SoftLabels",
     "soft_labels",
     "cosine_similarities",
@@ -70,25 +67,6 @@ class MinedNegatives(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------
 # validation helpers
-
-
-@contextlib.contextmanager
-def inputs_validated():
-    """Deprecated: validation is now an explicit ``validate=`` argument of each function (``validate=False`` skips
-    the value checks; the loss modules check their inputs once, at their boundary). This context manager does
-    nothing."""
-    warnings.warn("softalign.functional.inputs_validated() is deprecated and does nothing: pass validate=False to "
-                  "the functions instead", FutureWarning, stacklevel=3)
-    yield
-
-
-@contextlib.contextmanager
-def soft_labels_cached():
-    """Deprecated: soft labels are now computed once by the caller (:func:`soft_labels`) and passed down as
-    ``target=`` / ``targets=``; :class:`~softalign.losses.SoftAlignLoss` does so. This context manager does nothing."""
-    warnings.warn("softalign.functional.soft_labels_cached() is deprecated and does nothing: compute the targets "
-                  "once with soft_labels() and pass them as target= / targets=", FutureWarning, stacklevel=3)
-    yield
 
 
 def check_values(x: torch.Tensor, name: str) -> None:
@@ -412,16 +390,8 @@ def _hinge(scores, pos, margin, max_violation, negatives, reduction):
 
 
 #: InfoNCE scales: the old names (before 0.2) and the new ones
-_INFONCE_OLD = {"sum": "ce", "mean": "cusa_mean"}
-
-
 def infonce_reduction(value: str) -> str:
-    """``"ce"`` (cross-entropy averaged over anchors) or ``"cusa_mean"`` (CE / B); the old ``"sum"`` / ``"mean"``
-    are mapped with a FutureWarning."""
-    if value in _INFONCE_OLD:
-        warnings.warn(f"InfoNCE reduction={value!r} is deprecated: use {_INFONCE_OLD[value]!r} ('ce' is the standard "
-                      "cross-entropy averaged over anchors, 'cusa_mean' is CUSA's CE / B)", FutureWarning, stacklevel=3)
-        return _INFONCE_OLD[value]
+    """``"ce"`` (cross-entropy averaged over anchors) or ``"cusa_mean"`` (CE / B); anything else is an error."""
     if value not in ("ce", "cusa_mean"):
         raise ValueError(f"InfoNCE reduction must be 'ce' (cross-entropy) or 'cusa_mean' (CUSA's CE / B), got {value!r}")
     return value
@@ -442,8 +412,7 @@ def info_nce(
     ``reduction="ce"`` (default) is the standard cross-entropy above, averaged over the anchors.
     ``reduction="cusa_mean"`` is CUSA's ``contrastive_loss_mode: "mean"`` (its configs' setting): the inner sum over
     ``j`` becomes a mean, i.e. the loss is divided by ``B``. CUSA's CSA/USA weights (0.1 / 0.5) are tuned against
-    that scale. (The old names ``"sum"`` / ``"mean"`` still work, with a FutureWarning: ``"mean"`` never meant the
-    mean over anchors, as it does for :func:`vsepp_hinge`.)
+    that scale.
     """
     reduction = infonce_reduction(reduction)
     scores = check_square_pair(scores, "scores", validate=validate)

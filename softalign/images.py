@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_rgb", "ImagePreprocessing", "load_image", "is_pil"]
+__all__ = ["to_rgb", "ImagePreprocessing", "load_image", "is_pil", "draw_view_params", "apply_view"]
 
 
 def to_rgb(img):
@@ -128,3 +128,28 @@ def is_pil(x) -> bool:
 
 
 _is_pil = is_pil
+
+
+#: the crop scale range of softalign's training augmentation
+CROP_SCALE = (0.8, 1.0)
+
+
+def draw_view_params(generator: torch.Generator | None = None) -> torch.Tensor:
+    """One view's ``(s, x, y, flip)``: ``s`` uniform in :data:`CROP_SCALE`, ``x``, ``y`` uniform in [0, 1), flip
+    with probability 1/2 (torch's global RNG unless ``generator`` is given)."""
+    u = torch.rand(4, generator=generator)
+    lo, hi = CROP_SCALE
+    return torch.tensor([lo + (hi - lo) * float(u[0]), float(u[1]), float(u[2]), float(u[3] < 0.5)])
+
+
+def apply_view(image, params):
+    """The view ``(s, x, y, flip)`` of a PIL image: crop ``(s w) x (s h)`` at offset ``(x (w - cw), y (h - ch))``
+    (integer pixels), then mirror when ``flip``."""
+    from PIL import Image
+
+    s, x, y, flip = (float(v) for v in params)
+    w, h = image.size
+    cw, ch = max(1, int(w * s)), max(1, int(h * s))
+    x0, y0 = min(int(x * (w - cw + 1)), w - cw), min(int(y * (h - ch + 1)), h - ch)
+    image = image.crop((x0, y0, x0 + cw, y0 + ch))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip >= 0.5 else image

@@ -2,8 +2,8 @@
 
 Each block runs in a fresh namespace that holds only what the *user's* code would have there: the upstream
 trainer's names (``VSE``, ``opt``, ``SCAN``, ``get_model``, ``config``, stand-ins with the upstream call structure),
-the user's tensors (``img_emb``, ``caption_ids``, ...), ``optimizer``/``device``, and a ``cache/coco_train``
-teacher cache in the working directory. Nothing from softalign is pre-imported, so a block that forgets an
+the user's tensors (``img_emb``, ``caption_ids``, ...), ``optimizer``/``device``, and ``cache/coco_train`` (plus
+``cache/coco_train_clip``, a second teacher pair of the same captions) in the working directory. Nothing from softalign is pre-imported, so a block that forgets an
 import fails with NameError here, as it would for a reader who pastes it.
 """
 from __future__ import annotations
@@ -43,6 +43,10 @@ def workdir(tmp_path_factory):
     rng = np.random.default_rng(0)
     import_npy(d / "cache" / "coco_train", rng.normal(size=(N_IMG, 12)).astype(np.float32),
                [i // K for i in range(N_IMG * K)], text_features=rng.normal(size=(N_IMG * K, 8)).astype(np.float32),
+               progress=False)
+    # a second teacher pair over the same captions (docs/cache.md's TeacherEnsemble)
+    import_npy(d / "cache" / "coco_train_clip", rng.normal(size=(N_IMG, 6)).astype(np.float32),
+               [i // K for i in range(N_IMG * K)], text_features=rng.normal(size=(N_IMG * K, 5)).astype(np.float32),
                progress=False)
     return d
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from softalign.eval import cross_modal_ranks, cross_modal_recall, evaluate_coco, fold_metrics
+from softalign.eval import cross_modal_ranks, cross_modal_recall
+from softalign.eval.protocols import _fold_metrics as fold_metrics
 
 
 # --------------------------------------------------------------- independent reference (VSE++)
@@ -179,12 +180,12 @@ def test_protocol_size_guards():
     im, tx = torch.randn(10, 4), torch.randn(50, 4)
     c2i = torch.arange(10).repeat_interleave(5)
     with pytest.raises(ValueError, match="expects 5000 test images, got 10"):
-        evaluate_coco(im, tx, c2i, protocol="coco1k")
+        cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i, protocol="coco1k")
     with pytest.raises(ValueError, match="expects 1000 test images"):
-        evaluate_coco(im, tx, c2i, protocol="f30k")
+        cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i, protocol="f30k")
     with pytest.raises(ValueError, match="unknown protocol"):
-        evaluate_coco(im, tx, c2i, protocol="coco2k")
-    plain = evaluate_coco(im, tx, c2i, protocol="plain")
+        cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i, protocol="coco2k")
+    plain = cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i, protocol="plain")
     assert_same(plain, vsepp_dict((im @ tx.T).double().numpy(), c2i.numpy()))
 
 
@@ -215,13 +216,14 @@ def test_bad_inputs_raise_clear_errors():
         cross_modal_recall(sims=S, caption_to_image=c2i, ks=(0, 5))
 
 
-def test_positional_call_forms_agree():
+def test_call_forms_agree():
     im, tx = torch.randn(6, 4, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64)
     c2i = torch.arange(6).repeat_interleave(2)
     ref = vsepp_dict((im @ tx.T).numpy(), c2i.numpy())
-    assert_same(cross_modal_recall(im, tx, c2i), ref)
-    assert_same(cross_modal_recall(im @ tx.T, c2i), ref)
+    assert_same(cross_modal_recall(sims=im @ tx.T, caption_to_image=c2i), ref)
     assert_same(cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i), ref)
+    with pytest.raises(TypeError):
+        cross_modal_recall(im @ tx.T, c2i)
 
 
 def test_non_finite_embeddings_are_refused():
@@ -239,7 +241,7 @@ def test_non_finite_embeddings_are_refused():
 def test_one_keyword_entry_point_with_protocols_and_bounded_tiles():
     import warnings
 
-    from softalign.eval import cross_modal_recall, evaluate_coco
+    from softalign.eval import cross_modal_recall
 
     g = torch.Generator().manual_seed(5)
     img = torch.nn.functional.normalize(torch.randn(5000, 8, generator=g), dim=1)
@@ -252,11 +254,7 @@ def test_one_keyword_entry_point_with_protocols_and_bounded_tiles():
         untiled = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, gallery_chunk_size=None)
     assert len(m1k["folds"]) == 5 and m1k["rsum"] == pytest.approx(np.mean([f["rsum"] for f in m1k["folds"]]))
     assert {k: m5k[k] for k in untiled} == untiled  # the default gallery tiles change no number
-    with pytest.warns(FutureWarning, match="evaluate_coco is deprecated"):
-        old = evaluate_coco(img, txt, c2i, protocol="coco5k")
-    assert old == m5k
-    with pytest.warns(FutureWarning, match="positional inputs are deprecated"):
-        pos = cross_modal_recall(img, txt, c2i)
-    assert pos == untiled
+    with pytest.raises(TypeError, match="positional"):  # nothing is guessed from an argument's type
+        cross_modal_recall(img, txt, c2i)
     with pytest.raises(ValueError, match="return_ranks needs protocol='plain'"):
         cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, protocol="coco1k", return_ranks=True)

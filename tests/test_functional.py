@@ -290,13 +290,8 @@ def test_precomputed_soft_labels_equal_the_inline_ones_and_the_old_cache_is_a_lo
     assert csa.item() == pytest.approx(ref.csa(scores, t_img, t_txt, 0.45, 0.5), rel=1e-10)
     usa = SF.uni_modal_soft_label_alignment(s_ii, s_tt, None, None, 0.45, targets=targets)
     assert usa.item() == pytest.approx(ref.usa(s_ii, s_tt, t_img, t_txt, 0.45, 0.45, 0.5), rel=1e-10)
-    with pytest.warns(FutureWarning, match="soft_labels_cached.*deprecated"):
-        with SF.soft_labels_cached():
-            again = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, 0.5)
+    again = SF.uni_modal_soft_label_alignment(s_ii, s_tt, t_img, t_txt, 0.45, 0.5)  # targets computed inside
     assert again.item() == pytest.approx(usa.item(), rel=1e-12)
-    with pytest.warns(FutureWarning, match="inputs_validated.*deprecated"):
-        with SF.inputs_validated():
-            pass
 
 
 @pytest.mark.parametrize("uni", [False, True])

@@ -12,7 +12,6 @@ from softalign.losses import (
     CSALoss,
     InfoNCELoss,
     SoftAlignLoss,
-    Temperature,
     USALoss,
     VSEHingeLoss,
 )
@@ -69,9 +68,6 @@ def test_temperature_is_clamped_after_a_step_and_frozen_one_has_no_grad():
     assert list(frozen.parameters()) == [] and frozen().item() == 1.0
     with pytest.raises(ValueError, match="outside its range"):
         ClampedTemperature(2.0, (0.1, 1.0))
-    with pytest.warns(FutureWarning, match="Temperature is deprecated: use ClampedTemperature"):
-        old = Temperature(0.5)
-    assert isinstance(old, ClampedTemperature)
 
 
 def test_csa_temperature_learns():

@@ -180,16 +180,13 @@ def test_values_are_checked_on_the_first_forward_and_a_failed_check_is_repeated(
         loss(bad, txt)
 
 
-def test_infonce_scale_names_say_what_they_mean_and_old_names_warn():
+def test_infonce_scale_names_say_what_they_mean():
     s = torch.randn(6, 6, dtype=torch.float64)
     ce = SF.info_nce(s, 0.1, reduction="ce")
     cusa = SF.info_nce(s, 0.1, reduction="cusa_mean")
     assert cusa.item() == pytest.approx(ce.item() / 6, rel=1e-12)
-    with pytest.warns(FutureWarning, match="reduction='mean' is deprecated: use 'cusa_mean'"):
-        old = SF.info_nce(s, 0.1, reduction="mean")
-    assert old.item() == pytest.approx(cusa.item(), rel=1e-12)
-    with pytest.warns(FutureWarning, match="'sum' is deprecated: use 'ce'"):
-        loss = SoftAlignLoss(base="infonce", infonce_reduction="sum", alpha=0.0, beta=0.0)
-    assert loss.base.reduction == "ce" and loss.get_config_dict()["infonce_reduction"] == "ce"
+    for name in ("mean", "sum", "batchmean"):  # no alias: "mean" never meant the mean over anchors here
+        with pytest.raises(ValueError, match="'ce' .* or 'cusa_mean'"):
+            SF.info_nce(s, 0.1, reduction=name)
     with pytest.raises(ValueError, match="'ce' .* or 'cusa_mean'"):
-        SF.info_nce(s, 0.1, reduction="batchmean")
+        SoftAlignLoss(base="infonce", infonce_reduction="sum")

@@ -3,7 +3,6 @@ checkpoint round-trip, resume continues at the right epoch, embeddings readable 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -396,28 +395,15 @@ def test_loss_heads_and_temperatures_are_gradient_clipped(tmp_path, data, accele
     assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in clipped)  # the joint norm, loss parameters included
 
 
-def test_the_deprecated_single_file_checkpoint_still_round_trips(tmp_path):
-    from softalign.losses import SoftAlignLoss
-    from softalign.train.models import build_model, vocab_of
-    from softalign.train.trainer import load_checkpoint, save_checkpoint
+def test_load_checkpoint_names_a_missing_checkpoint(tmp_path):
+    from softalign.train.trainer import load_checkpoint
 
-    recipe = tiny_recipe(tmp_path)
-    model = build_model(recipe.model, ["a red square", "blue dot"])
-    loss = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.1, beta=0.5)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(loss.parameters()))
-    with pytest.warns(FutureWarning, match="save_checkpoint is deprecated"):
-        save_checkpoint(tmp_path / "c" / "last.pt", model, loss, opt, 4, 40, recipe, vocab_of(model))
-    ck = load_checkpoint(tmp_path / "c" / "last.pt")
-    assert (ck["epoch"], ck["step"], ck["vocab"][:2]) == (4, 40, ["<pad>", "<unk>"])
-    assert set(ck["vocab"]) == {"<pad>", "<unk>", "a", "red", "square", "blue", "dot"}
-    model2 = build_model(recipe.model, [], vocab_words=ck["vocab"])
-    model2.load_state_dict(ck["model"])
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, model2.state_dict()[k])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        load_checkpoint(tmp_path / "none.pt")
-
-
+        load_checkpoint(tmp_path / "none")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")  # no single-file checkpoints: only accelerate's layout
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path)
 def test_lr_schedules(tmp_path):
     from softalign.train.trainer import lr_factor
 
@@ -474,24 +460,6 @@ class _Payload:
         return (os.system, ("touch /tmp/softalign_pwned_by_checkpoint",))
 
 
-def test_a_pickled_code_payload_in_a_checkpoint_is_refused_and_not_run(tmp_path):
-    import os
-
-    from softalign.train.trainer import load_checkpoint
-
-    marker = "/tmp/softalign_pwned_by_checkpoint"
-    if os.path.exists(marker):
-        os.remove(marker)
-    path = tmp_path / "last.pt"
-    torch.save({"model": {}, "evil": _Payload()}, path)
-    with pytest.raises(ValueError, match="cannot load checkpoint"):
-        load_checkpoint(path)
-    assert not os.path.exists(marker)
-    path.write_bytes(os.urandom(256))
-    with pytest.raises(ValueError, match=str(path.name)):
-        load_checkpoint(path)
-
-
 def test_a_pickled_payload_in_an_accelerate_checkpoint_is_refused_on_resume(tmp_path, data, accelerator):
     import os
 
@@ -523,28 +491,10 @@ def test_a_pickled_payload_in_an_accelerate_checkpoint_is_refused_on_resume(tmp_
         _train(tiny_recipe(tmp_path, train={"epochs": 3}), data, accelerator)
 
 
-def test_a_checkpoint_from_before_decay_1d_resumes_only_with_its_grouping(tmp_path, data, accelerator):
-    from softalign.train.trainer import ResumeMismatchError, load_checkpoint
-
-    over = dict(optim={"weight_decay": 0.01, "decay_1d": True})
-    _train(tiny_recipe(tmp_path, train={"epochs": 1}, **over), data, accelerator)
-    ck = load_checkpoint(tmp_path)
-    # the old grouping: one group for the model and one for the loss, every parameter decayed
-    assert [g["weight_decay"] for g in _optimizer_state(tmp_path)["param_groups"]] == [0.01, 0.01]
-    # the single-file checkpoint of a release before decay_1d (and before accelerate's save_state)
-    legacy = {k: ck[k] for k in ("model", "loss", "epoch", "step", "recipe", "vocab", "batch", "partial")}
-    legacy["optimizer"] = _optimizer_state(tmp_path)
-    del legacy["recipe"]["optim"]["decay_1d"]
-    for p in (tmp_path / "checkpoints").iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    torch.save(legacy, tmp_path / "checkpoints" / "last.pt")
-    with pytest.raises(ResumeMismatchError, match=r"optim\.decay_1d: True -> False"):
-        _train(tiny_recipe(tmp_path, optim={"weight_decay": 0.01}), data, accelerator)
-    with pytest.warns(FutureWarning, match="checkpoint of an older softalign"):
-        res = _train(tiny_recipe(tmp_path, **over), data, accelerator)
-    assert [h["epoch"] for h in res["history"]] == [1, 2]
-    assert not (tmp_path / "checkpoints" / "last.pt").exists()  # replaced by the new layout
-    assert load_checkpoint(tmp_path)["epoch"] == 2
+def test_decay_1d_false_keeps_one_dimensional_parameters_out_of_weight_decay(tmp_path, data, accelerator):
+    _train(tiny_recipe(tmp_path / "old", train={"epochs": 1}, optim={"weight_decay": 0.01, "decay_1d": True}), data,
+           accelerator)
+    assert [g["weight_decay"] for g in _optimizer_state(tmp_path / "old")["param_groups"]] == [0.01, 0.01]
     fresh = _train(tiny_recipe(tmp_path / "new", optim={"weight_decay": 0.01}), data, accelerator)
     groups = _optimizer_state(tmp_path / "new")["param_groups"]
     assert [g["weight_decay"] for g in groups][:2] == [0.01, 0.0] and fresh["history"]

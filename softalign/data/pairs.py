@@ -45,24 +45,21 @@ class ImageTransform:
         self.preprocessing = ImagePreprocessing(size=(self.size, self.size), resize_shorter=self.size,
                                                 interpolation="bilinear", mean=tuple(mean), std=tuple(std), scale=1.0)
 
-    def __call__(self, image) -> torch.Tensor:
+    def __call__(self, image, view=None) -> torch.Tensor:
+        """``view``: the ``(s, x, y, flip)`` parameters of a stored view to replay
+        (:class:`~softalign.teachers.views.ViewCache`) instead of a fresh random one; only with ``augment``."""
         from PIL import Image
 
-        from softalign.images import to_rgb
+        from softalign.images import apply_view, draw_view_params, to_rgb
 
         if not isinstance(image, Image.Image):
             with Image.open(image) as im:
                 image = im.copy()
         image = to_rgb(image)
+        if view is not None and not self.augment:
+            raise ValueError("ImageTransform: a stored view is replayed only by an augmenting transform")
         if self.augment:
-            w, h = image.size
-            s = 0.8 + 0.2 * float(torch.rand(()))
-            cw, ch = max(1, int(w * s)), max(1, int(h * s))
-            x0 = int(torch.randint(0, w - cw + 1, ()))
-            y0 = int(torch.randint(0, h - ch + 1, ()))
-            image = image.crop((x0, y0, x0 + cw, y0 + ch))
-            if float(torch.rand(())) < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = apply_view(image, draw_view_params() if view is None else view)
         return self.preprocessing(image)
 
 
@@ -83,11 +80,29 @@ def preload_images(data: RetrievalData, transform) -> torch.Tensor:
 
 
 class PairDataset(Dataset):
-    """One item per caption: ``{"image", "caption", "id", "image_id"}`` (see the module docstring)."""
+    """One item per caption: ``{"image", "caption", "id", "image_id"}`` (see the module docstring).
 
-    def __init__(self, data: RetrievalData, transform=None, preload: bool = False):
+    ``view_params`` (``[N_images, K, 4]``, a :class:`~softalign.teachers.views.ViewCache`'s ``params``): each item
+    shows one of its image's K stored views, drawn at random (torch's global RNG), replayed by the augmenting
+    ``transform``, and carries its number as ``"view"`` (the teacher embedding of that view is looked up with it).
+    With ``preload`` every view is decoded once.
+    """
+
+    def __init__(self, data: RetrievalData, transform=None, preload: bool = False, view_params=None):
         self.data, self.transform = data, transform
-        self.cache = preload_images(data, transform) if preload else None
+        self.view_params = None if view_params is None else torch.as_tensor(view_params)
+        if self.view_params is not None:
+            if getattr(transform, "augment", False) is not True:
+                raise ValueError("view_params need an augmenting image transform (data.augment), which replays them")
+            if tuple(self.view_params.shape[::2]) != (data.num_images, 4):
+                raise ValueError(f"{data.name}/{data.split}: view_params must be [{data.num_images}, K, 4] (one set "
+                                 f"of views per image), got {tuple(self.view_params.shape)}")
+        self.cache: torch.Tensor | None
+        if preload and self.view_params is not None:
+            self.cache = torch.stack([torch.stack([transform(data.images[i], view=v) for v in self.view_params[i]])
+                                      for i in range(data.num_images)])
+        else:
+            self.cache = preload_images(data, transform) if preload else None
 
     def __len__(self) -> int:
         return self.data.num_captions
@@ -95,8 +110,13 @@ class PairDataset(Dataset):
     def __getitem__(self, caption_id: int):
         caption_id = int(caption_id)
         image_id = int(self.data.caption_to_image[caption_id])
-        return {"image": _load_image(self.data, image_id, self.transform, self.cache),
-                "caption": self.data.captions[caption_id], "id": caption_id, "image_id": image_id}
+        item = {"caption": self.data.captions[caption_id], "id": caption_id, "image_id": image_id}
+        if self.view_params is None:
+            return {"image": _load_image(self.data, image_id, self.transform, self.cache), **item}
+        k = int(torch.randint(self.view_params.shape[1], (1,)))
+        image = self.cache[image_id, k] if self.cache is not None else \
+            self.transform(self.data.images[image_id], view=self.view_params[image_id, k])
+        return {"image": image, "view": k, **item}
 
 
 class ImagePairDataset(PairDataset):
@@ -106,8 +126,8 @@ class ImagePairDataset(PairDataset):
     ``captions_per_image`` times cheaper; items keep the global caption id of the drawn caption.
     """
 
-    def __init__(self, data: RetrievalData, transform=None, preload: bool = False):
-        super().__init__(data, transform, preload)
+    def __init__(self, data: RetrievalData, transform=None, preload: bool = False, view_params=None):
+        super().__init__(data, transform, preload, view_params)
         order = np.argsort(data.caption_to_image, kind="stable")
         counts = np.bincount(data.caption_to_image, minlength=data.num_images)
         if (counts == 0).any():
@@ -142,7 +162,7 @@ def collate_pairs(items) -> dict:
     out: dict = {"image": torch.stack([torch.as_tensor(it["image"]) for it in items])}
     if "caption" in items[0]:
         out["caption"] = [it["caption"] for it in items]
-    for key in ("id", "image_id", "index"):
+    for key in ("id", "image_id", "index", "view"):
         if key in items[0]:
             out[key] = torch.tensor([it[key] for it in items], dtype=torch.long)
     return out

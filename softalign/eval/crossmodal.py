@@ -25,7 +25,6 @@ directions, so i2t and t2i always see the same matrix.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -176,41 +175,9 @@ def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[Any, int | None, 
     return emb_block, im.shape[0], tx.shape[0], "embeddings"
 
 
-def _is_index_vector(x: Any) -> bool:
-    if isinstance(x, (Tensor, np.ndarray)):
-        return x.ndim == 1 and not (x.dtype == torch.bool if isinstance(x, Tensor) else x.dtype == np.bool_) and (
-            not x.dtype.is_floating_point if isinstance(x, Tensor) else np.issubdtype(x.dtype, np.integer)
-        )
-    return False
-
-
 #: captions per score tile by default: tiles are chunk_size images x this many captions, so memory is bounded
 #: whatever the gallery (512 x 8192 fp32 = 16 MB per tile, instead of 512 x all captions: 511 MB at 100K captions)
 DEFAULT_GALLERY_CHUNK = 8192
-
-_DATA = ("sims", "image_emb", "text_emb", "caption_to_image")
-
-
-def _deprecated_positional(fn: str, args: tuple, given: dict, order: Sequence[str]) -> dict:
-    """Map positional inputs (deprecated) onto keywords, warning once per call: the data arguments are keyword-only
-    so that nothing is guessed from an argument's type."""
-    warnings.warn(f"{fn}: positional inputs are deprecated and will be refused; pass them by name "
-                  f"({fn}(image_emb=..., text_emb=..., caption_to_image=...) or sims=..., scorer=...)", FutureWarning,
-                  stacklevel=3)
-    mapped = dict(given)
-    if len(args) == 2 and _is_index_vector(args[1]):  # the old f(S, c2i)
-        names: Sequence[str] = ("sims", "caption_to_image")
-    elif len(args) == 3 and _is_index_vector(args[2]):  # the old f(image_emb, text_emb, c2i)
-        names = ("image_emb", "text_emb", "caption_to_image")
-    else:
-        names = order
-    if len(args) > len(names):
-        raise TypeError(f"{fn} takes at most {len(names)} positional arguments, got {len(args)}")
-    for name, value in zip(names, args):
-        if mapped.get(name) is not None:
-            raise TypeError(f"{fn} got {name} both by position and by name")
-        mapped[name] = value
-    return mapped
 
 
 # ---------------------------------------------------------------------------------- rank engine
@@ -243,7 +210,7 @@ def _tiles(n_images: int, order: Tensor, cap_start: Tensor, chunk: int, gchunk: 
 
 
 def cross_modal_ranks(
-    *args: Any,
+    *,
     sims: Any | None = None,
     image_emb: Any | None = None,
     text_emb: Any | None = None,
@@ -262,12 +229,8 @@ def cross_modal_ranks(
     global indices; pass ``num_images``) or, when ``image_emb``/``text_emb`` are also given (any
     indexable: tensors, arrays, lists of features), as ``scorer(images_chunk, texts_chunk)``.
     ``chunk_size`` images x ``gallery_chunk_size`` captions bounds each tile (default 512 x 8192; None: no bound).
-    The inputs are keyword-only (positional ones still work, with a FutureWarning).
+    The inputs are keyword-only.
     """
-    if args:
-        d = _deprecated_positional("cross_modal_ranks", args, dict(sims=sims, image_emb=image_emb, text_emb=text_emb,
-                                                                    caption_to_image=caption_to_image), _DATA)
-        sims, image_emb, text_emb, caption_to_image = (d[k] for k in _DATA)
     if ties not in ("optimistic", "pessimistic"):
         raise ValueError(f"ties must be 'optimistic' or 'pessimistic', got {ties!r}")
     if caption_to_image is None:
@@ -386,7 +349,7 @@ def recall_curve(ranks: Any, ks: Sequence[int]) -> list:
 
 
 def cross_modal_recall(
-    *args: Any,
+    *,
     sims: Any | None = None,
     image_emb: Any | None = None,
     text_emb: Any | None = None,
@@ -415,12 +378,6 @@ def cross_modal_recall(
     are computed in tiles of ``chunk_size`` images x ``gallery_chunk_size`` captions, so memory is bounded by
     default whatever the gallery size.
     """
-    if args:
-        d = _deprecated_positional("cross_modal_recall", args, dict(sims=sims, image_emb=image_emb, text_emb=text_emb,
-                                                                     caption_to_image=caption_to_image),
-                                   (*_DATA, "ks", "scorer", "chunk_size"))
-        sims, image_emb, text_emb, caption_to_image = (d[k] for k in _DATA)
-        ks, scorer, chunk_size = d.get("ks", ks), d.get("scorer", scorer), d.get("chunk_size", chunk_size)
     kw = dict(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image, ks=ks,
               scorer=scorer, num_images=num_images, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size,
               ties=ties)

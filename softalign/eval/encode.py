@@ -2,8 +2,8 @@
 
 Model specs (``--model``):
 
-* a ``softalign train`` output directory (``recipe.yaml`` + ``checkpoints/``), one of its checkpoint folders or
-  an older release's ``last.pt``: the trained student, read from safetensors. ``heads="cross"`` gives the joint
+* a ``softalign train`` output directory (``recipe.yaml`` + ``checkpoints/``), or one of its checkpoint
+  folders: the trained student, read from safetensors. ``heads="cross"`` gives the joint
   (cross-modal) embeddings; ``heads="uni"`` USA's uni-modal heads on the backbone features, as CUSA evaluates
   uni-modal retrieval;
 * ``open_clip:<arch>[/<pretrained>]``: an open_clip model's ``encode_image`` with its own preprocessing;

@@ -126,14 +126,6 @@ class RetrievalEvaluator(_evaluator_base()):  # type: ignore[misc]
         self.primary_metric = "rsum" if protocol != "coco" else "coco5k/rsum"
         self.csv_file = f"retrieval_evaluation{'_' + name if name else ''}_results.csv"
 
-    def compute_metrices(self, model: Any) -> dict[str, float]:
-        """Deprecated spelling (sentence-transformers' old evaluators): use :meth:`compute_metrics`."""
-        import warnings
-
-        warnings.warn("RetrievalEvaluator.compute_metrices is deprecated: use compute_metrics", FutureWarning,
-                      stacklevel=2)
-        return self.compute_metrics(model)
-
     def compute_metrics(self, model: Any) -> dict[str, float]:
         img, txt = encode_with_model(model, self.images, self.captions, self.batch_size, self.encode_fn)
         img = _as_tensor(img, "image embeddings").detach().float().cpu()

@@ -13,7 +13,6 @@ A fold takes images ``[f * 1000, (f + 1) * 1000)`` and every caption whose image
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,14 +38,7 @@ PROTOCOLS = {
     "plain": (None, 1),
 }
 
-__all__ = ["PROTOCOLS", "protocol_metrics", "protocol_recall_curve", "evaluate_coco", "evaluate_protocol",
-           "fold_metrics"]
-
-
-def _deprecated(name: str) -> None:
-    warnings.warn(f"softalign.eval.{name} is deprecated: use cross_modal_recall(image_emb=..., text_emb=..., "
-                  "caption_to_image=..., protocol=...), the one entry point of cross-modal evaluation",
-                  FutureWarning, stacklevel=3)
+__all__ = ["PROTOCOLS", "protocol_metrics", "protocol_recall_curve"]
 
 
 def _num_images(sims, image_emb, num_images):
@@ -138,22 +130,6 @@ def protocol_metrics(protocol: str, **kwargs: Any) -> dict[str, Any]:
     return _fold_metrics(n_folds, **kwargs)
 
 
-def fold_metrics(n_folds: int, sims: Any | None = None, image_emb: Any | None = None, text_emb: Any | None = None,
-                 caption_to_image: Any | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Deprecated: ``cross_modal_recall(..., protocol=...)`` covers the standard folds."""
-    _deprecated("fold_metrics")
-    return _fold_metrics(n_folds, sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image,
-                         **kwargs)
-
-
-def evaluate_protocol(protocol: str = "plain", sims: Any | None = None, image_emb: Any | None = None,
-                      text_emb: Any | None = None, caption_to_image: Any | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Deprecated: use ``cross_modal_recall(..., protocol=protocol)``."""
-    _deprecated("evaluate_protocol")
-    return protocol_metrics(protocol, sims=sims, image_emb=image_emb, text_emb=text_emb,
-                            caption_to_image=caption_to_image, **kwargs)
-
-
 def protocol_recall_curve(
     protocol: str,
     image_emb: Any,
@@ -166,7 +142,7 @@ def protocol_recall_curve(
     """R@K for each K in ``ks`` (percent), measured the way ``protocol`` measures its metrics.
 
     ``coco1k``: the mean over the 5 folds of 1,000 images of each fold's R@K (the same folds as
-    :func:`fold_metrics`); ``coco5k`` / ``f30k`` / ``plain``: the whole gallery given. Returns
+    :func:`protocol_metrics`); ``coco5k`` / ``f30k`` / ``plain``: the whole gallery given. Returns
     ``{"k": [...], "i2t": [...], "t2i": [...], "gallery": "<what the curve was measured on>"}``; for
     ``coco`` the curves of both protocols under ``"coco1k/i2t"``, ``"coco1k/t2i"``, ``"coco5k/i2t"`` and
     ``"coco5k/t2i"``. K values larger than the (fold) gallery are dropped.
@@ -204,18 +180,3 @@ def protocol_recall_curve(
     gallery = (f"mean over {n_folds} folds of {size} images ({protocol})" if n_folds > 1
                else f"all {n_img} images x {len(text_emb)} captions ({protocol})")
     return {"k": kept, "i2t": i2t, "t2i": t2i, "gallery": gallery}
-
-
-def evaluate_coco(
-    image_emb: Any | None = None,
-    text_emb: Any | None = None,
-    caption_to_image: Any | None = None,
-    protocol: str = "coco5k",
-    *,
-    sims: Any | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Deprecated: use ``cross_modal_recall(image_emb=..., text_emb=..., caption_to_image=..., protocol=...)``."""
-    _deprecated("evaluate_coco")
-    return protocol_metrics(protocol, sims=sims, image_emb=image_emb, text_emb=text_emb,
-                            caption_to_image=caption_to_image, **kwargs)

@@ -10,9 +10,8 @@ from softalign.losses.cmc import CMCLoss
 from softalign.losses.combined import SoftAlignLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
-from softalign.losses.temperature import ClampedTemperature, Temperature
+from softalign.losses.temperature import ClampedTemperature
 from softalign.losses.usa import ProjectionHead, UniModalHead, USALoss
 
 __all__ = ["SoftAlignLoss", "VSEHingeLoss", "InfoNCELoss", "CSALoss", "USALoss", "CMCLoss", "ClampedTemperature",
-           "Temperature",
            "UniModalHead", "ProjectionHead"]

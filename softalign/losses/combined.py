@@ -158,7 +158,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                         "beta": beta is not None}
         base = "vsepp" if base is None else base
         margin = 0.2 if margin is None else margin
-        if base == "infonce" or isinstance(infonce_reduction, str) and infonce_reduction in ("sum", "mean"):
+        if base == "infonce":
             infonce_reduction = SF.infonce_reduction(infonce_reduction)
         base_key = _base_key(base, infonce_reduction)
         default_alpha, default_beta = default_weights(base, infonce_reduction)

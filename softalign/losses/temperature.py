@@ -56,17 +56,6 @@ class ClampedTemperature(nn.Module):
         return f"value={float(self.value.detach()):.4g}, range=[{self.low}, {self.high}], learnable={self.learnable}"
 
 
-class Temperature(ClampedTemperature):
-    """Deprecated name of :class:`ClampedTemperature` (what it is: a temperature kept inside ``[low, high]``)."""
-
-    def __init__(self, *args, **kwargs):
-        import warnings
-
-        warnings.warn("softalign.losses.Temperature is deprecated: use ClampedTemperature", FutureWarning,
-                      stacklevel=2)
-        super().__init__(*args, **kwargs)
-
-
 def _functorch_active() -> bool:
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active()) if callable(active) else False

@@ -18,6 +18,7 @@ from softalign._lazy import lazy_exports
 _EXPORTS = {
     "TeacherCache": "cache",
     "TeacherSimilarities": "cache",
+    "TeacherEnsemble": "ensemble",
     "CacheMismatchError": "cache",
     "IncompleteCacheError": "cache",
     "TextTeacher": "text",

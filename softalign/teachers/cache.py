@@ -106,14 +106,7 @@ def validate_manifest(manifest, mpath: Path) -> None:
         for key, kind in (("path", str), ("key", str), ("shape", list), ("bytes", int)):
             if not isinstance(info.get(key), kind):
                 raise ValueError(f"{mpath}: files.{mod}.{key} must be a {kind.__name__}, got {info.get(key)!r}")
-    if "caption_to_image" in manifest:  # format 1: a JSON list
-        c2i = manifest["caption_to_image"]
-        if not isinstance(c2i, list):
-            raise ValueError(f"{mpath}: 'caption_to_image' must be a list, got {type(c2i).__name__}")
-        bad = next((j for j, x in enumerate(c2i) if not isinstance(x, int) or isinstance(x, bool)), None)
-        if bad is not None:
-            raise ValueError(f"{mpath}: caption_to_image[{bad}] = {c2i[bad]!r} is not an image index")
-    elif not isinstance(manifest["files"].get("caption_to_image"), dict):
+    if not isinstance(manifest["files"].get("caption_to_image"), dict):
         raise ValueError(f"{mpath}: files.caption_to_image (the caption->image map) is missing; rebuild the cache")
 
 
@@ -291,9 +284,10 @@ class TeacherCache:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{mpath} is not valid JSON ({err})") from None
         validate_manifest(manifest, mpath)
-        if int(manifest.get("version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{path}: cache format version {manifest['version']} is newer than this softalign "
-                             f"supports ({FORMAT_VERSION}); upgrade softalign")
+        if int(manifest.get("version", 0)) != FORMAT_VERSION:
+            raise ValueError(f"{path}: cache format version {manifest.get('version')} is not the one this softalign "
+                             f"reads ({FORMAT_VERSION}); rebuild the cache with this softalign"
+                             + (" (or upgrade softalign)" if int(manifest.get("version", 0)) > FORMAT_VERSION else ""))
 
         why = describe_mismatch(manifest["fingerprint"], expect_fingerprint)
         if why:
@@ -335,10 +329,7 @@ class TeacherCache:
                     raise ValueError(f"teacher cache {path}: row {bad} of {info['path']} ({mod} item {bad}) holds "
                                      "non-finite values (NaN or inf); the file is damaged, rebuild the cache")
             tables[mod] = t
-        if "caption_to_image" in manifest:  # format 1
-            c2i = torch.tensor(manifest["caption_to_image"], dtype=torch.long)
-        else:
-            c2i = _read_map(path, manifest["files"]["caption_to_image"], verify)
+        c2i = _read_map(path, manifest["files"]["caption_to_image"], verify)
         if c2i.numel() != tables["text"].shape[0]:
             raise ValueError(f"teacher cache {path}: caption_to_image has {c2i.numel()} entries for "
                              f"{tables['text'].shape[0]} captions")

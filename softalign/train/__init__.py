@@ -16,7 +16,7 @@ _EXPORTS = {
     "list_variants": "softalign.train.recipe",
     "train": "softalign.train.trainer", "load_splits": "softalign.train.trainer",
     "get_teacher_cache": "softalign.train.trainer", "evaluate_embeddings": "softalign.train.evaluation",
-    "encode_split": "softalign.train.evaluation", "save_checkpoint": "softalign.train.checkpoint",
+    "encode_split": "softalign.train.evaluation",
     "load_checkpoint": "softalign.train.checkpoint", "save_embeddings": "softalign.train.evaluation",
     "build_model": "softalign.train.models", "DualEncoder": "softalign.train.models",
     "Vocabulary": "softalign.train.models",

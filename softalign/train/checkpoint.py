@@ -16,9 +16,6 @@ The loss goes through ``register_save_state_pre_hook`` / ``register_load_state_p
 
 The ``latest`` pointer is the commit point: a folder is named in it only once it is complete, and the folders it
 no longer names are removed after it moved. A crash while saving leaves the previous checkpoint in force.
-
-Checkpoints written before this layout (``checkpoints/last.pt``, one ``torch.save`` dict) are still read, with
-``weights_only=True``; resuming one warns once and the next checkpoint is written in this layout.
 """
 from __future__ import annotations
 
@@ -38,7 +35,6 @@ LATEST = "latest"
 TRAIN_STATE = "train_state.json"
 LOSS_STATE = "loss.safetensors"
 MODEL_STATE = "model.safetensors"  # accelerate's SAFE_MODEL_NAME + ".safetensors"
-LEGACY = "last.pt"
 
 #: a save that fails with less free space than this on the checkpoint's disk is reported as "disk full"
 #: (torch.save reports a full disk as "PytorchStreamWriter failed writing file", never as ENOSPC)
@@ -92,8 +88,8 @@ def _bad(path: Path, err: BaseException) -> CheckpointError:
 
 # ------------------------------------------------------------------------------------------------ locate
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The committed checkpoint under ``root`` (a ``checkpoints/`` directory): the folder ``latest`` names, else a
-    legacy ``last.pt``, else None. A ``latest`` naming a missing folder is an error naming both."""
+    """The committed checkpoint under ``root`` (a ``checkpoints/`` directory): the folder ``latest`` names, else
+    None. A ``latest`` naming a missing folder is an error naming both."""
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
@@ -106,13 +102,13 @@ def latest_checkpoint(root: str | Path) -> Path | None:
             raise CheckpointError(f"cannot load checkpoint {pointer}: it names {folder.name!r}, which does not "
                                   "exist (delete it, or train with --no-resume, to start over)")
         return folder
-    return root / LEGACY if (root / LEGACY).is_file() else None
+    return None
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint from a training output directory, its ``checkpoints/``, a checkpoint folder or a ``last.pt``."""
+    """A checkpoint folder from a training output directory, its ``checkpoints/`` or the folder itself."""
     path = Path(path)
-    if path.is_file() or (path / TRAIN_STATE).is_file():
+    if (path / TRAIN_STATE).is_file():
         return path
     for root in (path / "checkpoints", path):
         found = latest_checkpoint(root) if root.is_dir() else None
@@ -126,8 +122,6 @@ def resolve(path: str | Path) -> Path:
 def read_progress(path: str | Path) -> TrainProgress:
     """The :class:`TrainProgress` of the checkpoint at ``path`` (see :func:`resolve`), without its tensors."""
     path = resolve(path)
-    if path.is_file():
-        return TrainProgress.from_dict(_load_legacy(path))
     try:
         return TrainProgress.from_dict(json.loads((path / TRAIN_STATE).read_text(encoding="utf-8")))
     except (OSError, ValueError, AttributeError, TypeError) as err:  # unreadable, torn, or not an object
@@ -137,12 +131,10 @@ def read_progress(path: str | Path) -> TrainProgress:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Everything a checkpoint holds, read without unpickling code: ``{"model", "loss"}`` (state dicts) plus the
     :class:`TrainProgress` fields (``epoch``, ``step``, ``batch``, ``partial``, ``recipe``, ``vocab``) and ``path``.
-    ``path`` is resolved by :func:`resolve`. A legacy ``last.pt`` also gives ``"optimizer"``."""
+    ``path`` is resolved by :func:`resolve`."""
     from safetensors.torch import load_file
 
     path = resolve(path)
-    if path.is_file():
-        return {**_load_legacy(path), "path": path}
     out: dict[str, Any] = dataclasses.asdict(read_progress(path))
     for key, name in (("model", MODEL_STATE), ("loss", LOSS_STATE)):
         try:
@@ -153,13 +145,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DDP-wrapped model
         out[key] = state
     return {**out, "path": path}
-
-
-def _load_legacy(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise _bad(path, err) from None
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -214,7 +199,6 @@ def save_training_state(accelerator, root: str | Path, progress: TrainProgress) 
         for old in root.glob("step-*"):
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
-        (root / LEGACY).unlink(missing_ok=True)  # an older release's checkpoint, now replaced
     return folder
 
 
@@ -231,16 +215,7 @@ def _honour_umask(folder: Path) -> None:
 
 def restore_training_state(accelerator, path: Path, model, loss_fn, optimizer) -> None:
     """Load the checkpoint ``path`` (from :func:`latest_checkpoint`) into the prepared ``model`` and ``optimizer``
-    and into ``loss_fn`` (whose hooks :func:`register_checkpoint_hooks` registered). A legacy ``last.pt`` is read
-    with ``weights_only=True`` and warns that the next checkpoint uses the new layout."""
-    if path.is_file():
-        warnings.warn(f"resuming from {path}, a checkpoint of an older softalign; the next checkpoint is written by "
-                      "accelerate's save_state next to it and replaces it", FutureWarning, stacklevel=3)
-        ck = _load_legacy(path)
-        accelerator.unwrap_model(model).load_state_dict(ck["model"])
-        loss_fn.load_state_dict(ck["loss"])
-        optimizer.load_state_dict(ck["optimizer"])
-        return
+    and into ``loss_fn`` (whose hooks :func:`register_checkpoint_hooks` registered)."""
     _warn_unreadable_rng_state(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
@@ -277,21 +252,3 @@ def _warn_unreadable_rng_state(path: Path, process_index: int) -> None:
         warnings.warn(f"checkpoint file {file}: the random-number state was not restored ({_reason(err)}); the "
                       "run resumes, but its random draws (shuffles, augmentation) differ from an uninterrupted run's",
                       UserWarning, stacklevel=3)
-
-
-def save_checkpoint(path, model, loss_fn, optimizer, epoch: int, step: int, recipe, vocab=None, batch: int = 0,
-                    partial: dict[str, Any] | None = None) -> None:
-    """Deprecated: writes the single-file ``last.pt`` of older releases (``softalign train`` now checkpoints with
-    :func:`save_training_state`). :func:`load_checkpoint` still reads it."""
-    import io
-
-    from softalign.io import atomic_write
-
-    warnings.warn("softalign.train.save_checkpoint is deprecated: softalign train checkpoints with accelerate's "
-                  "save_state (softalign.train.checkpoint.save_training_state)", FutureWarning, stacklevel=2)
-    obj = {"model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-           "epoch": int(epoch), "step": int(step), "recipe": recipe.to_dict(), "vocab": vocab, "batch": int(batch),
-           "partial": partial}
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))

@@ -108,6 +108,8 @@ class TeacherConfig:
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     chunk_size: StrictInt = 256
     rebuild_on_mismatch: StrictBool = False     # a cache built for other data / teachers: rebuild it in place (else error)
+    views: StrictInt = 0     # K > 0: teacher embeddings of K stored augmentations per training image, replayed by the
+    # loader (MobileCLIP's reinforced data; softalign.teachers.views; needs data.augment)
 
 
 @dataclass
@@ -125,8 +127,7 @@ class LossConfig:
     gamma: YamlFloat = 0.0
     margin: YamlFloat = 0.2
     temperature: YamlFloat = 0.05
-    infonce_reduction: Literal["ce", "cusa_mean", "sum", "mean"] = "ce"  # cusa_mean: CUSA's mode mean (CE / B);
-    # "sum" / "mean" are the old names of "ce" / "cusa_mean" (deprecated)
+    infonce_reduction: Literal["ce", "cusa_mean"] = "ce"  # cusa_mean: CUSA's mode mean (CE / B)
     csa_mode: Literal["each", "add", "dot"] = "each"
     csa_temperature: YamlFloat = 0.45
     usa_temperature: YamlFloat = 0.45

@@ -1,6 +1,5 @@
 """What a resume accepts: the recipe of a checkpoint (or of a finished run) against the recipe asked for. Only the
-fields of :data:`RESUME_MUTABLE` may differ; a key that a saved recipe lacks counts as its schema default, or as
-its :data:`LEGACY_DEFAULTS` value when runs before the option behaved differently."""
+fields of :data:`RESUME_MUTABLE` may differ; a key that a saved recipe lacks counts as its schema default."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -16,11 +15,6 @@ RESUME_MUTABLE = frozenset({
     "train.checkpoint_every", "train.checkpoint_steps", "train.eval_batch_size", "train.cpu", "teacher.cache_dir", "teacher.chunk_size",
     "teacher.rebuild_on_mismatch", "data.num_workers",
 })
-
-
-#: Options whose schema default differs from what runs did before the option existed: a saved recipe without the
-#: key gets this value (checkpoints before ``optim.decay_1d`` decayed every parameter).
-LEGACY_DEFAULTS: dict[str, Any] = {"optim.decay_1d": True}
 
 
 class ResumeMismatchError(ValueError):
@@ -48,12 +42,10 @@ def recipe_differences(saved: Mapping[str, Any] | None, recipe: Recipe,
     ignore = set(ignore)
     defaults = _flatten(Recipe().to_dict())
     old, new = _flatten(saved), _flatten(recipe.to_dict())
-    for k, v in LEGACY_DEFAULTS.items():  # what a run did before the option existed
-        old.setdefault(k, v)
     keys = sorted(set(old) | set(new))
     return [k for k in keys if k not in ignore and old.get(k, defaults.get(k)) != new.get(k, defaults.get(k))]
 
 
 def _describe_differences(saved: Mapping[str, Any], recipe: Recipe, keys: list[str]) -> str:
-    old, new = {**LEGACY_DEFAULTS, **_flatten(saved)}, _flatten(recipe.to_dict())
+    old, new = _flatten(saved), _flatten(recipe.to_dict())
     return "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys)

@@ -30,14 +30,13 @@ import torch
 
 from softalign.data.base import RetrievalData
 from softalign.io import atomic_write_text
-from softalign.train.checkpoint import (  # noqa: F401 - load_checkpoint / save_checkpoint: public names
+from softalign.train.checkpoint import (  # noqa: F401 - load_checkpoint: a public name
     TrainProgress,
     latest_checkpoint,
     load_checkpoint,
     read_progress,
     register_checkpoint_hooks,
     restore_training_state,
-    save_checkpoint,
     save_training_state,
 )
 from softalign.train.evaluation import (  # noqa: F401 - public names of softalign.train.trainer
@@ -50,7 +49,6 @@ from softalign.train.evaluation import (  # noqa: F401 - public names of softali
 )
 from softalign.train.recipe import Recipe
 from softalign.train.resume import (  # noqa: F401 - public names of softalign.train.trainer
-    LEGACY_DEFAULTS,
     RESUME_MUTABLE,
     ResumeMismatchError,
     _describe_differences,
@@ -152,6 +150,31 @@ def get_teacher_cache(recipe: Recipe, train_data: RetrievalData, accelerator=Non
                            accelerator=accelerator, progress=recipe.train.progress, log=log,
                            fix_hint="point teacher.cache_dir at the matching cache, or set "
                                     "teacher.rebuild_on_mismatch=true to rebuild it in place")
+
+
+def get_view_cache(recipe: Recipe, train_data: RetrievalData, log: Callable = print):
+    """The recipe's augmentation-aware teacher views (``teacher.views`` K > 0) for its training images, next to the
+    teacher cache (``<cache_dir>-views<K>``): loaded when one for the same images, K and teacher is there, else
+    built (seeded by the recipe's seed)."""
+    from softalign.teachers.cache import canonical_teacher_name
+    from softalign.teachers.views import ViewCache
+
+    t = recipe.teacher
+    if t.views < 0:
+        raise ValueError(f"{recipe.name}: teacher.views must be >= 0 (0: clean images only), got {t.views}")
+    if not recipe.data.augment:
+        raise ValueError(f"{recipe.name}: teacher.views={t.views} stores augmented views for the loader to replay; "
+                         "set data.augment: true (or teacher.views: 0)")
+    path = Path(f"{teacher_cache_dir(recipe)}-views{t.views}")
+    if (path / "views.json").is_file():
+        try:
+            return ViewCache.load(path, expect_images=train_data.num_images, expect_views=t.views,
+                                  expect_teacher=canonical_teacher_name("image", t.image))
+        except ValueError as err:
+            log(f"{recipe.name}: {err}: rebuilding")
+    log(f"{recipe.name}: teacher embeddings of {t.views} augmented views per training image -> {path}")
+    return ViewCache.build(path, train_data.images, t.views, image_teacher=t.image, seed=recipe.seed,
+                           dtype=t.dtype, progress=recipe.train.progress)
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -315,13 +338,17 @@ def _transforms_and_images(recipe: Recipe, model, train_data: RetrievalData, eva
     return train_tf, test_tf, caches
 
 
-def _train_loader(recipe: Recipe, data: RetrievalData, transform, image_cache):
+def _train_loader(recipe: Recipe, data: RetrievalData, transform, image_cache, view_params=None):
     from torch.utils.data import DataLoader
 
     from softalign.data.pairs import ImagePairDataset, PairDataset, collate_pairs
 
-    dataset = (ImagePairDataset if recipe.data.sample == "images" else PairDataset)(data, transform)
-    dataset.cache = image_cache
+    kind = ImagePairDataset if recipe.data.sample == "images" else PairDataset
+    if view_params is not None:  # the stored views, replayed (decoded once each with data.preload)
+        dataset = kind(data, transform, preload=recipe.data.preload, view_params=view_params)
+    else:
+        dataset = kind(data, transform)
+        dataset.cache = image_cache
     bs = recipe.train.batch_size
     return DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) > bs, collate_fn=collate_pairs,
                       num_workers=recipe.data.num_workers)
@@ -397,6 +424,10 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     if cache is None and needs_teacher(recipe):
         with accelerator.main_process_first():
             cache = get_teacher_cache(recipe, train_data, accelerator=None, log=log)
+    views = None
+    if cache is not None and recipe.teacher.views:
+        with accelerator.main_process_first():
+            views = get_view_cache(recipe, train_data, log=log)
     if cache is not None and getattr(cache, "num_captions", train_data.num_captions) != train_data.num_captions:
         raise ValueError(f"{recipe.name}: the teacher cache holds {cache.num_captions} captions but the training "
                          f"split has {train_data.num_captions} (data.validation cut its images off): build the cache "
@@ -413,7 +444,8 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     optimizer = _build_optimizer(recipe, model, loss_fn)
     eval_splits = {"test": test_data, **({"val": val_data} if val_data is not None else {})}
     train_tf, test_tf, image_caches = _transforms_and_images(recipe, model, train_data, eval_splits, image_caches)
-    loader = _train_loader(recipe, train_data, train_tf, image_caches.get("train"))
+    loader = _train_loader(recipe, train_data, train_tf, image_caches.get("train"),
+                           None if views is None else views.params)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     jsonl = JsonlTracker(out / "metrics.jsonl")  # metrics.jsonl: one of accelerate's trackers
     hooks = register_checkpoint_hooks(accelerator, loss_fn, progress)
@@ -438,7 +470,7 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     # 5. the epochs: train, evaluate the validation split when due (and keep the best checkpoint by it), log the
     #    epoch's line, then commit it with a checkpoint
     loop = _EpochLoop(recipe, accelerator, model, loss_fn, optimizer, scheduler, loader, progress,
-                      usa_on_features, out / "checkpoints")
+                      usa_on_features, out / "checkpoints", views=None if views is None else (views, cache))
     unwrapped = accelerator.unwrap_model(model)
     best = BestCheckpoint(out / "best", recipe.train.keep_best, progress)
     if val_data is None and main and progress.epoch < recipe.train.epochs:
@@ -491,8 +523,9 @@ class _EpochLoop:
     of a run that stopped inside an epoch (accelerate's ``skip_first_batches``)."""
 
     def __init__(self, recipe: Recipe, accelerator, model, loss_fn, optimizer, scheduler, loader,
-                 progress: TrainProgress, usa_on_features: bool, checkpoint_root: Path):
+                 progress: TrainProgress, usa_on_features: bool, checkpoint_root: Path, views=None):
         self.recipe, self.accelerator, self.model, self.loss_fn = recipe, accelerator, model, loss_fn
+        self.views = views  # (ViewCache, TeacherCache): the teacher embedding of the view each item shows
         self.optimizer, self.scheduler, self.loader, self.progress = optimizer, scheduler, loader, progress
         self.usa_on_features, self.checkpoint_root = usa_on_features, checkpoint_root
         self.clip_params = list(model.parameters()) + [p for p in loss_fn.parameters() if p.requires_grad]
@@ -542,6 +575,10 @@ class _EpochLoop:
         with acc.autocast():
             img, txt, img_f, txt_f = self.model(batch["image"], batch["caption"], return_features=True)
             feats = dict(image_features=img_f, text_features=txt_f) if self.usa_on_features else {}
+            if self.views is not None:  # augmentation-aware soft labels: the teacher saw the view the student sees
+                views, cache = self.views
+                feats["teacher_image_emb"] = views.image_embeddings(batch["image_id"], batch["view"], img.device)
+                feats["teacher_text_emb"] = cache.embeddings(batch["id"], device=img.device)[1]
             parts = self.loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"], **feats)
         loss = parts["loss"]
         if not torch.isfinite(loss):
