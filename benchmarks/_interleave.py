@@ -1,5 +1,6 @@
 """Interleaved timing for the benchmarks: every round runs each variant once, in turn, so that the drift of a
 shared machine (other jobs, thermal state) hits all variants alike; min and median over the rounds are reported."""
+
 from __future__ import annotations
 
 import statistics
@@ -7,8 +8,13 @@ import time
 from collections.abc import Callable
 
 
-def interleaved(variants: dict[str, Callable[[], object]], rounds: int = 5, inner: int = 1,
-                warmup: int = 1, only_first_round: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    rounds: int = 5,
+    inner: int = 1,
+    warmup: int = 1,
+    only_first_round: tuple[str, ...] = (),
+) -> dict[str, dict[str, float]]:
     """``{name: {"min": s, "median": s, "n": rounds}}`` in seconds per call (``inner`` calls per measurement).
     Variants named in ``only_first_round`` (e.g. a minutes-long reference loop) run in the first round only."""
     for fn in variants.values():

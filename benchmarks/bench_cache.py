@@ -13,6 +13,7 @@
 4. peak RAM of a build: grows with the chunk size, not with the data set (each build in a fresh
    subprocess; peak RSS minus RSS before the build).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,18 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
     # a second teacher pair of other widths over the same data: softalign.teachers.TeacherEnsemble of the two
     from softalign.teachers import TeacherEnsemble
 
-    second = import_npy(tmp / "lookup2", rng.normal(size=(n_img, 512)).astype(np.float32), c2i,
-                        text_features=rng.normal(size=(n_img * cpi, 384)).astype(np.float32), progress=False,
-                        chunk_size=8192)
+    second = import_npy(
+        tmp / "lookup2",
+        rng.normal(size=(n_img, 512)).astype(np.float32),
+        c2i,
+        text_features=rng.normal(size=(n_img * cpi, 384)).astype(np.float32),
+        progress=False,
+        chunk_size=8192,
+    )
     ensemble = TeacherEnsemble([cache, second])
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randperm(len(txt), generator=gen)[:b] for _ in range(64)]
-    it = iter(range(10 ** 9))
+    it = iter(range(10**9))
 
     def lookup():
         cache.similarities(batches[next(it) % 64])
@@ -86,26 +92,41 @@ def bench_lookup(tmp: Path, n_img: int, quick: bool) -> None:
         def run():
             for _ in range(n):
                 fn()
+
         return run
 
     cusa_step()  # warm-up: the teacher's first call
-    r = interleaved({"cache": many(lookup), "cache 1 thread": many(one_thread),
-                     "ensemble": many(lambda: ensemble.similarities(batches[next(it) % 64])),
-                     "floor": many(lambda: (e_img @ e_img.T, e_txt @ e_txt.T)), "cusa": cusa_step},
-                    rounds=3 if quick else 5)
+    r = interleaved(
+        {
+            "cache": many(lookup),
+            "cache 1 thread": many(one_thread),
+            "ensemble": many(lambda: ensemble.similarities(batches[next(it) % 64])),
+            "floor": many(lambda: (e_img @ e_img.T, e_txt @ e_txt.T)),
+            "cusa": cusa_step,
+        },
+        rounds=3 if quick else 5,
+    )
     per = {"cache": 200, "cache 1 thread": 200, "ensemble": 200, "floor": 200, "cusa": 1}
-    t_cache, t_cache1, t_floor, t_cusa = (r[k]["median"] / per[k] for k in ("cache", "cache 1 thread", "floor", "cusa"))
+    t_cache, t_cache1, t_floor, t_cusa = (
+        r[k]["median"] / per[k] for k in ("cache", "cache 1 thread", "floor", "cusa")
+    )
     mins = {k: r[k]["min"] / per[k] for k in per}
-    print(f"[1] lookup + similarities, B={b}, d={d}, {len(txt)} captions / {n_img} images (fp16, mmap); medians "
-          f"of {r['cache']['n']} interleaved rounds (min: cache {mins['cache'] * 1e3:.3f}, floor "
-          f"{mins['floor'] * 1e3:.3f}, CUSA {mins['cusa'] * 1e3:.1f} ms)")
+    print(
+        f"[1] lookup + similarities, B={b}, d={d}, {len(txt)} captions / {n_img} images (fp16, mmap); medians "
+        f"of {r['cache']['n']} interleaved rounds (min: cache {mins['cache'] * 1e3:.3f}, floor "
+        f"{mins['floor'] * 1e3:.3f}, CUSA {mins['cusa'] * 1e3:.1f} ms)"
+    )
     print(f"    softalign cache.similarities : {t_cache * 1e3:8.3f} ms/batch   (target < 1 ms; {threads} threads)")
     print(f"    same, 1 thread               : {t_cache1 * 1e3:8.3f} ms/batch")
     t_ens = r["ensemble"]["median"] / per["ensemble"]
-    print(f"    TeacherEnsemble of 2 caches  : {t_ens * 1e3:8.3f} ms/batch   ({t_ens / t_cache:.2f}x one cache; "
-          "the second is 512 / 384-d)")
-    print(f"    floor: the 2 matmuls alone   : {t_floor * 1e3:8.3f} ms/batch   (lookup overhead "
-          f"{(t_cache - t_floor) * 1e3:.3f} ms)")
+    print(
+        f"    TeacherEnsemble of 2 caches  : {t_ens * 1e3:8.3f} ms/batch   ({t_ens / t_cache:.2f}x one cache; "
+        "the second is 512 / 384-d)"
+    )
+    print(
+        f"    floor: the 2 matmuls alone   : {t_floor * 1e3:8.3f} ms/batch   (lookup overhead "
+        f"{(t_cache - t_floor) * 1e3:.3f} ms)"
+    )
     print(f"    CUSA-style re-encode + dict  : {t_cusa * 1e3:8.1f} ms/batch   (MiniLM text teacher, CPU)")
     print(f"    speed-up                     : {t_cusa / t_cache:8.0f}x")
 
@@ -125,8 +146,15 @@ def bench_build(tmp: Path, n_img: int, cpi: int) -> None:
         i = len(paths)
         paths.append(p)
         name = e.name.lower()
-        for j, tpl in enumerate(["an emoji of {}", "a small icon showing {}", "{} drawn as a flat cartoon",
-                                 "the {} symbol", "a picture of {}"][:cpi]):
+        for j, tpl in enumerate(
+            [
+                "an emoji of {}",
+                "a small icon showing {}",
+                "{} drawn as a flat cartoon",
+                "the {} symbol",
+                "a picture of {}",
+            ][:cpi]
+        ):
             captions.append(tpl.format(name))
             c2i.append(i)
         if len(paths) == n_img:
@@ -142,8 +170,16 @@ def bench_build(tmp: Path, n_img: int, cpi: int) -> None:
 
     def build(k):
         t = time.perf_counter()
-        TeacherCache.build(tmp / f"build{k}", captions, paths, c2i, text_teacher=text, image_teacher=image,
-                           chunk_size=256, progress=False)
+        TeacherCache.build(
+            tmp / f"build{k}",
+            captions,
+            paths,
+            c2i,
+            text_teacher=text,
+            image_teacher=image,
+            chunk_size=256,
+            progress=False,
+        )
         return time.perf_counter() - t
 
     direct()  # warm-up (thread pools, allocator)
@@ -152,10 +188,14 @@ def bench_build(tmp: Path, n_img: int, cpi: int) -> None:
         td.append(direct())
         tb.append(build(k))
     td, tb = min(td), min(tb)
-    print(f"[2] build throughput: {len(captions)} captions + {len(paths)} twemoji PNGs, offline MiniLM + EfficientNet-Lite0, CPU")
+    print(
+        f"[2] build throughput: {len(captions)} captions + {len(paths)} twemoji PNGs, offline MiniLM + EfficientNet-Lite0, CPU"
+    )
     print(f"    teachers' own encode         : {td:8.2f} s  ({(len(captions) + len(paths)) / td:7.1f} items/s)")
-    print(f"    TeacherCache.build           : {tb:8.2f} s  ({(len(captions) + len(paths)) / tb:7.1f} items/s, "
-          f"incl. hashing, chunk files, merge, manifest)")
+    print(
+        f"    TeacherCache.build           : {tb:8.2f} s  ({(len(captions) + len(paths)) / tb:7.1f} items/s, "
+        f"incl. hashing, chunk files, merge, manifest)"
+    )
     print(f"    build / encode throughput    : {td / tb:8.2f}x   (target >= 0.9x)")
 
 
@@ -223,8 +263,13 @@ def bench_ram(tmp: Path, sizes, chunks, d: int = 768) -> None:
             peaks = []
             for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "131072"}):
                 out = tmp / f"ram_{n}_{chunk}_{len(env)}"
-                res = subprocess.run([sys.executable, "-c", _RAM_CHILD, str(n), str(chunk), str(d), str(out)],
-                                     capture_output=True, text=True, check=True, env={**os.environ, **env})
+                res = subprocess.run(
+                    [sys.executable, "-c", _RAM_CHILD, str(n), str(chunk), str(d), str(out)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, **env},
+                )
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 peaks.append((r["peak"] - r["base"]) / 1e6)
             data = (n + n // 5) * d * 2 / 1e6
@@ -236,8 +281,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)"
+    )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         bench_lookup(tmp, n_img=2000 if args.quick else 10000, quick=args.quick)

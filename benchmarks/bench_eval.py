@@ -21,6 +21,7 @@ Timings: interleaved rounds (``--rounds``, default 3): every round runs each var
 are printed. The per-query loops take minutes at 5K x 25K: they run in the first round only (n=1), unless
 ``--loop-rounds``. All on --threads (default 1) threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,7 @@ def _vsepp_ranks_verbatim(ims, caps, c2i):
     n_img, n_txt = ims.shape[0], caps.shape[0]
     i2t = np.zeros(n_img)
     for index in range(n_img):
-        d = np.dot(ims[index:index + 1], caps.T).flatten()
+        d = np.dot(ims[index : index + 1], caps.T).flatten()
         inds = np.argsort(d)[::-1]
         rank = 1e20
         for i in np.where(c2i == index)[0]:
@@ -99,7 +100,9 @@ def make_data(n_img, cpi, dim, seed=0, noise=1.2):
     g = torch.Generator().manual_seed(seed)
     im = torch.nn.functional.normalize(torch.randn(n_img, dim, generator=g), dim=1)
     c2i = torch.arange(n_img).repeat_interleave(cpi)
-    tx = torch.nn.functional.normalize(im[c2i] + noise * torch.randn(n_img * cpi, dim, generator=g) / dim**0.5 * 4, dim=1)
+    tx = torch.nn.functional.normalize(
+        im[c2i] + noise * torch.randn(n_img * cpi, dim, generator=g) / dim**0.5 * 4, dim=1
+    )
     return im, tx, c2i
 
 
@@ -121,8 +124,10 @@ def _explain(S, c2i, ours, ri, rt):
     n = len(di) + len(dt)
     if n == 0:
         return "rank differences: none"
-    return (f"rank differences: {n} queries (i2t {len(di)}, t2i {len(dt)}); on an exact score tie with the positive: "
-            f"{tied} (documented tie rule: ties go to the positive; VSE++ argsort order is arbitrary)")
+    return (
+        f"rank differences: {n} queries (i2t {len(di)}, t2i {len(dt)}); on an exact score tie with the positive: "
+        f"{tied} (documented tie rule: ties go to the positive; VSE++ argsort order is arbitrary)"
+    )
 
 
 def bench_recall(n_img, cpi=5, dim=128, chunk=512, rounds=3, loop_rounds=False):
@@ -136,14 +141,20 @@ def bench_recall(n_img, cpi=5, dim=128, chunk=512, rounds=3, loop_rounds=False):
     def keep(name, fn):
         def run():
             out[name] = fn()
+
         return run
 
     variants = {
-        "A softalign (matrix)": keep("A", lambda: cross_modal_recall(sims=S, caption_to_image=c2i, chunk_size=chunk,
-                                                                      return_ranks=True)),
+        "A softalign (matrix)": keep(
+            "A", lambda: cross_modal_recall(sims=S, caption_to_image=c2i, chunk_size=chunk, return_ranks=True)
+        ),
         "A per-query loop": keep("A_ref", lambda: _vsepp_ranks_from_matrix(S_np, c2i_np)),
-        "B softalign (embeddings)": keep("B", lambda: cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i,
-                                                                         chunk_size=chunk, return_ranks=True)),
+        "B softalign (embeddings)": keep(
+            "B",
+            lambda: cross_modal_recall(
+                image_emb=im, text_emb=tx, caption_to_image=c2i, chunk_size=chunk, return_ranks=True
+            ),
+        ),
         "B VSE++ verbatim": keep("B_ref", lambda: _vsepp_ranks_verbatim(im.numpy(), tx.numpy(), c2i_np)),
         "C bare matmul": lambda: im @ tx.T,
     }
@@ -152,20 +163,31 @@ def bench_recall(n_img, cpi=5, dim=128, chunk=512, rounds=3, loop_rounds=False):
     print(f"{label}  [seconds, min / median over interleaved rounds]")
     for name, v in t.items():
         print(f"   {name:<26} {fmt(v)}")
-    for part, ours, ref in (("A", "A softalign (matrix)", "A per-query loop"),
-                            ("B", "B softalign (embeddings)", "B VSE++ verbatim")):
+    for part, ours, ref in (
+        ("A", "A softalign (matrix)", "A per-query loop"),
+        ("B", "B softalign (embeddings)", "B VSE++ verbatim"),
+    ):
         ranks = out[f"{part}_ref"]
         reference = vsepp_metrics(*ranks)
         diff = {k: (out[part][k], reference[k]) for k in reference if out[part][k] != reference[k]}
-        print(f"   {part}: loop / softalign (medians) {t[ref]['median'] / t[ours]['median']:.1f}x  "
-              f"identical={not diff}" + (f" {diff}" if diff else ""))
+        print(
+            f"   {part}: loop / softalign (medians) {t[ref]['median'] / t[ours]['median']:.1f}x  "
+            f"identical={not diff}" + (f" {diff}" if diff else "")
+        )
         print("     " + _explain(S_np, c2i_np, out[part], *ranks))
     m = t["C bare matmul"]["median"]
-    print(f"   recall / bare matmul (medians): from the matrix {t['A softalign (matrix)']['median'] / m:.2f}x, "
-          f"from embeddings {t['B softalign (embeddings)']['median'] / m:.2f}x (goal: within 2x)")
+    print(
+        f"   recall / bare matmul (medians): from the matrix {t['A softalign (matrix)']['median'] / m:.2f}x, "
+        f"from embeddings {t['B softalign (embeddings)']['median'] / m:.2f}x (goal: within 2x)"
+    )
     ours = out["A"]
-    print("   " + "  ".join(f"{k}={ours[k]:.2f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5",
-                                                          "t2i_r10", "rsum")))
+    print(
+        "   "
+        + "  ".join(
+            f"{k}={ours[k]:.2f}"
+            for k in ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+        )
+    )
 
 
 def bench_large_gallery(n_captions, cpi=5, dim=128, rounds=2):
@@ -175,14 +197,21 @@ def bench_large_gallery(n_captions, cpi=5, dim=128, rounds=2):
     n_img = n_captions // cpi
     im, tx, c2i = make_data(n_img, cpi, dim, seed=3)
     out = {}
-    t = interleaved({"softalign tiled": lambda: out.__setitem__("tiled", cross_modal_recall(
-                         image_emb=im, text_emb=tx, caption_to_image=c2i)),
-                     "faiss IndexFlatIP": lambda: out.__setitem__("faiss", faiss_recall_at_k(im, tx, c2i))},
-                    rounds=rounds)
+    t = interleaved(
+        {
+            "softalign tiled": lambda: out.__setitem__(
+                "tiled", cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i)
+            ),
+            "faiss IndexFlatIP": lambda: out.__setitem__("faiss", faiss_recall_at_k(im, tx, c2i)),
+        },
+        rounds=rounds,
+    )
     same = all(abs(out["tiled"][k] - out["faiss"][k]) < 1e-9 for k in out["faiss"])  # the same hit counts
-    print(f"{n_img}x{n_captions} (D={dim}) R@K, seconds min / median: tiled {fmt(t['softalign tiled'])}, faiss "
-          f"{fmt(t['faiss IndexFlatIP'])}; tiled / faiss (medians) "
-          f"{t['softalign tiled']['median'] / t['faiss IndexFlatIP']['median']:.2f}x; same R@K={same}")
+    print(
+        f"{n_img}x{n_captions} (D={dim}) R@K, seconds min / median: tiled {fmt(t['softalign tiled'])}, faiss "
+        f"{fmt(t['faiss IndexFlatIP'])}; tiled / faiss (medians) "
+        f"{t['softalign tiled']['median'] / t['faiss IndexFlatIP']['median']:.2f}x; same R@K={same}"
+    )
 
 
 def bench_two_stage(n_img=1000, cpi=5, dim=128, fine_dim=64, top_k=20):
@@ -190,7 +219,9 @@ def bench_two_stage(n_img=1000, cpi=5, dim=128, fine_dim=64, top_k=20):
     # synthetic fine model: sees a less noisy view of each caption and scores 4 x 4 token pairs
     # (max-sim, as in late-interaction / token-level models): better than the embeddings, far costlier per pair
     g = torch.Generator().manual_seed(2)
-    tx_fine = torch.nn.functional.normalize(im[c2i] + 0.6 * torch.randn(len(tx), dim, generator=g) / dim**0.5 * 4, dim=1)
+    tx_fine = torch.nn.functional.normalize(
+        im[c2i] + 0.6 * torch.randn(len(tx), dim, generator=g) / dim**0.5 * 4, dim=1
+    )
     proj = torch.randn(dim, 4 * fine_dim, generator=g) / dim**0.5
     fi = (im @ proj).view(n_img, 4, -1)
     ft = (tx_fine @ proj).view(len(tx), 4, -1)
@@ -198,14 +229,16 @@ def bench_two_stage(n_img=1000, cpi=5, dim=128, fine_dim=64, top_k=20):
     def fine(ii, cc):
         out = []
         for s in range(0, ii.numel(), 65536):
-            a, b = fi[ii[s:s + 65536]], ft[cc[s:s + 65536]]
+            a, b = fi[ii[s : s + 65536]], ft[cc[s : s + 65536]]
             out.append(torch.einsum("pid,pjd->pij", a, b).amax(dim=2).mean(dim=1))
         return torch.cat(out)
 
     res = two_stage_rerank(im, tx, c2i, fine, top_k=top_k, chunk_size=256)
-    print(f"two-stage {n_img}x{n_img * cpi}, top-K={top_k}: full fine scoring {res['time_full_fine_s']:.2f}s  "
-          f"two-stage {res['time_two_stage_s']:.2f}s  speed-up {res['speedup']:.1f}x  "
-          f"fine pairs {res['fine_pairs_two_stage']} vs {n_img * n_img * cpi}")
+    print(
+        f"two-stage {n_img}x{n_img * cpi}, top-K={top_k}: full fine scoring {res['time_full_fine_s']:.2f}s  "
+        f"two-stage {res['time_two_stage_s']:.2f}s  speed-up {res['speedup']:.1f}x  "
+        f"fine pairs {res['fine_pairs_two_stage']} vs {n_img * n_img * cpi}"
+    )
     ts, ff, co, ch = res["two_stage"], res["full_fine"], res["coarse"], res["recall_change"]
     for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"):
         print(f"   {k:7s} coarse {co[k]:6.2f}  two-stage {ts[k]:6.2f}  full fine {ff[k]:6.2f}  change {ch[k]:+.2f}")
@@ -215,11 +248,17 @@ def bench_two_stage(n_img=1000, cpi=5, dim=128, fine_dim=64, top_k=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="threads for both sides (default 1: a fair single-core comparison)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="threads for both sides (default 1: a fair single-core comparison)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--loop-rounds", action="store_true", help="repeat the per-query loops in every round too")
-    ap.add_argument("--faiss-captions", type=int, default=100000,
-                    help="gallery size of the tiled vs faiss R@K comparison (0: skip; needs faiss-cpu)")
+    ap.add_argument(
+        "--faiss-captions",
+        type=int,
+        default=100000,
+        help="gallery size of the tiled vs faiss R@K comparison (0: skip; needs faiss-cpu)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

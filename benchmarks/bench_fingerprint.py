@@ -12,6 +12,7 @@
 Prints min / median over the repeats and the ratios. The page cache is warm after the first repeat (as on a
 machine that has just built or used the cache); the first repeat shows the cold case.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,9 +58,11 @@ def bench_images(n: int, repeats: int) -> None:
         paths = _jpegs(Path(tmp), n)
         size = sum(Path(p).stat().st_size for p in paths) / n
         src = ImageSource(paths)
-        fns = {"stat (path + size)": lambda: src.fingerprint("stat"),
-               "content (SHA-256)": lambda: src.fingerprint("content"),
-               "decode (PIL)": lambda: [load_image(p, i) for i, p in enumerate(paths)]}
+        fns = {
+            "stat (path + size)": lambda: src.fingerprint("stat"),
+            "content (SHA-256)": lambda: src.fingerprint("content"),
+            "decode (PIL)": lambda: [load_image(p, i) for i, p in enumerate(paths)],
+        }
         teacher = None
         try:
             from softalign.teachers import resolve_image_teacher
@@ -70,7 +73,7 @@ def bench_images(n: int, repeats: int) -> None:
             def encode():
                 with torch.inference_mode():
                     for s in range(0, n, 32):
-                        teacher.encode(images[s:s + 32])
+                        teacher.encode(images[s : s + 32])
 
             fns["teacher forward (Lite0)"] = encode
         except ImportError as err:
@@ -96,13 +99,22 @@ def bench_load(captions: int, repeats: int) -> None:
     images = max(1, captions // 5)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cache"
-        import_npy(out, rng.normal(size=(images, 1280)).astype(np.float32), [i // 5 for i in range(captions)],
-                   text_features=rng.normal(size=(captions, 384)).astype(np.float32), progress=False)
+        import_npy(
+            out,
+            rng.normal(size=(images, 1280)).astype(np.float32),
+            [i // 5 for i in range(captions)],
+            text_features=rng.normal(size=(captions, 384)).astype(np.float32),
+            progress=False,
+        )
         mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e6
-        fns = {"verify=False": lambda: TeacherCache.load(out, verify=False),
-               "verify=True": lambda: TeacherCache.load(out, verify=True)}
+        fns = {
+            "verify=False": lambda: TeacherCache.load(out, verify=False),
+            "verify=True": lambda: TeacherCache.load(out, verify=True),
+        }
         times = _time(fns, repeats, list(fns))
-        print(f"cache load, {captions} captions x 384 + {images} images x 1280 (fp16, {mb:.0f} MB), {repeats} repeats:")
+        print(
+            f"cache load, {captions} captions x 384 + {images} images x 1280 (fp16, {mb:.0f} MB), {repeats} repeats:"
+        )
         for k, t in times.items():
             print(f"  {k:<14} {1e3 * min(t):9.1f} ms min  {1e3 * statistics.median(t):9.1f} median")
         a, b = (statistics.median(times[k]) for k in fns)

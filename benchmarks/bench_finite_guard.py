@@ -4,6 +4,7 @@ side by side in one run (interleaved rounds; min / median).
 
     python benchmarks/bench_finite_guard.py [--batch 128] [--dim 1024] [--rounds 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ def main() -> None:
     txt = torch.randn(a.batch, a.dim, requires_grad=True)
     t = torch.nn.functional.normalize(torch.randn(a.batch, 64), dim=1)
     teacher = dict(teacher_image_sim=t @ t.T, teacher_text_sim=t @ t.T)
-    losses = {"VSEHingeLoss": (VSEHingeLoss(), {}), "InfoNCELoss": (InfoNCELoss(), {}),
-              "SoftAlignLoss (vsepp + CSA + USA)": (SoftAlignLoss(diagnostics_every=0), teacher)}
+    losses = {
+        "VSEHingeLoss": (VSEHingeLoss(), {}),
+        "InfoNCELoss": (InfoNCELoss(), {}),
+        "SoftAlignLoss (vsepp + CSA + USA)": (SoftAlignLoss(diagnostics_every=0), teacher),
+    }
     real = inputs.assert_finite
 
     def step(loss, kw, guard):
@@ -41,14 +45,22 @@ def main() -> None:
         loss(img, txt, **kw).backward()
         img.grad = txt.grad = None
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.batch}, d={a.dim}; ms per fwd+bwd, "
-          "min / median")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.batch}, d={a.dim}; ms per fwd+bwd, "
+        "min / median"
+    )
     for name, (loss, kw) in losses.items():
-        res = interleaved({"with": lambda: step(loss, kw, True), "without": lambda: step(loss, kw, False)},
-                          rounds=a.rounds, inner=a.inner, warmup=2)
+        res = interleaved(
+            {"with": lambda: step(loss, kw, True), "without": lambda: step(loss, kw, False)},
+            rounds=a.rounds,
+            inner=a.inner,
+            warmup=2,
+        )
         ratio = res["with"]["median"] / res["without"]["median"]
-        print(f"{name:34s} with check {fmt(res['with'], 1e3)}  without {fmt(res['without'], 1e3)}  "
-              f"ratio (median) {ratio:.3f}")
+        print(
+            f"{name:34s} with check {fmt(res['with'], 1e3)}  without {fmt(res['without'], 1e3)}  "
+            f"ratio (median) {ratio:.3f}"
+        )
     inputs.assert_finite = combined.assert_finite = real
 
 

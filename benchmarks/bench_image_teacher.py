@@ -5,6 +5,7 @@
 
 Prints ms per image (min / median over repeats, A and B alternating in each repeat) and the ratio.
 """
+
 from __future__ import annotations
 
 import argparse

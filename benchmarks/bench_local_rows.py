@@ -11,6 +11,7 @@ full stack: VSE++ hinge + CSA + USA (heads) + CMC, teacher embeddings of 384 / 1
 open_clip_train's drop-in ``SoftAlignClipLoss`` (CLIP contrastive with the model's logit_scale + CSA + USA) with
 the teacher features open_clip passes as ``dist_image_features`` / ``dist_text_features``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,27 @@ def run(world: int, batch: int, dim: int, local: bool, kind: str = "softalign") 
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/init"
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-        procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(r), str(world), str(batch), str(dim),
-                                   "1" if local else "0", init, kind], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env) for r in range(world)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(r),
+                    str(world),
+                    str(batch),
+                    str(dim),
+                    "1" if local else "0",
+                    init,
+                    kind,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for r in range(world)
+        ]
         outs = []
         for p in procs:
             out, err = p.communicate(timeout=600)
@@ -81,17 +100,21 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--loss", choices=["softalign", "clip"], default="softalign")
     args = p.parse_args()
-    print(f"{args.world} processes (gloo, CPU), d={args.dim}, --loss {args.loss}; peak extra RSS per process of one "
-          "forward + backward")
+    print(
+        f"{args.world} processes (gloo, CPU), d={args.dim}, --loss {args.loss}; peak extra RSS per process of one "
+        "forward + backward"
+    )
     print(f"{'global B':>9} {'global [B,B] MiB':>17} {'local rows MiB':>15} {'ratio':>6}  same loss / grads")
     for batch in args.batches:
         full = run(args.world, batch, args.dim, local=False, kind=args.loss)
         rows = run(args.world, batch, args.dim, local=True, kind=args.loss)
         a = max(o["peak_kib"] for o in full) / 1024
         b = max(o["peak_kib"] for o in rows) / 1024
-        same = all(abs(x["loss"] - y["loss"]) <= 1e-4 * max(1.0, abs(x["loss"]))
-                   and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * max(1e-3, abs(x["grad_norm"]))
-                   for x, y in zip(full, rows))
+        same = all(
+            abs(x["loss"] - y["loss"]) <= 1e-4 * max(1.0, abs(x["loss"]))
+            and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * max(1e-3, abs(x["grad_norm"]))
+            for x, y in zip(full, rows)
+        )
         print(f"{batch:>9} {a:>17.1f} {b:>15.1f} {a / max(b, 1e-9):>6.2f}  {same}")
     return 0
 

@@ -8,6 +8,7 @@ Target (issue 2): full soft-label stack <= 3x the base loss alone at B=128, d=10
 Peak memory is measured in a fresh subprocess per variant from before its first step (CPU: growth of the peak
 RSS, with glibc returning freed buffers; CUDA: torch.cuda.max_memory_allocated).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,9 +95,24 @@ def main() -> None:
     if args._child:
         print(json.dumps(run_variant(args._child, args.batch, args.dim, args.repeats, args.device)))
         return
+
     def child(variant, repeats, env):
-        cmd = [sys.executable, __file__, "--_child", variant, "--batch", str(args.batch), "--dim", str(args.dim),
-               "--repeats", str(repeats), "--device", args.device, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_child",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--dim",
+            str(args.dim),
+            "--repeats",
+            str(repeats),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -113,12 +129,16 @@ def main() -> None:
         mem = child(variant, 2, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
         results[variant]["peak_extra_bytes"] = mem["peak_extra_bytes"]
     base = results["base"]
-    print(f"B={args.batch} d={args.dim} device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(
+        f"B={args.batch} d={args.dim} device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
     print(f"{'variant':<46}{'fwd+bwd ms':>12}{'x base':>8}{'peak extra MiB':>16}")
     for variant, label in VARIANTS.items():
         r = results[variant]
-        print(f"{label:<46}{r['median_ms']:>12.3f}{r['median_ms'] / base['median_ms']:>8.2f}"
-              f"{r['peak_extra_bytes'] / 2**20:>16.2f}")
+        print(
+            f"{label:<46}{r['median_ms']:>12.3f}{r['median_ms'] / base['median_ms']:>8.2f}"
+            f"{r['peak_extra_bytes'] / 2**20:>16.2f}"
+        )
     print("target (issue 2): full soft-label stack <= 3x the base loss alone")
 
 

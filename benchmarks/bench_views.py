@@ -9,6 +9,7 @@ side in one run.
 2. lookup per training batch of 128 (interleaved rounds, min / median): the clean cache's image + text
    embeddings vs the views' image embeddings (image id, view) + the cache's text embeddings, as the trainer does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,17 @@ def main() -> None:
         t0 = time.perf_counter()
         views = ViewCache.build(Path(tmp) / "views", images, args.views, progress=False)
         t_views = time.perf_counter() - t0
-        print(f"[1] build, {len(images)} images (EfficientNet-Lite0; the clean build also encodes {len(captions)} "
-              f"captions with MiniLM), 2 CPU threads: clean cache {t_clean:.2f} s, {args.views} views per image "
-              f"{t_views:.2f} s ({t_views / t_clean:.2f}x)")
+        print(
+            f"[1] build, {len(images)} images (EfficientNet-Lite0; the clean build also encodes {len(captions)} "
+            f"captions with MiniLM), 2 CPU threads: clean cache {t_clean:.2f} s, {args.views} views per image "
+            f"{t_views:.2f} s ({t_views / t_clean:.2f}x)"
+        )
         g = torch.Generator().manual_seed(0)
-        batches = [(torch.randint(len(images), (128,), generator=g), torch.randint(args.views, (128,), generator=g))
-                   for _ in range(16)]
-        it = iter(range(10 ** 9))
+        batches = [
+            (torch.randint(len(images), (128,), generator=g), torch.randint(args.views, (128,), generator=g))
+            for _ in range(16)
+        ]
+        it = iter(range(10**9))
 
         def clean():
             ids, _ = batches[next(it) % 16]
@@ -66,8 +71,10 @@ def main() -> None:
             cache.embeddings(ids)
 
         r = interleaved({"clean": clean, "views": with_views}, rounds=7, inner=50, warmup=5)
-        print(f"[2] lookup per batch of 128, ms (min / median): clean cache {fmt(r['clean'], 1e3)}, views + text "
-              f"{fmt(r['views'], 1e3)} ({r['views']['median'] / r['clean']['median']:.2f}x)")
+        print(
+            f"[2] lookup per batch of 128, ms (min / median): clean cache {fmt(r['clean'], 1e3)}, views + text "
+            f"{fmt(r['views'], 1e3)} ({r['views']['median'] / r['clean']['median']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ soft terms' mean share of the gradient norm.
     python scripts/sweep_soft_labels.py --out runs/demo                 # the grid behind the defaults
     python scripts/sweep_soft_labels.py --out runs/demo --grid quick    # a smaller one
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,20 +46,26 @@ def main() -> int:
     from softalign.train.feature_student import FeatureStudentConfig, mean_share, train_feature_student
 
     out = Path(args.out)
-    train_d, val_d, _ = build_demo_data(captions_per_image=3, test_fraction=0.2, val_fraction=0.2, captions="cldr",
-                                        label="subcategory")
+    train_d, val_d, _ = build_demo_data(
+        captions_per_image=3, test_fraction=0.2, val_fraction=0.2, captions="cldr", label="subcategory"
+    )
     splits = {n: _feature_table(out / "features" / n, d, True) for n, d in (("train", train_d), ("val", val_d))}
     cache = _teacher_cache(out / "teacher_cache", train_d, True)
     cfg = FeatureStudentConfig()
 
     def report(name, kwargs):
-        runs = [train_feature_student(splits["train"], {"val": splits["val"]}, kwargs, cfg, s, cache=cache)
-                for s in args.seeds]
+        runs = [
+            train_feature_student(splits["train"], {"val": splits["val"]}, kwargs, cfg, s, cache=cache)
+            for s in args.seeds
+        ]
         m = {k: np.mean([r["metrics"]["val"][k] for r in runs]) for k in ("rsum", "i2i_map_at_r", "t2t_map_at_r")}
         share = [mean_share(r["gradient_shares"]) for r in runs]
         share_s = f"{np.mean(share):.2f}" if all(x is not None for x in share) else "-"
-        print(f"{name:<48} val rsum {m['rsum']:7.2f}  i2i MAP@R {m['i2i_map_at_r']:5.2f}  "
-              f"t2t MAP@R {m['t2t_map_at_r']:5.2f}  soft share {share_s}", flush=True)
+        print(
+            f"{name:<48} val rsum {m['rsum']:7.2f}  i2i MAP@R {m['i2i_map_at_r']:5.2f}  "
+            f"t2t MAP@R {m['t2t_map_at_r']:5.2f}  soft share {share_s}",
+            flush=True,
+        )
 
     for base, weights, targets in GRIDS[args.grid]:
         label = "+".join(f"{v}" for v in base.values())

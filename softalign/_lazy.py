@@ -1,4 +1,5 @@
 """Lazy package exports: ``softalign --help`` builds every subcommand's parser and must not import torch."""
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ Each subcommand lives next to the code it drives and exposes ``add_subcommand(su
 which registers an argparse parser whose ``func`` default runs it. Sub-modules are imported
 when the parser is built, so they keep heavy imports (torch models, datasets) inside ``run``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ exit status:
   2  a usage error: unknown command or flag, missing argument (argparse)
 """
 
-EXIT_CODES_SHORT = ("exit status: 0 success; 1 an error in the input, data or environment (one line on stderr, "
-                    "SOFTALIGN_TRACEBACK=1 for the traceback); 2 a usage error (argparse)")
+EXIT_CODES_SHORT = (
+    "exit status: 0 success; 1 an error in the input, data or environment (one line on stderr, "
+    "SOFTALIGN_TRACEBACK=1 for the traceback); 2 a usage error (argparse)"
+)
 
 #: exceptions that mean "bad input or environment": one line on stderr and exit status 1
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError, RuntimeError, ImportError)
@@ -46,7 +49,9 @@ def format_error(err: BaseException) -> str:
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno is not None:
         where = f" {err.filename}" if err.filename else ""
         if err.errno == errno.ENOSPC:
-            return f"disk full while writing{where or ' the output'}: free some space and rerun (finished work is kept)"
+            return (
+                f"disk full while writing{where or ' the output'}: free some space and rerun (finished work is kept)"
+            )
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"cannot write{where}: permission denied or read-only file system; choose a writable directory"
         return f"{err.strerror or err}{':' + where if where else ''}"
@@ -58,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="softalign",
         description="Soft-label alignment for image-text retrieval: build teacher caches, "
         "train from recipes, evaluate cross-modal and uni-modal retrieval.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="{cache,train,encode,eval,demo}")
     for name, module in SUBCOMMANDS:
@@ -91,14 +97,18 @@ def missing_dependency_message(command: str, err: ImportError) -> str:
     """One line naming the missing module and the extra that installs it."""
     module = getattr(err, "name", None) or str(err)
     extra = EXTRAS.get(command, "all")
-    return (f"softalign {command} needs the '{extra}' extra (missing module: {module}): "
-            f"pip install 'softalign[{extra}]'")
+    return (
+        f"softalign {command} needs the '{extra}' extra (missing module: {module}): pip install 'softalign[{extra}]'"
+    )
 
 
 def _unavailable(name, err):
     def run(args):
-        raise SystemExit(missing_dependency_message(name, err) if isinstance(err, ModuleNotFoundError)
-                         else f"softalign {name} is unavailable: {err}")
+        raise SystemExit(
+            missing_dependency_message(name, err)
+            if isinstance(err, ModuleNotFoundError)
+            else f"softalign {name} is unavailable: {err}"
+        )
 
     return run
 

@@ -11,6 +11,7 @@ public ``torch.distributed`` calls only.
 ``gather_batch`` gathers without gradient (ids, teacher rows). Both are the identity when
 ``torch.distributed`` is not initialised or the world has one process.
 """
+
 from __future__ import annotations
 
 import torch

@@ -21,6 +21,7 @@ References
 * [CLIP/InfoNCE] van den Oord et al., "Representation Learning with Contrastive Predictive Coding", 2018;
   Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -81,9 +82,11 @@ def check_values(x: torch.Tensor, name: str) -> None:
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise ValueError(f"{name} contains non-finite values (first at index {tuple(bad)})")
     big = float(x.detach().abs().max())
-    raise ValueError(f"{name} holds values too large for {str(x.dtype).replace('torch.', '')} (max |x| = "
-                     f"{big:.3g}): their squares and dot products overflow to inf and the loss would be NaN. "
-                     "Normalise or rescale the embeddings (e.g. F.normalize(x, dim=-1))")
+    raise ValueError(
+        f"{name} holds values too large for {str(x.dtype).replace('torch.', '')} (max |x| = "
+        f"{big:.3g}): their squares and dot products overflow to inf and the loss would be NaN. "
+        "Normalise or rescale the embeddings (e.g. F.normalize(x, dim=-1))"
+    )
 
 
 def as_float(x: torch.Tensor, name: str, validate: bool = True) -> torch.Tensor:
@@ -107,7 +110,9 @@ def check_square_pair(x: torch.Tensor, name: str, batch: int | None = None, vali
     if x.dim() != 2 or x.shape[0] != x.shape[1]:
         raise ValueError(f"{name} must be a square [B, B] matrix, got shape {tuple(x.shape)}")
     if batch is not None and x.shape[0] != batch:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but the batch has {batch} pairs; expected [{batch}, {batch}]")
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but the batch has {batch} pairs; expected [{batch}, {batch}]"
+        )
     return x
 
 
@@ -131,8 +136,9 @@ def _temperature(t: Number, name: str, validate: bool = True) -> Number:
 # similarities and masks
 
 
-def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor | None = None, eps: float = 1e-8,
-                             validate: bool = True) -> torch.Tensor:
+def cosine_similarity_matrix(
+    a: torch.Tensor, b: torch.Tensor | None = None, eps: float = 1e-8, validate: bool = True
+) -> torch.Tensor:
     """``S[i, j] = <a_i, b_j> / (|a_i| |b_j|)``, computed in float32 (``b`` defaults to ``a``)."""
     a = as_float(a, "a", validate)
     other = a if b is None else as_float(b, "b", validate)
@@ -182,8 +188,9 @@ class SoftLabels(NamedTuple):
     log_probs: torch.Tensor
 
 
-def soft_labels(teacher: torch.Tensor, teacher_temperature: Number = 1.0, dtype: torch.dtype | None = None,
-                validate: bool = True) -> SoftLabels:
+def soft_labels(
+    teacher: torch.Tensor, teacher_temperature: Number = 1.0, dtype: torch.dtype | None = None, validate: bool = True
+) -> SoftLabels:
     """``softmax(teacher / teacher_temperature)`` row-wise [CUSA, Eq. 3]: the teacher carries no gradient, a
     learnable ``teacher_temperature`` does. Compute it once per teacher matrix and pass it to
     :func:`soft_label_kl` (``target=``) for every term that uses it, as :class:`~softalign.losses.SoftAlignLoss`
@@ -223,20 +230,28 @@ def soft_label_kl(
     student = as_float(student, "student similarities", validate)
     if target is None:
         if teacher is None:
-            raise ValueError("pass the teacher similarities or a precomputed target (softalign.functional.soft_labels)")
+            raise ValueError(
+                "pass the teacher similarities or a precomputed target (softalign.functional.soft_labels)"
+            )
         teacher = as_float(teacher, "teacher similarities", validate)
         if teacher.shape != student.shape:
-            raise ValueError(f"student and teacher similarities must be 2-D and of equal shape, got "
-                             f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+            raise ValueError(
+                f"student and teacher similarities must be 2-D and of equal shape, got "
+                f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+            )
         target = soft_labels(teacher, teacher_temperature, student.dtype, validate)
     if student.dim() != 2 or target.probs.shape != student.shape:
-        raise ValueError(f"student and teacher similarities must be 2-D and of equal shape, got "
-                         f"{tuple(student.shape)} and {tuple(target.probs.shape)}")
+        raise ValueError(
+            f"student and teacher similarities must be 2-D and of equal shape, got "
+            f"{tuple(student.shape)} and {tuple(target.probs.shape)}"
+        )
     temperature = _temperature(temperature, "temperature", validate)
     return _kl_rows(student, temperature, target, student.shape[0])
 
 
-def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_teacher_similarities(
+    image_sim: torch.Tensor, text_sim: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-label targets for the (i2t, t2i) rows of CSA [CUSA, Sec. 3.2 and the authors' modes].
 
     * ``each``: i2t rows use the teacher image-image similarities, t2i rows the text-text ones;
@@ -254,8 +269,9 @@ def combine_teacher_similarities(image_sim: torch.Tensor, text_sim: torch.Tensor
     raise ValueError(f"csa mode must be one of {CSA_MODES}, got {mode!r}")
 
 
-def _pair_targets(teacher_image_sim, teacher_text_sim, teacher_temperature, batch: int, dtype, validate: bool,
-                  mode: str = "each") -> tuple[SoftLabels, SoftLabels]:
+def _pair_targets(
+    teacher_image_sim, teacher_text_sim, teacher_temperature, batch: int, dtype, validate: bool, mode: str = "each"
+) -> tuple[SoftLabels, SoftLabels]:
     """The two soft labels of CSA (``mode``-combined) or USA (``mode="each"``) from the teacher matrices."""
     if teacher_image_sim is None or teacher_text_sim is None:
         raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (softalign.functional.soft_labels)")
@@ -291,7 +307,9 @@ def cross_modal_soft_label_alignment(
     b = scores.shape[0]
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
     if targets is None:
-        targets = _pair_targets(teacher_image_sim, teacher_text_sim, teacher_temperature, b, scores.dtype, validate, mode)
+        targets = _pair_targets(
+            teacher_image_sim, teacher_text_sim, teacher_temperature, b, scores.dtype, validate, mode
+        )
     i2t = soft_label_kl(scores, temperature=t_i, target=targets[0], validate=validate)
     t2i = soft_label_kl(scores.t(), temperature=t_t, target=targets[1], validate=validate)
     return (i2t + t2i) / 2.0
@@ -321,8 +339,9 @@ def uni_modal_soft_label_alignment(
     student_text_sim = check_square_pair(student_text_sim, "student_text_sim", b, validate)
     t_i, t_t = temperature if isinstance(temperature, (tuple, list)) else (temperature, temperature)
     if targets is None:
-        targets = _pair_targets(teacher_image_sim, teacher_text_sim, teacher_temperature, b, student_image_sim.dtype,
-                                validate)
+        targets = _pair_targets(
+            teacher_image_sim, teacher_text_sim, teacher_temperature, b, student_image_sim.dtype, validate
+        )
     image = soft_label_kl(student_image_sim, temperature=t_i, target=targets[0], validate=validate)
     text = soft_label_kl(student_text_sim, temperature=t_t, target=targets[1], validate=validate)
     return (image + text) / 2.0
@@ -380,8 +399,9 @@ def _hinge(scores, pos, margin, max_violation, negatives, reduction):
         # so this is exact), and 0 when there is none (-inf): one masked copy of the scores serves both directions.
         masked_i2t = scores.masked_fill(excluded_i2t, float("-inf"))
         masked_t2i = masked_i2t if excluded_t2i is excluded_i2t else scores.masked_fill(excluded_t2i, float("-inf"))
-        per_anchor = ((margin + masked_i2t.max(dim=1).values) - diagonal).clamp(min=0) \
-            + ((margin + masked_t2i.max(dim=0).values) - diagonal).clamp(min=0)
+        per_anchor = ((margin + masked_i2t.max(dim=1).values) - diagonal).clamp(min=0) + (
+            (margin + masked_t2i.max(dim=0).values) - diagonal
+        ).clamp(min=0)
     else:
         cost_i2t = (margin + scores - diagonal.view(b, 1)).clamp(min=0).masked_fill(excluded_i2t, 0.0)
         cost_t2i = (margin + scores - diagonal.view(1, b)).clamp(min=0).masked_fill(excluded_t2i, 0.0)
@@ -393,7 +413,9 @@ def _hinge(scores, pos, margin, max_violation, negatives, reduction):
 def infonce_reduction(value: str) -> str:
     """``"ce"`` (cross-entropy averaged over anchors) or ``"cusa_mean"`` (CE / B); anything else is an error."""
     if value not in ("ce", "cusa_mean"):
-        raise ValueError(f"InfoNCE reduction must be 'ce' (cross-entropy) or 'cusa_mean' (CUSA's CE / B), got {value!r}")
+        raise ValueError(
+            f"InfoNCE reduction must be 'ce' (cross-entropy) or 'cusa_mean' (CUSA's CE / B), got {value!r}"
+        )
     return value
 
 

@@ -4,6 +4,7 @@ shorter side, center crop, normalise), used by the image teachers (whose paramet
 by the reference trainer's :class:`~softalign.data.pairs.ImageTransform` (which adds augmentation in front).
 PIL + torch only (no torchvision).
 """
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,6 @@ class ImagePreprocessing:
         return torch.stack([self(img) for img in images])
 
 
-
-
 def load_image(x, i: int, resolve=Path):
     """One image as an RGB PIL image (transparency composited on white, :func:`~.preprocess.to_rgb`).
 
@@ -101,6 +100,7 @@ def load_image(x, i: int, resolve=Path):
             x = io.BytesIO(x["bytes"])
         else:
             x = x["path"]
+
     def decoded(source, what: str):
         try:
             with Image.open(source) as img:

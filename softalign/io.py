@@ -5,6 +5,7 @@ evaluation reports and the CLIs.
 Every file is written to a temporary name in the same directory and moved into place with ``os.replace`` (atomic
 on POSIX and Windows).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,19 @@ import torch
 
 PathLike = str | os.PathLike
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_save_tensors",
-           "load_tensors", "file_sha256", "remove_stale_temporaries", "read_text", "read_json", "read_lines"]
+__all__ = [
+    "TMP_SUFFIX",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save_tensors",
+    "load_tensors",
+    "file_sha256",
+    "remove_stale_temporaries",
+    "read_text",
+    "read_json",
+    "read_lines",
+]
 
 
 #: temporary files of :func:`atomic_write` are named ``.<final name>.<random>.tmp`` (see :func:`remove_stale_temporaries`)
@@ -95,8 +107,9 @@ def atomic_write_json(path: PathLike, obj) -> None:
     atomic_write(path, write)
 
 
-def atomic_save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
-                        metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` to a temporary file, then atomically into place."""
     from safetensors.torch import save
 
@@ -134,8 +147,9 @@ def read_text(path: PathLike, what: str | None = None) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{label}: not UTF-8 text ({err.reason} at byte {err.start}); convert it with "
-                         "iconv -t utf-8") from None
+        raise ValueError(
+            f"{label}: not UTF-8 text ({err.reason} at byte {err.start}); convert it with iconv -t utf-8"
+        ) from None
 
 
 def read_json(path: PathLike, what: str | None = None) -> Any:

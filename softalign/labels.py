@@ -6,6 +6,7 @@ names (strings) become the codes of their sorted distinct values. The same reade
 array, or a ``.npz`` / ``.safetensors`` file with ``image_labels`` and/or ``text_labels``. Errors name the file or
 column and the first bad entry.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,8 +54,9 @@ def read_label_file(path: str | Path, flag: str = "--labels") -> dict[str, np.nd
         arrays = _read_arrays(path, flag)
         found = {k: label_codes(v, f"{flag} {path}: {k!r}")[0] for k, v in arrays.items() if k in LABEL_KEYS}
         if not found:
-            raise ValueError(f"{flag} {path}: holds neither 'image_labels' nor 'text_labels' (it has "
-                             f"{sorted(arrays)})")
+            raise ValueError(
+                f"{flag} {path}: holds neither 'image_labels' nor 'text_labels' (it has {sorted(arrays)})"
+            )
         return found
     if suffix == ".json":
         values = read_json(path, flag)

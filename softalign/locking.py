@@ -10,6 +10,7 @@ The lock is advisory and held by the kernel: it is released when the holder exit
 included), so a crashed run never leaves a stale lock behind. The lock file itself stays (it is tiny and is reused).
 On platforms without ``fcntl`` (Windows) the lock is a no-op.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,10 @@ def _holder(path: Path) -> str:
         return "another process"
     if not isinstance(info, dict):
         return "another process"
-    return (f"{info.get('what', 'another process')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
-            f"started {info.get('started', '?')})")
+    return (
+        f"{info.get('what', 'another process')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
+        f"started {info.get('started', '?')})"
+    )
 
 
 @contextlib.contextmanager
@@ -64,8 +67,12 @@ def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[Path]:
             raise DirectoryLockedError(
                 f"{directory} is in use by {_holder(path)}: wait for it to finish, or use another directory"
             ) from None
-        info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = {
+            "what": what,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         yield path

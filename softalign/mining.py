@@ -14,14 +14,22 @@ A miner looks at the ``[B, B]`` image x caption scores of a batch of pairs and r
 * :class:`PMLMiner` -- adapts any ``pytorch_metric_learning`` tuple miner (e.g. ``TripletMarginMiner``,
   ``BatchHardMiner``) to the cross-modal setting via its ``ref_emb`` interface, so nothing it offers is rewritten.
 """
+
 from __future__ import annotations
 
 import torch
 
 from softalign.functional import MinedNegatives, check_square_pair, positive_mask
 
-__all__ = ["NegativeMiner", "AllNegativesMiner", "MaxViolationMiner", "TopKMiner", "SemiHardMiner",
-           "TeacherFilteredMiner", "PMLMiner"]
+__all__ = [
+    "NegativeMiner",
+    "AllNegativesMiner",
+    "MaxViolationMiner",
+    "TopKMiner",
+    "SemiHardMiner",
+    "TeacherFilteredMiner",
+    "PMLMiner",
+]
 
 
 class NegativeMiner:
@@ -44,8 +52,15 @@ class NegativeMiner:
         elif image_ids.shape != (b,):
             raise ValueError(f"image_ids must have shape [{b}], got {tuple(image_ids.shape)}")
         negatives = ~positive_mask(image_ids.to(scores.device))
-        return self.mine(scores, negatives, image_ids=image_ids, teacher_image_sim=teacher_image_sim,
-                         teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
+        return self.mine(
+            scores,
+            negatives,
+            image_ids=image_ids,
+            teacher_image_sim=teacher_image_sim,
+            teacher_text_sim=teacher_text_sim,
+            image_emb=image_emb,
+            text_emb=text_emb,
+        )
 
     def mine(self, scores: torch.Tensor, negatives: torch.Tensor, **context) -> MinedNegatives:
         raise NotImplementedError
@@ -79,7 +94,9 @@ class TopKMiner(NegativeMiner):
         self.k = int(k)
 
     def mine(self, scores, negatives, **context):
-        return MinedNegatives(_top_k_mask(scores, negatives, self.k, dim=1), _top_k_mask(scores, negatives, self.k, dim=0))
+        return MinedNegatives(
+            _top_k_mask(scores, negatives, self.k, dim=1), _top_k_mask(scores, negatives, self.k, dim=0)
+        )
 
     def get_config_dict(self):
         return {"name": type(self).__name__, "k": self.k}
@@ -146,13 +163,18 @@ class TeacherFilteredMiner(NegativeMiner):
         else:
             teacher = sims[0]
         kept = negatives & (teacher < self.threshold)
-        inner = self.inner.mine(scores, kept, teacher_image_sim=teacher_image_sim, teacher_text_sim=teacher_text_sim,
-                                **context)
+        inner = self.inner.mine(
+            scores, kept, teacher_image_sim=teacher_image_sim, teacher_text_sim=teacher_text_sim, **context
+        )
         return MinedNegatives(inner.i2t & kept, inner.t2i & kept)
 
     def get_config_dict(self):
-        return {"name": type(self).__name__, "threshold": self.threshold, "source": self.source,
-                "inner": self.inner.get_config_dict()}
+        return {
+            "name": type(self).__name__,
+            "threshold": self.threshold,
+            "source": self.source,
+            "inner": self.inner.get_config_dict(),
+        }
 
 
 class PMLMiner(NegativeMiner):

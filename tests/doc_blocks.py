@@ -1,4 +1,5 @@
 """The ```python blocks of the docs that a test runs for real: found by their first line, ``# softalign: NAME``."""
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ leave a child waiting forever on a pool barrier, so the launcher runs in a new P
 any parallel op. The target must be a module-level function; its assertion errors fail the test with the
 children's output.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,12 @@ _CHILD = (
 
 def debug_launch(fn, *args, num_processes: int = 2, timeout: float = 300) -> None:
     payload = pickle.dumps((fn.__module__, fn.__qualname__, args, num_processes))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, "-c", _CHILD], input=payload, capture_output=True, timeout=timeout,
-                          cwd=str(REPO), env=env)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD], input=payload, capture_output=True, timeout=timeout, cwd=str(REPO), env=env
+    )
     if proc.returncode != 0:
         out = (proc.stdout + proc.stderr).decode(errors="replace")
         raise AssertionError(f"{fn.__qualname__} failed under debug_launcher({num_processes}):\n{out[-6000:]}")

@@ -2,6 +2,7 @@
 
 Written straight from the papers' definitions, with no code shared with softalign.functional.
 """
+
 from __future__ import annotations
 
 import math

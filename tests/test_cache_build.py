@@ -1,4 +1,5 @@
 """TeacherCache: build, load, lookup, resume, fingerprints and bad input (fake teachers, tiny data)."""
+
 from __future__ import annotations
 
 import json
@@ -143,19 +144,26 @@ def test_load_refuses_other_data_or_teacher(tmp_path, paths):
     other_caps = list(CAPTIONS)
     other_caps[4] = "a purple field"
     with pytest.raises(CacheMismatchError, match="other data.*captions"):
-        TeacherCache.load(tmp_path / "c", expect_fingerprint=TeacherCache.fingerprint_of(other_caps, paths, CAPTION_TO_IMAGE))
+        TeacherCache.load(
+            tmp_path / "c", expect_fingerprint=TeacherCache.fingerprint_of(other_caps, paths, CAPTION_TO_IMAGE)
+        )
     with pytest.raises(CacheMismatchError, match="images"):
-        TeacherCache.load(tmp_path / "c", expect_fingerprint=TeacherCache.fingerprint_of(
-            CAPTIONS, list(reversed(paths)), CAPTION_TO_IMAGE))
+        TeacherCache.load(
+            tmp_path / "c",
+            expect_fingerprint=TeacherCache.fingerprint_of(CAPTIONS, list(reversed(paths)), CAPTION_TO_IMAGE),
+        )
     with pytest.raises(CacheMismatchError, match="caption_to_image"):
-        TeacherCache.load(tmp_path / "c", expect_fingerprint=TeacherCache.fingerprint_of(
-            CAPTIONS, paths, [0] * 12))
+        TeacherCache.load(tmp_path / "c", expect_fingerprint=TeacherCache.fingerprint_of(CAPTIONS, paths, [0] * 12))
     with pytest.raises(CacheMismatchError, match="text teacher 'fake-text'.*not 'offline-minilm'"):
         TeacherCache.load(tmp_path / "c", expect_text_teacher="offline-minilm")
     with pytest.raises(CacheMismatchError, match="dataset fingerprint"):
         TeacherCache.load(tmp_path / "c", expect_fingerprint="0123abcd")
-    ok = TeacherCache.load(tmp_path / "c", expect_fingerprint=TeacherCache.fingerprint_of(CAPTIONS, paths, CAPTION_TO_IMAGE),
-                           expect_text_teacher="fake-text", expect_image_teacher=FakeImageTeacher())
+    ok = TeacherCache.load(
+        tmp_path / "c",
+        expect_fingerprint=TeacherCache.fingerprint_of(CAPTIONS, paths, CAPTION_TO_IMAGE),
+        expect_text_teacher="fake-text",
+        expect_image_teacher=FakeImageTeacher(),
+    )
     assert ok.num_captions == 12
 
 
@@ -164,10 +172,26 @@ def test_build_into_dir_of_other_cache_refuses_unless_overwrite(tmp_path, paths)
     other = list(CAPTIONS)
     other[0] = "a scarlet square"
     with pytest.raises(FileExistsError, match="data differs.*captions"):
-        TeacherCache.build(tmp_path / "c", other, paths, CAPTION_TO_IMAGE, text_teacher=FakeTextTeacher(),
-                           image_teacher=FakeImageTeacher(), progress=False)
-    cache = TeacherCache.build(tmp_path / "c", other, paths, CAPTION_TO_IMAGE, text_teacher=FakeTextTeacher(),
-                               image_teacher=FakeImageTeacher(), progress=False, overwrite=True, dtype="float32")
+        TeacherCache.build(
+            tmp_path / "c",
+            other,
+            paths,
+            CAPTION_TO_IMAGE,
+            text_teacher=FakeTextTeacher(),
+            image_teacher=FakeImageTeacher(),
+            progress=False,
+        )
+    cache = TeacherCache.build(
+        tmp_path / "c",
+        other,
+        paths,
+        CAPTION_TO_IMAGE,
+        text_teacher=FakeTextTeacher(),
+        image_teacher=FakeImageTeacher(),
+        progress=False,
+        overwrite=True,
+        dtype="float32",
+    )
     torch.testing.assert_close(cache.embeddings([0])[1], F.normalize(text_features(["a scarlet square"]), dim=1))
 
 
@@ -217,8 +241,15 @@ def test_empty_caption_named(tmp_path, paths):
     caps = list(CAPTIONS)
     caps[5] = "   "
     with pytest.raises(ValueError, match="caption 5 is empty"):
-        TeacherCache.build(tmp_path / "c", caps, paths, CAPTION_TO_IMAGE, text_teacher=FakeTextTeacher(),
-                           image_teacher=FakeImageTeacher(), progress=False)
+        TeacherCache.build(
+            tmp_path / "c",
+            caps,
+            paths,
+            CAPTION_TO_IMAGE,
+            text_teacher=FakeTextTeacher(),
+            image_teacher=FakeImageTeacher(),
+            progress=False,
+        )
     _no_cache(tmp_path / "c")
 
 
@@ -232,15 +263,31 @@ def test_bad_caption_to_image_named(tmp_path, paths):
     bad = list(CAPTION_TO_IMAGE)
     bad[7] = 9
     with pytest.raises(ValueError, match="caption 7 maps to image 9, outside 0..3"):
-        TeacherCache.build(tmp_path / "c", CAPTIONS, paths, bad, text_teacher=FakeTextTeacher(),
-                           image_teacher=FakeImageTeacher(), progress=False)
+        TeacherCache.build(
+            tmp_path / "c",
+            CAPTIONS,
+            paths,
+            bad,
+            text_teacher=FakeTextTeacher(),
+            image_teacher=FakeImageTeacher(),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="11 entries but there are 12 captions"):
-        TeacherCache.build(tmp_path / "c", CAPTIONS, paths, bad[:11], text_teacher=FakeTextTeacher(),
-                           image_teacher=FakeImageTeacher(), progress=False)
+        TeacherCache.build(
+            tmp_path / "c",
+            CAPTIONS,
+            paths,
+            bad[:11],
+            text_teacher=FakeTextTeacher(),
+            image_teacher=FakeImageTeacher(),
+            progress=False,
+        )
 
 
 def test_wrong_teacher_dims_named(tmp_path, paths):
-    with pytest.raises(ValueError, match=r"text teacher 'wrong-dim' returned shape \[5, 9\] .* items 0..4; expected \[5, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"text teacher 'wrong-dim' returned shape \[5, 9\] .* items 0..4; expected \[5, 8\]"
+    ):
         build(tmp_path / "c", paths, text_teacher=WrongDimTeacher())
     _no_cache(tmp_path / "c")
 
@@ -272,7 +319,9 @@ def test_bfloat16_and_float32_storage(tmp_path, paths):
     assert bf.manifest["dtype"] == "bfloat16"
     torch.testing.assert_close(bf.embeddings(torch.arange(12))[1], ref, atol=1e-2, rtol=0)
     f32 = build(tmp_path / "f32", paths, dtype="float32")
-    assert (tmp_path / "f32" / "text.safetensors").stat().st_size > (tmp_path / "bf" / "text.safetensors").stat().st_size
+    assert (tmp_path / "f32" / "text.safetensors").stat().st_size > (
+        tmp_path / "bf" / "text.safetensors"
+    ).stat().st_size
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         build(tmp_path / "i8", paths, dtype="int8")
     assert f32.num_captions == 12

@@ -1,4 +1,5 @@
 """Importing existing teacher features: a plain .npy matrix and CUSA's {image_id: array(1, D)} dict."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,12 @@ import torch.nn.functional as F
 from softalign.teachers import import_npy, read_features
 from tests.test_cache_support import CAPTION_TO_IMAGE, CAPTIONS, FakeTextTeacher, text_features
 
-KEYS = ["COCO_val2014_000000391895.jpg", "COCO_val2014_000000522418.jpg", "COCO_val2014_000000184613.jpg",
-        "COCO_val2014_000000318219.jpg"]
+KEYS = [
+    "COCO_val2014_000000391895.jpg",
+    "COCO_val2014_000000522418.jpg",
+    "COCO_val2014_000000184613.jpg",
+    "COCO_val2014_000000318219.jpg",
+]
 
 
 @pytest.fixture
@@ -23,8 +28,15 @@ def test_plain_matrices(tmp_path, feats):
     img, txt = feats
     np.save(tmp_path / "img.npy", img)
     np.save(tmp_path / "txt.npy", txt)
-    cache = import_npy(tmp_path / "c", tmp_path / "img.npy", CAPTION_TO_IMAGE, text_features=tmp_path / "txt.npy",
-                       dtype="float32", chunk_size=5, progress=False)
+    cache = import_npy(
+        tmp_path / "c",
+        tmp_path / "img.npy",
+        CAPTION_TO_IMAGE,
+        text_features=tmp_path / "txt.npy",
+        dtype="float32",
+        chunk_size=5,
+        progress=False,
+    )
     ids = torch.tensor([0, 5, 11])
     i, t = cache.embeddings(ids)
     torch.testing.assert_close(i, F.normalize(torch.from_numpy(img[[0, 1, 3]]), dim=1))
@@ -41,17 +53,33 @@ def test_cusa_dict_with_captions_and_key_map(tmp_path, feats):
     np.save(tmp_path / "train_unicom.npy", {KEYS[j]: img[j][None, :] for j in order}, allow_pickle=True)
     caption_keys = [KEYS[i] for i in CAPTION_TO_IMAGE]
     t = FakeTextTeacher()
-    cache = import_npy(tmp_path / "c", tmp_path / "train_unicom.npy", caption_keys, captions=CAPTIONS,
-                       text_teacher=t, dtype="float32", progress=False, allow_pickle=True)
+    cache = import_npy(
+        tmp_path / "c",
+        tmp_path / "train_unicom.npy",
+        caption_keys,
+        captions=CAPTIONS,
+        text_teacher=t,
+        dtype="float32",
+        progress=False,
+        allow_pickle=True,
+    )
     assert cache.manifest["image_keys"] == [KEYS[j] for j in order]
     assert cache.caption_to_image.tolist() == [order.index(i) for i in CAPTION_TO_IMAGE]
     i, tx = cache.embeddings(torch.arange(12))
     torch.testing.assert_close(i, F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1))
     torch.testing.assert_close(tx, F.normalize(text_features(CAPTIONS), dim=1))
     # explicit image order
-    c2 = import_npy(tmp_path / "c2", tmp_path / "train_unicom.npy", CAPTION_TO_IMAGE, captions=CAPTIONS,
-                    text_teacher=FakeTextTeacher(), image_keys=KEYS, dtype="float32", progress=False,
-                    allow_pickle=True)
+    c2 = import_npy(
+        tmp_path / "c2",
+        tmp_path / "train_unicom.npy",
+        CAPTION_TO_IMAGE,
+        captions=CAPTIONS,
+        text_teacher=FakeTextTeacher(),
+        image_keys=KEYS,
+        dtype="float32",
+        progress=False,
+        allow_pickle=True,
+    )
     torch.testing.assert_close(c2.embeddings(torch.arange(12))[0], i)
 
 
@@ -74,11 +102,23 @@ def test_dict_errors_name_the_item(tmp_path, feats):
     with pytest.raises(ValueError, match="2-D feature matrix"):
         read_features(np.zeros((3, 2, 2, 2), np.float32))
     with pytest.raises(KeyError, match="caption 2 refers to image 'nope'"):
-        import_npy(tmp_path / "c", {"a": np.ones(3)}, ["a", "a", "nope"], captions=["x", "y", "z"],
-                   text_teacher=FakeTextTeacher(), progress=False)
+        import_npy(
+            tmp_path / "c",
+            {"a": np.ones(3)},
+            ["a", "a", "nope"],
+            captions=["x", "y", "z"],
+            text_teacher=FakeTextTeacher(),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="caption 0 names image 'a' by key, but .* plain matrix"):
-        import_npy(tmp_path / "c", np.ones((2, 3), np.float32), ["a", "b", "a"], captions=["x", "y", "z"],
-                   text_teacher=FakeTextTeacher(), progress=False)
+        import_npy(
+            tmp_path / "c",
+            np.ones((2, 3), np.float32),
+            ["a", "b", "a"],
+            captions=["x", "y", "z"],
+            text_teacher=FakeTextTeacher(),
+            progress=False,
+        )
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
@@ -98,11 +138,19 @@ def test_int_keyed_dict_maps_references_through_its_keys_never_as_rows(tmp_path,
     refs = [keys[i] for i in CAPTION_TO_IMAGE]
     cache = import_npy(tmp_path / "c", d, image_refs=refs, text_features=txt, dtype="float32", progress=False)
     assert cache.manifest["image_keys"] == keys
-    torch.testing.assert_close(cache.embeddings(torch.arange(12))[0],
-                               F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1))
+    torch.testing.assert_close(
+        cache.embeddings(torch.arange(12))[0], F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1)
+    )
     # a records file (or a .txt key list) may spell the int keys as strings, and the other way round
-    c2 = import_npy(tmp_path / "c2", d, image_refs=[str(r) for r in refs], text_features=txt,
-                    image_keys=["0", "2", "3", "391895"], dtype="float32", progress=False)
+    c2 = import_npy(
+        tmp_path / "c2",
+        d,
+        image_refs=[str(r) for r in refs],
+        text_features=txt,
+        image_keys=["0", "2", "3", "391895"],
+        dtype="float32",
+        progress=False,
+    )
     assert c2.manifest["image_keys"] == [0, 2, 3, 391895]
     torch.testing.assert_close(c2.embeddings(torch.arange(12))[0], cache.embeddings(torch.arange(12))[0])
     s = {str(k): v for k, v in d.items()}
@@ -121,10 +169,13 @@ def test_int_keyed_dict_maps_references_through_its_keys_never_as_rows(tmp_path,
 
 def test_image_refs_with_a_plain_matrix_are_rows(tmp_path, feats):
     img, txt = feats
-    cache = import_npy(tmp_path / "c", img, image_refs=CAPTION_TO_IMAGE, text_features=txt, dtype="float32",
-                       progress=False)
-    torch.testing.assert_close(cache.embeddings(torch.arange(12))[0],
-                               F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1))
+    cache = import_npy(
+        tmp_path / "c", img, image_refs=CAPTION_TO_IMAGE, text_features=txt, dtype="float32", progress=False
+    )
+    torch.testing.assert_close(
+        cache.embeddings(torch.arange(12))[0], F.normalize(torch.from_numpy(img[CAPTION_TO_IMAGE]), dim=1)
+    )
     with pytest.raises(ValueError, match="caption 3 names image 'x' by key, but .* plain matrix indexed by row"):
-        import_npy(tmp_path / "d", img, image_refs=[0, 0, 0, "x"] + CAPTION_TO_IMAGE[4:], text_features=txt,
-                   progress=False)
+        import_npy(
+            tmp_path / "d", img, image_refs=[0, 0, 0, "x"] + CAPTION_TO_IMAGE[4:], text_features=txt, progress=False
+        )

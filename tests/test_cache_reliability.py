@@ -1,5 +1,6 @@
 """Faults and bad input around the teacher cache: each reproduces a finding of the reliability review (issue 10)
 and checks that it now ends in a clear error naming the item, or in a correct recovery."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,16 @@ from tests.test_cache_support import CAPTION_TO_IMAGE, CAPTIONS, FakeImageTeache
 
 
 def build(out, paths, **kw):
-    return TeacherCache.build(out, CAPTIONS, paths, CAPTION_TO_IMAGE, text_teacher=FakeTextTeacher(),
-                              image_teacher=FakeImageTeacher(), progress=False, **kw)
+    return TeacherCache.build(
+        out,
+        CAPTIONS,
+        paths,
+        CAPTION_TO_IMAGE,
+        text_teacher=FakeTextTeacher(),
+        image_teacher=FakeImageTeacher(),
+        progress=False,
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -48,15 +57,35 @@ def test_captions_per_image_that_does_not_divide_or_pair_is_refused_naming_both_
     (d / "more").mkdir()
     imgs = save_images(d) + save_images(d / "more")  # 8 images
     (tmp_path / "imgs.txt").write_text("\n".join(imgs) + "\n")
-    base = ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", str(tmp_path / "imgs.txt"),
-            "--out", str(tmp_path / "c"), "--no-progress"]
+    base = [
+        "cache",
+        "build",
+        "--captions",
+        str(tmp_path / "caps.txt"),
+        "--images",
+        str(tmp_path / "imgs.txt"),
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
     _fails(capsys, base + ["--captions-per-image", "3"], r"--captions-per-image 3 does not divide the 16 captions")
     _fails(capsys, base + ["--captions-per-image", "4"], r"pairs the 16 captions with 4 images, but 8 images")
     _fails(capsys, base + ["--captions-per-image", "-1"], r"--captions-per-image must be a positive integer, got -1")
     _fails(capsys, base + ["--captions-per-image", "0"], r"--captions-per-image must be a positive integer, got 0")
     # an image directory: the count is known only after listing it
-    base_dir = ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", str(d), "--out",
-                str(tmp_path / "c"), "--no-progress", "--captions-per-image", "4"]
+    base_dir = [
+        "cache",
+        "build",
+        "--captions",
+        str(tmp_path / "caps.txt"),
+        "--images",
+        str(d),
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+        "--captions-per-image",
+        "4",
+    ]
     _fails(capsys, base_dir, r"pairs the 16 captions with 4 images, but 8 images")
     assert not (tmp_path / "c" / "manifest.json").exists()
 
@@ -64,28 +93,93 @@ def test_captions_per_image_that_does_not_divide_or_pair_is_refused_naming_both_
 def test_bad_files_and_flags_are_named(tmp_path, capsys, paths):
     img_dir = os.path.dirname(paths[0])
     (tmp_path / "latin1.txt").write_bytes("un caf\xe9 noir\n".encode("latin-1") * 4)
-    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "latin1.txt"), "--images", img_dir,
-                    "--out", str(tmp_path / "c")], r"--captions \S*latin1.txt: not UTF-8 text")
+    _fails(
+        capsys,
+        [
+            "cache",
+            "build",
+            "--captions",
+            str(tmp_path / "latin1.txt"),
+            "--images",
+            img_dir,
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"--captions \S*latin1.txt: not UTF-8 text",
+    )
     (tmp_path / "bad.json").write_text('[{"caption": "a", "image": "x.png"},]')
-    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "bad.json"), "--images", img_dir,
-                    "--out", str(tmp_path / "c")], r"--captions \S*bad.json: not valid JSON \(.* line 1, column")
+    _fails(
+        capsys,
+        [
+            "cache",
+            "build",
+            "--captions",
+            str(tmp_path / "bad.json"),
+            "--images",
+            img_dir,
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"--captions \S*bad.json: not valid JSON \(.* line 1, column",
+    )
     (tmp_path / "caps.txt").write_text("\n".join(CAPTIONS) + "\n")
     (tmp_path / "c2i.txt").write_text("0\n0\nzero\n")
-    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", img_dir,
-                    "--caption-to-image", str(tmp_path / "c2i.txt"), "--out", str(tmp_path / "c")],
-           r"--caption-to-image \S*c2i.txt: caption 2 \(line 3\) is 'zero', not an integer image index")
-    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images",
-                    str(tmp_path / "no_such_dir"), "--captions-per-image", "3", "--out", str(tmp_path / "c")],
-           r"--images \S*no_such_dir: no such file or directory")
-    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "missing.txt"), "--images", img_dir,
-                    "--out", str(tmp_path / "c")], r"--captions \S*missing.txt: file not found")
+    _fails(
+        capsys,
+        [
+            "cache",
+            "build",
+            "--captions",
+            str(tmp_path / "caps.txt"),
+            "--images",
+            img_dir,
+            "--caption-to-image",
+            str(tmp_path / "c2i.txt"),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"--caption-to-image \S*c2i.txt: caption 2 \(line 3\) is 'zero', not an integer image index",
+    )
+    _fails(
+        capsys,
+        [
+            "cache",
+            "build",
+            "--captions",
+            str(tmp_path / "caps.txt"),
+            "--images",
+            str(tmp_path / "no_such_dir"),
+            "--captions-per-image",
+            "3",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"--images \S*no_such_dir: no such file or directory",
+    )
+    _fails(
+        capsys,
+        [
+            "cache",
+            "build",
+            "--captions",
+            str(tmp_path / "missing.txt"),
+            "--images",
+            img_dir,
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"--captions \S*missing.txt: file not found",
+    )
 
 
 def test_exit_codes_follow_one_convention(tmp_path, capsys):
     # bad input: 1 in every command
     _fails(capsys, ["cache", "info", str(tmp_path / "nothing")], "no teacher cache")
-    _fails(capsys, ["eval", "--embeddings", str(tmp_path / "nothing.safetensors"), "--out", str(tmp_path / "o")],
-           "file not found")
+    _fails(
+        capsys,
+        ["eval", "--embeddings", str(tmp_path / "nothing.safetensors"), "--out", str(tmp_path / "o")],
+        "file not found",
+    )
     (tmp_path / "r.yaml").write_text("- a\n- b\n")
     with pytest.raises(SystemExit) as e:
         main(["train", str(tmp_path / "r.yaml")])
@@ -107,11 +201,25 @@ def test_a_symlink_to_a_listed_image_is_refused_as_a_duplicate(tmp_path, paths):
     hard = tmp_path / "images" / "hard.png"
     os.link(paths[2], hard)
     with pytest.raises(ValueError, match=r"image 3 .*alias.png\) duplicates image 1: it is the same file as"):
-        TeacherCache.build(tmp_path / "c", CAPTIONS, paths[:3] + [str(link)], CAPTION_TO_IMAGE,
-                           text_teacher=FakeTextTeacher(), image_teacher=FakeImageTeacher(), progress=False)
+        TeacherCache.build(
+            tmp_path / "c",
+            CAPTIONS,
+            paths[:3] + [str(link)],
+            CAPTION_TO_IMAGE,
+            text_teacher=FakeTextTeacher(),
+            image_teacher=FakeImageTeacher(),
+            progress=False,
+        )
     with pytest.raises(ValueError, match=r"image 3 .*hard.png\) duplicates image 2"):
-        TeacherCache.build(tmp_path / "c", CAPTIONS, paths[:3] + [str(hard)], CAPTION_TO_IMAGE,
-                           text_teacher=FakeTextTeacher(), image_teacher=FakeImageTeacher(), progress=False)
+        TeacherCache.build(
+            tmp_path / "c",
+            CAPTIONS,
+            paths[:3] + [str(hard)],
+            CAPTION_TO_IMAGE,
+            text_teacher=FakeTextTeacher(),
+            image_teacher=FakeImageTeacher(),
+            progress=False,
+        )
 
 
 def test_an_image_edited_in_place_at_the_same_size_changes_the_fingerprint(tmp_path, paths):
@@ -156,9 +264,17 @@ def test_leftovers_of_a_killed_build_are_removed_on_the_next_run(tmp_path, paths
 
 def test_cache_info_on_an_unfinished_build_says_how_to_resume(tmp_path, capsys, paths):
     with pytest.raises(RuntimeError, match="teacher killed"):
-        TeacherCache.build(tmp_path / "c", CAPTIONS, paths, CAPTION_TO_IMAGE, text_teacher=FakeTextTeacher(fail_after=1),
-                           image_teacher=FakeImageTeacher(), chunk_size=4, progress=False,
-                           command="softalign cache build --captions caps.txt --images imgs/ --out c")
+        TeacherCache.build(
+            tmp_path / "c",
+            CAPTIONS,
+            paths,
+            CAPTION_TO_IMAGE,
+            text_teacher=FakeTextTeacher(fail_after=1),
+            image_teacher=FakeImageTeacher(),
+            chunk_size=4,
+            progress=False,
+            command="softalign cache build --captions caps.txt --images imgs/ --out c",
+        )
     err = _fails(capsys, ["cache", "info", str(tmp_path / "c")], r"unfinished teacher-cache build \(\d+ chunks done")
     assert "resume it by running the same command again: softalign cache build --captions caps.txt" in err
 
@@ -177,11 +293,24 @@ def test_the_cli_records_its_command_line_for_the_resume_hint(tmp_path, paths, m
     monkeypatch.setattr("softalign.teachers.text.resolve_text_teacher", lambda *a, **k: FakeTextTeacher())
     monkeypatch.setattr("softalign.teachers.image.resolve_image_teacher", lambda *a, **k: FakeImageTeacher())
     (tmp_path / "caps.txt").write_text("\n".join(CAPTIONS) + "\n")
-    argv = ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", os.path.dirname(paths[0]),
-            "--captions-per-image", "3", "--out", str(tmp_path / "c"), "--no-progress"]
+    argv = [
+        "cache",
+        "build",
+        "--captions",
+        str(tmp_path / "caps.txt"),
+        "--images",
+        os.path.dirname(paths[0]),
+        "--captions-per-image",
+        "3",
+        "--out",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
     with pytest.raises(KeyboardInterrupt):
         main(argv)
-    assert seen["command"].startswith("softalign cache build --captions ") and "--captions-per-image 3" in seen["command"]
+    assert (
+        seen["command"].startswith("softalign cache build --captions ") and "--captions-per-image 3" in seen["command"]
+    )
     monkeypatch.setattr(tbuild, "_build_locked", real)
 
 
@@ -194,8 +323,10 @@ def test_a_second_build_into_a_locked_directory_fails_naming_the_first(tmp_path,
     import subprocess
     import sys
 
-    code = ("import sys, time; from softalign.locking import directory_lock\n"
-            "with directory_lock(sys.argv[1], 'holder'):\n    print('locked', flush=True); time.sleep(60)\n")
+    code = (
+        "import sys, time; from softalign.locking import directory_lock\n"
+        "with directory_lock(sys.argv[1], 'holder'):\n    print('locked', flush=True); time.sleep(60)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "d")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     with pytest.raises(DirectoryLockedError, match=rf"holder \(pid {proc.pid} "):
@@ -264,15 +395,17 @@ def test_an_edited_caption_to_image_map_is_refused(built):
     with pytest.raises(ValueError, match="caption_to_image.safetensors does not match the checksum"):
         TeacherCache.load(built)
     # even with the checksum updated (or verify=False), the map no longer matches its fingerprint
-    _edit_manifest(built, lambda m: m["files"]["caption_to_image"].update(bytes=path.stat().st_size,
-                                                                           sha256=file_sha256(path)))
+    _edit_manifest(
+        built, lambda m: m["files"]["caption_to_image"].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    )
     with pytest.raises(ValueError, match="does not match the map its fingerprint was computed from"):
         TeacherCache.load(built)
     out_of_range = torch.tensor(CAPTION_TO_IMAGE)
     out_of_range[4] = 99
     save_file({"caption_to_image": out_of_range}, str(path))
-    _edit_manifest(built, lambda m: m["files"]["caption_to_image"].update(bytes=path.stat().st_size,
-                                                                           sha256=file_sha256(path)))
+    _edit_manifest(
+        built, lambda m: m["files"]["caption_to_image"].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+    )
     with pytest.raises(ValueError, match=r"caption_to_image\[4\] = 99 is outside the 4 images"):
         TeacherCache.load(built)
 
@@ -281,8 +414,11 @@ def test_a_cache_of_another_format_version_is_refused_with_what_to_do(built):
     m = json.loads((built / "manifest.json").read_text())
     m["version"] = 3
     (built / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"cache format version 3 is not the one this softalign reads \(2\); rebuild "
-                                         r"the cache with this softalign \(or upgrade softalign\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cache format version 3 is not the one this softalign reads \(2\); rebuild "
+        r"the cache with this softalign \(or upgrade softalign\)",
+    ):
         TeacherCache.load(built)
     m["version"] = 1  # format 1 (the map in the manifest) is not read: no release wrote it
     m["caption_to_image"] = CAPTION_TO_IMAGE
@@ -301,7 +437,9 @@ def test_nan_rows_and_edited_dims_are_caught_at_load_naming_cache_and_row(built)
 
     digest = file_sha256(built / "text.safetensors")
     _edit_manifest(built, lambda m: m["files"]["text"].update(bytes=size, sha256=digest))
-    with pytest.raises(ValueError, match=rf"teacher cache {built}: row 7 of text.safetensors .* non-finite values \(NaN or inf\)"):
+    with pytest.raises(
+        ValueError, match=rf"teacher cache {built}: row 7 of text.safetensors .* non-finite values \(NaN or inf\)"
+    ):
         TeacherCache.load(built)
     _edit_manifest(built, lambda m: m["text_teacher"].update(dim=999))
     with pytest.raises(ValueError, match=r"text_teacher.dim is 999 in the manifest but text.safetensors holds 8-d"):
@@ -328,9 +466,22 @@ def test_a_pickled_npy_is_refused_by_default_and_its_code_does_not_run(tmp_path,
     np.save(tmp_path / "evil.npy", np.array([_Payload()], dtype=object), allow_pickle=True)
     assert not os.path.exists(marker)
     np.save(tmp_path / "txt.npy", np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32))
-    _fails(capsys, ["cache", "import-npy", "--image-features", str(tmp_path / "evil.npy"), "--text-features",
-                    str(tmp_path / "txt.npy"), "--captions-per-image", "3", "--out", str(tmp_path / "c")],
-           r"evil.npy holds pickled Python objects .* --allow-pickle")
+    _fails(
+        capsys,
+        [
+            "cache",
+            "import-npy",
+            "--image-features",
+            str(tmp_path / "evil.npy"),
+            "--text-features",
+            str(tmp_path / "txt.npy"),
+            "--captions-per-image",
+            "3",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"evil.npy holds pickled Python objects .* --allow-pickle",
+    )
     with pytest.raises(ValueError, match="pickled"):
         import_npy(tmp_path / "c", tmp_path / "evil.npy", [0] * 12, text_features=tmp_path / "txt.npy", progress=False)
     assert not os.path.exists(marker)
@@ -341,8 +492,19 @@ def test_region_features_are_pooled_on_request(tmp_path, capsys):
     regions = rng.normal(size=(4, 36, 16)).astype(np.float32)
     np.save(tmp_path / "train_ims.npy", regions)
     np.save(tmp_path / "txt.npy", rng.normal(size=(12, 8)).astype(np.float32))
-    args = ["cache", "import-npy", "--image-features", str(tmp_path / "train_ims.npy"), "--text-features",
-            str(tmp_path / "txt.npy"), "--captions-per-image", "3", "--dtype", "float32", "--no-progress"]
+    args = [
+        "cache",
+        "import-npy",
+        "--image-features",
+        str(tmp_path / "train_ims.npy"),
+        "--text-features",
+        str(tmp_path / "txt.npy"),
+        "--captions-per-image",
+        "3",
+        "--dtype",
+        "float32",
+        "--no-progress",
+    ]
     _fails(capsys, args + ["--out", str(tmp_path / "c")], r"region features of shape \(4, 36, 16\).*--pool mean")
     for pool, ref in (("mean", regions.mean(axis=1)), ("max", regions.max(axis=1))):
         assert main(args + ["--out", str(tmp_path / pool), "--pool", pool]) == 0, capsys.readouterr().err
@@ -351,8 +513,10 @@ def test_region_features_are_pooled_on_request(tmp_path, capsys):
         torch.testing.assert_close(cache.image_embeddings(torch.arange(4)), want, atol=1e-5, rtol=0)
         assert cache.manifest["image_teacher"]["pool"] == pool
     # another pooling is another teacher: the mean cache is not reused for max
-    assert (TeacherCache.load(tmp_path / "mean").manifest["fingerprint"]["images"]
-            != TeacherCache.load(tmp_path / "max").manifest["fingerprint"]["images"])
+    assert (
+        TeacherCache.load(tmp_path / "mean").manifest["fingerprint"]["images"]
+        != TeacherCache.load(tmp_path / "max").manifest["fingerprint"]["images"]
+    )
 
 
 def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch):
@@ -380,7 +544,20 @@ def test_a_blank_line_in_the_image_list_is_refused_not_skipped(tmp_path, capsys,
     (tmp_path / "c2i.txt").write_text("".join(f"{i // 2}\n" for i in range(2 * n)))
     listed = [str(p) for p in paths]
     (tmp_path / "images.txt").write_text("\n".join(listed[:3] + [""] + listed[3:]) + "\n\n")
-    _fails(capsys, ["cache", "build", "--captions", str(tmp_path / "caps.txt"), "--images", str(tmp_path / "images.txt"),
-                    "--caption-to-image", str(tmp_path / "c2i.txt"), "--out", str(tmp_path / "c")],
-           r"--images \S*images.txt: line 4 is blank. Images are numbered by their position in the list")
+    _fails(
+        capsys,
+        [
+            "cache",
+            "build",
+            "--captions",
+            str(tmp_path / "caps.txt"),
+            "--images",
+            str(tmp_path / "images.txt"),
+            "--caption-to-image",
+            str(tmp_path / "c2i.txt"),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+        r"--images \S*images.txt: line 4 is blank. Images are numbered by their position in the list",
+    )
     assert not (tmp_path / "c" / "manifest.json").exists()

@@ -1,4 +1,5 @@
 """Sharded build across 2 CPU processes (accelerate.debug_launcher) equals a single-process build."""
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,33 @@ def _worker(out, paths, report_dir):
 
     state = PartialState()
     t, i = FakeTextTeacher(), FakeImageTeacher()
-    cache = TeacherCache.build(out, CAPTIONS, paths, CAPTION_TO_IMAGE, text_teacher=t, image_teacher=i,
-                               chunk_size=3, accelerator=state, progress=False)
+    cache = TeacherCache.build(
+        out,
+        CAPTIONS,
+        paths,
+        CAPTION_TO_IMAGE,
+        text_teacher=t,
+        image_teacher=i,
+        chunk_size=3,
+        accelerator=state,
+        progress=False,
+    )
     sims = cache.similarities(torch.arange(12))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local = torch.arange(6) + 6 * rank  # each process holds half of the batch; gather=True rebuilds the whole
     gathered = cache.similarities(local, gather=True)
     with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump({"world": world, "text_calls": t.calls, "images": i.encoded,
-                   "sim_text": sims.text.tolist(),
-                   "gathered_text": gathered.text.tolist(), "gathered_image": gathered.image.tolist()}, fh)
+        json.dump(
+            {
+                "world": world,
+                "text_calls": t.calls,
+                "images": i.encoded,
+                "sim_text": sims.text.tolist(),
+                "gathered_text": gathered.text.tolist(),
+                "gathered_image": gathered.image.tolist(),
+            },
+            fh,
+        )
 
 
 def test_two_process_build_shares_chunks_and_merges(tmp_path):
@@ -42,8 +60,16 @@ def test_two_process_build_shares_chunks_and_merges(tmp_path):
     assert r0["text_calls"] and r1["text_calls"]
     assert r0["images"] + r1["images"] == 4
 
-    single = TeacherCache.build(tmp_path / "single", CAPTIONS, paths, CAPTION_TO_IMAGE, text_teacher=FakeTextTeacher(),
-                                image_teacher=FakeImageTeacher(), chunk_size=3, progress=False)
+    single = TeacherCache.build(
+        tmp_path / "single",
+        CAPTIONS,
+        paths,
+        CAPTION_TO_IMAGE,
+        text_teacher=FakeTextTeacher(),
+        image_teacher=FakeImageTeacher(),
+        chunk_size=3,
+        progress=False,
+    )
     sharded = TeacherCache.load(tmp_path / "sharded")
     assert sharded.manifest["num_processes"] == 2
     ids = torch.arange(12)

@@ -1,4 +1,5 @@
 """On-disk primitives: streamed safetensors, memory-mapped reads, atomic writes; RGB conversion of inputs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,11 @@ def test_streamed_file_reads_back_with_safetensors_and_mmap(tmp_path):
     a = torch.randn(10, 3).half()
     b = torch.arange(7, dtype=torch.int64)
     storage.write_safetensors_streamed(
-        tmp_path / "x.safetensors", {"a": (torch.float16, (10, 3)), "b": (torch.int64, (7,))},
-        {"a": lambda: iter([a[:4], a[4:9], a[9:]]), "b": lambda: iter([b])}, metadata={"k": "v"})
+        tmp_path / "x.safetensors",
+        {"a": (torch.float16, (10, 3)), "b": (torch.int64, (7,))},
+        {"a": lambda: iter([a[:4], a[4:9], a[9:]]), "b": lambda: iter([b])},
+        metadata={"k": "v"},
+    )
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor("a"), a) and torch.equal(f.get_tensor("b"), b)
         assert f.metadata() == {"k": "v"}
@@ -27,11 +31,13 @@ def test_streamed_file_reads_back_with_safetensors_and_mmap(tmp_path):
 
 def test_short_stream_raises_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="'a' received 24 bytes, expected 60"):
-        storage.write_safetensors_streamed(tmp_path / "x.safetensors", {"a": (torch.float16, (10, 3))},
-                                           {"a": lambda: iter([torch.zeros(4, 3)])})
+        storage.write_safetensors_streamed(
+            tmp_path / "x.safetensors", {"a": (torch.float16, (10, 3))}, {"a": lambda: iter([torch.zeros(4, 3)])}
+        )
     with pytest.raises(ValueError, match=r"rows of shape \(3,\)"):
-        storage.write_safetensors_streamed(tmp_path / "x.safetensors", {"a": (torch.float16, (10, 3))},
-                                           {"a": lambda: iter([torch.zeros(10, 4)])})
+        storage.write_safetensors_streamed(
+            tmp_path / "x.safetensors", {"a": (torch.float16, (10, 3))}, {"a": lambda: iter([torch.zeros(10, 4)])}
+        )
     assert list(tmp_path.iterdir()) == []
 
 

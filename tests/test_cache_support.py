@@ -1,4 +1,5 @@
 """Shared helpers for the teacher-cache tests (tiny data, deterministic fake teachers). No tests here."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +7,18 @@ import torch
 from PIL import Image
 
 CAPTIONS = [
-    "a red square", "a crimson block", "red paint on a wall",
-    "a green field", "green grass", "a lime green tile",
-    "the blue sky", "a blue ocean", "deep blue water",
-    "a yellow sun", "yellow lemons", "a bright yellow taxi",
+    "a red square",
+    "a crimson block",
+    "red paint on a wall",
+    "a green field",
+    "green grass",
+    "a lime green tile",
+    "the blue sky",
+    "a blue ocean",
+    "deep blue water",
+    "a yellow sun",
+    "yellow lemons",
+    "a bright yellow taxi",
 ]
 CAPTION_TO_IMAGE = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
 COLORS = [(220, 20, 20), (20, 200, 30), (30, 40, 230), (240, 230, 20)]

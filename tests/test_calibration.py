@@ -1,4 +1,5 @@
 """Calibrated soft-label temperature and the soft-label statistics, against independent numpy computations."""
+
 from __future__ import annotations
 
 import math
@@ -97,9 +98,17 @@ def test_calibrating_on_a_batch_of_one_says_what_to_do(tmp_path):
     from softalign.teachers.importers import import_npy
 
     rng = np.random.default_rng(0)
-    import_npy(tmp_path / "c", rng.normal(size=(4, 6)).astype(np.float32), [0, 0, 1, 1, 2, 2, 3, 3],
-               text_features=rng.normal(size=(8, 5)).astype(np.float32), progress=False)
+    import_npy(
+        tmp_path / "c",
+        rng.normal(size=(4, 6)).astype(np.float32),
+        [0, 0, 1, 1, 2, 2, 3, 3],
+        text_features=rng.normal(size=(8, 5)).astype(np.float32),
+        progress=False,
+    )
     loss = SoftAlignLoss(embed_dim=8, cache=TeacherCache.load(tmp_path / "c"))
-    with pytest.raises(ValueError, match=r"batch_size must be >= 2 to calibrate soft labels, got 1: .*"
-                                         r"loss.calibrate\(cache, batch_size=B\).*teacher_temperature=1.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size must be >= 2 to calibrate soft labels, got 1: .*"
+        r"loss.calibrate\(cache, batch_size=B\).*teacher_temperature=1.0",
+    ):
         loss(torch.randn(1, 8), torch.randn(1, 8), ids=torch.tensor([3]))

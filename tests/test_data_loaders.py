@@ -1,4 +1,5 @@
 """Data loaders on tiny fixtures written here: Karpathy JSON + image folder, precomp npy + caps, datasets."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,14 @@ def karpathy(tmp_path):
     entries = []
     splits = ["train", "restval", "val", "test", "test"]
     for i, split in enumerate(splits):
-        entries.append({"filepath": "sub", "filename": f"img{i}.jpg", "split": split,
-                        "sentences": [{"raw": f" caption {i}.{j} "} for j in range(5 + (i == 0))]})
+        entries.append(
+            {
+                "filepath": "sub",
+                "filename": f"img{i}.jpg",
+                "split": split,
+                "sentences": [{"raw": f" caption {i}.{j} "} for j in range(5 + (i == 0))],
+            }
+        )
     _write_images(root / "sub", [e["filename"] for e in entries])
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"dataset": "coco", "images": entries}))
@@ -105,8 +112,9 @@ def test_precomp_errors(tmp_path):
 def test_hf_dataset_with_caption_lists():
     datasets = pytest.importorskip("datasets")
     imgs = [Image.new("RGB", (4, 4), (i * 40, 0, 0)) for i in range(3)]
-    ds = datasets.Dataset.from_dict({"image": imgs, "caption": [["a", "b"], ["c"], ["d", "e", "f"]],
-                                     "label": [0, 1, 0]}).cast_column("image", datasets.Image())
+    ds = datasets.Dataset.from_dict(
+        {"image": imgs, "caption": [["a", "b"], ["c"], ["d", "e", "f"]], "label": [0, 1, 0]}
+    ).cast_column("image", datasets.Image())
     d = from_hf_dataset(ds, label_column="label")
     assert d.captions == list("abcdef")
     assert d.caption_to_image.tolist() == [0, 0, 1, 2, 2, 2]
@@ -125,8 +133,11 @@ def test_imagefolder_with_metadata(tmp_path):
     train = tmp_path / "train"
     _write_images(train, ["a.png", "b.png"])
     (train / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "a.png", "caption": ["red a", "a red"]}) + "\n"
-        + json.dumps({"file_name": "b.png", "caption": ["blue b", "b blue"]}) + "\n")
+        json.dumps({"file_name": "a.png", "caption": ["red a", "a red"]})
+        + "\n"
+        + json.dumps({"file_name": "b.png", "caption": ["blue b", "b blue"]})
+        + "\n"
+    )
     d = load_imagefolder(tmp_path, "train")
     assert d.num_images == 2 and d.num_captions == 4
     by_image = {d.captions[c]: int(d.caption_to_image[c]) for c in range(4)}
@@ -172,8 +183,9 @@ def test_image_pair_dataset_draws_a_caption_of_each_image():
 
 def test_karpathy_flickr_entries_without_filepath(tmp_path):
     _write_images(tmp_path / "flickr30k-images", ["1.jpg", "2.jpg"])
-    entries = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"s{i}{j}"} for j in range(5)]}
-               for i in (1, 2)]
+    entries = [
+        {"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"s{i}{j}"} for j in range(5)]} for i in (1, 2)
+    ]
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
     d = load_karpathy(tmp_path / "dataset_flickr30k.json", tmp_path / "flickr30k-images", "test")
     assert d.name == "flickr30k" and d.images[1].endswith("flickr30k-images/2.jpg")
@@ -212,5 +224,9 @@ def test_augmentation_differs_between_epochs_with_worker_processes():
     torch.manual_seed(0)
     torch.testing.assert_close(_epoch(loader), first, rtol=0, atol=0)
     plain = PairDataset(d, ImageTransform(8))
-    torch.testing.assert_close(_epoch(DataLoader(plain, batch_size=4, num_workers=2, collate_fn=collate_pairs)),
-                               torch.stack([ImageTransform(8)(im) for im in d.images]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        _epoch(DataLoader(plain, batch_size=4, num_workers=2, collate_fn=collate_pairs)),
+        torch.stack([ImageTransform(8)(im) for im in d.images]),
+        rtol=0,
+        atol=0,
+    )

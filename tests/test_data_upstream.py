@@ -1,4 +1,5 @@
 """Cache routes for the upstream trainers' own file layouts: TERAN's training split and the precomp image order."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,19 @@ def _coco_layout(tmp_path):
     ann_dir = tmp_path / "data" / "coco" / "annotations"
     ann_dir.mkdir(parents=True)
     imgs = tmp_path / "images"
-    train = {"images": [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"},
-                        {"id": 25, "file_name": "COCO_train2014_000000000025.jpg"}],
-             "annotations": [{"id": 100 + k, "image_id": (9, 25)[k % 2], "caption": f"train caption {k}"}
-                             for k in range(6)]}
-    val = {"images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}],
-           "annotations": [{"id": 500 + k, "image_id": 42, "caption": f"val caption {k}"} for k in range(3)]}
+    train = {
+        "images": [
+            {"id": 9, "file_name": "COCO_train2014_000000000009.jpg"},
+            {"id": 25, "file_name": "COCO_train2014_000000000025.jpg"},
+        ],
+        "annotations": [
+            {"id": 100 + k, "image_id": (9, 25)[k % 2], "caption": f"train caption {k}"} for k in range(6)
+        ],
+    }
+    val = {
+        "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}],
+        "annotations": [{"id": 500 + k, "image_id": 42, "caption": f"val caption {k}"} for k in range(3)],
+    }
     (ann_dir / "captions_train2014.json").write_text(json.dumps(train))
     (ann_dir / "captions_val2014.json").write_text(json.dumps(val))
     np.save(ann_dir / "coco_train_ids.npy", np.array([103, 100, 101, 104, 102, 105]))
@@ -70,8 +78,10 @@ def test_teran_coco_split_follows_terans_caption_order_and_image_map(tmp_path):
 def test_teran_f30k_split_and_errors(tmp_path):
     ann = tmp_path / "data" / "f30k" / "annotations"
     ann.mkdir(parents=True)
-    entries = [{"filename": f"{i}.jpg", "split": s, "sentences": [{"raw": f"img {i} sentence {k}"} for k in range(2)]}
-               for i, s in enumerate(["train", "test", "train"])]
+    entries = [
+        {"filename": f"{i}.jpg", "split": s, "sentences": [{"raw": f"img {i} sentence {k}"} for k in range(2)]}
+        for i, s in enumerate(["train", "test", "train"])
+    ]
     (ann / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
     captions, images, c2i = teran_training_split(tmp_path / "data", "f30k", tmp_path / "imgs")
     assert captions == ["img 0 sentence 0", "img 0 sentence 1", "img 2 sentence 0", "img 2 sentence 1"]
@@ -89,16 +99,44 @@ def test_build_teran_command_builds_a_cache_in_terans_order(tmp_path, capsys, mo
     monkeypatch.setattr("softalign.teachers.text.resolve_text_teacher", lambda *a, **k: FakeTextTeacher())
     monkeypatch.setattr("softalign.teachers.image.resolve_image_teacher", lambda *a, **k: FakeImageTeacher())
     data, imgs, train, val = _coco_layout(tmp_path)
-    rc = main(["cache", "build-teran", "--data", str(data), "--dataset", "coco", "--images-path", str(imgs),
-               "--out", str(tmp_path / "cache"), "--no-progress"])
+    rc = main(
+        [
+            "cache",
+            "build-teran",
+            "--data",
+            str(data),
+            "--dataset",
+            "coco",
+            "--images-path",
+            str(imgs),
+            "--out",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     cache = TeacherCache.load(tmp_path / "cache")
     _, c2i = teran_training_split(data, "coco", imgs)[1:]
     assert cache.caption_to_image.tolist() == c2i and cache.num_captions == 9 and cache.num_images == 3
     # an id the annotations lack is named
     np.save(data / "coco" / "annotations" / "coco_train_ids.npy", np.array([103, 999]))
-    assert main(["cache", "build-teran", "--data", str(data), "--dataset", "coco", "--images-path", str(imgs),
-                 "--out", str(tmp_path / "c2")]) == 1
+    assert (
+        main(
+            [
+                "cache",
+                "build-teran",
+                "--data",
+                str(data),
+                "--dataset",
+                "coco",
+                "--images-path",
+                str(imgs),
+                "--out",
+                str(tmp_path / "c2"),
+            ]
+        )
+        == 1
+    )
     assert "coco_train_ids.npy[1] = annotation 999" in capsys.readouterr().err
 
 
@@ -106,14 +144,23 @@ def test_precomp_image_order_from_ids_files(tmp_path, capsys):
     root = tmp_path / "coco"
     for i, name in enumerate(["COCO_train2014_000000000009.jpg", "COCO_val2014_000000000042.jpg"]):
         _png(root / ("train2014" if "train" in name else "val2014") / name, (i * 100, 0, 0))
-    (tmp_path / "ann.json").write_text(json.dumps({"images": [
-        {"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}, {"id": 9, "file_name": "COCO_train2014_000000000009.jpg"}]}))
+    (tmp_path / "ann.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 42, "file_name": "COCO_val2014_000000000042.jpg"},
+                    {"id": 9, "file_name": "COCO_train2014_000000000009.jpg"},
+                ]
+            }
+        )
+    )
     # one id per image (row order) and one id per caption (5 equal lines per image) give the same list
     (tmp_path / "per_image.txt").write_text("42\n9\n")
     (tmp_path / "per_caption.txt").write_text("42\n" * 5 + "9\n" * 5)
     a = precomp_image_paths(tmp_path / "per_image.txt", images_root=root, coco_annotations=[tmp_path / "ann.json"])
-    b = precomp_image_paths(tmp_path / "per_caption.txt", images_root=root, coco_annotations=[tmp_path / "ann.json"],
-                            num_images=2)
+    b = precomp_image_paths(
+        tmp_path / "per_caption.txt", images_root=root, coco_annotations=[tmp_path / "ann.json"], num_images=2
+    )
     assert a == b and a[0].endswith("val2014/COCO_val2014_000000000042.jpg") and a[1].endswith("000000000009.jpg")
     with pytest.raises(ValueError, match="has 3 lines, but the features hold 2 rows"):
         (tmp_path / "bad.txt").write_text("42\n9\n7\n")
@@ -124,12 +171,29 @@ def test_precomp_image_order_from_ids_files(tmp_path, capsys):
     # Flickr30k: ids are file names
     _png(tmp_path / "f30k" / "1000092795.jpg", (1, 2, 3))
     (tmp_path / "f30k_ids.txt").write_text("1000092795\n")
-    assert precomp_image_paths(tmp_path / "f30k_ids.txt", images_root=tmp_path / "f30k",
-                               pattern="{id}.jpg")[0].endswith("1000092795.jpg")
+    assert precomp_image_paths(tmp_path / "f30k_ids.txt", images_root=tmp_path / "f30k", pattern="{id}.jpg")[
+        0
+    ].endswith("1000092795.jpg")
     # the command, checked against the feature rows
     np.save(tmp_path / "train_ims.npy", np.zeros((2, 36, 4), np.float32))
-    assert main(["cache", "precomp-images", "--ids", str(tmp_path / "per_caption.txt"), "--ims",
-                 str(tmp_path / "train_ims.npy"), "--coco-annotations", str(tmp_path / "ann.json"), "--images-root",
-                 str(root), "--out", str(tmp_path / "list.txt")]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "precomp-images",
+                "--ids",
+                str(tmp_path / "per_caption.txt"),
+                "--ims",
+                str(tmp_path / "train_ims.npy"),
+                "--coco-annotations",
+                str(tmp_path / "ann.json"),
+                "--images-root",
+                str(root),
+                "--out",
+                str(tmp_path / "list.txt"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "list.txt").read_text().splitlines() == a
     assert re.search(r"wrote 2 image paths", capsys.readouterr().out)

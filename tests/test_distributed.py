@@ -1,5 +1,6 @@
 """Distributed exactness: 2 CPU processes (gloo) via accelerate.debug_launcher give the single-process
 loss and gradients of the whole batch, with unequal per-process batch sizes."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,15 @@ SIZES = (3, 5)  # per-process batch sizes (unequal on purpose)
 CONFIGS = {
     "vsepp": dict(embed_dim=8, base="vsepp", alpha=0.1, beta=0.5, gamma=0.2),
     # InfoNCE base, CSA's fused mode, CMC with its own hinge, USA heads on separate backbone features
-    "infonce_add_features": dict(embed_dim=(6, 5), base="infonce", alpha=0.3, beta=0.4, gamma=0.5, csa_mode="add",
-                                 teacher_temperature=(0.2, 0.4)),
+    "infonce_add_features": dict(
+        embed_dim=(6, 5),
+        base="infonce",
+        alpha=0.3,
+        beta=0.4,
+        gamma=0.5,
+        csa_mode="add",
+        teacher_temperature=(0.2, 0.4),
+    ),
     "vsepp_sum_mean_nce": dict(embed_dim=None, base="vsepp_sum", alpha=1.0, beta=1.0, gamma=1.0),
 }
 
@@ -40,11 +48,20 @@ def _setup(config: str = "vsepp"):
 
 def _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids):
     feats = dict(image_features=x_img, text_features=x_txt) if isinstance(loss.usa.embed_dim, tuple) else {}
-    out = loss(model["img"](x_img), model["txt"](x_txt), image_ids=ids, teacher_image_emb=t_img,
-               teacher_text_emb=t_txt, **feats)
+    out = loss(
+        model["img"](x_img),
+        model["txt"](x_txt),
+        image_ids=ids,
+        teacher_image_emb=t_img,
+        teacher_text_emb=t_txt,
+        **feats,
+    )
     out["loss"].backward()
-    return out, {n: p.grad.clone() for n, p in model.named_parameters()}, \
-        {n: p.grad.clone() for n, p in loss.named_parameters()}
+    return (
+        out,
+        {n: p.grad.clone() for n, p in model.named_parameters()},
+        {n: p.grad.clone() for n, p in loss.named_parameters()},
+    )
 
 
 def _worker(config="vsepp"):
@@ -57,10 +74,11 @@ def _worker(config="vsepp"):
     single.gather = False  # the reference: one process holding the whole batch
     ref = _loss_and_grads(copy.deepcopy(model), single, x_img, x_txt, t_img, t_txt, ids)
 
-    start = sum(SIZES[: rank])
+    start = sum(SIZES[:rank])
     part = slice(start, start + SIZES[rank])
-    out, model_grads, loss_grads = _loss_and_grads(model, loss, x_img[part], x_txt[part], t_img[part], t_txt[part],
-                                                   ids[part])
+    out, model_grads, loss_grads = _loss_and_grads(
+        model, loss, x_img[part], x_txt[part], t_img[part], t_txt[part], ids[part]
+    )
     for name, grad in model_grads.items():  # what DDP / Accelerate do to the model's gradients
         dist.all_reduce(grad)
         grad /= world
@@ -95,8 +113,13 @@ def test_single_process_reference_is_itself_consistent():
     # sanity of the reference used above: per-pair positives via ids, teacher embeddings -> cosine sims
     x_img, x_txt, t_img, t_txt, ids, model, loss = _setup()
     out, _, _ = _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids)
-    explicit = loss(model["img"](x_img), model["txt"](x_txt), image_ids=ids,
-                    teacher_image_sim=SF.cosine_similarity_matrix(t_img), teacher_text_sim=SF.cosine_similarity_matrix(t_txt))
+    explicit = loss(
+        model["img"](x_img),
+        model["txt"](x_txt),
+        image_ids=ids,
+        teacher_image_sim=SF.cosine_similarity_matrix(t_img),
+        teacher_text_sim=SF.cosine_similarity_matrix(t_txt),
+    )
     torch.testing.assert_close(out["loss"], explicit["loss"])
 
 
@@ -117,11 +140,20 @@ def _clip_loss_worker():
     loss = SoftAlignClipLoss(diagnostics_every=0)
 
     def run(m, lo, sl):
-        out = lo(m["img"](x_img[sl]), m["txt"](x_txt[sl]), m.logit_scale.exp(), output_dict=True,
-                 dist_image_features=t_img[sl], dist_text_features=t_txt[sl])
+        out = lo(
+            m["img"](x_img[sl]),
+            m["txt"](x_txt[sl]),
+            m.logit_scale.exp(),
+            output_dict=True,
+            dist_image_features=t_img[sl],
+            dist_text_features=t_txt[sl],
+        )
         sum(out.values()).backward()
-        return ({k: v.detach() for k, v in out.items()}, {k: p.grad.clone() for k, p in m.named_parameters()},
-                {k: p.grad.clone() for k, p in lo.named_parameters() if p.grad is not None})
+        return (
+            {k: v.detach() for k, v in out.items()},
+            {k: p.grad.clone() for k, p in m.named_parameters()},
+            {k: p.grad.clone() for k, p in lo.named_parameters() if p.grad is not None},
+        )
 
     single = copy.deepcopy(loss)
     single.soft.gather = False

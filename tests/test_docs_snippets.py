@@ -6,6 +6,7 @@ the user's tensors (``img_emb``, ``caption_ids``, ...), ``optimizer``/``device``
 ``cache/coco_train_clip``, a second teacher pair of the same captions) in the working directory. Nothing from softalign is pre-imported, so a block that forgets an
 import fails with NameError here, as it would for a reader who pastes it.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,13 +42,21 @@ def workdir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("user")
     rng = np.random.default_rng(0)
-    import_npy(d / "cache" / "coco_train", rng.normal(size=(N_IMG, 12)).astype(np.float32),
-               [i // K for i in range(N_IMG * K)], text_features=rng.normal(size=(N_IMG * K, 8)).astype(np.float32),
-               progress=False)
+    import_npy(
+        d / "cache" / "coco_train",
+        rng.normal(size=(N_IMG, 12)).astype(np.float32),
+        [i // K for i in range(N_IMG * K)],
+        text_features=rng.normal(size=(N_IMG * K, 8)).astype(np.float32),
+        progress=False,
+    )
     # a second teacher pair over the same captions (docs/cache.md's TeacherEnsemble)
-    import_npy(d / "cache" / "coco_train_clip", rng.normal(size=(N_IMG, 6)).astype(np.float32),
-               [i // K for i in range(N_IMG * K)], text_features=rng.normal(size=(N_IMG * K, 5)).astype(np.float32),
-               progress=False)
+    import_npy(
+        d / "cache" / "coco_train_clip",
+        rng.normal(size=(N_IMG, 6)).astype(np.float32),
+        [i // K for i in range(N_IMG * K)],
+        text_features=rng.normal(size=(N_IMG * K, 5)).astype(np.float32),
+        progress=False,
+    )
     return d
 
 
@@ -99,29 +108,53 @@ def _user_names(workdir):
         # the one line and the loops a user owns
         "optimizer": lambda: torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1),
         "device": lambda: torch.device("cpu"),
-        "img_emb": lambda: emb(B, 1024), "cap_emb": lambda: emb(B, 1024), "txt_emb": lambda: emb(B, 1024),
+        "img_emb": lambda: emb(B, 1024),
+        "cap_emb": lambda: emb(B, 1024),
+        "txt_emb": lambda: emb(B, 1024),
         "caption_ids": lambda: torch.arange(B) * 5 % (N_IMG * K),
-        "ids": lambda: torch.arange(B), "img_feat": lambda: emb(B, 1024), "cap_feat": lambda: emb(B, 1024),
-        "loss": user_loss, "cache": lambda: __import__("softalign.teachers", fromlist=["TeacherCache"]).TeacherCache.load(
-            workdir / "cache" / "coco_train"),
-        "base_loss": lambda: torch.tensor(1.0, requires_grad=True), "trainer": Trainer,
+        "ids": lambda: torch.arange(B),
+        "img_feat": lambda: emb(B, 1024),
+        "cap_feat": lambda: emb(B, 1024),
+        "loss": user_loss,
+        "cache": lambda: __import__("softalign.teachers", fromlist=["TeacherCache"]).TeacherCache.load(
+            workdir / "cache" / "coco_train"
+        ),
+        "base_loss": lambda: torch.tensor(1.0, requires_grad=True),
+        "trainer": Trainer,
         # data a user has for building a cache
         "captions": lambda: [f"caption {i}" for i in range(N_IMG * K)],
-        "image_paths": lambda: _images(workdir), "caption_to_image": lambda: (torch.arange(N_IMG * K) // K).tolist(),
+        "image_paths": lambda: _images(workdir),
+        "caption_to_image": lambda: (torch.arange(N_IMG * K) // K).tolist(),
         # upstream trainers (stand-ins with their call structure)
-        "VSE": lambda: common.VSEStandIn, "SCAN": lambda: scan_t.SCANStandIn, "opt": lambda: common.vse_opt(),
-        "get_model": lambda: (lambda config: teran_t.TERANStandIn()), "config": lambda: {"model": {"embed-size": D}},
+        "VSE": lambda: common.VSEStandIn,
+        "SCAN": lambda: scan_t.SCANStandIn,
+        "opt": lambda: common.vse_opt(),
+        "get_model": lambda: lambda config: teran_t.TERANStandIn(),
+        "config": lambda: {"model": {"embed-size": D}},
         # evaluation inputs
-        "img": lambda: img_all, "txt": lambda: txt_all, "c2i": lambda: c2i, "n": lambda: 5000,
-        "S": lambda: img_all @ txt_all.T, "score_fn": lambda: (lambda ii, cc: img_all[ii] @ txt_all[cc].T),
-        "fine_scorer": lambda: (lambda ii, cc: (img_all[ii] * txt_all[cc]).sum(-1)),
-        "image_labels": lambda: torch.arange(5000) % 50, "model": ScoringModel, "images": lambda: list(range(5000)),
-        "img_feats": lambda: img_all, "cap_feats": lambda: txt_all,
-        "q": lambda: emb(6), "q_labels": lambda: torch.arange(6) % 2, "g": lambda: emb(8),
+        "img": lambda: img_all,
+        "txt": lambda: txt_all,
+        "c2i": lambda: c2i,
+        "n": lambda: 5000,
+        "S": lambda: img_all @ txt_all.T,
+        "score_fn": lambda: lambda ii, cc: img_all[ii] @ txt_all[cc].T,
+        "fine_scorer": lambda: lambda ii, cc: (img_all[ii] * txt_all[cc]).sum(-1),
+        "image_labels": lambda: torch.arange(5000) % 50,
+        "model": ScoringModel,
+        "images": lambda: list(range(5000)),
+        "img_feats": lambda: img_all,
+        "cap_feats": lambda: txt_all,
+        "q": lambda: emb(6),
+        "q_labels": lambda: torch.arange(6) % 2,
+        "g": lambda: emb(8),
         "g_labels": lambda: torch.arange(8) % 2,
-        "emb_a": lambda: emb(7), "emb_b": lambda: emb(7), "gold_scores": lambda: torch.linspace(0, 1, 7),
-        "test_images": lambda: emb(5000, 8), "test_captions": lambda: emb(25000, 8),
-        "m_base": lambda: {"rsum": 300.0, "i2t_r1": 40.0}, "m_cusa": lambda: {"rsum": 310.0, "i2t_r1": 42.0},
+        "emb_a": lambda: emb(7),
+        "emb_b": lambda: emb(7),
+        "gold_scores": lambda: torch.linspace(0, 1, 7),
+        "test_images": lambda: emb(5000, 8),
+        "test_captions": lambda: emb(25000, 8),
+        "m_base": lambda: {"rsum": 300.0, "i2t_r1": 40.0},
+        "m_cusa": lambda: {"rsum": 310.0, "i2t_r1": 42.0},
     }
     return names
 

@@ -1,5 +1,6 @@
 """softalign encode and softalign eval --model: a trained softalign run, a real timm model and DML benchmark
 layouts -> embeddings -> R@1/2/4/8, MAP@R, R-Precision."""
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,8 @@ def _inshop(root):
             rows.append((rel, f"id_{item:08d}", status))
     (root / "Eval").mkdir()
     (root / "Eval" / "list_eval_partition.txt").write_text(
-        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "".join(f"{a} {b} {c}\n" for a, b, c in rows))
+        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "".join(f"{a} {b} {c}\n" for a, b, c in rows)
+    )
 
 
 def test_encode_a_timm_model_on_sop_then_eval(tmp_path, vit_weights):
@@ -61,20 +63,46 @@ def test_encode_a_timm_model_on_sop_then_eval(tmp_path, vit_weights):
 
     _sop(tmp_path / "data")
     out = tmp_path / "sop.safetensors"
-    assert main(["encode", "--model", "timm:test_vit", "--weights", vit_weights, "--benchmark", "sop", "--root",
-                 str(tmp_path / "data"), "--batch-size", "5", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                "timm:test_vit",
+                "--weights",
+                vit_weights,
+                "--benchmark",
+                "sop",
+                "--root",
+                str(tmp_path / "data"),
+                "--batch-size",
+                "5",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     emb = load_file(str(out))
     bench = load_dml_benchmark("sop", tmp_path / "data")
-    want = torch.nn.functional.normalize(TimmImageTeacher("test_vit", weights=vit_weights, device="cpu")
-                                         .encode(bench.paths), dim=1)
+    want = torch.nn.functional.normalize(
+        TimmImageTeacher("test_vit", weights=vit_weights, device="cpu").encode(bench.paths), dim=1
+    )
     torch.testing.assert_close(emb["image"], want, atol=1e-5, rtol=1e-5)
     assert emb["image_labels"].tolist() == bench.labels.tolist()
     assert main(["eval", "--embeddings", str(out), "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     ref = unimodal_retrieval(want, torch.as_tensor(bench.labels), prefix="i2i_")
-    for k in ("i2i_recall_at_1", "i2i_recall_at_2", "i2i_recall_at_4", "i2i_recall_at_8", "i2i_map_at_r",
-              "i2i_r_precision"):
+    for k in (
+        "i2i_recall_at_1",
+        "i2i_recall_at_2",
+        "i2i_recall_at_4",
+        "i2i_recall_at_8",
+        "i2i_map_at_r",
+        "i2i_r_precision",
+    ):
         assert flat[k] == pytest.approx(ref[k], abs=1e-6), k
 
 
@@ -82,16 +110,51 @@ def test_eval_model_on_inshop_uses_query_vs_gallery(tmp_path, vit_weights):
     from softalign.eval import unimodal_retrieval
 
     _inshop(tmp_path / "inshop")
-    assert main(["eval", "--model", "timm:test_vit", "--weights", vit_weights, "--benchmark", "inshop", "--root",
-                 str(tmp_path / "inshop"), "--no-progress", "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "timm:test_vit",
+                "--weights",
+                vit_weights,
+                "--benchmark",
+                "inshop",
+                "--root",
+                str(tmp_path / "inshop"),
+                "--no-progress",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["num_gallery"] == 6 and metrics["i2i_num_queries"] == 3
-    assert main(["encode", "--model", "timm:test_vit", "--weights", vit_weights, "--benchmark", "inshop", "--root",
-                 str(tmp_path / "inshop"), "--no-progress", "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                "timm:test_vit",
+                "--weights",
+                vit_weights,
+                "--benchmark",
+                "inshop",
+                "--root",
+                str(tmp_path / "inshop"),
+                "--no-progress",
+                "--out",
+                str(tmp_path / "e.safetensors"),
+            ]
+        )
+        == 0
+    )
     e = load_file(str(tmp_path / "e.safetensors"))
     q, g = e["query_indices"], e["gallery_indices"]
-    ref = unimodal_retrieval(e["image"][q], e["image_labels"][q], gallery=e["image"][g],
-                             gallery_labels=e["image_labels"][g], prefix="i2i_")
+    ref = unimodal_retrieval(
+        e["image"][q], e["image_labels"][q], gallery=e["image"][g], gallery_labels=e["image_labels"][g], prefix="i2i_"
+    )
     assert metrics["i2i_map_at_r"] == pytest.approx(ref["i2i_map_at_r"], abs=1e-6)
 
 
@@ -100,12 +163,18 @@ def train_tiny_run(out):
     from softalign.train.recipe import recipe_from_dict
     from softalign.train.trainer import train
 
-    recipe = recipe_from_dict({
-        "name": "enc", "seed": 0, "output_dir": str(out),
-        "data": {"kind": "demo", "image_size": 8, "max_images": 24},
-        "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
-        "loss": {"base": "infonce", "alpha": 0.1, "beta": 0.5}, "optim": {"lr": 0.01, "schedule": "constant"},
-        "train": {"epochs": 1, "batch_size": 12, "eval_batch_size": 16, "progress": False}})
+    recipe = recipe_from_dict(
+        {
+            "name": "enc",
+            "seed": 0,
+            "output_dir": str(out),
+            "data": {"kind": "demo", "image_size": 8, "max_images": 24},
+            "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
+            "loss": {"base": "infonce", "alpha": 0.1, "beta": 0.5},
+            "optim": {"lr": 0.01, "schedule": "constant"},
+            "train": {"epochs": 1, "batch_size": 12, "eval_batch_size": 16, "progress": False},
+        }
+    )
     train(recipe, log=lambda m: None)
     return recipe
 
@@ -127,38 +196,110 @@ def test_encode_a_softalign_run_gives_its_cross_and_uni_modal_embeddings(tmp_pat
     saved = load_file(str(tmp_path / "run" / "embeddings_test.safetensors"))
     for heads, suffix in (("cross", ""), ("uni", "_uni")):
         out = tmp_path / f"{heads}.safetensors"
-        assert main(["encode", "--model", str(tmp_path / "run"), "--heads", heads, "--images",
-                     str(tmp_path / "list.txt"), "--captions", str(tmp_path / "captions.txt"),
-                     "--captions-per-image", str(k), "--no-progress", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "encode",
+                    "--model",
+                    str(tmp_path / "run"),
+                    "--heads",
+                    heads,
+                    "--images",
+                    str(tmp_path / "list.txt"),
+                    "--captions",
+                    str(tmp_path / "captions.txt"),
+                    "--captions-per-image",
+                    str(k),
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         got = load_file(str(out))
         for key in ("image", "text"):
-            torch.testing.assert_close(got[key], torch.nn.functional.normalize(saved[key + suffix], dim=1),
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                got[key], torch.nn.functional.normalize(saved[key + suffix], dim=1), atol=1e-5, rtol=1e-4
+            )
         assert got["caption_to_image"].tolist() == c2i.tolist()
     # one command: the model's cross-modal recall equals the evaluation of the run's own test embeddings
-    assert main(["eval", "--model", str(tmp_path / "run"), "--images", str(tmp_path / "list.txt"), "--captions",
-                 str(tmp_path / "captions.txt"), "--captions-per-image", str(k), "--no-progress", "--no-plot",
-                 "--out", str(tmp_path / "ev_model")]) == 0
-    assert main(["eval", "--embeddings", str(tmp_path / "run" / "embeddings_test.safetensors"), "--no-plot",
-                 "--out", str(tmp_path / "ev_file")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "run"),
+                "--images",
+                str(tmp_path / "list.txt"),
+                "--captions",
+                str(tmp_path / "captions.txt"),
+                "--captions-per-image",
+                str(k),
+                "--no-progress",
+                "--no-plot",
+                "--out",
+                str(tmp_path / "ev_model"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--embeddings",
+                str(tmp_path / "run" / "embeddings_test.safetensors"),
+                "--no-plot",
+                "--out",
+                str(tmp_path / "ev_file"),
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ev_model", "ev_file"))
     assert a["rsum"] == pytest.approx(b["rsum"], abs=1e-9) and a["i2t_r1"] == pytest.approx(b["i2t_r1"], abs=1e-9)
 
 
 def test_encode_errors_are_named(tmp_path, capsys):
-    assert main(["encode", "--model", "resnet", "--images", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(["encode", "--model", "resnet", "--images", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 1
+    )
     assert "expected a softalign train output directory" in capsys.readouterr().err
     assert main(["encode", "--model", "timm:test_vit", "--out", str(tmp_path / "x.safetensors")]) == 1
     assert "nothing to encode" in capsys.readouterr().err
-    assert main(["encode", "--model", "timm:test_vit", "--images", str(tmp_path), "--out",
-                 str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(
+            ["encode", "--model", "timm:test_vit", "--images", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]
+        )
+        == 1
+    )
     assert "no image files" in capsys.readouterr().err
-    assert main(["encode", "--model", "timm:test_vit", "--benchmark", "sop", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(["encode", "--model", "timm:test_vit", "--benchmark", "sop", "--out", str(tmp_path / "x.safetensors")])
+        == 1
+    )
     assert "needs --root" in capsys.readouterr().err
     _photo(1).save(tmp_path / "a.png")
     (tmp_path / "caps.txt").write_text("one\ntwo\nthree\n")
-    assert main(["encode", "--model", "timm:test_vit", "--images", str(tmp_path), "--captions",
-                 str(tmp_path / "caps.txt"), "--captions-per-image", "2", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                "timm:test_vit",
+                "--images",
+                str(tmp_path),
+                "--captions",
+                str(tmp_path / "caps.txt"),
+                "--captions-per-image",
+                "2",
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 1
+    )
     assert "3 captions for 1 images" in capsys.readouterr().err
 
 
@@ -171,12 +312,27 @@ def test_encode_an_open_clip_model_with_its_own_preprocessing(tmp_path, tiny_ope
         paths.append(str(tmp_path / f"{i}.png"))
     out = tmp_path / "clip.safetensors"
     torch.manual_seed(0)  # the same random initialisation as below
-    assert main(["encode", "--model", f"open_clip:{tiny_open_clip}", "--images", str(tmp_path), "--no-progress",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                f"open_clip:{tiny_open_clip}",
+                "--images",
+                str(tmp_path),
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(tiny_open_clip, pretrained=None)
     with torch.no_grad():
-        want = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]), normalize=True)
+        want = model.encode_image(
+            torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]), normalize=True
+        )
     torch.testing.assert_close(load_file(str(out))["image"], want, atol=1e-5, rtol=1e-4)
 
 
@@ -184,13 +340,36 @@ def test_encode_a_karpathy_split_for_cross_modal_eval(tmp_path, tiny_open_clip):
     for i in range(3):
         (tmp_path / "imgs").mkdir(exist_ok=True)
         _photo(300 + i).save(tmp_path / "imgs" / f"{i}.jpg", format="JPEG")
-    entries = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": f"photo {i} view {j}"} for j in
-                                                                         range(2 + (i == 0))]} for i in range(3)]
+    entries = [
+        {
+            "filename": f"{i}.jpg",
+            "split": "test",
+            "sentences": [{"raw": f"photo {i} view {j}"} for j in range(2 + (i == 0))],
+        }
+        for i in range(3)
+    ]
     entries.append({"filename": "9.jpg", "split": "train", "sentences": [{"raw": "not in test"}]})
     (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
     out = tmp_path / "k.safetensors"
-    assert main(["encode", "--model", f"open_clip:{tiny_open_clip}", "--karpathy", str(tmp_path / "dataset.json"),
-                 "--image-root", str(tmp_path / "imgs"), "--split", "test", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                f"open_clip:{tiny_open_clip}",
+                "--karpathy",
+                str(tmp_path / "dataset.json"),
+                "--image-root",
+                str(tmp_path / "imgs"),
+                "--split",
+                "test",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     e = load_file(str(out))
     assert e["image"].shape[0] == 3 and e["text"].shape[0] == 7
     assert e["caption_to_image"].tolist() == [0, 0, 0, 1, 1, 2, 2]
@@ -201,9 +380,27 @@ def test_eval_model_asks_for_coco5k_before_extended_positives(tmp_path, tiny_ope
     (tmp_path / "imgs").mkdir()
     _photo(1).save(tmp_path / "imgs" / "0.jpg", format="JPEG")
     (tmp_path / "caps.txt").write_text("a\nb\n")
-    assert main(["eval", "--model", f"open_clip:{tiny_open_clip}", "--images", str(tmp_path / "imgs"), "--captions",
-                 str(tmp_path / "caps.txt"), "--captions-per-image", "2", "--positives", "eccv", "--no-progress",
-                 "--out", str(tmp_path / "ev")]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                f"open_clip:{tiny_open_clip}",
+                "--images",
+                str(tmp_path / "imgs"),
+                "--captions",
+                str(tmp_path / "caps.txt"),
+                "--captions-per-image",
+                "2",
+                "--positives",
+                "eccv",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 1
+    )
     assert "add --protocol coco5k" in capsys.readouterr().err
 
 
@@ -217,8 +414,23 @@ def test_encode_captions_with_a_sentence_transformers_model_then_text_text_eval(
     (tmp_path / "caps.txt").write_text("\n".join(captions) + "\n")
     (tmp_path / "labels.txt").write_text("car\ncar\ncat\ncat\ndog\ndog\n")
     out = tmp_path / "st.safetensors"
-    assert main(["encode", "--model", "st:offline-minilm", "--captions", str(tmp_path / "caps.txt"),
-                 "--caption-labels", str(tmp_path / "labels.txt"), "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                "st:offline-minilm",
+                "--captions",
+                str(tmp_path / "caps.txt"),
+                "--caption-labels",
+                str(tmp_path / "labels.txt"),
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     e = load_file(str(out))
     want = SentenceTransformer(offline_minilm_path(), device="cpu").encode(captions, convert_to_tensor=True)
     torch.testing.assert_close(e["text"], torch.nn.functional.normalize(want.float(), dim=1), atol=1e-5, rtol=1e-4)
@@ -230,6 +442,18 @@ def test_encode_captions_with_a_sentence_transformers_model_then_text_text_eval(
     # a text model asked for images says so in one line
     _photo(1).save(tmp_path / "a.png")
     capsys.readouterr()
-    assert main(["encode", "--model", "st:offline-minilm", "--images", str(tmp_path), "--out",
-                 str(tmp_path / "x.safetensors")]) == 1
+    assert (
+        main(
+            [
+                "encode",
+                "--model",
+                "st:offline-minilm",
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 1
+    )
     assert "cannot encode images" in capsys.readouterr().err

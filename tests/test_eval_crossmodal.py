@@ -1,5 +1,6 @@
 """Cross-modal metrics against an independent per-query implementation of VSE++'s i2t / t2i
 (fartashf/vsepp evaluation.py), generalised to any number of captions per image."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -80,8 +81,9 @@ def test_five_captions_matches_vsepp_reference(chunk, gchunk):
     n_img = 23
     c2i = np.repeat(np.arange(n_img), 5)
     S = tie_free_sims(n_img, 5 * n_img, seed=0, signal=0.05, c2i=c2i)
-    got = cross_modal_recall(sims=torch.from_numpy(S), caption_to_image=torch.from_numpy(c2i),
-                             chunk_size=chunk, gallery_chunk_size=gchunk)
+    got = cross_modal_recall(
+        sims=torch.from_numpy(S), caption_to_image=torch.from_numpy(c2i), chunk_size=chunk, gallery_chunk_size=gchunk
+    )
     ref = vsepp_dict(S, c2i)
     assert_same(got, ref)
     assert 0 < got["i2t_r1"] < got["i2t_r10"] < 100 and 0 < got["t2i_r1"] < 100  # non-trivial case
@@ -94,8 +96,9 @@ def test_any_number_of_captions_shuffled_order():
     c2i = rng.permutation(np.repeat(np.arange(n_img), per))
     S = tie_free_sims(n_img, len(c2i), seed=2, signal=0.5, c2i=c2i)
     ks = (1, 2, 3, 10)
-    got = cross_modal_recall(sims=S, caption_to_image=c2i, ks=ks, chunk_size=4, gallery_chunk_size=6,
-                             return_ranks=True)
+    got = cross_modal_recall(
+        sims=S, caption_to_image=c2i, ks=ks, chunk_size=4, gallery_chunk_size=6, return_ranks=True
+    )
     assert_same(got, vsepp_dict(S, c2i, ks))
     np.testing.assert_array_equal(got["i2t_ranks"].numpy(), vsepp_i2t(S, c2i))
     np.testing.assert_array_equal(got["t2i_ranks"].numpy(), vsepp_t2i(S, c2i))
@@ -106,7 +109,9 @@ def test_embeddings_path_matches_reference_on_their_product():
     n_img, d = 30, 16
     im = torch.nn.functional.normalize(torch.randn(n_img, d, generator=g, dtype=torch.float64), dim=1)
     c2i = torch.arange(n_img).repeat_interleave(5)
-    tx = torch.nn.functional.normalize(im[c2i] + 0.9 * torch.randn(5 * n_img, d, generator=g, dtype=torch.float64), dim=1)
+    tx = torch.nn.functional.normalize(
+        im[c2i] + 0.9 * torch.randn(5 * n_img, d, generator=g, dtype=torch.float64), dim=1
+    )
     S = (im @ tx.T).numpy()
     got = cross_modal_recall(image_emb=im, text_emb=tx, caption_to_image=c2i, chunk_size=8, gallery_chunk_size=40)
     assert_same(got, vsepp_dict(S, c2i.numpy()))
@@ -122,7 +127,9 @@ def test_scorer_by_indices_and_by_features_bounded_blocks():
         seen.append((ii.numel(), cc.numel()))
         return S[ii][:, cc]
 
-    got = cross_modal_recall(scorer=by_index, caption_to_image=c2i, num_images=n_img, chunk_size=4, gallery_chunk_size=10)
+    got = cross_modal_recall(
+        scorer=by_index, caption_to_image=c2i, num_images=n_img, chunk_size=4, gallery_chunk_size=10
+    )
     assert_same(got, vsepp_dict(S.numpy(), c2i.numpy()))
     assert max(a for a, _ in seen) <= 4
     assert max(b for _, b in seen) <= 12  # off-diagonal pieces <= 10, diagonal tile = 4 images x 3 captions
@@ -160,7 +167,10 @@ def test_fold_metrics_is_mean_of_per_fold_reference():
     S = tie_free_sims(n_img, 5 * n_img, seed=5, signal=0.2, c2i=c2i)
     got = fold_metrics(folds, sims=S, caption_to_image=c2i, chunk_size=3)
     size = n_img // folds
-    per = [vsepp_dict(S[f * size:(f + 1) * size, f * 5 * size:(f + 1) * 5 * size], c2i[: 5 * size]) for f in range(folds)]
+    per = [
+        vsepp_dict(S[f * size : (f + 1) * size, f * 5 * size : (f + 1) * 5 * size], c2i[: 5 * size])
+        for f in range(folds)
+    ]
     ref = {k: np.mean([p[k] for p in per]) for k in per[0]}
     assert_same(got, ref)
     assert len(got["folds"]) == folds
@@ -168,12 +178,23 @@ def test_fold_metrics_is_mean_of_per_fold_reference():
     im = torch.randn(n_img, 8, dtype=torch.float64)
     tx = torch.randn(5 * n_img, 8, dtype=torch.float64)
     S2 = (im @ tx.T).numpy()
-    ref2 = {k: np.mean([vsepp_dict(S2[f * size:(f + 1) * size, f * 5 * size:(f + 1) * 5 * size], c2i[: 5 * size])[k]
-                        for f in range(folds)]) for k in ref}
+    ref2 = {
+        k: np.mean(
+            [
+                vsepp_dict(S2[f * size : (f + 1) * size, f * 5 * size : (f + 1) * 5 * size], c2i[: 5 * size])[k]
+                for f in range(folds)
+            ]
+        )
+        for k in ref
+    }
     assert_same(fold_metrics(folds, image_emb=im, text_emb=tx, caption_to_image=c2i, chunk_size=3), ref2)
     S2t = torch.from_numpy(S2)
-    assert_same(fold_metrics(folds, scorer=lambda ii, cc: S2t[ii][:, cc], caption_to_image=c2i,
-                             num_images=n_img, chunk_size=3), ref2)
+    assert_same(
+        fold_metrics(
+            folds, scorer=lambda ii, cc: S2t[ii][:, cc], caption_to_image=c2i, num_images=n_img, chunk_size=3
+        ),
+        ref2,
+    )
 
 
 def test_protocol_size_guards():

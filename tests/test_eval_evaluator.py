@@ -1,4 +1,5 @@
 """RetrievalEvaluator (sentence-transformers call convention) and the comparison report."""
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,9 @@ def toy_data(n_img=15, cpi=2, d=8, seed=1):
 def test_evaluator_metrics_prefix_primary_and_csv(tmp_path):
     images, captions, c2i = toy_data()
     model = ToyModel()
-    ev = RetrievalEvaluator(images, captions, c2i, name="toy", batch_size=7,
-                            image_labels=torch.arange(15) % 3, text_labels=c2i)
+    ev = RetrievalEvaluator(
+        images, captions, c2i, name="toy", batch_size=7, image_labels=torch.arange(15) % 3, text_labels=c2i
+    )
     out = ev(model, output_path=str(tmp_path), epoch=2, steps=10)
     assert ev.primary_metric == "toy_rsum" and ev.greater_is_better
     assert ("image", 7) in model.calls and ("text", 7) in model.calls
@@ -84,8 +86,15 @@ def test_evaluator_other_model_protocols():
     b = RetrievalEvaluator(images, captions, c2i)(None)  # inputs are already embeddings
     c = RetrievalEvaluator(images, captions, c2i, encode_fn=lambda m, i, t: (i, t))(object())
     assert a == b == c
-    ref = vsepp_recalls((torch.nn.functional.normalize(images.float(), dim=1)
-                         @ torch.nn.functional.normalize(captions.float(), dim=1).T).double().numpy(), c2i.numpy())
+    ref = vsepp_recalls(
+        (
+            torch.nn.functional.normalize(images.float(), dim=1)
+            @ torch.nn.functional.normalize(captions.float(), dim=1).T
+        )
+        .double()
+        .numpy(),
+        c2i.numpy(),
+    )
     assert a["rsum"] == pytest.approx(ref["rsum"])
     with pytest.raises(TypeError, match="cannot embed with object"):
         RetrievalEvaluator(images, captions, c2i)(object())
@@ -104,8 +113,12 @@ def test_compare_runs_table_and_files(tmp_path):
     assert "| i2t_r1 | 10.00 | 12.50 | +2.50 |" in lines
     assert "| t2i_r1 | 8.00 | 7.00 | -1.00 |" in lines
     assert not any("folds" in line for line in lines)
-    assert [ln.split(" | ")[0] for ln in lines if ln.startswith(("| i2t", "| t2i", "| rsum"))] == \
-        ["| i2t_r1", "| i2t_r5", "| t2i_r1", "| rsum"]
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith(("| i2t", "| t2i", "| rsum"))] == [
+        "| i2t_r1",
+        "| i2t_r5",
+        "| t2i_r1",
+        "| rsum",
+    ]
     png = tmp_path / "comparison_recall_at_k.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "comparison.md").read_text() == md

@@ -1,5 +1,6 @@
 """ECCV Caption / CxC extended positives on COCO 5K, checked against the eccv-caption package's own metric code
 on synthetic rankings with the real id lists."""
+
 from __future__ import annotations
 
 import warnings
@@ -35,8 +36,12 @@ def test_metrics_equal_the_eccv_caption_package(embeddings):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = eccv_caption.Metrics().compute_all_metrics(
-            i2t, t2i, target_metrics=("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls",
-                                      "coco_5k_recalls"), Ks=(1, 5, 10), verbose=False)
+            i2t,
+            t2i,
+            target_metrics=("eccv_map_at_r", "eccv_rprecision", "eccv_r1", "cxc_recalls", "coco_5k_recalls"),
+            Ks=(1, 5, 10),
+            verbose=False,
+        )
     for d in ("i2t", "t2i"):
         assert ours[f"eccv_{d}_map_at_r"] == pytest.approx(100 * ref["eccv_map_at_r"][d], abs=1e-9)
         assert ours[f"eccv_{d}_r_precision"] == pytest.approx(100 * ref["eccv_rprecision"][d], abs=1e-9)
@@ -64,8 +69,9 @@ def test_another_row_order_with_its_coco_ids_gives_the_same_metrics(embeddings):
     caps, imgs = coco5k_test_ids()
     pi, pt = torch.randperm(5000, generator=torch.Generator().manual_seed(1)), torch.randperm(25000)
     base = extended_positive_metrics(img, txt, positives=("eccv",))
-    shuffled = extended_positive_metrics(img[pi], txt[pt], positives=("eccv",), caption_ids=caps[pt.numpy()],
-                                         image_ids=imgs[pi.numpy()])
+    shuffled = extended_positive_metrics(
+        img[pi], txt[pt], positives=("eccv",), caption_ids=caps[pt.numpy()], image_ids=imgs[pi.numpy()]
+    )
     assert shuffled == pytest.approx(base, abs=1e-9)
 
 
@@ -76,8 +82,11 @@ def test_mismatched_order_and_bad_ids_are_refused_by_name(embeddings):
         extended_positive_metrics(img[:4999], txt)
     c2i = np.repeat(np.arange(5000), 5)
     c2i[[7, 12]] = c2i[[12, 7]]  # two captions filed under each other's image
-    with pytest.raises(ValueError, match=rf"caption row 7 \(COCO caption {caps[7]}\) belongs to COCO image "
-                                         rf"{imgs[1]}, but caption_to_image puts it with image row 2"):
+    with pytest.raises(
+        ValueError,
+        match=rf"caption row 7 \(COCO caption {caps[7]}\) belongs to COCO image "
+        rf"{imgs[1]}, but caption_to_image puts it with image row 2",
+    ):
         extended_positive_metrics(img, txt, caption_to_image=c2i)
     bad = caps.copy()
     bad[3] = -5
@@ -98,11 +107,44 @@ def test_cli_reports_extended_positives_and_refuses_them_off_coco5k(embeddings, 
     f = tmp_path / "coco5k.safetensors"
     save_file({"image": img, "text": txt, "caption_to_image": torch.arange(5000).repeat_interleave(5)}, str(f))
     # without COCO ids nothing shows the row order: refused, unless the Karpathy order is stated
-    assert main(["eval", "--embeddings", str(f), "--protocol", "coco5k", "--positives", "eccv", "--no-plot",
-                 "--out", str(tmp_path / "refused")]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--embeddings",
+                str(f),
+                "--protocol",
+                "coco5k",
+                "--positives",
+                "eccv",
+                "--no-plot",
+                "--out",
+                str(tmp_path / "refused"),
+            ]
+        )
+        == 1
+    )
     assert "the rows carry no COCO ids (coco_caption_ids / coco_image_ids)" in capsys.readouterr().err
-    assert main(["eval", "--embeddings", str(f), "--protocol", "coco5k", "--positives", "eccv", "cxc",
-                 "--row-order", "karpathy", "--no-plot", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--embeddings",
+                str(f),
+                "--protocol",
+                "coco5k",
+                "--positives",
+                "eccv",
+                "cxc",
+                "--row-order",
+                "karpathy",
+                "--no-plot",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     flat = json.dumps(metrics)
     for key in ("eccv_i2t_map_at_r", "eccv_t2i_r_precision", "eccv_t2i_r1", "cxc_i2t_r5", "cxc_t2i_r10"):

@@ -1,4 +1,5 @@
 """The faiss R@K path against softalign's tiled cross_modal_recall (exact search: the same R@K)."""
+
 from __future__ import annotations
 
 import pytest

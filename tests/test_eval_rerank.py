@@ -1,4 +1,5 @@
 """Two-stage re-ranking: top-K by embeddings, fine scorer inside the K; targets outside are misses."""
+
 from __future__ import annotations
 
 import numpy as np

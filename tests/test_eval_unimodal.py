@@ -1,5 +1,6 @@
 """Uni-modal retrieval (i2i / t2t) against an independent brute-force implementation of
 precision@1, R-precision and MAP@R (Musgrave et al. 2020), and text-text Spearman."""
+
 from __future__ import annotations
 
 import numpy as np

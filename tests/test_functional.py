@@ -1,4 +1,5 @@
 """softalign.functional: each formula against an independent loop implementation, gradients, properties."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -99,7 +100,8 @@ def test_gradcheck_csa_scores_and_temperature():
     tau = torch.tensor(0.45, dtype=torch.float64, requires_grad=True)
     for mode in SF.CSA_MODES:
         assert torch.autograd.gradcheck(
-            lambda s, t: SF.cross_modal_soft_label_alignment(s, t_img, t_txt, t, 1.0, mode), (scores, tau))
+            lambda s, t: SF.cross_modal_soft_label_alignment(s, t_img, t_txt, t, 1.0, mode), (scores, tau)
+        )
 
 
 def test_gradcheck_usa_vsepp_infonce_cmc_through_embeddings():
@@ -110,8 +112,9 @@ def test_gradcheck_usa_vsepp_infonce_cmc_through_embeddings():
     ids = torch.tensor([0, 0, 1, 2, 3])
 
     def usa(i, t):
-        return SF.uni_modal_soft_label_alignment(SF.cosine_similarity_matrix(i), SF.cosine_similarity_matrix(t),
-                                                 t_img, t_txt, (0.4, 0.5), 1.0)
+        return SF.uni_modal_soft_label_alignment(
+            SF.cosine_similarity_matrix(i), SF.cosine_similarity_matrix(t), t_img, t_txt, (0.4, 0.5), 1.0
+        )
 
     def hinge(i, t):
         return SF.vsepp_hinge(SF.cosine_similarity_matrix(i, t), ids, max_violation=False)
@@ -120,8 +123,13 @@ def test_gradcheck_usa_vsepp_infonce_cmc_through_embeddings():
         return SF.info_nce(SF.cosine_similarity_matrix(i, t), 0.1, ids)
 
     def cmc(i, t):
-        return SF.consistent_multimodal_contrastive(SF.cosine_similarity_matrix(i, t), SF.cosine_similarity_matrix(i),
-                                                    SF.cosine_similarity_matrix(t), ids, intra_margin=0.05)
+        return SF.consistent_multimodal_contrastive(
+            SF.cosine_similarity_matrix(i, t),
+            SF.cosine_similarity_matrix(i),
+            SF.cosine_similarity_matrix(t),
+            ids,
+            intra_margin=0.05,
+        )
 
     for fn in (usa, hinge, nce, cmc):
         assert torch.autograd.gradcheck(fn, (img, txt)), fn.__name__
@@ -139,7 +147,9 @@ def test_teacher_similarities_receive_no_gradient():
 
 square = st.integers(min_value=2, max_value=7).flatmap(
     lambda n: st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n * n, max_size=n * n).map(
-        lambda xs, n=n: torch.tensor(xs, dtype=torch.float64).view(n, n)))
+        lambda xs, n=n: torch.tensor(xs, dtype=torch.float64).view(n, n)
+    )
+)
 temps = st.floats(0.1, 2.0)
 
 
@@ -152,8 +162,15 @@ def test_kl_zero_when_student_equals_teacher_at_equal_temperatures(s, t):
 
 
 square_pair = st.integers(min_value=2, max_value=7).flatmap(
-    lambda n: st.tuples(*[st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n * n, max_size=n * n).map(
-        lambda xs, n=n: torch.tensor(xs, dtype=torch.float64).view(n, n))] * 2))
+    lambda n: st.tuples(
+        *[
+            st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n * n, max_size=n * n).map(
+                lambda xs, n=n: torch.tensor(xs, dtype=torch.float64).view(n, n)
+            )
+        ]
+        * 2
+    )
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -178,13 +195,23 @@ def test_losses_permutation_equivariant(n, seed):
         s = SF.cosine_similarity_matrix(i, t)
         sii, stt = SF.cosine_similarity_matrix(i), SF.cosine_similarity_matrix(t)
         ta, tb = SF.cosine_similarity_matrix(a), SF.cosine_similarity_matrix(b)
-        return torch.stack([
-            SF.cross_modal_soft_label_alignment(s, ta, tb), SF.uni_modal_soft_label_alignment(sii, stt, ta, tb),
-            SF.vsepp_hinge(s, k), SF.vsepp_hinge(s, k, max_violation=False), SF.info_nce(s, 0.1, k),
-            SF.consistent_multimodal_contrastive(s, sii, stt, k)])
+        return torch.stack(
+            [
+                SF.cross_modal_soft_label_alignment(s, ta, tb),
+                SF.uni_modal_soft_label_alignment(sii, stt, ta, tb),
+                SF.vsepp_hinge(s, k),
+                SF.vsepp_hinge(s, k, max_violation=False),
+                SF.info_nce(s, 0.1, k),
+                SF.consistent_multimodal_contrastive(s, sii, stt, k),
+            ]
+        )
 
-    torch.testing.assert_close(all_terms(img, txt, ti, tt, ids),
-                               all_terms(img[perm], txt[perm], ti[perm], tt[perm], ids[perm]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        all_terms(img, txt, ti, tt, ids),
+        all_terms(img[perm], txt[perm], ti[perm], tt[perm], ids[perm]),
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -342,5 +369,8 @@ def test_vsepp_anchor_without_negatives_and_with_mined_negatives(max_violation):
         total += (agg(row) if row else 0.0) + (agg(col) if col else 0.0)
     assert got.item() == pytest.approx(float(total), rel=1e-10)
     assert torch.autograd.gradcheck(
-        lambda x: SF.vsepp_hinge(x, ids, margin=0.3, max_violation=max_violation,
-                                 negatives=SF.MinedNegatives(i2t, t2i)), (scores,))
+        lambda x: SF.vsepp_hinge(
+            x, ids, margin=0.3, max_violation=max_violation, negatives=SF.MinedNegatives(i2t, t2i)
+        ),
+        (scores,),
+    )

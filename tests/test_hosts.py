@@ -1,5 +1,6 @@
 """transformers.Trainer and PyTorch Lightning for real, with the documented snippets of docs/hosts.md: two
 optimizer steps each, the loss's parameters trained and saved with the host's model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,13 @@ def cache_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("hosts") / "cache"
     rng = np.random.default_rng(0)
-    import_npy(d, rng.normal(size=(N_IMG, 12)).astype(np.float32), [i // K for i in range(N_IMG * K)],
-               text_features=rng.normal(size=(N_IMG * K, 8)).astype(np.float32), progress=False)
+    import_npy(
+        d,
+        rng.normal(size=(N_IMG, 12)).astype(np.float32),
+        [i // K for i in range(N_IMG * K)],
+        text_features=rng.normal(size=(N_IMG * K, 8)).astype(np.float32),
+        progress=False,
+    )
     return str(d)
 
 
@@ -31,8 +37,9 @@ def _images(n=N_IMG, seed=0):
 class _TinyImageTower(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(8, dim))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, dim)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -42,8 +49,10 @@ def _lightning_rows():
     """The Lightning tests' data: each of the 8 images with 2 captions of 6 random word ids, and caption ids."""
     images = _images()
     g = torch.Generator().manual_seed(1)
-    return [{"image": images[i // K], "caption": torch.randint(0, 50, (6,), generator=g), "caption_id": i}
-            for i in range(N_IMG * K)]
+    return [
+        {"image": images[i // K], "caption": torch.randint(0, 50, (6,), generator=g), "caption_id": i}
+        for i in range(N_IMG * K)
+    ]
 
 
 def _loss_params(loss):
@@ -83,8 +92,12 @@ class _PairDataset(torch.utils.data.Dataset):
         return N_IMG * K
 
     def __getitem__(self, i):
-        return {"pixel_values": self.images[i // K], "input_ids": self.tok["input_ids"][i],
-                "attention_mask": self.tok["attention_mask"][i], "caption_id": torch.tensor(i)}
+        return {
+            "pixel_values": self.images[i // K],
+            "input_ids": self.tok["input_ids"][i],
+            "attention_mask": self.tok["attention_mask"][i],
+            "caption_id": torch.tensor(i),
+        }
 
 
 def test_transformers_trainer_snippet_trains_two_steps(tmp_path, cache_dir):
@@ -96,9 +109,19 @@ def test_transformers_trainer_snippet_trains_two_steps(tmp_path, cache_dir):
     snippet = doc_block("hosts.md", "transformers.Trainer")
     model = MiniLMDualEncoder()
     data = _PairDataset(AutoTokenizer.from_pretrained(offline_minilm_path()))
-    trainer = snippet["make_trainer"](model, data, str(tmp_path / "out"), cache_dir=cache_dir, max_steps=2,
-                                      per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
-                                      save_strategy="no", use_cpu=True, seed=0)
+    trainer = snippet["make_trainer"](
+        model,
+        data,
+        str(tmp_path / "out"),
+        cache_dir=cache_dir,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
     params, before = _loss_params(model.soft_align)
     text0 = model.text.embeddings.word_embeddings.weight.detach().clone()
     trainer.train()
@@ -134,8 +157,16 @@ def test_lightning_snippet_trains_two_steps_and_checkpoints_the_loss(tmp_path, c
     loader = torch.utils.data.DataLoader(_lightning_rows(), batch_size=8, shuffle=True, drop_last=True)
     module = snippet["SoftAlignModule"](_TinyDualEncoder(), cache_dir=cache_dir, lr=1e-2)
     params, before = _loss_params(module.loss)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, loader)
     assert trainer.global_step == 2
     for p, p0 in zip(params, before):
@@ -172,9 +203,21 @@ def _hf_run(out, cache_dir, stop_at=None, resume=False, seed=0):
     torch.manual_seed(seed)  # a fresh model and loss: the resumed run must take their values from the checkpoint
     model = MiniLMDualEncoder()
     data = _PairDataset(AutoTokenizer.from_pretrained(offline_minilm_path()))
-    trainer = snippet["make_trainer"](model, data, str(out), cache_dir=cache_dir, max_steps=4,
-                                      per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="constant",
-                                      save_strategy="steps", save_steps=2, use_cpu=True, seed=0, logging_steps=1)
+    trainer = snippet["make_trainer"](
+        model,
+        data,
+        str(out),
+        cache_dir=cache_dir,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+    )
     if stop_at:
         trainer.add_callback(_stop_at(stop_at))
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
@@ -196,8 +239,16 @@ def _lightning_run(tmp_path, cache_dir, max_steps, ckpt_path=None, seed=0):
     torch.manual_seed(seed)
     module = snippet["SoftAlignModule"](_TinyDualEncoder(), cache_dir=cache_dir, lr=1e-2)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, callbacks=[checkpoints],
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[checkpoints],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer, module.loss
 

@@ -1,4 +1,5 @@
 """Accelerate: device placement and autocast for the shims, and multi-process gathering of a patched step."""
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,9 @@ def test_hook_gathers_across_processes_with_teacher_rows(tmp_path):
     torch.manual_seed(1)
     img, txt = torch.randn(8, EMBED), torch.randn(8, EMBED)
     torch.save((img, txt), tmp_path / "emb.pt")
-    mp.start_processes(_gather_worker, args=(2, str(tmp_path / "init"), ids, str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _gather_worker, args=(2, str(tmp_path / "init"), ids, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     torch.manual_seed(0)
     loss = soft_loss(base="vsepp", gamma=0.2)
     expected = generic.SoftAlignHook(loss, cache=TinyCache())(img, txt, ids)

@@ -4,6 +4,7 @@ The stand-ins reproduce only the *call structure* of the upstream trainers (fart
 mesnico/TERAN): which method calls which, with which arguments, what the collate function returns and how
 checkpoints are saved. Their bodies are written here from scratch at toy size.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,6 +36,7 @@ def single_thread():
 
 # ----------------------------------------------------------------------------------------------
 # tiny precomputed data set (VSE++/SCAN "precomp" layout: image features, 5 captions per image)
+
 
 def make_data(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -80,8 +82,13 @@ def sort_collate(batch):
 def loader(regions: int = 0, batch_size: int = 10, seed: int = 0):
     images, captions = make_data()
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(PrecompDataset(images, captions, regions), batch_size=batch_size,
-                                       shuffle=True, collate_fn=sort_collate, generator=g)
+    return torch.utils.data.DataLoader(
+        PrecompDataset(images, captions, regions),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=sort_collate,
+        generator=g,
+    )
 
 
 def ids_from_targets(targets):
@@ -108,7 +115,8 @@ class TinyCache:
         g = torch.Generator().manual_seed(seed)
         self.image_table = torch.randn(N_IMAGES, dim, generator=g)
         self.text_table = self.image_table.repeat_interleave(CAPS_PER_IMAGE, 0) + 0.3 * torch.randn(
-            N_CAPTIONS, dim, generator=g)
+            N_CAPTIONS, dim, generator=g
+        )
         self.caption_to_image = torch.arange(N_CAPTIONS) // CAPS_PER_IMAGE
         self.calls = 0
 
@@ -137,6 +145,7 @@ def teacher_sims(cache, ids):
 
 # ----------------------------------------------------------------------------------------------
 # VSE++ call structure: plain object, train_emb -> forward_emb -> forward_loss -> criterion(im, s)
+
 
 def l2norm(x, dim=-1):
     return x / x.norm(dim=dim, keepdim=True).clamp(min=1e-8)
@@ -203,8 +212,18 @@ class VSEContrastiveLoss(nn.Module):
 
 
 def vse_opt(**kw):
-    base = dict(img_dim=IMG_DIM, embed_size=EMBED, word_dim=8, vocab_size=VOCAB, margin=0.2, max_violation=True,
-                learning_rate=0.01, grad_clip=2.0, cross_attn="t2i", lambda_softmax=4.0)
+    base = dict(
+        img_dim=IMG_DIM,
+        embed_size=EMBED,
+        word_dim=8,
+        vocab_size=VOCAB,
+        margin=0.2,
+        max_violation=True,
+        learning_rate=0.01,
+        grad_clip=2.0,
+        cross_attn="t2i",
+        lambda_softmax=4.0,
+    )
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -289,6 +308,7 @@ def record_loss_inputs(loss):
 
 # ----------------------------------------------------------------------------------------------
 # tests of the shared pieces
+
 
 def test_as_ids_accepts_collate_tuples_and_rejects_bad_ids():
     assert as_ids((3, 1, 2)).tolist() == [3, 1, 2]
@@ -375,7 +395,8 @@ def test_generic_patch_adds_terms_keeps_criterion_with_base_none_and_unpatches()
     got = trainer.compute_loss(img, txt, ids=ids)
     t_img, t_txt = teacher_sims(cache, ids)
     expected = hinge_criterion(l2norm(img) @ l2norm(txt).t(), 0.2, True) + loss(
-        img, txt, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+        img, txt, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt
+    )
     assert torch.allclose(got, expected)
     # without ids: the trainer's loss, unchanged
     assert torch.allclose(trainer.compute_loss(img, txt), hinge_criterion(l2norm(img) @ l2norm(txt).t(), 0.2, True))
@@ -440,14 +461,16 @@ def test_generic_patch_takes_ids_from_the_step_method():
     trainer = StepTrainer()
     loss = soft_loss(base="none")
     seen = record_loss_inputs(loss)
-    generic.patch(trainer, loss, loss_method="compute_loss", ids_from="train_step", optimizer=trainer.optimizer,
-                  cache=cache)
+    generic.patch(
+        trainer, loss, loss_method="compute_loss", ids_from="train_step", optimizer=trainer.optimizer, cache=cache
+    )
     x, ids = torch.randn(4, IMG_DIM), (6, 1, 30, 12)
     img, txt = trainer.train_step(x, ids)
     assert seen[0]["ids"].tolist() == list(ids)
     t_img, t_txt = teacher_sims(cache, ids)
-    expected = (img - txt).pow(2).sum() + loss(img, txt, image_ids=torch.tensor(ids) // 5,
-                                                teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    expected = (img - txt).pow(2).sum() + loss(
+        img, txt, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt
+    )
     assert torch.allclose(trainer.last, expected)
     assert trainer._softalign_patch.ids is None  # cleared after the step
     trainer.compute_loss(img, txt)  # outside a step: original, the loss is not called

@@ -1,5 +1,6 @@
 """open_clip for real: SoftAlignClipLoss inside open_clip_train's own train_one_epoch (tiny random model,
 synthetic data), checked against open_clip's ClipLoss."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,15 +17,30 @@ from open_clip_train.train import train_one_epoch  # noqa: E402
 from softalign.integrations.open_clip import SoftAlignClipLoss, create_loss  # noqa: E402
 from softalign.losses import SoftAlignLoss  # noqa: E402
 
-CAPTIONS = ["a red car", "a blue car", "a green cat", "a grey cat", "a black dog", "a white dog", "a pink bird",
-            "a brown bird"]
+CAPTIONS = [
+    "a red car",
+    "a blue car",
+    "a green cat",
+    "a grey cat",
+    "a black dog",
+    "a white dog",
+    "a pink bird",
+    "a brown bird",
+]
 
 
 def _args(model_name, **over):
     from open_clip_train.params import parse_args
 
     args = parse_args(["--model", model_name, "--batch-size", "4"])
-    args.device, args.precision, args.distill, args.world_size, args.rank, args.local_rank = "cpu", "fp32", True, 1, 0, 0
+    args.device, args.precision, args.distill, args.world_size, args.rank, args.local_rank = (
+        "cpu",
+        "fp32",
+        True,
+        1,
+        0,
+        0,
+    )
     args.wandb, args.log_every_n_steps = False, 1
     for k, v in over.items():
         setattr(args, k, v)
@@ -45,9 +61,9 @@ def test_contrastive_term_equals_open_clips_clip_loss(tiny_open_clip):
     img, txt = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
     t_img, t_txt = torch.randn(6, 12, generator=g), torch.randn(6, 12, generator=g)
     scale = torch.tensor(14.3)
-    ours = SoftAlignClipLoss(alpha=0.1, beta=0.5, diagnostics_every=0)(img, txt, scale, output_dict=True,
-                                                                       dist_image_features=t_img,
-                                                                       dist_text_features=t_txt)
+    ours = SoftAlignClipLoss(alpha=0.1, beta=0.5, diagnostics_every=0)(
+        img, txt, scale, output_dict=True, dist_image_features=t_img, dist_text_features=t_txt
+    )
     # unset, the weights are the loss's own for a cross-entropy base (CUSA's 0.1 / 0.5 are for its CE / B)
     assert (SoftAlignClipLoss().soft.alpha, SoftAlignClipLoss().soft.beta) == (10.0, 10.0)
     n_img, n_txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
@@ -62,7 +78,8 @@ def test_contrastive_term_equals_open_clips_clip_loss(tiny_open_clip):
     mine, theirs = scale.clone().requires_grad_(), scale.clone().requires_grad_()
     loss = SoftAlignClipLoss(diagnostics_every=0)
     loss(img, txt, mine, output_dict=True, dist_image_features=t_img, dist_text_features=t_txt)[
-        "contrastive_loss"].backward()
+        "contrastive_loss"
+    ].backward()
     open_clip.ClipLoss()(n_img, n_txt, theirs).backward()
     torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
     assert not any(p.requires_grad for p in loss.soft.base.parameters())  # its own temperature is unused
@@ -112,8 +129,14 @@ def test_two_steps_of_open_clip_train_one_epoch(tiny_open_clip):
     train_one_epoch(model, data, loss, 0, optimizer, None, scheduler, teacher, args)
     assert len(seen) == 2
     keys, values = seen[0]
-    assert {"image_features", "text_features", "logit_scale", "dist_image_features", "dist_text_features",
-            "output_dict"} <= set(keys)
+    assert {
+        "image_features",
+        "text_features",
+        "logit_scale",
+        "dist_image_features",
+        "dist_text_features",
+        "output_dict",
+    } <= set(keys)
     assert set(values) == {"contrastive_loss", "csa_loss", "usa_loss"} and all(v == v for v in values.values())
     assert not torch.equal(model.visual.conv1.weight.detach(), tower0)
     for p, p0 in zip(loss.trainable_parameters(), before):

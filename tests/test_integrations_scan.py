@@ -1,5 +1,6 @@
 """SCAN shim on a stand-in with SCAN's call structure: the criterion computes the cross-attention scores itself
 through module-level ``xattn_score_t2i`` / ``xattn_score_i2t``; the shim must call the scorer once per step."""
+
 from __future__ import annotations
 
 import copy
@@ -255,9 +256,12 @@ def test_hinge_base_adopts_scans_margin_and_sum_of_hinges_with_a_warning():
     cache = TinyCache()
     model = fresh_model(margin=0.05, max_violation=False)  # SCAN run without --max_violation, --margin 0.05
     loss = soft_loss(base="vsepp")  # max violation, margin 0.2
-    with pytest.warns(UserWarning, match=r"SCAN's criterion uses margin=0.05, max_violation=False .*"
-                                         r"had margin=0.2, max_violation=True.*"
-                                         r"SoftAlignLoss\(base=\"vsepp_sum\", margin=0.05"):
+    with pytest.warns(
+        UserWarning,
+        match=r"SCAN's criterion uses margin=0.05, max_violation=False .*"
+        r"had margin=0.2, max_violation=True.*"
+        r"SoftAlignLoss\(base=\"vsepp_sum\", margin=0.05",
+    ):
         scan.patch(model, loss, cache=cache)
     assert (loss.base.margin, loss.base.max_violation) == (0.05, False)
     images, targets, lengths, ids = next(iter(loader(regions=REGIONS)))
@@ -268,10 +272,20 @@ def test_hinge_base_adopts_scans_margin_and_sum_of_hinges_with_a_warning():
     scores = xattn_score_t2i(img, cap, cap_lens, model.criterion.original.opt)
     p_img, p_txt = pooled(img, cap, cap_lens)
     t_img, t_txt = teacher_sims(cache, ids)
-    parts = loss(p_img, p_txt, scores=scores, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt,
-                 return_parts=True)
-    expected = (id_aware_hinge(scores, ids // CAPS_PER_IMAGE, 0.05, max_violation=False)
-                + loss.alpha * parts["csa"] + loss.beta * parts["usa"])
+    parts = loss(
+        p_img,
+        p_txt,
+        scores=scores,
+        image_ids=ids // 5,
+        teacher_image_sim=t_img,
+        teacher_text_sim=t_txt,
+        return_parts=True,
+    )
+    expected = (
+        id_aware_hinge(scores, ids // CAPS_PER_IMAGE, 0.05, max_violation=False)
+        + loss.alpha * parts["csa"]
+        + loss.beta * parts["usa"]
+    )
     assert torch.allclose(got, expected, atol=1e-5)
     scan.unpatch(model)
     assert (loss.base.margin, loss.base.max_violation) == (0.2, True)

@@ -3,6 +3,7 @@
 The task is text-text retrieval, the natural sentence-transformers case: each anchor sentence (the "image side")
 has two paraphrases (the captions). The model is the packaged all-MiniLM-L6-v2; the teacher cache holds MiniLM's
 embeddings of the anchors (image table) and of the paraphrases (text table)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,8 +47,15 @@ def st_cache(minilm, tmp_path_factory):
         a = minilm.encode(anchors, convert_to_numpy=True)
         c = minilm.encode(captions, convert_to_numpy=True)
     out = tmp_path_factory.mktemp("st_cache") / "cache"
-    import_npy(out, image_features=a, caption_to_image=c2i, text_features=c, image_teacher_name="minilm-anchors",
-               text_teacher_name="minilm", progress=False)
+    import_npy(
+        out,
+        image_features=a,
+        caption_to_image=c2i,
+        text_features=c,
+        image_teacher_name="minilm-anchors",
+        text_teacher_name="minilm",
+        progress=False,
+    )
     return TeacherCache.load(out)
 
 
@@ -55,8 +63,9 @@ def _dataset():
     from datasets import Dataset
 
     anchors, captions, c2i = _pairs()
-    return Dataset.from_dict({"anchor": [anchors[i] for i in c2i], "caption": captions,
-                              "label": list(range(len(captions)))})
+    return Dataset.from_dict(
+        {"anchor": [anchors[i] for i in c2i], "caption": captions, "label": list(range(len(captions)))}
+    )
 
 
 def test_retrieval_evaluator_is_a_sentence_transformers_evaluator(minilm):
@@ -98,14 +107,23 @@ def test_sentence_transformer_trainer_runs_two_steps_with_the_loss_and_the_evalu
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     model = SentenceTransformer(offline_minilm_path(), device="cpu")  # a fresh copy: it is trained here
-    loss = SoftAlignSTLoss(model, SoftAlignLoss(base="infonce", cache=st_cache, embed_dim=384,
-                                                diagnostics_every=0))
+    loss = SoftAlignSTLoss(model, SoftAlignLoss(base="infonce", cache=st_cache, embed_dim=384, diagnostics_every=0))
     anchors, captions, c2i = _pairs()
     ev = RetrievalEvaluator(anchors, captions, c2i, name="para")
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3,
-        logging_steps=1, eval_strategy="steps", eval_steps=2, save_strategy="no", report_to=[], use_cpu=True,
-        seed=0, dataloader_drop_last=True)
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+    )
     loss_params = [p for p in loss.loss.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in loss_params]
     assert len(loss_params) >= 6  # USA's two heads (LayerNorm + Linear each) and the temperatures
@@ -136,9 +154,19 @@ def _st_run(tmp_path, st_cache, out, stop_at=None, resume=False, callback=True, 
     model = SentenceTransformer(offline_minilm_path(), device="cpu")
     loss = SoftAlignSTLoss(model, SoftAlignLoss(base="infonce", cache=st_cache, embed_dim=384, diagnostics_every=1))
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(out), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-3,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=2, report_to=[],
-        use_cpu=True, seed=0, dataloader_drop_last=True)
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+    )
 
     class Stop(TrainerCallback):  # a run killed right after its step-2 checkpoint
         def on_save(self, args, state, control, **kwargs):
@@ -146,8 +174,9 @@ def _st_run(tmp_path, st_cache, out, stop_at=None, resume=False, callback=True, 
                 control.should_training_stop = True
 
     callbacks = ([loss.checkpoint_callback] if callback else []) + [Stop()]
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=_dataset(), loss=loss,
-                                         callbacks=callbacks)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=_dataset(), loss=loss, callbacks=callbacks
+    )
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
     return trainer, loss.loss
 
@@ -187,12 +216,26 @@ def test_the_docs_block_trains_and_checkpoints_without_deprecation_warnings(tmp_
     anchors, captions, c2i = _pairs()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = snippet["make_st_trainer"](model, _dataset(), anchors, captions, c2i, str(tmp_path / "out"),
-                                             cache_dir=str(st_cache.path), max_steps=2, save_steps=2,
-                                             per_device_train_batch_size=8, use_cpu=True, dataloader_drop_last=True)
+        trainer = snippet["make_st_trainer"](
+            model,
+            _dataset(),
+            anchors,
+            captions,
+            c2i,
+            str(tmp_path / "out"),
+            cache_dir=str(st_cache.path),
+            max_steps=2,
+            save_steps=2,
+            per_device_train_batch_size=8,
+            use_cpu=True,
+            dataloader_drop_last=True,
+        )
         trainer.train()
-    from_block = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
-                  and w.filename.startswith("docs/hosts.md")]
+    from_block = [
+        w
+        for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)) and w.filename.startswith("docs/hosts.md")
+    ]
     assert not from_block, [str(w.message) for w in from_block]
     assert (tmp_path / "out" / "checkpoint-2" / LOSS_FILE).is_file()
 

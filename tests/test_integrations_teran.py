@@ -1,5 +1,6 @@
 """TERAN shim on a stand-in with TERAN's call structure: ``model(*batch)`` -> ``forward(..., ids)`` ->
 ``forward_loss`` returns a dict of losses that the loop sums; optimizer from ``model.get_parameters()``."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,9 @@ def teran_collate(batch):
 def teran_loader(seed=0):
     images, captions = make_data()
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(PrecompDataset(images, captions, REGIONS), batch_size=10, shuffle=True,
-                                       collate_fn=teran_collate, generator=g)
+    return torch.utils.data.DataLoader(
+        PrecompDataset(images, captions, REGIONS), batch_size=10, shuffle=True, collate_fn=teran_collate, generator=g
+    )
 
 
 class JointEncoder(nn.Module):
@@ -91,8 +93,9 @@ class TERANStandIn(nn.Module):
 
     def forward(self, images, targets, img_lengths, cap_lengths, boxes=None, ids=None, *args):
         self.Eiters += 1
-        img_aggr, cap_aggr, img_feats, cap_feats, cap_lengths = self.forward_emb(images, targets, img_lengths,
-                                                                                 cap_lengths, boxes)
+        img_aggr, cap_aggr, img_feats, cap_feats, cap_lengths = self.forward_emb(
+            images, targets, img_lengths, cap_lengths, boxes
+        )
         return self.forward_loss(img_aggr, cap_aggr, img_feats, cap_feats, img_lengths, cap_lengths)
 
 
@@ -168,8 +171,10 @@ def test_checkpoint_round_trip(tmp_path):
 
     other_loss = soft_loss(base="none")
     teran.patch(fresh_model(seed=1), other_loss, cache=TinyCache()).load_state_dict(ck["model"], strict=False)
-    assert all(torch.equal(other_loss.state_dict()[k], v) if torch.is_tensor(v) else other_loss.state_dict()[k] == v
-               for k, v in loss.state_dict().items())
+    assert all(
+        torch.equal(other_loss.state_dict()[k], v) if torch.is_tensor(v) else other_loss.state_dict()[k] == v
+        for k, v in loss.state_dict().items()
+    )
     assert other_loss.calibration == loss.calibration is not None  # the calibrated tau_s travel with the checkpoint
     plain = fresh_model(seed=2)
     result = plain.load_state_dict(ck["model"], strict=False)  # as TERAN's train.py loads checkpoints
@@ -219,7 +224,9 @@ def test_unpatch_takes_the_loss_out_of_the_optimizer_built_from_get_parameters()
     model2 = fresh_model()
     teran.patch(model2, soft_loss(base="none"), cache=TinyCache())
     build_optimizer(model2)
-    with pytest.warns(UserWarning, match=r"still holds the loss's \d+ parameters: pass it as unpatch\(model, optimizer="):
+    with pytest.warns(
+        UserWarning, match=r"still holds the loss's \d+ parameters: pass it as unpatch\(model, optimizer="
+    ):
         teran.unpatch(model2)
 
 
@@ -250,17 +257,24 @@ def test_captions_per_image_is_checked_against_the_dataset_and_refused_when_ids_
         teran.patch(fresh_model(), loss, captions_per_image=5)
     # COCO: annotation ids are not grouped by image (image 9 has captions 0, 3, 6, ...)
     coco = TeranCocoLike([9, 25, 30, 9, 25, 30, 9, 25, 30, 9, 25, 30, 9, 25, 30])
-    with pytest.raises(ValueError, match=r"caption 1 shows another image than caption 0, although both are in group 0"):
-        teran.patch(fresh_model(), soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=5,
-                    dataset=BottomUpLike(coco))
+    with pytest.raises(
+        ValueError, match=r"caption 1 shows another image than caption 0, although both are in group 0"
+    ):
+        teran.patch(
+            fresh_model(), soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=5, dataset=BottomUpLike(coco)
+        )
     # an image whose captions come in two separate groups is refused too
     split = TeranCocoLike([1, 1, 2, 2, 1, 1])
     with pytest.raises(ValueError, match=r"caption 4 \(group 2\) shows the image of group 0"):
         teran.patch(fresh_model(), soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=2, dataset=split)
     # Flickr30k-style: consecutive captions per image pass
     model = fresh_model()
-    teran.patch(model, soft_loss(alpha=0.0, beta=0.0, gamma=1.0), captions_per_image=3,
-                dataset=TeranCocoLike([i // 3 for i in range(30)]))
+    teran.patch(
+        model,
+        soft_loss(alpha=0.0, beta=0.0, gamma=1.0),
+        captions_per_image=3,
+        dataset=TeranCocoLike([i // 3 for i in range(30)]),
+    )
     # the exact map from the dataset, for COCO
     image_ids = teran.dataset_image_ids(coco)
     assert image_ids(torch.tensor([0, 3, 1, 14])).tolist() == [0, 0, 1, 2]

@@ -1,4 +1,5 @@
 """VSE++ shim on a stand-in with VSE++'s call structure (train_emb -> forward_emb -> forward_loss -> criterion)."""
+
 from __future__ import annotations
 
 import copy
@@ -82,8 +83,9 @@ def test_loss_with_base_replaces_criterion():
     with model._softalign_patch.capturing(ids):
         got = model.forward_loss(img, cap)
     t_img, t_txt = teacher_sims(cache, torch.tensor(ids))
-    assert torch.allclose(got, loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img,
-                                    teacher_text_sim=t_txt))
+    assert torch.allclose(
+        got, loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    )
     assert calls == [] and "Le" in model.logger.values
 
 
@@ -143,7 +145,8 @@ def test_unpatched_path_is_unchanged():
     assert not vsepp.is_patched(model)
     assert len(model.optimizer.param_groups) == 1 and len(model.params) == len(reference.params)
     assert {"train_emb", "forward_loss", "state_dict", "load_state_dict", "_softalign_patch"}.isdisjoint(
-        model.__dict__)
+        model.__dict__
+    )
     assert train(model, epochs=1) == ref_losses
     for a, b in zip(model.state_dict(), reference.state_dict()):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -186,9 +189,14 @@ def test_hinge_base_adopts_vsepp_defaults_sum_of_hinges_and_opt_margin():
         vsepp.patch(model, loss, cache=cache)
     (w,) = [w for w in caught if "criterion uses" in str(w.message)]
     msg = str(w.message)
-    for needle in ("VSE++'s criterion uses margin=0.1, max_violation=False", "--margin 0.1", "no --max_violation",
-                   "had margin=0.2, max_violation=True", 'SoftAlignLoss(base="vsepp_sum", margin=0.1, ...)',
-                   "match_criterion=False"):
+    for needle in (
+        "VSE++'s criterion uses margin=0.1, max_violation=False",
+        "--margin 0.1",
+        "no --max_violation",
+        "had margin=0.2, max_violation=True",
+        'SoftAlignLoss(base="vsepp_sum", margin=0.1, ...)',
+        "match_criterion=False",
+    ):
         assert needle in msg, msg
     assert w.filename == __file__  # points at the line that called patch
     assert (loss.base.margin, loss.base.max_violation) == (0.1, False)
@@ -201,8 +209,9 @@ def test_hinge_base_adopts_vsepp_defaults_sum_of_hinges_and_opt_margin():
     parts = loss(img, cap, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt, return_parts=True)
     hinge = id_aware_hinge(img @ cap.t(), ids // CAPS_PER_IMAGE, 0.1, max_violation=False)
     assert torch.allclose(parts["base"], hinge, atol=1e-5)
-    assert torch.allclose(got, hinge + loss.alpha * parts["csa"] + loss.beta * parts["usa"]
-                          + loss.gamma * parts["cmc"], atol=1e-5)
+    assert torch.allclose(
+        got, hinge + loss.alpha * parts["csa"] + loss.beta * parts["usa"] + loss.gamma * parts["cmc"], atol=1e-5
+    )
     vsepp.unpatch(model)
     assert (loss.base.margin, loss.base.max_violation) == (0.2, True)
 
@@ -219,8 +228,11 @@ def test_matching_criterion_is_silent_and_other_cases_keep_the_loss_settings():
         vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), loss, cache=TinyCache(), replace_base=False)
         assert loss.base.max_violation is True
     loss = soft_loss(base="vsepp")
-    with pytest.warns(UserWarning, match=r"VSE\+\+'s criterion uses margin=0.2, max_violation=False .*keeping the loss's "
-                                         r"settings \(match_criterion=False\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"VSE\+\+'s criterion uses margin=0.2, max_violation=False .*keeping the loss's "
+        r"settings \(match_criterion=False\)",
+    ):
         vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), loss, cache=TinyCache(), match_criterion=False)
     assert loss.base.max_violation is True
 
@@ -273,8 +285,7 @@ def test_a_default_loss_follows_vsepps_default_criterion_silently():
     assert (loss.alpha, loss.beta) == DEFAULT_WEIGHTS["vsepp_sum"]
     assert loss.get_config_dict()["base"] == "vsepp_sum"
     vsepp.unpatch(model)
-    assert (loss.base.margin, loss.base.max_violation, loss.alpha, loss.beta) == (0.2, True,
-                                                                                 *DEFAULT_WEIGHTS["vsepp"])
+    assert (loss.base.margin, loss.base.max_violation, loss.alpha, loss.beta) == (0.2, True, *DEFAULT_WEIGHTS["vsepp"])
     # stated weights are kept, a stated base still warns
     loss = SoftAlignLoss(embed_dim=EMBED, alpha=1.0, beta=2.0)
     with warnings.catch_warnings():
@@ -282,8 +293,9 @@ def test_a_default_loss_follows_vsepps_default_criterion_silently():
         vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), loss, cache=TinyCache())
     assert (loss.base.max_violation, loss.alpha, loss.beta) == (False, 1.0, 2.0)
     with pytest.warns(UserWarning, match="criterion uses"):
-        vsepp.patch(VSEStandIn(vse_opt(max_violation=False)), SoftAlignLoss(embed_dim=EMBED, base="vsepp"),
-                    cache=TinyCache())
+        vsepp.patch(
+            VSEStandIn(vse_opt(max_violation=False)), SoftAlignLoss(embed_dim=EMBED, base="vsepp"), cache=TinyCache()
+        )
     with pytest.warns(UserWarning, match="criterion uses margin=0.1"):
         vsepp.patch(VSEStandIn(vse_opt(margin=0.1)), SoftAlignLoss(embed_dim=EMBED, margin=0.3), cache=TinyCache())
 

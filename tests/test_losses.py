@@ -1,4 +1,5 @@
 """Loss modules: wrappers agree with the functional core, temperatures, heads, the combined module."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,7 +33,9 @@ class TableCache:
     def similarities(self, ids, device=None):
         self.calls += 1
         img = self.image_feats[self.caption_to_image[ids]]
-        return SF.cosine_similarity_matrix(img).to(device), SF.cosine_similarity_matrix(self.text_feats[ids]).to(device)
+        return SF.cosine_similarity_matrix(img).to(device), SF.cosine_similarity_matrix(self.text_feats[ids]).to(
+            device
+        )
 
 
 def _batch(b=6, d=8):
@@ -104,7 +107,9 @@ def test_cmc_module_matches_reference():
     ids = torch.tensor([0, 1, 1, 2, 3, 4])
     got = CMCLoss()(img, txt, image_ids=ids)
     i, t = img.detach().double(), txt.detach().double()
-    want = ref.vsepp(SF.cosine_similarity_matrix(i, t), ids.tolist(), 0.2, True) + ref.intra(ref.cosine(i), ref.cosine(t), 0.3)
+    want = ref.vsepp(SF.cosine_similarity_matrix(i, t), ids.tolist(), 0.2, True) + ref.intra(
+        ref.cosine(i), ref.cosine(t), 0.3
+    )
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 
@@ -113,16 +118,28 @@ def test_combined_equals_weighted_sum_of_parts():
     img, txt = _batch(d=8)
     cache = TableCache([0, 0, 1, 1, 2, 3, 4, 5], torch.randn(6, 5), torch.randn(8, 4))
     ids = torch.tensor([0, 1, 2, 4, 5, 7])
-    loss = SoftAlignLoss(embed_dim=8, alpha=0.1, beta=0.5, gamma=0.3, cache=cache, return_parts=True,
-                         teacher_temperature=1.0, soft_label_reduction="batchmean")
+    loss = SoftAlignLoss(
+        embed_dim=8,
+        alpha=0.1,
+        beta=0.5,
+        gamma=0.3,
+        cache=cache,
+        return_parts=True,
+        teacher_temperature=1.0,
+        soft_label_reduction="batchmean",
+    )
     out = loss(img, txt, ids=ids)
     assert set(out) == {"loss", "base", "csa", "usa", "cmc"}
     t_i, t_t = cache.similarities(ids)
     image_ids = cache.image_ids(ids)
     assert out["base"].item() == pytest.approx(VSEHingeLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
-    assert out["csa"].item() == pytest.approx(CSALoss()(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t).item(), rel=1e-6)
+    assert out["csa"].item() == pytest.approx(
+        CSALoss()(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t).item(), rel=1e-6
+    )
     # on a hinge base CMC adds only TGDT's intra term: base + CMC part == TGDT's CMC
-    assert (out["base"] + out["cmc"]).item() == pytest.approx(CMCLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
+    assert (out["base"] + out["cmc"]).item() == pytest.approx(
+        CMCLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6
+    )
     total = out["base"] + 0.1 * out["csa"] + 0.5 * out["usa"] + 0.3 * out["cmc"]
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
     out["loss"].backward()
@@ -193,7 +210,9 @@ def test_calibrated_state_dict_is_tensors_only_and_round_trips_through_safetenso
     g = torch.Generator().manual_seed(0)
     e = F.normalize(torch.randn(3, 8, 8, generator=g), dim=-1)
     a = SoftAlignLoss(embed_dim=8)
-    record = a.calibrate(teacher_image_sim=e @ e.transpose(1, 2), teacher_text_sim=e.flip(0) @ e.flip(0).transpose(1, 2))
+    record = a.calibrate(
+        teacher_image_sim=e @ e.transpose(1, 2), teacher_text_sim=e.flip(0) @ e.flip(0).transpose(1, 2)
+    )
     state = a.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # safetensors / weights_only friendly
     b = SoftAlignLoss(embed_dim=8)
@@ -257,8 +276,10 @@ def test_temperature_clamp_keeps_an_earlier_graph_valid():
     assert loss.temperature.value.grad is not None
 
 
-@pytest.mark.parametrize("embed_dim,base,csa_mode", [(None, "vsepp", "each"), (8, "vsepp", "each"),
-                                                     (None, "vsepp_sum", "add"), (None, "infonce", "dot")])
+@pytest.mark.parametrize(
+    "embed_dim,base,csa_mode",
+    [(None, "vsepp", "each"), (8, "vsepp", "each"), (None, "vsepp_sum", "add"), (None, "infonce", "dot")],
+)
 def test_combined_fast_path_equals_the_separate_modules_values_and_gradients(embed_dim, base, csa_mode):
     # SoftAlignLoss shares work between its terms (one normalisation/Gram node, USA's similarities without
     # heads, the base hinge as CMC's inter term, the teacher soft labels): values and gradients must be those
@@ -266,8 +287,9 @@ def test_combined_fast_path_equals_the_separate_modules_values_and_gradients(emb
     torch.manual_seed(5)
     ids = torch.tensor([0, 0, 1, 2, 3, 3, 4])
     t_i, t_t = SF.cosine_similarity_matrix(torch.randn(7, 5)), SF.cosine_similarity_matrix(torch.randn(7, 4))
-    loss = SoftAlignLoss(embed_dim=embed_dim, base=base, alpha=0.3, beta=0.5, gamma=0.7, csa_mode=csa_mode,
-                         return_parts=True)
+    loss = SoftAlignLoss(
+        embed_dim=embed_dim, base=base, alpha=0.3, beta=0.5, gamma=0.7, csa_mode=csa_mode, return_parts=True
+    )
     with torch.no_grad():
         loss.csa.temperature.value.fill_(0.3)
         loss.usa.text_temperature.value.fill_(0.6)
@@ -281,10 +303,17 @@ def test_combined_fast_path_equals_the_separate_modules_values_and_gradients(emb
     kw = dict(teacher_image_sim=t_i, teacher_text_sim=t_t)
     hinge = base.startswith("vsepp")
     scale = 7.0 if hinge else 1.0  # on a hinge base (a sum over anchors) the KL terms are summed over anchors too
-    cmc = (SF.intra_modal_consistency(SF.cosine_similarity_matrix(img2), SF.cosine_similarity_matrix(txt2))
-           if hinge else ref_loss.cmc(img2, txt2, image_ids=ids))  # a hinge base is CMC's inter term already
-    parts = {"base": ref_loss.base(img2, txt2, image_ids=ids), "csa": scale * ref_loss.csa(img2, txt2, **kw),
-             "usa": scale * ref_loss.usa(img2, txt2, **kw), "cmc": cmc}
+    cmc = (
+        SF.intra_modal_consistency(SF.cosine_similarity_matrix(img2), SF.cosine_similarity_matrix(txt2))
+        if hinge
+        else ref_loss.cmc(img2, txt2, image_ids=ids)
+    )  # a hinge base is CMC's inter term already
+    parts = {
+        "base": ref_loss.base(img2, txt2, image_ids=ids),
+        "csa": scale * ref_loss.csa(img2, txt2, **kw),
+        "usa": scale * ref_loss.usa(img2, txt2, **kw),
+        "cmc": cmc,
+    }
     total = parts["base"] + 0.3 * parts["csa"] + 0.5 * parts["usa"] + 0.7 * parts["cmc"]
     total.backward()
     for key, value in parts.items():
@@ -302,12 +331,14 @@ def test_usa_uses_given_similarities_only_without_heads():
     t = SF.cosine_similarity_matrix(torch.randn(5, 3))
     s_ii, s_tt = SF.cosine_similarity_matrix(img), SF.cosine_similarity_matrix(txt)
     plain = USALoss()
-    assert plain(img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=s_ii, text_sim=s_tt).item() == \
-        pytest.approx(plain(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
+    assert plain(
+        img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=s_ii, text_sim=s_tt
+    ).item() == pytest.approx(plain(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
     heads = USALoss(embed_dim=6)
     wrong = torch.zeros(5, 5)  # ignored: with heads the similarities come after the heads
-    assert heads(img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=wrong, text_sim=wrong).item() == \
-        pytest.approx(heads(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
+    assert heads(
+        img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=wrong, text_sim=wrong
+    ).item() == pytest.approx(heads(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
 
 
 def test_standalone_terms_backpropagate_under_autocast():

@@ -1,4 +1,5 @@
 """SoftAlignLoss on bad or degenerate input: a clear error naming the input, or the correct value."""
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,15 @@ def _teacher(b, seed=0):
 def _call(loss, img, txt, image_ids=None, **kw):
     b = img.shape[0]
     image_ids = torch.arange(b) if image_ids is None else image_ids
-    return loss(img, txt, ids=torch.arange(b), image_ids=image_ids, teacher_image_sim=_teacher(b),
-                teacher_text_sim=_teacher(b, 1), **kw)
+    return loss(
+        img,
+        txt,
+        ids=torch.arange(b),
+        image_ids=image_ids,
+        teacher_image_sim=_teacher(b),
+        teacher_text_sim=_teacher(b, 1),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("base", ["vsepp", "infonce"])
@@ -62,10 +70,18 @@ def test_non_finite_wrong_shape_and_dtype_name_the_input():
     t = _teacher(6)
     t[1, 1] = float("nan")
     with pytest.raises(ValueError, match="teacher"):
-        loss(img, txt, ids=torch.arange(6), image_ids=torch.arange(6), teacher_image_sim=t, teacher_text_sim=_teacher(6))
+        loss(
+            img, txt, ids=torch.arange(6), image_ids=torch.arange(6), teacher_image_sim=t, teacher_text_sim=_teacher(6)
+        )
     with pytest.raises(ValueError, match="teacher"):
-        loss(img, txt, ids=torch.arange(6), image_ids=torch.arange(6), teacher_image_sim=_teacher(5),
-             teacher_text_sim=_teacher(6))
+        loss(
+            img,
+            txt,
+            ids=torch.arange(6),
+            image_ids=torch.arange(6),
+            teacher_image_sim=_teacher(5),
+            teacher_text_sim=_teacher(6),
+        )
 
 
 @pytest.mark.parametrize("base", ["vsepp", "infonce"])
@@ -96,8 +112,16 @@ def test_a_batch_of_captions_of_one_image_has_no_negatives():
     assert float(parts["base"]) == 0.0
     parts["loss"].backward()
     assert all(math.isfinite(float(v)) for v in parts.values()) and torch.isfinite(x.grad).all()
-    nce = SoftAlignLoss(embed_dim=16, base="infonce", alpha=0.0, beta=0.0, learn_temperatures=False,
-                        temperature=0.05, infonce_reduction="ce", return_parts=True)
+    nce = SoftAlignLoss(
+        embed_dim=16,
+        base="infonce",
+        alpha=0.0,
+        beta=0.0,
+        learn_temperatures=False,
+        temperature=0.05,
+        infonce_reduction="ce",
+        return_parts=True,
+    )
     got = nce(img, txt, image_ids=same)["base"]
     logits = (img @ txt.T) / 0.05
     ref = 0.5 * (-(logits.log_softmax(1).mean(1)).mean() - (logits.T.log_softmax(1).mean(1)).mean())
@@ -118,8 +142,11 @@ def test_every_module_refuses_a_non_finite_loss_on_every_call_not_only_the_first
     bad = img.clone()
     bad[1, 2] = float("nan")
     # (SoftAlignLoss also re-checks its inputs in detail while no training step has counted: a ValueError naming them)
-    with pytest.raises((RuntimeError, ValueError), match=rf"{name}: the loss is not finite \(NaN or inf\)|image_emb "
-                                                         "contains non-finite values"):
+    with pytest.raises(
+        (RuntimeError, ValueError),
+        match=rf"{name}: the loss is not finite \(NaN or inf\)|image_emb "
+        "contains non-finite values",
+    ):
         loss(bad, txt, **kw)
     temperatures = [p for n, p in loss.named_parameters() if "temperature" in n]
     if temperatures:  # a NaN temperature (e.g. after a bad optimizer step)
@@ -132,8 +159,11 @@ def test_every_module_refuses_a_non_finite_loss_on_every_call_not_only_the_first
 
 def test_a_wrong_embed_dim_names_embed_dim_and_both_sizes():
     loss = SoftAlignLoss(embed_dim=32)  # the embeddings are 16-d
-    with pytest.raises(ValueError, match=r"USA's image head was built for 32-d inputs \(embed_dim = 32\) but the image "
-                                         r"inputs are 16-d"):
+    with pytest.raises(
+        ValueError,
+        match=r"USA's image head was built for 32-d inputs \(embed_dim = 32\) but the image "
+        r"inputs are 16-d",
+    ):
         _call(loss, torch.randn(6, 16), torch.randn(6, 16))
     pair = SoftAlignLoss(embed_dim=(16, 24))
     with pytest.raises(ValueError, match=r"USA's text head was built for 24-d inputs .* but the text inputs are 16-d"):

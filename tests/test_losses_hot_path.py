@@ -1,5 +1,6 @@
 """SoftAlignLoss's hot path: plain autograd (torch.func, double backward), no host syncs in a standard step, the
 soft-label targets computed once per forward, values checked once at the boundary."""
+
 from __future__ import annotations
 
 import collections
@@ -25,8 +26,13 @@ def cache(tmp_path_factory):
 
     rng = np.random.default_rng(0)
     d = tmp_path_factory.mktemp("c")
-    return import_npy(d / "cache", rng.normal(size=(64, 12)).astype(np.float32), [i // 5 for i in range(320)],
-                      text_features=rng.normal(size=(320, 8)).astype(np.float32), progress=False)
+    return import_npy(
+        d / "cache",
+        rng.normal(size=(64, 12)).astype(np.float32),
+        [i // 5 for i in range(320)],
+        text_features=rng.normal(size=(320, 8)).astype(np.float32),
+        progress=False,
+    )
 
 
 def _count_tensor_syncs(fn):
@@ -38,6 +44,7 @@ def _count_tensor_syncs(fn):
         def counted(self, *a, **k):
             counts[name] += 1
             return originals[name](self, *a, **k)
+
         return counted
 
     for n in SYNCS:
@@ -117,11 +124,25 @@ def test_torch_func_grad_and_double_backward_work():
     xd = img.double().requires_grad_(True)
     # the smooth terms (InfoNCE, CSA, USA; the hinges and CMC's max are piecewise linear): second derivatives
     # against finite differences
-    loss64 = SoftAlignLoss(embed_dim=None, base="infonce", alpha=1.0, beta=1.0, teacher_temperature=0.1,
-                           learn_temperatures=False, diagnostics_every=0).double()
+    loss64 = SoftAlignLoss(
+        embed_dim=None,
+        base="infonce",
+        alpha=1.0,
+        beta=1.0,
+        teacher_temperature=0.1,
+        learn_temperatures=False,
+        diagnostics_every=0,
+    ).double()
     assert torch.autograd.gradgradcheck(
-        lambda a: loss64(a, txt.double(), image_ids=kw["image_ids"], teacher_image_sim=kw["teacher_image_sim"].double(),
-                         teacher_text_sim=kw["teacher_text_sim"].double()), (xd,))
+        lambda a: loss64(
+            a,
+            txt.double(),
+            image_ids=kw["image_ids"],
+            teacher_image_sim=kw["teacher_image_sim"].double(),
+            teacher_text_sim=kw["teacher_text_sim"].double(),
+        ),
+        (xd,),
+    )
 
 
 def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(monkeypatch):
@@ -140,8 +161,16 @@ def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(mon
     t_img, t_txt = e_img @ e_img.T, e_txt @ e_txt.T
     img = torch.randn(b, 8, generator=g, dtype=torch.float64)
     txt = torch.randn(b, 8, generator=g, dtype=torch.float64)
-    loss = SoftAlignLoss(embed_dim=None, base="none", alpha=1.0, beta=1.0, teacher_temperature=0.3,
-                         diagnostics_every=0, return_parts=True, learn_temperatures=False).double()
+    loss = SoftAlignLoss(
+        embed_dim=None,
+        base="none",
+        alpha=1.0,
+        beta=1.0,
+        teacher_temperature=0.3,
+        diagnostics_every=0,
+        return_parts=True,
+        learn_temperatures=False,
+    ).double()
     parts = loss(img, txt, image_ids=torch.arange(b), teacher_image_sim=t_img, teacher_text_sim=t_txt)
     assert len(calls) == 2  # image and text targets, once each, for both terms
     # the two terms hold equal, separate tau_s buffers: the state dict has no shared tensors and saves as safetensors
@@ -156,8 +185,9 @@ def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(mon
     assert parts["usa"].item() == pytest.approx(ref.usa(s_ii, s_tt, t_img, t_txt, 0.45, 0.45, 0.3), rel=1e-6)
     # CSA's fused modes read another matrix: their own targets
     calls.clear()
-    fused = SoftAlignLoss(embed_dim=None, base="none", alpha=1.0, beta=1.0, csa_mode="add", teacher_temperature=0.5,
-                          diagnostics_every=0)
+    fused = SoftAlignLoss(
+        embed_dim=None, base="none", alpha=1.0, beta=1.0, csa_mode="add", teacher_temperature=0.5, diagnostics_every=0
+    )
     fused(img, txt, image_ids=torch.arange(b), teacher_image_sim=t_img, teacher_text_sim=t_txt)
     assert len(calls) == 4
 

@@ -1,4 +1,5 @@
 """Miners: masks against brute-force definitions; teacher filtering; PML adapter; use inside losses."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,8 @@ def test_max_violation_miner_reproduces_vsepp_max_violation():
     assert summed_over_mined.item() == pytest.approx(ref.vsepp(s.double(), IDS.tolist(), 0.2, True), rel=1e-6)
     everything = AllNegativesMiner()(s, IDS)
     assert SF.vsepp_hinge(s, IDS, max_violation=False, negatives=everything).item() == pytest.approx(
-        ref.vsepp(s.double(), IDS.tolist(), 0.2, False), rel=1e-6)
+        ref.vsepp(s.double(), IDS.tolist(), 0.2, False), rel=1e-6
+    )
 
 
 def test_semi_hard_definition():

@@ -1,5 +1,6 @@
 """open_clip students in recipes, for real: a tiny randomly initialised open_clip ViT through `softalign train`
 (recipe -> embeddings -> `softalign eval`), open_clip's preprocessing and tokenizer, CUSA's optimizer details."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,13 @@ def test_no_weight_decay_on_biases_and_1d_parameters_as_open_clip_and_cusa(tiny_
 def test_cosine_per_epoch_equals_timms_scheduler_as_cusa_steps_it(tmp_path):
     from timm.scheduler import CosineLRScheduler
 
-    r = recipe_from_dict({"name": "x", "output_dir": str(tmp_path), "optim": {
-        "lr": 1e-5, "min_lr": 1e-6, "schedule": "cosine", "schedule_interval": "epoch"}})
+    r = recipe_from_dict(
+        {
+            "name": "x",
+            "output_dir": str(tmp_path),
+            "optim": {"lr": 1e-5, "min_lr": 1e-6, "schedule": "cosine", "schedule_interval": "epoch"},
+        }
+    )
     epochs, per_epoch = 5, 7
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
     sched = CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-6, warmup_t=0)  # CUSA's create_scheduler
@@ -72,10 +78,16 @@ def test_softalign_train_then_eval_a_tiny_open_clip_model(tiny_open_clip, tmp_pa
     from softalign.cli import main
 
     recipe = {
-        "name": "tiny_clip", "seed": 0, "output_dir": str(tmp_path / "run"),
+        "name": "tiny_clip",
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
         "data": {"kind": "demo", "preload": True, "max_images": 24},
-        "model": {"image_encoder": f"open_clip:{tiny_open_clip}", "text_encoder": "open_clip", "embed_dim": 32,
-                  "pretrained": False},
+        "model": {
+            "image_encoder": f"open_clip:{tiny_open_clip}",
+            "text_encoder": "open_clip",
+            "embed_dim": 32,
+            "pretrained": False,
+        },
         "teacher": {"cache_dir": str(tmp_path / "cache")},
         "loss": {"base": "infonce", "infonce_reduction": "cusa_mean", "alpha": 0.1, "beta": 0.5},
         "optim": {"lr": 1e-3, "weight_decay": 1e-4, "schedule": "cosine", "schedule_interval": "epoch"},
@@ -124,9 +136,16 @@ def test_without_open_clip_the_cli_names_the_extra_in_one_line(tmp_path, monkeyp
     from softalign.cli import main
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "run"), "data": {"kind": "demo"},
-                                    "model": {"image_encoder": "open_clip:ViT-B-32/openai",
-                                              "text_encoder": "open_clip"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "output_dir": str(tmp_path / "run"),
+                "data": {"kind": "demo"},
+                "model": {"image_encoder": "open_clip:ViT-B-32/openai", "text_encoder": "open_clip"},
+            }
+        )
+    )
     monkeypatch.setitem(sys.modules, "open_clip", None)
     assert main(["train", str(path), "--cpu", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

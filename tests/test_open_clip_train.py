@@ -2,6 +2,7 @@
 ``python -m softalign.integrations.open_clip_train``: a tiny random ViT on a CSV of PNGs, two epochs with a
 ``--distill-model`` teacher; resumed from epoch 1 it reaches the uninterrupted run's state (the loss's included);
 evaluation-only runs with and without a teacher; the checkpoint reloads into a plain open_clip model."""
+
 from __future__ import annotations
 
 import json
@@ -57,18 +58,53 @@ def files(tmp_path_factory, tiny_open_clip):
 
 
 def _args(files, model, name, *extra):
-    return ["--model", model, "--train-data", str(files / "train.csv"), "--val-data", str(files / "val.csv"),
-            "--dataset-type", "csv", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "8",
-            "--workers", "0", "--lr", "1e-2", "--warmup", "0", "--precision", "fp32", "--seed", "0",
-            "--logs", str(files / "logs"), "--name", name, "--save-frequency", "1",
-            # every crop is the whole 32 px image: an epoch's result does not depend on where the RNG stands
-            "--aug-cfg", "scale=(1.0, 1.0)", "ratio=(1.0, 1.0)",
-            "--distill-model", model, "--distill-pretrained", str(files / "teacher.pt"), *extra]
+    return [
+        "--model",
+        model,
+        "--train-data",
+        str(files / "train.csv"),
+        "--val-data",
+        str(files / "val.csv"),
+        "--dataset-type",
+        "csv",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "0",
+        "--precision",
+        "fp32",
+        "--seed",
+        "0",
+        "--logs",
+        str(files / "logs"),
+        "--name",
+        name,
+        "--save-frequency",
+        "1",
+        # every crop is the whole 32 px image: an epoch's result does not depend on where the RNG stands
+        "--aug-cfg",
+        "scale=(1.0, 1.0)",
+        "ratio=(1.0, 1.0)",
+        "--distill-model",
+        model,
+        "--distill-pretrained",
+        str(files / "teacher.pt"),
+        *extra,
+    ]
 
 
 def _checkpoint(files, name, epoch):
-    return torch.load(files / "logs" / name / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu",
-                      weights_only=True)
+    return torch.load(
+        files / "logs" / name / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu", weights_only=True
+    )
 
 
 def test_train_resume_evaluate_and_reload_through_open_clips_own_main(files, tiny_open_clip):
@@ -83,9 +119,13 @@ def test_train_resume_evaluate_and_reload_through_open_clips_own_main(files, tin
     assert temperatures, loss_keys
     # the loss that trained is the one in main.py's optimizer: its temperatures moved and have Adam state
     fresh = SoftAlignClipLoss().state_dict()
-    moved = [k for k in temperatures if k[len(LOSS_KEY) + 1:] in fresh
-             and fresh[k[len(LOSS_KEY) + 1:]].is_floating_point()
-             and not torch.equal(whole["state_dict"][k], fresh[k[len(LOSS_KEY) + 1:]])]
+    moved = [
+        k
+        for k in temperatures
+        if k[len(LOSS_KEY) + 1 :] in fresh
+        and fresh[k[len(LOSS_KEY) + 1 :]].is_floating_point()
+        and not torch.equal(whole["state_dict"][k], fresh[k[len(LOSS_KEY) + 1 :]])
+    ]
     assert moved, "the loss's learnable temperatures never moved"
     names = [n for n, p in _named_trainables(files, tiny_open_clip)]
     states = whole["optimizer"]["state"]
@@ -103,21 +143,51 @@ def test_train_resume_evaluate_and_reload_through_open_clips_own_main(files, tin
     for k, v in whole["state_dict"].items():
         tol = dict(rtol=1e-5, atol=1e-6) if k.startswith(LOSS_KEY) else dict(rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(resumed["state_dict"][k], v, **tol, msg=k)
-    step = max(float((whole["state_dict"][k].float() - start["state_dict"][k].float()).abs().max())
-               for k in whole["state_dict"] if not k.startswith(LOSS_KEY))
+    step = max(
+        float((whole["state_dict"][k].float() - start["state_dict"][k].float()).abs().max())
+        for k in whole["state_dict"]
+        if not k.startswith(LOSS_KEY)
+    )
     assert step > 5e-3
     for i, st in whole["optimizer"]["state"].items():
         torch.testing.assert_close(resumed["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], rtol=1e-3, atol=1e-4)
 
     # evaluation only (no --train-data): with and without a teacher
     path = files / "logs" / "whole" / "checkpoints" / "epoch_2.pt"
-    for name, teacher in (("eval", []), ("eval_teacher", ["--distill-model", tiny_open_clip, "--distill-pretrained",
-                                                          str(files / "teacher.pt")])):
-        main(["--model", tiny_open_clip, "--val-data", str(files / "val.csv"), "--dataset-type", "csv",
-              "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "4", "--workers", "0",
-              "--precision", "fp32", "--logs", str(files / "logs"), "--name", name, "--resume", str(path), *teacher])
-        results = [json.loads(x) for x in (files / "logs" / name / "checkpoints" / "results.jsonl").read_text()
-                   .splitlines()]
+    for name, teacher in (
+        ("eval", []),
+        ("eval_teacher", ["--distill-model", tiny_open_clip, "--distill-pretrained", str(files / "teacher.pt")]),
+    ):
+        main(
+            [
+                "--model",
+                tiny_open_clip,
+                "--val-data",
+                str(files / "val.csv"),
+                "--dataset-type",
+                "csv",
+                "--csv-img-key",
+                "filepath",
+                "--csv-caption-key",
+                "title",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--precision",
+                "fp32",
+                "--logs",
+                str(files / "logs"),
+                "--name",
+                name,
+                "--resume",
+                str(path),
+                *teacher,
+            ]
+        )
+        results = [
+            json.loads(x) for x in (files / "logs" / name / "checkpoints" / "results.jsonl").read_text().splitlines()
+        ]
         assert "image_to_text_R@1" in results[-1]
 
     # reload into a plain open_clip model (the model strictly, the loss state apart)
@@ -142,6 +212,6 @@ def test_training_without_a_teacher_and_unknown_softalign_options_are_refused(fi
     args = [a for a in _args(files, tiny_open_clip, "no_teacher", "--epochs", "1")]
     cut = args.index("--distill-model")
     with pytest.raises(ValueError, match="needs teacher features or a cache: run with --distill-model"):
-        main(args[:cut] + args[cut + 4:])
+        main(args[:cut] + args[cut + 4 :])
     with pytest.raises(SystemExit, match=r"unknown softalign option\(s\) \['--softalign-alhpa'\]"):
         main(["--softalign-alhpa", "3"] + args)

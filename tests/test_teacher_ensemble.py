@@ -1,4 +1,5 @@
 """Several teachers as one cache: weighted mean similarities, through every consumer of a cache."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,11 +20,21 @@ def caches(tmp_path_factory):
     c2i = [i // 2 for i in range(20)]
     out = []
     for k, (di, dt) in enumerate(((6, 5), (9, 4))):
-        import_npy(d / f"t{k}", rng.normal(size=(10, di)).astype(np.float32), c2i,
-                   text_features=rng.normal(size=(20, dt)).astype(np.float32), progress=False)
+        import_npy(
+            d / f"t{k}",
+            rng.normal(size=(10, di)).astype(np.float32),
+            c2i,
+            text_features=rng.normal(size=(20, dt)).astype(np.float32),
+            progress=False,
+        )
         out.append(TeacherCache.load(d / f"t{k}"))
-    import_npy(d / "other", rng.normal(size=(10, 3)).astype(np.float32), [i % 10 for i in range(20)],
-               text_features=rng.normal(size=(20, 3)).astype(np.float32), progress=False)
+    import_npy(
+        d / "other",
+        rng.normal(size=(10, 3)).astype(np.float32),
+        [i % 10 for i in range(20)],
+        text_features=rng.normal(size=(20, 3)).astype(np.float32),
+        progress=False,
+    )
     return out, TeacherCache.load(d / "other")
 
 
@@ -50,7 +61,9 @@ def test_the_loss_on_an_ensemble_equals_the_loss_on_the_averaged_matrices(caches
 
     def run(**kw):
         torch.manual_seed(0)
-        loss = SoftAlignLoss(embed_dim=12, base="infonce", teacher_temperature=0.2, **({"cache": ens} if not kw else {}))
+        loss = SoftAlignLoss(
+            embed_dim=12, base="infonce", teacher_temperature=0.2, **({"cache": ens} if not kw else {})
+        )
         x, y = img.clone().requires_grad_(), txt.clone().requires_grad_()
         out = loss(x, y, ids=ids if not kw else None, image_ids=None if not kw else a.image_ids(ids), **kw)
         out.backward()

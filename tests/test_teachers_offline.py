@@ -1,4 +1,5 @@
 """The packaged offline teachers (MiniLM, EfficientNet-Lite0) and preprocessing (timm: tests/test_timm_real.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -129,13 +130,19 @@ def test_a_hub_name_that_cannot_load_fails_at_once(monkeypatch):
     name = "sentence-transformers/not-in-this-cache-v9"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     t0 = time.perf_counter()
-    with pytest.raises(OSError, match=rf"cannot load text teacher '{name}': HF_HUB_OFFLINE is set and it is not in "
-                                      "the local Hugging Face cache"):
+    with pytest.raises(
+        OSError,
+        match=rf"cannot load text teacher '{name}': HF_HUB_OFFLINE is set and it is not in "
+        "the local Hugging Face cache",
+    ):
         TextTeacher(name, device="cpu")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)  # no network here: the probe's answer
-    with pytest.raises(OSError, match=r"not in the local Hugging Face cache and the Hub \(huggingface.co\) cannot "
-                                      "be reached"):
+    with pytest.raises(
+        OSError,
+        match=r"not in the local Hugging Face cache and the Hub \(huggingface.co\) cannot "
+        "be reached",
+    ):
         TextTeacher(name, device="cpu")
     assert time.perf_counter() - t0 < 5
     from softalign.teachers.packaged import offline_minilm_path

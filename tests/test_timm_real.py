@@ -1,5 +1,6 @@
 """timm for real: the ``timm:<name>`` image teacher (local weights, the model's own data config) and the timm
 student of the recipes, with small randomly initialised timm test models (no download)."""
+
 from __future__ import annotations
 
 import sys
@@ -101,9 +102,17 @@ def test_timm_cache_build_records_the_teacher(vit_weights, tmp_path):
                         out[r, ord(ch.lower()) - 97] += 1
             return out
 
-    cache = TeacherCache.build(tmp_path / "cache", captions=["a red", "a blue", "green", "grey"], images=paths,
-                               caption_to_image=[0, 1, 2, 3], text_teacher=Words(), image_teacher="timm:test_vit",
-                               image_weights=path, device="cpu", progress=False)
+    cache = TeacherCache.build(
+        tmp_path / "cache",
+        captions=["a red", "a blue", "green", "grey"],
+        images=paths,
+        caption_to_image=[0, 1, 2, 3],
+        text_teacher=Words(),
+        image_teacher="timm:test_vit",
+        image_weights=path,
+        device="cpu",
+        progress=False,
+    )
     assert cache.manifest["image_teacher"]["name"] == "timm:test_vit"
     sims = cache.similarities(torch.arange(4))
     assert sims.image.shape == (4, 4)
@@ -115,8 +124,13 @@ def test_timm_student_is_the_real_backbone_and_names_the_extra_without_timm(monk
     from softalign.train.models import TimmImageEncoder, build_model
     from softalign.train.recipe import recipe_from_dict
 
-    cfg = recipe_from_dict({"name": "x", "output_dir": "x", "model": {
-        "image_encoder": "timm:test_resnet", "pretrained": False, "embed_dim": 16, "word_dim": 8}}).model
+    cfg = recipe_from_dict(
+        {
+            "name": "x",
+            "output_dir": "x",
+            "model": {"image_encoder": "timm:test_resnet", "pretrained": False, "embed_dim": 16, "word_dim": 8},
+        }
+    ).model
     model = build_model(cfg, ["a b"])
     assert isinstance(model.image_encoder, TimmImageEncoder)
     backbone = model.image_encoder.backbone
@@ -137,12 +151,18 @@ def test_timm_student_trains_through_the_trainer(tmp_path):
     from softalign.train.recipe import recipe_from_dict
     from softalign.train.trainer import train
 
-    recipe = recipe_from_dict({
-        "name": "timm_tiny", "seed": 0, "output_dir": str(tmp_path),
-        "data": {"kind": "demo", "image_size": 32, "preload": True, "max_images": 24},
-        "model": {"image_encoder": "timm:test_resnet", "pretrained": False, "embed_dim": 16, "word_dim": 8},
-        "loss": {"base": "infonce"}, "optim": {"lr": 0.003, "schedule": "constant"},
-        "train": {"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False}})
+    recipe = recipe_from_dict(
+        {
+            "name": "timm_tiny",
+            "seed": 0,
+            "output_dir": str(tmp_path),
+            "data": {"kind": "demo", "image_size": 32, "preload": True, "max_images": 24},
+            "model": {"image_encoder": "timm:test_resnet", "pretrained": False, "embed_dim": 16, "word_dim": 8},
+            "loss": {"base": "infonce"},
+            "optim": {"lr": 0.003, "schedule": "constant"},
+            "train": {"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False},
+        }
+    )
     res = train(recipe, log=lambda m: None)
     hist = res["history"]
     assert [h["epoch"] for h in hist] == [1, 2] and np.isfinite(hist[-1]["train_loss"])

@@ -1,5 +1,6 @@
 """softalign.train.checkpoint: accelerate's save_state / load_state carrying the loss (safetensors) and the run's
 progress (JSON), committed through the ``latest`` pointer."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,8 +40,9 @@ def test_save_and_restore_carry_model_optimizer_loss_and_progress(tmp_path, acce
     out = model(torch.randn(5, 4)).sum() + sum(p.sum() for p in loss.parameters())
     out.backward()
     opt.step()
-    progress = TrainProgress(recipe={"name": "x"}, vocab=["<pad>", "a"], epoch=2, step=7, batch=3,
-                             partial={"sums": {"loss": 1.5}, "n": 3})
+    progress = TrainProgress(
+        recipe={"name": "x"}, vocab=["<pad>", "a"], epoch=2, step=7, batch=3, partial={"sums": {"loss": 1.5}, "n": 3}
+    )
     handles = register_checkpoint_hooks(accelerator, loss, progress)
     folder = save_training_state(accelerator, tmp_path / "checkpoints", progress)
     _release(accelerator, handles, model, opt)
@@ -56,11 +58,17 @@ def test_save_and_restore_carry_model_optimizer_loss_and_progress(tmp_path, acce
         assert torch.equal(a, b), k
     assert float(loss2.usa.teacher_temperature()) == pytest.approx(0.37)
     state_a, state_b = opt.state_dict()["state"], opt2.state_dict()["state"]
-    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"])
-                                                    for k in state_a)
+    assert state_a.keys() == state_b.keys() and all(
+        torch.equal(state_a[k]["exp_avg"], state_b[k]["exp_avg"]) for k in state_a
+    )
     ck = load_checkpoint(tmp_path)  # the output directory resolves to the committed folder
-    assert (ck["epoch"], ck["step"], ck["batch"], ck["partial"], ck["vocab"]) == \
-        (2, 7, 3, {"sums": {"loss": 1.5}, "n": 3}, ["<pad>", "a"])
+    assert (ck["epoch"], ck["step"], ck["batch"], ck["partial"], ck["vocab"]) == (
+        2,
+        7,
+        3,
+        {"sums": {"loss": 1.5}, "n": 3},
+        ["<pad>", "a"],
+    )
     assert torch.equal(ck["model"]["weight"], model.weight.detach())
 
 
@@ -102,8 +110,9 @@ def test_a_bf16_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path
     from tests.test_train_trainer import _train, tiny_recipe
 
     acc = Accelerator(cpu=True, mixed_precision="bf16")  # autocast on the CPU; the trainer's checkpoint under it
-    over = dict(train={"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False,
-                       "mixed_precision": "bf16"})
+    over = dict(
+        train={"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False, "mixed_precision": "bf16"}
+    )
     full = _train(tiny_recipe(tmp_path / "full", **over), data, acc)
     _train(tiny_recipe(tmp_path / "resumed", **{**over, "train": {**over["train"], "epochs": 1}}), data, acc)
     resumed = _train(tiny_recipe(tmp_path / "resumed", **over), data, acc)

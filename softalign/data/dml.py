@@ -17,6 +17,7 @@ literature (Oh Song et al., "Deep Metric Learning via Lifted Structured Feature 
 :func:`load_dml_benchmark` returns a :class:`DMLBenchmark`: image paths, integer labels, and for In-Shop the query and
 gallery index sets, ready for :func:`softalign.eval.unimodal_retrieval`. Errors name the file and the line at fault.
 """
+
 from __future__ import annotations
 
 import os
@@ -128,8 +129,9 @@ def _inshop(root: Path) -> DMLBenchmark:
         (query if status == "query" else gallery).append(len(paths))
         paths.append(str((root / "Img" if (root / "Img").is_dir() else root) / name))  # name: img/WOMEN/...jpg
         labels.append(item)
-    return DMLBenchmark("inshop", paths, _dense(labels), np.array(query, dtype=np.int64),
-                        np.array(gallery, dtype=np.int64))
+    return DMLBenchmark(
+        "inshop", paths, _dense(labels), np.array(query, dtype=np.int64), np.array(gallery, dtype=np.int64)
+    )
 
 
 def _inaturalist(root: Path) -> DMLBenchmark:

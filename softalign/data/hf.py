@@ -4,6 +4,7 @@ One dataset row is one image with one caption (a string column) or several (a li
 ``nlphuji/flickr30k`` (``image``, ``caption`` list) or an ``imagefolder`` whose ``metadata.jsonl`` has
 ``{"file_name": "a.png", "caption": [...]}`` lines.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ def from_hf_dataset(
     except ImportError as err:  # pragma: no cover - datasets is a core dependency
         raise ImportError("from_hf_dataset needs the 'datasets' package: pip install datasets") from err
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"expected a datasets.Dataset (one split), got {type(dataset).__name__}; "
-                        "index a DatasetDict by split first, e.g. ds['test']")
+        raise TypeError(
+            f"expected a datasets.Dataset (one split), got {type(dataset).__name__}; "
+            "index a DatasetDict by split first, e.g. ds['test']"
+        )
     cols = dataset.column_names
     if image_column is None:
         image_column = next((c for c, f in dataset.features.items() if isinstance(f, datasets.Image)), None)
@@ -79,8 +82,9 @@ def from_hf_dataset(
         sents = [s["raw"] if isinstance(s, dict) else s for s in sents]
         if captions_per_image is not None:
             if len(sents) < captions_per_image:
-                raise ValueError(f"row {i} has {len(sents)} captions, fewer than captions_per_image="
-                                 f"{captions_per_image}")
+                raise ValueError(
+                    f"row {i} has {len(sents)} captions, fewer than captions_per_image={captions_per_image}"
+                )
             sents = sents[:captions_per_image]
         if not sents:
             raise ValueError(f"row {i} has no caption in column {caption_column!r}")
@@ -93,10 +97,16 @@ def from_hf_dataset(
         labels, label_names = label_codes(dataset[label_column], f"{name}/{split}: label column {label_column!r}")
         feat = dataset.features[label_column]
         label_names = list(feat.names) if hasattr(feat, "names") else label_names
-    return RetrievalData(captions=captions, images=DatasetColumn(dataset, image_column), caption_to_image=c2i,
-                         image_labels=labels, label_names=label_names, name=name, split=split,
-                         metadata={"source": "datasets", "image_column": image_column,
-                                   "caption_column": caption_column})
+    return RetrievalData(
+        captions=captions,
+        images=DatasetColumn(dataset, image_column),
+        caption_to_image=c2i,
+        image_labels=labels,
+        label_names=label_names,
+        name=name,
+        split=split,
+        metadata={"source": "datasets", "image_column": image_column, "caption_column": caption_column},
+    )
 
 
 def load_imagefolder(
@@ -123,5 +133,11 @@ def load_imagefolder(
         ds = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split=split)
     except ValueError as err:
         raise ValueError(f"could not load split {split!r} of imagefolder {data_dir}: {err}") from err
-    return from_hf_dataset(ds, caption_column=caption_column, label_column=label_column, name=data_dir.name,
-                           split=split, captions_per_image=captions_per_image)
+    return from_hf_dataset(
+        ds,
+        caption_column=caption_column,
+        label_column=label_column,
+        name=data_dir.name,
+        split=split,
+        captions_per_image=captions_per_image,
+    )

@@ -11,6 +11,7 @@ images join ``train`` by default (as in VSE++/SCAN: 113,287 training images). Ea
 ``captions_per_image`` sentences (COCO has a few images with 6-7), so caption ``c`` belongs to image
 ``c // captions_per_image`` whenever every image has at least that many.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,10 @@ def load_karpathy(
             raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has no sentences")
         if captions_per_image is not None:
             if len(sents) < captions_per_image:
-                raise ValueError(f"{json_path}: images[{n}] ({entry['filename']}) has {len(sents)} sentences, "
-                                 f"fewer than captions_per_image={captions_per_image}")
+                raise ValueError(
+                    f"{json_path}: images[{n}] ({entry['filename']}) has {len(sents)} sentences, "
+                    f"fewer than captions_per_image={captions_per_image}"
+                )
             sents = sents[:captions_per_image]
         path = image_root / entry.get("filepath", "") / entry["filename"]
         if check_files and not path.is_file():
@@ -77,6 +80,11 @@ def load_karpathy(
             break
     if not images:
         raise ValueError(f"{json_path}: no images in split {split!r}")
-    return RetrievalData(captions=captions, images=images, caption_to_image=c2i,
-                         name=str(meta.get("dataset", json_path.stem)), split=split,
-                         metadata={"source": str(json_path), "image_root": str(image_root)})
+    return RetrievalData(
+        captions=captions,
+        images=images,
+        caption_to_image=c2i,
+        name=str(meta.get("dataset", json_path.stem)),
+        split=split,
+        metadata={"source": str(json_path), "image_root": str(image_root)},
+    )

@@ -7,6 +7,7 @@ A training item is one (image, caption) pair keyed by its *global caption id*::
 so a batch carries ``ids`` for :class:`softalign.losses.SoftAlignLoss` and the teacher cache. Captions stay
 strings; the text encoder tokenises them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -34,16 +35,27 @@ class ImageTransform:
     copied unchanged into each epoch's fresh workers, repeating the same augmentations every epoch.
     """
 
-    def __init__(self, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 augment: bool = False):
+    def __init__(
+        self,
+        size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        augment: bool = False,
+    ):
         from softalign.images import ImagePreprocessing
 
         if int(size) < 1:
             raise ValueError(f"image size must be >= 1, got {size}")
         self.size, self.augment = int(size), bool(augment)
         # the shared pipeline (softalign.images): shorter side to `size`, center crop, ImageNet normalisation
-        self.preprocessing = ImagePreprocessing(size=(self.size, self.size), resize_shorter=self.size,
-                                                interpolation="bilinear", mean=tuple(mean), std=tuple(std), scale=1.0)
+        self.preprocessing = ImagePreprocessing(
+            size=(self.size, self.size),
+            resize_shorter=self.size,
+            interpolation="bilinear",
+            mean=tuple(mean),
+            std=tuple(std),
+            scale=1.0,
+        )
 
     def __call__(self, image, view=None) -> torch.Tensor:
         """``view``: the ``(s, x, y, flip)`` parameters of a stored view to replay
@@ -95,12 +107,18 @@ class PairDataset(Dataset):
             if getattr(transform, "augment", False) is not True:
                 raise ValueError("view_params need an augmenting image transform (data.augment), which replays them")
             if tuple(self.view_params.shape[::2]) != (data.num_images, 4):
-                raise ValueError(f"{data.name}/{data.split}: view_params must be [{data.num_images}, K, 4] (one set "
-                                 f"of views per image), got {tuple(self.view_params.shape)}")
+                raise ValueError(
+                    f"{data.name}/{data.split}: view_params must be [{data.num_images}, K, 4] (one set "
+                    f"of views per image), got {tuple(self.view_params.shape)}"
+                )
         self.cache: torch.Tensor | None
         if preload and self.view_params is not None:
-            self.cache = torch.stack([torch.stack([transform(data.images[i], view=v) for v in self.view_params[i]])
-                                      for i in range(data.num_images)])
+            self.cache = torch.stack(
+                [
+                    torch.stack([transform(data.images[i], view=v) for v in self.view_params[i]])
+                    for i in range(data.num_images)
+                ]
+            )
         else:
             self.cache = preload_images(data, transform) if preload else None
 
@@ -114,8 +132,11 @@ class PairDataset(Dataset):
         if self.view_params is None:
             return {"image": _load_image(self.data, image_id, self.transform, self.cache), **item}
         k = int(torch.randint(self.view_params.shape[1], (1,)))
-        image = self.cache[image_id, k] if self.cache is not None else \
-            self.transform(self.data.images[image_id], view=self.view_params[image_id, k])
+        image = (
+            self.cache[image_id, k]
+            if self.cache is not None
+            else self.transform(self.data.images[image_id], view=self.view_params[image_id, k])
+        )
         return {"image": image, "view": k, **item}
 
 

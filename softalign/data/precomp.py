@@ -7,6 +7,7 @@ image (``[N, 36, 2048]`` bottom-up regions or ``[N, 2048]`` / ``[N, 4096]`` glob
 ``image = caption_index // captions_per_image``. (SCAN's ``dev`` split on COCO stores one 5-caption block per
 image; a few releases repeat the image rows 5 times -- detected and folded back here.)
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ def load_precomp(
     ims_path, caps_path = data_dir / f"{split}_ims.npy", data_dir / f"{split}_caps.txt"
     for p in (ims_path, caps_path):
         if not p.is_file():
-            raise FileNotFoundError(f"precomputed-feature file not found: {p} (expected {split}_ims.npy and "
-                                    f"{split}_caps.txt in {data_dir})")
+            raise FileNotFoundError(
+                f"precomputed-feature file not found: {p} (expected {split}_ims.npy and "
+                f"{split}_caps.txt in {data_dir})"
+            )
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     feats = np.load(ims_path, mmap_mode="r" if mmap else None)
@@ -48,11 +51,19 @@ def load_precomp(
         feats = feats[::captions_per_image]
         n_img = feats.shape[0]
     if n_cap != n_img * captions_per_image:
-        raise ValueError(f"{caps_path} has {n_cap} captions but {ims_path} has {n_img} images; expected "
-                         f"{captions_per_image} captions per image ({n_img * captions_per_image} lines)")
+        raise ValueError(
+            f"{caps_path} has {n_cap} captions but {ims_path} has {n_img} images; expected "
+            f"{captions_per_image} captions per image ({n_img * captions_per_image} lines)"
+        )
     if max_images is not None:
         n_img = min(n_img, int(max_images))
         feats, captions = feats[:n_img], captions[: n_img * captions_per_image]
     c2i = np.arange(len(captions), dtype=np.int64) // captions_per_image
-    return RetrievalData(captions=captions, images=feats, caption_to_image=c2i, name=data_dir.name, split=split,
-                         metadata={"source": str(data_dir), "feature_shape": list(feats.shape[1:])})
+    return RetrievalData(
+        captions=captions,
+        images=feats,
+        caption_to_image=c2i,
+        name=data_dir.name,
+        split=split,
+        metadata={"source": str(data_dir), "feature_shape": list(feats.shape[1:])},
+    )

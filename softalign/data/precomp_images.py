@@ -16,6 +16,7 @@ caption order). :func:`precomp_image_paths` turns it into file paths:
 LIST.txt --captions train_caps.txt --captions-per-image 5``; the number of lines is checked against the rows of
 ``train_ims.npy`` when ``--ims`` is given.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,11 +46,15 @@ def read_ids(path: PathLike, captions_per_image: int = 5, num_images: int | None
     if num_images is None and unique:
         return ids
     if num_images is not None and len(ids) not in (num_images, k * num_images):
-        raise ValueError(f"--ids {path} has {len(ids)} lines, but the features hold {num_images} rows (expected "
-                         f"{num_images} ids, one per image, or {k * num_images}, one per caption); check that both "
-                         "files belong to the same split")
-    raise ValueError(f"--ids {path}: the ids are neither one per image (some repeat) nor {k} equal consecutive lines "
-                     "per image (--captions-per-image)")
+        raise ValueError(
+            f"--ids {path} has {len(ids)} lines, but the features hold {num_images} rows (expected "
+            f"{num_images} ids, one per image, or {k * num_images}, one per caption); check that both "
+            "files belong to the same split"
+        )
+    raise ValueError(
+        f"--ids {path}: the ids are neither one per image (some repeat) nor {k} equal consecutive lines "
+        "per image (--captions-per-image)"
+    )
 
 
 def _coco_files(annotations: Sequence[PathLike]) -> dict[str, str]:
@@ -61,12 +66,21 @@ def _coco_files(annotations: Sequence[PathLike]) -> dict[str, str]:
     return files
 
 
-def precomp_image_paths(ids_file: PathLike, *, images_root: PathLike, coco_annotations: Sequence[PathLike] = (),
-                        pattern: str | None = None, captions_per_image: int = 5,
-                        num_images: int | None = None, check_files: bool = True) -> list[str]:
+def precomp_image_paths(
+    ids_file: PathLike,
+    *,
+    images_root: PathLike,
+    coco_annotations: Sequence[PathLike] = (),
+    pattern: str | None = None,
+    captions_per_image: int = 5,
+    num_images: int | None = None,
+    check_files: bool = True,
+) -> list[str]:
     """Image paths in ``{split}_ims.npy`` row order (see the module docstring); errors name the id at fault."""
     if bool(coco_annotations) == bool(pattern):
-        raise ValueError("give either --coco-annotations (COCO image ids) or --pattern (e.g. '{id}.jpg' for Flickr30k)")
+        raise ValueError(
+            "give either --coco-annotations (COCO image ids) or --pattern (e.g. '{id}.jpg' for Flickr30k)"
+        )
     ids = read_ids(ids_file, captions_per_image, num_images)
     root = Path(images_root)
     files = _coco_files(coco_annotations) if coco_annotations else {}
@@ -82,8 +96,9 @@ def precomp_image_paths(ids_file: PathLike, *, images_root: PathLike, coco_annot
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             if check_files:
-                raise FileNotFoundError(f"row {row}: image {image_id} not found (looked for "
-                                        f"{', '.join(str(c) for c in candidates)})")
+                raise FileNotFoundError(
+                    f"row {row}: image {image_id} not found (looked for {', '.join(str(c) for c in candidates)})"
+                )
             found = candidates[0]
         out.append(str(found))
     return out

@@ -14,6 +14,7 @@ these numbers), so a cache for it must list the captions in exactly that order:
 :func:`teran_training_split` returns captions, image paths and the caption->image map (images numbered by first
 appearance); ``softalign cache build-teran`` builds the cache from them.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,9 @@ def _f30k(data_dir: Path, images_path: Path) -> tuple[list[str], list[str], list
     return captions, images, c2i
 
 
-def teran_training_split(data_dir: PathLike, dataset: str, images_path: PathLike,
-                         restval: bool = True) -> tuple[list[str], list[str], list[int]]:
+def teran_training_split(
+    data_dir: PathLike, dataset: str, images_path: PathLike, restval: bool = True
+) -> tuple[list[str], list[str], list[int]]:
     """``(captions, image paths, caption_to_image)`` of TERAN's training split, caption ``i`` = TERAN's id ``i``.
 
     Args:

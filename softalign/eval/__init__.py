@@ -1,6 +1,7 @@
 """Retrieval evaluation: cross-modal i2t/t2i (VSE++ definitions, COCO/Flickr30K protocols,
 chunked), COCO 5K with ECCV Caption / CxC extended positives, two-stage re-ranking (TGDT), uni-modal i2i/t2t (pytorch-metric-learning), a
 sentence-transformers-style evaluator and reports (JSON, markdown, recall@K PNG)."""
+
 from __future__ import annotations
 
 from softalign._lazy import lazy_exports

@@ -22,6 +22,7 @@ Protocols (--protocol):
 The recall@K curve (metrics.json "recall_curve", recall_at_k.png) is measured the same way: the fold
 mean for coco1k, the whole gallery otherwise; its "gallery" entry says which.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,46 +51,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from softalign.eval.encode_cli import add_model_arguments
 
     src = p.add_argument_group("inputs (--embeddings, --image-emb/--text-emb, or --model with --benchmark)")
-    src.add_argument("--embeddings", help="safetensors with image, text, caption_to_image[, image_labels, text_labels]")
+    src.add_argument(
+        "--embeddings", help="safetensors with image, text, caption_to_image[, image_labels, text_labels]"
+    )
     src.add_argument("--image-emb", help=".npy [Ni, D] image embeddings")
     src.add_argument("--text-emb", help=".npy [Nt, D] text embeddings")
     src.add_argument("--captions-per-image", type=int, help="captions k*N..k*N+N-1 belong to image k")
     src.add_argument("--caption-to-image", help=".npy [Nt] int image index of each caption")
-    src.add_argument("--labels", help="labels (integers or names) overriding the embeddings file's: .npz / .safetensors "
-                                      "with image_labels and/or text_labels, or one label per image (.txt lines, .json "
-                                      "list, .npy); the captions then take their image's label")
-    p.add_argument("--protocol", default="plain", choices=["plain", "coco1k", "coco5k", "coco", "f30k"],
-                   help="test protocol (default plain: the embeddings as given). coco1k = mean over 5 folds of "
-                   "1K images, needs the 5000-image COCO test split; coco5k = all 5000 images at once; coco = both; "
-                   "f30k = Flickr30K 1K test, needs 1000 images")
-    p.add_argument("--positives", nargs="+", choices=["eccv", "cxc", "original"], default=None,
-                   help="COCO 5K with extended positives (needs --protocol coco5k or coco and the 5,000-image Karpathy "
-                        "test split; the eccv-caption package's annotations): eccv = ECCV Caption mAP@R, R-Precision, "
-                        "R@1 (Chun et al., ECCV 2022); cxc = CxC R@K (Parekh et al., EACL 2021); original = COCO's "
-                        "five captions, for comparison. Rows follow the Karpathy order unless the embeddings file "
-                        "holds coco_caption_ids / coco_image_ids (the COCO id of each text / image row)")
-    p.add_argument("--row-order", choices=["karpathy"], default=None,
-                   help="with --positives and a file without coco_caption_ids / coco_image_ids: state that caption "
-                        "row i is COCO caption coco_test_ids.npy[i] (the Karpathy 5K order, 5 consecutive captions "
-                        "per image). `--model ... --karpathy` encodes in that order by itself")
+    src.add_argument(
+        "--labels",
+        help="labels (integers or names) overriding the embeddings file's: .npz / .safetensors "
+        "with image_labels and/or text_labels, or one label per image (.txt lines, .json "
+        "list, .npy); the captions then take their image's label",
+    )
+    p.add_argument(
+        "--protocol",
+        default="plain",
+        choices=["plain", "coco1k", "coco5k", "coco", "f30k"],
+        help="test protocol (default plain: the embeddings as given). coco1k = mean over 5 folds of "
+        "1K images, needs the 5000-image COCO test split; coco5k = all 5000 images at once; coco = both; "
+        "f30k = Flickr30K 1K test, needs 1000 images",
+    )
+    p.add_argument(
+        "--positives",
+        nargs="+",
+        choices=["eccv", "cxc", "original"],
+        default=None,
+        help="COCO 5K with extended positives (needs --protocol coco5k or coco and the 5,000-image Karpathy "
+        "test split; the eccv-caption package's annotations): eccv = ECCV Caption mAP@R, R-Precision, "
+        "R@1 (Chun et al., ECCV 2022); cxc = CxC R@K (Parekh et al., EACL 2021); original = COCO's "
+        "five captions, for comparison. Rows follow the Karpathy order unless the embeddings file "
+        "holds coco_caption_ids / coco_image_ids (the COCO id of each text / image row)",
+    )
+    p.add_argument(
+        "--row-order",
+        choices=["karpathy"],
+        default=None,
+        help="with --positives and a file without coco_caption_ids / coco_image_ids: state that caption "
+        "row i is COCO caption coco_test_ids.npy[i] (the Karpathy 5K order, 5 consecutive captions "
+        "per image). `--model ... --karpathy` encodes in that order by itself",
+    )
     uni = p.add_argument_group("universal retrieval (CUSA's layout: --model with --universal)")
-    uni.add_argument("--universal", action="store_true",
-                     help="report the model's uni-modal scores as CUSA does: image->image R@1 on each --dml "
-                          "benchmark, STS Spearman on each --sts set, and their averages; for a softalign run both "
-                          "USA's heads (uni) and the joint space (cross), side by side -> universal.json, .md, .png")
-    uni.add_argument("--dml", nargs="+", default=[], metavar="NAME=DIR",
-                     help="DML benchmarks for --universal, e.g. sop=data/Stanford_Online_Products cub=data/CUB_200_2011 "
-                          "(names: cub, cars, sop, inshop, inaturalist)")
-    uni.add_argument("--sts", nargs="+", default=[], metavar="SET",
-                     help="STS sets for --universal: a local .csv/.tsv/.jsonl/.json/.parquet with the columns "
-                          "sentence1, sentence2, score, or a Hub set (stsb, sts12 .. sts16, sickr, or a Hub id; "
-                          "needs internet)")
+    uni.add_argument(
+        "--universal",
+        action="store_true",
+        help="report the model's uni-modal scores as CUSA does: image->image R@1 on each --dml "
+        "benchmark, STS Spearman on each --sts set, and their averages; for a softalign run both "
+        "USA's heads (uni) and the joint space (cross), side by side -> universal.json, .md, .png",
+    )
+    uni.add_argument(
+        "--dml",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="DML benchmarks for --universal, e.g. sop=data/Stanford_Online_Products cub=data/CUB_200_2011 "
+        "(names: cub, cars, sop, inshop, inaturalist)",
+    )
+    uni.add_argument(
+        "--sts",
+        nargs="+",
+        default=[],
+        metavar="SET",
+        help="STS sets for --universal: a local .csv/.tsv/.jsonl/.json/.parquet with the columns "
+        "sentence1, sentence2, score, or a Hub set (stsb, sts12 .. sts16, sickr, or a Hub id; "
+        "needs internet)",
+    )
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default 1 5 10)")
     p.add_argument("--chunk-size", type=int, default=512, help="images per score tile (memory bound)")
     p.add_argument("--no-normalize", action="store_true", help="use raw dot products instead of cosine")
     p.add_argument("--no-plot", action="store_true", help="skip recall_at_k.png")
-    p.add_argument("--title", default="softalign eval",
-                   help="heading of metrics.md and title of recall_at_k.png (default 'softalign eval')")
+    p.add_argument(
+        "--title",
+        default="softalign eval",
+        help="heading of metrics.md and title of recall_at_k.png (default 'softalign eval')",
+    )
     p.add_argument("--out", required=True, help="output directory")
     add_model_arguments(p)
 
@@ -133,8 +168,10 @@ def _load_mapping(path: str, flag: str) -> dict[str, Any]:
                 data["row_order"] = "karpathy"
         return data
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{flag} {path}: not a safetensors file ({str(err).splitlines()[0]}); write it with "
-                         "safetensors.torch.save_file({'image': ..., 'text': ..., 'caption_to_image': ...})") from None
+        raise ValueError(
+            f"{flag} {path}: not a safetensors file ({str(err).splitlines()[0]}); write it with "
+            "safetensors.torch.save_file({'image': ..., 'text': ..., 'caption_to_image': ...})"
+        ) from None
 
 
 def check_inputs(data: dict[str, Any], source: str) -> None:
@@ -152,24 +189,31 @@ def check_inputs(data: dict[str, Any], source: str) -> None:
             raise ValueError(f"{source}: {key!r} row {int((~finite).nonzero()[0])} holds NaN/inf")
     n_img, n_txt = data["image"].shape[0], data["text"].shape[0]
     if data["image"].shape[1] != data["text"].shape[1]:
-        raise ValueError(f"{source}: 'image' is {data['image'].shape[1]}-d but 'text' is {data['text'].shape[1]}-d; "
-                         "both must live in one joint space")
+        raise ValueError(
+            f"{source}: 'image' is {data['image'].shape[1]}-d but 'text' is {data['text'].shape[1]}-d; "
+            "both must live in one joint space"
+        )
     from softalign.ids import check_caption_to_image
 
     try:
-        data["caption_to_image"] = check_caption_to_image(data["caption_to_image"], n_txt, n_img,
-                                                          every_image_captioned=True)
+        data["caption_to_image"] = check_caption_to_image(
+            data["caption_to_image"], n_txt, n_img, every_image_captioned=True
+        )
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from None
     for key, n in (("image_labels", n_img), ("text_labels", n_txt)):
         if key in data:
             t = data[key]
             if t.dim() != 1 or t.shape[0] != n or t.is_floating_point():
-                raise ValueError(f"{source}: {key!r} must be {n} integer labels, got {t.dtype} of shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"{source}: {key!r} must be {n} integer labels, got {t.dtype} of shape {tuple(t.shape)}"
+                )
     for key, ref in (("image_uni", "image"), ("text_uni", "text")):
         if key in data and (data[key].dim() != 2 or data[key].shape[0] != data[ref].shape[0]):
-            raise ValueError(f"{source}: {key!r} must have one row per {ref!r} row ({data[ref].shape[0]}), got shape "
-                             f"{tuple(data[key].shape)}")
+            raise ValueError(
+                f"{source}: {key!r} must have one row per {ref!r} row ({data[ref].shape[0]}), got shape "
+                f"{tuple(data[key].shape)}"
+            )
 
 
 def check_one_modality(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -181,15 +225,18 @@ def check_one_modality(data: dict[str, Any], source: str) -> dict[str, Any]:
     key = "image" if "image" in data else "text"
     emb = data[key]
     if emb.dim() != 2 or emb.shape[0] == 0 or not emb.is_floating_point():
-        raise ValueError(f"{source}: {key!r} must be a non-empty floating-point [N, D] matrix, got {tuple(emb.shape)} "
-                         f"{emb.dtype}")
+        raise ValueError(
+            f"{source}: {key!r} must be a non-empty floating-point [N, D] matrix, got {tuple(emb.shape)} {emb.dtype}"
+        )
     finite = torch.isfinite(emb).all(dim=1)
     if not bool(finite.all()):
         raise ValueError(f"{source}: {key!r} row {int((~finite).nonzero()[0])} holds NaN/inf")
     other = "text" if key == "image" else "image"
     if f"{key}_labels" not in data:
-        raise ValueError(f"{source}: no {other!r} and no '{key}_labels': a one-modality file is evaluated by its "
-                         "labels (uni-modal retrieval)")
+        raise ValueError(
+            f"{source}: no {other!r} and no '{key}_labels': a one-modality file is evaluated by its "
+            "labels (uni-modal retrieval)"
+        )
     labels = torch.as_tensor(data[f"{key}_labels"])
     if labels.shape != (emb.shape[0],):
         raise ValueError(f"{source}: '{key}_labels' has shape {tuple(labels.shape)}, expected ({emb.shape[0]},)")
@@ -209,14 +256,17 @@ def _positives(args, data: dict[str, Any]) -> None:
     if getattr(args, "positives", None):
         named = f"--positives {' '.join(args.positives)}"
         if args.protocol not in ("coco5k", "coco"):
-            raise ValueError(f"{named}: extended positives are for COCO 5K; add --protocol coco5k (got --protocol "
-                             f"{args.protocol})")
+            raise ValueError(
+                f"{named}: extended positives are for COCO 5K; add --protocol coco5k (got --protocol {args.protocol})"
+            )
         has_ids = "coco_caption_ids" in data and "coco_image_ids" in data
         if not has_ids and getattr(args, "row_order", None) != "karpathy" and data.get("row_order") != "karpathy":
-            raise ValueError(f"{named}: the rows carry no COCO ids (coco_caption_ids / coco_image_ids), so nothing "
-                             "shows which caption each text row is; rows in another order (e.g. sorted by COCO id) "
-                             "would be scored against the wrong positives. Store the ids in the file, or pass "
-                             "--row-order karpathy if the rows follow the Karpathy 5K test order")
+            raise ValueError(
+                f"{named}: the rows carry no COCO ids (coco_caption_ids / coco_image_ids), so nothing "
+                "shows which caption each text row is; rows in another order (e.g. sorted by COCO id) "
+                "would be scored against the wrong positives. Store the ids in the file, or pass "
+                "--row-order karpathy if the rows follow the Karpathy 5K test order"
+            )
         data["positives"] = list(args.positives)
 
 
@@ -245,8 +295,10 @@ def load_inputs(args) -> dict[str, Any]:
             return check_one_modality(data, f"--embeddings {args.embeddings}")
         missing = [k for k in ("image", "text") if k not in data]
         if missing:
-            raise ValueError(f"--embeddings {args.embeddings}: missing key(s) {missing} (it has {sorted(data)}); "
-                             "expected 'image', 'text', 'caption_to_image'")
+            raise ValueError(
+                f"--embeddings {args.embeddings}: missing key(s) {missing} (it has {sorted(data)}); "
+                "expected 'image', 'text', 'caption_to_image'"
+            )
         source = f"--embeddings {args.embeddings}"
     else:
         if not (args.image_emb and args.text_emb):
@@ -264,7 +316,9 @@ def load_inputs(args) -> dict[str, Any]:
             )
         data["caption_to_image"] = torch.arange(n_img).repeat_interleave(n)
     if "caption_to_image" not in data:
-        raise ValueError("no caption_to_image: store it in the embeddings file or pass --captions-per-image / --caption-to-image")
+        raise ValueError(
+            "no caption_to_image: store it in the embeddings file or pass --captions-per-image / --caption-to-image"
+        )
     if args.labels:  # integers or names, in any of the label formats (softalign.labels)
         from softalign.labels import read_label_file
 
@@ -276,7 +330,9 @@ def load_inputs(args) -> dict[str, Any]:
     return data
 
 
-def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10), chunk_size=512, normalize=True) -> dict[str, Any]:
+def evaluate_inputs(
+    data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10), chunk_size=512, normalize=True
+) -> dict[str, Any]:
     import torch
 
     from softalign.eval.crossmodal import cross_modal_recall, recall_curve
@@ -292,14 +348,21 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
     c2i = data["caption_to_image"]
     metrics: dict[str, Any] = {"protocol": protocol, "num_images": img.shape[0], "num_captions": txt.shape[0]}
     if protocol == "plain":
-        m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size, return_ranks=True)
+        m = cross_modal_recall(
+            image_emb=img, text_emb=txt, caption_to_image=c2i, ks=ks, chunk_size=chunk_size, return_ranks=True
+        )
         i2t, t2i = m.pop("i2t_ranks"), m.pop("t2i_ranks")
         ck = [k for k in CURVE_KS if k <= max(img.shape[0], txt.shape[0])]
-        curve = {"k": ck, "i2t": recall_curve(i2t, ck), "t2i": recall_curve(t2i, ck),
-                 "gallery": f"all {img.shape[0]} images x {txt.shape[0]} captions (plain)"}
+        curve = {
+            "k": ck,
+            "i2t": recall_curve(i2t, ck),
+            "t2i": recall_curve(t2i, ck),
+            "gallery": f"all {img.shape[0]} images x {txt.shape[0]} captions (plain)",
+        }
     else:
-        m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=c2i, protocol=protocol, ks=ks,
-                               chunk_size=chunk_size)
+        m = cross_modal_recall(
+            image_emb=img, text_emb=txt, caption_to_image=c2i, protocol=protocol, ks=ks, chunk_size=chunk_size
+        )
         # measured like the metrics: the fold mean for coco1k, not the whole 5K gallery
         curve = protocol_recall_curve(protocol, img, txt, c2i, CURVE_KS, chunk_size=chunk_size)
     metrics.update(m)
@@ -307,18 +370,40 @@ def evaluate_inputs(data: dict[str, Any], protocol: str = "plain", ks=(1, 5, 10)
 
     def skipped(prefix, labels):  # a small test split: the cross-modal metrics still stand
         key = "image_labels" if prefix == "i2i_" else "text_labels"
-        print(f"softalign eval: {prefix[:-1]} skipped: every one of {len(labels)} {key} occurs once "
-              "(leave-one-out retrieval needs a label shared by >= 2 items)", file=sys.stderr)
+        print(
+            f"softalign eval: {prefix[:-1]} skipped: every one of {len(labels)} {key} occurs once "
+            "(leave-one-out retrieval needs a label shared by >= 2 items)",
+            file=sys.stderr,
+        )
 
     # i2i_* / t2t_* on USA's heads (image_uni / text_uni) when the file has them, *_xm_* on the joint embeddings
-    metrics.update(uni_modal_metrics(img, txt, data.get("image_labels"), data.get("text_labels"),
-                                     data.get("image_uni"), data.get("text_uni"), skipped=skipped))
+    metrics.update(
+        uni_modal_metrics(
+            img,
+            txt,
+            data.get("image_labels"),
+            data.get("text_labels"),
+            data.get("image_uni"),
+            data.get("text_uni"),
+            skipped=skipped,
+        )
+    )
     if data.get("positives"):
         from softalign.eval.extended_positives import extended_positive_metrics
 
-        metrics.update(extended_positive_metrics(
-            img, txt, positives=data["positives"], ks=ks, caption_ids=data.get("coco_caption_ids"),
-            image_ids=data.get("coco_image_ids"), caption_to_image=c2i, chunk_size=chunk_size, normalize=normalize))
+        metrics.update(
+            extended_positive_metrics(
+                img,
+                txt,
+                positives=data["positives"],
+                ks=ks,
+                caption_ids=data.get("coco_caption_ids"),
+                image_ids=data.get("coco_image_ids"),
+                caption_to_image=c2i,
+                chunk_size=chunk_size,
+                normalize=normalize,
+            )
+        )
     return metrics
 
 
@@ -332,7 +417,10 @@ def _evaluate_one_modality(data: dict[str, Any], normalize: bool) -> dict[str, A
     emb, labels = data[key].float(), data[f"{key}_labels"]
     if normalize:
         emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    metrics: dict[str, Any] = {"protocol": "unimodal", f"num_{'images' if key == 'image' else 'captions'}": emb.shape[0]}
+    metrics: dict[str, Any] = {
+        "protocol": "unimodal",
+        f"num_{'images' if key == 'image' else 'captions'}": emb.shape[0],
+    }
     if "query_indices" in data:
         q, g = data["query_indices"], data["gallery_indices"]
         metrics["num_gallery"] = int(g.numel())
@@ -346,8 +434,9 @@ def run(args) -> int:
     from softalign.eval.report import write_report
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: is a file; --out names the directory for metrics.json, metrics.md and "
-                         "recall_at_k.png")
+        raise ValueError(
+            f"--out {args.out}: is a file; --out names the directory for metrics.json, metrics.md and recall_at_k.png"
+        )
     if any(k < 1 for k in args.ks):
         raise ValueError(f"--ks must be positive recall cut-offs, got {args.ks}")
     if args.chunk_size < 1:
@@ -373,8 +462,14 @@ def _run_universal(args) -> int:
         raise ValueError("--universal evaluates a model: pass --model RUN_DIR|open_clip:<arch>|st:<name>|timm:<name>")
     if args.embeddings or args.image_emb or args.text_emb or args.benchmark:
         raise ValueError("--universal takes its benchmarks from --dml and --sts, not --embeddings / --benchmark")
-    report = universal_report(args.model, parse_dml(args.dml), args.sts, weights=args.weights,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+    report = universal_report(
+        args.model,
+        parse_dml(args.dml),
+        args.sts,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     title = args.title if args.title != "softalign eval" else "softalign universal retrieval"
     paths = write_universal_report(report, args.out, title=title, plot=not args.no_plot)
     print(universal_table(report))

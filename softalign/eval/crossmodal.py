@@ -22,6 +22,7 @@ matrix is processed in tiles so memory stays bounded (``chunk_size`` images x
 ``gallery_chunk_size`` captions); each score is computed exactly once and used by both
 directions, so i2t and t2i always see the same matrix.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,9 @@ def check_caption_to_image(caption_to_image: Any, num_captions: int, num_images:
     :func:`softalign.ids.check_caption_to_image`."""
     from softalign.ids import check_caption_to_image as check
 
-    return check(_as_tensor(caption_to_image, "caption_to_image"), num_captions, num_images,
-                 every_image_captioned=True)
+    return check(
+        _as_tensor(caption_to_image, "caption_to_image"), num_captions, num_images, every_image_captioned=True
+    )
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -144,13 +146,9 @@ def _make_block_fn(sims, image_emb, text_emb, scorer) -> tuple[Any, int | None, 
     im = _as_tensor(image_emb, "image_emb")
     tx = _as_tensor(text_emb, "text_emb")
     if im.dim() != 2 or tx.dim() != 2:
-        raise ValueError(
-            f"image_emb and text_emb must be 2-D [N, D], got {tuple(im.shape)} and {tuple(tx.shape)}"
-        )
+        raise ValueError(f"image_emb and text_emb must be 2-D [N, D], got {tuple(im.shape)} and {tuple(tx.shape)}")
     if im.shape[1] != tx.shape[1]:
-        raise ValueError(
-            f"embedding sizes differ: image_emb is [*, {im.shape[1]}] and text_emb is [*, {tx.shape[1]}]"
-        )
+        raise ValueError(f"embedding sizes differ: image_emb is [*, {im.shape[1]}] and text_emb is [*, {tx.shape[1]}]")
     if im.dtype not in (torch.float32, torch.float64):
         im = im.float()
     if tx.dtype != im.dtype:
@@ -378,9 +376,18 @@ def cross_modal_recall(
     are computed in tiles of ``chunk_size`` images x ``gallery_chunk_size`` captions, so memory is bounded by
     default whatever the gallery size.
     """
-    kw = dict(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image, ks=ks,
-              scorer=scorer, num_images=num_images, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size,
-              ties=ties)
+    kw = dict(
+        sims=sims,
+        image_emb=image_emb,
+        text_emb=text_emb,
+        caption_to_image=caption_to_image,
+        ks=ks,
+        scorer=scorer,
+        num_images=num_images,
+        chunk_size=chunk_size,
+        gallery_chunk_size=gallery_chunk_size,
+        ties=ties,
+    )
     if protocol != "plain":
         if return_ranks:
             raise ValueError(f"return_ranks needs protocol='plain' (protocol {protocol!r} averages folds)")
@@ -390,13 +397,32 @@ def cross_modal_recall(
     return _plain_recall(**kw, return_ranks=return_ranks)
 
 
-def _plain_recall(*, sims=None, image_emb=None, text_emb=None, caption_to_image=None, ks=DEFAULT_KS, scorer=None,
-                  num_images=None, chunk_size=512, gallery_chunk_size=DEFAULT_GALLERY_CHUNK, ties="optimistic",
-                  return_ranks: bool = False) -> dict[str, Any]:
+def _plain_recall(
+    *,
+    sims=None,
+    image_emb=None,
+    text_emb=None,
+    caption_to_image=None,
+    ks=DEFAULT_KS,
+    scorer=None,
+    num_images=None,
+    chunk_size=512,
+    gallery_chunk_size=DEFAULT_GALLERY_CHUNK,
+    ties="optimistic",
+    return_ranks: bool = False,
+) -> dict[str, Any]:
     ks = _check_ks(ks)
-    rr = cross_modal_ranks(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=caption_to_image,
-                           scorer=scorer, num_images=num_images, chunk_size=chunk_size,
-                           gallery_chunk_size=gallery_chunk_size, ties=ties)
+    rr = cross_modal_ranks(
+        sims=sims,
+        image_emb=image_emb,
+        text_emb=text_emb,
+        caption_to_image=caption_to_image,
+        scorer=scorer,
+        num_images=num_images,
+        chunk_size=chunk_size,
+        gallery_chunk_size=gallery_chunk_size,
+        ties=ties,
+    )
     out: dict[str, Any] = {}
     out.update(metrics_from_ranks(rr.i2t, ks, "i2t_"))
     out.update(metrics_from_ranks(rr.t2i, ks, "t2i_"))

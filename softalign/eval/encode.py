@@ -16,6 +16,7 @@ Captions are encoded by the same model (a softalign run's text tower, or open_cl
 timm models have none). Embeddings are L2-normalised (cosine retrieval). Images are read in batches with a progress bar, on
 accelerate's device (``PartialState().device``: a GPU when there is one).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def _softalign_run(spec: str, heads: str, device: torch.device) -> tuple[ImageEn
     ckpt_path = resolve(path)
     run_dir = next((d for d in (path, *ckpt_path.parents[:3]) if (d / "recipe.yaml").is_file()), None)
     if run_dir is None:
-        raise FileNotFoundError(f"--model {spec}: no recipe.yaml in {path} or above {ckpt_path} (expected a "
-                                "softalign train output directory, or one of its checkpoints)")
+        raise FileNotFoundError(
+            f"--model {spec}: no recipe.yaml in {path} or above {ckpt_path} (expected a "
+            "softalign train output directory, or one of its checkpoints)"
+        )
     recipe = load_recipe(run_dir / "recipe.yaml")
     ckpt = load_checkpoint(ckpt_path)
     if recipe.model.image_encoder == "precomp":
@@ -67,8 +70,10 @@ def _softalign_run(spec: str, heads: str, device: torch.device) -> tuple[ImageEn
         loss_fn.load_state_dict(ckpt["loss"])
         found = uni_modal_heads(loss_fn) if dims is not None else None
         if found is None:
-            raise ValueError(f"--model {spec} --heads uni: this run has no USA heads (loss.beta = 0 or "
-                             "loss.use_heads = false); use --heads cross")
+            raise ValueError(
+                f"--model {spec} --heads uni: this run has no USA heads (loss.beta = 0 or "
+                "loss.use_heads = false); use --heads cross"
+            )
         image_head, text_head = found[0].to(device).eval(), found[1].to(device).eval()
 
     def encode(images: Sequence) -> torch.Tensor:
@@ -105,15 +110,17 @@ def _open_clip(spec: str, device: torch.device) -> tuple[ImageEncoder, TextEncod
 def check_model_spec(spec: str) -> None:
     """Refuse a ``--model`` that is none of the accepted forms, before any image is read."""
     if not (spec.startswith(("open_clip:", "timm:", "st:")) or Path(spec).exists()):
-        raise ValueError(f"--model {spec!r}: expected a softalign train output directory (or one of "
-                         "its checkpoints), 'open_clip:<arch>[/<pretrained>]', 'timm:<name>' or "
-                         "'st:<sentence-transformers name or path>'")
+        raise ValueError(
+            f"--model {spec!r}: expected a softalign train output directory (or one of "
+            "its checkpoints), 'open_clip:<arch>[/<pretrained>]', 'timm:<name>' or "
+            "'st:<sentence-transformers name or path>'"
+        )
 
 
 def _sentence_transformer(spec: str, device: torch.device) -> tuple[ImageEncoder, TextEncoder]:
     from sentence_transformers import SentenceTransformer
 
-    name = spec[len("st:"):]
+    name = spec[len("st:") :]
     if name == "offline-minilm":
         from softalign.teachers.packaged import offline_minilm_path
 
@@ -127,17 +134,21 @@ def _sentence_transformer(spec: str, device: torch.device) -> tuple[ImageEncoder
         from softalign.images import load_image
 
         try:
-            return model.encode([load_image(im, i) for i, im in enumerate(images)], convert_to_tensor=True,
-                                show_progress_bar=False)
+            return model.encode(
+                [load_image(im, i) for i, im in enumerate(images)], convert_to_tensor=True, show_progress_bar=False
+            )
         except Exception as err:  # noqa: BLE001 - a text-only model fails in its tokenizer, in many ways
-            raise ValueError(f"--model {spec}: this sentence-transformers model cannot encode images ("
-                             f"{type(err).__name__}); use it for captions only (--captions without images)") from None
+            raise ValueError(
+                f"--model {spec}: this sentence-transformers model cannot encode images ("
+                f"{type(err).__name__}); use it for captions only (--captions without images)"
+            ) from None
 
     return encode, encode_text
 
 
-def load_encoders(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
-                  device=None) -> tuple[ImageEncoder, TextEncoder | None]:
+def load_encoders(
+    spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None, device=None
+) -> tuple[ImageEncoder, TextEncoder | None]:
     """``(images -> [N, D], captions -> [N, D] or None)`` for a model spec (see the module docstring); a timm
     model has no text tower (None)."""
     if heads not in ("cross", "uni"):
@@ -151,20 +162,22 @@ def load_encoders(spec: str, *, heads: str = "cross", weights: str | os.PathLike
     if spec.startswith("timm:"):
         from softalign.teachers.image import TimmImageTeacher
 
-        teacher = TimmImageTeacher(spec[len("timm:"):], weights=weights, device=dev)
+        teacher = TimmImageTeacher(spec[len("timm:") :], weights=weights, device=dev)
         return (lambda images: teacher.encode(list(images))), None
     return _softalign_run(spec, heads, dev)
 
 
-def image_encoder(spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None,
-                  device=None) -> ImageEncoder:
+def image_encoder(
+    spec: str, *, heads: str = "cross", weights: str | os.PathLike | None = None, device=None
+) -> ImageEncoder:
     """A function ``images (paths or PIL) -> [N, D]`` for a model spec (see the module docstring)."""
     return load_encoders(spec, heads=heads, weights=weights, device=device)[0]
 
 
 @torch.no_grad()
-def _encode_batched(encoder: Callable[[Sequence], torch.Tensor], items: Sequence, batch_size: int, progress: bool,
-                    desc: str, unit: str) -> torch.Tensor:
+def _encode_batched(
+    encoder: Callable[[Sequence], torch.Tensor], items: Sequence, batch_size: int, progress: bool, desc: str, unit: str
+) -> torch.Tensor:
     """L2-normalised ``[N, D]`` float32 rows of ``encoder`` over ``items``, in batches, with a progress bar."""
     from tqdm.auto import tqdm
 
@@ -173,19 +186,29 @@ def _encode_batched(encoder: Callable[[Sequence], torch.Tensor], items: Sequence
     out = []
     with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress) as bar:
         for s in range(0, len(items), batch_size):
-            batch = list(items[s:s + batch_size])
+            batch = list(items[s : s + batch_size])
             out.append(torch.nn.functional.normalize(encoder(batch).float(), dim=-1).cpu())
             bar.update(len(batch))
     return torch.cat(out)
 
 
-def encode_images(encoder: ImageEncoder, images: Sequence, batch_size: int = 64, progress: bool = True,
-                  desc: str = "softalign encode") -> torch.Tensor:
+def encode_images(
+    encoder: ImageEncoder,
+    images: Sequence,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "softalign encode",
+) -> torch.Tensor:
     """L2-normalised ``[N, D]`` float32 embeddings of ``images``, in batches."""
     return _encode_batched(encoder, images, batch_size, progress, desc, "image")
 
 
-def encode_texts(encoder: TextEncoder, captions: Sequence[str], batch_size: int = 256, progress: bool = True,
-                 desc: str = "softalign encode captions") -> torch.Tensor:
+def encode_texts(
+    encoder: TextEncoder,
+    captions: Sequence[str],
+    batch_size: int = 256,
+    progress: bool = True,
+    desc: str = "softalign encode captions",
+) -> torch.Tensor:
     """L2-normalised ``[N, D]`` float32 embeddings of ``captions``, in batches."""
     return _encode_batched(encoder, captions, batch_size, progress, desc, "caption")

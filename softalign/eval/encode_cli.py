@@ -11,6 +11,7 @@
 benchmark, ``image_labels`` (and In-Shop's ``query_indices`` / ``gallery_indices``): ``softalign eval --embeddings``
 reports the DML metrics (R@1/2/4/8, MAP@R, R-Precision) of such an image-only file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,31 +23,57 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and images")
-    g.add_argument("--model", help="softalign train output directory (or one of its checkpoints), "
-                                   "open_clip:<arch>[/<pretrained>], timm:<name> or st:<sentence-transformers "
-                                   "name or path>")
+    g.add_argument(
+        "--model",
+        help="softalign train output directory (or one of its checkpoints), "
+        "open_clip:<arch>[/<pretrained>], timm:<name> or st:<sentence-transformers "
+        "name or path>",
+    )
     g.add_argument("--weights", default=None, help="local weights file for a timm:<name> model")
-    g.add_argument("--heads", choices=("cross", "uni"), default="cross",
-                   help="softalign runs: the joint embeddings (cross, default) or USA's uni-modal heads (uni)")
-    g.add_argument("--benchmark", choices=("cub", "cars", "sop", "inshop", "inaturalist"), default=None,
-                   help="encode a DML benchmark's evaluation split (with --root: the data set's own folder)")
+    g.add_argument(
+        "--heads",
+        choices=("cross", "uni"),
+        default="cross",
+        help="softalign runs: the joint embeddings (cross, default) or USA's uni-modal heads (uni)",
+    )
+    g.add_argument(
+        "--benchmark",
+        choices=("cub", "cars", "sop", "inshop", "inaturalist"),
+        default=None,
+        help="encode a DML benchmark's evaluation split (with --root: the data set's own folder)",
+    )
     g.add_argument("--root", default=None, help="the benchmark's folder, as downloaded")
-    g.add_argument("--karpathy", default=None, help="a Karpathy-split JSON (with --image-root and --split): encode "
-                                                   "its images and captions, for cross-modal evaluation")
+    g.add_argument(
+        "--karpathy",
+        default=None,
+        help="a Karpathy-split JSON (with --image-root and --split): encode "
+        "its images and captions, for cross-modal evaluation",
+    )
     g.add_argument("--image-root", default=None, help="the images of --karpathy")
     g.add_argument("--split", default="test", help="the --karpathy split (default test)")
     g.add_argument("--images", default=None, help="a folder of images, or a text file with one image path per line")
-    g.add_argument("--captions", default=None, help="a text file, one caption per line (with --images and "
-                                                    "--captions-per-image: captions k*N .. k*N+N-1 describe image k)")
-    g.add_argument("--caption-labels", default=None, help="with --captions alone: one label per line (text-text "
-                                                          "retrieval of the captions)")
+    g.add_argument(
+        "--captions",
+        default=None,
+        help="a text file, one caption per line (with --images and "
+        "--captions-per-image: captions k*N .. k*N+N-1 describe image k)",
+    )
+    g.add_argument(
+        "--caption-labels",
+        default=None,
+        help="with --captions alone: one label per line (text-text retrieval of the captions)",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("encode", help="embed images with a trained model, for softalign eval",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "encode",
+        help="embed images with a trained model, for softalign eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--captions-per-image", type=int, default=None, help="with --captions: captions per image")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -83,8 +110,9 @@ def encode_from_args(args) -> dict[str, Any]:
     from softalign.eval.encode import check_model_spec, encode_images, encode_texts, load_encoders
 
     if not args.model:
-        raise ValueError("--model is required (a softalign train output directory, open_clip:<arch>[/<pretrained>] "
-                         "or timm:<name>)")
+        raise ValueError(
+            "--model is required (a softalign train output directory, open_clip:<arch>[/<pretrained>] or timm:<name>)"
+        )
     check_model_spec(args.model)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -115,8 +143,10 @@ def encode_from_args(args) -> dict[str, Any]:
     elif getattr(args, "captions", None):  # captions alone: text-text retrieval by their labels
         return _captions_only(args)
     else:
-        raise ValueError("nothing to encode: pass --benchmark NAME --root DIR, --karpathy JSON --image-root DIR, "
-                         "--images DIR|LIST, or --captions FILE")
+        raise ValueError(
+            "nothing to encode: pass --benchmark NAME --root DIR, --karpathy JSON --image-root DIR, "
+            "--images DIR|LIST, or --captions FILE"
+        )
     if captions is None and getattr(args, "captions", None):
         captions, out["caption_to_image"] = _captions(args, len(paths))
     encode_image, encode_text = load_encoders(args.model, heads=args.heads, weights=args.weights)
@@ -139,7 +169,9 @@ def _captions_only(args) -> dict[str, Any]:
     if args.caption_labels:
         labels = _lines(args.caption_labels, "--caption-labels")
         if len(labels) != len(captions):
-            raise ValueError(f"--caption-labels {args.caption_labels}: {len(labels)} labels for {len(captions)} captions")
+            raise ValueError(
+                f"--caption-labels {args.caption_labels}: {len(labels)} labels for {len(captions)} captions"
+            )
         codes = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
         out["text_labels"] = torch.tensor([codes[lab] for lab in labels], dtype=torch.long)
     _, encode_text = load_encoders(args.model, heads=args.heads, weights=args.weights)
@@ -155,8 +187,10 @@ def _captions(args, n_images: int):
     captions = _lines(args.captions, "--captions")
     k = args.captions_per_image
     if k is None or k < 1 or len(captions) != k * n_images:
-        raise ValueError(f"--captions {args.captions}: {len(captions)} captions for {n_images} images; pass "
-                         f"--captions-per-image K with K x {n_images} captions (got K = {k})")
+        raise ValueError(
+            f"--captions {args.captions}: {len(captions)} captions for {n_images} images; pass "
+            f"--captions-per-image K with K x {n_images} captions (got K = {k})"
+        )
     return captions, torch.arange(n_images).repeat_interleave(k)
 
 
@@ -172,12 +206,15 @@ def run(args) -> int:
         from safetensors.torch import save_file
 
         meta = {k: v for k, v in data.items() if isinstance(v, str)}  # row_order: safetensors metadata
-        save_file({k: v.contiguous() for k, v in data.items() if not isinstance(v, str)}, str(tmp),
-                  metadata=meta or None)
+        save_file(
+            {k: v.contiguous() for k, v in data.items() if not isinstance(v, str)}, str(tmp), metadata=meta or None
+        )
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, write)
     parts = [f"{data[k].shape[0]} x {data[k].shape[1]} {k} embeddings" for k in ("image", "text") if k in data]
-    print(f"wrote {out_path}: {', '.join(parts)}" + (", labels" if "image_labels" in data or "text_labels" in data
-                                                      else ""))
+    print(
+        f"wrote {out_path}: {', '.join(parts)}"
+        + (", labels" if "image_labels" in data or "text_labels" in data else "")
+    )
     return 0

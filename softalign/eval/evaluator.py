@@ -16,6 +16,7 @@ Model protocol (first that applies):
 
 Embeddings are L2-normalised (``normalize=True``) so scores are cosine similarities.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,9 @@ class _StandaloneEvaluatorBase:
             self.primary_metric = f"{name}_{self.primary_metric}"
         return {f"{name}_{k}": float(v) for k, v in metrics.items()}
 
-    def store_metrics_in_model_card_data(self, model: Any, metrics: dict[str, Any], epoch: int = 0,
-                                         step: int = 0) -> None:
+    def store_metrics_in_model_card_data(
+        self, model: Any, metrics: dict[str, Any], epoch: int = 0, step: int = 0
+    ) -> None:
         model.model_card_data.set_evaluation_metrics(self, metrics, epoch, step)
 
 
@@ -54,11 +56,13 @@ def _evaluator_base() -> type:
     the stand-in when sentence-transformers is not installed."""
     try:
         from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
         return BaseEvaluator
     except ImportError:
         pass
     try:
         from sentence_transformers.evaluation import SentenceEvaluator
+
         return SentenceEvaluator
     except ImportError:
         return _StandaloneEvaluatorBase
@@ -72,7 +76,9 @@ def encode_with_model(model: Any, images: Any, captions: Any, batch_size: int = 
         return images, captions
     with torch.no_grad():
         if hasattr(model, "encode_image") and hasattr(model, "encode_text"):
-            return model.encode_image(images, batch_size=batch_size), model.encode_text(captions, batch_size=batch_size)
+            return model.encode_image(images, batch_size=batch_size), model.encode_text(
+                captions, batch_size=batch_size
+            )
         if hasattr(model, "encode"):
             return (
                 model.encode(images, batch_size=batch_size, convert_to_tensor=True),
@@ -138,8 +144,14 @@ class RetrievalEvaluator(_evaluator_base()):  # type: ignore[misc]
         if self.normalize:
             img = torch.nn.functional.normalize(img, dim=-1)
             txt = torch.nn.functional.normalize(txt, dim=-1)
-        m = cross_modal_recall(image_emb=img, text_emb=txt, caption_to_image=self.caption_to_image,
-                               protocol=self.protocol, ks=self.ks, chunk_size=self.chunk_size)
+        m = cross_modal_recall(
+            image_emb=img,
+            text_emb=txt,
+            caption_to_image=self.caption_to_image,
+            protocol=self.protocol,
+            ks=self.ks,
+            chunk_size=self.chunk_size,
+        )
         metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
         if self.image_labels is not None or self.text_labels is not None:
             from softalign.eval.unimodal import unimodal_retrieval
@@ -150,7 +162,9 @@ class RetrievalEvaluator(_evaluator_base()):  # type: ignore[misc]
                 metrics.update(unimodal_retrieval(txt, self.text_labels, prefix="t2t_"))
         return metrics
 
-    def __call__(self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+    def __call__(
+        self, model: Any, output_path: str | None = None, epoch: int = -1, steps: int = -1
+    ) -> dict[str, float]:
         metrics = self.compute_metrics(model)
         if output_path is not None and self.write_csv:
             os.makedirs(output_path, exist_ok=True)

@@ -20,6 +20,7 @@ captions ``5j .. 5j+4``. Embeddings in another order pass ``caption_ids`` (the C
 and ``image_ids`` (the COCO image id of each image row). A ``caption_to_image`` that disagrees with COCO's own
 caption -> image map under that order is refused, naming the first caption row at fault.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,10 @@ def _data_dir() -> Path:
             warnings.simplefilter("ignore")  # the package warns when ujson is missing
             import eccv_caption
     except ImportError:
-        raise ImportError("ECCV Caption / CxC positives need the eccv-caption package: pip install "
-                          "'softalign[eval]' (or pip install eccv-caption)") from None
+        raise ImportError(
+            "ECCV Caption / CxC positives need the eccv-caption package: pip install "
+            "'softalign[eval]' (or pip install eccv-caption)"
+        ) from None
     return Path(eccv_caption.__file__).resolve().parent / "data"
 
 
@@ -69,13 +72,17 @@ def _check_ids(caption_ids, image_ids, caption_to_image, n_img: int, n_txt: int)
             raise ValueError(
                 f"ECCV Caption / CxC positives are for the COCO 5K test split: 5000 images x 25000 captions in the "
                 f"Karpathy order; got {n_img} images x {n_txt} captions (pass caption_ids / image_ids, the COCO ids "
-                "of each row, for another order)")
+                "of each row, for another order)"
+            )
         caption_ids, image_ids = ref_caps, ref_imgs
     elif caption_ids is None or image_ids is None:
         raise ValueError("pass both caption_ids and image_ids (the COCO ids of each text / image row), or neither")
     caption_ids = np.asarray(caption_ids, dtype=np.int64).ravel()
     image_ids = np.asarray(image_ids, dtype=np.int64).ravel()
-    for what, ids, ref, n in (("caption_ids", caption_ids, ref_caps, n_txt), ("image_ids", image_ids, ref_imgs, n_img)):
+    for what, ids, ref, n in (
+        ("caption_ids", caption_ids, ref_caps, n_txt),
+        ("image_ids", image_ids, ref_imgs, n_img),
+    ):
         if len(ids) != n:
             raise ValueError(f"{what} has {len(ids)} entries for {n} rows")
         unknown = np.flatnonzero(~np.isin(ids, ref))
@@ -96,7 +103,8 @@ def _check_ids(caption_ids, image_ids, caption_to_image, n_img: int, n_txt: int)
             raise ValueError(
                 f"caption row {i} (COCO caption {caption_ids[i]}) belongs to COCO image {truth[i]}, but "
                 f"caption_to_image puts it with image row {c2i[i]} (COCO image {given[i]}): the embeddings are not "
-                "in the Karpathy 5K test order; pass caption_ids / image_ids for their order")
+                "in the Karpathy 5K test order; pass caption_ids / image_ids for their order"
+            )
     return caption_ids, image_ids
 
 
@@ -108,8 +116,9 @@ def _top_rows(scores_fn, n_rows: int, k: int, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _ranked_metrics(top: np.ndarray, query_rows: np.ndarray, positives: list[np.ndarray], ks: Sequence[int],
-                    eccv: bool) -> dict[str, float]:
+def _ranked_metrics(
+    top: np.ndarray, query_rows: np.ndarray, positives: list[np.ndarray], ks: Sequence[int], eccv: bool
+) -> dict[str, float]:
     """``top [Nq_all, k]`` ranked item rows; ``query_rows``: the annotated queries; ``positives[q]`` item rows."""
     t = top[query_rows]
     n_pos = np.array([len(p) for p in positives])  # a positive outside the embeddings (row -1) counts in R
@@ -130,9 +139,17 @@ def _ranked_metrics(top: np.ndarray, query_rows: np.ndarray, positives: list[np.
     return out
 
 
-def extended_positive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, positives: Sequence[str] = ("eccv", "cxc"),
-                              ks: Sequence[int] = (1, 5, 10), caption_ids=None, image_ids=None, caption_to_image=None,
-                              chunk_size: int = 512, normalize: bool = True) -> dict[str, float]:
+def extended_positive_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    positives: Sequence[str] = ("eccv", "cxc"),
+    ks: Sequence[int] = (1, 5, 10),
+    caption_ids=None,
+    image_ids=None,
+    caption_to_image=None,
+    chunk_size: int = 512,
+    normalize: bool = True,
+) -> dict[str, float]:
     """COCO 5K i2t / t2i metrics with extended positives (see the module docstring), in percent.
 
     Keys: ``eccv_{i2t,t2i}_{map_at_r,r_precision,r1}``, ``cxc_{i2t,t2i}_r{K}`` and ``original_{i2t,t2i}_r{K}``
@@ -143,8 +160,9 @@ def extended_positive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, p
     img = torch.as_tensor(image_emb).float()
     txt = torch.as_tensor(text_emb).float()
     if img.dim() != 2 or txt.dim() != 2 or img.shape[1] != txt.shape[1]:
-        raise ValueError(f"image and text embeddings must be [N, D] with one D; got {tuple(img.shape)} and "
-                         f"{tuple(txt.shape)}")
+        raise ValueError(
+            f"image and text embeddings must be [N, D] with one D; got {tuple(img.shape)} and {tuple(txt.shape)}"
+        )
     caps, imgs = _check_ids(caption_ids, image_ids, caption_to_image, img.shape[0], txt.shape[0])
     if normalize:
         img, txt = torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1)
@@ -157,8 +175,10 @@ def extended_positive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, p
     top_t2i = _top_rows(lambda a, b: txt[a:b] @ img.t(), txt.shape[0], depth_t2i, 8 * chunk_size).numpy()
     out: dict[str, float] = {}
     for p, (i2c, c2i) in gts.items():
-        for direction, gt, top, q_row, item_row in (("i2t", i2c, top_i2t, img_row, cap_row),
-                                                    ("t2i", c2i, top_t2i, cap_row, img_row)):
+        for direction, gt, top, q_row, item_row in (
+            ("i2t", i2c, top_i2t, img_row, cap_row),
+            ("t2i", c2i, top_t2i, cap_row, img_row),
+        ):
             queries = np.array([q_row[q] for q in gt], dtype=np.int64)
             # a few annotated positives are not in the 5K split (never retrieved, still counted in R, as the
             # package counts them)

@@ -10,6 +10,7 @@ arbitrarily.
 ``i2t R@K``: an image's query hits when any of its captions is among its K nearest captions; ``t2i R@K``: a
 caption's query hits when its image is among its K nearest images (VSE++ definitions, Faghri et al., BMVC 2018).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,12 +32,13 @@ def _import_faiss():
 def _search(faiss, gallery: np.ndarray, queries: np.ndarray, k: int, batch: int) -> np.ndarray:
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
-    out = [index.search(queries[s:s + batch], k)[1] for s in range(0, len(queries), batch)]
+    out = [index.search(queries[s : s + batch], k)[1] for s in range(0, len(queries), batch)]
     return np.concatenate(out)
 
 
-def faiss_recall_at_k(image_emb, text_emb, caption_to_image, ks: Sequence[int] = (1, 5, 10),
-                      query_batch: int = 4096) -> dict[str, float]:
+def faiss_recall_at_k(
+    image_emb, text_emb, caption_to_image, ks: Sequence[int] = (1, 5, 10), query_batch: int = 4096
+) -> dict[str, float]:
     """``{"i2t_r{K}", "t2i_r{K}", "rsum"}`` in percent from exact faiss searches (inner products: normalise the
     embeddings first for cosine)."""
     from softalign.eval.crossmodal import check_caption_to_image
@@ -50,8 +52,8 @@ def faiss_recall_at_k(image_emb, text_emb, caption_to_image, ks: Sequence[int] =
         raise ValueError(f"ks must be positive recall cut-offs, got {list(ks)}")
     c2i = check_caption_to_image(caption_to_image, txt.shape[0], img.shape[0]).numpy()
     k = max(ks)
-    top_caps = _search(faiss, txt, img, min(k, txt.shape[0]), query_batch)   # [Ni, k] caption rows
-    top_imgs = _search(faiss, img, txt, min(k, img.shape[0]), query_batch)   # [Nt, k] image rows
+    top_caps = _search(faiss, txt, img, min(k, txt.shape[0]), query_batch)  # [Ni, k] caption rows
+    top_imgs = _search(faiss, img, txt, min(k, img.shape[0]), query_batch)  # [Nt, k] image rows
     i2t_hit = c2i[top_caps] == np.arange(img.shape[0])[:, None]
     t2i_hit = top_imgs == c2i[:, None]
     out = {}

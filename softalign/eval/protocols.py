@@ -11,6 +11,7 @@
 A fold takes images ``[f * 1000, (f + 1) * 1000)`` and every caption whose image is in that range
 (with the usual 5 consecutive captions per image this is captions ``[5000 f, 5000 (f + 1))``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -63,15 +64,24 @@ def _check_size(protocol: str, n_img: int) -> None:
     need = PROTOCOLS[protocol][0]
     if need is not None and n_img != need:
         raise ValueError(
-            f"protocol {protocol!r} expects {need} test images, got {n_img} "
-            "(use protocol='plain' for other sizes)"
+            f"protocol {protocol!r} expects {need} test images, got {n_img} (use protocol='plain' for other sizes)"
         )
 
 
-def _fold_metrics(n_folds: int, *, sims=None, image_emb=None, text_emb=None, caption_to_image=None,
-                  ks: Sequence[int] = DEFAULT_KS, scorer: Callable | None = None, num_images: int | None = None,
-                  chunk_size: int | None = 512, gallery_chunk_size: int | None = DEFAULT_GALLERY_CHUNK,
-                  ties: str = "optimistic") -> dict[str, Any]:
+def _fold_metrics(
+    n_folds: int,
+    *,
+    sims=None,
+    image_emb=None,
+    text_emb=None,
+    caption_to_image=None,
+    ks: Sequence[int] = DEFAULT_KS,
+    scorer: Callable | None = None,
+    num_images: int | None = None,
+    chunk_size: int | None = 512,
+    gallery_chunk_size: int | None = DEFAULT_GALLERY_CHUNK,
+    ties: str = "optimistic",
+) -> dict[str, Any]:
     """Split the images into ``n_folds`` equal consecutive folds, evaluate each fold, average.
 
     Returns the mean metrics plus ``"folds"``: the list of per-fold metric dicts."""
@@ -92,21 +102,34 @@ def _fold_metrics(n_folds: int, *, sims=None, image_emb=None, text_emb=None, cap
     size = n_img // n_folds
     kw: dict[str, Any] = dict(ks=ks, chunk_size=chunk_size, gallery_chunk_size=gallery_chunk_size, ties=ties)
     if n_folds == 1:  # no copy of the inputs
-        return _plain_recall(sims=sims, image_emb=image_emb, text_emb=text_emb, caption_to_image=c2i_all,
-                             scorer=scorer, num_images=num_images, **kw)
+        return _plain_recall(
+            sims=sims,
+            image_emb=image_emb,
+            text_emb=text_emb,
+            caption_to_image=c2i_all,
+            scorer=scorer,
+            num_images=num_images,
+            **kw,
+        )
     folds = []
     for _f, (i0, i1, imgs, caps, c2i) in enumerate(_fold_split(c2i_all, size, n_folds)):
         if sims is not None:
             s = _as_tensor(sims, "sims")
             m = _plain_recall(sims=s[i0:i1].index_select(1, caps.to(s.device)), caption_to_image=c2i, **kw)
         elif scorer is not None and image_emb is None:
+
             def local(ii, cc, _i0=i0, _caps=caps):
                 return scorer(ii + _i0, _caps[cc])
 
             m = _plain_recall(scorer=local, caption_to_image=c2i, num_images=size, **kw)
         else:
-            m = _plain_recall(image_emb=_take(image_emb, imgs), text_emb=_take(text_emb, caps), caption_to_image=c2i,
-                              scorer=scorer, **kw)
+            m = _plain_recall(
+                image_emb=_take(image_emb, imgs),
+                text_emb=_take(text_emb, caps),
+                caption_to_image=c2i,
+                scorer=scorer,
+                **kw,
+            )
         folds.append(m)
     out: dict[str, Any] = {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}
     if n_folds > 1:
@@ -148,11 +171,15 @@ def protocol_recall_curve(
     ``"coco5k/t2i"``. K values larger than the (fold) gallery are dropped.
     """
     if protocol == "coco":
-        parts = [protocol_recall_curve(p, image_emb, text_emb, caption_to_image, ks, chunk_size=chunk_size)
-                 for p in ("coco1k", "coco5k")]
+        parts = [
+            protocol_recall_curve(p, image_emb, text_emb, caption_to_image, ks, chunk_size=chunk_size)
+            for p in ("coco1k", "coco5k")
+        ]
         k = [x for x in parts[0]["k"] if x in parts[1]["k"]]
-        out: dict[str, Any] = {"k": k, "gallery": "; ".join(f"{p}/*: {c['gallery']}" for p, c in
-                                                           zip(("coco1k", "coco5k"), parts))}
+        out: dict[str, Any] = {
+            "k": k,
+            "gallery": "; ".join(f"{p}/*: {c['gallery']}" for p, c in zip(("coco1k", "coco5k"), parts)),
+        }
         for p, c in zip(("coco1k", "coco5k"), parts):
             for d in ("i2t", "t2i"):
                 out[f"{p}/{d}"] = [v for x, v in zip(c["k"], c[d]) if x in k]
@@ -162,21 +189,29 @@ def protocol_recall_curve(
     n_img = len(image_emb)
     _check_size(protocol, n_img)
     n_folds = PROTOCOLS[protocol][1]
-    c2i_all = check_caption_to_image(_as_tensor(caption_to_image, "caption_to_image").reshape(-1),
-                                     len(text_emb), n_img)
+    c2i_all = check_caption_to_image(
+        _as_tensor(caption_to_image, "caption_to_image").reshape(-1), len(text_emb), n_img
+    )
     if n_img % n_folds:
         raise ValueError(f"cannot split {n_img} images into {n_folds} equal folds")
     size = n_img // n_folds
     curves = []
     k_max = n_img + len(text_emb)
     for _, _, imgs, caps, c2i in _fold_split(c2i_all, size, n_folds):
-        rr = cross_modal_ranks(image_emb=_take(image_emb, imgs), text_emb=_take(text_emb, caps), caption_to_image=c2i,
-                               chunk_size=chunk_size)
+        rr = cross_modal_ranks(
+            image_emb=_take(image_emb, imgs),
+            text_emb=_take(text_emb, caps),
+            caption_to_image=c2i,
+            chunk_size=chunk_size,
+        )
         k_max = min(k_max, max(size, caps.numel()))
         curves.append((rr.i2t, rr.t2i))
     kept = [k for k in ks if k <= k_max]
     i2t = np.mean([recall_curve(a, kept) for a, _ in curves], axis=0).tolist() if kept else []
     t2i = np.mean([recall_curve(b, kept) for _, b in curves], axis=0).tolist() if kept else []
-    gallery = (f"mean over {n_folds} folds of {size} images ({protocol})" if n_folds > 1
-               else f"all {n_img} images x {len(text_emb)} captions ({protocol})")
+    gallery = (
+        f"mean over {n_folds} folds of {size} images ({protocol})"
+        if n_folds > 1
+        else f"all {n_img} images x {len(text_emb)} captions ({protocol})"
+    )
     return {"k": kept, "i2t": i2t, "t2i": t2i, "gallery": gallery}

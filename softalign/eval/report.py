@@ -1,6 +1,7 @@
 """Reports: metrics as JSON, a markdown table and a recall@K plot (PNG), for one run or a
 comparison of several (e.g. ``{"base": m0, "+CUSA": m1}``). Files are written to a temporary
 name and moved into place (``os.replace``) so a half-written report is never read."""
+
 from __future__ import annotations
 
 import json
@@ -160,7 +161,9 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_report(metrics: Mapping[str, Any], out_dir: str, title: str = "softalign eval", plot: bool = True) -> dict[str, str]:
+def write_report(
+    metrics: Mapping[str, Any], out_dir: str, title: str = "softalign eval", plot: bool = True
+) -> dict[str, str]:
     """Write ``metrics.json``, ``metrics.md`` and (if recall@K values exist) ``recall_at_k.png``."""
     paths = {"json": os.path.join(out_dir, "metrics.json"), "markdown": os.path.join(out_dir, "metrics.md")}
     atomic_write_text(paths["json"], json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n")
@@ -187,7 +190,8 @@ def compare_runs(
     if out_dir is not None:
         atomic_write_text(os.path.join(out_dir, "comparison.md"), md)
         atomic_write_text(
-            os.path.join(out_dir, "comparison.json"), json.dumps(_jsonable(dict(runs)), indent=2, sort_keys=True) + "\n"
+            os.path.join(out_dir, "comparison.json"),
+            json.dumps(_jsonable(dict(runs)), indent=2, sort_keys=True) + "\n",
         )
         if any(_curves(m) for m in runs.values()):
             plot_recall_at_k(runs, os.path.join(out_dir, "comparison_recall_at_k.png"), title)

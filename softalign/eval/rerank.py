@@ -16,6 +16,7 @@ is the number of candidates whose fine score is strictly greater than the best p
 ``fine_scorer(image_idx, caption_idx) -> scores`` takes two aligned LongTensors of global indices
 [P] (one (image, caption) pair each) and returns [P] scores.
 """
+
 from __future__ import annotations
 
 import math
@@ -164,8 +165,7 @@ def two_stage_rerank(
         n_gal = len(text_emb) if d == "i2t" else len(image_emb)
         if k_eff < n_gal and max(ks) > k_eff:
             raise ValueError(
-                f"R@{max(ks)} is undefined with top_k={k_eff}: queries beyond the top-K have no rank; "
-                f"use ks <= top_k"
+                f"R@{max(ks)} is undefined with top_k={k_eff}: queries beyond the top-K have no rank; use ks <= top_k"
             )
     ts: dict[str, float] = {}
     ts.update(metrics_from_ranks(rr["i2t"], ks, "i2t_"))

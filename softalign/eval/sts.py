@@ -10,6 +10,7 @@ A set (:func:`load_sts`) is a local file with the columns ``sentence1``, ``sente
 .jsonl, .json, .parquet), or a dataset on the Hugging Face Hub in those columns (needs internet), by name
 (``stsb``, ``sts12`` .. ``sts16``, ``sickr``: :data:`HUB_SETS`) or by its Hub id.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,15 @@ import numpy as np
 COLUMNS = ("sentence1", "sentence2", "score")
 
 #: CUSA's STS sets as users load them with ``datasets`` (test splits; the same three columns)
-HUB_SETS = {"stsb": "sentence-transformers/stsb", "sts12": "mteb/sts12-sts", "sts13": "mteb/sts13-sts",
-            "sts14": "mteb/sts14-sts", "sts15": "mteb/sts15-sts", "sts16": "mteb/sts16-sts",
-            "sickr": "mteb/sickr-sts"}
+HUB_SETS = {
+    "stsb": "sentence-transformers/stsb",
+    "sts12": "mteb/sts12-sts",
+    "sts13": "mteb/sts13-sts",
+    "sts14": "mteb/sts14-sts",
+    "sts15": "mteb/sts15-sts",
+    "sts16": "mteb/sts16-sts",
+    "sickr": "mteb/sickr-sts",
+}
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -58,19 +65,22 @@ def load_sts(spec: str, split: str = "test") -> StsSet:
         try:
             ds = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
         except Exception as err:  # noqa: BLE001 - datasets raises many kinds for a malformed file
-            raise ValueError(f"--sts {spec}: not a readable {path.suffix} table ({str(err).splitlines()[0]})") from None
+            raise ValueError(
+                f"--sts {spec}: not a readable {path.suffix} table ({str(err).splitlines()[0]})"
+            ) from None
         name = path.stem
     elif path.exists():
-        raise ValueError(f"--sts {spec}: expected a {', '.join(_BUILDERS)} file with the columns "
-                         f"{', '.join(COLUMNS)}")
+        raise ValueError(f"--sts {spec}: expected a {', '.join(_BUILDERS)} file with the columns {', '.join(COLUMNS)}")
     else:
         hub = HUB_SETS.get(spec, spec)
         try:
             ds = datasets.load_dataset(hub, split=split)
         except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split
-            raise ValueError(f"--sts {spec}: cannot load the Hub set {hub!r}, split {split!r} "
-                             f"({str(err).splitlines()[0]}); give a local file with the columns "
-                             f"{', '.join(COLUMNS)}, or run with internet access") from None
+            raise ValueError(
+                f"--sts {spec}: cannot load the Hub set {hub!r}, split {split!r} "
+                f"({str(err).splitlines()[0]}); give a local file with the columns "
+                f"{', '.join(COLUMNS)}, or run with internet access"
+            ) from None
         name = spec.split("/")[-1]
     return _check(ds, spec, name)
 
@@ -78,8 +88,9 @@ def load_sts(spec: str, split: str = "test") -> StsSet:
 def _check(ds, spec: str, name: str) -> StsSet:
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
-        raise ValueError(f"--sts {spec}: missing column(s) {missing}; it has {ds.column_names} (expected "
-                         f"{', '.join(COLUMNS)})")
+        raise ValueError(
+            f"--sts {spec}: missing column(s) {missing}; it has {ds.column_names} (expected {', '.join(COLUMNS)})"
+        )
     if len(ds) == 0:
         raise ValueError(f"--sts {spec}: no sentence pairs")
     s1, s2 = [str(x) for x in ds["sentence1"]], [str(x) for x in ds["sentence2"]]
@@ -97,16 +108,24 @@ def _check(ds, spec: str, name: str) -> StsSet:
     return StsSet(name, s1, s2, scores)
 
 
-def sts_metrics(encode_text: Callable[[Sequence[str]], Any], sts: StsSet, batch_size: int = 256,
-                prefix: str = "") -> dict[str, float]:
+def sts_metrics(
+    encode_text: Callable[[Sequence[str]], Any], sts: StsSet, batch_size: int = 256, prefix: str = ""
+) -> dict[str, float]:
     """``{prefix+"spearman", prefix+"pearson"}`` (x 100) of the cosine similarity of ``encode_text``'s embeddings
     of each pair with the gold scores, through sentence-transformers' ``EmbeddingSimilarityEvaluator``."""
-    evaluator = _evaluator(encode_text, batch_size)(sentences1=sts.sentences1, sentences2=sts.sentences2,
-                                                    scores=sts.scores, name=sts.name, similarity_fn_names=["cosine"],
-                                                    batch_size=batch_size)
+    evaluator = _evaluator(encode_text, batch_size)(
+        sentences1=sts.sentences1,
+        sentences2=sts.sentences2,
+        scores=sts.scores,
+        name=sts.name,
+        similarity_fn_names=["cosine"],
+        batch_size=batch_size,
+    )
     out = evaluator(None)
-    return {f"{prefix}spearman": 100.0 * float(out[f"{sts.name}_spearman_cosine"]),
-            f"{prefix}pearson": 100.0 * float(out[f"{sts.name}_pearson_cosine"])}
+    return {
+        f"{prefix}spearman": 100.0 * float(out[f"{sts.name}_spearman_cosine"]),
+        f"{prefix}pearson": 100.0 * float(out[f"{sts.name}_pearson_cosine"]),
+    }
 
 
 def _evaluator(encode_text: Callable[[Sequence[str]], Any], batch_size: int):
@@ -123,8 +142,10 @@ def _evaluator(encode_text: Callable[[Sequence[str]], Any], batch_size: int):
 
             sentences = list(sentences)
             with torch.no_grad():
-                parts = [torch.as_tensor(encode_text(sentences[s:s + batch_size])).float().cpu()
-                         for s in range(0, len(sentences), batch_size)]
+                parts = [
+                    torch.as_tensor(encode_text(sentences[s : s + batch_size])).float().cpu()
+                    for s in range(0, len(sentences), batch_size)
+                ]
             return torch.cat(parts).numpy()
 
         def store_metrics_in_model_card_data(self, model, metrics, epoch=0, step=0) -> None:

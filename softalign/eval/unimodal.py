@@ -19,6 +19,7 @@ pytorch-metric-learning; ``num_queries`` counts the queries that were scored.
 
 Text-text similarity (STS, Spearman of cosine similarity with human scores) is :mod:`softalign.eval.sts`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -98,7 +99,7 @@ def unimodal_retrieval(
             raise ValueError(f"embedding sizes differ: queries are [*, {q.shape[1]}], gallery [*, {g.shape[1]}]")
     # labels -> contiguous integer codes shared by queries and gallery (floats compared exactly)
     _, codes = torch.unique(torch.cat([ql, gl]), return_inverse=True)
-    qc, gc = codes[: len(ql)], codes[len(ql):]
+    qc, gc = codes[: len(ql)], codes[len(ql) :]
     if loo:
         gc = qc
 
@@ -127,16 +128,30 @@ def unimodal_retrieval(
         f"{prefix}map_at_r": 100.0 * float(res["mean_average_precision_at_r"]),
         f"{prefix}num_queries": float(n_scored),
     }
-    hits = _recall_at_k(q[not_lone], qc[not_lone], g, gc, tuple(int(k) for k in ks), batch_size,
-                        torch.nonzero(not_lone).flatten() if loo else None)
+    hits = _recall_at_k(
+        q[not_lone],
+        qc[not_lone],
+        g,
+        gc,
+        tuple(int(k) for k in ks),
+        batch_size,
+        torch.nonzero(not_lone).flatten() if loo else None,
+    )
     for k, v in hits.items():
         if k != 1:  # R@1 is PML's precision@1 above
             out[f"{prefix}recall_at_{k}"] = 100.0 * v
     return out
 
 
-def uni_modal_metrics(image: Any, text: Any, image_labels: Any = None, text_labels: Any = None,
-                      image_uni: Any = None, text_uni: Any = None, skipped=None) -> dict[str, float]:
+def uni_modal_metrics(
+    image: Any,
+    text: Any,
+    image_labels: Any = None,
+    text_labels: Any = None,
+    image_uni: Any = None,
+    text_uni: Any = None,
+    skipped=None,
+) -> dict[str, float]:
     """The uni-modal keys that ``softalign train``, ``softalign eval`` and the demo write, one meaning each:
 
     * ``i2i_*`` / ``t2t_*``: the model's uni-modal embeddings, USA's heads ``image_uni`` / ``text_uni`` when given
@@ -146,7 +161,10 @@ def uni_modal_metrics(image: Any, text: Any, image_labels: Any = None, text_labe
     Leave-one-out :func:`unimodal_retrieval` over the labels, in percent. A modality without labels, or whose
     labels are all distinct (leave-one-out is undefined), is left out; ``skipped(prefix, labels)`` is told."""
     out: dict[str, float] = {}
-    for prefix, joint, uni, labels in (("i2i_", image, image_uni, image_labels), ("t2t_", text, text_uni, text_labels)):
+    for prefix, joint, uni, labels in (
+        ("i2i_", image, image_uni, image_labels),
+        ("t2t_", text, text_uni, text_labels),
+    ):
         if labels is None or joint is None:
             continue
         if not has_shared_label(labels):
@@ -158,8 +176,15 @@ def uni_modal_metrics(image: Any, text: Any, image_labels: Any = None, text_labe
     return out
 
 
-def _recall_at_k(q: torch.Tensor, qc: torch.Tensor, g: torch.Tensor, gc: torch.Tensor, ks: tuple[int, ...],
-                 batch_size: int, self_index: torch.Tensor | None) -> dict[int, float]:
+def _recall_at_k(
+    q: torch.Tensor,
+    qc: torch.Tensor,
+    g: torch.Tensor,
+    gc: torch.Tensor,
+    ks: tuple[int, ...],
+    batch_size: int,
+    self_index: torch.Tensor | None,
+) -> dict[int, float]:
     """Fraction of queries with a same-label item among their K nearest gallery items (cosine), for each K;
     ``self_index``: leave-one-out, the gallery position of each query (excluded from its neighbours)."""
     qn = torch.nn.functional.normalize(q, dim=1)
@@ -167,12 +192,12 @@ def _recall_at_k(q: torch.Tensor, qc: torch.Tensor, g: torch.Tensor, gc: torch.T
     k_max = min(max(ks), gn.shape[0] - (1 if self_index is not None else 0))
     first_hit = []
     for s in range(0, qn.shape[0], batch_size):
-        sims = qn[s:s + batch_size] @ gn.T
+        sims = qn[s : s + batch_size] @ gn.T
         if self_index is not None:
             rows = torch.arange(sims.shape[0])
-            sims[rows, self_index[s:s + batch_size]] = -float("inf")
+            sims[rows, self_index[s : s + batch_size]] = -float("inf")
         top = sims.topk(k_max, dim=1).indices
-        match = gc[top] == qc[s:s + batch_size].view(-1, 1)
+        match = gc[top] == qc[s : s + batch_size].view(-1, 1)
         # rank of the first same-label neighbour (k_max when none in the top k_max)
         first = torch.where(match.any(dim=1), match.float().argmax(dim=1), torch.full((match.shape[0],), k_max))
         first_hit.append(first)

@@ -9,6 +9,7 @@ joint space). All numbers are in percent.
     softalign eval --model runs/coco_clip/csa_usa --universal --dml sop=data/Stanford_Online_Products \\
         cub=data/CUB_200_2011 --sts stsb sickr data/sts15.csv --out runs/universal
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -36,9 +37,17 @@ def parse_dml(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def universal_report(model: str, dml: Mapping[str, str] | None = None, sts: Sequence[str] = (), *,
-                     heads: Sequence[str] | None = None, weights: str | None = None, batch_size: int = 64,
-                     progress: bool = True, device: Any = None) -> dict[str, Any]:
+def universal_report(
+    model: str,
+    dml: Mapping[str, str] | None = None,
+    sts: Sequence[str] = (),
+    *,
+    heads: Sequence[str] | None = None,
+    weights: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    device: Any = None,
+) -> dict[str, Any]:
     """``{"model", "columns": {column: {metric: value}}}``: per column (``uni`` and ``cross`` for a softalign
     run with USA heads, else ``model``) ``dml_<name>_r1`` (image->image R@1, query vs gallery for In-Shop, else
     leave-one-out), ``sts_<name>_spearman`` / ``_pearson``, and the averages ``dml_mean_r1``,
@@ -59,8 +68,9 @@ def universal_report(model: str, dml: Mapping[str, str] | None = None, sts: Sequ
     results: dict[str, dict[str, float]] = {}
     for column in columns:
         try:
-            image_enc, text_enc = load_encoders(model, heads="cross" if column == "model" else column,
-                                                weights=weights, device=device)
+            image_enc, text_enc = load_encoders(
+                model, heads="cross" if column == "model" else column, weights=weights, device=device
+            )
         except ValueError as err:
             if column == "uni" and not heads and "no USA heads" in str(err):
                 continue  # a run without USA heads: its joint space alone
@@ -69,8 +79,9 @@ def universal_report(model: str, dml: Mapping[str, str] | None = None, sts: Sequ
         for name, bench in benches.items():
             if image_enc is None:
                 raise ValueError(f"--model {model} has no image tower: --dml needs one")
-            emb = encode_images(image_enc, bench.paths, batch_size=batch_size, progress=progress,
-                                desc=f"{name} ({column})")
+            emb = encode_images(
+                image_enc, bench.paths, batch_size=batch_size, progress=progress, desc=f"{name} ({column})"
+            )
             labels = np.asarray(bench.labels)
             if bench.query is not None and bench.gallery is not None:
                 q, g = np.asarray(bench.query), np.asarray(bench.gallery)
@@ -110,8 +121,9 @@ def universal_table(report: Mapping[str, Any]) -> str:
     return comparison_table({COLUMN_NAMES.get(c, str(report["model"])): m for c, m in report["columns"].items()})
 
 
-def write_universal_report(report: Mapping[str, Any], out_dir: str | Path, title: str = "softalign universal",
-                           plot: bool = True) -> dict[str, str]:
+def write_universal_report(
+    report: Mapping[str, Any], out_dir: str | Path, title: str = "softalign universal", plot: bool = True
+) -> dict[str, str]:
     """``universal.json``, ``universal.md`` (a row per metric, a column per embedding) and ``universal.png`` (a
     bar per embedding and metric)."""
     import json
@@ -124,8 +136,10 @@ def write_universal_report(report: Mapping[str, Any], out_dir: str | Path, title
     paths = {"json": str(out / "universal.json"), "markdown": str(out / "universal.md")}
     atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")
     names = {**COLUMN_NAMES, "model": str(report["model"])}
-    atomic_write_text(paths["markdown"], f"# {title}\n\nmodel: `{report['model']}` (percent: DML R@1, STS "
-                                         f"Spearman x 100)\n\n{universal_table(report)}")
+    atomic_write_text(
+        paths["markdown"],
+        f"# {title}\n\nmodel: `{report['model']}` (percent: DML R@1, STS Spearman x 100)\n\n{universal_table(report)}",
+    )
     if plot:
         paths["plot"] = _plot(columns, str(out / "universal.png"), names, title)
     return paths
@@ -144,8 +158,7 @@ def _plot(columns: Mapping[str, Mapping[str, float]], path: str, names: Mapping[
         xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(metrics))]
         ax.bar(xs, [m.get(k, 0.0) for k in metrics], width, label=names.get(column, column))
     ax.set_xticks(range(len(metrics)))
-    ax.set_xticklabels([k.replace("_spearman", "").replace("_r1", " R@1") for k in metrics], rotation=30,
-                       ha="right")
+    ax.set_xticklabels([k.replace("_spearman", "").replace("_r1", " R@1") for k in metrics], rotation=30, ha="right")
     ax.set_ylabel("percent")
     ax.set_title(title)
     ax.legend()

@@ -8,6 +8,7 @@
 Each ``patch`` wraps the trainer in place and returns it; ``unpatch`` restores it. See docs/integrations.md.
 Submodules are imported on demand (``from softalign.integrations import vsepp``).
 """
+
 from __future__ import annotations
 
 __all__ = ["vsepp", "scan", "teran", "generic"]

@@ -4,6 +4,7 @@ Nothing here knows a particular trainer. :class:`SoftAlignHook` turns ``(embeddi
 into the soft-label terms of a :class:`~softalign.losses.SoftAlignLoss`; the helpers below install and remove
 method wrappers on a trainer object so that ``unpatch`` restores it exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,16 @@ from torch import nn
 from softalign import distributed as dist_utils
 from softalign.losses import VSEHingeLoss
 
-__all__ = ["SoftAlignHook", "as_ids", "find_argument", "PatchRecord", "PATCH_ATTR", "STATE_KEY", "TERMS",
-           "match_criterion_hinge"]
+__all__ = [
+    "SoftAlignHook",
+    "as_ids",
+    "find_argument",
+    "PatchRecord",
+    "PATCH_ATTR",
+    "STATE_KEY",
+    "TERMS",
+    "match_criterion_hinge",
+]
 
 #: attribute under which a patched trainer keeps its :class:`PatchRecord`
 PATCH_ATTR = "_softalign_patch"
@@ -90,31 +99,47 @@ class SoftAlignHook:
     turns them into the weighted terms whose sum is ``loss``.
     """
 
-    def __init__(self, loss: nn.Module, *, cache: Any = None, captions_per_image: int | None = None,
-                 image_ids: Callable[[torch.Tensor], Any] | None = None, accelerator: Any = None):
+    def __init__(
+        self,
+        loss: nn.Module,
+        *,
+        cache: Any = None,
+        captions_per_image: int | None = None,
+        image_ids: Callable[[torch.Tensor], Any] | None = None,
+        accelerator: Any = None,
+    ):
         if not isinstance(loss, nn.Module):
             raise TypeError(f"loss must be a softalign SoftAlignLoss (an nn.Module), got {type(loss).__name__}")
-        if captions_per_image is not None and (isinstance(captions_per_image, bool)
-                                               or int(captions_per_image) != captions_per_image
-                                               or int(captions_per_image) < 1):
+        if captions_per_image is not None and (
+            isinstance(captions_per_image, bool)
+            or int(captions_per_image) != captions_per_image
+            or int(captions_per_image) < 1
+        ):
             raise ValueError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
         if image_ids is not None and not callable(image_ids):
-            raise TypeError(f"image_ids must be a callable mapping caption ids to image ids, got {type(image_ids).__name__}")
+            raise TypeError(
+                f"image_ids must be a callable mapping caption ids to image ids, got {type(image_ids).__name__}"
+            )
         for method in ("image_ids", "similarities"):
             if cache is not None and not callable(getattr(cache, method, None)):
-                raise TypeError(f"cache must provide {method}(ids, ...) (a softalign TeacherCache), "
-                                f"got {type(cache).__name__}")
+                raise TypeError(
+                    f"cache must provide {method}(ids, ...) (a softalign TeacherCache), got {type(cache).__name__}"
+                )
         self.loss, self.cache, self.accelerator = loss, cache, accelerator
         self.captions_per_image = None if captions_per_image is None else int(captions_per_image)
         self.image_ids_fn = image_ids
         loss_cache = getattr(loss, "cache", None)
         if loss_cache is None and cache is None:
             if loss_needs_teacher(loss):
-                raise ValueError("the soft-label terms (alpha > 0 or beta > 0) need teacher similarities: build the "
-                                 "loss with cache=TeacherCache.load(...) or pass cache=... to the integration")
+                raise ValueError(
+                    "the soft-label terms (alpha > 0 or beta > 0) need teacher similarities: build the "
+                    "loss with cache=TeacherCache.load(...) or pass cache=... to the integration"
+                )
             if image_ids is None and captions_per_image is None:
-                raise ValueError("without a teacher cache the caption->image map must come from captions_per_image "
-                                 "(e.g. 5 for COCO/Flickr30k precomp data) or image_ids=callable")
+                raise ValueError(
+                    "without a teacher cache the caption->image map must come from captions_per_image "
+                    "(e.g. 5 for COCO/Flickr30k precomp data) or image_ids=callable"
+                )
         self._placed_on = None
         self._logged_shares = None
         #: set by a shim that adds the soft terms to the host's own loss (TERAN): the shares are logged after the
@@ -151,8 +176,10 @@ class SoftAlignHook:
         else:
             out = torch.div(ids, int(self.captions_per_image or 1), rounding_mode="floor")
         if out.shape != ids.shape:
-            raise ValueError(f"the caption->image map returned shape {tuple(out.shape)} for "
-                             f"{tuple(ids.shape)} caption ids; expected one image id per caption")
+            raise ValueError(
+                f"the caption->image map returned shape {tuple(out.shape)} for "
+                f"{tuple(ids.shape)} caption ids; expected one image id per caption"
+            )
         return out
 
     def _place(self, device) -> None:
@@ -181,21 +208,32 @@ class SoftAlignHook:
                 else:
                     sims = self.cache.similarities(ids, device=device)
                     out["teacher_image_sim"], out["teacher_text_sim"] = (
-                        (sims.image, sims.text) if hasattr(sims, "image") else sims)
+                        (sims.image, sims.text) if hasattr(sims, "image") else sims
+                    )
         return out
 
-    def __call__(self, image_emb: torch.Tensor | None = None, text_emb: torch.Tensor | None = None,
-                 ids: Any = None, *, scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        image_emb: torch.Tensor | None = None,
+        text_emb: torch.Tensor | None = None,
+        ids: Any = None,
+        *,
+        scores: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         if ids is None:
-            raise ValueError("the soft-label loss needs the batch's caption ids (the dataset indices the collate "
-                             "function returns, in the batch's order)")
+            raise ValueError(
+                "the soft-label loss needs the batch's caption ids (the dataset indices the collate "
+                "function returns, in the batch's order)"
+            )
         ref = scores if scores is not None else image_emb
         if ref is None:
             raise ValueError("pass image_emb and text_emb ([B, D]) or scores ([B, B] images x captions)")
         ids = as_ids(ids, ref.device)
         if ids.shape[0] != ref.shape[0]:
-            raise ValueError(f"got {ids.shape[0]} caption ids for a batch of {ref.shape[0]} pairs; "
-                             "pass one id per row, in the (sorted) order of the batch")
+            raise ValueError(
+                f"got {ids.shape[0]} caption ids for a batch of {ref.shape[0]} pairs; "
+                "pass one id per row, in the (sorted) order of the batch"
+            )
         self._place(ref.device)
         kwargs = self.loss_inputs(ids, ref.device)
         with self._autocast():
@@ -214,7 +252,7 @@ class SoftAlignHook:
 
         shares = getattr(self.loss, "gradient_shares", None)
         if shares is not None and host_loss.requires_grad:
-            norms = {k[len("norm_"):]: v for k, v in shares.items() if k.startswith("norm_")}
+            norms = {k[len("norm_") :]: v for k, v in shares.items() if k.startswith("norm_")}
             norms["host"] = gradient_norms({"host": host_loss}, [t for t in tensors if t.requires_grad])["host"]
             setattr(self.loss, "gradient_shares", shares_from_norms(norms))  # noqa: B010 - SoftAlignLoss's attribute
         self._log_gradient_shares()
@@ -226,8 +264,9 @@ class SoftAlignHook:
             return
         self._logged_shares = shares
         terms = ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items() if not k.startswith("norm_"))
-        logging.getLogger("softalign").info("gradient shares at loss step %d: %s",
-                                            getattr(self.loss, "_steps", 0) - 1, terms)
+        logging.getLogger("softalign").info(
+            "gradient shares at loss step %d: %s", getattr(self.loss, "_steps", 0) - 1, terms
+        )
 
     def gradient_share_values(self) -> dict[str, float]:
         """``{"grad_share_soft": CSA + USA share}`` of the last diagnostic, for the trainer's logger; {} before."""
@@ -290,15 +329,19 @@ class SoftAlignHook:
         return removed
 
     def state_dict(self) -> dict[str, Any]:
-        state = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                 for k, v in self.loss.state_dict().items()}
+        state = {
+            k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in self.loss.state_dict().items()
+        }
         config = getattr(self.loss, "get_config_dict", None)
         return {"state": state, "config": config() if callable(config) else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or "state" not in state:
-            raise ValueError(f"expected the softalign loss state saved by a patched model (a dict with 'state'), "
-                             f"got {type(state).__name__}")
+            raise ValueError(
+                f"expected the softalign loss state saved by a patched model (a dict with 'state'), "
+                f"got {type(state).__name__}"
+            )
         self.loss.load_state_dict(state["state"])
 
 
@@ -376,8 +419,10 @@ def get_record(obj: Any, kind: str | None = None) -> PatchRecord | None:
 def new_record(obj: Any, hook: SoftAlignHook, kind: str) -> PatchRecord:
     existing = get_record(obj)
     if existing is not None:
-        raise ValueError(f"{type(obj).__name__} is already patched by softalign.integrations."
-                         f"{existing.kind}; call unpatch(model) first")
+        raise ValueError(
+            f"{type(obj).__name__} is already patched by softalign.integrations."
+            f"{existing.kind}; call unpatch(model) first"
+        )
     record = PatchRecord(obj, hook, kind)
     obj.__dict__[PATCH_ATTR] = record
     return record
@@ -395,8 +440,9 @@ def extend_list_state(original: Callable[[], Any], hook: SoftAlignHook) -> Calla
     def state_dict(*args, **kwargs):
         state = original(*args, **kwargs)
         if not isinstance(state, list):
-            raise TypeError(f"expected the trainer's state_dict() to return a list of module states, got "
-                            f"{type(state).__name__}")
+            raise TypeError(
+                f"expected the trainer's state_dict() to return a list of module states, got {type(state).__name__}"
+            )
         return state + [{STATE_KEY: hook.state_dict()}]
 
     return state_dict
@@ -438,8 +484,9 @@ def capture_ids(record: PatchRecord, method: str, ids_arg: str = "ids") -> None:
     record.replace(method, wrapper)
 
 
-def log_values(obj: Any, logger_attr: str | None, values: Mapping[str, torch.Tensor], n: int,
-               hook: SoftAlignHook | None = None) -> None:
+def log_values(
+    obj: Any, logger_attr: str | None, values: Mapping[str, torch.Tensor], n: int, hook: SoftAlignHook | None = None
+) -> None:
     """``obj.<logger_attr>.update(name, float(value), n)`` for each value, when such a logger exists (the
     ``LogCollector`` of VSE++/SCAN/TERAN); with ``hook`` also the soft terms' last gradient share
     (``grad_share_soft``)."""
@@ -453,8 +500,9 @@ def log_values(obj: Any, logger_attr: str | None, values: Mapping[str, torch.Ten
                 update(name, share, 1)
 
 
-def match_criterion_hinge(loss: Any, criterion: Any, trainer: str, *, adopt: bool = True,
-                          stacklevel: int = 3) -> Callable[[], None] | None:
+def match_criterion_hinge(
+    loss: Any, criterion: Any, trainer: str, *, adopt: bool = True, stacklevel: int = 3
+) -> Callable[[], None] | None:
     """Make the hinge that replaces a trainer's criterion use that criterion's ``margin`` and ``max_violation``.
 
     VSE++ and SCAN build ``ContrastiveLoss(margin=opt.margin, max_violation=opt.max_violation)``; VSE++'s
@@ -471,10 +519,13 @@ def match_criterion_hinge(loss: Any, criterion: Any, trainer: str, *, adopt: boo
         return None
     sim = getattr(criterion, "sim", None)
     if getattr(sim, "__name__", "") == "order_sim":
-        warnings.warn(f"{trainer}'s criterion uses the order-embedding similarity (--measure order), but the "
-                      "SoftAlignLoss base that replaces it scores with cosine similarity; build the loss with "
-                      "base=\"none\" to keep the trainer's criterion and add only the soft-label terms",
-                      UserWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"{trainer}'s criterion uses the order-embedding similarity (--measure order), but the "
+            "SoftAlignLoss base that replaces it scores with cosine similarity; build the loss with "
+            'base="none" to keep the trainer\'s criterion and add only the soft-label terms',
+            UserWarning,
+            stacklevel=stacklevel,
+        )
     upstream: dict[str, Any] = {}
     margin = getattr(criterion, "margin", None)
     if isinstance(margin, numbers.Real) and not isinstance(margin, bool):
@@ -495,12 +546,18 @@ def match_criterion_hinge(loss: Any, criterion: Any, trainer: str, *, adopt: boo
         flags.append(f"--margin {target['margin']:g}")
     if "max_violation" in upstream:
         flags.append("--max_violation" if target["max_violation"] else "no --max_violation")
-    call = (f"SoftAlignLoss(base=\"{'vsepp' if target['max_violation'] else 'vsepp_sum'}\", "
-            f"margin={target['margin']:g}, ...)")
+    call = (
+        f'SoftAlignLoss(base="{"vsepp" if target["max_violation"] else "vsepp_sum"}", '
+        f"margin={target['margin']:g}, ...)"
+    )
     if not adopt:
-        warnings.warn(f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge "
-                      f"that replaces it uses {ours}; keeping the loss's settings (match_criterion=False). To train "
-                      f"with {trainer}'s settings build {call}", UserWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge "
+            f"that replaces it uses {ours}; keeping the loss's settings (match_criterion=False). To train "
+            f"with {trainer}'s settings build {call}",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
         return None
     previous: dict[str, Any] = {k: getattr(base, k) for k in differs}
     for k, v in differs.items():
@@ -518,12 +575,20 @@ def match_criterion_hinge(loss: Any, criterion: Any, trainer: str, *, adopt: boo
     if silent:
         logging.getLogger("softalign").info(
             "%s: the SoftAlignLoss hinge follows %s's criterion (%s; %s), since the loss did not state its own",
-            trainer, trainer, theirs, ", ".join(flags))
+            trainer,
+            trainer,
+            theirs,
+            ", ".join(flags),
+        )
     else:
-        warnings.warn(f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge "
-                      f"had {ours}; the patched model now uses {trainer}'s settings (loss.base."
-                      f"{' and loss.base.'.join(differs)} changed). To state them in your code, build {call}; to "
-                      "keep the loss's own settings, pass match_criterion=False", UserWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"{trainer}'s criterion uses {theirs} ({', '.join(flags)}) but the SoftAlignLoss base hinge "
+            f"had {ours}; the patched model now uses {trainer}'s settings (loss.base."
+            f"{' and loss.base.'.join(differs)} changed). To state them in your code, build {call}; to "
+            "keep the loss's own settings, pass match_criterion=False",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
     def undo() -> None:
         for k, v in previous.items():

@@ -17,6 +17,7 @@ Three levels, from least to most automatic:
   hinge never treats two captions of one image as negatives); with ``base="none"`` the trainer's criterion is
   kept and the terms are added. Calls without ids (evaluation) run the original method unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,11 +43,18 @@ from softalign.integrations._common import (
 __all__ = ["SoftAlignHook", "soft_align_step", "patch", "unpatch", "default_inputs"]
 
 
-def soft_align_step(loss: nn.Module, image_emb: torch.Tensor | None = None,
-                    text_emb: torch.Tensor | None = None, ids: Any = None, *,
-                    scores: torch.Tensor | None = None, cache: Any = None,
-                    captions_per_image: int | None = None, image_ids: Callable | None = None,
-                    accelerator: Any = None) -> dict[str, torch.Tensor]:
+def soft_align_step(
+    loss: nn.Module,
+    image_emb: torch.Tensor | None = None,
+    text_emb: torch.Tensor | None = None,
+    ids: Any = None,
+    *,
+    scores: torch.Tensor | None = None,
+    cache: Any = None,
+    captions_per_image: int | None = None,
+    image_ids: Callable | None = None,
+    accelerator: Any = None,
+) -> dict[str, torch.Tensor]:
     """Soft-label terms of one batch.
 
     Returns ``{"loss": total of the SoftAlignLoss, "soft": alpha L_CSA + beta L_USA + gamma L_CMC,
@@ -54,8 +62,9 @@ def soft_align_step(loss: nn.Module, image_emb: torch.Tensor | None = None,
     terms). ``ids`` are the batch's global caption ids in row order; see :class:`SoftAlignHook` for the
     other arguments. For repeated use build a :class:`SoftAlignHook` once instead.
     """
-    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
-                         accelerator=accelerator)
+    hook = SoftAlignHook(
+        loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids, accelerator=accelerator
+    )
     return _step(hook, image_emb, text_emb, ids, scores)
 
 
@@ -77,10 +86,20 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_from: str | None = None,
-            ids_arg: str = "ids", inputs: Callable[..., Mapping[str, Any]] = default_inputs,
-            optimizer: Any = None, logger_attr: str | None = "logger", base_name: str = "softalign-base",
-            total_name: str | None = None) -> PatchRecord:
+def install(
+    obj: Any,
+    hook: SoftAlignHook,
+    kind: str,
+    *,
+    loss_method: str,
+    ids_from: str | None = None,
+    ids_arg: str = "ids",
+    inputs: Callable[..., Mapping[str, Any]] = default_inputs,
+    optimizer: Any = None,
+    logger_attr: str | None = "logger",
+    base_name: str = "softalign-base",
+    total_name: str | None = None,
+) -> PatchRecord:
     """Wrap ``obj.<loss_method>`` (and ``obj.<ids_from>``) in place; used by every shim. See :func:`patch`."""
     original = getattr(obj, loss_method, None)
     if not callable(original):
@@ -119,8 +138,10 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
             # own loss (to which the soft terms are added) joins the shares, on the tensors it reads
             host = [v for v in (out.values() if isinstance(out, Mapping) else [out]) if isinstance(v, torch.Tensor)]
             if host:
-                hook.add_host_share(torch.stack([v.float() for v in host]).sum(),
-                                    [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
+                hook.add_host_share(
+                    torch.stack([v.float() for v in host]).sum(),
+                    [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)],
+                )
         soft = {k: v for k, v in weighted.items() if k != base_name or not isinstance(out, torch.Tensor)}
         log_values(obj, logger_attr, soft, n, hook)
         if isinstance(out, Mapping):
@@ -130,8 +151,10 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
             return {**out, **soft}
         if isinstance(out, torch.Tensor):
             return out + (torch.stack([v.to(out.dtype) for v in soft.values()]).sum() if soft else 0.0)
-        raise TypeError(f"{type(obj).__name__}.{loss_method} returned {type(out).__name__}; expected a loss tensor "
-                        "or a dict of loss tensors")
+        raise TypeError(
+            f"{type(obj).__name__}.{loss_method} returned {type(out).__name__}; expected a loss tensor "
+            "or a dict of loss tensors"
+        )
 
     hook.host_loss_in_shares = total_name is None or not hook.base_enabled
     try:
@@ -148,11 +171,23 @@ def install(obj: Any, hook: SoftAlignHook, kind: str, *, loss_method: str, ids_f
     return record
 
 
-def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: str | None = None, ids_arg: str = "ids",
-          inputs: Callable[..., Mapping[str, Any]] = default_inputs, optimizer: Any = None,
-          cache: Any = None, captions_per_image: int | None = None, image_ids: Callable | None = None,
-          accelerator: Any = None, logger_attr: str | None = "logger", returns: str = "tensor",
-          replace_base: bool = True) -> Any:
+def patch(
+    obj: Any,
+    loss: nn.Module,
+    *,
+    loss_method: str,
+    ids_from: str | None = None,
+    ids_arg: str = "ids",
+    inputs: Callable[..., Mapping[str, Any]] = default_inputs,
+    optimizer: Any = None,
+    cache: Any = None,
+    captions_per_image: int | None = None,
+    image_ids: Callable | None = None,
+    accelerator: Any = None,
+    logger_attr: str | None = "logger",
+    returns: str = "tensor",
+    replace_base: bool = True,
+) -> Any:
     """Add soft-label alignment to ``obj.<loss_method>`` in place; returns ``obj``.
 
     Args:
@@ -177,11 +212,21 @@ def patch(obj: Any, loss: nn.Module, *, loss_method: str, ids_from: str | None =
     """
     if returns not in ("tensor", "dict"):
         raise ValueError(f"returns must be 'tensor' or 'dict', got {returns!r}")
-    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
-                         accelerator=accelerator)
-    install(obj, hook, "generic", loss_method=loss_method, ids_from=ids_from, ids_arg=ids_arg, inputs=inputs,
-            optimizer=optimizer, logger_attr=logger_attr,
-            total_name="loss" if (replace_base and returns == "tensor") else None)
+    hook = SoftAlignHook(
+        loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids, accelerator=accelerator
+    )
+    install(
+        obj,
+        hook,
+        "generic",
+        loss_method=loss_method,
+        ids_from=ids_from,
+        ids_arg=ids_arg,
+        inputs=inputs,
+        optimizer=optimizer,
+        logger_attr=logger_attr,
+        total_name="loss" if (replace_base and returns == "tensor") else None,
+    )
     return obj
 
 
@@ -197,9 +242,12 @@ def unpatch(obj: Any, optimizer: Any = None, kind: str | None = None) -> Any:
         raise ValueError(f"{type(obj).__name__} is not patched by {where}")
     if optimizer is None and record.optimizer is None and record.handed_out:
         n = sum(1 for _ in record.hook.loss.parameters())
-        warnings.warn(f"an optimizer built from the patched model's parameters still holds the loss's {n} "
-                      "parameters: pass it as unpatch(model, optimizer=optimizer) to take them out", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"an optimizer built from the patched model's parameters still holds the loss's {n} "
+            "parameters: pass it as unpatch(model, optimizer=optimizer) to take them out",
+            UserWarning,
+            stacklevel=3,
+        )
     try:
         record.restore(optimizer)
     finally:
@@ -224,7 +272,9 @@ def shim_api(kind: str):
         return is_patched(model, kind)
 
     unpatch_kind.__name__, is_patched_kind.__name__ = "unpatch", "is_patched"
-    unpatch_kind.__doc__ = (f"Undo softalign.integrations.{kind}.patch: see softalign.integrations.generic.unpatch "
-                            "(``optimizer``: one built from the patched model after patching).")
+    unpatch_kind.__doc__ = (
+        f"Undo softalign.integrations.{kind}.patch: see softalign.integrations.generic.unpatch "
+        "(``optimizer``: one built from the patched model after patching)."
+    )
     is_patched_kind.__doc__ = f"Whether the model is patched by softalign.integrations.{kind}."
     return unpatch_kind, is_patched_kind

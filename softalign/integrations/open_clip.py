@@ -22,6 +22,7 @@ optimizer, checkpoints and ``--resume`` carry it, with no edit of main.py. In yo
 ``args.model``) and refuses the losses it does not replace (SigLIP, CoCa) by name. :func:`load_checkpoint` reads a
 checkpoint of the runner into a plain open_clip model.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -58,8 +59,10 @@ class SoftAlignClipLoss(nn.Module):
     def __init__(self, cache: Any = None, alpha: float | None = None, beta: float | None = None, **kwargs):
         super().__init__()
         if "base" in kwargs:
-            raise ValueError("SoftAlignClipLoss's base is CLIP's contrastive loss with the model's logit_scale; "
-                             "use softalign.losses.SoftAlignLoss directly for another base")
+            raise ValueError(
+                "SoftAlignClipLoss's base is CLIP's contrastive loss with the model's logit_scale; "
+                "use softalign.losses.SoftAlignLoss directly for another base"
+            )
         self.soft = SoftAlignLoss(base="infonce", alpha=alpha, beta=beta, cache=cache, return_parts=True, **kwargs)
         assert self.soft.base is not None
         self.soft.base.requires_grad_(False)  # the model's logit_scale is the temperature
@@ -68,31 +71,49 @@ class SoftAlignClipLoss(nn.Module):
         """The loss's own parameters (USA heads, CSA / USA temperatures) for the host's optimizer."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None, output_dict: bool = False, *,
-                caption_ids: torch.Tensor | None = None, dist_image_features: torch.Tensor | None = None,
-                dist_text_features: torch.Tensor | None = None, dist_logit_scale: Any = None, **unused: Any):
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        output_dict: bool = False,
+        *,
+        caption_ids: torch.Tensor | None = None,
+        dist_image_features: torch.Tensor | None = None,
+        dist_text_features: torch.Tensor | None = None,
+        dist_logit_scale: Any = None,
+        **unused: Any,
+    ):
         if logit_bias is not None:
-            raise ValueError("SoftAlignClipLoss replaces ClipLoss (softmax); the model returned a logit_bias "
-                             "(SigLIP's sigmoid loss), which it does not replace")
+            raise ValueError(
+                "SoftAlignClipLoss replaces ClipLoss (softmax); the model returned a logit_bias "
+                "(SigLIP's sigmoid loss), which it does not replace"
+            )
         teacher = {}
         if dist_image_features is not None and dist_text_features is not None:
-            teacher = dict(teacher_image_emb=dist_image_features.detach(),
-                           teacher_text_emb=dist_text_features.detach())
+            teacher = dict(
+                teacher_image_emb=dist_image_features.detach(), teacher_text_emb=dist_text_features.detach()
+            )
         elif caption_ids is None:
-            raise ValueError("SoftAlignClipLoss needs teacher similarities: run open_clip_train with "
-                             "--distill-model/--distill-pretrained (teacher features), or pass caption_ids= with a "
-                             "teacher cache")
+            raise ValueError(
+                "SoftAlignClipLoss needs teacher similarities: run open_clip_train with "
+                "--distill-model/--distill-pretrained (teacher features), or pass caption_ids= with a "
+                "teacher cache"
+            )
         # positives from the caption ids: SoftAlignLoss maps them to images through its cache (after the gather)
-        parts = self.soft(image_features, text_features, ids=caption_ids, base_temperature=1.0 / logit_scale.float(),
-                          **teacher)
+        parts = self.soft(
+            image_features, text_features, ids=caption_ids, base_temperature=1.0 / logit_scale.float(), **teacher
+        )
         weighted = self.soft.weighted_parts(parts)
         losses = {"contrastive_loss": weighted.pop("base"), **{f"{k}_loss": v for k, v in weighted.items()}}
         return losses if output_dict else sum(losses.values())
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"base": "clip (model logit_scale)", **{k: v for k, v in self.soft.get_config_dict().items()
-                                                        if k not in ("base", "margin", "temperature")}}
+        return {
+            "base": "clip (model logit_scale)",
+            **{k: v for k, v in self.soft.get_config_dict().items() if k not in ("base", "margin", "temperature")},
+        }
 
 
 def check_args(args: Any, cache: Any = None) -> None:
@@ -100,14 +121,20 @@ def check_args(args: Any, cache: Any = None) -> None:
     without a teacher (``--distill-model`` / ``--distill-pretrained``, or a ``cache``)."""
     model = str(getattr(args, "model", ""))
     if getattr(args, "siglip", False):
-        raise ValueError("softalign's create_loss replaces ClipLoss / DistillClipLoss; --siglip selects SigLipLoss, "
-                         "which it does not replace")
+        raise ValueError(
+            "softalign's create_loss replaces ClipLoss / DistillClipLoss; --siglip selects SigLipLoss, "
+            "which it does not replace"
+        )
     if "coca" in model.lower():
-        raise ValueError(f"softalign's create_loss replaces ClipLoss / DistillClipLoss; --model {model} selects "
-                         "CoCaLoss, which it does not replace")
+        raise ValueError(
+            f"softalign's create_loss replaces ClipLoss / DistillClipLoss; --model {model} selects "
+            "CoCaLoss, which it does not replace"
+        )
     if not getattr(args, "distill", False) and cache is None:
-        raise ValueError("softalign's create_loss needs teacher features or a cache: run with --distill-model and "
-                         "--distill-pretrained, or pass cache= and give the loss caption_ids=")
+        raise ValueError(
+            "softalign's create_loss needs teacher features or a cache: run with --distill-model and "
+            "--distill-pretrained, or pass cache= and give the loss caption_ids="
+        )
 
 
 def create_loss(args: Any, cache: Any = None, **kwargs: Any) -> SoftAlignClipLoss:
@@ -126,11 +153,11 @@ def load_checkpoint(model: nn.Module, path: str, loss: SoftAlignClipLoss | None 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not an open_clip checkpoint (expected a dict with 'state_dict')")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     prefix = LOSS_KEY + "."
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
     if loss is not None:
-        loss_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        loss_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not loss_state:
             raise ValueError(f"{path}: holds no {LOSS_KEY}.* state (not written by softalign's open_clip_train)")
         loss.load_state_dict(loss_state)

@@ -27,6 +27,7 @@ A checkpoint so written loads into a plain open_clip model with :func:`softalign
 load_checkpoint` (the model strictly, the loss state apart), or with ``open_clip.load_checkpoint(model, path,
 strict=False)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--softalign-alpha", type=float, default=None, help="CSA weight (default: the loss's, 10)")
     p.add_argument("--softalign-beta", type=float, default=None, help="USA weight (default: the loss's, 10)")
-    p.add_argument("--softalign-soft-label-entropy", type=float, default=None,
-                   help="target normalised entropy of the calibrated soft labels (default 0.8)")
-    p.add_argument("--softalign-teacher-temperature", default=None,
-                   help="'auto' (calibrated once, default) or a fixed soft-label temperature (CUSA: 1.0)")
+    p.add_argument(
+        "--softalign-soft-label-entropy",
+        type=float,
+        default=None,
+        help="target normalised entropy of the calibrated soft labels (default 0.8)",
+    )
+    p.add_argument(
+        "--softalign-teacher-temperature",
+        default=None,
+        help="'auto' (calibrated once, default) or a fixed soft-label temperature (CUSA: 1.0)",
+    )
     return p
 
 
@@ -73,12 +81,16 @@ def main(argv: Sequence[str] | None = None):
     try:
         import open_clip_train.main as oc_main
     except ImportError:
-        raise SystemExit("python -m softalign.integrations.open_clip_train runs open_clip's trainer: "
-                         "pip install 'softalign[clip]' 'open_clip_torch[training]'") from None
+        raise SystemExit(
+            "python -m softalign.integrations.open_clip_train runs open_clip's trainer: "
+            "pip install 'softalign[clip]' 'open_clip_torch[training]'"
+        ) from None
     ns, rest = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     unknown = [a for a in rest if a.startswith("--softalign")]
     if unknown:
-        raise SystemExit(f"unknown softalign option(s) {unknown}; softalign's are: {', '.join(_parser()._option_string_actions)}")
+        raise SystemExit(
+            f"unknown softalign option(s) {unknown}; softalign's are: {', '.join(_parser()._option_string_actions)}"
+        )
     loss = SoftAlignClipLoss(**_loss_options(ns))
     real_create_model, real_create_loss = oc_main.create_model_and_transforms, oc_main.create_loss
     attached: list[Any] = []

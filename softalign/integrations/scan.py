@@ -19,6 +19,7 @@ checkpoints and evaluation behave as in :mod:`softalign.integrations.vsepp`.
 
 References: Lee et al., "Stacked Cross Attention for Image-Text Matching", ECCV 2018; CUSA (AAAI 2024).
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,13 +53,17 @@ def module_scorer(criterion: Any) -> Callable[[torch.Tensor, torch.Tensor, Any],
     opt = getattr(criterion, "opt", None)
     direction = getattr(opt, "cross_attn", None)
     if direction not in ("t2i", "i2t"):
-        raise ValueError(f"cannot find SCAN's scorer: criterion.opt.cross_attn must be 't2i' or 'i2t', got "
-                         f"{direction!r}; pass scorer=callable(images, captions, cap_lens) -> [B, B] scores")
+        raise ValueError(
+            f"cannot find SCAN's scorer: criterion.opt.cross_attn must be 't2i' or 'i2t', got "
+            f"{direction!r}; pass scorer=callable(images, captions, cap_lens) -> [B, B] scores"
+        )
     module = sys.modules.get(type(criterion).__module__)
     name = f"xattn_score_{direction}"
     if not callable(getattr(module, name, None)):
-        raise ValueError(f"module {type(criterion).__module__!r} of the criterion has no {name}(); pass "
-                         "scorer=callable(images, captions, cap_lens) -> [B, B] scores")
+        raise ValueError(
+            f"module {type(criterion).__module__!r} of the criterion has no {name}(); pass "
+            "scorer=callable(images, captions, cap_lens) -> [B, B] scores"
+        )
 
     def scorer(images, captions, cap_lens):
         return getattr(module, name)(images, captions, cap_lens, opt)  # looked up per call (monkeypatch-safe)
@@ -66,17 +71,23 @@ def module_scorer(criterion: Any) -> Callable[[torch.Tensor, torch.Tensor, Any],
     return scorer
 
 
-def mean_pool(images: torch.Tensor, captions: torch.Tensor, cap_lens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_pool(
+    images: torch.Tensor, captions: torch.Tensor, cap_lens: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled embeddings for USA/CMC: mean of the region features ``[B, R, D] -> [B, D]`` and of the first
     ``cap_lens[j]`` word features of each caption ``[B, W, D] -> [B, D]``."""
     if images.dim() != 3 or captions.dim() != 3:
-        raise ValueError(f"SCAN features must be [B, regions, D] and [B, words, D], got {tuple(images.shape)} "
-                         f"and {tuple(captions.shape)}")
-    lens = torch.as_tensor(list(cap_lens) if not isinstance(cap_lens, torch.Tensor) else cap_lens,
-                           device=captions.device)
+        raise ValueError(
+            f"SCAN features must be [B, regions, D] and [B, words, D], got {tuple(images.shape)} "
+            f"and {tuple(captions.shape)}"
+        )
+    lens = torch.as_tensor(
+        list(cap_lens) if not isinstance(cap_lens, torch.Tensor) else cap_lens, device=captions.device
+    )
     if lens.shape != (captions.shape[0],) or bool((lens < 1).any()) or bool((lens > captions.shape[1]).any()):
-        raise ValueError(f"cap_lens must hold {captions.shape[0]} lengths in [1, {captions.shape[1]}], "
-                         f"got {lens.tolist()}")
+        raise ValueError(
+            f"cap_lens must hold {captions.shape[0]} lengths in [1, {captions.shape[1]}], got {lens.tolist()}"
+        )
     mask = (torch.arange(captions.shape[1], device=captions.device).view(1, -1) < lens.view(-1, 1)).to(captions.dtype)
     text = (captions * mask.unsqueeze(-1)).sum(dim=1) / lens.to(captions.dtype).view(-1, 1)
     return images.mean(dim=1), text
@@ -94,16 +105,25 @@ class SoftAlignCriterion(nn.Module):
     pool: Callable
     original: Any
 
-    def __init__(self, original: Any, hook: SoftAlignHook, record: Any, scorer: Callable, pool: Callable,
-                 logger_owner: Any = None):
+    def __init__(
+        self,
+        original: Any,
+        hook: SoftAlignHook,
+        record: Any,
+        scorer: Callable,
+        pool: Callable,
+        logger_owner: Any = None,
+    ):
         super().__init__()
         self.hook, self.record, self.scorer, self.pool = hook, record, scorer, pool
         self.__dict__["original"] = original  # not a submodule: the SCAN model keeps owning it
         self.__dict__["logger_owner"] = logger_owner
         self.hinge = None
         if not hook.base_enabled:
-            self.hinge = VSEHingeLoss(margin=float(getattr(original, "margin", 0.2)),
-                                      max_violation=bool(getattr(original, "max_violation", True)))
+            self.hinge = VSEHingeLoss(
+                margin=float(getattr(original, "margin", 0.2)),
+                max_violation=bool(getattr(original, "max_violation", True)),
+            )
 
     def forward(self, im, s, s_l):
         ids = self.record.ids
@@ -117,15 +137,29 @@ class SoftAlignCriterion(nn.Module):
         if self.hinge is not None:
             weighted["base"] = self.hinge(scores=scores, image_ids=self.hook.image_ids(ids, scores.device))
             total = total + weighted["base"]
-        log_values(self.logger_owner, "logger", {k: v for k, v in weighted.items() if k != "base"},
-                   int(scores.shape[0]), self.hook)
+        log_values(
+            self.logger_owner,
+            "logger",
+            {k: v for k, v in weighted.items() if k != "base"},
+            int(scores.shape[0]),
+            self.hook,
+        )
         return total
 
 
-def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: Any = None,
-          image_ids: Callable | None = None, scorer: Callable | None = None,
-          pool: Callable = mean_pool, accelerator: Any = None, optimizer: Any = None,
-          match_criterion: bool = True) -> Any:
+def patch(
+    model: Any,
+    loss: nn.Module,
+    *,
+    captions_per_image: int = 5,
+    cache: Any = None,
+    image_ids: Callable | None = None,
+    scorer: Callable | None = None,
+    pool: Callable = mean_pool,
+    accelerator: Any = None,
+    optimizer: Any = None,
+    match_criterion: bool = True,
+) -> Any:
     """Patch a SCAN model object in place and return it.
 
     Args:
@@ -147,14 +181,16 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
         raise TypeError(f"pool must be callable(images, captions, cap_lens), got {type(pool).__name__}")
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     if optimizer is None:
-        raise ValueError("the SCAN model has no .optimizer; pass optimizer=... so the loss's heads and "
-                         "temperatures are trained")
+        raise ValueError(
+            "the SCAN model has no .optimizer; pass optimizer=... so the loss's heads and temperatures are trained"
+        )
     criterion = model.criterion
     scorer = scorer if scorer is not None else module_scorer(criterion)
     if not callable(scorer):
         raise TypeError(f"scorer must be callable(images, captions, cap_lens), got {type(scorer).__name__}")
-    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
-                         accelerator=accelerator)
+    hook = SoftAlignHook(
+        loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids, accelerator=accelerator
+    )
     record = new_record(model, hook, KIND)
     try:
         capture_ids(record, "train_emb")

@@ -33,6 +33,7 @@ retrieval, the cache's image table holds the teacher
 embeddings of the first column (e.g. ``softalign cache import-npy`` with the anchors' teacher embeddings as the
 "image" features).
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,10 @@ def _checkpoint_callback(loss: nn.Module):
 
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                atomic_save_tensors(os.path.join(folder, LOSS_FILE),
-                                    {k: v.detach().cpu().contiguous() for k, v in loss.state_dict().items()})
+                atomic_save_tensors(
+                    os.path.join(folder, LOSS_FILE),
+                    {k: v.detach().cpu().contiguous() for k, v in loss.state_dict().items()},
+                )
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.registered = True
@@ -81,10 +84,12 @@ def _checkpoint_callback(loss: nn.Module):
 
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", LOSS_FILE)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"resuming at step {state.global_step}, but {path} is missing: the "
-                                        "SoftAlignLoss state (heads, temperatures, calibration) was not saved with "
-                                        "that checkpoint; resume from a checkpoint of a run with "
-                                        "callbacks=[loss.checkpoint_callback], or start over")
+                raise FileNotFoundError(
+                    f"resuming at step {state.global_step}, but {path} is missing: the "
+                    "SoftAlignLoss state (heads, temperatures, calibration) was not saved with "
+                    "that checkpoint; resume from a checkpoint of a run with "
+                    "callbacks=[loss.checkpoint_callback], or start over"
+                )
             device = next((t.device for t in loss.state_dict().values()), None)
             loss.load_state_dict({k: v.to(device) for k, v in load_file(path).items()})
 
@@ -112,19 +117,26 @@ class SoftAlignSTLoss(nn.Module):
         #: pass it to the trainer (``callbacks=[loss.checkpoint_callback]``): the loss's state in every checkpoint
         self.checkpoint_callback = _checkpoint_callback(loss)
 
-    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
-                labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, sentence_features: Iterable[dict[str, torch.Tensor]], labels: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         features = list(sentence_features)
         if len(features) != 2:
-            raise ValueError(f"SoftAlignSTLoss takes two input columns (the image or query side, then the "
-                             f"captions) and a 'label' column of caption ids; got {len(features)} input columns")
+            raise ValueError(
+                f"SoftAlignSTLoss takes two input columns (the image or query side, then the "
+                f"captions) and a 'label' column of caption ids; got {len(features)} input columns"
+            )
         if labels is None:
             raise ValueError("SoftAlignSTLoss needs the caption ids as the dataset's 'label' column")
         if self.training and not self.checkpoint_callback.registered:
             self.checkpoint_callback.registered = True  # warn once
-            warnings.warn("SoftAlignSTLoss: the trainer was built without callbacks=[loss.checkpoint_callback]: "
-                          "its checkpoints will not hold the loss's heads, temperatures and calibration, and a "
-                          "resume would restart them", UserWarning, stacklevel=2)
+            warnings.warn(
+                "SoftAlignSTLoss: the trainer was built without callbacks=[loss.checkpoint_callback]: "
+                "its checkpoints will not hold the loss's heads, temperatures and calibration, and a "
+                "resume would restart them",
+                UserWarning,
+                stacklevel=2,
+            )
         image_side, captions = (self.model(f)["sentence_embedding"] for f in features)
         parts = self.loss(image_side, captions, ids=labels, return_parts=True)
         return self.loss.weighted_parts(parts)

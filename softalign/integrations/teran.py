@@ -32,6 +32,7 @@ dataset that breaks it is refused, naming the first caption that does.
 Reference: Messina et al., "Fine-grained Visual Textual Alignment for Cross-Modal Retrieval using Transformer
 Encoders", ACM TOMM 2021.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,14 +64,18 @@ def dataset_image_ids(dataset: Any) -> Callable[[Any], torch.Tensor]:
     raw = _raw_dataset(dataset)
     n = len(raw)
     if hasattr(raw, "get_raw_item"):
+
         def image_of(i):
             return raw.get_raw_item(i, False)[2]
     elif hasattr(raw, "__getitem__"):
+
         def image_of(i):
             return raw[i][-1]
     else:
-        raise TypeError(f"cannot read image ids from a {type(dataset).__name__}; expected TERAN's CocoDataset, "
-                        "FlickrDataset or BottomUpFeaturesDataset")
+        raise TypeError(
+            f"cannot read image ids from a {type(dataset).__name__}; expected TERAN's CocoDataset, "
+            "FlickrDataset or BottomUpFeaturesDataset"
+        )
     index: dict = {}
     table = torch.tensor([index.setdefault(image_of(i), len(index)) for i in range(n)], dtype=torch.long)
 
@@ -86,23 +91,37 @@ def check_grouped_ids(dataset: Any, captions_per_image: int) -> None:
     captions of one group share one image, and no image appears in two groups."""
     k = int(captions_per_image)
     table = dataset_image_ids(dataset)(torch.arange(len(_raw_dataset(dataset)))).tolist()
-    fix = ("Use a teacher cache (softalign cache build-teran) or image_ids=dataset_image_ids(dataset); TERAN's COCO "
-           "ids are annotation-list indices, not grouped by image")
+    fix = (
+        "Use a teacher cache (softalign cache build-teran) or image_ids=dataset_image_ids(dataset); TERAN's COCO "
+        "ids are annotation-list indices, not grouped by image"
+    )
     group_of_image: dict = {}
     for i, image in enumerate(table):
         g = i // k
         if image != table[g * k]:
-            raise ValueError(f"captions_per_image={k} does not hold for this dataset: caption {i} shows another image "
-                             f"than caption {g * k}, although both are in group {g} ({i} // {k}). {fix}")
+            raise ValueError(
+                f"captions_per_image={k} does not hold for this dataset: caption {i} shows another image "
+                f"than caption {g * k}, although both are in group {g} ({i} // {k}). {fix}"
+            )
         if group_of_image.setdefault(image, g) != g:
-            raise ValueError(f"captions_per_image={k} does not hold for this dataset: caption {i} (group {g}) shows the "
-                             f"image of group {group_of_image[image]}, so captions of one image would be negatives "
-                             f"of each other. {fix}")
+            raise ValueError(
+                f"captions_per_image={k} does not hold for this dataset: caption {i} (group {g}) shows the "
+                f"image of group {group_of_image[image]}, so captions of one image would be negatives "
+                f"of each other. {fix}"
+            )
 
 
-def patch(model: nn.Module, loss: nn.Module, *, captions_per_image: int | None = None, cache: Any = None,
-          image_ids: Callable | None = None, accelerator: Any = None, optimizer: Any = None,
-          dataset: Any = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    loss: nn.Module,
+    *,
+    captions_per_image: int | None = None,
+    cache: Any = None,
+    image_ids: Callable | None = None,
+    accelerator: Any = None,
+    optimizer: Any = None,
+    dataset: Any = None,
+) -> nn.Module:
     """Patch a TERAN model in place and return it.
 
     Args:
@@ -127,16 +146,20 @@ def patch(model: nn.Module, loss: nn.Module, *, captions_per_image: int | None =
                 "captions_per_image cannot be checked for TERAN without the dataset: TERAN's COCO caption ids are "
                 "annotation-list indices, not grouped by image, so ids // k would pair wrong captions as positives. "
                 "Pass dataset=train_loader.dataset (the i // k rule is then checked for every caption), or use a "
-                "teacher cache (softalign cache build-teran) or image_ids=dataset_image_ids(train_loader.dataset)")
+                "teacher cache (softalign cache build-teran) or image_ids=dataset_image_ids(train_loader.dataset)"
+            )
         check_grouped_ids(dataset, captions_per_image)
-    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
-                         accelerator=accelerator)
-    record = generic.install(model, hook, KIND, loss_method="forward_loss", ids_from="forward",
-                             optimizer=optimizer, total_name=None)
+    hook = SoftAlignHook(
+        loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids, accelerator=accelerator
+    )
+    record = generic.install(
+        model, hook, KIND, loss_method="forward_loss", ids_from="forward", optimizer=optimizer, total_name=None
+    )
     model.add_module(SUBMODULE, loss)
     record.submodule = SUBMODULE
     original = getattr(model, "get_parameters", None)
     if callable(original):
+
         @functools.wraps(original)
         def get_parameters(*args, **kwargs):
             groups, *rest = original(*args, **kwargs)

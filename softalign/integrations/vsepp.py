@@ -28,6 +28,7 @@ What :func:`patch` changes:
 Image ids: without a cache, caption ``i`` shows image ``i // captions_per_image`` (VSE++ precomp data; the
 ``10crop`` features have one image row per caption: ``captions_per_image=1``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -48,9 +49,18 @@ __all__ = ["patch", "unpatch", "is_patched"]
 KIND = "vsepp"
 
 
-def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: Any = None,
-          image_ids: Callable | None = None, accelerator: Any = None, optimizer: Any = None,
-          replace_base: bool = True, match_criterion: bool = True) -> Any:
+def patch(
+    model: Any,
+    loss: nn.Module,
+    *,
+    captions_per_image: int = 5,
+    cache: Any = None,
+    image_ids: Callable | None = None,
+    accelerator: Any = None,
+    optimizer: Any = None,
+    replace_base: bool = True,
+    match_criterion: bool = True,
+) -> Any:
     """Patch a VSE++ ``VSE`` object in place (see the module docstring) and return it.
 
     Args:
@@ -71,12 +81,21 @@ def patch(model: Any, loss: nn.Module, *, captions_per_image: int = 5, cache: An
             raise TypeError(f"expected a VSE++ model with {name}(); {type(model).__name__} has none")
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     if optimizer is None:
-        raise ValueError("the VSE++ model has no .optimizer; pass optimizer=... so the loss's heads and "
-                         "temperatures are trained")
-    hook = SoftAlignHook(loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids,
-                         accelerator=accelerator)
-    record = generic.install(model, hook, KIND, loss_method="forward_loss", ids_from="train_emb",
-                             optimizer=optimizer, total_name="Le" if replace_base else None)
+        raise ValueError(
+            "the VSE++ model has no .optimizer; pass optimizer=... so the loss's heads and temperatures are trained"
+        )
+    hook = SoftAlignHook(
+        loss, cache=cache, captions_per_image=captions_per_image, image_ids=image_ids, accelerator=accelerator
+    )
+    record = generic.install(
+        model,
+        hook,
+        KIND,
+        loss_method="forward_loss",
+        ids_from="train_emb",
+        optimizer=optimizer,
+        total_name="Le" if replace_base else None,
+    )
     if replace_base and hook.base_enabled:
         undo = match_criterion_hinge(loss, getattr(model, "criterion", None), "VSE++", adopt=match_criterion)
         if undo is not None:

@@ -4,6 +4,7 @@ Each loss takes student embeddings ``(image_emb, text_emb)`` of a batch of pairs
 image x caption ``scores`` matrix (cross-attention scorers such as SCAN/TERAN), and returns a scalar.
 Learnable temperatures and heads are parameters of the loss: add ``loss.parameters()`` to the optimizer.
 """
+
 from __future__ import annotations
 
 from softalign.losses.cmc import CMCLoss
@@ -13,5 +14,14 @@ from softalign.losses.csa import CSALoss
 from softalign.losses.temperature import ClampedTemperature
 from softalign.losses.usa import ProjectionHead, UniModalHead, USALoss
 
-__all__ = ["SoftAlignLoss", "VSEHingeLoss", "InfoNCELoss", "CSALoss", "USALoss", "CMCLoss", "ClampedTemperature",
-           "UniModalHead", "ProjectionHead"]
+__all__ = [
+    "SoftAlignLoss",
+    "VSEHingeLoss",
+    "InfoNCELoss",
+    "CSALoss",
+    "USALoss",
+    "CMCLoss",
+    "ClampedTemperature",
+    "UniModalHead",
+    "ProjectionHead",
+]

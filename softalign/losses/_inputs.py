@@ -1,4 +1,5 @@
 """Shared input handling: embeddings or a precomputed score matrix, validated and upcast to fp32."""
+
 from __future__ import annotations
 
 import torch
@@ -33,10 +34,12 @@ class ChecksValuesOnce:
 def assert_finite(loss: torch.Tensor, name: str) -> None:
     """Raise (``RuntimeError``) when the scalar ``loss`` is NaN or inf, without a host sync: ``torch._assert_async``
     checks on the device; on the CPU it raises at once."""
-    torch._assert_async(torch.isfinite(loss.detach()).all(),
-                        f"{name}: the loss is not finite (NaN or inf): an input (embeddings, scores, teacher "
-                        "similarities) or a temperature holds NaN/inf, or the embeddings overflow; set "
-                        "check_values_always = True on the loss to have the bad input named")
+    torch._assert_async(
+        torch.isfinite(loss.detach()).all(),
+        f"{name}: the loss is not finite (NaN or inf): an input (embeddings, scores, teacher "
+        "similarities) or a temperature holds NaN/inf, or the embeddings overflow; set "
+        "check_values_always = True on the loss to have the bad input named",
+    )
 
 
 def resolve_scores(
@@ -55,8 +58,13 @@ def resolve_scores(
     return similarity(image_emb, text_emb)
 
 
-def check_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, same_dim: bool = True,
-                     names=("image_emb", "text_emb"), validate: bool = True):
+def check_embeddings(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    same_dim: bool = True,
+    names=("image_emb", "text_emb"),
+    validate: bool = True,
+):
     a, b = names
     image_emb = as_float(image_emb, a, validate)
     text_emb = as_float(text_emb, b, validate)
@@ -94,5 +102,11 @@ def is_plain_cosine(similarity) -> bool:
     import sys
 
     pml = sys.modules.get("pytorch_metric_learning.distances")
-    return (pml is not None and type(similarity) is pml.CosineSimilarity and similarity.normalize_embeddings
-            and similarity.p == 2 and similarity.power == 1 and not getattr(similarity, "collect_stats", False))
+    return (
+        pml is not None
+        and type(similarity) is pml.CosineSimilarity
+        and similarity.normalize_embeddings
+        and similarity.p == 2
+        and similarity.power == 1
+        and not getattr(similarity, "collect_stats", False)
+    )

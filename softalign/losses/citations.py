@@ -1,5 +1,6 @@
 """BibTeX entries of the papers behind the losses; each loss exposes the ones it implements as ``citation``
 (the sentence-transformers convention, used e.g. in generated model cards)."""
+
 from __future__ import annotations
 
 CUSA = """@inproceedings{huang2024cusa,

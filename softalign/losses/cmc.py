@@ -1,4 +1,5 @@
 """Consistent Multimodal Contrastive (CMC) loss from TGDT [Liu et al., IEEE TIP 2023]."""
+
 from __future__ import annotations
 
 import torch
@@ -19,14 +20,25 @@ class CMCLoss(ChecksValuesOnce, nn.Module):
 
     citation = citations.TGDT
 
-    def __init__(self, margin: float = 0.2, intra_margin: float = 0.3, miner: NegativeMiner | None = None,
-                 similarity=None):
+    def __init__(
+        self, margin: float = 0.2, intra_margin: float = 0.3, miner: NegativeMiner | None = None, similarity=None
+    ):
         super().__init__()
         self.margin, self.intra_margin, self.miner = float(margin), float(intra_margin), miner
         self.similarity = similarity if similarity is not None else default_similarity()
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, scores=None, image_ids=None,
-                teacher_image_sim=None, teacher_text_sim=None, image_sim=None, text_sim=None) -> torch.Tensor:
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        *,
+        scores=None,
+        image_ids=None,
+        teacher_image_sim=None,
+        teacher_text_sim=None,
+        image_sim=None,
+        text_sim=None,
+    ) -> torch.Tensor:
         """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities, if the caller
         already has them (otherwise computed from the embeddings)."""
         validate = self._take_value_check()
@@ -36,12 +48,30 @@ class CMCLoss(ChecksValuesOnce, nn.Module):
         text_sim = SF.cosine_similarity_matrix(text_emb, validate=False) if text_sim is None else text_sim
         negatives = None
         if self.miner is not None:
-            negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
-                                   teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
-        return self._checked(SF.consistent_multimodal_contrastive(
-            scores, image_sim, text_sim, image_ids,
-            margin=self.margin, intra_margin=self.intra_margin, negatives=negatives, validate=False))
+            negatives = self.miner(
+                scores,
+                image_ids,
+                teacher_image_sim=teacher_image_sim,
+                teacher_text_sim=teacher_text_sim,
+                image_emb=image_emb,
+                text_emb=text_emb,
+            )
+        return self._checked(
+            SF.consistent_multimodal_contrastive(
+                scores,
+                image_sim,
+                text_sim,
+                image_ids,
+                margin=self.margin,
+                intra_margin=self.intra_margin,
+                negatives=negatives,
+                validate=False,
+            )
+        )
 
     def get_config_dict(self) -> dict:
-        return {"margin": self.margin, "intra_margin": self.intra_margin,
-                "miner": None if self.miner is None else self.miner.get_config_dict()}
+        return {
+            "margin": self.margin,
+            "intra_margin": self.intra_margin,
+            "miner": None if self.miner is None else self.miner.get_config_dict(),
+        }

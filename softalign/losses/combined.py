@@ -1,4 +1,5 @@
 """The one-line module: base loss + alpha * CSA + beta * USA (+ gamma * CMC), distributed-aware."""
+
 from __future__ import annotations
 
 import inspect
@@ -37,11 +38,11 @@ BASES = ("vsepp", "vsepp_sum", "infonce", "none")
 #: hinge bases sum over anchors, so the KL terms are summed over anchors too (``soft_label_reduction="auto"``).
 DEFAULT_WEIGHTS: dict[str, tuple[float, float]] = {
     "infonce_cusa_mean": (0.1, 0.5),  # CUSA, Huang et al. AAAI 2024 (configs: contrastive_loss_mode mean)
-    "infonce_ce": (10.0, 10.0),       # CE averaged over anchors: equals CUSA's balance up to a factor ~1/B
+    "infonce_ce": (10.0, 10.0),  # CE averaged over anchors: equals CUSA's balance up to a factor ~1/B
     "vsepp": (3.0, 3.0),
     "vsepp_sum": (10.0, 10.0),
     "none": (1.0, 1.0),
-    "custom": (1.0, 1.0),         # scale unknown: check loss.gradient_shares (a warning fires under 1%)
+    "custom": (1.0, 1.0),  # scale unknown: check loss.gradient_shares (a warning fires under 1%)
 }
 
 
@@ -75,8 +76,10 @@ def _as_id_tensor(ids, name: str) -> torch.Tensor:
     if t.is_floating_point():
         if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
             bad = (~torch.isfinite(t) | (t != t.round())).nonzero()[0].tolist()
-            raise ValueError(f"{name} must be integer caption ids; got {t.dtype} with a fractional or non-finite "
-                             f"value at index {tuple(bad)}")
+            raise ValueError(
+                f"{name} must be integer caption ids; got {t.dtype} with a fractional or non-finite "
+                f"value at index {tuple(bad)}"
+            )
     elif t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must be integer caption ids, got dtype {t.dtype}")
     return t.long()
@@ -154,8 +157,12 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         super().__init__()
         #: which hinge / weight settings the caller stated; an integration shim adopts an upstream trainer's own
         #: criterion silently where nothing was stated (base None -> "vsepp", margin None -> 0.2, weights None)
-        self._stated = {"base": base is not None, "margin": margin is not None, "alpha": alpha is not None,
-                        "beta": beta is not None}
+        self._stated = {
+            "base": base is not None,
+            "margin": margin is not None,
+            "alpha": alpha is not None,
+            "beta": beta is not None,
+        }
         base = "vsepp" if base is None else base
         margin = 0.2 if margin is None else margin
         if base == "infonce":
@@ -165,14 +172,17 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         alpha = default_alpha if alpha is None else alpha
         beta = default_beta if beta is None else beta
         if soft_label_reduction not in ("auto", "batchmean", "sum"):
-            raise ValueError(f"soft_label_reduction must be 'auto', 'batchmean' or 'sum', got {soft_label_reduction!r}")
+            raise ValueError(
+                f"soft_label_reduction must be 'auto', 'batchmean' or 'sum', got {soft_label_reduction!r}"
+            )
         if soft_label_reduction == "auto":
             soft_label_reduction = "sum" if base_key in ("vsepp", "vsepp_sum") else "batchmean"
         self.soft_label_reduction = soft_label_reduction
         auto_tau = isinstance(teacher_temperature, str)
         if auto_tau and teacher_temperature != "auto":
-            raise ValueError(f"teacher_temperature must be 'auto', a float or an (image, text) pair, "
-                             f"got {teacher_temperature!r}")
+            raise ValueError(
+                f"teacher_temperature must be 'auto', a float or an (image, text) pair, got {teacher_temperature!r}"
+            )
         if not 0.0 < float(soft_label_entropy) < 1.0:
             raise ValueError(f"soft_label_entropy must lie in (0, 1) (a fraction of log B), got {soft_label_entropy}")
         self.soft_label_entropy = float(soft_label_entropy)
@@ -185,8 +195,11 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self.soft_weight = soft_weight_from_config(soft_weight)
         self._soft_scale = 1.0
         needed = getattr(self.soft_weight, "every", None)
-        self.diagnostics_every = int(diagnostics_every) if not needed else (
-            needed if not diagnostics_every else math.gcd(int(diagnostics_every), needed))
+        self.diagnostics_every = (
+            int(diagnostics_every)
+            if not needed
+            else (needed if not diagnostics_every else math.gcd(int(diagnostics_every), needed))
+        )
         self._steps = 0
         self._warned_low_share = False
         self._warned_single_pair = False
@@ -203,14 +216,27 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self.cache, self.miner, self.gather, self.return_parts = cache, miner, bool(gather), bool(return_parts)
         self.similarity = similarity if similarity is not None else default_similarity()
         self._cosine = is_plain_cosine(self.similarity)
-        self._config: dict[str, Any] = dict(embed_dim=embed_dim, base=base if isinstance(base, str) else type(base).__name__,
-                            alpha=alpha, beta=beta, gamma=gamma, margin=margin, temperature=temperature,
-                            infonce_reduction=infonce_reduction,
-                            csa_mode=csa_mode, csa_temperature=csa_temperature, usa_temperature=usa_temperature,
-                            teacher_temperature=teacher_temperature, soft_label_entropy=soft_label_entropy,
-                            soft_label_reduction=soft_label_reduction, learn_temperatures=learn_temperatures,
-                            cmc_intra_margin=cmc_intra_margin, gather=gather, return_parts=return_parts,
-                            diagnostics_every=diagnostics_every)
+        self._config: dict[str, Any] = dict(
+            embed_dim=embed_dim,
+            base=base if isinstance(base, str) else type(base).__name__,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            margin=margin,
+            temperature=temperature,
+            infonce_reduction=infonce_reduction,
+            csa_mode=csa_mode,
+            csa_temperature=csa_temperature,
+            usa_temperature=usa_temperature,
+            teacher_temperature=teacher_temperature,
+            soft_label_entropy=soft_label_entropy,
+            soft_label_reduction=soft_label_reduction,
+            learn_temperatures=learn_temperatures,
+            cmc_intra_margin=cmc_intra_margin,
+            gather=gather,
+            return_parts=return_parts,
+            diagnostics_every=diagnostics_every,
+        )
         if self.soft_weight is not None:
             self._config["soft_weight"] = self.soft_weight.get_config_dict()
 
@@ -220,18 +246,34 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         elif base in ("vsepp", "vsepp_sum"):
             self.base = VSEHingeLoss(margin, max_violation=(base == "vsepp"), miner=miner, similarity=self.similarity)
         elif base == "infonce":
-            self.base = InfoNCELoss(temperature, learn_temperature=learn_temperatures, similarity=self.similarity,
-                                    reduction=infonce_reduction)
+            self.base = InfoNCELoss(
+                temperature,
+                learn_temperature=learn_temperatures,
+                similarity=self.similarity,
+                reduction=infonce_reduction,
+            )
         elif base == "none":
             self.base = None
         else:
             raise ValueError(f"base must be one of {BASES} or an nn.Module, got {base!r}")
         # placeholder until calibrate() sets the values
         fixed_tau: float | tuple[float, float] = 1.0 if isinstance(teacher_temperature, str) else teacher_temperature
-        self.csa = CSALoss(csa_mode, csa_temperature, learn_temperature=learn_temperatures,
-                           teacher_temperature=fixed_tau, similarity=self.similarity) if alpha > 0 else None
-        self.usa = USALoss(embed_dim, usa_temperature, learn_temperature=learn_temperatures,
-                           teacher_temperature=fixed_tau) if beta > 0 else None
+        self.csa = (
+            CSALoss(
+                csa_mode,
+                csa_temperature,
+                learn_temperature=learn_temperatures,
+                teacher_temperature=fixed_tau,
+                similarity=self.similarity,
+            )
+            if alpha > 0
+            else None
+        )
+        self.usa = (
+            USALoss(embed_dim, usa_temperature, learn_temperature=learn_temperatures, teacher_temperature=fixed_tau)
+            if beta > 0
+            else None
+        )
         self._needs_calibration = auto_tau and (self.csa is not None or self.usa is not None)
         self.cmc = CMCLoss(margin, cmc_intra_margin, miner=miner, similarity=self.similarity) if gamma > 0 else None
         # CSA (mode "each") and USA read the same teacher matrices at the same frozen tau_s (CUSA's
@@ -278,8 +320,16 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         return self.csa is not None or self.usa is not None or _uses_teacher(self.miner)
 
     # ------------------------------------------------------------------------------------------ calibration
-    def calibrate(self, cache=None, batch_size: int | None = None, *, teacher_image_sim=None,
-                  teacher_text_sim=None, num_batches: int = 16, seed: int = 0) -> dict[str, Any] | None:
+    def calibrate(
+        self,
+        cache=None,
+        batch_size: int | None = None,
+        *,
+        teacher_image_sim=None,
+        teacher_text_sim=None,
+        num_batches: int = 16,
+        seed: int = 0,
+    ) -> dict[str, Any] | None:
         """Choose the soft-label temperature ``tau_s`` of each teacher matrix once (``teacher_temperature="auto"``).
 
         ``tau_s`` makes the mean normalised entropy of ``softmax(T / tau_s)`` equal ``soft_label_entropy`` at the
@@ -305,8 +355,12 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             if batch_size is None:
                 raise ValueError("calibrate(cache) needs the training batch_size (the global batch under gather)")
             ids, t_img, t_txt = cal.cache_batches(cache, batch_size, num_batches, seed)
-            record = {"batch_size": int(ids.shape[1]), "num_batches": int(num_batches), "seed": int(seed),
-                      "source": "cache"}
+            record = {
+                "batch_size": int(ids.shape[1]),
+                "num_batches": int(num_batches),
+                "seed": int(seed),
+                "source": "cache",
+            }
         target = self.soft_label_entropy
         tau_img = cal.calibrate_temperature(t_img, target)
         tau_txt = cal.calibrate_temperature(t_txt, target)
@@ -332,10 +386,15 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         uninterrupted one."""
         import json
 
-        data = json.dumps({"calibration": self.calibration, "steps": self._steps,
-                           "gradient_shares": self.gradient_shares,
-                           "soft_weight": None if self.soft_weight is None else self.soft_weight.state_dict()},
-                          sort_keys=True).encode("utf-8")
+        data = json.dumps(
+            {
+                "calibration": self.calibration,
+                "steps": self._steps,
+                "gradient_shares": self.gradient_shares,
+                "soft_weight": None if self.soft_weight is None else self.soft_weight.state_dict(),
+            },
+            sort_keys=True,
+        ).encode("utf-8")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
     def set_extra_state(self, state) -> None:
@@ -354,28 +413,56 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             self.soft_weight.load_state_dict(state["soft_weight"])
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, image_emb=None, text_emb=None, ids=None, *, scores=None, image_ids=None,
-                image_features=None, text_features=None,
-                teacher_image_sim=None, teacher_text_sim=None, teacher_image_emb=None, teacher_text_emb=None,
-                return_parts: bool | None = None, base_temperature=None):
+    def forward(
+        self,
+        image_emb=None,
+        text_emb=None,
+        ids=None,
+        *,
+        scores=None,
+        image_ids=None,
+        image_features=None,
+        text_features=None,
+        teacher_image_sim=None,
+        teacher_text_sim=None,
+        teacher_image_emb=None,
+        teacher_text_emb=None,
+        return_parts: bool | None = None,
+        base_temperature=None,
+    ):
         """``image_features`` / ``text_features``: ``[B, D_i]`` / ``[B, D_t]`` backbone features for USA (CUSA's
         layout: the uni-modal heads run parallel to the cross-modal head, so USA's gradient never reaches it);
         without them USA uses ``image_emb`` / ``text_emb``. ``base_temperature``: the InfoNCE base's temperature
         for this call in place of its own, e.g. ``1 / logit_scale`` of a CLIP model (its gradient flows back)."""
         if base_temperature is not None and not isinstance(self.base, InfoNCELoss):
-            raise ValueError(f"base_temperature is the temperature of an InfoNCE base; this loss's base is "
-                             f"{self._config['base']!r}")
-        device = (scores if scores is not None else image_emb if image_emb is not None else text_emb)
+            raise ValueError(
+                f"base_temperature is the temperature of an InfoNCE base; this loss's base is {self._config['base']!r}"
+            )
+        device = scores if scores is not None else image_emb if image_emb is not None else text_emb
         device = device.device if isinstance(device, torch.Tensor) else torch.device("cpu")
-        inputs = [t for t in (image_emb, text_emb, scores, image_features, text_features)
-                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        inputs = [
+            t
+            for t in (image_emb, text_emb, scores, image_features, text_features)
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
         if self.soft_weight is not None and self.training:
             self._soft_scale = float(self.soft_weight.scale(self._steps))
         # Under a caller's autocast the matmuls would run in fp16/bf16: the loss computes in fp32.
         with torch.autocast(device.type, enabled=False):
-            out = self._forward(image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
-                                teacher_image_emb, teacher_text_emb, image_features, text_features,
-                                base_temperature)
+            out = self._forward(
+                image_emb,
+                text_emb,
+                ids,
+                scores,
+                image_ids,
+                teacher_image_sim,
+                teacher_text_sim,
+                teacher_image_emb,
+                teacher_text_emb,
+                image_features,
+                text_features,
+                base_temperature,
+            )
         assert_finite(out["loss"], type(self).__name__)
         if self.training and torch.is_grad_enabled() and inputs:
             if self.diagnostics_every and self._steps % self.diagnostics_every == 0:
@@ -385,8 +472,9 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             return out
         return out["loss"]
 
-    def _forward_local_rows(self, img_l, txt_l, ids, image_ids, feat_img, feat_txt, e_img, e_txt,
-                            validate: bool, base_temperature=None) -> dict[str, torch.Tensor]:
+    def _forward_local_rows(
+        self, img_l, txt_l, ids, image_ids, feat_img, feat_txt, e_img, e_txt, validate: bool, base_temperature=None
+    ) -> dict[str, torch.Tensor]:
         """Multi-process path: this process's anchors (rows) against the gathered batch (columns); see
         :mod:`softalign.losses.local_rows`. Values are the exact global terms, gradients exact after data-parallel
         averaging (the loss's own parameter gradients are all-reduced by hooks)."""
@@ -399,8 +487,12 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         txt_g = dist_utils.all_gather_with_grad(txt_l, sizes)
         feats = None
         if feat_img is not None:
-            feats = (feat_img, feat_txt, dist_utils.all_gather_with_grad(feat_img, sizes),
-                     dist_utils.all_gather_with_grad(feat_txt, sizes))
+            feats = (
+                feat_img,
+                feat_txt,
+                dist_utils.all_gather_with_grad(feat_img, sizes),
+                dist_utils.all_gather_with_grad(feat_txt, sizes),
+            )
         ids_g = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
         image_ids_l: torch.Tensor | None
         image_ids_g: torch.Tensor | None
@@ -411,7 +503,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             image_ids_g = dist_utils.gather_batch(image_ids_l, sizes)
         elif ids_g is not None:
             image_ids_g = self._image_ids(ids_g, None, batch, device)
-            image_ids_l = image_ids_g[offset: offset + b]
+            image_ids_l = image_ids_g[offset : offset + b]
         else:
             image_ids_l = image_ids_g = None
         teacher: tuple[torch.Tensor, ...] | None = None
@@ -419,26 +511,31 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             if e_img is not None or e_txt is not None:
                 if e_img is None or e_txt is None:
                     raise ValueError("pass both teacher_image_emb and teacher_text_emb")
-                e_img_g = F.normalize(SF.as_float(dist_utils.gather_batch(e_img.to(device), sizes),
-                                                  "teacher_image_emb", validate), dim=1)
-                e_txt_g = F.normalize(SF.as_float(dist_utils.gather_batch(e_txt.to(device), sizes),
-                                                  "teacher_text_emb", validate), dim=1)
+                e_img_g = F.normalize(
+                    SF.as_float(dist_utils.gather_batch(e_img.to(device), sizes), "teacher_image_emb", validate), dim=1
+                )
+                e_txt_g = F.normalize(
+                    SF.as_float(dist_utils.gather_batch(e_txt.to(device), sizes), "teacher_text_emb", validate), dim=1
+                )
             elif self.cache is not None:
                 if ids_g is None:
                     raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
                 e_img_g, e_txt_g = self.cache.embeddings(ids_g, device=device)
             else:
-                raise ValueError("the soft-label terms need teacher embeddings under multi-process training: give the "
-                                 "loss a cache and pass ids, or pass teacher_image_emb / teacher_text_emb")
-            teacher = (e_img_g[offset: offset + b], e_txt_g[offset: offset + b], e_img_g, e_txt_g)
+                raise ValueError(
+                    "the soft-label terms need teacher embeddings under multi-process training: give the "
+                    "loss a cache and pass ids, or pass teacher_image_emb / teacher_text_emb"
+                )
+            teacher = (e_img_g[offset : offset + b], e_txt_g[offset : offset + b], e_img_g, e_txt_g)
             if self._needs_calibration:
                 if self.cache is not None and hasattr(self.cache, "num_captions"):
                     self.calibrate(batch_size=batch)
                 else:
                     self.calibrate(teacher_image_sim=e_img_g @ e_img_g.t(), teacher_text_sim=e_txt_g @ e_txt_g.t())
         self._install_gradient_sync()
-        partial = local_row_parts(self, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher,
-                                  offset, batch, base_temperature)
+        partial = local_row_parts(
+            self, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher, offset, batch, base_temperature
+        )
         parts: dict[str, torch.Tensor] = {}
         for name, value in partial.items():
             exact = value.detach().clone()
@@ -474,8 +571,12 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
 
     def _weights(self) -> dict[str, float]:
         """The weights of this step: CSA's and USA's times the ``soft_weight`` scale."""
-        return {"base": 1.0, "csa": self.alpha * self._soft_scale, "usa": self.beta * self._soft_scale,
-                "cmc": self.gamma}
+        return {
+            "base": 1.0,
+            "csa": self.alpha * self._soft_scale,
+            "usa": self.beta * self._soft_scale,
+            "cmc": self.gamma,
+        }
 
     def weighted_parts(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"base": L_base, "csa": alpha L_CSA, "usa": beta L_USA, "cmc": gamma L_CMC}`` from a
@@ -500,8 +601,10 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
 
     def _config_summary(self) -> str:
         base = self._config["base"]
-        return (f"base={base!r}, alpha={self.alpha}, beta={self.beta}, soft_label_reduction="
-                f"{self.soft_label_reduction!r}, teacher_temperature={self._teacher_tau_text()}")
+        return (
+            f"base={base!r}, alpha={self.alpha}, beta={self.beta}, soft_label_reduction="
+            f"{self.soft_label_reduction!r}, teacher_temperature={self._teacher_tau_text()}"
+        )
 
     def _teacher_tau_text(self) -> str:
         term = self.csa if self.csa is not None else self.usa
@@ -509,16 +612,29 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             return "-"
         return f"({float(term.teacher_temperature.value):.4g}, {float(term.text_teacher_temperature.value):.4g})"
 
-    def _forward(self, image_emb, text_emb, ids, scores, image_ids, teacher_image_sim, teacher_text_sim,
-                 teacher_image_emb, teacher_text_emb, image_features=None, text_features=None,
-                 base_temperature=None) -> dict[str, torch.Tensor]:
+    def _forward(
+        self,
+        image_emb,
+        text_emb,
+        ids,
+        scores,
+        image_ids,
+        teacher_image_sim,
+        teacher_text_sim,
+        teacher_image_emb,
+        teacher_text_emb,
+        image_features=None,
+        text_features=None,
+        base_temperature=None,
+    ) -> dict[str, torch.Tensor]:
         have_emb = image_emb is not None and text_emb is not None
         if scores is None and not have_emb:
             raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
         # NaN/inf/overflow (a host sync) on the first forward and at each gradient-share diagnostic (which syncs
         # anyway); shapes and dtypes on every call
         validate = self._take_value_check() or (
-            self.training and self.diagnostics_every > 0 and self._steps % self.diagnostics_every == 0)
+            self.training and self.diagnostics_every > 0 and self._steps % self.diagnostics_every == 0
+        )
         if have_emb:
             image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=scores is None, validate=validate)
             if image_emb.shape[0] == 0:
@@ -527,22 +643,40 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         if have_feat:
             if image_features is None or text_features is None:
                 raise ValueError("pass both image_features and text_features (the inputs of USA's uni-modal heads)")
-            image_features, text_features = check_embeddings(image_features, text_features, same_dim=False,
-                                                             names=("image_features", "text_features"),
-                                                             validate=validate)
+            image_features, text_features = check_embeddings(
+                image_features,
+                text_features,
+                same_dim=False,
+                names=("image_features", "text_features"),
+                validate=validate,
+            )
         if (self.usa is not None or self.cmc is not None) and not (have_emb or (have_feat and self.cmc is None)):
-            raise ValueError("USA (beta > 0) and CMC (gamma > 0) need image_emb and text_emb (pooled embeddings) "
-                             "or, for USA, image_features / text_features, in addition to scores")
+            raise ValueError(
+                "USA (beta > 0) and CMC (gamma > 0) need image_emb and text_emb (pooled embeddings) "
+                "or, for USA, image_features / text_features, in addition to scores"
+            )
         if ids is not None:
             ids = _as_id_tensor(ids, "ids")
 
         if self.gather and scores is None and dist_utils.is_distributed():
             if teacher_image_sim is not None or teacher_text_sim is not None:
-                raise ValueError("teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
-                                 "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb")
+                raise ValueError(
+                    "teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
+                    "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb"
+                )
             if supports_local_rows(self):
-                return self._forward_local_rows(image_emb, text_emb, ids, image_ids, image_features, text_features,
-                                                teacher_image_emb, teacher_text_emb, validate, base_temperature)
+                return self._forward_local_rows(
+                    image_emb,
+                    text_emb,
+                    ids,
+                    image_ids,
+                    image_features,
+                    text_features,
+                    teacher_image_emb,
+                    teacher_text_emb,
+                    validate,
+                    base_temperature,
+                )
             sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
             device = image_emb.device
             image_emb = dist_utils.all_gather_with_grad(image_emb, sizes)
@@ -552,7 +686,9 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 text_features = dist_utils.all_gather_with_grad(text_features, sizes)
             ids = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
             image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids.to(device), sizes)
-            teacher_image_emb = None if teacher_image_emb is None else dist_utils.gather_batch(teacher_image_emb, sizes)
+            teacher_image_emb = (
+                None if teacher_image_emb is None else dist_utils.gather_batch(teacher_image_emb, sizes)
+            )
             teacher_text_emb = None if teacher_text_emb is None else dist_utils.gather_batch(teacher_text_emb, sizes)
 
         if scores is not None:
@@ -566,17 +702,25 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             raise ValueError(f"image_features have {image_features.shape[0]} rows but the batch has {batch} pairs")
         if batch == 1 and not self._warned_single_pair:  # from the shape: no host sync
             self._warned_single_pair = True
-            warnings.warn("softalign: a batch of 1 (image, caption) pair has no negatives and a 1 x 1 soft label: "
-                          "every term is 0 (no gradient). Use batches of several pairs (drop_last=True for the "
-                          "last, short batch)", UserWarning, stacklevel=3)
+            warnings.warn(
+                "softalign: a batch of 1 (image, caption) pair has no negatives and a 1 x 1 soft label: "
+                "every term is 0 (no gradient). Use batches of several pairs (drop_last=True for the "
+                "last, short batch)",
+                UserWarning,
+                stacklevel=3,
+            )
         image_ids = self._image_ids(ids, image_ids, batch, device)
         t_img, t_txt = (None, None)
         if self._needs_teacher():
-            t_img, t_txt = self._teacher(ids, batch, device, teacher_image_sim, teacher_text_sim,
-                                         teacher_image_emb, teacher_text_emb, validate)
+            t_img, t_txt = self._teacher(
+                ids, batch, device, teacher_image_sim, teacher_text_sim, teacher_image_emb, teacher_text_emb, validate
+            )
             if self._needs_calibration:
-                if self.cache is not None and hasattr(self.cache, "num_captions") \
-                        and hasattr(self.cache, "caption_to_image"):
+                if (
+                    self.cache is not None
+                    and hasattr(self.cache, "num_captions")
+                    and hasattr(self.cache, "caption_to_image")
+                ):
                     self.calibrate(batch_size=batch)
                 else:  # no cache: the first batch's own teacher matrices, once
                     self.calibrate(teacher_image_sim=t_img, teacher_text_sim=t_txt)
@@ -593,8 +737,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         elif scores is None:
             scores = self.similarity(image_emb, text_emb).float()
         usa_in = (image_features, text_features) if have_feat else (image_emb, text_emb)
-        parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch,
-                            base_temperature)
+        parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch, base_temperature)
         total = scores.new_zeros(())
         for name, weight in self._weights().items():
             if name in parts:
@@ -616,15 +759,33 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         shared = usa_t is not None and self._shared_soft_labels
         return (usa_t if shared else self.csa.soft_labels(teacher_image_sim, teacher_text_sim)), usa_t
 
-    def _terms(self, image_emb, text_emb, scores, image_ids, t_img, t_txt, uni=None, usa_in=None,
-               batch: int = 1, base_temperature=None) -> dict[str, torch.Tensor]:
+    def _terms(
+        self,
+        image_emb,
+        text_emb,
+        scores,
+        image_ids,
+        t_img,
+        t_txt,
+        uni=None,
+        usa_in=None,
+        batch: int = 1,
+        base_temperature=None,
+    ) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
         if self.base is not None:
             if isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
                 # miners may need the teacher similarities (TeacherFilteredMiner) or the embeddings (PMLMiner)
                 extra = {} if base_temperature is None else {"temperature": base_temperature}
-                parts["base"] = self.base(image_emb, text_emb, scores=scores, image_ids=image_ids,
-                                          teacher_image_sim=t_img, teacher_text_sim=t_txt, **extra)
+                parts["base"] = self.base(
+                    image_emb,
+                    text_emb,
+                    scores=scores,
+                    image_ids=image_ids,
+                    teacher_image_sim=t_img,
+                    teacher_text_sim=t_txt,
+                    **extra,
+                )
             else:  # a user's module: the documented call
                 parts["base"] = self.base(scores=scores, image_ids=image_ids)
         # the KL terms are batch means; with a base that sums over anchors (VSE++'s hinge) they are summed too
@@ -635,20 +796,36 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         image_sim, text_sim = uni if uni is not None else (None, None)
         if self.usa is not None:
             u_img, u_txt = usa_in if usa_in is not None else (image_emb, text_emb)
-            s_uni = uni if (uni is not None and u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
-            parts["usa"] = soft_scale * self.usa(u_img, u_txt, targets=usa_targets, image_sim=s_uni[0],
-                                                 text_sim=s_uni[1])
+            s_uni = (
+                uni if (uni is not None and u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
+            )
+            parts["usa"] = soft_scale * self.usa(
+                u_img, u_txt, targets=usa_targets, image_sim=s_uni[0], text_sim=s_uni[1]
+            )
         if self.cmc is not None:
             if isinstance(self.base, VSEHingeLoss):
                 # TGDT's CMC is hinge + intra-modal consistency: on a hinge base the base already is the inter term,
                 # so CMC adds only the intra term (hinge base + gamma 1 CMC == TGDT's CMC)
-                s_ii, s_tt = uni if uni is not None else (SF.cosine_similarity_matrix(image_emb, validate=False),
-                                                          SF.cosine_similarity_matrix(text_emb, validate=False))
+                s_ii, s_tt = (
+                    uni
+                    if uni is not None
+                    else (
+                        SF.cosine_similarity_matrix(image_emb, validate=False),
+                        SF.cosine_similarity_matrix(text_emb, validate=False),
+                    )
+                )
                 parts["cmc"] = SF.intra_modal_consistency(s_ii, s_tt, margin=self.cmc.intra_margin, validate=False)
             else:
-                parts["cmc"] = self.cmc(image_emb, text_emb, scores=scores, image_ids=image_ids,
-                                        teacher_image_sim=t_img, teacher_text_sim=t_txt, image_sim=image_sim,
-                                        text_sim=text_sim)
+                parts["cmc"] = self.cmc(
+                    image_emb,
+                    text_emb,
+                    scores=scores,
+                    image_ids=image_ids,
+                    teacher_image_sim=t_img,
+                    teacher_text_sim=t_txt,
+                    image_sim=image_sim,
+                    text_sim=text_sim,
+                )
         return parts
 
     # ------------------------------------------------------------------------------------------
@@ -662,8 +839,9 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             if ids.shape != (batch,):
                 raise ValueError(f"ids must have shape [{batch}] (one caption id per pair), got {tuple(ids.shape)}")
             if self.cache is None:
-                raise ValueError("ids are caption ids: pass image_ids too, or give the loss a cache that maps "
-                                 "captions to images")
+                raise ValueError(
+                    "ids are caption ids: pass image_ids too, or give the loss a cache that maps captions to images"
+                )
             return torch.as_tensor(self.cache.image_ids(ids)).to(device)
         return None  # diagonal positives
 
@@ -682,8 +860,10 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             sims = self.cache.similarities(ids, device=device)
             t_img, t_txt = (sims.image, sims.text) if hasattr(sims, "image") else sims  # a (image, text) pair
         else:
-            raise ValueError("the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
-                             "pass teacher_image_sim/teacher_text_sim (or teacher_image_emb/teacher_text_emb)")
+            raise ValueError(
+                "the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
+                "pass teacher_image_sim/teacher_text_sim (or teacher_image_emb/teacher_text_emb)"
+            )
         t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch, validate).to(device)
         t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch, validate).to(device)
         return t_img, t_txt
@@ -703,7 +883,7 @@ def _same_on_every_process(shares: dict[str, float], device) -> dict[str, float]
     norms /= dist.get_world_size()
     from softalign.losses.diagnostics import shares_from_norms
 
-    return shares_from_norms({k[len("norm_"):]: float(v) for k, v in zip(keys, norms.tolist())})
+    return shares_from_norms({k[len("norm_") :]: float(v) for k, v in zip(keys, norms.tolist())})
 
 
 def _uses_teacher(miner) -> bool:

@@ -1,4 +1,5 @@
 """Base cross-modal losses: VSE++ hinge and symmetric InfoNCE, with positives from ids."""
+
 from __future__ import annotations
 
 import torch
@@ -24,28 +25,66 @@ class VSEHingeLoss(ChecksValuesOnce, nn.Module):
 
     citation = citations.VSEPP
 
-    def __init__(self, margin: float = 0.2, max_violation: bool = True, miner: NegativeMiner | None = None,
-                 reduction: str = "sum", similarity=None):
+    def __init__(
+        self,
+        margin: float = 0.2,
+        max_violation: bool = True,
+        miner: NegativeMiner | None = None,
+        reduction: str = "sum",
+        similarity=None,
+    ):
         super().__init__()
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        self.margin, self.max_violation, self.miner, self.reduction = float(margin), bool(max_violation), miner, reduction
+        self.margin, self.max_violation, self.miner, self.reduction = (
+            float(margin),
+            bool(max_violation),
+            miner,
+            reduction,
+        )
         self.similarity = similarity if similarity is not None else default_similarity()
 
-    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None,
-                teacher_image_sim=None, teacher_text_sim=None) -> torch.Tensor:
+    def forward(
+        self,
+        image_emb=None,
+        text_emb=None,
+        *,
+        scores=None,
+        image_ids=None,
+        teacher_image_sim=None,
+        teacher_text_sim=None,
+    ) -> torch.Tensor:
         validate = self._take_value_check()
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
         negatives = None
         if self.miner is not None:
-            negatives = self.miner(scores, image_ids, teacher_image_sim=teacher_image_sim,
-                                   teacher_text_sim=teacher_text_sim, image_emb=image_emb, text_emb=text_emb)
-        return self._checked(SF.vsepp_hinge(scores, image_ids, margin=self.margin, max_violation=self.max_violation,
-                                            negatives=negatives, reduction=self.reduction, validate=False))
+            negatives = self.miner(
+                scores,
+                image_ids,
+                teacher_image_sim=teacher_image_sim,
+                teacher_text_sim=teacher_text_sim,
+                image_emb=image_emb,
+                text_emb=text_emb,
+            )
+        return self._checked(
+            SF.vsepp_hinge(
+                scores,
+                image_ids,
+                margin=self.margin,
+                max_violation=self.max_violation,
+                negatives=negatives,
+                reduction=self.reduction,
+                validate=False,
+            )
+        )
 
     def get_config_dict(self) -> dict:
-        return {"margin": self.margin, "max_violation": self.max_violation, "reduction": self.reduction,
-                "miner": None if self.miner is None else self.miner.get_config_dict()}
+        return {
+            "margin": self.margin,
+            "max_violation": self.max_violation,
+            "reduction": self.reduction,
+            "miner": None if self.miner is None else self.miner.get_config_dict(),
+        }
 
 
 class InfoNCELoss(ChecksValuesOnce, nn.Module):
@@ -58,16 +97,25 @@ class InfoNCELoss(ChecksValuesOnce, nn.Module):
 
     citation = citations.join(citations.INFONCE, citations.CUSA)
 
-    def __init__(self, temperature: float = 0.05, temperature_range: tuple[float, float] = (0.01, 0.1),
-                 learn_temperature: bool = True, similarity=None, reduction: str = "ce"):
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        temperature_range: tuple[float, float] = (0.01, 0.1),
+        learn_temperature: bool = True,
+        similarity=None,
+        reduction: str = "ce",
+    ):
         super().__init__()
         reduction = SF.infonce_reduction(reduction)
         self.reduction = reduction
-        self.temperature = ClampedTemperature(temperature, temperature_range if learn_temperature else None, learn_temperature)
+        self.temperature = ClampedTemperature(
+            temperature, temperature_range if learn_temperature else None, learn_temperature
+        )
         self.similarity = similarity if similarity is not None else default_similarity()
 
-    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, temperature=None,
-                **unused) -> torch.Tensor:
+    def forward(
+        self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, temperature=None, **unused
+    ) -> torch.Tensor:
         """``temperature``: this call's temperature in place of the module's own, e.g. ``1 / logit_scale`` of a
         CLIP model (a tensor keeps its gradient)."""
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, self._take_value_check())
@@ -76,5 +124,9 @@ class InfoNCELoss(ChecksValuesOnce, nn.Module):
 
     def get_config_dict(self) -> dict:
         t = self.temperature
-        return {"temperature": float(t.value), "temperature_range": (t.low, t.high), "learn_temperature": t.learnable,
-                "reduction": self.reduction}
+        return {
+            "temperature": float(t.value),
+            "temperature_range": (t.low, t.high),
+            "learn_temperature": t.learnable,
+            "reduction": self.reduction,
+        }

@@ -1,4 +1,5 @@
 """Cross-modal Soft-label Alignment (CSA) from CUSA [Huang et al., AAAI 2024]."""
+
 from __future__ import annotations
 
 import torch
@@ -27,17 +28,25 @@ class CSALoss(ChecksValuesOnce, nn.Module):
 
     citation = citations.CUSA
 
-    def __init__(self, mode: str = "each", temperature: float = 0.45,
-                 temperature_range: tuple[float, float] = (0.1, 0.99), learn_temperature: bool = True,
-                 teacher_temperature: float | tuple[float, float] = 1.0, separate_temperatures: bool = False,
-                 similarity=None):
+    def __init__(
+        self,
+        mode: str = "each",
+        temperature: float = 0.45,
+        temperature_range: tuple[float, float] = (0.1, 0.99),
+        learn_temperature: bool = True,
+        teacher_temperature: float | tuple[float, float] = 1.0,
+        separate_temperatures: bool = False,
+        similarity=None,
+    ):
         super().__init__()
         if mode not in SF.CSA_MODES:
             raise ValueError(f"mode must be one of {SF.CSA_MODES}, got {mode!r}")
         self.mode = mode
         rng = temperature_range if learn_temperature else None
         self.temperature = ClampedTemperature(temperature, rng, learn_temperature)
-        self.text_temperature = ClampedTemperature(temperature, rng, learn_temperature) if separate_temperatures else None
+        self.text_temperature = (
+            ClampedTemperature(temperature, rng, learn_temperature) if separate_temperatures else None
+        )
         tau_img, tau_txt = _pair(teacher_temperature)
         self.teacher_temperature = ClampedTemperature(tau_img, None, learnable=False)
         self.text_teacher_temperature = ClampedTemperature(tau_txt, None, learnable=False)
@@ -54,8 +63,17 @@ class CSALoss(ChecksValuesOnce, nn.Module):
     def teacher_temperatures(self):
         return (self.teacher_temperature(), self.text_teacher_temperature())
 
-    def forward(self, image_emb=None, text_emb=None, *, scores=None, teacher_image_sim: torch.Tensor | None = None,
-                teacher_text_sim: torch.Tensor | None = None, targets=None, **unused) -> torch.Tensor:
+    def forward(
+        self,
+        image_emb=None,
+        text_emb=None,
+        *,
+        scores=None,
+        teacher_image_sim: torch.Tensor | None = None,
+        teacher_text_sim: torch.Tensor | None = None,
+        targets=None,
+        **unused,
+    ) -> torch.Tensor:
         """``targets``: the ``(i2t, t2i)`` soft labels (:func:`softalign.functional.soft_labels`) computed once by
         the caller; otherwise from the teacher matrices and this module's teacher temperatures."""
         validate = self._take_value_check()
@@ -67,8 +85,11 @@ class CSALoss(ChecksValuesOnce, nn.Module):
             t_img = SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
             t_txt = SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
             targets = self.soft_labels(t_img, t_txt)
-        return self._checked(SF.cross_modal_soft_label_alignment(scores, None, None, self.temperatures(),
-                                                                 mode=self.mode, targets=targets, validate=False))
+        return self._checked(
+            SF.cross_modal_soft_label_alignment(
+                scores, None, None, self.temperatures(), mode=self.mode, targets=targets, validate=False
+            )
+        )
 
     def soft_labels(self, teacher_image_sim: torch.Tensor, teacher_text_sim: torch.Tensor):
         """The ``(i2t, t2i)`` soft labels of this term: the (mode-combined) teacher matrices at its ``tau_s``."""
@@ -78,9 +99,14 @@ class CSALoss(ChecksValuesOnce, nn.Module):
 
     def get_config_dict(self) -> dict:
         t = self.temperature
-        return {"mode": self.mode, "temperature": float(t.value), "temperature_range": (t.low, t.high),
-                "learn_temperature": t.learnable, "teacher_temperature": _config_pair(self.teacher_temperature, self.text_teacher_temperature),
-                "separate_temperatures": self.text_temperature is not None}
+        return {
+            "mode": self.mode,
+            "temperature": float(t.value),
+            "temperature_range": (t.low, t.high),
+            "learn_temperature": t.learnable,
+            "teacher_temperature": _config_pair(self.teacher_temperature, self.text_teacher_temperature),
+            "separate_temperatures": self.text_temperature is not None,
+        }
 
 
 def _pair(value) -> tuple[float, float]:

@@ -11,6 +11,7 @@ norm over all of them together. :class:`~softalign.losses.SoftAlignLoss` compute
 training steps (``loss.gradient_shares``) and warns once when CSA + USA carry less than
 ``LOW_SHARE`` of it.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,14 @@ import torch
 #: Below this combined share of CSA + USA a one-time warning says the soft labels hardly act.
 LOW_SHARE = 0.01
 
-__all__ = ["LOW_SHARE", "gradient_norms", "gradient_shares", "shares_from_norms", "warn_if_soft_terms_silent", "SoftTermsSilentWarning"]
+__all__ = [
+    "LOW_SHARE",
+    "gradient_norms",
+    "gradient_shares",
+    "shares_from_norms",
+    "warn_if_soft_terms_silent",
+    "SoftTermsSilentWarning",
+]
 
 
 class SoftTermsSilentWarning(UserWarning):
@@ -70,5 +78,7 @@ def warn_if_soft_terms_silent(shares: Mapping[str, float], config: str = "") -> 
         f"softalign: the soft-label terms (CSA + USA) carry {100 * shares['soft']:.3g}% of the loss gradient "
         f"({detail}; {config}). They barely change training: raise alpha / beta, lower teacher_temperature "
         "(or use teacher_temperature='auto'), or check the base loss's scale (a hinge sums over anchors).",
-        SoftTermsSilentWarning, stacklevel=4)
+        SoftTermsSilentWarning,
+        stacklevel=4,
+    )
     return True

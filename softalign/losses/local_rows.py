@@ -16,6 +16,7 @@ memory). With ``partial_r`` its anchors' share of the global value (normalisers 
 The 2-process test (``tests/test_distributed.py``) checks values and gradients against one process holding the whole
 batch. Used for cosine similarity with the built-in bases and no miner; anything else keeps the global matrices.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from softalign import functional as SF
 
 
-def _rows_positive_mask(row_ids: torch.Tensor | None, col_ids: torch.Tensor | None, offset: int, b: int,
-                        n: int, device) -> torch.Tensor:
+def _rows_positive_mask(
+    row_ids: torch.Tensor | None, col_ids: torch.Tensor | None, offset: int, b: int, n: int, device
+) -> torch.Tensor:
     if row_ids is None:  # diagonal positives: local anchor i is global column offset + i
         return torch.arange(n, device=device).view(1, n) == (torch.arange(b, device=device) + offset).view(b, 1)
     return SF.positive_mask(row_ids, col_ids)
@@ -59,8 +61,20 @@ def _kl_rows(student, target: SF.SoftLabels, temperature) -> torch.Tensor:
     return (target.probs * (target.log_probs - log_q)).sum()
 
 
-def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher,
-                    offset: int, batch: int, base_temperature=None) -> dict[str, torch.Tensor]:
+def local_row_parts(
+    loss: Any,
+    img_l,
+    txt_l,
+    img_g,
+    txt_g,
+    feats,
+    image_ids_l,
+    image_ids_g,
+    teacher,
+    offset: int,
+    batch: int,
+    base_temperature=None,
+) -> dict[str, torch.Tensor]:
     """This process's share ``partial_r`` of every switched-on term of ``loss`` (a :class:`SoftAlignLoss`), each
     normalised as the global term is (``batch`` = the global batch size).
 
@@ -114,8 +128,10 @@ def local_row_parts(loss: Any, img_l, txt_l, img_g, txt_g, feats, image_ids_l, i
 
         u_ii = head(usa.image_head, f_img_l) @ head(usa.image_head, f_img_g).t()
         u_tt = head(usa.text_head, f_txt_l) @ head(usa.text_head, f_txt_g).t()
-        value = (_kl_rows(u_ii, usa_targets[0], usa.image_temperature())
-                 + _kl_rows(u_tt, usa_targets[1], usa.text_temperature())) / 2.0
+        value = (
+            _kl_rows(u_ii, usa_targets[0], usa.image_temperature())
+            + _kl_rows(u_tt, usa_targets[1], usa.text_temperature())
+        ) / 2.0
         parts["usa"] = soft_scale * value / n
     if loss.cmc is not None:
         # TGDT's intra term sums over columns j the max over rows i of |S_tt - S_ii|; both matrices are symmetric,

@@ -17,6 +17,7 @@
 Every object has ``scale(step)``, ``observe(shares)``, a JSON ``state_dict`` (resume) and ``get_config_dict``
 (:func:`soft_weight_from_config` rebuilds it).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,14 +59,19 @@ class DecayingWeight(_SoftWeight):
         if int(total_steps) < 1:
             raise ValueError(f"DecayingWeight: total_steps must be >= 1 (the training steps), got {total_steps}")
         if not 0 <= int(warmup_steps) < int(total_steps):
-            raise ValueError(f"DecayingWeight: warmup_steps must lie in [0, total_steps={total_steps}), got "
-                             f"{warmup_steps}")
+            raise ValueError(
+                f"DecayingWeight: warmup_steps must lie in [0, total_steps={total_steps}), got {warmup_steps}"
+            )
         if not 0.0 <= float(final) <= 1.0:
             raise ValueError(f"DecayingWeight: final must lie in [0, 1] (a fraction of alpha / beta), got {final}")
         if kind not in ("cosine", "linear"):
             raise ValueError(f"DecayingWeight: kind must be 'cosine' or 'linear', got {kind!r}")
-        self.total_steps, self.final, self.warmup_steps, self.kind = (int(total_steps), float(final),
-                                                                      int(warmup_steps), kind)
+        self.total_steps, self.final, self.warmup_steps, self.kind = (
+            int(total_steps),
+            float(final),
+            int(warmup_steps),
+            kind,
+        )
 
     def scale(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -76,15 +82,26 @@ class DecayingWeight(_SoftWeight):
         return self.final + (1.0 - self.final) * ramp
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"name": "DecayingWeight", "total_steps": self.total_steps, "final": self.final,
-                "warmup_steps": self.warmup_steps, "kind": self.kind}
+        return {
+            "name": "DecayingWeight",
+            "total_steps": self.total_steps,
+            "final": self.final,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+        }
 
 
 class TargetShare(_SoftWeight):
     """Steers the scale so that CSA + USA carry ``share`` of the gradient norm on the loss inputs."""
 
-    def __init__(self, share: float = 0.5, every: int = 10, momentum: float = 0.5, min_scale: float = 0.01,
-                 max_scale: float = 100.0):
+    def __init__(
+        self,
+        share: float = 0.5,
+        every: int = 10,
+        momentum: float = 0.5,
+        min_scale: float = 0.01,
+        max_scale: float = 100.0,
+    ):
         if not 0.0 < float(share) < 1.0:
             raise ValueError(f"TargetShare: share must lie in (0, 1), got {share}")
         if int(every) < 1:
@@ -116,8 +133,14 @@ class TargetShare(_SoftWeight):
         self._scale = float(state.get("scale", 1.0))
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"name": "TargetShare", "share": self.share, "every": self.every, "momentum": self.momentum,
-                "min_scale": self.min_scale, "max_scale": self.max_scale}
+        return {
+            "name": "TargetShare",
+            "share": self.share,
+            "every": self.every,
+            "momentum": self.momentum,
+            "min_scale": self.min_scale,
+            "max_scale": self.max_scale,
+        }
 
 
 _KINDS = {"DecayingWeight": DecayingWeight, "TargetShare": TargetShare}
@@ -128,8 +151,10 @@ def soft_weight_from_config(config: Mapping[str, Any] | _SoftWeight | None) -> _
     if config is None or isinstance(config, _SoftWeight):
         return config
     if not isinstance(config, Mapping) or config.get("name") not in _KINDS:
-        raise ValueError(f"soft_weight: expected None, a DecayingWeight / TargetShare, or a config dict with "
-                         f"'name' in {sorted(_KINDS)}, got {config!r}")
+        raise ValueError(
+            f"soft_weight: expected None, a DecayingWeight / TargetShare, or a config dict with "
+            f"'name' in {sorted(_KINDS)}, got {config!r}"
+        )
     options = {k: v for k, v in config.items() if k != "name"}
     try:
         return _KINDS[config["name"]](**options)

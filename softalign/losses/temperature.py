@@ -1,4 +1,5 @@
 """Learnable, clamped temperatures (CUSA keeps its temperatures in a range by clamping before each step)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Uni-modal Soft-label Alignment (USA) from CUSA [Huang et al., AAAI 2024], with its uni-modal heads."""
+
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,11 @@ class UniModalHead(ProjectionHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             which = "embed_dim" if self.modality == "image" else "embed_dim (the text side of an (image, text) pair)"
-            raise ValueError(f"USA's {self.modality} head was built for {self.dim}-d inputs ({which} = {self.dim}) "
-                             f"but the {self.modality} inputs are {x.shape[-1]}-d: build the loss with the width of "
-                             f"what you pass (embed_dim=D, or (D_image, D_text) for image_features / text_features)")
+            raise ValueError(
+                f"USA's {self.modality} head was built for {self.dim}-d inputs ({which} = {self.dim}) "
+                f"but the {self.modality} inputs are {x.shape[-1]}-d: build the loss with the width of "
+                f"what you pass (embed_dim=D, or (D_image, D_text) for image_features / text_features)"
+            )
         return super().forward(x)
 
 
@@ -54,9 +57,14 @@ class USALoss(ChecksValuesOnce, nn.Module):
 
     citation = citations.CUSA
 
-    def __init__(self, embed_dim: int | tuple[int, int] | None = None, temperature: float = 0.45,
-                 temperature_range: tuple[float, float] = (0.1, 1.0), learn_temperature: bool = True,
-                 teacher_temperature: float | tuple[float, float] = 1.0):
+    def __init__(
+        self,
+        embed_dim: int | tuple[int, int] | None = None,
+        temperature: float = 0.45,
+        temperature_range: tuple[float, float] = (0.1, 1.0),
+        learn_temperature: bool = True,
+        teacher_temperature: float | tuple[float, float] = 1.0,
+    ):
         super().__init__()
         self.image_head: nn.Module
         self.text_head: nn.Module
@@ -97,9 +105,18 @@ class USALoss(ChecksValuesOnce, nn.Module):
                 return p.dtype
         return default
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, *, teacher_image_sim: torch.Tensor | None = None,
-                teacher_text_sim: torch.Tensor | None = None, image_sim=None, text_sim=None, targets=None,
-                **unused) -> torch.Tensor:
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        *,
+        teacher_image_sim: torch.Tensor | None = None,
+        teacher_text_sim: torch.Tensor | None = None,
+        image_sim=None,
+        text_sim=None,
+        targets=None,
+        **unused,
+    ) -> torch.Tensor:
         """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities of the raw
         embeddings, if the caller already has them; used only without heads (``embed_dim=None``). ``targets``: the
         ``(image, text)`` soft labels computed once by the caller (:func:`softalign.functional.soft_labels`)."""
@@ -114,18 +131,35 @@ class USALoss(ChecksValuesOnce, nn.Module):
             b = s_ii.shape[0]
             if teacher_image_sim is None or teacher_text_sim is None:
                 raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (the soft labels)")
-            targets = self.soft_labels(SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate),
-                                       SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate))
-        return self._checked(SF.uni_modal_soft_label_alignment(s_ii, s_tt, None, None,
-                                                               (self.image_temperature(), self.text_temperature()),
-                                                               targets=targets, validate=False))
+            targets = self.soft_labels(
+                SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate),
+                SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate),
+            )
+        return self._checked(
+            SF.uni_modal_soft_label_alignment(
+                s_ii,
+                s_tt,
+                None,
+                None,
+                (self.image_temperature(), self.text_temperature()),
+                targets=targets,
+                validate=False,
+            )
+        )
 
     def soft_labels(self, teacher_image_sim: torch.Tensor, teacher_text_sim: torch.Tensor):
         """The ``(image, text)`` soft labels of this term: the teacher matrices at its ``tau_s``."""
-        return (SF.soft_labels(teacher_image_sim, self.teacher_temperature(), validate=False),
-                SF.soft_labels(teacher_text_sim, self.text_teacher_temperature(), validate=False))
+        return (
+            SF.soft_labels(teacher_image_sim, self.teacher_temperature(), validate=False),
+            SF.soft_labels(teacher_text_sim, self.text_teacher_temperature(), validate=False),
+        )
 
     def get_config_dict(self) -> dict:
         t = self.image_temperature
-        return {"embed_dim": self.embed_dim, "temperature": float(t.value), "temperature_range": (t.low, t.high),
-                "learn_temperature": t.learnable, "teacher_temperature": _config_pair(self.teacher_temperature, self.text_teacher_temperature)}
+        return {
+            "embed_dim": self.embed_dim,
+            "temperature": float(t.value),
+            "temperature_range": (t.low, t.high),
+            "learn_temperature": t.learnable,
+            "teacher_temperature": _config_pair(self.teacher_temperature, self.text_teacher_temperature),
+        }

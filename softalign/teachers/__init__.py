@@ -11,6 +11,7 @@ sentence-transformers model, any timm model (``"timm:<name>"``) or your own obje
 ``dim`` and ``encode(list) -> Tensor`` work too. ``import_npy`` turns existing feature files (a plain
 matrix, or CUSA's ``{image_id: array(1, D)}`` dict) into a cache.
 """
+
 from __future__ import annotations
 
 from softalign._lazy import lazy_exports

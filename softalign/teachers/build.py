@@ -15,6 +15,7 @@ After a barrier the main process streams the chunks into the final files (one ch
 time), writes the manifest, and removes ``.partial``. Peak memory is therefore bounded by the chunk
 size and the teacher batch, not by the data set.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -141,8 +142,10 @@ def _finalize_rows(out, source: Source, start: int, stop: int, dtype: torch.dtyp
     finite = torch.isfinite(out).all(dim=1)
     if not bool(finite.all()):
         bad = start + int((~finite).nonzero()[0])
-        raise ValueError(f"{source.modality} teacher {source.info['name']!r} returned non-finite values (NaN or inf) "
-                         f"for {source.modality} item {bad}; nothing of it was written to the cache")
+        raise ValueError(
+            f"{source.modality} teacher {source.info['name']!r} returned non-finite values (NaN or inf) "
+            f"for {source.modality} item {bad}; nothing of it was written to the cache"
+        )
     return F.normalize(out, dim=1).to(dtype)
 
 
@@ -158,8 +161,11 @@ class _State:
     def __init__(self, accelerator=None):
         state = accelerator
         dist = torch.distributed
-        if state is None and not (dist.is_available() and dist.is_initialized()) \
-                and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if (
+            state is None
+            and not (dist.is_available() and dist.is_initialized())
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ):
             from accelerate import PartialState
 
             state = PartialState()
@@ -183,7 +189,7 @@ class _State:
         if not self._use_dist and callable(getattr(self.state, "split_between_processes", None)):
             with self.state.split_between_processes(list(tasks)) as mine:
                 return list(mine)
-        return list(tasks[self.index::self.world])
+        return list(tasks[self.index :: self.world])
 
     def wait(self) -> None:
         if self.world <= 1:
@@ -222,16 +228,28 @@ def identity_mismatch(stored: dict, wanted: dict) -> str | None:
     for mod in ("text", "image"):
         a, b = stored[f"{mod}_teacher"], wanted[f"{mod}_teacher"]
         if (a["name"], a["dim"]) != (b["name"], b["dim"]):
-            return (f"{mod} teacher differs (cache: {a['name']!r}, {a['dim']}-d; "
-                    f"requested: {b['name']!r}, {b['dim']}-d)")
+            return (
+                f"{mod} teacher differs (cache: {a['name']!r}, {a['dim']}-d; requested: {b['name']!r}, {b['dim']}-d)"
+            )
     if stored["dtype"] != wanted["dtype"]:
         return f"dtype differs (cache: {stored['dtype']}; requested: {wanted['dtype']})"
     return None
 
 
-def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
-                chunk_size: int = 4096, dtype="float16", accelerator=None, overwrite: bool = False,
-                progress: bool = True, extra: dict | None = None, command: str | None = None) -> Path:
+def build_cache(
+    out_dir,
+    text: Source,
+    image: Source,
+    caption_to_image: torch.Tensor,
+    fingerprint: dict,
+    chunk_size: int = 4096,
+    dtype="float16",
+    accelerator=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    extra: dict | None = None,
+    command: str | None = None,
+) -> Path:
     """Encode (or copy) both modalities into ``out_dir``; see the module docstring. Returns ``out_dir``.
 
     The main process holds ``out_dir``'s lock (:func:`softalign.locking.directory_lock`) throughout: a second build
@@ -245,31 +263,64 @@ def build_cache(out_dir, text: Source, image: Source, caption_to_image: torch.Te
     with contextlib.ExitStack() as stack:
         if st.is_main:
             stack.enter_context(directory_lock(out_dir, "softalign cache build"))
-        return _build_locked(out_dir, text, image, caption_to_image, fingerprint, chunk_size, dtype, st, overwrite,
-                             progress, extra, command)
+        return _build_locked(
+            out_dir,
+            text,
+            image,
+            caption_to_image,
+            fingerprint,
+            chunk_size,
+            dtype,
+            st,
+            overwrite,
+            progress,
+            extra,
+            command,
+        )
 
 
-def _build_locked(out_dir, text: Source, image: Source, caption_to_image: torch.Tensor, fingerprint: dict,
-                  chunk_size, dtype, st: _State, overwrite: bool, progress: bool, extra: dict | None,
-                  command: str | None) -> Path:
+def _build_locked(
+    out_dir,
+    text: Source,
+    image: Source,
+    caption_to_image: torch.Tensor,
+    fingerprint: dict,
+    chunk_size,
+    dtype,
+    st: _State,
+    overwrite: bool,
+    progress: bool,
+    extra: dict | None,
+    command: str | None,
+) -> Path:
     """The build under the directory lock, in four steps: reuse (or clear) a finished cache, resume (or discard)
     the chunks of an interrupted build, encode this process's chunks, then (main process) merge them and write
     the manifest last."""
     chunk_size = int(chunk_size)
     tdtype = storage.torch_dtype(dtype)
     out = Path(out_dir)
-    identity = {"fingerprint": fingerprint, "text_teacher": text.info, "image_teacher": image.info,
-                "dtype": storage.dtype_name(tdtype)}
-    key = {"fingerprint": fingerprint.get("dataset"), "text": [text.info["name"], text.dim],
-           "image": [image.info["name"], image.dim], "dtype": identity["dtype"], "chunk_size": chunk_size,
-           "counts": [text.count, image.count]}
+    identity = {
+        "fingerprint": fingerprint,
+        "text_teacher": text.info,
+        "image_teacher": image.info,
+        "dtype": storage.dtype_name(tdtype),
+    }
+    key = {
+        "fingerprint": fingerprint.get("dataset"),
+        "text": [text.info["name"], text.dim],
+        "image": [image.info["name"], image.dim],
+        "dtype": identity["dtype"],
+        "chunk_size": chunk_size,
+        "counts": [text.count, image.count],
+    }
     if _reuse_or_clear(out, identity, st, overwrite):
         return out
     _prepare_partial(out, key, st, command)
     _encode_chunks(out, text, image, chunk_size, tdtype, _key_hash(key), st, progress)
     if st.is_main:
-        _merge_and_commit(out, text, image, chunk_size, tdtype, _key_hash(key), caption_to_image, identity,
-                          st.world, extra)
+        _merge_and_commit(
+            out, text, image, chunk_size, tdtype, _key_hash(key), caption_to_image, identity, st.world, extra
+        )
     st.wait()
     return out
 
@@ -285,8 +336,11 @@ def _reuse_or_clear(out: Path, identity: dict, st: _State, overwrite: bool) -> b
     except (ValueError, UnicodeDecodeError):
         stored = {}
     try:
-        why = (identity_mismatch(stored, identity) if isinstance(stored, dict) and stored.get("format") == FORMAT
-               else "its manifest.json is not a softalign cache manifest")
+        why = (
+            identity_mismatch(stored, identity)
+            if isinstance(stored, dict) and stored.get("format") == FORMAT
+            else "its manifest.json is not a softalign cache manifest"
+        )
     except (KeyError, TypeError):
         why = "its manifest.json is damaged"
     if why is None:
@@ -296,8 +350,10 @@ def _reuse_or_clear(out: Path, identity: dict, st: _State, overwrite: bool) -> b
         st.wait()
         return True
     if not overwrite:
-        raise FileExistsError(f"{out} already holds a teacher cache built for other inputs: {why}. "
-                              "Choose another directory or pass overwrite=True (CLI: --overwrite)")
+        raise FileExistsError(
+            f"{out} already holds a teacher cache built for other inputs: {why}. "
+            "Choose another directory or pass overwrite=True (CLI: --overwrite)"
+        )
     st.wait()
     if st.is_main:
         manifest_path.unlink()  # first: from now on the directory never looks complete
@@ -339,31 +395,53 @@ def _chunk_tasks(src: Source, chunk_size: int) -> list[tuple[Source, int, int, i
     return [(src, k, n, k * chunk_size, min(src.count, (k + 1) * chunk_size)) for k in range(n)]
 
 
-def _encode_chunks(out: Path, text: Source, image: Source, chunk_size: int, tdtype, key_hash: str, st: _State,
-                   progress: bool) -> None:
+def _encode_chunks(
+    out: Path, text: Source, image: Source, chunk_size: int, tdtype, key_hash: str, st: _State, progress: bool
+) -> None:
     """Encode this process's share of the chunks (``split_between_processes``) that are not already complete."""
     from tqdm.auto import tqdm
 
     partial = out / PARTIAL
     mine = st.shard(_chunk_tasks(text, chunk_size) + _chunk_tasks(image, chunk_size))
-    todo = [t for t in mine if not _chunk_ok(_chunk_path(partial, t[0].modality, t[1], t[2]), t[4] - t[3],
-                                               t[0].dim, key_hash)]
+    todo = [
+        t
+        for t in mine
+        if not _chunk_ok(_chunk_path(partial, t[0].modality, t[1], t[2]), t[4] - t[3], t[0].dim, key_hash)
+    ]
     done_items = sum(t[4] - t[3] for t in mine) - sum(t[4] - t[3] for t in todo)
     if done_items and st.is_main:
         logger.info("resuming %s: %d of %d chunks already built", out, len(mine) - len(todo), len(mine))
-    with tqdm(total=sum(t[4] - t[3] for t in mine), initial=done_items, unit="item", dynamic_ncols=True,
-              disable=not (progress and st.is_main),
-              desc=f"softalign cache [{st.index}/{st.world}]" if st.world > 1 else "softalign cache") as bar:
+    with tqdm(
+        total=sum(t[4] - t[3] for t in mine),
+        initial=done_items,
+        unit="item",
+        dynamic_ncols=True,
+        disable=not (progress and st.is_main),
+        desc=f"softalign cache [{st.index}/{st.world}]" if st.world > 1 else "softalign cache",
+    ) as bar:
         for src, k, n, s, e in todo:
             rows = _finalize_rows(src.encode(s, e), src, s, e, tdtype)
-            storage.atomic_save_tensors(_chunk_path(partial, src.modality, k, n), {"embeddings": rows},
-                                        metadata={"build": key_hash, "start": str(s), "stop": str(e)})
+            storage.atomic_save_tensors(
+                _chunk_path(partial, src.modality, k, n),
+                {"embeddings": rows},
+                metadata={"build": key_hash, "start": str(s), "stop": str(e)},
+            )
             bar.update(e - s)
     st.wait()
 
 
-def _merge_and_commit(out: Path, text: Source, image: Source, chunk_size: int, tdtype, key_hash: str,
-                      caption_to_image: torch.Tensor, identity: dict, world: int, extra: dict | None) -> None:
+def _merge_and_commit(
+    out: Path,
+    text: Source,
+    image: Source,
+    chunk_size: int,
+    tdtype,
+    key_hash: str,
+    caption_to_image: torch.Tensor,
+    identity: dict,
+    world: int,
+    extra: dict | None,
+) -> None:
     """Main process: check every chunk, merge each modality into one file (one chunk in memory at a time), write
     the caption->image map as a tensor, then the manifest (the commit point), then drop the chunks."""
     from softalign import __version__
@@ -382,17 +460,30 @@ def _merge_and_commit(out: Path, text: Source, image: Source, chunk_size: int, t
                 yield storage.load_tensors(p)["embeddings"]
 
         fname = FILES[src.modality]
-        storage.write_safetensors_streamed(out / fname, {"embeddings": (tdtype, (src.count, src.dim))},
-                                           {"embeddings": chunks},
-                                           metadata={"format": FORMAT, "modality": src.modality})
-        files[src.modality] = {"path": fname, "key": "embeddings", "shape": [src.count, src.dim],
-                               "bytes": (out / fname).stat().st_size, "sha256": storage.file_sha256(out / fname)}
+        storage.write_safetensors_streamed(
+            out / fname,
+            {"embeddings": (tdtype, (src.count, src.dim))},
+            {"embeddings": chunks},
+            metadata={"format": FORMAT, "modality": src.modality},
+        )
+        files[src.modality] = {
+            "path": fname,
+            "key": "embeddings",
+            "shape": [src.count, src.dim],
+            "bytes": (out / fname).stat().st_size,
+            "sha256": storage.file_sha256(out / fname),
+        }
     # the map as a tensor (at 20M captions a JSON list was 214 MB that every process parsed)
-    storage.atomic_save_tensors(out / MAP_FILE, {"caption_to_image": caption_to_image.long().cpu()},
-                                metadata={"format": FORMAT})
-    files["caption_to_image"] = {"path": MAP_FILE, "key": "caption_to_image", "shape": [text.count],
-                                 "bytes": (out / MAP_FILE).stat().st_size,
-                                 "sha256": storage.file_sha256(out / MAP_FILE)}
+    storage.atomic_save_tensors(
+        out / MAP_FILE, {"caption_to_image": caption_to_image.long().cpu()}, metadata={"format": FORMAT}
+    )
+    files["caption_to_image"] = {
+        "path": MAP_FILE,
+        "key": "caption_to_image",
+        "shape": [text.count],
+        "bytes": (out / MAP_FILE).stat().st_size,
+        "sha256": storage.file_sha256(out / MAP_FILE),
+    }
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

@@ -12,6 +12,7 @@ i.e. the cosine similarities of the teachers, the soft labels of CUSA's CSA/USA 
 teacher-guided weights of TGDT's CMC loss. Rows are stored L2-normalised (fp16 by default) and
 re-normalised in fp32 after lookup, so returned embeddings have unit norm up to fp32 rounding.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,18 +70,29 @@ def contained_path(root: Path, relative, what: str) -> Path:
     """``root / relative``, refusing a path that leaves ``root`` (``..``, absolute paths, symlinks out)."""
     if not isinstance(relative, str) or not relative:
         raise ValueError(f"teacher cache {root}: {what} must be a file name inside the cache, got {relative!r}")
-    candidate = (root / relative)
+    candidate = root / relative
     base = root.resolve()
     try:
         candidate.resolve().relative_to(base)
     except ValueError:
-        raise ValueError(f"teacher cache {root}: {what} = {relative!r} points outside the cache directory; "
-                         "refusing to read it (the manifest was edited)") from None
+        raise ValueError(
+            f"teacher cache {root}: {what} = {relative!r} points outside the cache directory; "
+            "refusing to read it (the manifest was edited)"
+        ) from None
     return candidate
 
 
-_MANIFEST_FIELDS = {"format": str, "complete": bool, "num_captions": int, "num_images": int, "dtype": str,
-                    "fingerprint": dict, "text_teacher": dict, "image_teacher": dict, "files": dict}
+_MANIFEST_FIELDS = {
+    "format": str,
+    "complete": bool,
+    "num_captions": int,
+    "num_images": int,
+    "dtype": str,
+    "fingerprint": dict,
+    "text_teacher": dict,
+    "image_teacher": dict,
+    "files": dict,
+}
 
 
 def validate_manifest(manifest, mpath: Path) -> None:
@@ -115,7 +127,7 @@ def first_nonfinite_row(table: torch.Tensor, rows_per_block: int = 65536):
     import numpy as np
 
     for s in range(0, int(table.shape[0]), rows_per_block):
-        block = table[s:s + rows_per_block]
+        block = table[s : s + rows_per_block]
         if block.dtype in (torch.float16, torch.float32, torch.float64):
             finite = np.isfinite(block.numpy()).all(axis=1)  # numpy's half isfinite: ~2x torch's on CPU
             if not finite.all():
@@ -134,11 +146,15 @@ def _checked_file(path: Path, info: dict, what: str, verify: bool) -> Path:
     if not fpath.is_file():
         raise FileNotFoundError(f"teacher cache {path}: {info.get('path')} is missing")
     if fpath.stat().st_size != int(info.get("bytes", -1)):
-        raise ValueError(f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest says "
-                         f"{info.get('bytes')} (modified or truncated); rebuild the cache")
+        raise ValueError(
+            f"teacher cache {path}: {info['path']} has {fpath.stat().st_size} bytes, the manifest says "
+            f"{info.get('bytes')} (modified or truncated); rebuild the cache"
+        )
     if verify and "sha256" in info and storage.file_sha256(fpath) != info["sha256"]:
-        raise ValueError(f"teacher cache {path}: {info['path']} does not match the checksum in its manifest "
-                         "(the file was modified or damaged after the build); rebuild the cache")
+        raise ValueError(
+            f"teacher cache {path}: {info['path']} does not match the checksum in its manifest "
+            "(the file was modified or damaged after the build); rebuild the cache"
+        )
     return fpath
 
 
@@ -148,11 +164,13 @@ def _read_map(path: Path, info: dict, verify: bool) -> torch.Tensor:
     try:
         c2i = storage.load_tensors(fpath)[str(info.get("key", "caption_to_image"))]
     except (KeyError, ValueError, OSError, RuntimeError) as err:
-        raise ValueError(f"teacher cache {path}: cannot read the caption->image map {info['path']} ({err}); rebuild "
-                         "the cache") from None
+        raise ValueError(
+            f"teacher cache {path}: cannot read the caption->image map {info['path']} ({err}); rebuild the cache"
+        ) from None
     if c2i.dim() != 1 or c2i.dtype != torch.long:
-        raise ValueError(f"teacher cache {path}: {info['path']} must hold int64 [num_captions], got {c2i.dtype} "
-                         f"{tuple(c2i.shape)}")
+        raise ValueError(
+            f"teacher cache {path}: {info['path']} must hold int64 [num_captions], got {c2i.dtype} {tuple(c2i.shape)}"
+        )
     return c2i
 
 
@@ -186,12 +204,30 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, out_dir, captions: Sequence[str], images, caption_to_image: Sequence[int],
-              text_teacher="offline-minilm", image_teacher="offline-efficientnet-lite0", chunk_size: int = 4096,
-              dtype="float16", accelerator=None, fingerprint=None, *, batch_size: int = 64,
-              image_batch_size: int = 32, device=None, image_column: str | None = None,
-              image_root: str | None = None, image_weights=None, overwrite: bool = False,
-              progress: bool = True, image_hash: str = "content", command: str | None = None) -> TeacherCache:
+    def build(
+        cls,
+        out_dir,
+        captions: Sequence[str],
+        images,
+        caption_to_image: Sequence[int],
+        text_teacher="offline-minilm",
+        image_teacher="offline-efficientnet-lite0",
+        chunk_size: int = 4096,
+        dtype="float16",
+        accelerator=None,
+        fingerprint=None,
+        *,
+        batch_size: int = 64,
+        image_batch_size: int = 32,
+        device=None,
+        image_column: str | None = None,
+        image_root: str | None = None,
+        image_weights=None,
+        overwrite: bool = False,
+        progress: bool = True,
+        image_hash: str = "content",
+        command: str | None = None,
+    ) -> TeacherCache:
         """Encode ``captions`` and ``images`` once with the teachers and store them in ``out_dir``.
 
         Args:
@@ -230,8 +266,9 @@ class TeacherCache:
         c2i = validate_caption_to_image(caption_to_image, len(captions), len(source))
         source.check()
         if fingerprint is None:
-            fp = dataset_fingerprint(captions, c2i, images, image_column=image_column, image_root=image_root,
-                                     image_mode=image_hash)
+            fp = dataset_fingerprint(
+                captions, c2i, images, image_column=image_column, image_root=image_root, image_mode=image_hash
+            )
             fp["source"] = "computed"
         elif isinstance(fingerprint, dict):
             fp = dict(fingerprint)
@@ -241,23 +278,53 @@ class TeacherCache:
             device = _State(accelerator).device
         tt = resolve_text_teacher(text_teacher, device=device, batch_size=batch_size)
         it = resolve_image_teacher(image_teacher, device=device, batch_size=image_batch_size, weights=image_weights)
-        build_cache(out_dir, text_source(tt, captions), image_source(it, source), c2i, fp, chunk_size=chunk_size,
-                    dtype=dtype, accelerator=accelerator, overwrite=overwrite, progress=progress, command=command)
+        build_cache(
+            out_dir,
+            text_source(tt, captions),
+            image_source(it, source),
+            c2i,
+            fp,
+            chunk_size=chunk_size,
+            dtype=dtype,
+            accelerator=accelerator,
+            overwrite=overwrite,
+            progress=progress,
+            command=command,
+        )
         return cls.load(out_dir, expect_fingerprint=fp, expect_text_teacher=tt, expect_image_teacher=it)
 
     @staticmethod
-    def fingerprint_of(captions: Sequence[str], images, caption_to_image, image_column=None, image_root=None,
-                       image_hash: str = "content") -> dict:
+    def fingerprint_of(
+        captions: Sequence[str],
+        images,
+        caption_to_image,
+        image_column=None,
+        image_root=None,
+        image_hash: str = "content",
+    ) -> dict:
         """Fingerprint parts (captions, caption_to_image, images, dataset) for ``load(expect_fingerprint=...)``;
         ``image_hash`` must be the mode the cache was built with (its manifest's ``fingerprint.image_hash``)."""
         from .fingerprint import dataset_fingerprint
 
-        return dataset_fingerprint(list(captions), caption_to_image, images, image_column=image_column,
-                                   image_root=image_root, image_mode=image_hash)
+        return dataset_fingerprint(
+            list(captions),
+            caption_to_image,
+            images,
+            image_column=image_column,
+            image_root=image_root,
+            image_mode=image_hash,
+        )
 
     @classmethod
-    def load(cls, path, expect_fingerprint=None, expect_text_teacher=None, expect_image_teacher=None,
-             mmap: bool = True, verify: bool = True) -> TeacherCache:
+    def load(
+        cls,
+        path,
+        expect_fingerprint=None,
+        expect_text_teacher=None,
+        expect_image_teacher=None,
+        mmap: bool = True,
+        verify: bool = True,
+    ) -> TeacherCache:
         """Open a complete cache; refuse incomplete builds and caches built for other data or teachers.
 
         ``expect_fingerprint``: a dataset fingerprint string, or the dict of :meth:`fingerprint_of`
@@ -285,9 +352,11 @@ class TeacherCache:
             raise ValueError(f"{mpath} is not valid JSON ({err})") from None
         validate_manifest(manifest, mpath)
         if int(manifest.get("version", 0)) != FORMAT_VERSION:
-            raise ValueError(f"{path}: cache format version {manifest.get('version')} is not the one this softalign "
-                             f"reads ({FORMAT_VERSION}); rebuild the cache with this softalign"
-                             + (" (or upgrade softalign)" if int(manifest.get("version", 0)) > FORMAT_VERSION else ""))
+            raise ValueError(
+                f"{path}: cache format version {manifest.get('version')} is not the one this softalign "
+                f"reads ({FORMAT_VERSION}); rebuild the cache with this softalign"
+                + (" (or upgrade softalign)" if int(manifest.get("version", 0)) > FORMAT_VERSION else "")
+            )
 
         why = describe_mismatch(manifest["fingerprint"], expect_fingerprint)
         if why:
@@ -313,36 +382,48 @@ class TeacherCache:
             try:
                 t = (storage.mmap_safetensors(fpath) if mmap else storage.load_tensors(fpath))[info["key"]]
             except (KeyError, ValueError, OSError) as err:
-                raise ValueError(f"teacher cache {path}: cannot read {info['key']!r} from {info['path']} ({err}); "
-                                 "rebuild the cache") from None
+                raise ValueError(
+                    f"teacher cache {path}: cannot read {info['key']!r} from {info['path']} ({err}); rebuild the cache"
+                ) from None
             if list(t.shape) != list(info["shape"]):
-                raise ValueError(f"teacher cache {path}: {info['path']} holds shape {list(t.shape)}, "
-                                 f"manifest says {info['shape']}")
+                raise ValueError(
+                    f"teacher cache {path}: {info['path']} holds shape {list(t.shape)}, manifest says {info['shape']}"
+                )
             teacher = manifest[f"{mod}_teacher"]
             if int(teacher["dim"]) != int(t.shape[1]):
-                raise ValueError(f"teacher cache {path}: {mod}_teacher.dim is {teacher['dim']} in the manifest but "
-                                 f"{info['path']} holds {int(t.shape[1])}-d rows; the manifest was edited, rebuild "
-                                 "the cache")
+                raise ValueError(
+                    f"teacher cache {path}: {mod}_teacher.dim is {teacher['dim']} in the manifest but "
+                    f"{info['path']} holds {int(t.shape[1])}-d rows; the manifest was edited, rebuild "
+                    "the cache"
+                )
             if verify:
                 bad = first_nonfinite_row(t)
                 if bad is not None:
-                    raise ValueError(f"teacher cache {path}: row {bad} of {info['path']} ({mod} item {bad}) holds "
-                                     "non-finite values (NaN or inf); the file is damaged, rebuild the cache")
+                    raise ValueError(
+                        f"teacher cache {path}: row {bad} of {info['path']} ({mod} item {bad}) holds "
+                        "non-finite values (NaN or inf); the file is damaged, rebuild the cache"
+                    )
             tables[mod] = t
         c2i = _read_map(path, manifest["files"]["caption_to_image"], verify)
         if c2i.numel() != tables["text"].shape[0]:
-            raise ValueError(f"teacher cache {path}: caption_to_image has {c2i.numel()} entries for "
-                             f"{tables['text'].shape[0]} captions")
+            raise ValueError(
+                f"teacher cache {path}: caption_to_image has {c2i.numel()} entries for "
+                f"{tables['text'].shape[0]} captions"
+            )
         n_img = int(tables["image"].shape[0])
         out_of_range = ((c2i < 0) | (c2i >= n_img)).nonzero().flatten()
         if out_of_range.numel():
             j = int(out_of_range[0])
-            raise ValueError(f"teacher cache {path}: caption_to_image[{j}] = {int(c2i[j])} is outside the "
-                             f"{n_img} images 0..{n_img - 1} of the cache; the manifest was edited, rebuild the cache")
+            raise ValueError(
+                f"teacher cache {path}: caption_to_image[{j}] = {int(c2i[j])} is outside the "
+                f"{n_img} images 0..{n_img - 1} of the cache; the manifest was edited, rebuild the cache"
+            )
         stored_map = manifest["fingerprint"].get("caption_to_image")
         if stored_map is not None and hash_caption_to_image(c2i) != stored_map:
-            raise ValueError(f"teacher cache {path}: the caption_to_image map does not match the map its fingerprint "
-                             "was computed from (the cache was edited); rebuild the cache")
+            raise ValueError(
+                f"teacher cache {path}: the caption_to_image map does not match the map its fingerprint "
+                "was computed from (the cache was edited); rebuild the cache"
+            )
         return cls(path, manifest, tables["text"], tables["image"], c2i)
 
     # ------------------------------------------------------------------ properties
@@ -380,9 +461,11 @@ class TeacherCache:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"TeacherCache({str(self.path)!r}, captions={self.num_captions}, images={self.num_images}, "
-                f"text={m['text_teacher']['name']!r} {self.text_dim}-d, image={m['image_teacher']['name']!r} "
-                f"{self.image_dim}-d, dtype={m['dtype']})")
+        return (
+            f"TeacherCache({str(self.path)!r}, captions={self.num_captions}, images={self.num_images}, "
+            f"text={m['text_teacher']['name']!r} {self.text_dim}-d, image={m['image_teacher']['name']!r} "
+            f"{self.image_dim}-d, dtype={m['dtype']})"
+        )
 
     # ------------------------------------------------------------------ lookup
     def _ids(self, caption_ids, gather: bool) -> torch.Tensor:
@@ -396,12 +479,17 @@ class TeacherCache:
         if ids.numel():
             # CPU ids (as a DataLoader gives them): checked in numpy, no Tensor sync; ids of a cache moved to the
             # GPU are checked there (one sync per lookup)
-            lo, hi = ((int(ids.numpy().min()), int(ids.numpy().max())) if ids.device.type == "cpu"
-                      else (int(ids.min()), int(ids.max())))
+            lo, hi = (
+                (int(ids.numpy().min()), int(ids.numpy().max()))
+                if ids.device.type == "cpu"
+                else (int(ids.min()), int(ids.max()))
+            )
             if lo < 0 or hi >= self.num_captions:
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"caption id {bad} is out of range: this teacher cache holds captions "
-                                 f"0..{self.num_captions - 1} ({self.path})")
+                raise ValueError(
+                    f"caption id {bad} is out of range: this teacher cache holds captions "
+                    f"0..{self.num_captions - 1} ({self.path})"
+                )
         return ids
 
     def image_ids(self, caption_ids) -> torch.Tensor:
@@ -440,7 +528,9 @@ class TeacherCache:
         ids = torch.as_tensor(image_ids).long().reshape(-1).to(self._device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_images):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"image id {bad} is out of range: this teacher cache holds images 0..{self.num_images - 1}")
+            raise ValueError(
+                f"image id {bad} is out of range: this teacher cache holds images 0..{self.num_images - 1}"
+            )
         out = self._image.index_select(0, ids)
         return F.normalize(out.to(device or "cpu").float(), dim=1)
 

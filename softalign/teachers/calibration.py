@@ -18,6 +18,7 @@ never per step (:meth:`softalign.losses.SoftAlignLoss.calibrate`).
 :func:`soft_label_stats` reports what a ``tau_s`` does to a batch: the normalised entropy, the mass ``P_ii`` on
 the pair itself, and with labels the share of the off-diagonal mass on same-label items next to its chance level.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,15 @@ import torch
 #: of {0.3, 0.5, 0.7, 0.8, 0.9, 0.95} for each base loss. CUSA's fixed tau_s = 1.0 gives about 0.99.
 DEFAULT_SOFT_LABEL_ENTROPY = 0.8
 
-__all__ = ["DEFAULT_SOFT_LABEL_ENTROPY", "normalized_entropy", "soft_label_stats", "calibrate_temperature",
-           "sample_batch_ids", "teacher_batches", "cache_batches"]
+__all__ = [
+    "DEFAULT_SOFT_LABEL_ENTROPY",
+    "normalized_entropy",
+    "soft_label_stats",
+    "calibrate_temperature",
+    "sample_batch_ids",
+    "teacher_batches",
+    "cache_batches",
+]
 
 
 def _as_batches(sims) -> torch.Tensor:
@@ -82,8 +90,12 @@ def soft_label_stats(sims, tau: float, labels: torch.Tensor | None = None) -> di
         raise ValueError(f"tau must be finite and > 0, got {tau}")
     p = torch.softmax(x / tau, dim=-1)
     eye = torch.eye(b, dtype=torch.bool)
-    out = {"tau": tau, "batch_size": b, "entropy": _entropy(x, tau),
-           "diagonal_mass": float(p.diagonal(dim1=1, dim2=2).mean())}
+    out = {
+        "tau": tau,
+        "batch_size": b,
+        "entropy": _entropy(x, tau),
+        "diagonal_mass": float(p.diagonal(dim1=1, dim2=2).mean()),
+    }
     if labels is not None:
         lab = torch.as_tensor(labels)
         if lab.dim() == 1:
@@ -97,8 +109,13 @@ def soft_label_stats(sims, tau: float, labels: torch.Tensor | None = None) -> di
     return out
 
 
-def calibrate_temperature(sims, target_entropy: float = DEFAULT_SOFT_LABEL_ENTROPY, low: float = 1e-4,
-                          high: float = 1e3, iterations: int = 80) -> float:
+def calibrate_temperature(
+    sims,
+    target_entropy: float = DEFAULT_SOFT_LABEL_ENTROPY,
+    low: float = 1e-4,
+    high: float = 1e3,
+    iterations: int = 80,
+) -> float:
     """The ``tau`` at which the mean normalised soft-label entropy of ``sims`` equals ``target_entropy``.
 
     Bisection on ``log tau`` in ``[low, high]`` (``H`` is monotone in ``tau``). A target the teacher cannot reach
@@ -111,8 +128,10 @@ def calibrate_temperature(sims, target_entropy: float = DEFAULT_SOFT_LABEL_ENTRO
     lo, hi = math.log(low), math.log(high)
     h_lo, h_hi = _entropy(x, low), _entropy(x, high)
     if not h_lo <= target <= h_hi:
-        raise ValueError(f"soft-label entropy {target} is not reachable for these teacher similarities: it ranges "
-                         f"from {h_lo:.4f} (tau={low:g}) to {h_hi:.4f} (tau={high:g}); are the teacher rows constant?")
+        raise ValueError(
+            f"soft-label entropy {target} is not reachable for these teacher similarities: it ranges "
+            f"from {h_lo:.4f} (tau={low:g}) to {h_hi:.4f} (tau={high:g}); are the teacher rows constant?"
+        )
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if _entropy(x, math.exp(mid)) < target:
@@ -122,8 +141,9 @@ def calibrate_temperature(sims, target_entropy: float = DEFAULT_SOFT_LABEL_ENTRO
     return float(math.exp((lo + hi) / 2))
 
 
-def sample_batch_ids(num_captions: int, batch_size: int, num_batches: int, seed: int = 0,
-                     caption_to_image: torch.Tensor | None = None) -> torch.Tensor:
+def sample_batch_ids(
+    num_captions: int, batch_size: int, num_batches: int, seed: int = 0, caption_to_image: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[num_batches, batch_size]`` caption ids drawn as a trainer would: without replacement within a batch.
     With ``caption_to_image`` each batch holds one caption each of ``batch_size`` distinct images (sampling by
     images, as CUSA's and the demo's loaders do), else ``batch_size`` distinct captions."""
@@ -164,14 +184,17 @@ def cache_batches(cache, batch_size: int, num_batches: int = 16, seed: int = 0):
     cache has at least ``batch_size`` images, else distinct captions; ``B = min(batch_size, captions)``."""
     batch_size = int(batch_size)
     if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 to calibrate soft labels, got {batch_size}: a batch of one pair has "
-                         "a 1 x 1 soft label. Calibrate once on the training batch size (loss.calibrate(cache, "
-                         "batch_size=B) before the first step), or fix the soft-label temperature "
-                         "(teacher_temperature=1.0, CUSA's)")
+        raise ValueError(
+            f"batch_size must be >= 2 to calibrate soft labels, got {batch_size}: a batch of one pair has "
+            "a 1 x 1 soft label. Calibrate once on the training batch size (loss.calibrate(cache, "
+            "batch_size=B) before the first step), or fix the soft-label temperature "
+            "(teacher_temperature=1.0, CUSA's)"
+        )
     if int(num_batches) < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     c2i = torch.as_tensor(cache.caption_to_image).long().cpu()
     by_images = c2i.numel() > 0 and batch_size <= int(c2i.max()) + 1
-    ids = sample_batch_ids(cache.num_captions, min(batch_size, cache.num_captions), int(num_batches), seed,
-                           c2i if by_images else None)
+    ids = sample_batch_ids(
+        cache.num_captions, min(batch_size, cache.num_captions), int(num_batches), seed, c2i if by_images else None
+    )
     return (ids, *teacher_batches(cache, ids))

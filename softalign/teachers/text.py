@@ -12,6 +12,7 @@ name into a teacher:
   (Hub names need internet or a filled Hugging Face cache);
 * an object that already quacks like a teacher is returned unchanged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -56,8 +57,13 @@ class TextTeacher:
 
     kind = "sentence-transformers"
 
-    def __init__(self, name_or_path: str = DEFAULT_TEXT_TEACHER, device: str | torch.device | None = None,
-                 batch_size: int = 64, max_seq_length: int | None = None):
+    def __init__(
+        self,
+        name_or_path: str = DEFAULT_TEXT_TEACHER,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        max_seq_length: int | None = None,
+    ):
         from sentence_transformers import SentenceTransformer
 
         self.name = str(name_or_path)
@@ -93,8 +99,13 @@ class TextTeacher:
         texts = list(texts)
         if not texts:
             return torch.empty(0, self.dim)
-        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
-                                normalize_embeddings=True, show_progress_bar=False)
+        emb = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         return emb.float().cpu()
 
     def __repr__(self) -> str:

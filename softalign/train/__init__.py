@@ -6,19 +6,26 @@
 
 Attributes are imported lazily so that building the CLI parser stays cheap.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 
 _EXPORTS = {
-    "Recipe": "softalign.train.recipe", "RecipeError": "softalign.train.recipe",
-    "load_recipe": "softalign.train.recipe", "recipe_from_dict": "softalign.train.recipe",
+    "Recipe": "softalign.train.recipe",
+    "RecipeError": "softalign.train.recipe",
+    "load_recipe": "softalign.train.recipe",
+    "recipe_from_dict": "softalign.train.recipe",
     "list_variants": "softalign.train.recipe",
-    "train": "softalign.train.trainer", "load_splits": "softalign.train.trainer",
-    "get_teacher_cache": "softalign.train.trainer", "evaluate_embeddings": "softalign.train.evaluation",
+    "train": "softalign.train.trainer",
+    "load_splits": "softalign.train.trainer",
+    "get_teacher_cache": "softalign.train.trainer",
+    "evaluate_embeddings": "softalign.train.evaluation",
     "encode_split": "softalign.train.evaluation",
-    "load_checkpoint": "softalign.train.checkpoint", "save_embeddings": "softalign.train.evaluation",
-    "build_model": "softalign.train.models", "DualEncoder": "softalign.train.models",
+    "load_checkpoint": "softalign.train.checkpoint",
+    "save_embeddings": "softalign.train.evaluation",
+    "build_model": "softalign.train.models",
+    "DualEncoder": "softalign.train.models",
     "Vocabulary": "softalign.train.models",
 }
 __all__ = sorted(_EXPORTS)

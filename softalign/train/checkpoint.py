@@ -17,6 +17,7 @@ The loss goes through ``register_save_state_pre_hook`` / ``register_load_state_p
 The ``latest`` pointer is the commit point: a folder is named in it only once it is complete, and the folders it
 no longer names are removed after it moved. A crash while saving leaves the previous checkpoint in force.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,9 +58,15 @@ class TrainProgress:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainProgress:
-        return cls(recipe=d.get("recipe") or {}, vocab=d.get("vocab"), epoch=int(d.get("epoch", 0)),
-                   step=int(d.get("step", 0)), batch=int(d.get("batch") or 0), partial=d.get("partial"),
-                   best=d.get("best"))
+        return cls(
+            recipe=d.get("recipe") or {},
+            vocab=d.get("vocab"),
+            epoch=int(d.get("epoch", 0)),
+            step=int(d.get("step", 0)),
+            batch=int(d.get("batch") or 0),
+            partial=d.get("partial"),
+            best=d.get("best"),
+        )
 
 
 class CheckpointError(ValueError):
@@ -71,19 +78,22 @@ def _reason(err: BaseException) -> str:
     with ``weights_only=False`` (which would run whatever the file holds) is never passed on."""
     text = str(err)
     if any(k in text for k in ("Unsupported global", "Unsupported class", "unsupported GLOBAL")):
-        return ("it holds pickled Python objects beyond tensors, which softalign never unpickles (a checkpoint may "
-                "come from someone else)")
+        return (
+            "it holds pickled Python objects beyond tensors, which softalign never unpickles (a checkpoint may "
+            "come from someone else)"
+        )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     cause = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("WeightsUnpickler error")), None)
     if cause is None:
-        cause = next((ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln),
-                     type(err).__name__)
+        cause = next((ln for ln in lines if "weights_only" not in ln and "Weights only" not in ln), type(err).__name__)
     return f"not a readable checkpoint file, torn or of another kind ({cause})" if "Weights only" in text else cause
 
 
 def _bad(path: Path, err: BaseException) -> CheckpointError:
-    return CheckpointError(f"cannot load checkpoint file {path}: {_reason(err)} (delete its checkpoint, or train "
-                           "with --no-resume, to start over)")
+    return CheckpointError(
+        f"cannot load checkpoint file {path}: {_reason(err)} (delete its checkpoint, or train "
+        "with --no-resume, to start over)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ locate
@@ -96,11 +106,15 @@ def latest_checkpoint(root: str | Path) -> Path | None:
         name = pointer.read_text(encoding="utf-8").strip()
         folder = root / name
         if Path(name).name != name or name in ("", ".", ".."):
-            raise CheckpointError(f"cannot load checkpoint {pointer}: it names {name!r}, which is not a folder inside "
-                                  f"{root} (delete it, or train with --no-resume, to start over)")
+            raise CheckpointError(
+                f"cannot load checkpoint {pointer}: it names {name!r}, which is not a folder inside "
+                f"{root} (delete it, or train with --no-resume, to start over)"
+            )
         if not folder.is_dir():
-            raise CheckpointError(f"cannot load checkpoint {pointer}: it names {folder.name!r}, which does not "
-                                  "exist (delete it, or train with --no-resume, to start over)")
+            raise CheckpointError(
+                f"cannot load checkpoint {pointer}: it names {folder.name!r}, which does not "
+                "exist (delete it, or train with --no-resume, to start over)"
+            )
         return folder
     return None
 
@@ -114,8 +128,10 @@ def resolve(path: str | Path) -> Path:
         found = latest_checkpoint(root) if root.is_dir() else None
         if found is not None:
             return found
-    raise FileNotFoundError(f"checkpoint not found: {path} (expected a softalign train output directory, its "
-                            f"checkpoints/ with a '{LATEST}' file, or a checkpoint folder)")
+    raise FileNotFoundError(
+        f"checkpoint not found: {path} (expected a softalign train output directory, its "
+        f"checkpoints/ with a '{LATEST}' file, or a checkpoint folder)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ read
@@ -142,7 +158,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a bad file
             raise _bad(path / name, err) from None
         if key == "model" and state and all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}  # saved from a DDP-wrapped model
+            state = {k[len("module.") :]: v for k, v in state.items()}  # saved from a DDP-wrapped model
         out[key] = state
     return {**out, "path": path}
 
@@ -154,8 +170,10 @@ def register_checkpoint_hooks(accelerator, loss_fn: torch.nn.Module, progress: T
 
     def save_hook(models, weights, output_dir) -> None:
         if accelerator.is_main_process:
-            atomic_save_tensors(Path(output_dir) / LOSS_STATE,
-                                {k: v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()})
+            atomic_save_tensors(
+                Path(output_dir) / LOSS_STATE,
+                {k: v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()},
+            )
             atomic_write_json(Path(output_dir) / TRAIN_STATE, dataclasses.asdict(progress))
 
     def load_hook(models, input_dir) -> None:
@@ -188,8 +206,10 @@ def save_training_state(accelerator, root: str | Path, progress: TrainProgress) 
     except Exception as err:
         if main:
             shutil.rmtree(folder, ignore_errors=True)
-        if not (isinstance(err, OSError) and err.errno == errno.ENOSPC) \
-                and shutil.disk_usage(root).free < DISK_FULL_BYTES:
+        if (
+            not (isinstance(err, OSError) and err.errno == errno.ENOSPC)
+            and shutil.disk_usage(root).free < DISK_FULL_BYTES
+        ):
             raise OSError(errno.ENOSPC, "No space left on device", str(folder)) from err
         raise
     accelerator.wait_for_everyone()
@@ -249,6 +269,9 @@ def _warn_unreadable_rng_state(path: Path, process_index: int) -> None:
     try:
         accelerate_load(file)
     except Exception as err:  # noqa: BLE001 - a torn file or a pickled payload: either way it is not restored
-        warnings.warn(f"checkpoint file {file}: the random-number state was not restored ({_reason(err)}); the "
-                      "run resumes, but its random draws (shuffles, augmentation) differ from an uninterrupted run's",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"checkpoint file {file}: the random-number state was not restored ({_reason(err)}); the "
+            "run resumes, but its random draws (shuffles, augmentation) differ from an uninterrupted run's",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -3,6 +3,7 @@
 Runs on Accelerate: ``accelerate launch -m softalign.cli train RECIPE`` for several GPUs; mixed precision via
 ``--mixed-precision`` (or the recipe's ``train.mixed_precision``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,31 +12,54 @@ from pathlib import Path
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="train a YAML recipe (reference dual-encoder trainer on Accelerate)",
+        "train",
+        help="train a YAML recipe (reference dual-encoder trainer on Accelerate)",
         description="Train a recipe from recipes/*.yaml. Checkpoints (accelerate's save_state) go to "
-                    "OUTPUT_DIR/checkpoints/ after every epoch; rerunning resumes from the last one. Metrics: "
-                    "OUTPUT_DIR/metrics.jsonl, results.json; test embeddings: "
-                    "OUTPUT_DIR/embeddings_test.safetensors (for `softalign eval --embeddings`).")
-    p.add_argument("recipe", help="path of a YAML recipe, or the name of a packaged one (demo, coco_clip_vitb32, "
-                                  "flickr30k_vsepp_precomp, ...: softalign/recipes/)")
-    p.add_argument("--variant", default=None,
-                   help="apply one of the recipe's variants (e.g. base, csa_usa, cmc), trained into "
-                        "OUTPUT_DIR/<variant>; 'all' trains each variant in turn")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.epochs=2 --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--output-dir", default=None,
-                   help="override output_dir (a variant trains into OUTPUT_DIR/<variant>, sharing "
-                        "OUTPUT_DIR/teacher_cache)")
+        "OUTPUT_DIR/checkpoints/ after every epoch; rerunning resumes from the last one. Metrics: "
+        "OUTPUT_DIR/metrics.jsonl, results.json; test embeddings: "
+        "OUTPUT_DIR/embeddings_test.safetensors (for `softalign eval --embeddings`).",
+    )
+    p.add_argument(
+        "recipe",
+        help="path of a YAML recipe, or the name of a packaged one (demo, coco_clip_vitb32, "
+        "flickr30k_vsepp_precomp, ...: softalign/recipes/)",
+    )
+    p.add_argument(
+        "--variant",
+        default=None,
+        help="apply one of the recipe's variants (e.g. base, csa_usa, cmc), trained into "
+        "OUTPUT_DIR/<variant>; 'all' trains each variant in turn",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.epochs=2 --set optim.lr=1e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="override output_dir (a variant trains into OUTPUT_DIR/<variant>, sharing OUTPUT_DIR/teacher_cache)",
+    )
     p.add_argument("--seed", type=int, default=None, help="override seed")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None)
     p.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is available")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--list-variants", action="store_true",
-                   help="print the recipe's variants with the loss weights each trains with, and exit")
-    p.add_argument("--report-to", choices=("none", "tensorboard", "wandb", "all"), default="none",
-                   help="also log the metrics to TensorBoard and/or Weights & Biases (accelerate's trackers; one run "
-                        "per variant, named after it, under OUTPUT_DIR). metrics.jsonl is always written")
+    p.add_argument(
+        "--list-variants",
+        action="store_true",
+        help="print the recipe's variants with the loss weights each trains with, and exit",
+    )
+    p.add_argument(
+        "--report-to",
+        choices=("none", "tensorboard", "wandb", "all"),
+        default="none",
+        help="also log the metrics to TensorBoard and/or Weights & Biases (accelerate's trackers; one run "
+        "per variant, named after it, under OUTPUT_DIR). metrics.jsonl is always written",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -65,7 +89,9 @@ def _trackers(report_to: str) -> list[str]:
     """accelerate's tracker names for ``--report-to``; a tracker whose package is missing is a one-line error."""
     import importlib.util
 
-    names = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[report_to]
+    names = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[
+        report_to
+    ]
     for name in names:
         if importlib.util.find_spec(name) is None:
             raise SystemExit(f"softalign train: --report-to {report_to} needs the {name} package: pip install {name}")
@@ -97,8 +123,12 @@ def run(args) -> int:
     first = recipes[0]
     trackers = _trackers(args.report_to)
     root = args.output_dir or (Path(first.output_dir).parent if first.variant else Path(first.output_dir))
-    accelerator = Accelerator(mixed_precision=first.train.mixed_precision, cpu=first.train.cpu,
-                              log_with=trackers or None, project_dir=str(root))
+    accelerator = Accelerator(
+        mixed_precision=first.train.mixed_precision,
+        cpu=first.train.cpu,
+        log_with=trackers or None,
+        project_dir=str(root),
+    )
     from softalign.teachers.cache import CacheMismatchError
     from softalign.train.trainer import ResumeMismatchError
 

@@ -19,6 +19,7 @@
 Writes ``results.json``, ``results.md`` and plots (``metrics.png``, ``soft_labels.png``, ``validation.png``) in
 the run directory. Emoji art: Twemoji by Twitter, Inc and other contributors, CC-BY 4.0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,34 +32,65 @@ from typing import Any
 STUDENT_BACKBONES = {"text": "offline-minilm", "image": "offline-efficientnet-lite0"}
 TEACHERS = {"text": "offline-mpnet", "image": "offline-efficientnet-lite2"}
 TABLE_METRICS = (
-    ("i2t_r1", "i2t R@1"), ("i2t_r5", "i2t R@5"), ("t2i_r1", "t2i R@1"), ("t2i_r5", "t2i R@5"), ("rsum", "rsum"),
-    ("i2i_precision_at_1", "i2i P@1"), ("i2i_map_at_r", "i2i MAP@R"),
-    ("t2t_precision_at_1", "t2t P@1"), ("t2t_map_at_r", "t2t MAP@R"),
-    ("i2i_xm_map_at_r", "i2i MAP@R (xm)"), ("t2t_xm_map_at_r", "t2t MAP@R (xm)"),
+    ("i2t_r1", "i2t R@1"),
+    ("i2t_r5", "i2t R@5"),
+    ("t2i_r1", "t2i R@1"),
+    ("t2i_r5", "t2i R@5"),
+    ("rsum", "rsum"),
+    ("i2i_precision_at_1", "i2i P@1"),
+    ("i2i_map_at_r", "i2i MAP@R"),
+    ("t2t_precision_at_1", "t2t P@1"),
+    ("t2t_map_at_r", "t2t MAP@R"),
+    ("i2i_xm_map_at_r", "i2i MAP@R (xm)"),
+    ("t2t_xm_map_at_r", "t2t MAP@R (xm)"),
 )
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "demo", help="offline demo: frozen-feature student, base vs +CUSA, settings chosen on validation (CPU)",
+        "demo",
+        help="offline demo: frozen-feature student, base vs +CUSA, settings chosen on validation (CPU)",
         description="Twemoji + CLDR captions; student on frozen EfficientNet-Lite0 / MiniLM features, teachers "
-                    "EfficientNet-Lite2 / mpnet; the soft-label entropy target is chosen on a validation split cut "
-                    "from training; test: base vs +CUSA over seeds with paired differences. Emoji art: Twemoji by "
-                    "Twitter, Inc and other contributors, CC-BY 4.0.")
-    p.add_argument("--out", default=None, help="run directory (feature tables, teacher cache, results; default "
-                                                "runs/demo, or runs/demo-text-layers-K with --text-layers K)")
+        "EfficientNet-Lite2 / mpnet; the soft-label entropy target is chosen on a validation split cut "
+        "from training; test: base vs +CUSA over seeds with paired differences. Emoji art: Twemoji by "
+        "Twitter, Inc and other contributors, CC-BY 4.0.",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (feature tables, teacher cache, results; default "
+        "runs/demo, or runs/demo-text-layers-K with --text-layers K)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
-    p.add_argument("--base", default="infonce", choices=["vsepp", "vsepp_sum", "infonce"],
-                   help="base loss of every variant (default: InfoNCE; VSE++'s max-violation hinge collapses on "
-                        "this student without soft labels)")
-    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
-                   help="soft-label entropy targets (fractions of log B) compared on the validation split")
-    p.add_argument("--text-layers", type=int, default=0, metavar="K",
-                   help="trained-encoder regime: MiniLM's top K transformer layers train with the student "
-                        "(default 0: frozen features)")
-    p.add_argument("--folds", type=int, default=5,
-                   help="validation folds of the training images; seed s validates on fold s mod FOLDS and trains "
-                        "on the others (default 5)")
+    p.add_argument(
+        "--base",
+        default="infonce",
+        choices=["vsepp", "vsepp_sum", "infonce"],
+        help="base loss of every variant (default: InfoNCE; VSE++'s max-violation hinge collapses on "
+        "this student without soft labels)",
+    )
+    p.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.7, 0.8, 0.9],
+        help="soft-label entropy targets (fractions of log B) compared on the validation split",
+    )
+    p.add_argument(
+        "--text-layers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="trained-encoder regime: MiniLM's top K transformer layers train with the student "
+        "(default 0: frozen features)",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="validation folds of the training images; seed s validates on fold s mod FOLDS and trains "
+        "on the others (default 5)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 30)")
     p.add_argument("--max-images", type=int, default=None, help="use an evenly spaced subset (faster)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
@@ -74,15 +106,20 @@ def mean_std(values: Sequence[float]):
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def summary_table(per_variant: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str],
-                  split: str = "test") -> str:
+def summary_table(
+    per_variant: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str], split: str = "test"
+) -> str:
     """Markdown: a row per metric, a column per variant (mean ± std over seeds), then for every variant after the
     first (the baseline) the paired difference to it (mean ± std over seeds)."""
     n = len(per_variant[variants[0]])
     heads = [labels.get(v, v) for v in variants]
-    lines = [f"| metric ({split}, {n} seed{'s' if n > 1 else ''}) | " + " | ".join(heads)
-             + "".join(f" | {h} − {heads[0]}" for h in heads[1:]) + " |",
-             "|---|" + "---:|" * (2 * len(heads) - 1)]
+    lines = [
+        f"| metric ({split}, {n} seed{'s' if n > 1 else ''}) | "
+        + " | ".join(heads)
+        + "".join(f" | {h} − {heads[0]}" for h in heads[1:])
+        + " |",
+        "|---|" + "---:|" * (2 * len(heads) - 1),
+    ]
     for key, label in TABLE_METRICS:
         if not all(key in r["metrics"][split] for v in variants for r in per_variant[v]):
             continue
@@ -91,8 +128,10 @@ def summary_table(per_variant: dict[str, list[dict]], variants: Sequence[str], l
             m, s = mean_std([r["metrics"][split][key] for r in per_variant[v]])
             cells.append(f"{m:.2f} ± {s:.2f}")
         for v in variants[1:]:
-            diffs = [a["metrics"][split][key] - b["metrics"][split][key]
-                     for a, b in zip(per_variant[v], per_variant[variants[0]])]
+            diffs = [
+                a["metrics"][split][key] - b["metrics"][split][key]
+                for a, b in zip(per_variant[v], per_variant[variants[0]])
+            ]
             dm, ds = mean_std(diffs)
             cells.append(f"**{dm:+.2f}** ± {ds:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -100,17 +139,22 @@ def summary_table(per_variant: dict[str, list[dict]], variants: Sequence[str], l
 
 
 def soft_label_table(rows: list[dict]) -> str:
-    lines = ["| teacher matrix | tau_s | entropy / log B | diagonal mass | same-label share (chance) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| teacher matrix | tau_s | entropy / log B | diagonal mass | same-label share (chance) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['matrix']} | {r['label']} = {r['tau']:.4g} | {r['entropy']:.3f} | "
-                     f"{r['diagonal_mass']:.3f} (1/B = {1 / r['batch_size']:.3f}) | "
-                     f"{r['same_label_mass']:.3f} ({r['same_label_chance']:.3f}) |")
+        lines.append(
+            f"| {r['matrix']} | {r['label']} = {r['tau']:.4g} | {r['entropy']:.3f} | "
+            f"{r['diagonal_mass']:.3f} (1/B = {1 / r['batch_size']:.3f}) | "
+            f"{r['same_label_mass']:.3f} ({r['same_label_chance']:.3f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], image_labels=None,
-                           num_batches: int = 16, seed: int = 0) -> list[dict]:
+def soft_label_diagnostics(
+    cache, batch_size: int, targets: Sequence[float], image_labels=None, num_batches: int = 16, seed: int = 0
+) -> list[dict]:
     """Soft-label statistics of the cache's teachers on training-size batches, at CUSA's ``tau_s = 1``, at a
     sharp fixed 0.1 and at the calibrated ``tau_s`` of each entropy target."""
     import torch
@@ -122,8 +166,9 @@ def soft_label_diagnostics(cache, batch_size: int, targets: Sequence[float], ima
     labels = None if image_labels is None else torch.as_tensor(image_labels).long()[c2i[ids]]
     rows = []
     for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
-        taus = [("CUSA", 1.0), ("fixed", 0.1)] + [(f"calibrated H={t:g}", cal.calibrate_temperature(sims, t))
-                                                   for t in targets]
+        taus = [("CUSA", 1.0), ("fixed", 0.1)] + [
+            (f"calibrated H={t:g}", cal.calibrate_temperature(sims, t)) for t in targets
+        ]
         for label, tau in taus:
             rows.append({"matrix": matrix, "label": label, **cal.soft_label_stats(sims, tau, labels)})
     return rows
@@ -137,14 +182,25 @@ def _cached_embeddings(path: Path, data, models: dict[str, str], progress: bool,
     manifest = path / "manifest.json"
     if manifest.is_file():
         try:
-            return TeacherCache.load(path, expect_fingerprint=TeacherCache.fingerprint_of(
-                data.captions, data.images, data.caption_to_image), expect_text_teacher=models["text"],
-                expect_image_teacher=models["image"])
+            return TeacherCache.load(
+                path,
+                expect_fingerprint=TeacherCache.fingerprint_of(data.captions, data.images, data.caption_to_image),
+                expect_text_teacher=models["text"],
+                expect_image_teacher=models["image"],
+            )
         except ValueError:
             pass  # stale: rebuilt below
-    return TeacherCache.build(path, data.captions, data.images, data.caption_to_image, text_teacher=models["text"],
-                              image_teacher=models["image"], dtype=dtype, progress=progress,
-                              overwrite=manifest.is_file())
+    return TeacherCache.build(
+        path,
+        data.captions,
+        data.images,
+        data.caption_to_image,
+        text_teacher=models["text"],
+        image_teacher=models["image"],
+        dtype=dtype,
+        progress=progress,
+        overwrite=manifest.is_file(),
+    )
 
 
 def _feature_table(path: Path, data, progress: bool):
@@ -181,8 +237,12 @@ def _teacher_uni_modal(path: Path, data, progress: bool) -> dict[str, float]:
 
 
 #: the uni-modal rows of the "which embeddings" table
-UNI_MODAL_ROWS = (("i2i", "precision_at_1", "P@1"), ("i2i", "map_at_r", "MAP@R"), ("t2t", "precision_at_1", "P@1"),
-                  ("t2t", "map_at_r", "MAP@R"))
+UNI_MODAL_ROWS = (
+    ("i2i", "precision_at_1", "P@1"),
+    ("i2i", "map_at_r", "MAP@R"),
+    ("t2t", "precision_at_1", "P@1"),
+    ("t2t", "map_at_r", "MAP@R"),
+)
 
 
 def uni_modal_choice(test_runs: dict[str, list[dict]], teacher: dict[str, float], variant: str = "cusa_default"):
@@ -198,36 +258,57 @@ def uni_modal_choice(test_runs: dict[str, list[dict]], teacher: dict[str, float]
     def cell(x: float) -> str:
         return "-" if x != x else f"{x:.2f}"
 
-    lines = ["| metric (test, mean of seeds) | teachers' own | base, joint space | +CUSA, USA heads | +CUSA, joint "
-             "space |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| metric (test, mean of seeds) | teachers' own | base, joint space | +CUSA, USA heads | +CUSA, joint space |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for mod, key, name in UNI_MODAL_ROWS:
-        lines.append(f"| {mod} {name} | {cell(teacher.get(f'{mod}_{key}', float('nan')))} | "
-                     f"{cell(mean('base', 'test', f'{mod}_xm_{key}'))} | {cell(mean(variant, 'test', f'{mod}_{key}'))} "
-                     f"| {cell(mean(variant, 'test', f'{mod}_xm_{key}'))} |")
+        lines.append(
+            f"| {mod} {name} | {cell(teacher.get(f'{mod}_{key}', float('nan')))} | "
+            f"{cell(mean('base', 'test', f'{mod}_xm_{key}'))} | {cell(mean(variant, 'test', f'{mod}_{key}'))} "
+            f"| {cell(mean(variant, 'test', f'{mod}_xm_{key}'))} |"
+        )
     advice: dict[str, dict[str, Any]] = {}
     for mod, what in (("i2i", "image->image"), ("t2t", "text->text")):
-        val = {"USA heads": mean(variant, "val", f"{mod}_map_at_r"),
-               "joint space": mean(variant, "val", f"{mod}_xm_map_at_r")}
-        test = {"USA heads": mean(variant, "test", f"{mod}_map_at_r"),
-                "joint space": mean(variant, "test", f"{mod}_xm_map_at_r")}
+        val = {
+            "USA heads": mean(variant, "val", f"{mod}_map_at_r"),
+            "joint space": mean(variant, "val", f"{mod}_xm_map_at_r"),
+        }
+        test = {
+            "USA heads": mean(variant, "test", f"{mod}_map_at_r"),
+            "joint space": mean(variant, "test", f"{mod}_xm_map_at_r"),
+        }
         if any(x != x for x in val.values()):
-            advice[mod] = {"use": None, "text": f"{what}: not chosen (the validation split has no label shared by "
-                                                "two items)"}
+            advice[mod] = {
+                "use": None,
+                "text": f"{what}: not chosen (the validation split has no label shared by two items)",
+            }
             continue
         pick = max(val, key=lambda k: val[k])
         other = "joint space" if pick == "USA heads" else "USA heads"
         held = "test agrees" if test[pick] >= test[other] else "test disagrees"
         ceiling = teacher.get(f"{mod}_map_at_r", float("nan"))
-        advice[mod] = {"use": pick, "validation_map_at_r": val, "test_map_at_r": test, "teacher_test_map_at_r": ceiling,
-                       "text": f"{what}: use the {pick} (validation MAP@R {val[pick]:.2f} vs {val[other]:.2f} for the "
-                               f"{other}; {held}: {test[pick]:.2f} vs {test[other]:.2f}; the teacher alone: "
-                               f"{cell(ceiling)})"}
+        advice[mod] = {
+            "use": pick,
+            "validation_map_at_r": val,
+            "test_map_at_r": test,
+            "teacher_test_map_at_r": ceiling,
+            "text": f"{what}: use the {pick} (validation MAP@R {val[pick]:.2f} vs {val[other]:.2f} for the "
+            f"{other}; {held}: {test[pick]:.2f} vs {test[other]:.2f}; the teacher alone: "
+            f"{cell(ceiling)})",
+        }
     return "\n".join(lines) + "\n", advice
 
 
-def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels: dict[str, str],
-               sweep: dict[str, list[dict]], diag: list[dict], out: Path,
-               regime: str = "frozen-feature") -> list[str]:
+def save_plots(
+    test_runs: dict[str, list[dict]],
+    variants: Sequence[str],
+    labels: dict[str, str],
+    sweep: dict[str, list[dict]],
+    diag: list[dict],
+    out: Path,
+    regime: str = "frozen-feature",
+) -> list[str]:
     """``metrics.png`` (test metrics, mean ± std over seeds), ``validation.png`` (each setting's paired rsum gain
     over the base on validation, where it was chosen, next to test's) and ``soft_labels.png`` (same-label share of
     the soft labels vs tau_s)."""
@@ -238,15 +319,24 @@ def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels
     import numpy as np
 
     paths = []
-    keys = [(k, lab) for k, lab in TABLE_METRICS if k != "rsum"
-            and all(k in r["metrics"]["test"] for v in variants for r in test_runs[v])]
+    keys = [
+        (k, lab)
+        for k, lab in TABLE_METRICS
+        if k != "rsum" and all(k in r["metrics"]["test"] for v in variants for r in test_runs[v])
+    ]
     fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
     width = 0.8 / len(variants)
     x = np.arange(len(keys))
     for j, v in enumerate(variants):
         stats = [mean_std([r["metrics"]["test"][k] for r in test_runs[v]]) for k, _ in keys]
-        ax.bar(x + (j - (len(variants) - 1) / 2) * width, [s[0] for s in stats], width,
-               yerr=[s[1] for s in stats], capsize=3, label=labels.get(v, v))
+        ax.bar(
+            x + (j - (len(variants) - 1) / 2) * width,
+            [s[0] for s in stats],
+            width,
+            yerr=[s[1] for s in stats],
+            capsize=3,
+            label=labels.get(v, v),
+        )
     ax.set_xticks(x, [lab for _, lab in keys], rotation=30, ha="right")
     ax.set_ylabel("% (test split)")
     ax.set_title(f"softalign demo: {regime} student, test split")
@@ -259,10 +349,20 @@ def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     names = [n for n in sweep if n != "base"]
     for j, split in enumerate(("val", "test")):
-        stats = [mean_std([a["metrics"][split]["rsum"] - b["metrics"][split]["rsum"]
-                           for a, b in zip(sweep[n], sweep["base"])]) for n in names]
-        ax.errorbar(np.arange(len(names)) + (j - 0.5) * 0.15, [s[0] for s in stats], yerr=[s[1] for s in stats],
-                    fmt="o", capsize=3, label="validation (chooses)" if split == "val" else "test (reported)")
+        stats = [
+            mean_std(
+                [a["metrics"][split]["rsum"] - b["metrics"][split]["rsum"] for a, b in zip(sweep[n], sweep["base"])]
+            )
+            for n in names
+        ]
+        ax.errorbar(
+            np.arange(len(names)) + (j - 0.5) * 0.15,
+            [s[0] for s in stats],
+            yerr=[s[1] for s in stats],
+            fmt="o",
+            capsize=3,
+            label="validation (chooses)" if split == "val" else "test (reported)",
+        )
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("rsum gain over base (paired, mean ± std)")
@@ -275,8 +375,13 @@ def save_plots(test_runs: dict[str, list[dict]], variants: Sequence[str], labels
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for j, matrix in enumerate(("image-image", "text-text")):
         rows = sorted((r for r in diag if r["matrix"] == matrix), key=lambda r: r["tau"])
-        ax.plot([r["tau"] for r in rows], [r["same_label_mass"] for r in rows], "o-", color=f"C{j}",
-                label=f"{matrix}: same-label share")
+        ax.plot(
+            [r["tau"] for r in rows],
+            [r["same_label_mass"] for r in rows],
+            "o-",
+            color=f"C{j}",
+            label=f"{matrix}: same-label share",
+        )
         ax.axhline(rows[0]["same_label_chance"], color=f"C{j}", ls=":", label=f"{matrix}: chance")
     ax.set_xscale("log")
     ax.set_xlabel("soft-label temperature tau_s")
@@ -318,22 +423,28 @@ def run(args) -> int:
 def _check_args(args) -> None:
     """Refuse settings that would train nothing or compare nothing, naming the flag (one line, exit 1)."""
     if args.epochs is not None and args.epochs < 1:
-        raise SystemExit(f"softalign demo: --epochs must be >= 1, got {args.epochs} (every variant would be an "
-                         "untrained student)")
+        raise SystemExit(
+            f"softalign demo: --epochs must be >= 1, got {args.epochs} (every variant would be an untrained student)"
+        )
     if not args.seeds:
-        raise SystemExit("softalign demo: --seeds needs at least one seed (the table reports paired differences "
-                         "over seeds)")
+        raise SystemExit(
+            "softalign demo: --seeds needs at least one seed (the table reports paired differences over seeds)"
+        )
     if len(set(args.seeds)) != len(args.seeds):
-        raise SystemExit(f"softalign demo: --seeds {' '.join(map(str, args.seeds))} repeats a seed; a repeated run "
-                         "adds no evidence to the paired differences")
+        raise SystemExit(
+            f"softalign demo: --seeds {' '.join(map(str, args.seeds))} repeats a seed; a repeated run "
+            "adds no evidence to the paired differences"
+        )
     if args.batch_size is not None and args.batch_size < 2:
-        raise SystemExit(f"softalign demo: --batch-size must be >= 2 (contrastive losses need negatives), got "
-                         f"{args.batch_size}")
+        raise SystemExit(
+            f"softalign demo: --batch-size must be >= 2 (contrastive losses need negatives), got {args.batch_size}"
+        )
     if args.max_images is not None and args.max_images < 1:
         raise SystemExit(f"softalign demo: --max-images must be a positive number of images, got {args.max_images}")
     if not 0 <= args.text_layers <= 6:
-        raise SystemExit(f"softalign demo: --text-layers must be in [0, 6] (MiniLM has 6 layers), got "
-                         f"{args.text_layers}")
+        raise SystemExit(
+            f"softalign demo: --text-layers must be in [0, 6] (MiniLM has 6 layers), got {args.text_layers}"
+        )
     if args.folds < 2:
         raise SystemExit(f"softalign demo: --folds must be >= 2, got {args.folds}")
     if any(not 0 < t < 1 for t in args.targets):
@@ -360,22 +471,27 @@ def _run(args) -> int:
         cfg.batch_size = int(args.batch_size)
     regime = regime_name(cfg.text_layers)
     print(f"softalign demo ({regime}) -> {out}\n{TWEMOJI_CREDIT}")
-    pool_d, test_d = build_demo_data(captions_per_image=3, test_fraction=0.2, max_images=args.max_images,
-                                     captions="cldr", label="subcategory")
+    pool_d, test_d = build_demo_data(
+        captions_per_image=3, test_fraction=0.2, max_images=args.max_images, captions="cldr", label="subcategory"
+    )
     folds = stratified_folds(pool_d.image_labels, args.folds, seed=0)
     fold_of = {s: i % args.folds for i, s in enumerate(args.seeds)}
     sizes = {f: int((folds == f).sum()) for f in sorted(set(fold_of.values()))}
     smallest = min(min(sizes.values()), pool_d.num_images - max(sizes.values()), test_d.num_images)
     if smallest < 2:
-        raise SystemExit(f"softalign demo: --max-images {args.max_images} leaves {smallest} image(s) in a "
-                         f"training, validation or test split (training pool {pool_d.num_images}, validation folds "
-                         f"{sizes}, test {test_d.num_images}); every split needs at least 2: use a larger "
-                         "--max-images (e.g. 200), or leave it unset for all images")
+        raise SystemExit(
+            f"softalign demo: --max-images {args.max_images} leaves {smallest} image(s) in a "
+            f"training, validation or test split (training pool {pool_d.num_images}, validation folds "
+            f"{sizes}, test {test_d.num_images}); every split needs at least 2: use a larger "
+            "--max-images (e.g. 200), or leave it unset for all images"
+        )
     cfg.batch_size = min(cfg.batch_size, pool_d.num_images - max(sizes.values()))
-    print(f"data: training pool {pool_d.num_images} images / {pool_d.num_captions} captions in {args.folds} folds "
-          f"(seed s validates on fold s mod {args.folds}: {max(sizes.values())} images or fewer, trains on the "
-          f"rest), test {test_d.num_images} / {test_d.num_captions}; {len(pool_d.label_names)} sub-categories "
-          f"({time.time() - t0:.0f}s)")
+    print(
+        f"data: training pool {pool_d.num_images} images / {pool_d.num_captions} captions in {args.folds} folds "
+        f"(seed s validates on fold s mod {args.folds}: {max(sizes.values())} images or fewer, trains on the "
+        f"rest), test {test_d.num_images} / {test_d.num_captions}; {len(pool_d.label_names)} sub-categories "
+        f"({time.time() - t0:.0f}s)"
+    )
 
     t1 = time.time()
     pool = _feature_table(out / "features" / "pool", pool_d, progress)
@@ -387,14 +503,20 @@ def _run(args) -> int:
         text_backbone, tokenizer = load_sentence_encoder(STUDENT_BACKBONES["text"])
         for split in (pool, test):
             split.text = bottom_states(text_backbone, tokenizer, split.data.captions, cfg.text_layers)
-    print(f"student features ({regime}: {STUDENT_BACKBONES['image']} + {STUDENT_BACKBONES['text']}): "
-          f"{time.time() - t1:.0f}s")
+    print(
+        f"student features ({regime}: {STUDENT_BACKBONES['image']} + {STUDENT_BACKBONES['text']}): "
+        f"{time.time() - t1:.0f}s"
+    )
     t1 = time.time()
     cache = _teacher_cache(out / "teacher_cache", pool_d, progress)
     print(f"teacher cache ({TEACHERS['image']} + {TEACHERS['text']}): {time.time() - t1:.0f}s")
 
-    diag = soft_label_diagnostics(cache, cfg.batch_size, sorted(set(args.targets) | {DEFAULT_SOFT_LABEL_ENTROPY}),
-                                  image_labels=pool_d.image_labels)
+    diag = soft_label_diagnostics(
+        cache,
+        cfg.batch_size,
+        sorted(set(args.targets) | {DEFAULT_SOFT_LABEL_ENTROPY}),
+        image_labels=pool_d.image_labels,
+    )
     diag_md = soft_label_table(diag)
     print(f"\nsoft labels on training batches of {cfg.batch_size} (labels: emoji sub-category)\n{diag_md}")
 
@@ -404,43 +526,71 @@ def _run(args) -> int:
         res = []
         for s in tqdm(args.seeds, desc=desc, disable=not progress, leave=False):
             f = fold_of[s]
-            res.append(train_feature_student(pool, {"val": val_splits[f], "test": test},
-                                             {"base": args.base, **loss_kwargs}, cfg, s, cache=cache,
-                                             train_images=np.flatnonzero(folds != f), text_backbone=text_backbone))
+            res.append(
+                train_feature_student(
+                    pool,
+                    {"val": val_splits[f], "test": test},
+                    {"base": args.base, **loss_kwargs},
+                    cfg,
+                    s,
+                    cache=cache,
+                    train_images=np.flatnonzero(folds != f),
+                    text_backbone=text_backbone,
+                )
+            )
         return res
 
     # ---- every setting trains once per seed and is scored on its seed's validation fold and on test; the choice
     # reads validation only
     targets = sorted(set(args.targets) | {DEFAULT_SOFT_LABEL_ENTROPY})
-    settings = {"base": {"alpha": 0.0, "beta": 0.0}, "CUSA tau_s=1": {"teacher_temperature": 1.0},
-                **{f"H={t:g}": {"soft_label_entropy": t} for t in targets}}
+    settings = {
+        "base": {"alpha": 0.0, "beta": 0.0},
+        "CUSA tau_s=1": {"teacher_temperature": 1.0},
+        **{f"H={t:g}": {"soft_label_entropy": t} for t in targets},
+    }
     sweep = {k: runs(kw, k) for k, kw in settings.items()}
     val_rsum = {k: mean_std([r["metrics"]["val"]["rsum"] for r in v])[0] for k, v in sweep.items()}
     chosen = max(args.targets, key=lambda t: val_rsum[f"H={t:g}"])
-    val_lines = ["| setting | validation rsum | Δ rsum vs base, validation (paired) | Δ rsum vs base, test (paired) "
-                 "| i2i MAP@R (val) | t2t MAP@R (val) | soft share of the gradient |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+    val_lines = [
+        "| setting | validation rsum | Δ rsum vs base, validation (paired) | Δ rsum vs base, test (paired) "
+        "| i2i MAP@R (val) | t2t MAP@R (val) | soft share of the gradient |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for k, v in sweep.items():
         m = mean_std([r["metrics"]["val"]["rsum"] for r in v])
-        d = {split: mean_std([a["metrics"][split]["rsum"] - b["metrics"][split]["rsum"]
-                              for a, b in zip(v, sweep["base"])]) for split in ("val", "test")}
+        d = {
+            split: mean_std(
+                [a["metrics"][split]["rsum"] - b["metrics"][split]["rsum"] for a, b in zip(v, sweep["base"])]
+            )
+            for split in ("val", "test")
+        }
         i2i = mean_std([r["metrics"]["val"].get("i2i_map_at_r", float("nan")) for r in v])[0]
         t2t = mean_std([r["metrics"]["val"].get("t2t_map_at_r", float("nan")) for r in v])[0]
         share = [mean_share(r["gradient_shares"]) for r in v]
         known = [x for x in share if x is not None]
         share_s = f"{100 * np.mean(known):.1f}%" if len(known) == len(share) and k != "base" else "-"
-        val_lines.append(f"| {k} | {m[0]:.2f} ± {m[1]:.2f} | {d['val'][0]:+.2f} ± {d['val'][1]:.2f} | "
-                         f"{d['test'][0]:+.2f} ± {d['test'][1]:.2f} | {i2i:.2f} | {t2t:.2f} | {share_s} |")
+        val_lines.append(
+            f"| {k} | {m[0]:.2f} ± {m[1]:.2f} | {d['val'][0]:+.2f} ± {d['val'][1]:.2f} | "
+            f"{d['test'][0]:+.2f} ± {d['test'][1]:.2f} | {i2i:.2f} | {t2t:.2f} | {share_s} |"
+        )
     agreement = validation_vs_test(sweep)
     val_md = "\n".join(val_lines) + "\n\n" + agreement["text"] + "\n"
-    print(f"\nsettings ({len(args.seeds)} seeds, seed s validating on fold s mod {args.folds}):\n{val_md}\n"
-          f"chosen on validation: soft-label entropy {chosen:g} (library default {DEFAULT_SOFT_LABEL_ENTROPY:g})")
+    print(
+        f"\nsettings ({len(args.seeds)} seeds, seed s validating on fold s mod {args.folds}):\n{val_md}\n"
+        f"chosen on validation: soft-label entropy {chosen:g} (library default {DEFAULT_SOFT_LABEL_ENTROPY:g})"
+    )
 
     # ---- test
-    test_runs = {"base": sweep["base"], "cusa_default": sweep[f"H={DEFAULT_SOFT_LABEL_ENTROPY:g}"],
-                 "cusa_tau1": sweep["CUSA tau_s=1"]}
-    labels = {"base": "base", "cusa_default": f"+CUSA (defaults, H={DEFAULT_SOFT_LABEL_ENTROPY:g})",
-              "cusa_tau1": "+CUSA (tau_s=1, CUSA)"}
+    test_runs = {
+        "base": sweep["base"],
+        "cusa_default": sweep[f"H={DEFAULT_SOFT_LABEL_ENTROPY:g}"],
+        "cusa_tau1": sweep["CUSA tau_s=1"],
+    }
+    labels = {
+        "base": "base",
+        "cusa_default": f"+CUSA (defaults, H={DEFAULT_SOFT_LABEL_ENTROPY:g})",
+        "cusa_tau1": "+CUSA (tau_s=1, CUSA)",
+    }
     if chosen != DEFAULT_SOFT_LABEL_ENTROPY:
         test_runs["cusa_val"] = sweep[f"H={chosen:g}"]
         labels["cusa_val"] = f"+CUSA (validation choice, H={chosen:g})"
@@ -452,25 +602,50 @@ def _run(args) -> int:
     plots = save_plots(test_runs, order, labels, sweep, diag, out, regime)
     cal = test_runs["cusa_default"][0]["loss_config"].get("calibration", {})
     wall = time.time() - t0
-    md = (f"# softalign demo: {regime} student, base `{args.base}`\n\n{table}\n"
-          f"Seeds {list(args.seeds)}; test: {test_d.num_images} held-out images, {test_d.num_captions} captions; "
-          f"uni-modal labels: emoji sub-category; uni-modal rows on USA's heads (base: cross-modal embeddings), "
-          f"(xm) rows on the cross-modal embeddings. Calibrated tau_s (defaults): image {cal.get('image', 0):.4g}, "
-          f"text {cal.get('text', 0):.4g} at batch {cal.get('batch_size', '-')}.\n\n"
-          f"## Uni-modal retrieval: which embeddings (+CUSA defaults; chosen on validation)\n\n{uni_md}\n"
-          f"{uni_text}\n\n"
-          f"## Settings on validation, and what test showed\n\n{val_md}\nChosen on validation: H = {chosen:g}.\n\n"
-          f"## Soft labels\n\n{diag_md}\nWall time: {wall:.0f}s.\n\n{TWEMOJI_CREDIT}; emoji names and keywords: "
-          f"Unicode CLDR.\n")
-    summary = {"seeds": list(args.seeds), "folds": args.folds, "fold_of_seed": {str(k): v for k, v in fold_of.items()},
-               "base": args.base, "regime": regime, "student": cfg.to_dict(),
-               "student_backbones": STUDENT_BACKBONES, "teachers": TEACHERS, "chosen_entropy": chosen,
-               "default_entropy": DEFAULT_SOFT_LABEL_ENTROPY, "validation_rsum": val_rsum,
-               "validation_vs_test": {k: v for k, v in agreement.items() if k != "text"}, "soft_labels": diag,
-               "test": {v: [{"seed": r["seed"], "metrics": r["metrics"], "loss_config": r["loss_config"],
-                             "gradient_shares": r["gradient_shares"]} for r in test_runs[v]] for v in order},
-               "labels": labels, "wall_seconds": round(wall, 1), "credit": TWEMOJI_CREDIT, "plots": plots,
-               "uni_modal": {"teachers_test": teacher_test, "choice": uni_advice}}
+    md = (
+        f"# softalign demo: {regime} student, base `{args.base}`\n\n{table}\n"
+        f"Seeds {list(args.seeds)}; test: {test_d.num_images} held-out images, {test_d.num_captions} captions; "
+        f"uni-modal labels: emoji sub-category; uni-modal rows on USA's heads (base: cross-modal embeddings), "
+        f"(xm) rows on the cross-modal embeddings. Calibrated tau_s (defaults): image {cal.get('image', 0):.4g}, "
+        f"text {cal.get('text', 0):.4g} at batch {cal.get('batch_size', '-')}.\n\n"
+        f"## Uni-modal retrieval: which embeddings (+CUSA defaults; chosen on validation)\n\n{uni_md}\n"
+        f"{uni_text}\n\n"
+        f"## Settings on validation, and what test showed\n\n{val_md}\nChosen on validation: H = {chosen:g}.\n\n"
+        f"## Soft labels\n\n{diag_md}\nWall time: {wall:.0f}s.\n\n{TWEMOJI_CREDIT}; emoji names and keywords: "
+        f"Unicode CLDR.\n"
+    )
+    summary = {
+        "seeds": list(args.seeds),
+        "folds": args.folds,
+        "fold_of_seed": {str(k): v for k, v in fold_of.items()},
+        "base": args.base,
+        "regime": regime,
+        "student": cfg.to_dict(),
+        "student_backbones": STUDENT_BACKBONES,
+        "teachers": TEACHERS,
+        "chosen_entropy": chosen,
+        "default_entropy": DEFAULT_SOFT_LABEL_ENTROPY,
+        "validation_rsum": val_rsum,
+        "validation_vs_test": {k: v for k, v in agreement.items() if k != "text"},
+        "soft_labels": diag,
+        "test": {
+            v: [
+                {
+                    "seed": r["seed"],
+                    "metrics": r["metrics"],
+                    "loss_config": r["loss_config"],
+                    "gradient_shares": r["gradient_shares"],
+                }
+                for r in test_runs[v]
+            ]
+            for v in order
+        },
+        "labels": labels,
+        "wall_seconds": round(wall, 1),
+        "credit": TWEMOJI_CREDIT,
+        "plots": plots,
+        "uni_modal": {"teachers_test": teacher_test, "choice": uni_advice},
+    }
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     print("\n" + table)
@@ -491,20 +666,33 @@ def validation_vs_test(sweep: dict[str, list[dict]], baseline: str = "base", key
     import numpy as np
 
     names = [k for k in sweep if k != baseline]
-    gains = {split: {k: [a["metrics"][split][key] - b["metrics"][split][key]
-                         for a, b in zip(sweep[k], sweep[baseline])] for k in names} for split in ("val", "test")}
+    gains = {
+        split: {
+            k: [a["metrics"][split][key] - b["metrics"][split][key] for a, b in zip(sweep[k], sweep[baseline])]
+            for k in names
+        }
+        for split in ("val", "test")
+    }
     val = np.array([np.mean(gains["val"][k]) for k in names])
     test = np.array([np.mean(gains["test"][k]) for k in names])
     rho = _spearman(val, test) if len(names) > 2 else float("nan")
     signs = [np.sign(v) == np.sign(t) for k in names for v, t in zip(gains["val"][k], gains["test"][k])]
     best_val, best_test = names[int(val.argmax())], names[int(test.argmax())]
     same_sign = float(np.mean(signs))
-    text = (f"How validation predicted test ({key}, gains over {baseline} per setting): Spearman rho = {rho:.2f} "
-            f"over {len(names)} settings; best on validation: {best_val}, best on test: {best_test}; the sign of a "
-            f"seed's gain agreed on {100 * same_sign:.0f}% of (setting, seed) pairs.")
-    return {"spearman": rho, "best_validation": best_val, "best_test": best_test, "same_sign_share": same_sign,
-            "validation_gain": dict(zip(names, val.tolist())), "test_gain": dict(zip(names, test.tolist())),
-            "text": text}
+    text = (
+        f"How validation predicted test ({key}, gains over {baseline} per setting): Spearman rho = {rho:.2f} "
+        f"over {len(names)} settings; best on validation: {best_val}, best on test: {best_test}; the sign of a "
+        f"seed's gain agreed on {100 * same_sign:.0f}% of (setting, seed) pairs."
+    )
+    return {
+        "spearman": rho,
+        "best_validation": best_val,
+        "best_test": best_test,
+        "same_sign_share": same_sign,
+        "validation_gain": dict(zip(names, val.tolist())),
+        "test_gain": dict(zip(names, test.tolist())),
+        "text": text,
+    }
 
 
 def _spearman(a, b) -> float:

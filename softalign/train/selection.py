@@ -5,6 +5,7 @@ The best weights live in ``OUTPUT_DIR/best/``: ``model.safetensors``, ``loss.saf
 temperatures, calibration) and ``best.json`` (epoch, metric, value), written into a fresh folder that then replaces
 the old one. The run's ``train_state.json`` records the same epoch, so a resumed run keeps its best so far.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -42,8 +43,10 @@ class BestCheckpoint:
         if self.metric is None:
             return False
         if self.metric not in metrics:
-            raise ValueError(f"train.keep_best: {self.metric!r} is not a metric of the validation split; it gives "
-                             f"{', '.join(sorted(metrics))}")
+            raise ValueError(
+                f"train.keep_best: {self.metric!r} is not a metric of the validation split; it gives "
+                f"{', '.join(sorted(metrics))}"
+            )
         value = float(metrics[self.metric])
         if not self.better(value):
             return False
@@ -76,10 +79,17 @@ class BestCheckpoint:
             model.load_state_dict(load_file(self.folder / "model.safetensors"))
             loss_fn.load_state_dict(load_file(self.folder / "loss.safetensors"))
         except Exception as err:  # noqa: BLE001 - a missing or torn file, from any of three readers
-            raise ValueError(f"cannot load the best checkpoint {self.folder}: {str(err).splitlines()[0]} (train "
-                             "with --no-resume to start over)") from None
+            raise ValueError(
+                f"cannot load the best checkpoint {self.folder}: {str(err).splitlines()[0]} (train "
+                "with --no-resume to start over)"
+            ) from None
         if stored.get("epoch") != best["epoch"]:
-            raise ValueError(f"{self.folder}/best.json holds epoch {stored.get('epoch')}, but the run's checkpoint "
-                             f"recorded epoch {best['epoch']} as its best (train with --no-resume to start over)")
-        return {"checkpoint": str(self.folder), **best,
-                "why": f"the best validation {self.metric} of the epochs evaluated (train.keep_best)"}
+            raise ValueError(
+                f"{self.folder}/best.json holds epoch {stored.get('epoch')}, but the run's checkpoint "
+                f"recorded epoch {best['epoch']} as its best (train with --no-resume to start over)"
+            )
+        return {
+            "checkpoint": str(self.folder),
+            **best,
+            "why": f"the best validation {self.metric} of the epochs evaluated (train.keep_best)",
+        }

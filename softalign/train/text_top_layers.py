@@ -6,6 +6,7 @@ per split (:func:`bottom_states`, a :class:`TokenStates` table) and only the top
 (:class:`TopLayersTextEncoder`, initialised from the pre-trained weights, dropout on as in fine-tuning). With
 ``k = 0`` the encoder returns the frozen sentence embedding, so the frozen-feature student is the ``k = 0`` case.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,14 @@ def mean_pool_normalize(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def bottom_states(model: nn.Module, tokenizer, sentences: Sequence[str], trainable_layers: int,
-                  batch_size: int = 256, max_length: int = 64) -> TokenStates:
+def bottom_states(
+    model: nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    trainable_layers: int,
+    batch_size: int = 256,
+    max_length: int = 64,
+) -> TokenStates:
     """The output of ``model``'s embeddings and its bottom ``num_layers - trainable_layers`` layers for every
     sentence (eval mode), padded to the longest sentence."""
     layers = _layers_of(model)
@@ -75,10 +82,15 @@ def bottom_states(model: nn.Module, tokenizer, sentences: Sequence[str], trainab
     model.eval()
     hidden_parts, mask_parts = [], []
     for start in range(0, len(sentences), batch_size):
-        enc = tokenizer(list(sentences[start:start + batch_size]), padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            list(sentences[start : start + batch_size]),
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         h = getattr(model, "embeddings")(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
-        hidden_parts.append(_run_layers(layers[:len(layers) - trainable_layers], h, enc["attention_mask"]))
+        hidden_parts.append(_run_layers(layers[: len(layers) - trainable_layers], h, enc["attention_mask"]))
         mask_parts.append(enc["attention_mask"])
     model.train(was_training)
     states = TokenStates(torch.cat(hidden_parts), torch.cat(mask_parts))
@@ -94,7 +106,7 @@ class TopLayersTextEncoder(nn.Module):
         layers = _layers_of(model)
         if not 0 <= trainable_layers <= len(layers):
             raise ValueError(f"trainable_layers must be in [0, {len(layers)}], got {trainable_layers}")
-        self.layers = nn.ModuleList(copy.deepcopy(layers[len(layers) - trainable_layers:]))
+        self.layers = nn.ModuleList(copy.deepcopy(layers[len(layers) - trainable_layers :]))
         self.layers.requires_grad_(True)
 
     def forward(self, states: TokenStates) -> torch.Tensor:

@@ -5,6 +5,7 @@ Each record is one line, flushed and fsynced before the epoch's checkpoint is wr
 point, and a resume drops the lines of later (uncommitted) epochs and a torn last line
 (:func:`softalign.train.trainer.read_metrics`).
 """
+
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ the selected weights (the best validation epoch, or the last), and its embedding
 and ``image_uni`` / ``text_uni`` when the loss has USA heads) for ``softalign eval --embeddings``, and
 ``results.json`` holds the final metrics and the resolved recipe.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,12 @@ def load_splits(recipe: Recipe) -> tuple[RetrievalData, RetrievalData | None, Re
     if d.kind == "demo":
         from softalign.data.demo import build_demo_data
 
-        splits = build_demo_data(captions_per_image=d.captions_per_image or 5, test_fraction=d.test_fraction,
-                                 max_images=d.max_images, val_fraction=v or 0.0)
+        splits = build_demo_data(
+            captions_per_image=d.captions_per_image or 5,
+            test_fraction=d.test_fraction,
+            max_images=d.max_images,
+            val_fraction=v or 0.0,
+        )
         return (splits[0], splits[1], splits[2]) if v else (splits[0], None, splits[1])
     named = [d.train_split, d.test_split] + ([v] if isinstance(v, str) else [])
     train, test, *val = (_load_split(recipe, s) for s in named)
@@ -94,8 +99,9 @@ def _load_split(recipe: Recipe, split: str) -> RetrievalData:
     if d.kind == "karpathy":
         from softalign.data.karpathy import load_karpathy
 
-        return load_karpathy(d.path, d.image_root, split, captions_per_image=d.captions_per_image,
-                             max_images=d.max_images)
+        return load_karpathy(
+            d.path, d.image_root, split, captions_per_image=d.captions_per_image, max_images=d.max_images
+        )
     if d.kind == "precomp":
         from softalign.data.precomp import load_precomp
 
@@ -103,19 +109,34 @@ def _load_split(recipe: Recipe, split: str) -> RetrievalData:
     if d.kind == "imagefolder":
         from softalign.data.hf import load_imagefolder
 
-        return load_imagefolder(d.path, split, caption_column=d.caption_column, label_column=d.label_column,
-                                captions_per_image=d.captions_per_image)
+        return load_imagefolder(
+            d.path,
+            split,
+            caption_column=d.caption_column,
+            label_column=d.label_column,
+            captions_per_image=d.captions_per_image,
+        )
     if d.kind == "hf":
         import datasets
 
         from softalign.data.hf import from_hf_dataset
 
-        ds = datasets.load_from_disk(d.path)[split] if Path(d.path).is_dir() else datasets.load_dataset(d.path,
-                                                                                                         split=split)
+        ds = (
+            datasets.load_from_disk(d.path)[split]
+            if Path(d.path).is_dir()
+            else datasets.load_dataset(d.path, split=split)
+        )
         if d.max_images is not None:
             ds = ds.select(range(min(d.max_images, len(ds))))
-        return from_hf_dataset(ds, d.image_column, d.caption_column, d.label_column, name=str(d.path), split=split,
-                               captions_per_image=d.captions_per_image)
+        return from_hf_dataset(
+            ds,
+            d.image_column,
+            d.caption_column,
+            d.label_column,
+            name=str(d.path),
+            split=split,
+            captions_per_image=d.captions_per_image,
+        )
     raise ValueError(f"unknown data.kind {d.kind!r}")  # pragma: no cover - the recipe schema checks it
 
 
@@ -145,11 +166,20 @@ def get_teacher_cache(recipe: Recipe, train_data: RetrievalData, accelerator=Non
     from softalign.teachers.for_split import cache_for_split
 
     t = recipe.teacher
-    return cache_for_split(teacher_cache_dir(recipe), train_data, text_teacher=t.text, image_teacher=t.image,
-                           chunk_size=t.chunk_size, dtype=t.dtype, rebuild_on_mismatch=t.rebuild_on_mismatch,
-                           accelerator=accelerator, progress=recipe.train.progress, log=log,
-                           fix_hint="point teacher.cache_dir at the matching cache, or set "
-                                    "teacher.rebuild_on_mismatch=true to rebuild it in place")
+    return cache_for_split(
+        teacher_cache_dir(recipe),
+        train_data,
+        text_teacher=t.text,
+        image_teacher=t.image,
+        chunk_size=t.chunk_size,
+        dtype=t.dtype,
+        rebuild_on_mismatch=t.rebuild_on_mismatch,
+        accelerator=accelerator,
+        progress=recipe.train.progress,
+        log=log,
+        fix_hint="point teacher.cache_dir at the matching cache, or set "
+        "teacher.rebuild_on_mismatch=true to rebuild it in place",
+    )
 
 
 def get_view_cache(recipe: Recipe, train_data: RetrievalData, log: Callable = print):
@@ -163,18 +193,31 @@ def get_view_cache(recipe: Recipe, train_data: RetrievalData, log: Callable = pr
     if t.views < 0:
         raise ValueError(f"{recipe.name}: teacher.views must be >= 0 (0: clean images only), got {t.views}")
     if not recipe.data.augment:
-        raise ValueError(f"{recipe.name}: teacher.views={t.views} stores augmented views for the loader to replay; "
-                         "set data.augment: true (or teacher.views: 0)")
+        raise ValueError(
+            f"{recipe.name}: teacher.views={t.views} stores augmented views for the loader to replay; "
+            "set data.augment: true (or teacher.views: 0)"
+        )
     path = Path(f"{teacher_cache_dir(recipe)}-views{t.views}")
     if (path / "views.json").is_file():
         try:
-            return ViewCache.load(path, expect_images=train_data.num_images, expect_views=t.views,
-                                  expect_teacher=canonical_teacher_name("image", t.image))
+            return ViewCache.load(
+                path,
+                expect_images=train_data.num_images,
+                expect_views=t.views,
+                expect_teacher=canonical_teacher_name("image", t.image),
+            )
         except ValueError as err:
             log(f"{recipe.name}: {err}: rebuilding")
     log(f"{recipe.name}: teacher embeddings of {t.views} augmented views per training image -> {path}")
-    return ViewCache.build(path, train_data.images, t.views, image_teacher=t.image, seed=recipe.seed,
-                           dtype=t.dtype, progress=recipe.train.progress)
+    return ViewCache.build(
+        path,
+        train_data.images,
+        t.views,
+        image_teacher=t.image,
+        seed=recipe.seed,
+        dtype=t.dtype,
+        progress=recipe.train.progress,
+    )
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -205,10 +248,15 @@ def parameter_groups(module: torch.nn.Module, lr: float, weight_decay: float, de
     if decay_1d or not weight_decay:
         split = [[p for _, p in named], []]
     else:
-        split = [[p for n, p in named if p.ndim >= 2 and not n.endswith(".bias")],
-                 [p for n, p in named if p.ndim < 2 or n.endswith(".bias")]]
-    return [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd}
-            for ps, wd in zip(split, (weight_decay, 0.0)) if ps]
+        split = [
+            [p for n, p in named if p.ndim >= 2 and not n.endswith(".bias")],
+            [p for n, p in named if p.ndim < 2 or n.endswith(".bias")],
+        ]
+    return [
+        {"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd}
+        for ps, wd in zip(split, (weight_decay, 0.0))
+        if ps
+    ]
 
 
 # -------------------------------------------------------------------------------------------- I/O
@@ -253,10 +301,18 @@ def _jsonable(obj):
     return obj if isinstance(obj, (str, int, float, bool)) or obj is None else repr(obj)
 
 
-def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: RetrievalData | None = None,
-          test_data: RetrievalData | None = None, cache=None, log: Callable | None = None,
-          image_caches: dict[str, torch.Tensor] | None = None,
-          val_data: RetrievalData | None = None) -> dict[str, Any]:
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = True,
+    accelerator=None,
+    train_data: RetrievalData | None = None,
+    test_data: RetrievalData | None = None,
+    cache=None,
+    log: Callable | None = None,
+    image_caches: dict[str, torch.Tensor] | None = None,
+    val_data: RetrievalData | None = None,
+) -> dict[str, Any]:
     """Train ``recipe`` end to end; returns ``{"metrics": test metrics of the selected checkpoint, "selection":
     which checkpoint and why, "history": per-epoch records (``val_*`` on the validation split), "output_dir",
     "seconds"}``. Settings and checkpoints are chosen on ``data.validation``; the test split is scored once, at the
@@ -279,8 +335,18 @@ def train(recipe: Recipe, *, resume: bool = True, accelerator=None, train_data: 
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(directory_lock(recipe.output_dir, f"softalign train ({recipe.name})"))
-        return _train(recipe, resume=resume, accelerator=accelerator, train_data=train_data, val_data=val_data,
-                      test_data=test_data, cache=cache, log=log, image_caches=image_caches, cleanup=stack)
+        return _train(
+            recipe,
+            resume=resume,
+            accelerator=accelerator,
+            train_data=train_data,
+            val_data=val_data,
+            test_data=test_data,
+            cache=cache,
+            log=log,
+            image_caches=image_caches,
+            cleanup=stack,
+        )
 
 
 def _release(accelerator, prepared: tuple, hooks: list) -> None:
@@ -305,7 +371,8 @@ def _checkpoint_to_resume(recipe: Recipe, root: Path, resume: bool) -> tuple[Pat
         raise ResumeMismatchError(
             f"cannot resume from {path}: it was trained with a different recipe ("
             f"{_describe_differences(progress.recipe, recipe, diff)}); only "
-            f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume. Use another output_dir or --no-resume")
+            f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume. Use another output_dir or --no-resume"
+        )
     progress.recipe = recipe.to_dict()  # the resumed run's (it may differ in RESUME_MUTABLE)
     return path, progress
 
@@ -320,16 +387,22 @@ def _build_optimizer(recipe: Recipe, model: torch.nn.Module, loss_fn: torch.nn.M
     return opt_cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _transforms_and_images(recipe: Recipe, model, train_data: RetrievalData, eval_splits: dict[str, RetrievalData],
-                           image_caches: dict[str, torch.Tensor] | None):
+def _transforms_and_images(
+    recipe: Recipe,
+    model,
+    train_data: RetrievalData,
+    eval_splits: dict[str, RetrievalData],
+    image_caches: dict[str, torch.Tensor] | None,
+):
     """(train transform, test transform, decoded image caches): the model's own preprocessing when it has one
     (open_clip students), else the recipe's; images decoded once when ``data.preload`` allows it."""
     from softalign.data.pairs import preload_images
 
     caches = dict(image_caches or {})
     own = getattr(model, "image_transform", None)
-    train_tf, test_tf = (own(True), own(False)) if callable(own) else \
-        (image_transform(recipe, True), image_transform(recipe, False))
+    train_tf, test_tf = (
+        (own(True), own(False)) if callable(own) else (image_transform(recipe, True), image_transform(recipe, False))
+    )
     if recipe.data.preload:
         todo = list(eval_splits.items()) + ([("train", train_data)] if not recipe.data.augment else [])
         for split, data in todo:
@@ -350,8 +423,14 @@ def _train_loader(recipe: Recipe, data: RetrievalData, transform, image_cache, v
         dataset = kind(data, transform)
         dataset.cache = image_cache
     bs = recipe.train.batch_size
-    return DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) > bs, collate_fn=collate_pairs,
-                      num_workers=recipe.data.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=bs,
+        shuffle=True,
+        drop_last=len(dataset) > bs,
+        collate_fn=collate_pairs,
+        num_workers=recipe.data.num_workers,
+    )
 
 
 def _calibrate(recipe: Recipe, loss_fn, cache, num_processes: int, log: Callable) -> None:
@@ -362,37 +441,59 @@ def _calibrate(recipe: Recipe, loss_fn, cache, num_processes: int, log: Callable
     global_batch = recipe.train.batch_size * (num_processes if recipe.loss.gather else 1)
     cal = loss_fn.calibrate(cache, batch_size=global_batch, seed=recipe.seed)
     assert cal is not None  # the loss has CSA or USA, so it calibrated
-    log(f"{recipe.name}: calibrated soft-label temperature tau_s image {cal['image']:.4g}, text "
-        f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})")
+    log(
+        f"{recipe.name}: calibrated soft-label temperature tau_s image {cal['image']:.4g}, text "
+        f"{cal['text']:.4g} (normalised entropy {cal['target_entropy']} at batch {cal['batch_size']})"
+    )
 
 
-def _open_trackers(recipe: Recipe, accelerator, jsonl, epochs_done: int, log: Callable,
-                   cleanup) -> list[dict[str, Any]]:
+def _open_trackers(
+    recipe: Recipe, accelerator, jsonl, epochs_done: int, log: Callable, cleanup
+) -> list[dict[str, Any]]:
     """Start the user's trackers (``Accelerator(log_with=...)``, ``softalign train --report-to``; they write under
     the accelerator's ``project_dir``, one run each) and add ``metrics.jsonl``, keeping only the lines of the epochs
     the checkpoint covers (the commit point); returns those records. The run's trackers end with it."""
     before = list(accelerator.trackers)
     if accelerator.log_with:
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                  for k, v in _flatten(recipe.to_dict()).items() if k != "variants"}
+        config = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in _flatten(recipe.to_dict()).items()
+            if k != "variants"
+        }
         accelerator.init_trackers(recipe.name.replace("/", "_"), config=config)
     accelerator.trackers.append(jsonl)
     mine = [t for t in accelerator.trackers if all(t is not b for b in before)]
-    cleanup.callback(lambda: accelerator.trackers.__setitem__(
-        slice(None), [t for t in accelerator.trackers if all(t is not m for m in mine)]))
+    cleanup.callback(
+        lambda: accelerator.trackers.__setitem__(
+            slice(None), [t for t in accelerator.trackers if all(t is not m for m in mine)]
+        )
+    )
     cleanup.callback(lambda: [t.finish() for t in mine if accelerator.is_main_process])
     if not (accelerator.is_main_process and jsonl.path.is_file()):
         return []
     # the test line of a finished run is written again when the run ends: only the epochs' lines are kept
-    history = [r for r in read_metrics(jsonl.path, max_epoch=epochs_done, log=log)
-               if not any(k.startswith("test_") for k in r)]
+    history = [
+        r
+        for r in read_metrics(jsonl.path, max_epoch=epochs_done, log=log)
+        if not any(k.startswith("test_") for k in r)
+    ]
     atomic_write_text(jsonl.path, "".join(json.dumps(r) + "\n" for r in history))
     return history
 
 
-def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalData | None,
-           val_data: RetrievalData | None, test_data: RetrievalData | None, cache, log: Callable | None,
-           image_caches: dict[str, torch.Tensor] | None, cleanup) -> dict[str, Any]:
+def _train(
+    recipe: Recipe,
+    *,
+    resume: bool,
+    accelerator,
+    train_data: RetrievalData | None,
+    val_data: RetrievalData | None,
+    test_data: RetrievalData | None,
+    cache,
+    log: Callable | None,
+    image_caches: dict[str, torch.Tensor] | None,
+    cleanup,
+) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from softalign.losses import SoftAlignLoss
@@ -429,23 +530,28 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         with accelerator.main_process_first():
             views = get_view_cache(recipe, train_data, log=log)
     if cache is not None and getattr(cache, "num_captions", train_data.num_captions) != train_data.num_captions:
-        raise ValueError(f"{recipe.name}: the teacher cache holds {cache.num_captions} captions but the training "
-                         f"split has {train_data.num_captions} (data.validation cut its images off): build the cache "
-                         "for the training split the run trains on")
+        raise ValueError(
+            f"{recipe.name}: the teacher cache holds {cache.num_captions} captions but the training "
+            f"split has {train_data.num_captions} (data.validation cut its images off): build the cache "
+            "for the training split the run trains on"
+        )
     # seeded again: building a cache consumes torch's RNG, and the loss must not depend on whether it was built
     set_seed(recipe.seed)
     # CUSA's layout: USA's uni-modal heads take the backbone features, in parallel to the cross-modal heads
     feature_dims = (int(model.feature_dims[0]), int(model.feature_dims[1])) if recipe.loss.use_heads else None
     loss_fn = SoftAlignLoss(embed_dim=feature_dims, cache=cache, return_parts=True, **recipe.loss.loss_kwargs())
-    log(f"{recipe.name}: loss {loss_fn._config_summary()}, gamma={loss_fn.gamma}"
-        + ("" if needs_teacher(recipe) else " (the base loss alone: loss.alpha = loss.beta = 0)"))
+    log(
+        f"{recipe.name}: loss {loss_fn._config_summary()}, gamma={loss_fn.gamma}"
+        + ("" if needs_teacher(recipe) else " (the base loss alone: loss.alpha = loss.beta = 0)")
+    )
     usa_on_features = recipe.loss.use_heads and loss_fn.usa is not None
     loss_fn.to(accelerator.device)  # never through accelerator.prepare; its parameters are in the optimizer
     optimizer = _build_optimizer(recipe, model, loss_fn)
     eval_splits = {"test": test_data, **({"val": val_data} if val_data is not None else {})}
     train_tf, test_tf, image_caches = _transforms_and_images(recipe, model, train_data, eval_splits, image_caches)
-    loader = _train_loader(recipe, train_data, train_tf, image_caches.get("train"),
-                           None if views is None else views.params)
+    loader = _train_loader(
+        recipe, train_data, train_tf, image_caches.get("train"), None if views is None else views.params
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     jsonl = JsonlTracker(out / "metrics.jsonl")  # metrics.jsonl: one of accelerate's trackers
     hooks = register_checkpoint_hooks(accelerator, loss_fn, progress)
@@ -462,24 +568,47 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
     for g, lr0 in zip(optimizer.param_groups, initial_lrs):  # checkpoints before LambdaLR kept "base_lr"
         g["initial_lr"] = g.get("initial_lr", g.get("base_lr", lr0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=progress.step - 1)
+        optimizer, lambda s: lr_factor(recipe, s, total_steps, steps_per_epoch), last_epoch=progress.step - 1
+    )
 
     # 4. metrics: the user's trackers (Accelerator(log_with=...)) and metrics.jsonl, cut back to the checkpoint
     history = _open_trackers(recipe, accelerator, jsonl, progress.epoch, log, cleanup)
 
     # 5. the epochs: train, evaluate the validation split when due (and keep the best checkpoint by it), log the
     #    epoch's line, then commit it with a checkpoint
-    loop = _EpochLoop(recipe, accelerator, model, loss_fn, optimizer, scheduler, loader, progress,
-                      usa_on_features, out / "checkpoints", views=None if views is None else (views, cache))
+    loop = _EpochLoop(
+        recipe,
+        accelerator,
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        loader,
+        progress,
+        usa_on_features,
+        out / "checkpoints",
+        views=None if views is None else (views, cache),
+    )
     unwrapped = accelerator.unwrap_model(model)
     best = BestCheckpoint(out / "best", recipe.train.keep_best, progress)
     if val_data is None and main and progress.epoch < recipe.train.epochs:
-        log(f"{recipe.name}: no data.validation: nothing is evaluated while training; the last epoch is scored on "
-            "test once, at the end")
+        log(
+            f"{recipe.name}: no data.validation: nothing is evaluated while training; the last epoch is scored on "
+            "test once, at the end"
+        )
 
     def evaluate(data: RetrievalData, split: str, save_to=None) -> dict[str, float]:
-        return evaluate_student(unwrapped, loss_fn, data, test_tf, recipe.train.eval_batch_size, accelerator.device,
-                                image_caches.get(split), usa_on_features, save_to=save_to)
+        return evaluate_student(
+            unwrapped,
+            loss_fn,
+            data,
+            test_tf,
+            recipe.train.eval_batch_size,
+            accelerator.device,
+            image_caches.get(split),
+            usa_on_features,
+            save_to=save_to,
+        )
 
     for epoch in range(progress.epoch, recipe.train.epochs):
         record = loop.run_epoch(epoch)
@@ -489,8 +618,10 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
             val = evaluate(val_data, "val")
             record.update({f"val_{k}": v for k, v in val.items()})
             if best.offer(epoch + 1, val, unwrapped, loss_fn):
-                log(f"{recipe.name}: best validation {best.metric} so far ({val[str(best.metric)]:.2f}) -> "
-                    f"{best.folder}")
+                log(
+                    f"{recipe.name}: best validation {best.metric} so far ({val[str(best.metric)]:.2f}) -> "
+                    f"{best.folder}"
+                )
         accelerator.wait_for_everyone()
         if main:  # the metrics line first, then the checkpoint: the checkpoint commits the epoch
             accelerator.log(record, step=record["step"])
@@ -507,12 +638,22 @@ def _train(recipe: Recipe, *, resume: bool, accelerator, train_data: RetrievalDa
         selection = best.select(unwrapped, loss_fn, last_epoch=progress.epoch)
         final = evaluate(test_data, "test", save_to=out / "embeddings_test.safetensors")
         accelerator.log({"epoch": progress.epoch, **{f"test_{k}": v for k, v in final.items()}}, step=progress.step)
-        log(f"{recipe.name}: test (checkpoint of epoch {selection['epoch']}, {selection['why']}): "
-            + ", ".join(f"{k} {final[k]:.2f}" for k in ("i2t_r1", "t2i_r1", "rsum") if k in final))
-    result = {"name": recipe.name, "variant": recipe.variant, "seed": recipe.seed, "metrics": final,
-              "selection": selection, "loss_config": _jsonable(loss_fn.get_config_dict()),
-              "history": history, "output_dir": str(out), "seconds": round(time.time() - t0, 2),
-              "recipe": recipe.to_dict()}
+        log(
+            f"{recipe.name}: test (checkpoint of epoch {selection['epoch']}, {selection['why']}): "
+            + ", ".join(f"{k} {final[k]:.2f}" for k in ("i2t_r1", "t2i_r1", "rsum") if k in final)
+        )
+    result = {
+        "name": recipe.name,
+        "variant": recipe.variant,
+        "seed": recipe.seed,
+        "metrics": final,
+        "selection": selection,
+        "loss_config": _jsonable(loss_fn.get_config_dict()),
+        "history": history,
+        "output_dir": str(out),
+        "seconds": round(time.time() - t0, 2),
+        "recipe": recipe.to_dict(),
+    }
     if main:
         atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -522,8 +663,20 @@ class _EpochLoop:
     """One epoch of optimizer steps, with the mid-epoch checkpoints of ``train.checkpoint_steps`` and the resume
     of a run that stopped inside an epoch (accelerate's ``skip_first_batches``)."""
 
-    def __init__(self, recipe: Recipe, accelerator, model, loss_fn, optimizer, scheduler, loader,
-                 progress: TrainProgress, usa_on_features: bool, checkpoint_root: Path, views=None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        accelerator,
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        loader,
+        progress: TrainProgress,
+        usa_on_features: bool,
+        checkpoint_root: Path,
+        views=None,
+    ):
         self.recipe, self.accelerator, self.model, self.loss_fn = recipe, accelerator, model, loss_fn
         self.views = views  # (ViewCache, TeacherCache): the teacher embedding of the view each item shows
         self.optimizer, self.scheduler, self.loader, self.progress = optimizer, scheduler, loader, progress
@@ -550,8 +703,14 @@ class _EpochLoop:
         n = int((p.partial or {}).get("n") or 0) if resumed else 0
         batches = acc.skip_first_batches(self.loader, done) if resumed else self.loader
         t_epoch = time.time()
-        bar = tqdm(batches, desc=f"{r.name} epoch {epoch + 1}/{r.train.epochs}", leave=False, initial=done,
-                   total=len(self.loader), disable=not (r.train.progress and acc.is_main_process))
+        bar = tqdm(
+            batches,
+            desc=f"{r.name} epoch {epoch + 1}/{r.train.epochs}",
+            leave=False,
+            initial=done,
+            total=len(self.loader),
+            disable=not (r.train.progress and acc.is_main_process),
+        )
         for batch in bar:
             parts = self.step(batch, epoch)
             n, done = n + 1, done + 1
@@ -561,12 +720,21 @@ class _EpochLoop:
             every = r.train.checkpoint_steps
             if every > 0 and p.step % every == 0 and done < len(self.loader):  # a mid-epoch commit point
                 self.checkpoint(epoch, batch=done, partial={"sums": sums, "n": n})
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": p.step, "lr": self.optimizer.param_groups[0]["lr"],
-                                  "epoch_seconds": round(time.time() - t_epoch, 3)}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": p.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": round(time.time() - t_epoch, 3),
+        }
         record.update({("train_loss" if k == "loss" else f"train_{k}"): v / max(1, n) for k, v in sums.items()})
         if self.loss_fn.gradient_shares is not None:  # the term-balance diagnostic (share of the gradient norm)
-            record.update({f"grad_share_{k}": round(v, 6) for k, v in self.loss_fn.gradient_shares.items()
-                           if not k.startswith("norm_")})
+            record.update(
+                {
+                    f"grad_share_{k}": round(v, 6)
+                    for k, v in self.loss_fn.gradient_shares.items()
+                    if not k.startswith("norm_")
+                }
+            )
         return record
 
     def step(self, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
@@ -582,8 +750,10 @@ class _EpochLoop:
             parts = self.loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"], **feats)
         loss = parts["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.recipe.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, "
-                                     f"step {self.progress.step}; lower optim.lr or check the data")
+            raise FloatingPointError(
+                f"{self.recipe.name}: non-finite loss {loss.item()} at epoch {epoch + 1}, "
+                f"step {self.progress.step}; lower optim.lr or check the data"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if o.grad_clip:
