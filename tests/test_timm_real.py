@@ -121,7 +121,8 @@ def test_timm_cache_build_records_the_teacher(vit_weights, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ students
 def test_timm_student_is_the_real_backbone_and_names_the_extra_without_timm(monkeypatch):
-    from softalign.train.models import TimmImageEncoder, build_model
+    from softalign.train.model_factory import build_model
+    from softalign.train.models import TimmImageEncoder
     from softalign.train.recipe import recipe_from_dict
 
     cfg = recipe_from_dict(

@@ -30,7 +30,7 @@ def _counting_evaluations(monkeypatch):
 def test_validation_chooses_the_checkpoint_and_test_is_scored_once_on_it(tmp_path, data, accelerator, monkeypatch):
     from safetensors.torch import load_file
 
-    from softalign.train.models import build_model
+    from softalign.train.model_factory import build_model
     from softalign.train.trainer import encode_split, evaluate_embeddings, image_transform
 
     seen = _counting_evaluations(monkeypatch)

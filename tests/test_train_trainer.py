@@ -85,7 +85,7 @@ def test_saved_embeddings_match_the_model_and_the_eval_cli_reads_them(tmp_path, 
     from safetensors.torch import load_file
 
     from softalign.cli import main
-    from softalign.train.models import build_model
+    from softalign.train.model_factory import build_model
     from softalign.train.trainer import encode_split, image_transform, load_checkpoint
 
     recipe = tiny_recipe(tmp_path / "run")
@@ -210,7 +210,7 @@ def test_usa_heads_give_the_uni_modal_metrics_and_are_saved(tmp_path, data, acce
     test = data[1]
     # CUSA's layout: the saved uni-modal embeddings are the checkpoint's USA heads applied to the backbone
     # features (parallel to the cross-modal heads), not to the cross-modal embeddings
-    from softalign.train.models import build_model
+    from softalign.train.model_factory import build_model
     from softalign.train.trainer import encode_split, image_transform
 
     ckpt = load_checkpoint(tmp_path / "run")

@@ -97,10 +97,10 @@ def emoji_records() -> list[dict]:
 
 def load_rgb(path):
     """An emoji PNG as an RGB PIL image composited over white (the PNGs are RGBA), via
-    :func:`softalign.teachers.preprocess.to_rgb`."""
+    :func:`softalign.images.to_rgb`."""
     from PIL import Image
 
-    from softalign.teachers.preprocess import to_rgb
+    from softalign.images import to_rgb
 
     with Image.open(path) as im:
         im.load()

@@ -11,7 +11,7 @@ _EXPORTS = {
     "RankResult": "crossmodal",
     "check_caption_to_image": "crossmodal",
     "cross_modal_ranks": "crossmodal",
-    "cross_modal_recall": "crossmodal",
+    "cross_modal_recall": "recall",
     "metrics_from_ranks": "crossmodal",
     "recall_curve": "crossmodal",
     "RetrievalEvaluator": "evaluator",

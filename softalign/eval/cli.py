@@ -335,8 +335,9 @@ def evaluate_inputs(
 ) -> dict[str, Any]:
     import torch
 
-    from softalign.eval.crossmodal import cross_modal_recall, recall_curve
+    from softalign.eval.crossmodal import recall_curve
     from softalign.eval.protocols import protocol_recall_curve
+    from softalign.eval.recall import cross_modal_recall
     from softalign.eval.unimodal import uni_modal_metrics
 
     if "text" not in data or "image" not in data:

@@ -42,7 +42,7 @@ def _device(device=None) -> torch.device:
 def _softalign_run(spec: str, heads: str, device: torch.device) -> tuple[ImageEncoder, TextEncoder]:
     from softalign.losses import SoftAlignLoss
     from softalign.train.checkpoint import resolve
-    from softalign.train.models import build_model
+    from softalign.train.model_factory import build_model
     from softalign.train.recipe import load_recipe
     from softalign.train.trainer import image_transform, load_checkpoint, uni_modal_heads
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from softalign.eval.crossmodal import DEFAULT_KS, _as_tensor, check_caption_to_image, cross_modal_recall
+from softalign.eval.crossmodal import DEFAULT_KS, _as_tensor, check_caption_to_image
+from softalign.eval.recall import cross_modal_recall
 
 __all__ = ["RetrievalEvaluator", "encode_with_model"]
 

@@ -1,6 +1,6 @@
 """Cross-modal R@K through faiss (``pip install faiss-cpu``): exact inner-product top-K search.
 
-The tiled :func:`~softalign.eval.crossmodal.cross_modal_recall` already bounds memory for any gallery, and gives
+The tiled :func:`~softalign.eval.recall.cross_modal_recall` already bounds memory for any gallery, and gives
 the full rank of every positive (medr, meanr). This path gives **R@K only**, from ``faiss.IndexFlatIP`` (exact,
 not approximate) top-``max(ks)`` searches, and is what a user with a faiss index on a GPU, or with 1M+ captions,
 would run. The R@K are the same as ``cross_modal_recall``'s (a test checks it), except where a positive ties

@@ -31,9 +31,9 @@ from softalign.eval.crossmodal import (
     _as_tensor,
     _check_ks,
     check_caption_to_image,
-    cross_modal_recall,
     metrics_from_ranks,
 )
+from softalign.eval.recall import cross_modal_recall
 
 Tensor = torch.Tensor
 PairScorer = Callable[[Tensor, Tensor], Tensor]

@@ -24,7 +24,7 @@ _EXPORTS = {
     "encode_split": "softalign.train.evaluation",
     "load_checkpoint": "softalign.train.checkpoint",
     "save_embeddings": "softalign.train.evaluation",
-    "build_model": "softalign.train.models",
+    "build_model": "softalign.train.model_factory",
     "DualEncoder": "softalign.train.models",
     "Vocabulary": "softalign.train.models",
 }

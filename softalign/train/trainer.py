@@ -497,7 +497,8 @@ def _train(
     from accelerate.utils import set_seed
 
     from softalign.losses import SoftAlignLoss
-    from softalign.train.models import build_model, vocab_of
+    from softalign.train.model_factory import build_model
+    from softalign.train.models import vocab_of
     from softalign.train.selection import BestCheckpoint
     from softalign.train.tracking import JsonlTracker
 
