@@ -193,6 +193,34 @@ def test_config_round_trip_and_unknown_key():
         SoftAlignLoss(base="triplet")
 
 
+@pytest.mark.parametrize("csa_mode", ["each", "add"])
+def test_config_round_trip_after_calibration_gives_the_same_loss(csa_mode):
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(8, 5, generator=g)
+    t_img, t_txt = t @ t.T / 5, (t + 0.5) @ (t + 0.5).T / 5
+    img, txt = torch.randn(8, 12, generator=g), torch.randn(8, 12, generator=g)
+    loss = SoftAlignLoss(embed_dim=12, base="infonce", csa_mode=csa_mode, learn_temperatures=False)
+    loss.calibrate(teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    cfg = loss.get_config_dict()
+    again = SoftAlignLoss.from_config(cfg)
+    assert again.get_config_dict() == cfg and again.calibration == loss.calibration
+    torch.manual_seed(0)
+    heads = {k: v for k, v in loss.state_dict().items() if "head" in k}
+    again.load_state_dict({**again.state_dict(), **heads})  # the same USA heads (random initialisation)
+    a = loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    b = again(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6)
+
+
+def test_from_config_refuses_a_miner_it_cannot_carry():
+    from softalign.mining import TopKMiner
+
+    cfg = SoftAlignLoss(base="vsepp_sum", miner=TopKMiner(k=3)).get_config_dict()
+    with pytest.raises(ValueError, match=r"names a miner \('TopKMiner'\), an object a config cannot carry"):
+        SoftAlignLoss.from_config(cfg)
+    assert isinstance(SoftAlignLoss.from_config(cfg, miner=TopKMiner(k=3)).miner, TopKMiner)
+
+
 def test_state_dict_round_trip_restores_heads_and_temperatures():
     a = SoftAlignLoss(embed_dim=8)
     with torch.no_grad():

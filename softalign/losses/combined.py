@@ -289,13 +289,28 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict[str, Any], **objects) -> SoftAlignLoss:
-        """Rebuild from :meth:`get_config_dict`; objects (``cache``, ``miner``, ``similarity``) go as keywords."""
+        """Rebuild from :meth:`get_config_dict`, calibration included (the calibrated ``tau_s`` and its record);
+        objects (``cache``, ``miner``, ``similarity``, a custom ``base`` module) go as keywords. A config that names
+        a miner is refused without the miner object: a config cannot carry it."""
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        config = {k: v for k, v in config.items() if k != "miner"}
+        config = dict(config)
+        miner = config.pop("miner", None)
+        calibration = config.pop("calibration", None)
+        if miner is not None and objects.get("miner") is None:
+            name = miner.get("name", miner) if isinstance(miner, dict) else miner
+            raise ValueError(
+                f"the config names a miner ({name!r}), an object a config cannot carry: pass it, "
+                "SoftAlignLoss.from_config(config, miner=...)"
+            )
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown SoftAlignLoss option(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**{**config, **objects})
+        loss = cls(**{**config, **objects})
+        if calibration is not None:  # teacher_temperature holds the calibrated (image, text) pair already
+            loss.calibration = dict(calibration)
+            if "csa_fused" in calibration and loss.csa is not None:
+                loss.csa.set_teacher_temperatures(calibration["csa_fused"], calibration["csa_fused"])
+        return loss
 
     def get_config_dict(self) -> dict[str, Any]:
         """Constructor options (sentence-transformers convention), with the miner's own config if any; after
