@@ -724,6 +724,16 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
+        if (
+            ids is not None
+            and ids.shape == (batch,)
+            and image_ids is None
+            and self._needs_teacher()
+            and hasattr(self.cache, "lookup")
+            and all(t is None for t in (teacher_image_sim, teacher_text_sim, teacher_image_emb, teacher_text_emb))
+        ):  # positives and soft labels from one look-up: the ids are checked and mapped once per step
+            image_ids, sims = self.cache.lookup(ids, device=device)
+            teacher_image_sim, teacher_text_sim = sims.image, sims.text
         image_ids = self._image_ids(ids, image_ids, batch, device)
         t_img, t_txt = (None, None)
         if self._needs_teacher():

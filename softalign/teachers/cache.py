@@ -505,14 +505,23 @@ class TeacherCache:
         concatenates the ids of every process (``softalign.distributed.gather_batch``), for callers
         that pass local ids while their loss works on the global batch.
         """
+        return self._lookup(caption_ids, device, gather)[1:]
+
+    def lookup(self, caption_ids, device=None, gather: bool = False) -> tuple[torch.Tensor, TeacherSimilarities]:
+        """``(image_ids [B], TeacherSimilarities)`` of a batch, the ids checked and mapped once: what the loss
+        needs per step (:meth:`image_ids` and :meth:`similarities` in one)."""
+        image_ids, img, txt = self._lookup(caption_ids, device, gather)
+        return image_ids, TeacherSimilarities(image=img @ img.T, text=txt @ txt.T)
+
+    def _lookup(self, caption_ids, device, gather: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device is None:
             device = caption_ids.device if isinstance(caption_ids, torch.Tensor) else torch.device("cpu")
+        device = torch.device(device)
         ids = self._ids(caption_ids, gather)
-        img = self._image.index_select(0, self.caption_to_image[ids])
-        txt = self._text.index_select(0, ids)
-        img = F.normalize(img.to(device=device, dtype=torch.float32, non_blocking=True), dim=1)
-        txt = F.normalize(txt.to(device=device, dtype=torch.float32, non_blocking=True), dim=1)
-        return img, txt
+        image_ids = self.caption_to_image[ids]
+        img = F.normalize(_rows_to(self._image, image_ids, device), dim=1)
+        txt = F.normalize(_rows_to(self._text, ids, device), dim=1)
+        return image_ids.to(device, non_blocking=True), img, txt
 
     def similarities(self, caption_ids, device=None, gather: bool = False) -> TeacherSimilarities:
         """Teacher cosine similarities ``TeacherSimilarities(image=[B, B], text=[B, B])`` (fp32, on ``device``).
@@ -533,6 +542,17 @@ class TeacherCache:
             )
         out = self._image.index_select(0, ids)
         return F.normalize(out.to(device or "cpu").float(), dim=1)
+
+
+def _rows_to(table: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``table[index]`` as fp32 on ``device``. From CPU tables to a GPU the rows are gathered into pinned (page-locked)
+    memory and copied with ``non_blocking=True``, so the host does not wait for the copy; a cache moved to the
+    device with :meth:`TeacherCache.to` gathers there, with no copy at all."""
+    if table.device.type == "cpu" and device.type == "cuda":
+        staged = torch.empty((index.numel(), table.shape[1]), dtype=table.dtype, pin_memory=True)
+        torch.index_select(table, 0, index.cpu(), out=staged)
+        return staged.to(device, non_blocking=True).float()
+    return table.index_select(0, index).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
 def _gather(ids: torch.Tensor) -> torch.Tensor:

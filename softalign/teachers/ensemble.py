@@ -95,6 +95,12 @@ class TeacherEnsemble:
         txt = torch.cat([w**0.5 * p[1] for w, p in zip(self.text_weights, parts) if w > 0], dim=1)
         return img, txt
 
+    def lookup(self, caption_ids, device=None, gather: bool = False) -> tuple[torch.Tensor, TeacherSimilarities]:
+        """``(image_ids, similarities)`` of a batch (:meth:`TeacherCache.lookup`)."""
+        ids = torch.as_tensor(caption_ids)
+        device = device if device is not None else ids.device
+        return self.caches[0].image_ids(ids).to(device), self.similarities(ids, device=device, gather=gather)
+
     def similarities(self, caption_ids, device=None, gather: bool = False) -> TeacherSimilarities:
         img, txt = self.embeddings(caption_ids, device=device, gather=gather)
         return TeacherSimilarities(image=img @ img.T, text=txt @ txt.T)
