@@ -16,8 +16,8 @@ import sys
 SUBCOMMANDS = (
     ("cache", "softalign.teachers.cli"),
     ("train", "softalign.train.cli"),
-    ("encode", "softalign.eval.encode_cli"),
-    ("eval", "softalign.eval.cli"),
+    ("encode", "softalign.commands.encode"),
+    ("eval", "softalign.commands.eval"),
     ("demo", "softalign.train.demo"),
 )
 

@@ -83,8 +83,8 @@ def test_bad_sts_inputs_name_the_file_and_the_column(tmp_path):
 
 
 def test_universal_report_of_a_softalign_run_puts_usa_heads_and_the_joint_space_side_by_side(tmp_path):
+    from softalign.commands.encoders import encode_images, load_encoders
     from softalign.data.dml import load_dml_benchmark
-    from softalign.eval.encode import encode_images, load_encoders
     from softalign.eval.unimodal import unimodal_retrieval
 
     train_tiny_run(tmp_path / "run")  # with USA heads

@@ -33,7 +33,6 @@ _EXPORTS = {
     "uni_modal_metrics": "unimodal",
     "load_sts": "sts",
     "sts_metrics": "sts",
-    "universal_report": "universal",
 }
 __all__ = sorted(_EXPORTS)
 

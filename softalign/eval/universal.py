@@ -2,9 +2,10 @@
 
 CUSA (Huang et al., AAAI 2024) reports universal retrieval as image->image R@1 on deep-metric-learning benchmarks
 (CUB, Cars, SOP, In-Shop, iNaturalist) and the Spearman correlation on STS sets (STS12-16, STS-B, SICK-R), each
-with their averages. :func:`universal_report` computes exactly those for a model, and for a softalign run with
-USA's heads both embeddings at once: ``uni`` (USA's uni-modal heads, as CUSA evaluates them) and ``cross`` (the
-joint space). All numbers are in percent.
+with their averages. :func:`softalign.commands.universal.universal_report` computes exactly those for a model,
+and for a softalign run with USA's heads both embeddings at once: ``uni`` (USA's uni-modal heads, as CUSA
+evaluates them) and ``cross`` (the joint space). This module holds the table, the report files and the
+``--dml`` parsing; all numbers are in percent.
 
     softalign eval --model runs/coco_clip/csa_usa --universal --dml sop=data/Stanford_Online_Products \\
         cub=data/CUB_200_2011 --sts stsb sickr data/sts15.csv --out runs/universal
@@ -37,67 +38,7 @@ def parse_dml(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def universal_report(
-    model: str,
-    dml: Mapping[str, str] | None = None,
-    sts: Sequence[str] = (),
-    *,
-    heads: Sequence[str] | None = None,
-    weights: str | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-    device: Any = None,
-) -> dict[str, Any]:
-    """``{"model", "columns": {column: {metric: value}}}``: per column (``uni`` and ``cross`` for a softalign
-    run with USA heads, else ``model``) ``dml_<name>_r1`` (image->image R@1, query vs gallery for In-Shop, else
-    leave-one-out), ``sts_<name>_spearman`` / ``_pearson``, and the averages ``dml_mean_r1``,
-    ``sts_mean_spearman`` and ``mean`` (of both families' averages). The benchmarks and sets are read (and
-    checked) before anything is encoded."""
-    from softalign.data.dml import load_dml_benchmark
-    from softalign.eval.encode import encode_images, load_encoders
-    from softalign.eval.sts import load_sts, sts_metrics
-    from softalign.eval.unimodal import unimodal_retrieval
-
-    dml = dict(dml or {})
-    if not dml and not sts:
-        raise ValueError("the universal report needs image benchmarks (--dml NAME=DIR) and/or STS sets (--sts)")
-    sets = [load_sts(s) for s in sts]
-    benches = {name: load_dml_benchmark(name, root, check_files=True) for name, root in dml.items()}
-    is_run = not model.startswith(("open_clip:", "timm:", "st:"))
-    columns = list(heads) if heads else (list(RUN_HEADS) if is_run else ["model"])
-    results: dict[str, dict[str, float]] = {}
-    for column in columns:
-        try:
-            image_enc, text_enc = load_encoders(
-                model, heads="cross" if column == "model" else column, weights=weights, device=device
-            )
-        except ValueError as err:
-            if column == "uni" and not heads and "no USA heads" in str(err):
-                continue  # a run without USA heads: its joint space alone
-            raise
-        metrics: dict[str, float] = {}
-        for name, bench in benches.items():
-            if image_enc is None:
-                raise ValueError(f"--model {model} has no image tower: --dml needs one")
-            emb = encode_images(
-                image_enc, bench.paths, batch_size=batch_size, progress=progress, desc=f"{name} ({column})"
-            )
-            labels = np.asarray(bench.labels)
-            if bench.query is not None and bench.gallery is not None:
-                q, g = np.asarray(bench.query), np.asarray(bench.gallery)
-                r = unimodal_retrieval(emb[q], labels[q], gallery=emb[g], gallery_labels=labels[g], ks=(1,))
-            else:
-                r = unimodal_retrieval(emb, labels, ks=(1,))
-            metrics[f"dml_{name}_r1"] = float(r["recall_at_1"])
-        for s in sets:
-            if text_enc is None:
-                raise ValueError(f"--model {model} has no text tower: --sts needs one")
-            metrics.update(sts_metrics(text_enc, s, prefix=f"sts_{s.name}_"))
-        results[column] = _with_means(metrics)
-    return {"model": model, "columns": results}
-
-
-def _with_means(m: dict[str, float]) -> dict[str, float]:
+def with_means(m: dict[str, float]) -> dict[str, float]:
     dml = [v for k, v in m.items() if k.startswith("dml_") and k.endswith("_r1")]
     sts = [v for k, v in m.items() if k.startswith("sts_") and k.endswith("_spearman")]
     out = dict(m)

@@ -7,7 +7,7 @@
     softalign encode --model st:all-MiniLM-L6-v2 --captions captions.txt --caption-labels labels.txt --out t2t.safetensors
 
 ``--model``: a ``softalign train`` output directory (or one of its checkpoints), ``open_clip:<arch>[/<pretrained>]``,
-``timm:<name>`` or ``st:<sentence-transformers name or path>``; see :mod:`softalign.eval.encode`. The file holds ``image`` [N, D] (L2-normalised) and, for a
+``timm:<name>`` or ``st:<sentence-transformers name or path>``; see :mod:`softalign.commands.encoders`. The file holds ``image`` [N, D] (L2-normalised) and, for a
 benchmark, ``image_labels`` (and In-Shop's ``query_indices`` / ``gallery_indices``): ``softalign eval --embeddings``
 reports the DML metrics (R@1/2/4/8, MAP@R, R-Precision) of such an image-only file.
 """
@@ -107,7 +107,7 @@ def encode_from_args(args) -> dict[str, Any]:
     """The embeddings (and benchmark labels / query-gallery indices) that ``args`` ask for."""
     import torch
 
-    from softalign.eval.encode import check_model_spec, encode_images, encode_texts, load_encoders
+    from softalign.commands.encoders import check_model_spec, encode_images, encode_texts, load_encoders
 
     if not args.model:
         raise ValueError(
@@ -162,7 +162,7 @@ def encode_from_args(args) -> dict[str, Any]:
 def _captions_only(args) -> dict[str, Any]:
     import torch
 
-    from softalign.eval.encode import encode_texts, load_encoders
+    from softalign.commands.encoders import encode_texts, load_encoders
 
     captions = _lines(args.captions, "--captions")
     out: dict[str, Any] = {}

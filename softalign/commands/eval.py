@@ -48,7 +48,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from softalign.eval.encode_cli import add_model_arguments
+    from softalign.commands.encode import add_model_arguments
 
     src = p.add_argument_group("inputs (--embeddings, --image-emb/--text-emb, or --model with --benchmark)")
     src.add_argument(
@@ -279,7 +279,7 @@ def load_inputs(args) -> dict[str, Any]:
     if getattr(args, "model", None):
         if args.embeddings or args.image_emb or args.text_emb:
             raise ValueError("pass either --model (with --benchmark and --root) or embeddings, not both")
-        from softalign.eval.encode_cli import encode_from_args
+        from softalign.commands.encode import encode_from_args
 
         data = encode_from_args(args)
         if "text" not in data or "image" not in data:
@@ -455,7 +455,8 @@ def run(args) -> int:
 
 
 def _run_universal(args) -> int:
-    from softalign.eval.universal import parse_dml, universal_report, universal_table, write_universal_report
+    from softalign.commands.universal import universal_report
+    from softalign.eval.universal import parse_dml, universal_table, write_universal_report
 
     if not args.universal:
         raise ValueError("--dml / --sts are the inputs of the universal report: add --universal")
@@ -479,7 +480,7 @@ def _run_universal(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Standalone entry (``python -m softalign.eval.cli``); ``softalign eval`` is the usual way."""
+    """Standalone entry (``python -m softalign.commands.eval``); ``softalign eval`` is the usual way."""
     p = argparse.ArgumentParser(prog="softalign eval")
     add_arguments(p)
     return run(p.parse_args(argv))
