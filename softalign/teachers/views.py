@@ -73,10 +73,9 @@ class ViewCache:
     ) -> ViewCache:
         """Draw ``views`` parameter sets per image (``seed``), encode every view with ``image_teacher`` (a name for
         :func:`~softalign.teachers.resolve_image_teacher`, or a teacher object) and store them."""
-        from PIL import Image
         from tqdm.auto import tqdm
 
-        from softalign.images import to_rgb
+        from softalign.images import load_image
         from softalign.io import atomic_save_tensors, atomic_write_json
         from softalign.teachers.image import resolve_image_teacher
 
@@ -88,12 +87,7 @@ class ViewCache:
         out.mkdir(parents=True, exist_ok=True)
         rows = []
         for i in tqdm(range(len(images)), desc="teacher views", unit="image", disable=not progress):
-            item = images[i]
-            if isinstance(item, Image.Image):
-                img = to_rgb(item)
-            else:
-                with Image.open(item) as im:
-                    img = to_rgb(im.copy())
+            img = load_image(images[i], i)  # RGB, transparency on white; errors name the image
             rows.append(teacher.encode([apply_view(img, p) for p in params[i]]).float().cpu())
         emb = torch.cat(rows) if rows else torch.zeros(0, int(teacher.dim))
         from softalign.teachers.cache import canonical_teacher_name

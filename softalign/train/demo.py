@@ -696,18 +696,10 @@ def validation_vs_test(sweep: dict[str, list[dict]], baseline: str = "base", key
 
 
 def _spearman(a, b) -> float:
-    """Spearman's rank correlation (average ranks on ties)."""
+    """scipy's Spearman rank correlation; nan when either side is constant (no ranking to compare)."""
     import numpy as np
+    from scipy.stats import spearmanr
 
-    def ranks(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x), dtype=float)
-        for v in np.unique(x):
-            r[x == v] = r[x == v].mean()
-        return r
-
-    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b)[0])
