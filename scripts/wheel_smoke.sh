@@ -11,6 +11,9 @@ TORCH_SPEC=${SOFTALIGN_SMOKE_TORCH:-torch==2.13.0}
 VISION_SPEC=${SOFTALIGN_SMOKE_TORCHVISION:-torchvision==0.28.0}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# two venvs of about 1 and 2.5 GB, one after the other; pip keeps no cache of their downloads
+export PIP_NO_CACHE_DIR=1
+echo "wheel_smoke: $(df -h --output=avail "$WORK" | tail -1 | tr -d ' ') free where the venvs go ($WORK)"
 . .venv/bin/activate
 python -m pip wheel -q --no-deps -w "$WORK/dist" . 2>&1 | { grep -v '^WARNING: Location' || true; }
 WHEEL=$(ls "$WORK"/dist/softalign-*.whl)
@@ -47,6 +50,7 @@ set -e
 grep -q "pip install 'softalign\[eval\]'" "$WORK/err" || { cat "$WORK/err"; echo "wheel_smoke: no extra named" >&2; exit 1; }
 [ "$rc" = 1 ] || { echo "wheel_smoke: exit $rc, expected 1" >&2; exit 1; }
 echo "wheel_smoke: core install names the missing extra: $(cat "$WORK/err")"
+rm -rf "$WORK/core"
 
 # 2. every extra: one import per subpackage, and the CLI
 python3 -m venv "$WORK/all"

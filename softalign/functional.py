@@ -45,12 +45,16 @@ __all__ = [
     "cosine_similarity_matrix",
     "positive_mask",
     "soft_label_kl",
+    "soft_label_kl_rows",
     "cross_modal_soft_label_alignment",
     "uni_modal_soft_label_alignment",
     "combine_teacher_similarities",
     "vsepp_hinge",
+    "vsepp_hinge_rows",
     "info_nce",
+    "info_nce_rows",
     "intra_modal_consistency",
+    "intra_modal_consistency_rows",
     "consistent_multimodal_contrastive",
 ]
 
@@ -181,11 +185,12 @@ def _pair_positive_mask(batch: int, image_ids: torch.Tensor | None, device) -> t
 
 
 class SoftLabels(NamedTuple):
-    """A soft-label target ``P = softmax(T / tau_s)`` and its ``log P`` (from ``log_softmax``: finite, so a
-    ``P_ij`` that underflows to 0 adds exactly 0 to the KL)."""
+    """A soft-label target ``P = softmax(T / tau_s)`` (``[b, B]`` rows) and ``sum_ij P_ij log P_ij`` (a scalar, from
+    ``log_softmax``: finite, so a ``P_ij`` that underflows to 0 adds exactly 0). The KL needs no other block of the
+    target: :func:`soft_label_kl_rows`."""
 
     probs: torch.Tensor
-    log_probs: torch.Tensor
+    neg_entropy: torch.Tensor
 
 
 def soft_labels(
@@ -201,13 +206,17 @@ def soft_labels(
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     logits = t / tau
-    return SoftLabels(F.softmax(logits, dim=1), F.log_softmax(logits, dim=1))
+    probs = F.softmax(logits, dim=1)
+    return SoftLabels(probs, (probs * F.log_softmax(logits, dim=1)).sum())
 
 
-def _kl_rows(student: torch.Tensor, temperature: Number, target: SoftLabels, rows: int) -> torch.Tensor:
-    """``sum_ij P_ij (log P_ij - log softmax_j(s_ij / t)) / rows`` (plain autograd)."""
-    log_q = F.log_softmax(student / temperature, dim=1)
-    return (target.probs * (target.log_probs - log_q)).sum() / rows
+def soft_label_kl_rows(logits: torch.Tensor, target: SoftLabels) -> torch.Tensor:
+    """``sum_i KL(P_i || softmax(logits_i))`` over the rows of ``[b, B]`` logits (the student's scores over its
+    temperature) [CUSA, Eq. 4], the one code path of every soft-label term.
+
+    As ``sum_j P_ij = 1``: ``KL_i = sum_j P_ij log P_ij + logsumexp_j(z_ij) - sum_j P_ij z_ij``, so autograd keeps
+    the logits and ``P`` only (no ``log Q`` block); ``d/dz = softmax(z) - P``. Plain autograd."""
+    return target.neg_entropy + torch.logsumexp(logits, dim=1).sum() - (target.probs * logits).sum()
 
 
 def soft_label_kl(
@@ -246,7 +255,7 @@ def soft_label_kl(
             f"{tuple(student.shape)} and {tuple(target.probs.shape)}"
         )
     temperature = _temperature(temperature, "temperature", validate)
-    return _kl_rows(student, temperature, target, student.shape[0])
+    return soft_label_kl_rows(student / temperature, target) / student.shape[0]
 
 
 def combine_teacher_similarities(
@@ -351,14 +360,6 @@ def uni_modal_soft_label_alignment(
 # contrastive base losses
 
 
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return x.sum()
-    if reduction == "mean":
-        return x.mean()
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-
-
 def vsepp_hinge(
     scores: torch.Tensor,
     image_ids: torch.Tensor | None = None,
@@ -382,34 +383,48 @@ def vsepp_hinge(
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     pos = _pair_positive_mask(b, image_ids, scores.device)
-    return _hinge(scores, pos, margin, max_violation, negatives, reduction)
-
-
-def _hinge(scores, pos, margin, max_violation, negatives, reduction):
-    """:func:`vsepp_hinge` on checked inputs, with the ``[B, B]`` positive mask ``pos`` given."""
-    b = scores.shape[0]
-    diagonal = scores.diagonal()
     if negatives is None:
         excluded_i2t = excluded_t2i = pos
     else:
         excluded_i2t = pos | ~negatives.i2t.to(scores.device)
         excluded_t2i = pos | ~negatives.t2i.to(scores.device)
+    diagonal = scores.diagonal()
+    total = vsepp_hinge_rows(
+        scores, scores.t(), diagonal, diagonal, excluded_i2t, excluded_t2i.t(), margin, max_violation
+    )
+    return total if reduction == "sum" else total / b
+
+
+def vsepp_hinge_rows(
+    s_i2t: torch.Tensor,
+    s_t2i: torch.Tensor,
+    positive_i2t: torch.Tensor,
+    positive_t2i: torch.Tensor,
+    excluded_i2t: torch.Tensor,
+    excluded_t2i: torch.Tensor,
+    margin: float,
+    max_violation: bool,
+) -> torch.Tensor:
+    """The sum over ``b`` anchors of VSE++'s hinge costs, both directions [VSE++, Eq. 2-5]: the one code path of
+    the hinge (:func:`vsepp_hinge` passes the whole matrix).
+
+    ``s_i2t`` ``[b, B]``: image anchors x captions; ``s_t2i`` ``[b, B]``: caption anchors x images;
+    ``positive_*`` ``[b]``: each anchor's positive score; ``excluded_*`` ``[b, B]`` (bool): columns that are not
+    negatives of the anchor (its positives, and what a miner drops). ``max_violation``: ``[m + max_k S_pk - s_pp]_+``
+    over the negatives ``k`` (equal to ``max_k [m - s_pp + S_pk]_+``, as rounding is monotone; 0 without
+    negatives), else the sum of the hinges.
+    """
     if max_violation:
-        # max_k [m - s_pp + S_pk]_+ over the negatives k equals [m + max_k S_pk - s_pp]_+ (rounding is monotone,
-        # so this is exact), and 0 when there is none (-inf): one masked copy of the scores serves both directions.
-        masked_i2t = scores.masked_fill(excluded_i2t, float("-inf"))
-        masked_t2i = masked_i2t if excluded_t2i is excluded_i2t else scores.masked_fill(excluded_t2i, float("-inf"))
-        per_anchor = ((margin + masked_i2t.max(dim=1).values) - diagonal).clamp(min=0) + (
-            (margin + masked_t2i.max(dim=0).values) - diagonal
-        ).clamp(min=0)
-    else:
-        cost_i2t = (margin + scores - diagonal.view(b, 1)).clamp(min=0).masked_fill(excluded_i2t, 0.0)
-        cost_t2i = (margin + scores - diagonal.view(1, b)).clamp(min=0).masked_fill(excluded_t2i, 0.0)
-        per_anchor = cost_i2t.sum(dim=1) + cost_t2i.sum(dim=0)
-    return _reduce(per_anchor, reduction)
+        hard_i2t = s_i2t.masked_fill(excluded_i2t, float("-inf")).max(dim=1).values
+        hard_t2i = s_t2i.masked_fill(excluded_t2i, float("-inf")).max(dim=1).values
+        return (
+            (margin + hard_i2t - positive_i2t).clamp(min=0) + (margin + hard_t2i - positive_t2i).clamp(min=0)
+        ).sum()
+    cost_i2t = (margin + s_i2t - positive_i2t.view(-1, 1)).clamp(min=0).masked_fill(excluded_i2t, 0.0)
+    cost_t2i = (margin + s_t2i - positive_t2i.view(-1, 1)).clamp(min=0).masked_fill(excluded_t2i, 0.0)
+    return cost_i2t.sum() + cost_t2i.sum()
 
 
-#: InfoNCE scales: the old names (before 0.2) and the new ones
 def infonce_reduction(value: str) -> str:
     """``"ce"`` (cross-entropy averaged over anchors) or ``"cusa_mean"`` (CE / B); anything else is an error."""
     if value not in ("ce", "cusa_mean"):
@@ -440,13 +455,39 @@ def info_nce(
     scores = check_square_pair(scores, "scores", validate=validate)
     b = scores.shape[0]
     temperature = _temperature(temperature, "temperature", validate)
-    pos = _pair_positive_mask(b, image_ids, scores.device).to(scores.dtype)
-    targets = pos / pos.sum(dim=1, keepdim=True)
+    if image_ids is not None:
+        _pair_positive_mask(b, image_ids, scores.device)  # the shape check
     logits = scores / temperature
-    i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
-    t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
-    loss = (i2t + t2i) / 2.0
+    loss = info_nce_rows(logits, logits.t(), None if image_ids is None else image_ids.to(scores.device)) / b
     return loss / b if reduction == "cusa_mean" else loss
+
+
+def info_nce_rows(
+    logits_i2t: torch.Tensor,
+    logits_t2i: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    all_image_ids: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """The sum over ``b`` anchors of the symmetric (multi-positive) InfoNCE, halved [CLIP]: the one code path of
+    the contrastive term (:func:`info_nce` passes the whole matrix).
+
+    ``logits_i2t`` / ``logits_t2i``: ``[b, B]`` image / caption anchors x the batch, over the temperature. Anchor
+    ``i``'s cross-entropy is ``logsumexp_j z_ij - mean_{j in P(i)} z_ij``, with ``P(i)`` the columns showing its image
+    (``image_ids`` ``[b]`` against ``all_image_ids`` ``[B]``, default the same ids), or column ``offset + i`` without
+    ids. Autograd keeps the logits (for ``logsumexp``) and at most a boolean mask.
+    """
+    b = logits_i2t.shape[0]
+    if image_ids is None:
+        cols = (torch.arange(b, device=logits_i2t.device) + offset).view(b, 1)
+        positive = logits_i2t.gather(1, cols).sum() + logits_t2i.gather(1, cols).sum()
+    else:
+        pos = positive_mask(image_ids, all_image_ids)
+        count = pos.sum(dim=1)
+        positive = (torch.where(pos, logits_i2t, 0.0).sum(dim=1) / count).sum() + (
+            torch.where(pos, logits_t2i, 0.0).sum(dim=1) / count
+        ).sum()
+    return (torch.logsumexp(logits_i2t, dim=1).sum() + torch.logsumexp(logits_t2i, dim=1).sum() - positive) / 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,8 +507,14 @@ def intra_modal_consistency(
     """
     student_image_sim = check_square_pair(student_image_sim, "student_image_sim", validate=validate)
     student_text_sim = check_square_pair(student_text_sim, "student_text_sim", student_image_sim.shape[0], validate)
-    gap = (student_text_sim - student_image_sim).abs()
-    return (gap.max(dim=0).values - margin).clamp(min=0).sum()
+    return intra_modal_consistency_rows(student_image_sim.t(), student_text_sim.t(), margin)
+
+
+def intra_modal_consistency_rows(image_sim_rows: torch.Tensor, text_sim_rows: torch.Tensor, margin: float = 0.3):
+    """``sum_j [max_i |S_tt - S_ii|_ji - margin]_+`` over ``[b, B]`` rows of the (symmetric) uni-modal
+    similarities: the one code path of TGDT's intra term (:func:`intra_modal_consistency` passes the transposed
+    matrices, whose rows are its columns)."""
+    return ((text_sim_rows - image_sim_rows).abs().max(dim=1).values - margin).clamp(min=0).sum()
 
 
 def consistent_multimodal_contrastive(

@@ -1,5 +1,6 @@
-"""Distributed exactness: 2 CPU processes (gloo) via accelerate.debug_launcher give the single-process
-loss and gradients of the whole batch, with unequal per-process batch sizes."""
+"""Distributed exactness: 2 CPU processes (gloo) via accelerate.debug_launcher give the loss and gradients of the
+whole batch, as the papers' formulas compute them on one process (tests/reference_terms.py), with unequal
+per-process batch sizes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from softalign import distributed
 from softalign import functional as SF
 from softalign.losses import SoftAlignLoss
 from tests.launch import debug_launch
+from tests.reference_terms import reference_parts
 
 SIZES = (3, 5)  # per-process batch sizes (unequal on purpose)
 
@@ -64,15 +66,34 @@ def _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids):
     )
 
 
+def _reference_loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids):
+    import torch.nn.functional as F
+
+    features = (x_img, x_txt) if isinstance(loss.usa.embed_dim, tuple) else None
+    e_img, e_txt = F.normalize(t_img, dim=1), F.normalize(t_txt, dim=1)
+    parts = reference_parts(
+        loss, model["img"](x_img), model["txt"](x_txt), e_img @ e_img.T, e_txt @ e_txt.T, ids, features
+    )
+    parts["loss"] = sum(w * parts[k] for k, w in loss._weights().items() if k in parts)
+    parts["loss"].backward()
+    return (
+        parts,
+        {n: p.grad.clone() for n, p in model.named_parameters()},
+        {n: p.grad.clone() for n, p in loss.named_parameters()},
+    )
+
+
 def _worker(config="vsepp"):
     import torch.distributed as dist
 
     assert distributed.is_distributed() and distributed.world_size() == 2
     rank, world = distributed.rank(), distributed.world_size()
     x_img, x_txt, t_img, t_txt, ids, model, loss = _setup(config)
-    single = copy.deepcopy(loss)
-    single.gather = False  # the reference: one process holding the whole batch
-    ref = _loss_and_grads(copy.deepcopy(model), single, x_img, x_txt, t_img, t_txt, ids)
+    if loss._needs_calibration:  # tau_s from the whole batch's teacher matrices, as its first forward would
+        e_img, e_txt = SF.cosine_similarity_matrix(t_img), SF.cosine_similarity_matrix(t_txt)
+        loss.calibrate(teacher_image_sim=e_img, teacher_text_sim=e_txt)
+    # the reference: the terms written out from the papers over the whole batch (tests/reference_terms.py)
+    ref = _reference_loss_and_grads(copy.deepcopy(model), copy.deepcopy(loss), x_img, x_txt, t_img, t_txt, ids)
 
     start = sum(SIZES[:rank])
     part = slice(start, start + SIZES[rank])
@@ -86,8 +107,9 @@ def _worker(config="vsepp"):
     for name, grad in loss_grads.items():  # the loss is not wrapped: its gradients are already global
         torch.testing.assert_close(grad, ref[2][name], rtol=1e-5, atol=1e-5, msg=f"loss grad {name}")
     for key in ref[0]:
-        torch.testing.assert_close(out[key], ref[0][key], rtol=1e-5, atol=1e-5, msg=f"loss part {key}")
-    assert loss._grad_sync_installed  # the local-rows path ran (rows of this process x columns of the batch)
+        torch.testing.assert_close(out[key], ref[0][key].detach(), rtol=1e-5, atol=1e-5, msg=f"loss part {key}")
+    assert set(out) == set(ref[0])
+    assert loss._grad_sync_installed  # rows of this process x columns of the batch
 
     # the gather helpers themselves
     mine = torch.arange(SIZES[rank]) + 10 * rank

@@ -30,12 +30,12 @@ class TableCache:
     def image_ids(self, ids):
         return self.caption_to_image[ids]
 
-    def similarities(self, ids, device=None):
+    def lookup(self, ids, device=None):
+        """The loss's protocol: ``(image_ids, image_emb, text_emb)`` of the batch."""
         self.calls += 1
-        img = self.image_feats[self.caption_to_image[ids]]
-        return SF.cosine_similarity_matrix(img).to(device), SF.cosine_similarity_matrix(self.text_feats[ids]).to(
-            device
-        )
+        image_ids = self.caption_to_image[ids]
+        img = F.normalize(self.image_feats[image_ids], dim=1)
+        return image_ids.to(device), img.to(device), F.normalize(self.text_feats[ids], dim=1).to(device)
 
 
 def _batch(b=6, d=8):
@@ -130,7 +130,8 @@ def test_combined_equals_weighted_sum_of_parts():
     )
     out = loss(img, txt, ids=ids)
     assert set(out) == {"loss", "base", "csa", "usa", "cmc"}
-    t_i, t_t = cache.similarities(ids)
+    _, e_i, e_t = cache.lookup(ids)
+    t_i, t_t = e_i @ e_i.T, e_t @ e_t.T
     image_ids = cache.image_ids(ids)
     assert out["base"].item() == pytest.approx(VSEHingeLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
     assert out["csa"].item() == pytest.approx(

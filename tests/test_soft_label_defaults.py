@@ -29,11 +29,14 @@ class MatrixCache:
     def image_ids(self, ids):
         return self.caption_to_image[torch.as_tensor(ids)]
 
-    def similarities(self, ids, device=None):
+    def lookup(self, ids, device=None):
         ids = torch.as_tensor(ids)
-        i = self.img[self.caption_to_image[ids]]
-        t = self.txt[ids]
-        return (i @ i.T).to(device), (t @ t.T).to(device)
+        image_ids = self.caption_to_image[ids]
+        return image_ids.to(device), self.img[image_ids].to(device), self.txt[ids].to(device)
+
+    def similarities(self, ids, device=None):
+        _, i, t = self.lookup(ids, device)
+        return i @ i.T, t @ t.T
 
 
 def _emb(b=8, d=12, seed=1):

@@ -21,10 +21,10 @@ from softalign.losses._inputs import (
     default_similarity,
     is_plain_cosine,
 )
+from softalign.losses.anchor_rows import AnchorRows, row_terms
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
-from softalign.losses.local_rows import local_row_parts, supports_local_rows
 from softalign.losses.soft_weight import soft_weight_from_config
 from softalign.losses.usa import USALoss
 from softalign.mining import NegativeMiner, TeacherFilteredMiner
@@ -203,10 +203,6 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         self._steps = 0
         self._warned_low_share = False
         self._warned_single_pair = False
-        #: under multi-process training, compute this process's anchors (rows) against the gathered batch (columns)
-        #: instead of every process building the global [B, B] matrices (softalign.losses.local_rows); same values
-        #: and gradients, 1 / world of the memory
-        self.local_rows = True
         #: the last gradient-share diagnostic (:func:`softalign.losses.diagnostics.gradient_shares`), or None
         self.gradient_shares: dict[str, float] | None = None
         for name, w in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
@@ -487,83 +483,6 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             return out
         return out["loss"]
 
-    def _forward_local_rows(
-        self, img_l, txt_l, ids, image_ids, feat_img, feat_txt, e_img, e_txt, validate: bool, base_temperature=None
-    ) -> dict[str, torch.Tensor]:
-        """Multi-process path: this process's anchors (rows) against the gathered batch (columns); see
-        :mod:`softalign.losses.local_rows`. Values are the exact global terms, gradients exact after data-parallel
-        averaging (the loss's own parameter gradients are all-reduced by hooks)."""
-        import torch.distributed as dist
-
-        sizes = dist_utils.batch_sizes(img_l)  # one size exchange for all the gathers of this batch
-        world, offset, batch = len(sizes), sum(sizes[: dist_utils.rank()]), sum(sizes)
-        device, b = img_l.device, img_l.shape[0]
-        img_g = dist_utils.all_gather_with_grad(img_l, sizes)
-        txt_g = dist_utils.all_gather_with_grad(txt_l, sizes)
-        feats = None
-        if feat_img is not None:
-            feats = (
-                feat_img,
-                feat_txt,
-                dist_utils.all_gather_with_grad(feat_img, sizes),
-                dist_utils.all_gather_with_grad(feat_txt, sizes),
-            )
-        ids_g = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
-        image_ids_l: torch.Tensor | None
-        image_ids_g: torch.Tensor | None
-        if image_ids is not None:
-            image_ids_l = torch.as_tensor(image_ids).to(device)
-            if image_ids_l.shape != (b,):
-                raise ValueError(f"image_ids must have shape [{b}], got {tuple(image_ids_l.shape)}")
-            image_ids_g = dist_utils.gather_batch(image_ids_l, sizes)
-        elif ids_g is not None:
-            image_ids_g = self._image_ids(ids_g, None, batch, device)
-            image_ids_l = image_ids_g[offset : offset + b]
-        else:
-            image_ids_l = image_ids_g = None
-        teacher: tuple[torch.Tensor, ...] | None = None
-        if self._needs_teacher():
-            if e_img is not None or e_txt is not None:
-                if e_img is None or e_txt is None:
-                    raise ValueError("pass both teacher_image_emb and teacher_text_emb")
-                e_img_g = F.normalize(
-                    SF.as_float(dist_utils.gather_batch(e_img.to(device), sizes), "teacher_image_emb", validate), dim=1
-                )
-                e_txt_g = F.normalize(
-                    SF.as_float(dist_utils.gather_batch(e_txt.to(device), sizes), "teacher_text_emb", validate), dim=1
-                )
-            elif self.cache is not None:
-                if ids_g is None:
-                    raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
-                e_img_g, e_txt_g = self.cache.embeddings(ids_g, device=device)
-            else:
-                raise ValueError(
-                    "the soft-label terms need teacher embeddings under multi-process training: give the "
-                    "loss a cache and pass ids, or pass teacher_image_emb / teacher_text_emb"
-                )
-            teacher = (e_img_g[offset : offset + b], e_txt_g[offset : offset + b], e_img_g, e_txt_g)
-            if self._needs_calibration:
-                if self.cache is not None and hasattr(self.cache, "num_captions"):
-                    self.calibrate(batch_size=batch)
-                else:
-                    self.calibrate(teacher_image_sim=e_img_g @ e_img_g.t(), teacher_text_sim=e_txt_g @ e_txt_g.t())
-        self._install_gradient_sync()
-        partial = local_row_parts(
-            self, img_l, txt_l, img_g, txt_g, feats, image_ids_l, image_ids_g, teacher, offset, batch, base_temperature
-        )
-        parts: dict[str, torch.Tensor] = {}
-        for name, value in partial.items():
-            exact = value.detach().clone()
-            dist.all_reduce(exact)  # the global term (a value, no gradient)
-            scaled = world * value  # its gradient: exact once data parallelism averages over processes
-            parts[name] = scaled + (exact - scaled).detach()
-        total = img_l.new_zeros((), dtype=torch.float32)
-        for name, weight in self._weights().items():
-            if name in parts:
-                total = total + weight * parts[name]
-        self._values_checked = True
-        return {"loss": total, **parts}
-
     def _install_gradient_sync(self) -> None:
         """Hooks averaging the loss's own parameter gradients over processes (data parallelism does not see these
         parameters; with local rows each process holds ``world x`` its share of them)."""
@@ -654,6 +573,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=scores is None, validate=validate)
             if image_emb.shape[0] == 0:
                 raise ValueError("the batch is empty (image_emb and text_emb have 0 rows)")
+        else:
+            image_emb = text_emb = None
         have_feat = image_features is not None or text_features is not None
         if have_feat:
             if image_features is None or text_features is None:
@@ -670,51 +591,50 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 "USA (beta > 0) and CMC (gamma > 0) need image_emb and text_emb (pooled embeddings) "
                 "or, for USA, image_features / text_features, in addition to scores"
             )
-        if ids is not None:
-            ids = _as_id_tensor(ids, "ids")
-
-        if self.gather and scores is None and dist_utils.is_distributed():
-            if teacher_image_sim is not None or teacher_text_sim is not None:
-                raise ValueError(
-                    "teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
-                    "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb"
-                )
-            if supports_local_rows(self):
-                return self._forward_local_rows(
-                    image_emb,
-                    text_emb,
-                    ids,
-                    image_ids,
-                    image_features,
-                    text_features,
-                    teacher_image_emb,
-                    teacher_text_emb,
-                    validate,
-                    base_temperature,
-                )
-            sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
-            device = image_emb.device
-            image_emb = dist_utils.all_gather_with_grad(image_emb, sizes)
-            text_emb = dist_utils.all_gather_with_grad(text_emb, sizes)
-            if have_feat:
-                image_features = dist_utils.all_gather_with_grad(image_features, sizes)
-                text_features = dist_utils.all_gather_with_grad(text_features, sizes)
-            ids = None if ids is None else dist_utils.gather_batch(ids.to(device), sizes)
-            image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids.to(device), sizes)
-            teacher_image_emb = (
-                None if teacher_image_emb is None else dist_utils.gather_batch(teacher_image_emb, sizes)
-            )
-            teacher_text_emb = None if teacher_text_emb is None else dist_utils.gather_batch(teacher_text_emb, sizes)
-
         if scores is not None:
             scores = SF.check_square_pair(scores, "scores", validate=validate)
-            batch, device = scores.shape[0], scores.device
-            if have_emb and image_emb.shape[0] != batch:
-                raise ValueError(f"scores are [{batch}, {batch}] but the embeddings have {image_emb.shape[0]} rows")
-        else:
-            batch, device = image_emb.shape[0], image_emb.device
-        if have_feat and image_features.shape[0] != batch:
-            raise ValueError(f"image_features have {image_features.shape[0]} rows but the batch has {batch} pairs")
+            if have_emb and image_emb.shape[0] != scores.shape[0]:
+                n = scores.shape[0]
+                raise ValueError(f"scores are [{n}, {n}] but the embeddings have {image_emb.shape[0]} rows")
+        b = int(scores.shape[0] if scores is not None else image_emb.shape[0])
+        device = (scores if scores is not None else image_emb).device
+        if have_feat and image_features.shape[0] != b:
+            raise ValueError(f"image_features have {image_features.shape[0]} rows but the batch has {b} pairs")
+        if ids is not None:
+            ids = _as_id_tensor(ids, "ids")
+            if ids.shape != (b,):
+                raise ValueError(f"ids must have shape [{b}] (one caption id per pair), got {tuple(ids.shape)}")
+            ids = ids.to(device)
+        if image_ids is not None:
+            image_ids = torch.as_tensor(image_ids).to(device)
+            if image_ids.shape != (b,):
+                raise ValueError(f"image_ids must have shape [{b}], got {tuple(image_ids.shape)}")
+
+        # this process's rows and the batch's columns: gathered across processes, or the same tensors
+        gathered = self.gather and scores is None and dist_utils.is_distributed()
+        if gathered and (teacher_image_sim is not None or teacher_text_sim is not None):
+            raise ValueError(
+                "teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
+                "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb"
+            )
+        world, offset, sizes = 1, 0, None
+        all_img, all_txt, all_ids, all_image_ids = image_emb, text_emb, ids, image_ids
+        features = (image_features, text_features, image_features, text_features) if have_feat else None
+        if gathered:
+            sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
+            world, offset = len(sizes), sum(sizes[: dist_utils.rank()])
+            all_img = dist_utils.all_gather_with_grad(image_emb, sizes)
+            all_txt = dist_utils.all_gather_with_grad(text_emb, sizes)
+            if have_feat:
+                features = (
+                    image_features,
+                    text_features,
+                    dist_utils.all_gather_with_grad(image_features, sizes),
+                    dist_utils.all_gather_with_grad(text_features, sizes),
+                )
+            all_ids = None if ids is None else dist_utils.gather_batch(ids, sizes)
+            all_image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids, sizes)
+        batch = sum(sizes) if sizes else b
         if batch == 1 and not self._warned_single_pair:  # from the shape: no host sync
             self._warned_single_pair = True
             warnings.warn(
@@ -722,176 +642,99 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 "every term is 0 (no gradient). Use batches of several pairs (drop_last=True for the "
                 "last, short batch)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        if (
-            ids is not None
-            and ids.shape == (batch,)
-            and image_ids is None
-            and self._needs_teacher()
-            and hasattr(self.cache, "lookup")
-            and all(t is None for t in (teacher_image_sim, teacher_text_sim, teacher_image_emb, teacher_text_emb))
-        ):  # positives and soft labels from one look-up: the ids are checked and mapped once per step
-            image_ids, sims = self.cache.lookup(ids, device=device)
-            teacher_image_sim, teacher_text_sim = sims.image, sims.text
-        image_ids = self._image_ids(ids, image_ids, batch, device)
-        t_img, t_txt = (None, None)
-        if self._needs_teacher():
-            t_img, t_txt = self._teacher(
-                ids, batch, device, teacher_image_sim, teacher_text_sim, teacher_image_emb, teacher_text_emb, validate
-            )
-            if self._needs_calibration:
-                if (
-                    self.cache is not None
-                    and hasattr(self.cache, "num_captions")
-                    and hasattr(self.cache, "caption_to_image")
-                ):
-                    self.calibrate(batch_size=batch)
-                else:  # no cache: the first batch's own teacher matrices, once
-                    self.calibrate(teacher_image_sim=t_img, teacher_text_sim=t_txt)
 
-        # Every input is validated from here on: the terms skip their own checks
-        uni = None
-        if scores is None and self._cosine:
-            # one normalisation shared by the scores and the student's uni-modal similarities (CMC's intra term,
-            # and USA when it has no heads)
-            need_uni = self.cmc is not None or (not have_feat and self._usa_shares_uni(image_emb))
-            scores, s_ii, s_tt = SF.cosine_similarities(image_emb, text_emb, need_uni)
-            if need_uni:
-                uni = (s_ii, s_tt)
-        elif scores is None:
-            scores = self.similarity(image_emb, text_emb).float()
-        usa_in = (image_features, text_features) if have_feat else (image_emb, text_emb)
-        parts = self._terms(image_emb, text_emb, scores, image_ids, t_img, t_txt, uni, usa_in, batch, base_temperature)
-        total = scores.new_zeros(())
+        teacher, teacher_emb = None, None
+        if self._needs_teacher():
+            if teacher_image_sim is not None or teacher_text_sim is not None:
+                if teacher_image_sim is None or teacher_text_sim is None:
+                    raise ValueError("pass both teacher_image_sim and teacher_text_sim")
+                teacher = (
+                    SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate).to(device),
+                    SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate).to(device),
+                )
+            elif teacher_image_emb is not None or teacher_text_emb is not None:
+                if teacher_image_emb is None or teacher_text_emb is None:
+                    raise ValueError("pass both teacher_image_emb and teacher_text_emb")
+                teacher_emb = tuple(
+                    _teacher_embeddings(e, name, b, sizes, device, validate)
+                    for e, name in ((teacher_image_emb, "teacher_image_emb"), (teacher_text_emb, "teacher_text_emb"))
+                )
+            elif self.cache is not None:
+                if all_ids is None:
+                    raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
+                # ids checked and mapped once per step: (image_ids, image [B, D_i], text [B, D_t]), unit rows
+                looked_image_ids, *teacher_emb = self.cache.lookup(all_ids, device=device)
+                all_image_ids = looked_image_ids if all_image_ids is None else all_image_ids
+            else:
+                raise ValueError(
+                    "the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
+                    "pass teacher_image_emb / teacher_text_emb (or, on one process, teacher_image_sim / "
+                    "teacher_text_sim)"
+                )
+            if teacher_emb is not None:
+                teacher = tuple(e[offset : offset + b] @ e.t() for e in teacher_emb)  # type: ignore[assignment]
+        if all_image_ids is None and all_ids is not None:
+            if self.cache is None:
+                raise ValueError(
+                    "ids are caption ids: pass image_ids too, or give the loss a cache that maps captions to images"
+                )
+            all_image_ids = torch.as_tensor(self.cache.image_ids(all_ids)).to(device)
+        if image_ids is None and all_image_ids is not None:
+            image_ids = all_image_ids[offset : offset + b]
+        whole_teacher = teacher
+        if teacher is not None and world > 1 and (self._needs_calibration or _uses_teacher(self.miner)):
+            whole_teacher = tuple(e @ e.t() for e in teacher_emb)  # type: ignore[union-attr]
+        if teacher is not None and self._needs_calibration:
+            if (
+                self.cache is not None
+                and hasattr(self.cache, "num_captions")
+                and hasattr(self.cache, "caption_to_image")
+            ):
+                self.calibrate(batch_size=batch)
+            else:  # no cache: the first batch's own teacher matrices, once
+                self.calibrate(teacher_image_sim=whole_teacher[0], teacher_text_sim=whole_teacher[1])
+
+        # every input is validated from here on: the terms skip their own checks
+        rows = AnchorRows(
+            image_emb, text_emb, all_img, all_txt, offset, scores, None if self._cosine else self.similarity
+        )
+        parts = row_terms(self, rows, image_ids, all_image_ids, teacher, features, base_temperature)
+        if gathered:
+            self._install_gradient_sync()
+            names = list(parts)
+            exact = torch.stack([parts[k].detach() for k in names])
+            torch.distributed.all_reduce(exact)  # the global terms (values, no gradient), one collective
+            for k, value in zip(names, exact):
+                scaled = world * parts[k]  # its gradient: exact once data parallelism averages over processes
+                parts[k] = scaled + (value - scaled).detach()
+        parts.update(self._whole_batch_terms(rows, parts, all_image_ids, whole_teacher))
+        total = (scores if scores is not None else image_emb).new_zeros((), dtype=torch.float32)
         for name, weight in self._weights().items():
             if name in parts:
                 total = total + weight * parts[name]
         self._values_checked = True
         return {"loss": total, **parts}
 
-    def _usa_shares_uni(self, image_emb) -> bool:
-        """USA without heads computes the same cosine similarities as CMC's intra term (in its head dtype)."""
-        return self.usa is not None and self.usa.embed_dim is None
-
-    def soft_label_targets(self, teacher_image_sim, teacher_text_sim):
-        """``(csa_targets, usa_targets)``: the soft labels of each teacher matrix (square, or local rows x global
-        columns), computed once; CSA in mode ``each`` shares USA's (the same frozen ``tau_s``, set together). None
-        for a term that is off."""
-        usa_t = self.usa.soft_labels(teacher_image_sim, teacher_text_sim) if self.usa is not None else None
-        if self.csa is None:
-            return None, usa_t
-        shared = usa_t is not None and self._shared_soft_labels
-        return (usa_t if shared else self.csa.soft_labels(teacher_image_sim, teacher_text_sim)), usa_t
-
-    def _terms(
-        self,
-        image_emb,
-        text_emb,
-        scores,
-        image_ids,
-        t_img,
-        t_txt,
-        uni=None,
-        usa_in=None,
-        batch: int = 1,
-        base_temperature=None,
-    ) -> dict[str, torch.Tensor]:
-        parts: dict[str, torch.Tensor] = {}
-        if self.base is not None:
-            if isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
-                # miners may need the teacher similarities (TeacherFilteredMiner) or the embeddings (PMLMiner)
-                extra = {} if base_temperature is None else {"temperature": base_temperature}
-                parts["base"] = self.base(
-                    image_emb,
-                    text_emb,
-                    scores=scores,
-                    image_ids=image_ids,
-                    teacher_image_sim=t_img,
-                    teacher_text_sim=t_txt,
-                    **extra,
-                )
-            else:  # a user's module: the documented call
-                parts["base"] = self.base(scores=scores, image_ids=image_ids)
-        # the KL terms are batch means; with a base that sums over anchors (VSE++'s hinge) they are summed too
-        soft_scale = float(batch) if self.soft_label_reduction == "sum" else 1.0
-        csa_targets, usa_targets = self.soft_label_targets(t_img, t_txt)
-        if self.csa is not None:
-            parts["csa"] = soft_scale * self.csa(scores=scores, targets=csa_targets)
-        image_sim, text_sim = uni if uni is not None else (None, None)
-        if self.usa is not None:
-            u_img, u_txt = usa_in if usa_in is not None else (image_emb, text_emb)
-            s_uni = (
-                uni if (uni is not None and u_img is image_emb and self._usa_shares_uni(image_emb)) else (None, None)
-            )
-            parts["usa"] = soft_scale * self.usa(
-                u_img, u_txt, targets=usa_targets, image_sim=s_uni[0], text_sim=s_uni[1]
-            )
-        if self.cmc is not None:
-            if isinstance(self.base, VSEHingeLoss):
-                # TGDT's CMC is hinge + intra-modal consistency: on a hinge base the base already is the inter term,
-                # so CMC adds only the intra term (hinge base + gamma 1 CMC == TGDT's CMC)
-                s_ii, s_tt = (
-                    uni
-                    if uni is not None
-                    else (
-                        SF.cosine_similarity_matrix(image_emb, validate=False),
-                        SF.cosine_similarity_matrix(text_emb, validate=False),
-                    )
-                )
-                parts["cmc"] = SF.intra_modal_consistency(s_ii, s_tt, margin=self.cmc.intra_margin, validate=False)
-            else:
-                parts["cmc"] = self.cmc(
-                    image_emb,
-                    text_emb,
-                    scores=scores,
-                    image_ids=image_ids,
-                    teacher_image_sim=t_img,
-                    teacher_text_sim=t_txt,
-                    image_sim=image_sim,
-                    text_sim=text_sim,
-                )
-        return parts
-
-    # ------------------------------------------------------------------------------------------
-    def _image_ids(self, ids, image_ids, batch, device):
-        if image_ids is not None:
-            image_ids = torch.as_tensor(image_ids).to(device)
-            if image_ids.shape != (batch,):
-                raise ValueError(f"image_ids must have shape [{batch}], got {tuple(image_ids.shape)}")
-            return image_ids
-        if ids is not None:
-            if ids.shape != (batch,):
-                raise ValueError(f"ids must have shape [{batch}] (one caption id per pair), got {tuple(ids.shape)}")
-            if self.cache is None:
-                raise ValueError(
-                    "ids are caption ids: pass image_ids too, or give the loss a cache that maps captions to images"
-                )
-            return torch.as_tensor(self.cache.image_ids(ids)).to(device)
-        return None  # diagonal positives
-
-    def _teacher(self, ids, batch, device, t_img, t_txt, e_img, e_txt, validate: bool = True):
-        if t_img is not None or t_txt is not None:
-            if t_img is None or t_txt is None:
-                raise ValueError("pass both teacher_image_sim and teacher_text_sim")
-        elif e_img is not None or e_txt is not None:
-            if e_img is None or e_txt is None:
-                raise ValueError("pass both teacher_image_emb and teacher_text_emb")
-            t_img = SF.cosine_similarity_matrix(e_img.to(device), validate=validate)
-            t_txt = SF.cosine_similarity_matrix(e_txt.to(device), validate=validate)
-        elif self.cache is not None:
-            if ids is None:
-                raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
-            sims = self.cache.similarities(ids, device=device)
-            t_img, t_txt = (sims.image, sims.text) if hasattr(sims, "image") else sims  # a (image, text) pair
-        else:
-            raise ValueError(
-                "the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
-                "pass teacher_image_sim/teacher_text_sim (or teacher_image_emb/teacher_text_emb)"
-            )
-        t_img = SF.check_square_pair(t_img, "teacher_image_sim", batch, validate).to(device)
-        t_txt = SF.check_square_pair(t_txt, "teacher_text_sim", batch, validate).to(device)
-        return t_img, t_txt
+    def _whole_batch_terms(self, rows: AnchorRows, parts, image_ids, teacher) -> dict[str, torch.Tensor]:
+        """The terms that need the whole ``[B, B]`` matrix: a custom base module, or a hinge with a miner (the base,
+        or CMC's inter term). Computed alike on every process (the global value and gradient as they are)."""
+        out: dict[str, torch.Tensor] = {}
+        need_base = self.base is not None and "base" not in parts
+        need_cmc = self.cmc is not None and "cmc" not in parts
+        if not (need_base or need_cmc):
+            return out
+        scores = rows.whole()
+        t_img, t_txt = teacher if teacher is not None else (None, None)
+        inputs = dict(scores=scores, image_ids=image_ids, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+        if need_base and isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
+            out["base"] = self.base(rows.all_image, rows.all_text, **inputs)  # miners may read the embeddings
+        elif need_base:
+            out["base"] = self.base(scores=scores, image_ids=image_ids)  # a user's module: the documented call
+        if need_cmc:
+            out["cmc"] = self.cmc(rows.all_image, rows.all_text, **inputs)
+        return out
 
 
 def _same_on_every_process(shares: dict[str, float], device) -> dict[str, float]:
@@ -917,3 +760,13 @@ def _uses_teacher(miner) -> bool:
     if isinstance(miner, TeacherFilteredMiner):
         return True
     return _uses_teacher(getattr(miner, "inner", None))
+
+
+def _teacher_embeddings(e, name: str, rows: int, sizes, device, validate: bool) -> torch.Tensor:
+    """A process's teacher embeddings, checked, gathered across processes (``sizes``) and L2-normalised."""
+    e = SF.as_float(e.to(device), name, validate)
+    if e.dim() != 2 or e.shape[0] != rows:
+        raise ValueError(f"{name} must be [B, D_t] with B = {rows} (one row per pair), got {tuple(e.shape)}")
+    if sizes is not None:
+        e = dist_utils.gather_batch(e, sizes)
+    return F.normalize(e, dim=1, eps=1e-8)

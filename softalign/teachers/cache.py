@@ -43,6 +43,15 @@ class TeacherSimilarities(NamedTuple):
     text: torch.Tensor
 
 
+class TeacherBatch(NamedTuple):
+    """What the loss reads per step (:meth:`TeacherCache.lookup`): ``image_ids`` [B] and the teacher's L2-normalised
+    ``image`` [B, D_i] / ``text`` [B, D_t] embeddings of the batch, fp32."""
+
+    image_ids: torch.Tensor
+    image: torch.Tensor
+    text: torch.Tensor
+
+
 def _teacher_name(t) -> str | None:
     if t is None:
         return None
@@ -507,11 +516,10 @@ class TeacherCache:
         """
         return self._lookup(caption_ids, device, gather)[1:]
 
-    def lookup(self, caption_ids, device=None, gather: bool = False) -> tuple[torch.Tensor, TeacherSimilarities]:
-        """``(image_ids [B], TeacherSimilarities)`` of a batch, the ids checked and mapped once: what the loss
-        needs per step (:meth:`image_ids` and :meth:`similarities` in one)."""
-        image_ids, img, txt = self._lookup(caption_ids, device, gather)
-        return image_ids, TeacherSimilarities(image=img @ img.T, text=txt @ txt.T)
+    def lookup(self, caption_ids, device=None, gather: bool = False) -> TeacherBatch:
+        """``TeacherBatch(image_ids, image, text)`` of a batch, the ids checked and mapped once: what the loss needs
+        per step (:meth:`image_ids` and :meth:`embeddings` in one)."""
+        return TeacherBatch(*self._lookup(caption_ids, device, gather))
 
     def _lookup(self, caption_ids, device, gather: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device is None:
@@ -519,9 +527,15 @@ class TeacherCache:
         device = torch.device(device)
         ids = self._ids(caption_ids, gather)
         image_ids = self.caption_to_image[ids]
-        img = F.normalize(_rows_to(self._image, image_ids, device), dim=1)
-        txt = F.normalize(_rows_to(self._text, ids, device), dim=1)
+        img, txt = self._rows(ids, image_ids, device)
         return image_ids.to(device, non_blocking=True), img, txt
+
+    def _rows(self, ids: torch.Tensor, image_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit teacher embeddings at checked caption ids and their image ids (no id check)."""
+        device = torch.device(device)
+        img = F.normalize(_rows_to(self._image, image_ids.to(self._image.device), device), dim=1)
+        txt = F.normalize(_rows_to(self._text, ids.to(self._text.device), device), dim=1)
+        return img, txt
 
     def similarities(self, caption_ids, device=None, gather: bool = False) -> TeacherSimilarities:
         """Teacher cosine similarities ``TeacherSimilarities(image=[B, B], text=[B, B])`` (fp32, on ``device``).

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from softalign.teachers.cache import TeacherSimilarities
+from softalign.teachers.cache import TeacherBatch, TeacherSimilarities
 
 __all__ = ["TeacherEnsemble"]
 
@@ -90,16 +90,21 @@ class TeacherEnsemble:
     def embeddings(self, caption_ids, device=None, gather: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image [B, sum D_i], text [B, sum D_t])``: the members' unit embeddings scaled by ``sqrt(w_k)`` and
         concatenated (unit norm; dot products are the weighted mean cosine similarities)."""
-        parts = [c.embeddings(caption_ids, device=device, gather=gather) for c in self.caches]
+        batch = self.lookup(caption_ids, device=device, gather=gather)
+        return batch.image, batch.text
+
+    def lookup(self, caption_ids, device=None, gather: bool = False) -> TeacherBatch:
+        """``TeacherBatch(image_ids, image, text)`` of a batch (:meth:`TeacherCache.lookup`): the ids are checked
+        once, by the first cache, and every member reads its rows at them."""
+        if device is None:
+            device = caption_ids.device if isinstance(caption_ids, torch.Tensor) else torch.device("cpu")
+        first = self.caches[0]
+        ids = first._ids(caption_ids, gather)
+        image_ids = first.caption_to_image[ids]
+        parts = [c._rows(ids, image_ids, device) for c in self.caches]
         img = torch.cat([w**0.5 * p[0] for w, p in zip(self.image_weights, parts) if w > 0], dim=1)
         txt = torch.cat([w**0.5 * p[1] for w, p in zip(self.text_weights, parts) if w > 0], dim=1)
-        return img, txt
-
-    def lookup(self, caption_ids, device=None, gather: bool = False) -> tuple[torch.Tensor, TeacherSimilarities]:
-        """``(image_ids, similarities)`` of a batch (:meth:`TeacherCache.lookup`)."""
-        ids = torch.as_tensor(caption_ids)
-        device = device if device is not None else ids.device
-        return self.caches[0].image_ids(ids).to(device), self.similarities(ids, device=device, gather=gather)
+        return TeacherBatch(image_ids.to(device, non_blocking=True), img, txt)
 
     def similarities(self, caption_ids, device=None, gather: bool = False) -> TeacherSimilarities:
         img, txt = self.embeddings(caption_ids, device=device, gather=gather)

@@ -1,0 +1,203 @@
+"""One code path for every term: a process's own anchors (rows) against the whole batch (columns).
+
+The loss of a batch of ``B`` pairs is a sum over anchors: image anchors are rows of ``S = img @ txt^T``, caption
+anchors rows of ``S^T``, and every soft-label, hinge, InfoNCE and intra-modal term is a sum of row terms
+(:mod:`softalign.functional`'s ``*_rows`` functions). So a process needs only the rows of its ``b`` anchors against
+the ``B`` columns of the batch, as open_clip's ``ClipLoss(local_loss=True)`` does: each ``[B, B]`` matrix becomes
+``[b, B]``. One process is the case ``b = B``, offset 0, the same code.
+
+Memory. A temperature divides the ``[b, D]`` anchors before the product (``(x / tau) @ y^T``), so autograd keeps
+the ``[b, B]`` logits only where ``logsumexp`` needs them; a soft-label term keeps its logits and ``P`` (not
+``log P`` nor ``log Q``); CSA in mode ``each`` and USA share ``P``; a hinge keeps a boolean mask and the indices of
+its maxima. The blocks per direction that outlive the forward: the base's logits (InfoNCE) or a mask (hinge), CSA's
+logits, ``P``, USA's logits, CMC's gap.
+
+Under multi-process training (:class:`~softalign.losses.SoftAlignLoss` with ``gather=True``), with ``partial_r``
+a process's share of a term (normalisers use the global ``B``):
+
+* the returned value is ``sum_r partial_r``, the exact global loss (one all-reduce of the detached terms);
+* the gradient is that of ``world * partial_r``: the gather's backward sums over processes and data-parallel
+  averaging divides by ``world``, which gives the exact gradient of the global loss;
+* the loss's own parameters (USA heads, temperatures), which data parallelism does not average, get their gradients
+  all-reduced (mean) by hooks that :class:`~softalign.losses.SoftAlignLoss` installs.
+
+The 2-process tests (``tests/test_distributed.py``) check values and gradients against one process holding the
+whole batch and against :mod:`softalign.functional`'s square-matrix formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from softalign import functional as SF
+
+
+@dataclass
+class AnchorRows:
+    """The student side of a batch: this process's ``b`` anchors and the ``B`` pairs of the (gathered) batch.
+
+    ``image`` / ``text``: ``[b, D]`` checked fp32 embeddings and ``all_image`` / ``all_text`` ``[B, D]`` (the same
+    tensors on one process); ``offset``: the first anchor's column; ``scores``: a precomputed ``[B, B]`` matrix
+    (one process; SCAN/TERAN) used for the cross-modal scores instead of the embeddings; ``similarity``: a custom
+    similarity (not cosine), or None.
+    """
+
+    image: torch.Tensor | None
+    text: torch.Tensor | None
+    all_image: torch.Tensor | None
+    all_text: torch.Tensor | None
+    offset: int = 0
+    scores: torch.Tensor | None = None
+    similarity: Any = None
+
+    def __post_init__(self) -> None:
+        self.size = int(self.scores.shape[0] if self.image is None else self.image.shape[0])
+        self.batch = int(self.scores.shape[0] if self.all_image is None else self.all_image.shape[0])
+        self._unit: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def is_whole_batch(self) -> bool:
+        return self.size == self.batch
+
+    def unit(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image, text, all_image, all_text)`` L2-normalised once (shared by every product)."""
+        if self._unit is None:
+            assert self.image is not None and self.text is not None
+            assert self.all_image is not None and self.all_text is not None
+            img, txt = F.normalize(self.image, dim=1, eps=1e-12), F.normalize(self.text, dim=1, eps=1e-12)
+            whole = self.all_image is self.image and self.all_text is self.text
+            all_img = img if whole else F.normalize(self.all_image, dim=1, eps=1e-12)
+            all_txt = txt if whole else F.normalize(self.all_text, dim=1, eps=1e-12)
+            self._unit = (img, txt, all_img, all_txt)
+        return self._unit  # type: ignore[return-value]
+
+    def i2t(self, temperature=None) -> torch.Tensor:
+        """``[b, B]``: the image anchors' scores against every caption, over ``temperature`` if given."""
+        if self.scores is None and self.similarity is None:
+            img, _, _, all_txt = self.unit()
+            return (img if temperature is None else img / temperature) @ all_txt.t()
+        s = self.scores if self.scores is not None else self.similarity(self.image, self.all_text)
+        return s if temperature is None else s / temperature
+
+    def t2i(self, temperature=None) -> torch.Tensor:
+        """``[b, B]``: the caption anchors' scores against every image, over ``temperature`` if given."""
+        if self.scores is None and self.similarity is None:
+            _, txt, all_img, _ = self.unit()
+            return (txt if temperature is None else txt / temperature) @ all_img.t()
+        s = self.scores.t() if self.scores is not None else self.similarity(self.all_image, self.text).t()
+        return s if temperature is None else s / temperature
+
+    def whole(self) -> torch.Tensor:
+        """The ``[B, B]`` scores of the whole batch, for a term that needs them (a miner, a custom base)."""
+        if self.is_whole_batch:
+            return self.i2t()
+        if self.similarity is not None:
+            return self.similarity(self.all_image, self.all_text)
+        _, _, all_img, all_txt = self.unit()
+        return all_img @ all_txt.t()
+
+    def uni_modal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, B]`` rows of the student's image-image and text-text cosine similarities."""
+        img, txt, all_img, all_txt = self.unit()
+        return img @ all_img.t(), txt @ all_txt.t()
+
+    def positives(self, image_ids: torch.Tensor | None, all_image_ids: torch.Tensor | None) -> torch.Tensor:
+        """``[b, B]`` (bool): the columns that show each anchor's image (its own column without ids)."""
+        if image_ids is None:
+            device = (self.image if self.image is not None else self.scores).device  # type: ignore[union-attr]
+            cols = torch.arange(self.batch, device=device).view(1, -1)
+            return cols == (torch.arange(self.size, device=device) + self.offset).view(-1, 1)
+        return SF.positive_mask(image_ids, all_image_ids)
+
+    def own_scores(self, s_i2t: torch.Tensor, s_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b]`` each anchor's score with its own pair, from the ``[b, B]`` rows."""
+        cols = (torch.arange(self.size, device=s_i2t.device) + self.offset).view(-1, 1)
+        return s_i2t.gather(1, cols).squeeze(1), s_t2i.gather(1, cols).squeeze(1)
+
+
+def soft_label_targets(loss: Any, teacher_image_rows: torch.Tensor, teacher_text_rows: torch.Tensor):
+    """``(csa_targets, usa_targets)``: the soft labels of each teacher matrix (rows), computed once; CSA in mode
+    ``each`` shares USA's (the same frozen ``tau_s``, set together). None for a term that is off."""
+    usa_t = loss.usa.soft_labels(teacher_image_rows, teacher_text_rows) if loss.usa is not None else None
+    if loss.csa is None:
+        return None, usa_t
+    shared = usa_t is not None and loss._shared_soft_labels
+    return (usa_t if shared else loss.csa.soft_labels(teacher_image_rows, teacher_text_rows)), usa_t
+
+
+def _unit_head(module, x: torch.Tensor, dtype) -> torch.Tensor:
+    return F.normalize(module(x.to(dtype)).to(x.dtype), dim=1, eps=1e-8)
+
+
+def row_terms(
+    loss: Any,
+    rows: AnchorRows,
+    image_ids: torch.Tensor | None,
+    all_image_ids: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor] | None,
+    features: tuple[torch.Tensor, ...] | None,
+    base_temperature=None,
+) -> dict[str, torch.Tensor]:
+    """This process's share of every switched-on term of ``loss`` (a :class:`~softalign.losses.SoftAlignLoss`)
+    that is a sum over anchors, each normalised as the global term is (by the global ``B``). Terms that need the
+    whole matrix (a custom base, a miner) are left to the caller.
+
+    ``teacher``: ``[b, B]`` rows of the teacher's image-image and text-text similarities; ``features``: ``(image,
+    text, all_image, all_text)`` backbone features for USA's heads, or None (USA then reads the embeddings).
+    """
+    from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
+
+    n = rows.batch
+    parts: dict[str, torch.Tensor] = {}
+    base = loss.base
+    hinge_base = isinstance(base, VSEHingeLoss)
+    needs_hinge = (hinge_base and base.miner is None) or (
+        loss.cmc is not None and not hinge_base and loss.cmc.miner is None
+    )
+    if needs_hinge:
+        s_i2t, s_t2i = rows.i2t(), rows.t2i()
+        own_i2t, own_t2i = rows.own_scores(s_i2t, s_t2i)
+        excluded = rows.positives(image_ids, all_image_ids)
+    if hinge_base and base.miner is None:
+        total = SF.vsepp_hinge_rows(
+            s_i2t, s_t2i, own_i2t, own_t2i, excluded, excluded, base.margin, base.max_violation
+        )
+        parts["base"] = total if base.reduction == "sum" else total / n
+    elif isinstance(base, InfoNCELoss):
+        tau = base.temperature() if base_temperature is None else base_temperature
+        total = SF.info_nce_rows(rows.i2t(tau), rows.t2i(tau), image_ids, all_image_ids, rows.offset) / n
+        parts["base"] = total / n if base.reduction == "cusa_mean" else total
+    soft_scale = float(n) if loss.soft_label_reduction == "sum" else 1.0
+    csa_targets, usa_targets = soft_label_targets(loss, *teacher) if teacher is not None else (None, None)
+    if loss.csa is not None and csa_targets is not None:
+        tau_i, tau_t = loss.csa.temperatures()
+        csa = SF.soft_label_kl_rows(rows.i2t(tau_i), csa_targets[0]) + SF.soft_label_kl_rows(
+            rows.t2i(tau_t), csa_targets[1]
+        )
+        parts["csa"] = soft_scale * csa / (2.0 * n)
+    if loss.usa is not None and usa_targets is not None:
+        usa = loss.usa
+        f_img, f_txt, all_f_img, all_f_txt = (
+            features if features is not None else (rows.image, rows.text, rows.all_image, rows.all_text)
+        )
+        dtype = usa._head_dtype(f_img.dtype)
+        h_img, h_txt = _unit_head(usa.image_head, f_img, dtype), _unit_head(usa.text_head, f_txt, dtype)
+        all_h_img = h_img if all_f_img is f_img else _unit_head(usa.image_head, all_f_img, dtype)
+        all_h_txt = h_txt if all_f_txt is f_txt else _unit_head(usa.text_head, all_f_txt, dtype)
+        value = SF.soft_label_kl_rows((h_img / usa.image_temperature()) @ all_h_img.t(), usa_targets[0])
+        value = value + SF.soft_label_kl_rows((h_txt / usa.text_temperature()) @ all_h_txt.t(), usa_targets[1])
+        parts["usa"] = soft_scale * value / (2.0 * n)
+    if loss.cmc is not None and (hinge_base or loss.cmc.miner is None):
+        # TGDT's intra term sums over columns j the max over rows i of |S_tt - S_ii|; both matrices are symmetric,
+        # so column j's max is row j's: a process sums the rows of its anchors
+        intra = SF.intra_modal_consistency_rows(*rows.uni_modal(), margin=loss.cmc.intra_margin)
+        if hinge_base:
+            parts["cmc"] = intra  # on a hinge base the base is CMC's inter term: CMC adds only the intra term
+        else:
+            inter = SF.vsepp_hinge_rows(s_i2t, s_t2i, own_i2t, own_t2i, excluded, excluded, loss.cmc.margin, True)
+            parts["cmc"] = inter + intra
+    return parts
