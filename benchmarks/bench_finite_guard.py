@@ -19,6 +19,7 @@ from _interleave import fmt, interleaved  # noqa: E402
 import softalign.losses._inputs as inputs  # noqa: E402
 import softalign.losses.combined as combined  # noqa: E402
 from softalign.losses import InfoNCELoss, SoftAlignLoss, VSEHingeLoss  # noqa: E402
+from softalign.teacher_inputs import TeacherSimilarities
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     img = torch.randn(a.batch, a.dim, requires_grad=True)
     txt = torch.randn(a.batch, a.dim, requires_grad=True)
     t = torch.nn.functional.normalize(torch.randn(a.batch, 64), dim=1)
-    teacher = dict(teacher_image_sim=t @ t.T, teacher_text_sim=t @ t.T)
+    teacher = dict(teacher=TeacherSimilarities(t @ t.T, t @ t.T))
     losses = {
         "VSEHingeLoss": (VSEHingeLoss(), {}),
         "InfoNCELoss": (InfoNCELoss(), {}),

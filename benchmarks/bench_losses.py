@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from softalign.teacher_inputs import TeacherSimilarities
+
 VARIANTS = {
     "base": "base: VSE++ hinge (max violation)",
     "full": "full: base+CSA+USA(d x d heads, as CUSA)+CMC",
@@ -51,7 +53,7 @@ def run_variant(variant: str, batch: int, dim: int, repeats: int, device: str) -
     loss_fn = build(variant, dim).to(device)
 
     def step():
-        loss = loss_fn(img, txt, image_ids=ids, teacher_image_sim=s_img, teacher_text_sim=s_txt)
+        loss = loss_fn(img, txt, image_ids=ids, teacher=TeacherSimilarities(s_img, s_txt))
         loss.backward()
         img.grad = txt.grad = None
         loss_fn.zero_grad(set_to_none=True)

@@ -27,12 +27,12 @@ python3 -m venv "$WORK/core"
 # the one loss line, as the README shows it, trains on the core install (torch + numpy): forward and backward
 "$WORK/core/bin/python" - <<'PY'
 import torch
-from softalign.losses import CMCLoss, CSALoss, InfoNCELoss, SoftAlignLoss, USALoss, VSEHingeLoss
+from softalign.losses import CMCLoss, CSALoss, InfoNCELoss, SoftAlignLoss, TeacherEmbeddings, USALoss, VSEHingeLoss
 
 g = torch.Generator().manual_seed(0)
 img = torch.randn(8, 16, generator=g, requires_grad=True)
 txt = torch.randn(8, 16, generator=g, requires_grad=True)
-teacher = dict(teacher_image_emb=torch.randn(8, 12, generator=g), teacher_text_emb=torch.randn(8, 12, generator=g))
+teacher = dict(teacher=TeacherEmbeddings(torch.randn(8, 12, generator=g), torch.randn(8, 12, generator=g)))
 criterion = SoftAlignLoss(embed_dim=16, gamma=1.0)
 loss = criterion(img, txt, **teacher) + VSEHingeLoss()(img, txt) + InfoNCELoss()(img, txt) + CMCLoss()(img, txt)
 loss.backward()

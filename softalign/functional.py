@@ -205,9 +205,15 @@ def soft_labels(
     t = teacher.detach()
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    logits = t / tau
-    probs = F.softmax(logits, dim=1)
-    return SoftLabels(probs, (probs * F.log_softmax(logits, dim=1)).sum())
+    log_probs = F.log_softmax(t / tau, dim=1)
+    probs = log_probs.exp()
+    return SoftLabels(probs, row_dots(probs, log_probs).sum())
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[sum_j a_ij b_ij]_i`` as one batched matrix product: no ``[b, B]`` product block, row sums accumulated by
+    the matmul kernel (plain autograd)."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
 def soft_label_kl_rows(logits: torch.Tensor, target: SoftLabels) -> torch.Tensor:
@@ -216,7 +222,7 @@ def soft_label_kl_rows(logits: torch.Tensor, target: SoftLabels) -> torch.Tensor
 
     As ``sum_j P_ij = 1``: ``KL_i = sum_j P_ij log P_ij + logsumexp_j(z_ij) - sum_j P_ij z_ij``, so autograd keeps
     the logits and ``P`` only (no ``log Q`` block); ``d/dz = softmax(z) - P``. Plain autograd."""
-    return target.neg_entropy + torch.logsumexp(logits, dim=1).sum() - (target.probs * logits).sum()
+    return target.neg_entropy + torch.logsumexp(logits, dim=1).sum() - row_dots(target.probs, logits).sum()
 
 
 def soft_label_kl(

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherEmbeddings
 from tests.reference_terms import reference_parts
 
 CONFIGS = {
@@ -49,7 +50,7 @@ def test_values_and_gradients_equal_the_papers_formulas(config, with_ids):
         return {k: v.detach() for k, v in parts.items() if k != "loss"}, grads
 
     feats = {} if features is None else dict(image_features=x_img, text_features=x_txt)
-    got = run(lambda i, t: loss(i, t, image_ids=ids, teacher_image_emb=e_img, teacher_text_emb=e_txt, **feats))
+    got = run(lambda i, t: loss(i, t, image_ids=ids, teacher=TeacherEmbeddings(e_img, e_txt), **feats))
     t_img, t_txt = F.normalize(e_img, dim=1), F.normalize(e_txt, dim=1)
     want = run(lambda i, t: reference_parts(loss, i, t, t_img @ t_img.T, t_txt @ t_txt.T, ids, features))
     assert set(got[0]) == set(want[0])
@@ -66,7 +67,7 @@ def test_precomputed_scores_take_the_same_path_as_embeddings():
     img, txt = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
     e_img, e_txt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     loss = SoftAlignLoss(embed_dim=8, alpha=1.0, beta=0.5, teacher_temperature=0.2, return_parts=True)
-    teacher = dict(teacher_image_emb=e_img, teacher_text_emb=e_txt)
+    teacher = dict(teacher=TeacherEmbeddings(e_img, e_txt))
     from_emb = loss(img, txt, **teacher)
     scores = F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
     from_scores = loss(img, txt, scores=scores, **teacher)

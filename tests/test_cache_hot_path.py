@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherSimilarities
 from softalign.teachers import TeacherCache
 from softalign.teachers.importers import import_npy
 
@@ -63,7 +64,7 @@ def test_one_step_checks_and_maps_the_ids_once_with_the_values_of_the_separate_l
     got = run(ids=ids)
     assert len(calls) == 1  # image ids and both teacher matrices from one checked look-up
     sims = cache.similarities(ids)  # the separate look-ups, as an independent path
-    ref = run(image_ids=cache.image_ids(ids), teacher_image_sim=sims.image, teacher_text_sim=sims.text)
+    ref = run(image_ids=cache.image_ids(ids), teacher=TeacherSimilarities(sims.image, sims.text))
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
 

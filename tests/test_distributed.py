@@ -12,6 +12,7 @@ import torch
 from softalign import distributed
 from softalign import functional as SF
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherEmbeddings, TeacherSimilarities
 from tests.launch import debug_launch
 from tests.reference_terms import reference_parts
 
@@ -54,8 +55,7 @@ def _loss_and_grads(model, loss, x_img, x_txt, t_img, t_txt, ids):
         model["img"](x_img),
         model["txt"](x_txt),
         image_ids=ids,
-        teacher_image_emb=t_img,
-        teacher_text_emb=t_txt,
+        teacher=TeacherEmbeddings(t_img, t_txt),
         **feats,
     )
     out["loss"].backward()
@@ -117,7 +117,7 @@ def _worker(config="vsepp"):
     assert distributed.batch_sizes(mine) == list(SIZES)
     torch.testing.assert_close(distributed.gather_batch(mine, list(SIZES)), distributed.gather_batch(mine))
     with pytest.raises(ValueError, match="cannot be gathered"):
-        loss(torch.randn(2, 8), torch.randn(2, 8), teacher_image_sim=torch.eye(2), teacher_text_sim=torch.eye(2))
+        loss(torch.randn(2, 8), torch.randn(2, 8), teacher=TeacherSimilarities(torch.eye(2), torch.eye(2)))
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -139,8 +139,7 @@ def test_single_process_reference_is_itself_consistent():
         model["img"](x_img),
         model["txt"](x_txt),
         image_ids=ids,
-        teacher_image_sim=SF.cosine_similarity_matrix(t_img),
-        teacher_text_sim=SF.cosine_similarity_matrix(t_txt),
+        teacher=TeacherSimilarities(SF.cosine_similarity_matrix(t_img), SF.cosine_similarity_matrix(t_txt)),
     )
     torch.testing.assert_close(out["loss"], explicit["loss"])
 
@@ -193,7 +192,8 @@ def _clip_loss_worker():
         out, model_grads, loss_grads = run(model, loss, slice(start, start + SIZES[rank]))
     finally:
         distributed.all_gather_with_grad = real_gather
-    assert len(gathers) == 2, gathers  # the features once (images, captions), shared by every term
+    # the embeddings once (images, captions), shared by every term, and the outputs of USA's two heads
+    assert len(gathers) == 4, gathers
     for key, value in ref[0].items():
         torch.testing.assert_close(out[key], value, rtol=1e-5, atol=1e-5, msg=f"term {key}")
     for name, grad in model_grads.items():  # DDP's average over processes

@@ -7,7 +7,6 @@ checkpoints are saved. Their bodies are written here from scratch at toy size.
 
 from __future__ import annotations
 
-import collections
 import types
 
 import pytest
@@ -19,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from softalign.integrations import generic
 from softalign.integrations._common import SoftAlignHook, as_ids
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherSimilarities
 
 N_IMAGES, CAPS_PER_IMAGE, IMG_DIM, VOCAB, EMBED = 8, 5, 12, 16 + 40, 16
 N_CAPTIONS = N_IMAGES * CAPS_PER_IMAGE
@@ -107,8 +107,6 @@ class LogCollector:
 # ----------------------------------------------------------------------------------------------
 # teacher stand-in: the contract's cache methods over fixed teacher embeddings
 
-TeacherSimilarities = collections.namedtuple("TeacherSimilarities", ["image", "text"])
-
 
 class TinyCache:
     def __init__(self, dim: int = 6, seed: int = 1):
@@ -129,10 +127,10 @@ class TinyCache:
         txt = F.normalize(self.text_table[ids], dim=1)
         return img.to(device), txt.to(device)
 
-    def similarities(self, ids, device=None):
+    def lookup(self, ids, device=None):
         self.calls += 1
-        img, txt = self.embeddings(ids, device)
-        return TeacherSimilarities(img @ img.t(), txt @ txt.t())
+        ids = torch.as_tensor(ids).cpu()
+        return (self.image_ids(ids).to(device), *self.embeddings(ids, device))
 
 
 def teacher_sims(cache, ids):
@@ -327,7 +325,7 @@ def test_hook_terms_match_direct_loss_call_with_explicit_teacher():
     img, txt = torch.randn(6, EMBED), torch.randn(6, EMBED)
     parts = hook(img, txt, ids)
     t_img, t_txt = teacher_sims(cache, ids)
-    expected = loss(img, txt, image_ids=ids // CAPS_PER_IMAGE, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    expected = loss(img, txt, image_ids=ids // CAPS_PER_IMAGE, teacher=TeacherSimilarities(t_img, t_txt))
     assert torch.allclose(parts["loss"], expected)
     weighted = hook.weighted(parts)
     assert set(weighted) == {"base", "csa", "usa", "cmc"}
@@ -358,7 +356,7 @@ def test_soft_align_step_for_a_loop_you_own():
     img, txt = torch.randn(4, EMBED, requires_grad=True), torch.randn(4, EMBED)
     out = generic.soft_align_step(loss, img, txt, ids, cache=cache)
     t_img, t_txt = teacher_sims(cache, ids)
-    direct = loss(img, txt, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    direct = loss(img, txt, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt))
     assert torch.allclose(out["soft"], direct) and torch.allclose(out["loss"], direct)
     assert "base" not in out and set(out) == {"loss", "soft", "csa", "usa"}
     out["soft"].backward()
@@ -395,7 +393,7 @@ def test_generic_patch_adds_terms_keeps_criterion_with_base_none_and_unpatches()
     got = trainer.compute_loss(img, txt, ids=ids)
     t_img, t_txt = teacher_sims(cache, ids)
     expected = hinge_criterion(l2norm(img) @ l2norm(txt).t(), 0.2, True) + loss(
-        img, txt, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt
+        img, txt, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt)
     )
     assert torch.allclose(got, expected)
     # without ids: the trainer's loss, unchanged
@@ -415,7 +413,7 @@ def test_generic_patch_replaces_criterion_when_loss_has_base_and_strips_ids():
     img, txt = torch.randn(4, EMBED), torch.randn(4, EMBED)
     got = trainer.compute_loss(img, txt, ids=ids)  # NoIdsTrainer.compute_loss takes no ids: stripped
     t_img, t_txt = teacher_sims(cache, ids)
-    assert torch.allclose(got, loss(img, txt, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt))
+    assert torch.allclose(got, loss(img, txt, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt)))
     assert trainer.calls == 0  # replaced, not computed and thrown away
     with pytest.raises(ValueError, match="already patched"):
         generic.patch(trainer, loss, loss_method="compute_loss", cache=cache)
@@ -435,7 +433,7 @@ def test_generic_patch_dict_returning_method_and_bad_names():
     out = trainer.losses(a, b, ids=ids)
     assert set(out) == {"mine", "softalign-base", "csa", "usa"}
     t_img, t_txt = teacher_sims(cache, ids)
-    total = loss(a, b, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    total = loss(a, b, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt))
     assert torch.allclose(sum(v for k, v in out.items() if k != "mine"), total)
     with pytest.raises(TypeError, match="has no method 'nope'"):
         generic.patch(DictTrainer(), loss, loss_method="nope", cache=cache)
@@ -469,7 +467,7 @@ def test_generic_patch_takes_ids_from_the_step_method():
     assert seen[0]["ids"].tolist() == list(ids)
     t_img, t_txt = teacher_sims(cache, ids)
     expected = (img - txt).pow(2).sum() + loss(
-        img, txt, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt
+        img, txt, image_ids=torch.tensor(ids) // 5, teacher=TeacherSimilarities(t_img, t_txt)
     )
     assert torch.allclose(trainer.last, expected)
     assert trainer._softalign_patch.ids is None  # cleared after the step

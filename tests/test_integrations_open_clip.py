@@ -16,6 +16,7 @@ from open_clip_train.train import train_one_epoch  # noqa: E402
 
 from softalign.integrations.open_clip import SoftAlignClipLoss, create_loss  # noqa: E402
 from softalign.losses import SoftAlignLoss  # noqa: E402
+from softalign.teacher_inputs import TeacherEmbeddings  # noqa: E402
 
 CAPTIONS = [
     "a red car",
@@ -71,7 +72,7 @@ def test_contrastive_term_equals_open_clips_clip_loss(tiny_open_clip):
     torch.testing.assert_close(ours["contrastive_loss"], want, rtol=1e-5, atol=1e-6)
     # the soft terms: SoftAlignLoss(base="none") with the teacher features, weighted
     ref = SoftAlignLoss(base="none", alpha=0.1, beta=0.5, diagnostics_every=0, return_parts=True)
-    parts = ref(img, txt, teacher_image_emb=t_img, teacher_text_emb=t_txt)
+    parts = ref(img, txt, teacher=TeacherEmbeddings(t_img, t_txt))
     torch.testing.assert_close(ours["csa_loss"], 0.1 * parts["csa"])
     torch.testing.assert_close(ours["usa_loss"], 0.5 * parts["usa"])
     # the model's logit_scale is the contrastive temperature: the same gradient as through ClipLoss

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from softalign.integrations import scan
+from softalign.teacher_inputs import TeacherSimilarities
 from tests.test_integrations_common import (
     CAPS_PER_IMAGE,
     EMBED,
@@ -169,7 +170,7 @@ def test_value_with_base_none_is_criterion_margin_hinge_plus_soft_terms():
     scores = xattn_score_t2i(img, cap, cap_lens, model.criterion.original.opt)
     p_img, p_txt = pooled(img, cap, cap_lens)
     t_img, t_txt = teacher_sims(cache, ids)
-    soft = loss(p_img, p_txt, scores=scores, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    soft = loss(p_img, p_txt, scores=scores, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt))
     expected = id_aware_hinge(scores, ids // CAPS_PER_IMAGE, 0.2, max_violation=False) + soft
     assert torch.allclose(got, expected, atol=1e-5)
     # evaluation path: the original criterion
@@ -277,8 +278,7 @@ def test_hinge_base_adopts_scans_margin_and_sum_of_hinges_with_a_warning():
         p_txt,
         scores=scores,
         image_ids=ids // 5,
-        teacher_image_sim=t_img,
-        teacher_text_sim=t_txt,
+        teacher=TeacherSimilarities(t_img, t_txt),
         return_parts=True,
     )
     expected = (

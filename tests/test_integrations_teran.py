@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from softalign.integrations import teran, vsepp
+from softalign.teacher_inputs import TeacherSimilarities
 from tests.test_integrations_common import (
     EMBED,
     IMG_DIM,
@@ -143,7 +144,7 @@ def test_named_terms_are_added_to_the_loss_dict():
     assert seen[0]["ids"].tolist() == ids.tolist()
     img, cap = plain.forward_emb(*batch[:2], batch[2], batch[3], batch[4])[:2]
     t_img, t_txt = teacher_sims(cache, ids)
-    total = loss(img, cap, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    total = loss(img, cap, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt))
     assert torch.allclose(out["csa"] + out["usa"] + out["cmc"], total)
     assert "csa" in model.logger.values
 

@@ -10,6 +10,7 @@ import torch
 
 from softalign.integrations import vsepp
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherSimilarities
 from tests.test_integrations_common import (
     CAPS_PER_IMAGE,
     EMBED,
@@ -48,8 +49,10 @@ def test_ids_follow_their_rows_through_the_length_sort():
     assert seen[0]["ids"].tolist() == true_ids.tolist()
     assert seen[0]["image_ids"].tolist() == (true_ids // CAPS_PER_IMAGE).tolist()
     t_img, t_txt = teacher_sims(cache, true_ids)
-    assert torch.allclose(seen[0]["teacher_image_sim"], t_img)
-    assert torch.allclose(seen[0]["teacher_text_sim"], t_txt)
+    assert seen[0]["teacher"] is cache  # the loss reads the teacher at the ids it gets
+    _, e_img, e_txt = cache.lookup(seen[0]["ids"])
+    assert torch.allclose(e_img @ e_img.T, t_img)
+    assert torch.allclose(e_txt @ e_txt.T, t_txt)
 
 
 def test_patched_forward_loss_equals_independent_computation():
@@ -63,7 +66,7 @@ def test_patched_forward_loss_equals_independent_computation():
     with rec.capturing(ids):
         got = model.forward_loss(img, cap)
     t_img, t_txt = teacher_sims(cache, torch.tensor(ids))
-    soft = loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    soft = loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher=TeacherSimilarities(t_img, t_txt))
     assert torch.allclose(got, hinge_criterion(img @ cap.t(), 0.2, True) + soft)
     for name in ("csa", "usa", "cmc"):
         assert name in model.logger.values
@@ -84,7 +87,7 @@ def test_loss_with_base_replaces_criterion():
         got = model.forward_loss(img, cap)
     t_img, t_txt = teacher_sims(cache, torch.tensor(ids))
     assert torch.allclose(
-        got, loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+        got, loss(img, cap, image_ids=torch.tensor(ids) // 5, teacher=TeacherSimilarities(t_img, t_txt))
     )
     assert calls == [] and "Le" in model.logger.values
 
@@ -206,7 +209,7 @@ def test_hinge_base_adopts_vsepp_defaults_sum_of_hinges_and_opt_margin():
         got = model.forward_loss(img, cap)
     ids = torch.tensor(ids)
     t_img, t_txt = teacher_sims(cache, ids)
-    parts = loss(img, cap, image_ids=ids // 5, teacher_image_sim=t_img, teacher_text_sim=t_txt, return_parts=True)
+    parts = loss(img, cap, image_ids=ids // 5, teacher=TeacherSimilarities(t_img, t_txt), return_parts=True)
     hinge = id_aware_hinge(img @ cap.t(), ids // CAPS_PER_IMAGE, 0.1, max_violation=False)
     assert torch.allclose(parts["base"], hinge, atol=1e-5)
     assert torch.allclose(

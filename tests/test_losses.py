@@ -16,6 +16,7 @@ from softalign.losses import (
     USALoss,
     VSEHingeLoss,
 )
+from softalign.teacher_inputs import TeacherSimilarities
 from tests import reference_formulas as ref
 
 
@@ -55,7 +56,7 @@ def test_scores_and_embeddings_paths_agree():
     scores = SF.cosine_similarity_matrix(img, txt)
     t = SF.cosine_similarity_matrix(torch.randn(6, 3))
     for loss in (VSEHingeLoss(), InfoNCELoss(), CSALoss()):
-        kw = {"teacher_image_sim": t, "teacher_text_sim": t} if isinstance(loss, CSALoss) else {}
+        kw = {"teacher": TeacherSimilarities(t, t)} if isinstance(loss, CSALoss) else {}
         assert loss(img, txt, **kw).item() == pytest.approx(loss(scores=scores, **kw).item(), rel=1e-6)
 
 
@@ -77,7 +78,7 @@ def test_csa_temperature_learns():
     img, txt = _batch()
     t = SF.cosine_similarity_matrix(torch.randn(6, 3))
     loss = CSALoss()
-    loss(img, txt, teacher_image_sim=t, teacher_text_sim=t).backward()
+    loss(img, txt, teacher=TeacherSimilarities(t, t)).backward()
     assert loss.temperature.value.grad is not None and loss.temperature.value.grad.abs() > 0
     assert [n for n, _ in loss.named_parameters()] == ["temperature.value"]  # teacher temperature is frozen
 
@@ -87,7 +88,7 @@ def test_usa_heads_follow_cusa_and_match_formula():
     t_i, t_t = SF.cosine_similarity_matrix(torch.randn(6, 5)), SF.cosine_similarity_matrix(torch.randn(6, 4))
     loss = USALoss(embed_dim=(8, 8))
     assert isinstance(loss.image_head[0], torch.nn.LayerNorm) and loss.image_head[1].weight.std() < 0.05
-    got = loss(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    got = loss(img, txt, teacher=TeacherSimilarities(t_i, t_t))
     with torch.no_grad():
         ui, ut = loss.image_head(img), loss.text_head(txt)
     want = ref.usa(ref.cosine(ui), ref.cosine(ut), t_i, t_t, 0.45, 0.45, 1.0)
@@ -99,7 +100,7 @@ def test_usa_heads_follow_cusa_and_match_formula():
 def test_usa_with_different_image_and_text_dims():
     loss = USALoss(embed_dim=(10, 6))
     t = SF.cosine_similarity_matrix(torch.randn(4, 3))
-    assert torch.isfinite(loss(torch.randn(4, 10), torch.randn(4, 6), teacher_image_sim=t, teacher_text_sim=t))
+    assert torch.isfinite(loss(torch.randn(4, 10), torch.randn(4, 6), teacher=TeacherSimilarities(t, t)))
 
 
 def test_cmc_module_matches_reference():
@@ -135,7 +136,7 @@ def test_combined_equals_weighted_sum_of_parts():
     image_ids = cache.image_ids(ids)
     assert out["base"].item() == pytest.approx(VSEHingeLoss()(img, txt, image_ids=image_ids).item(), rel=1e-6)
     assert out["csa"].item() == pytest.approx(
-        CSALoss()(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t).item(), rel=1e-6
+        CSALoss()(img, txt, teacher=TeacherSimilarities(t_i, t_t)).item(), rel=1e-6
     )
     # on a hinge base CMC adds only TGDT's intra term: base + CMC part == TGDT's CMC
     assert (out["base"] + out["cmc"]).item() == pytest.approx(
@@ -167,18 +168,18 @@ def test_scores_path_for_cross_attention_models():
     scores = torch.randn(5, 5, requires_grad=True)
     t = SF.cosine_similarity_matrix(torch.randn(5, 3))
     loss = SoftAlignLoss(beta=0.0, return_parts=True)
-    out = loss(scores=scores, teacher_image_sim=t, teacher_text_sim=t, image_ids=torch.arange(5))
+    out = loss(scores=scores, teacher=TeacherSimilarities(t, t), image_ids=torch.arange(5))
     assert out["base"].item() == pytest.approx(SF.vsepp_hinge(scores.detach()).item(), rel=1e-6)
     out["loss"].backward()
     assert scores.grad is not None
     with pytest.raises(ValueError, match="USA .* need image_emb and text_emb"):
-        SoftAlignLoss(beta=0.5)(scores=scores, teacher_image_sim=t, teacher_text_sim=t)
+        SoftAlignLoss(beta=0.5)(scores=scores, teacher=TeacherSimilarities(t, t))
 
 
 def test_mixed_precision_inputs_give_fp32_loss():
     img, txt = torch.randn(4, 6).half(), torch.randn(4, 6).bfloat16()
     t = SF.cosine_similarity_matrix(torch.randn(4, 3))
-    out = SoftAlignLoss(embed_dim=6, gamma=1.0)(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    out = SoftAlignLoss(embed_dim=6, gamma=1.0)(img, txt, teacher=TeacherSimilarities(t, t))
     assert out.dtype == torch.float32 and torch.isfinite(out)
 
 
@@ -208,8 +209,8 @@ def test_config_round_trip_after_calibration_gives_the_same_loss(csa_mode):
     torch.manual_seed(0)
     heads = {k: v for k, v in loss.state_dict().items() if "head" in k}
     again.load_state_dict({**again.state_dict(), **heads})  # the same USA heads (random initialisation)
-    a = loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
-    b = again(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    a = loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
+    b = again(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
     assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6)
 
 
@@ -257,15 +258,15 @@ def test_calibrated_state_dict_is_tensors_only_and_round_trips_through_safetenso
 def test_combined_bad_input_messages():
     img, txt = torch.randn(4, 6), torch.randn(4, 6)
     loss = SoftAlignLoss(embed_dim=6)
-    with pytest.raises(ValueError, match="need teacher similarities: give the loss a cache"):
+    with pytest.raises(ValueError, match="need a teacher: give the loss a cache"):
         loss(img, txt)
     with pytest.raises(ValueError, match="image_emb has 4 rows but text_emb has 3"):
         loss(img, txt[:3])
     with pytest.raises(ValueError, match="ids are caption ids: pass image_ids too"):
         SoftAlignLoss(alpha=0, beta=0)(img, txt, ids=torch.arange(4))
     t = SF.cosine_similarity_matrix(torch.randn(5, 3))
-    with pytest.raises(ValueError, match=r"teacher_image_sim has shape \(5, 5\) but the batch has 4 pairs"):
-        loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    with pytest.raises(ValueError, match=r"TeacherSimilarities.image has shape \(5, 5\) but the batch has 4 pairs"):
+        loss(img, txt, teacher=TeacherSimilarities(t, t))
     bad = img.clone()
     bad[2, 1] = float("inf")
     with pytest.raises(ValueError, match=r"image_emb contains non-finite values \(first at index \(2, 1\)\)"):
@@ -278,9 +279,9 @@ def test_loss_computes_in_fp32_under_autocast():
     img, txt = torch.randn(6, 8), torch.randn(6, 8)
     t = SF.cosine_similarity_matrix(torch.randn(6, 3))
     loss = SoftAlignLoss(embed_dim=8, gamma=1.0, return_parts=True)
-    plain = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    plain = loss(img, txt, teacher=TeacherSimilarities(t, t))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+        auto = loss(img, txt, teacher=TeacherSimilarities(t, t))
     for key in plain:
         assert auto[key].dtype == torch.float32
         assert auto[key].item() == pytest.approx(plain[key].item(), rel=1e-6), key
@@ -299,8 +300,8 @@ def test_temperature_clamp_keeps_an_earlier_graph_valid():
     loss = CSALoss()
     t = SF.cosine_similarity_matrix(torch.randn(4, 3))
     img, txt = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
-    first = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
-    second = loss(img * 2, txt, teacher_image_sim=t, teacher_text_sim=t)
+    first = loss(img, txt, teacher=TeacherSimilarities(t, t))
+    second = loss(img * 2, txt, teacher=TeacherSimilarities(t, t))
     (first + second).backward()
     assert loss.temperature.value.grad is not None
 
@@ -323,13 +324,13 @@ def test_combined_fast_path_equals_the_separate_modules_values_and_gradients(emb
         loss.csa.temperature.value.fill_(0.3)
         loss.usa.text_temperature.value.fill_(0.6)
     img, txt = torch.randn(7, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True)
-    out = loss(img, txt, image_ids=ids, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    out = loss(img, txt, image_ids=ids, teacher=TeacherSimilarities(t_i, t_t))
     out["loss"].backward()
 
     img2, txt2 = img.detach().clone().requires_grad_(True), txt.detach().clone().requires_grad_(True)
     ref_loss = SoftAlignLoss(embed_dim=embed_dim, base=base, alpha=0.3, beta=0.5, gamma=0.7, csa_mode=csa_mode)
     ref_loss.load_state_dict(loss.state_dict())
-    kw = dict(teacher_image_sim=t_i, teacher_text_sim=t_t)
+    kw = dict(teacher=TeacherSimilarities(t_i, t_t))
     hinge = base.startswith("vsepp")
     scale = 7.0 if hinge else 1.0  # on a hinge base (a sum over anchors) the KL terms are summed over anchors too
     cmc = (
@@ -360,14 +361,14 @@ def test_usa_uses_given_similarities_only_without_heads():
     t = SF.cosine_similarity_matrix(torch.randn(5, 3))
     s_ii, s_tt = SF.cosine_similarity_matrix(img), SF.cosine_similarity_matrix(txt)
     plain = USALoss()
-    assert plain(
-        img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=s_ii, text_sim=s_tt
-    ).item() == pytest.approx(plain(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
+    assert plain(img, txt, teacher=TeacherSimilarities(t, t), image_sim=s_ii, text_sim=s_tt).item() == pytest.approx(
+        plain(img, txt, teacher=TeacherSimilarities(t, t)).item(), rel=1e-6
+    )
     heads = USALoss(embed_dim=6)
     wrong = torch.zeros(5, 5)  # ignored: with heads the similarities come after the heads
-    assert heads(
-        img, txt, teacher_image_sim=t, teacher_text_sim=t, image_sim=wrong, text_sim=wrong
-    ).item() == pytest.approx(heads(img, txt, teacher_image_sim=t, teacher_text_sim=t).item(), rel=1e-6)
+    assert heads(img, txt, teacher=TeacherSimilarities(t, t), image_sim=wrong, text_sim=wrong).item() == pytest.approx(
+        heads(img, txt, teacher=TeacherSimilarities(t, t)).item(), rel=1e-6
+    )
 
 
 def test_standalone_terms_backpropagate_under_autocast():
@@ -377,7 +378,7 @@ def test_standalone_terms_backpropagate_under_autocast():
     img, txt = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
     for loss in (USALoss(embed_dim=6), USALoss(), CSALoss(), CMCLoss()):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+            out = loss(img, txt, teacher=TeacherSimilarities(t, t))
         out.backward()
         assert torch.isfinite(img.grad).all() and img.grad.dtype == torch.float32
         img.grad = txt.grad = None

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherSimilarities
 
 
 def _teacher(b, seed=0):
@@ -26,8 +27,7 @@ def _call(loss, img, txt, image_ids=None, **kw):
         txt,
         ids=torch.arange(b),
         image_ids=image_ids,
-        teacher_image_sim=_teacher(b),
-        teacher_text_sim=_teacher(b, 1),
+        teacher=TeacherSimilarities(_teacher(b), _teacher(b, 1)),
         **kw,
     )
 
@@ -69,18 +69,17 @@ def test_non_finite_wrong_shape_and_dtype_name_the_input():
         loss(img[:0], txt[:0], image_ids=torch.arange(0))
     t = _teacher(6)
     t[1, 1] = float("nan")
-    with pytest.raises(ValueError, match="teacher"):
-        loss(
-            img, txt, ids=torch.arange(6), image_ids=torch.arange(6), teacher_image_sim=t, teacher_text_sim=_teacher(6)
-        )
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(
+        ValueError, match=r"TeacherSimilarities.image contains non-finite values \(first at index \(1, 1\)\)"
+    ):
+        loss(img, txt, ids=torch.arange(6), image_ids=torch.arange(6), teacher=TeacherSimilarities(t, _teacher(6)))
+    with pytest.raises(ValueError, match=r"TeacherSimilarities.image has shape \(5, 5\) but the batch has 6 pairs"):
         loss(
             img,
             txt,
             ids=torch.arange(6),
             image_ids=torch.arange(6),
-            teacher_image_sim=_teacher(5),
-            teacher_text_sim=_teacher(6),
+            teacher=TeacherSimilarities(_teacher(5), _teacher(6)),
         )
 
 
@@ -136,7 +135,7 @@ def test_every_module_refuses_a_non_finite_loss_on_every_call_not_only_the_first
 
     loss = getattr(L, name)(**({"embed_dim": 16} if name in ("USALoss", "SoftAlignLoss") else {}))
     img, txt = torch.randn(6, 16), torch.randn(6, 16)
-    teacher = dict(teacher_image_sim=_teacher(6), teacher_text_sim=_teacher(6, 1))
+    teacher = dict(teacher=TeacherSimilarities(_teacher(6), _teacher(6, 1)))
     kw = teacher if name in ("CSALoss", "USALoss", "SoftAlignLoss") else {}
     assert torch.isfinite(loss(img, txt, **kw))  # the first call, checked in detail
     bad = img.clone()

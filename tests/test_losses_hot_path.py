@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from softalign import functional as SF
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherSimilarities
 from tests import reference_formulas as ref
 
 # Tensor methods that read values on the host (a device sync for a CUDA tensor). Tensor.numpy() is not among them:
@@ -109,7 +110,7 @@ def test_torch_func_grad_and_double_backward_work():
     img, txt = torch.randn(b, d), torch.randn(b, d)
     t_img = F.normalize(torch.randn(b, 5), dim=1)
     t_txt = F.normalize(torch.randn(b, 5), dim=1)
-    kw = dict(image_ids=torch.arange(b), teacher_image_sim=t_img @ t_img.T, teacher_text_sim=t_txt @ t_txt.T)
+    kw = dict(image_ids=torch.arange(b), teacher=TeacherSimilarities(t_img @ t_img.T, t_txt @ t_txt.T))
 
     def value(x):
         return loss(x, txt, **kw)
@@ -138,8 +139,7 @@ def test_torch_func_grad_and_double_backward_work():
             a,
             txt.double(),
             image_ids=kw["image_ids"],
-            teacher_image_sim=kw["teacher_image_sim"].double(),
-            teacher_text_sim=kw["teacher_text_sim"].double(),
+            teacher=TeacherSimilarities(kw["teacher"].image.double(), kw["teacher"].text.double()),
         ),
         (xd,),
     )
@@ -171,7 +171,7 @@ def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(mon
         return_parts=True,
         learn_temperatures=False,
     ).double()
-    parts = loss(img, txt, image_ids=torch.arange(b), teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    parts = loss(img, txt, image_ids=torch.arange(b), teacher=TeacherSimilarities(t_img, t_txt))
     assert len(calls) == 2  # image and text targets, once each, for both terms
     # the two terms hold equal, separate tau_s buffers: the state dict has no shared tensors and saves as safetensors
     from safetensors.torch import save
@@ -188,7 +188,7 @@ def test_soft_labels_are_computed_once_per_forward_and_shared_by_csa_and_usa(mon
     fused = SoftAlignLoss(
         embed_dim=None, base="none", alpha=1.0, beta=1.0, csa_mode="add", teacher_temperature=0.5, diagnostics_every=0
     )
-    fused(img, txt, image_ids=torch.arange(b), teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    fused(img, txt, image_ids=torch.arange(b), teacher=TeacherSimilarities(t_img, t_txt))
     assert len(calls) == 4
 
 

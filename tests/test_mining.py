@@ -16,6 +16,7 @@ from softalign.mining import (
     TeacherFilteredMiner,
     TopKMiner,
 )
+from softalign.teacher_inputs import TeacherSimilarities
 from tests import reference_formulas as ref
 
 
@@ -85,7 +86,7 @@ def test_teacher_filtered_miner_inside_combined_loss_uses_cache_sims():
     t = torch.eye(6)
     t[0, 2] = t[2, 0] = 0.99
     loss = SoftAlignLoss(alpha=0, beta=0, miner=TeacherFilteredMiner(0.9, inner=AllNegativesMiner()), base="vsepp_sum")
-    got = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    got = loss(img, txt, teacher=TeacherSimilarities(t, t))
     s = SF.cosine_similarity_matrix(img, txt)
     mask = ~torch.eye(6, dtype=torch.bool)
     mask[0, 2] = mask[2, 0] = False

@@ -45,8 +45,9 @@ from softalign.losses import CMCLoss, CSALoss, InfoNCELoss, SoftAlignLoss, USALo
 g = torch.Generator().manual_seed(0)
 img, txt = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g, requires_grad=True)
 t_img, t_txt = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-teacher = dict(teacher_image_emb=t_img, teacher_text_emb=t_txt)
-ts = dict(teacher_image_sim=t_img @ t_img.t(), teacher_text_sim=t_txt @ t_txt.t())
+from softalign.losses import TeacherEmbeddings, TeacherSimilarities
+teacher = dict(teacher=TeacherEmbeddings(t_img, t_txt))
+ts = dict(teacher=TeacherSimilarities(t_img @ t_img.t(), t_txt @ t_txt.t()))
 values = [SoftAlignLoss(embed_dim=8, gamma=1.0)(img, txt, **teacher), VSEHingeLoss()(img, txt),
           InfoNCELoss()(img, txt), CSALoss()(img, txt, **ts), USALoss(embed_dim=8)(img, txt, **ts), CMCLoss()(img, txt)]
 sum(values).backward()
@@ -77,7 +78,7 @@ def test_the_default_cosine_equals_pytorch_metric_learnings():
     import torch
     from pytorch_metric_learning.distances import CosineSimilarity as PMLCosine
 
-    from softalign.losses import SoftAlignLoss
+    from softalign.losses import SoftAlignLoss, TeacherSimilarities
     from softalign.losses._inputs import CosineSimilarity, is_plain_cosine
 
     g = torch.Generator().manual_seed(3)
@@ -89,7 +90,7 @@ def test_the_default_cosine_equals_pytorch_metric_learnings():
         and not is_plain_cosine(PMLCosine(power=2))
     )
     ours, pml = SoftAlignLoss(diagnostics_every=0), SoftAlignLoss(diagnostics_every=0, similarity=PMLCosine())
-    t = dict(teacher_image_sim=a @ a.t(), teacher_text_sim=b @ b.t())
+    t = dict(teacher=TeacherSimilarities(a @ a.t(), b @ b.t()))
     torch.testing.assert_close(ours(a, b, **t), pml(a, b, **t))
 
 

@@ -11,6 +11,7 @@ import torch
 from softalign import functional as SF
 from softalign.losses import CSALoss, SoftAlignLoss, USALoss
 from softalign.losses.diagnostics import SoftTermsSilentWarning, gradient_shares
+from softalign.teacher_inputs import TeacherSimilarities
 from softalign.teachers import calibration as cal
 from tests import reference_formulas as ref
 
@@ -86,7 +87,7 @@ def test_fixed_cusa_temperature_stays_available():
     out = loss(img, txt, ids=ids)
     assert loss.calibration is None and loss.get_config_dict()["teacher_temperature"] == 1.0
     t_i, t_t = cache.similarities(ids)
-    want = CSALoss(teacher_temperature=1.0)(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    want = CSALoss(teacher_temperature=1.0)(img, txt, teacher=TeacherSimilarities(t_i, t_t))
     assert out["csa"].item() == pytest.approx(want.item(), rel=1e-6)
 
 
@@ -95,7 +96,7 @@ def test_calibrated_values_reach_the_kl_terms():
     t_i = SF.cosine_similarity_matrix(torch.randn(8, 5))
     t_t = SF.cosine_similarity_matrix(torch.randn(8, 5))
     loss = SoftAlignLoss(base="none", alpha=1.0, beta=0.0, return_parts=True)
-    out = loss(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    out = loss(img, txt, teacher=TeacherSimilarities(t_i, t_t))
     assert loss.calibration["source"] == "batch"
     tau_i, tau_t = loss.calibration["image"], loss.calibration["text"]
     s = SF.cosine_similarity_matrix(img.detach().double(), txt.detach().double()).tolist()
@@ -112,10 +113,10 @@ def test_soft_terms_are_reduced_like_the_base(base, reduction):
     t = SF.cosine_similarity_matrix(torch.randn(8, 5))
     loss = SoftAlignLoss(embed_dim=None, base=base, alpha=1.0, beta=1.0, teacher_temperature=0.1, return_parts=True)
     assert loss.soft_label_reduction == reduction
-    out = loss(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    out = loss(img, txt, teacher=TeacherSimilarities(t, t))
     scale = 8.0 if reduction == "sum" else 1.0
-    csa = CSALoss(teacher_temperature=0.1)(img, txt, teacher_image_sim=t, teacher_text_sim=t)
-    usa = USALoss(teacher_temperature=0.1)(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    csa = CSALoss(teacher_temperature=0.1)(img, txt, teacher=TeacherSimilarities(t, t))
+    usa = USALoss(teacher_temperature=0.1)(img, txt, teacher=TeacherSimilarities(t, t))
     assert out["csa"].item() == pytest.approx(scale * csa.item(), rel=1e-5)
     assert out["usa"].item() == pytest.approx(scale * usa.item(), rel=1e-5)
 
@@ -148,7 +149,7 @@ def test_gradient_share_diagnostic_matches_separate_backward_passes():
         return_parts=True,
         diagnostics_every=1,
     )
-    out = loss(img, txt, teacher_image_sim=t_i, teacher_text_sim=t_t)
+    out = loss(img, txt, teacher=TeacherSimilarities(t_i, t_t))
     shares = loss.gradient_shares
     norms = {}
     for k, w in (("base", 1.0), ("csa", 0.7), ("usa", 0.3)):
@@ -177,18 +178,18 @@ def test_one_warning_when_the_soft_terms_carry_under_one_percent():
     t = SF.cosine_similarity_matrix(torch.randn(32, 5))
     quiet = SoftAlignLoss(base="vsepp", alpha=1e-4, beta=1e-4, teacher_temperature=1.0, diagnostics_every=1)
     with pytest.warns(SoftTermsSilentWarning, match="carry"):
-        quiet(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+        quiet(img, txt, teacher=TeacherSimilarities(t, t))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SoftTermsSilentWarning)
-        quiet(img, txt, teacher_image_sim=t, teacher_text_sim=t)  # once only
+        quiet(img, txt, teacher=TeacherSimilarities(t, t))  # once only
         assert quiet.gradient_shares["soft"] < 0.01
         strong = SoftAlignLoss(base="infonce", alpha=1.0, beta=1.0, teacher_temperature=0.05, diagnostics_every=1)
-        strong(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+        strong(img, txt, teacher=TeacherSimilarities(t, t))
         assert strong.gradient_shares["soft"] > 0.01
     # no diagnostic outside training or without gradients
     quiet.eval()
     steps = quiet._steps
-    quiet(img, txt, teacher_image_sim=t, teacher_text_sim=t)
+    quiet(img, txt, teacher=TeacherSimilarities(t, t))
     assert quiet._steps == steps
 
 
@@ -202,7 +203,7 @@ def test_usa_gradient_never_reaches_the_cross_modal_head():
     )
     t = SF.cosine_similarity_matrix(torch.randn(6, 5))
     img, txt, img_f, txt_f = model(torch.randn(6, 10), torch.randn(6, 7), return_features=True)
-    out = loss(img, txt, image_features=img_f, text_features=txt_f, teacher_image_sim=t, teacher_text_sim=t)
+    out = loss(img, txt, image_features=img_f, text_features=txt_f, teacher=TeacherSimilarities(t, t))
     out["usa"].backward()
     for head in (model.image_head, model.text_head):
         for p in head.parameters():
@@ -213,7 +214,7 @@ def test_usa_gradient_never_reaches_the_cross_modal_head():
     model.zero_grad()
     img, txt = model(torch.randn(6, 10), torch.randn(6, 7))
     SoftAlignLoss(embed_dim=12, base="none", alpha=0.0, beta=1.0, teacher_temperature=0.2)(
-        img, txt, teacher_image_sim=t, teacher_text_sim=t
+        img, txt, teacher=TeacherSimilarities(t, t)
     ).backward()
     assert torch.count_nonzero(model.image_head[1].weight.grad) > 0
 

@@ -10,6 +10,7 @@ import torch
 from softalign.losses import SoftAlignLoss
 from softalign.losses.diagnostics import gradient_norms
 from softalign.losses.soft_weight import DecayingWeight, TargetShare, soft_weight_from_config
+from softalign.teacher_inputs import TeacherSimilarities
 
 
 def _batch(b=8, d=12, seed=1):
@@ -68,7 +69,7 @@ def test_the_loss_weights_csa_and_usa_by_the_scale_of_the_step():
         diagnostics_every=0,
     )
     for step in range(5):
-        out = loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+        out = loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
         s = max(0.0, 1 - step / 4)
         expected = out["base"] + 0.3 * s * out["csa"] + 0.7 * s * out["usa"]
         assert float(out["loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
@@ -78,7 +79,7 @@ def test_the_loss_weights_csa_and_usa_by_the_scale_of_the_step():
         )
     # evaluation keeps the last training scale (no step is taken)
     loss.eval()
-    out = loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    out = loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
     assert float(out["loss"].detach()) == pytest.approx(float(out["base"].detach()), rel=1e-6)
 
 
@@ -95,10 +96,10 @@ def test_target_share_reaches_the_share_in_one_update_when_inputs_stay_fixed():
         soft_weight=TargetShare(0.3, every=1, momentum=1.0),
     )
     assert loss.diagnostics_every == 1  # the schedule asks for a diagnostic every step
-    loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
     first = dict(loss.gradient_shares)
     assert first["soft"] != pytest.approx(0.3, abs=0.05)  # not there by chance
-    out = loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+    out = loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
     scale = loss._soft_scale
     assert scale == pytest.approx(0.3 * first["norm_base"] / (0.7 * (first["norm_csa"] + first["norm_usa"])))
     norms = gradient_norms(
@@ -133,7 +134,7 @@ def test_the_schedule_resumes_with_the_loss_state_and_round_trips_through_the_co
 
     loss = make()
     for _ in range(3):
-        loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt).backward()
+        loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt)).backward()
     resumed = make()
     resumed.load_state_dict(loss.state_dict())
     assert resumed.soft_weight.scale(0) == loss.soft_weight.scale(0) != 1.0 and resumed._steps == 3
@@ -166,5 +167,5 @@ def test_a_schedule_that_lowers_the_weights_on_purpose_raises_no_silent_terms_wa
     with warnings.catch_warnings():
         warnings.simplefilter("error", SoftTermsSilentWarning)
         for _ in range(4):  # the scale reaches 0 at step 2
-            loss(img, txt, teacher_image_sim=t_img, teacher_text_sim=t_txt)
+            loss(img, txt, teacher=TeacherSimilarities(t_img, t_txt))
     assert loss.gradient_shares["soft"] == 0.0 and loss.gradient_shares["soft_scale"] == 0.0

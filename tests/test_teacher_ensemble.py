@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from softalign.losses import SoftAlignLoss
+from softalign.teacher_inputs import TeacherSimilarities
 from softalign.teachers import TeacherEnsemble
 from softalign.teachers.importers import import_npy
 
@@ -70,7 +71,7 @@ def test_the_loss_on_an_ensemble_equals_the_loss_on_the_averaged_matrices(caches
         return out.detach(), x.grad
 
     sa, sb = a.similarities(ids), b.similarities(ids)
-    ref = run(teacher_image_sim=(sa.image + sb.image) / 2, teacher_text_sim=(sa.text + sb.text) / 2)
+    ref = run(teacher=TeacherSimilarities((sa.image + sb.image) / 2, (sa.text + sb.text) / 2))
     got = run()
     torch.testing.assert_close(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])

@@ -116,7 +116,7 @@ def test_the_trainer_feeds_the_loss_the_teacher_embedding_of_the_view_each_item_
 
     def spy(self, *args, **kw):
         if self.training:
-            seen.append((kw["image_ids"].clone(), kw.get("teacher_image_emb")))
+            seen.append((kw["image_ids"].clone(), kw["teacher"].image if "teacher" in kw else None))
         return real_forward(self, *args, **kw)
 
     monkeypatch.setattr(SoftAlignLoss, "forward", spy)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from softalign import distributed as dist_utils
 from softalign.losses import VSEHingeLoss
 
 __all__ = [
@@ -120,7 +119,7 @@ class SoftAlignHook:
             raise TypeError(
                 f"image_ids must be a callable mapping caption ids to image ids, got {type(image_ids).__name__}"
             )
-        for method in ("image_ids", "similarities"):
+        for method in ("image_ids", "lookup"):
             if cache is not None and not callable(getattr(cache, method, None)):
                 raise TypeError(
                     f"cache must provide {method}(ids, ...) (a softalign TeacherCache), got {type(cache).__name__}"
@@ -194,22 +193,13 @@ class SoftAlignHook:
         self._placed_on = device
 
     def loss_inputs(self, ids: Any, device) -> dict[str, Any]:
-        """Keyword arguments of ``SoftAlignLoss.forward`` that carry ids, image ids and teacher similarities."""
+        """Keyword arguments of ``SoftAlignLoss.forward`` that carry ids, image ids and the teacher."""
         ids = as_ids(ids, device)
         if getattr(self.loss, "cache", None) is not None:
             return {"ids": ids}  # the loss maps ids to images and looks the teacher up itself
         out: dict[str, Any] = {"ids": ids, "image_ids": self.image_ids(ids, device)}
-        if self.cache is not None:
-            if loss_needs_teacher(self.loss):
-                if dist_utils.is_distributed() and callable(getattr(self.cache, "embeddings", None)):
-                    # teacher rows gather with the embeddings; [B, B] similarities could not
-                    t_img, t_txt = self.cache.embeddings(ids, device=device)
-                    out["teacher_image_emb"], out["teacher_text_emb"] = t_img, t_txt
-                else:
-                    sims = self.cache.similarities(ids, device=device)
-                    out["teacher_image_sim"], out["teacher_text_sim"] = (
-                        (sims.image, sims.text) if hasattr(sims, "image") else sims
-                    )
+        if self.cache is not None and loss_needs_teacher(self.loss):
+            out["teacher"] = self.cache  # the loss reads the teacher rows at the ids (gathered across processes)
         return out
 
     def __call__(

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from softalign.losses import SoftAlignLoss, citations
+from softalign.teacher_inputs import TeacherEmbeddings
 
 __all__ = ["SoftAlignClipLoss", "create_loss", "load_checkpoint", "LOSS_KEY"]
 
@@ -92,9 +93,7 @@ class SoftAlignClipLoss(nn.Module):
             )
         teacher = {}
         if dist_image_features is not None and dist_text_features is not None:
-            teacher = dict(
-                teacher_image_emb=dist_image_features.detach(), teacher_text_emb=dist_text_features.detach()
-            )
+            teacher = dict(teacher=TeacherEmbeddings(dist_image_features.detach(), dist_text_features.detach()))
         elif caption_ids is None:
             raise ValueError(
                 "SoftAlignClipLoss needs teacher similarities: run open_clip_train with "

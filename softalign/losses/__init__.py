@@ -13,6 +13,7 @@ from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
 from softalign.losses.temperature import ClampedTemperature
 from softalign.losses.usa import ProjectionHead, UniModalHead, USALoss
+from softalign.teacher_inputs import TeacherEmbeddings, TeacherSimilarities
 
 __all__ = [
     "SoftAlignLoss",
@@ -24,4 +25,6 @@ __all__ = [
     "ClampedTemperature",
     "UniModalHead",
     "ProjectionHead",
+    "TeacherEmbeddings",
+    "TeacherSimilarities",
 ]

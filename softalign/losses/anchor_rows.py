@@ -43,7 +43,7 @@ class AnchorRows:
     ``image`` / ``text``: ``[b, D]`` checked fp32 embeddings and ``all_image`` / ``all_text`` ``[B, D]`` (the same
     tensors on one process); ``offset``: the first anchor's column; ``scores``: a precomputed ``[B, B]`` matrix
     (one process; SCAN/TERAN) used for the cross-modal scores instead of the embeddings; ``similarity``: a custom
-    similarity (not cosine), or None.
+    similarity (not cosine), or None; ``gather``: ``all_gather_with_grad`` over the processes (None on one).
     """
 
     image: torch.Tensor | None
@@ -53,10 +53,18 @@ class AnchorRows:
     offset: int = 0
     scores: torch.Tensor | None = None
     similarity: Any = None
+    gather: Any = None
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, ...]`` rows of this process -> ``[B, ...]`` of the batch (gathered with gradients; the same tensor
+        on one process)."""
+        return x if self.gather is None else self.gather(x)
 
     def __post_init__(self) -> None:
-        self.size = int(self.scores.shape[0] if self.image is None else self.image.shape[0])
-        self.batch = int(self.scores.shape[0] if self.all_image is None else self.all_image.shape[0])
+        local = self.image if self.image is not None else self.scores
+        whole = self.all_image if self.all_image is not None else self.scores
+        assert local is not None and whole is not None, "AnchorRows needs embeddings or scores"
+        self.size, self.batch = int(local.shape[0]), int(whole.shape[0])
         self._unit: tuple[torch.Tensor, ...] | None = None
 
     @property
@@ -119,14 +127,60 @@ class AnchorRows:
         return s_i2t.gather(1, cols).squeeze(1), s_t2i.gather(1, cols).squeeze(1)
 
 
-def soft_label_targets(loss: Any, teacher_image_rows: torch.Tensor, teacher_text_rows: torch.Tensor):
-    """``(csa_targets, usa_targets)``: the soft labels of each teacher matrix (rows), computed once; CSA in mode
-    ``each`` shares USA's (the same frozen ``tau_s``, set together). None for a term that is off."""
-    usa_t = loss.usa.soft_labels(teacher_image_rows, teacher_text_rows) if loss.usa is not None else None
+@dataclass
+class TeacherRows:
+    """The teacher side: rows of its image-image and text-text similarities for this process's anchors, formed on
+    demand (one ``[b, B]`` block at a time) from unit teacher embeddings (``image`` / ``text`` ``[B, D_t]``, the
+    anchors at ``offset``), or given as ``[B, B]`` matrices (``matrices=True``, one process)."""
+
+    image_source: torch.Tensor
+    text_source: torch.Tensor
+    offset: int = 0
+    size: int | None = None
+    matrices: bool = False
+
+    def _rows(self, e: torch.Tensor) -> torch.Tensor:
+        if self.matrices:
+            return e
+        n = e.shape[0] if self.size is None else self.size
+        return (e if n == e.shape[0] else e[self.offset : self.offset + n]) @ e.t()
+
+    def image(self) -> torch.Tensor:
+        return self._rows(self.image_source)
+
+    def text(self) -> torch.Tensor:
+        return self._rows(self.text_source)
+
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``[B, B]`` matrices of the whole batch (calibration, a miner)."""
+        if self.matrices:
+            return self.image_source, self.text_source
+        return self.image_source @ self.image_source.t(), self.text_source @ self.text_source.t()
+
+
+def soft_label_targets(loss: Any, teacher: TeacherRows):
+    """``(csa_targets, usa_targets)``: the soft labels of each teacher matrix (rows), each formed and turned into
+    ``P`` one at a time; CSA in mode ``each`` shares USA's (the same frozen ``tau_s``, set together). None for a term
+    that is off."""
+    usa_t = None
+    if loss.usa is not None:
+        usa = loss.usa
+        usa_t = (
+            SF.soft_labels(teacher.image(), usa.teacher_temperature(), validate=False),
+            SF.soft_labels(teacher.text(), usa.text_teacher_temperature(), validate=False),
+        )
     if loss.csa is None:
         return None, usa_t
-    shared = usa_t is not None and loss._shared_soft_labels
-    return (usa_t if shared else loss.csa.soft_labels(teacher_image_rows, teacher_text_rows)), usa_t
+    if usa_t is not None and loss._shared_soft_labels:
+        return usa_t, usa_t
+    csa = loss.csa
+    tau_i, tau_t = csa.teacher_temperatures()
+    if csa.mode == "each":
+        return (
+            SF.soft_labels(teacher.image(), tau_i, validate=False),
+            SF.soft_labels(teacher.text(), tau_t, validate=False),
+        ), usa_t
+    return csa.soft_labels(teacher.image(), teacher.text()), usa_t
 
 
 def _unit_head(module, x: torch.Tensor, dtype) -> torch.Tensor:
@@ -138,7 +192,7 @@ def row_terms(
     rows: AnchorRows,
     image_ids: torch.Tensor | None,
     all_image_ids: torch.Tensor | None,
-    teacher: tuple[torch.Tensor, torch.Tensor] | None,
+    teacher: TeacherRows | None,
     features: tuple[torch.Tensor, ...] | None,
     base_temperature=None,
 ) -> dict[str, torch.Tensor]:
@@ -146,8 +200,8 @@ def row_terms(
     that is a sum over anchors, each normalised as the global term is (by the global ``B``). Terms that need the
     whole matrix (a custom base, a miner) are left to the caller.
 
-    ``teacher``: ``[b, B]`` rows of the teacher's image-image and text-text similarities; ``features``: ``(image,
-    text, all_image, all_text)`` backbone features for USA's heads, or None (USA then reads the embeddings).
+    ``teacher``: the teacher's image-image and text-text similarities (:class:`TeacherRows`); ``features``: this
+    process's ``(image, text)`` backbone features for USA's heads, or None (USA then reads the embeddings).
     """
     from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 
@@ -172,7 +226,7 @@ def row_terms(
         total = SF.info_nce_rows(rows.i2t(tau), rows.t2i(tau), image_ids, all_image_ids, rows.offset) / n
         parts["base"] = total / n if base.reduction == "cusa_mean" else total
     soft_scale = float(n) if loss.soft_label_reduction == "sum" else 1.0
-    csa_targets, usa_targets = soft_label_targets(loss, *teacher) if teacher is not None else (None, None)
+    csa_targets, usa_targets = soft_label_targets(loss, teacher) if teacher is not None else (None, None)
     if loss.csa is not None and csa_targets is not None:
         tau_i, tau_t = loss.csa.temperatures()
         csa = SF.soft_label_kl_rows(rows.i2t(tau_i), csa_targets[0]) + SF.soft_label_kl_rows(
@@ -181,13 +235,13 @@ def row_terms(
         parts["csa"] = soft_scale * csa / (2.0 * n)
     if loss.usa is not None and usa_targets is not None:
         usa = loss.usa
-        f_img, f_txt, all_f_img, all_f_txt = (
-            features if features is not None else (rows.image, rows.text, rows.all_image, rows.all_text)
-        )
+        f_img, f_txt = features if features is not None else (rows.image, rows.text)
+        assert f_img is not None and f_txt is not None  # checked at the loss's boundary
         dtype = usa._head_dtype(f_img.dtype)
+        # the heads run on this process's rows; their outputs are gathered (not the features), so that the heads'
+        # activations held for backward are [b, D], not [B, D]
         h_img, h_txt = _unit_head(usa.image_head, f_img, dtype), _unit_head(usa.text_head, f_txt, dtype)
-        all_h_img = h_img if all_f_img is f_img else _unit_head(usa.image_head, all_f_img, dtype)
-        all_h_txt = h_txt if all_f_txt is f_txt else _unit_head(usa.text_head, all_f_txt, dtype)
+        all_h_img, all_h_txt = rows.columns(h_img), rows.columns(h_txt)
         value = SF.soft_label_kl_rows((h_img / usa.image_temperature()) @ all_h_img.t(), usa_targets[0])
         value = value + SF.soft_label_kl_rows((h_txt / usa.text_temperature()) @ all_h_txt.t(), usa_targets[1])
         parts["usa"] = soft_scale * value / (2.0 * n)

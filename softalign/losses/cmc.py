@@ -34,13 +34,13 @@ class CMCLoss(ChecksValuesOnce, nn.Module):
         *,
         scores=None,
         image_ids=None,
-        teacher_image_sim=None,
-        teacher_text_sim=None,
+        teacher=None,
         image_sim=None,
         text_sim=None,
     ) -> torch.Tensor:
         """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities, if the caller
-        already has them (otherwise computed from the embeddings)."""
+        already has them (otherwise computed from the embeddings); ``teacher``: ``TeacherSimilarities(image, text)``
+        for a miner that reads them."""
         validate = self._take_value_check()
         image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=False, validate=validate)
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
@@ -51,8 +51,8 @@ class CMCLoss(ChecksValuesOnce, nn.Module):
             negatives = self.miner(
                 scores,
                 image_ids,
-                teacher_image_sim=teacher_image_sim,
-                teacher_text_sim=teacher_text_sim,
+                teacher_image_sim=None if teacher is None else teacher[0],
+                teacher_text_sim=None if teacher is None else teacher[1],
                 image_emb=image_emb,
                 text_emb=text_emb,
             )

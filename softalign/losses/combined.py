@@ -21,13 +21,14 @@ from softalign.losses._inputs import (
     default_similarity,
     is_plain_cosine,
 )
-from softalign.losses.anchor_rows import AnchorRows, row_terms
+from softalign.losses.anchor_rows import AnchorRows, TeacherRows, row_terms
 from softalign.losses.cmc import CMCLoss
 from softalign.losses.contrastive import InfoNCELoss, VSEHingeLoss
 from softalign.losses.csa import CSALoss
 from softalign.losses.soft_weight import soft_weight_from_config
 from softalign.losses.usa import USALoss
 from softalign.mining import NegativeMiner, TeacherFilteredMiner
+from softalign.teacher_inputs import TeacherEmbeddings, TeacherSimilarities
 from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
 
 BASES = ("vsepp", "vsepp_sum", "infonce", "none")
@@ -96,14 +97,15 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
 
     Inputs (``forward``):
         image_emb, text_emb: ``[B, D]`` student embeddings of the B pairs (row p: the image of caption p).
-        ids: ``[B]`` global caption ids; with a ``cache`` they give the positives (via the caption->image map)
+        ids: ``[B]`` global caption ids; with a cache they give the positives (via the caption->image map)
             and the teacher similarities.
+        teacher: where the soft labels come from, when not the loss's own ``cache``: another cache,
+            ``TeacherEmbeddings(image, text)`` (``[B, D_t]`` each, gathered across processes) or
+            ``TeacherSimilarities(image, text)`` (``[B, B]`` each, one process); see :mod:`softalign.teacher_inputs`.
         scores: ``[B, B]`` precomputed image x caption scores (SCAN/TERAN cross-attention); used instead of the
             embeddings' cosine product for the base loss, CSA and CMC's inter term. USA and CMC's intra term
             still need (pooled) embeddings.
         image_ids: ``[B]`` image ids, when there is no cache (else derived from ``ids``); default: the diagonal.
-        teacher_image_sim, teacher_text_sim: ``[B, B]`` teacher similarities, when there is no cache; or
-        teacher_image_emb, teacher_text_emb: ``[B, D_t]`` teacher embeddings (gathered across processes).
 
     Distributed: when ``torch.distributed`` is initialised and ``gather=True``, embeddings are all-gathered with
     exact gradients (:mod:`softalign.distributed`), ids and teacher rows alongside, and every term is computed on
@@ -430,14 +432,11 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         text_emb=None,
         ids=None,
         *,
+        teacher=None,
         scores=None,
         image_ids=None,
         image_features=None,
         text_features=None,
-        teacher_image_sim=None,
-        teacher_text_sim=None,
-        teacher_image_emb=None,
-        teacher_text_emb=None,
         return_parts: bool | None = None,
         base_temperature=None,
     ):
@@ -466,10 +465,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 ids,
                 scores,
                 image_ids,
-                teacher_image_sim,
-                teacher_text_sim,
-                teacher_image_emb,
-                teacher_text_emb,
+                teacher,
                 image_features,
                 text_features,
                 base_temperature,
@@ -553,10 +549,7 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         ids,
         scores,
         image_ids,
-        teacher_image_sim,
-        teacher_text_sim,
-        teacher_image_emb,
-        teacher_text_emb,
+        teacher,
         image_features=None,
         text_features=None,
         base_temperature=None,
@@ -612,26 +605,20 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
 
         # this process's rows and the batch's columns: gathered across processes, or the same tensors
         gathered = self.gather and scores is None and dist_utils.is_distributed()
-        if gathered and (teacher_image_sim is not None or teacher_text_sim is not None):
+        source = self.cache if teacher is None else teacher
+        if gathered and isinstance(source, TeacherSimilarities):
             raise ValueError(
-                "teacher_image_sim / teacher_text_sim are per-process [B, B] matrices and cannot be "
-                "gathered: pass a cache (with ids) or teacher_image_emb / teacher_text_emb"
+                "TeacherSimilarities are per-process [B, B] matrices and cannot be gathered: pass a cache (with ids) "
+                "or teacher=TeacherEmbeddings(image, text)"
             )
         world, offset, sizes = 1, 0, None
         all_img, all_txt, all_ids, all_image_ids = image_emb, text_emb, ids, image_ids
-        features = (image_features, text_features, image_features, text_features) if have_feat else None
+        features = (image_features, text_features) if have_feat else None
         if gathered:
             sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
             world, offset = len(sizes), sum(sizes[: dist_utils.rank()])
             all_img = dist_utils.all_gather_with_grad(image_emb, sizes)
             all_txt = dist_utils.all_gather_with_grad(text_emb, sizes)
-            if have_feat:
-                features = (
-                    image_features,
-                    text_features,
-                    dist_utils.all_gather_with_grad(image_features, sizes),
-                    dist_utils.all_gather_with_grad(text_features, sizes),
-                )
             all_ids = None if ids is None else dist_utils.gather_batch(ids, sizes)
             all_image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids, sizes)
         batch = sum(sizes) if sizes else b
@@ -645,60 +632,66 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
                 stacklevel=4,
             )
 
-        teacher, teacher_emb = None, None
+        rows_of_teacher: TeacherRows | None = None
         if self._needs_teacher():
-            if teacher_image_sim is not None or teacher_text_sim is not None:
-                if teacher_image_sim is None or teacher_text_sim is None:
-                    raise ValueError("pass both teacher_image_sim and teacher_text_sim")
-                teacher = (
-                    SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate).to(device),
-                    SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate).to(device),
+            if isinstance(source, TeacherSimilarities):
+                rows_of_teacher = TeacherRows(
+                    SF.check_square_pair(source.image, "TeacherSimilarities.image", b, validate).to(device),
+                    SF.check_square_pair(source.text, "TeacherSimilarities.text", b, validate).to(device),
+                    matrices=True,
                 )
-            elif teacher_image_emb is not None or teacher_text_emb is not None:
-                if teacher_image_emb is None or teacher_text_emb is None:
-                    raise ValueError("pass both teacher_image_emb and teacher_text_emb")
-                teacher_emb = tuple(
-                    _teacher_embeddings(e, name, b, sizes, device, validate)
-                    for e, name in ((teacher_image_emb, "teacher_image_emb"), (teacher_text_emb, "teacher_text_emb"))
+            elif isinstance(source, TeacherEmbeddings):
+                rows_of_teacher = TeacherRows(
+                    _teacher_embeddings(source.image, "TeacherEmbeddings.image", b, sizes, device, validate),
+                    _teacher_embeddings(source.text, "TeacherEmbeddings.text", b, sizes, device, validate),
+                    offset,
+                    b,
                 )
-            elif self.cache is not None:
+            elif hasattr(source, "lookup"):
                 if all_ids is None:
                     raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
                 # ids checked and mapped once per step: (image_ids, image [B, D_i], text [B, D_t]), unit rows
-                looked_image_ids, *teacher_emb = self.cache.lookup(all_ids, device=device)
+                looked_image_ids, e_img, e_txt = source.lookup(all_ids, device=device)
                 all_image_ids = looked_image_ids if all_image_ids is None else all_image_ids
-            else:
+                rows_of_teacher = TeacherRows(e_img, e_txt, offset, b)
+            elif source is None:
                 raise ValueError(
-                    "the soft-label terms need teacher similarities: give the loss a cache and pass ids, or "
-                    "pass teacher_image_emb / teacher_text_emb (or, on one process, teacher_image_sim / "
-                    "teacher_text_sim)"
+                    "the soft-label terms need a teacher: give the loss a cache and pass ids, or pass "
+                    "teacher=TeacherEmbeddings(image, text) ([B, D_t] each) or, on one process, "
+                    "teacher=TeacherSimilarities(image, text) ([B, B] each)"
                 )
-            if teacher_emb is not None:
-                teacher = tuple(e[offset : offset + b] @ e.t() for e in teacher_emb)  # type: ignore[assignment]
+            else:
+                raise TypeError(
+                    "teacher must be a cache (an object with lookup(ids, device), e.g. TeacherCache), "
+                    f"TeacherEmbeddings or TeacherSimilarities (softalign.teacher_inputs), got {type(source).__name__}"
+                )
         if all_image_ids is None and all_ids is not None:
-            if self.cache is None:
+            mapper = source if hasattr(source, "image_ids") else self.cache
+            if mapper is None:
                 raise ValueError(
                     "ids are caption ids: pass image_ids too, or give the loss a cache that maps captions to images"
                 )
-            all_image_ids = torch.as_tensor(self.cache.image_ids(all_ids)).to(device)
+            all_image_ids = torch.as_tensor(mapper.image_ids(all_ids)).to(device)
         if image_ids is None and all_image_ids is not None:
             image_ids = all_image_ids[offset : offset + b]
-        whole_teacher = teacher
-        if teacher is not None and world > 1 and (self._needs_calibration or _uses_teacher(self.miner)):
-            whole_teacher = tuple(e @ e.t() for e in teacher_emb)  # type: ignore[union-attr]
+        teacher = rows_of_teacher
         if teacher is not None and self._needs_calibration:
-            if (
-                self.cache is not None
-                and hasattr(self.cache, "num_captions")
-                and hasattr(self.cache, "caption_to_image")
-            ):
-                self.calibrate(batch_size=batch)
+            if hasattr(source, "lookup") and hasattr(source, "num_captions") and hasattr(source, "caption_to_image"):
+                self.calibrate(source, batch_size=batch)
             else:  # no cache: the first batch's own teacher matrices, once
-                self.calibrate(teacher_image_sim=whole_teacher[0], teacher_text_sim=whole_teacher[1])
+                whole = teacher.whole()
+                self.calibrate(teacher_image_sim=whole[0], teacher_text_sim=whole[1])
 
         # every input is validated from here on: the terms skip their own checks
         rows = AnchorRows(
-            image_emb, text_emb, all_img, all_txt, offset, scores, None if self._cosine else self.similarity
+            image_emb,
+            text_emb,
+            all_img,
+            all_txt,
+            offset,
+            scores,
+            None if self._cosine else self.similarity,
+            (lambda x: dist_utils.all_gather_with_grad(x, sizes)) if gathered else None,
         )
         parts = row_terms(self, rows, image_ids, all_image_ids, teacher, features, base_temperature)
         if gathered:
@@ -709,7 +702,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             for k, value in zip(names, exact):
                 scaled = world * parts[k]  # its gradient: exact once data parallelism averages over processes
                 parts[k] = scaled + (value - scaled).detach()
-        parts.update(self._whole_batch_terms(rows, parts, all_image_ids, whole_teacher))
+        miner_teacher = teacher.whole() if teacher is not None and _uses_teacher(self.miner) else None
+        parts.update(self._whole_batch_terms(rows, parts, all_image_ids, miner_teacher))
         total = (scores if scores is not None else image_emb).new_zeros((), dtype=torch.float32)
         for name, weight in self._weights().items():
             if name in parts:
@@ -726,13 +720,14 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         if not (need_base or need_cmc):
             return out
         scores = rows.whole()
-        t_img, t_txt = teacher if teacher is not None else (None, None)
-        inputs = dict(scores=scores, image_ids=image_ids, teacher_image_sim=t_img, teacher_text_sim=t_txt)
-        if need_base and isinstance(self.base, (VSEHingeLoss, InfoNCELoss)):
+        inputs = dict(
+            scores=scores, image_ids=image_ids, teacher=None if teacher is None else TeacherSimilarities(*teacher)
+        )
+        if isinstance(self.base, VSEHingeLoss) and need_base:
             out["base"] = self.base(rows.all_image, rows.all_text, **inputs)  # miners may read the embeddings
-        elif need_base:
+        elif self.base is not None and need_base:
             out["base"] = self.base(scores=scores, image_ids=image_ids)  # a user's module: the documented call
-        if need_cmc:
+        if self.cmc is not None and need_cmc:
             out["cmc"] = self.cmc(rows.all_image, rows.all_text, **inputs)
         return out
 

@@ -51,9 +51,9 @@ class VSEHingeLoss(ChecksValuesOnce, nn.Module):
         *,
         scores=None,
         image_ids=None,
-        teacher_image_sim=None,
-        teacher_text_sim=None,
+        teacher=None,
     ) -> torch.Tensor:
+        """``teacher``: ``TeacherSimilarities(image, text)`` (``[B, B]`` each), for a miner that reads them."""
         validate = self._take_value_check()
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
         negatives = None
@@ -61,8 +61,8 @@ class VSEHingeLoss(ChecksValuesOnce, nn.Module):
             negatives = self.miner(
                 scores,
                 image_ids,
-                teacher_image_sim=teacher_image_sim,
-                teacher_text_sim=teacher_text_sim,
+                teacher_image_sim=None if teacher is None else teacher[0],
+                teacher_text_sim=None if teacher is None else teacher[1],
                 image_emb=image_emb,
                 text_emb=text_emb,
             )
@@ -113,9 +113,7 @@ class InfoNCELoss(ChecksValuesOnce, nn.Module):
         )
         self.similarity = similarity if similarity is not None else default_similarity()
 
-    def forward(
-        self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, temperature=None, **unused
-    ) -> torch.Tensor:
+    def forward(self, image_emb=None, text_emb=None, *, scores=None, image_ids=None, temperature=None) -> torch.Tensor:
         """``temperature``: this call's temperature in place of the module's own, e.g. ``1 / logit_scale`` of a
         CLIP model (a tensor keeps its gradient)."""
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, self._take_value_check())

@@ -69,21 +69,22 @@ class CSALoss(ChecksValuesOnce, nn.Module):
         text_emb=None,
         *,
         scores=None,
-        teacher_image_sim: torch.Tensor | None = None,
-        teacher_text_sim: torch.Tensor | None = None,
+        teacher=None,
         targets=None,
-        **unused,
     ) -> torch.Tensor:
-        """``targets``: the ``(i2t, t2i)`` soft labels (:func:`softalign.functional.soft_labels`) computed once by
-        the caller; otherwise from the teacher matrices and this module's teacher temperatures."""
+        """``teacher``: ``TeacherSimilarities(image, text)``, the teacher's ``[B, B]`` image-image and text-text
+        similarities; ``targets``: the ``(i2t, t2i)`` soft labels (:func:`softalign.functional.soft_labels`)
+        computed once by the caller instead."""
         validate = self._take_value_check()
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
         if targets is None:
-            if teacher_image_sim is None or teacher_text_sim is None:
-                raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (the soft labels)")
             b = scores.shape[0]
-            t_img = SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate)
-            t_txt = SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate)
+            if teacher is None:
+                raise ValueError(
+                    "pass teacher=TeacherSimilarities(image, text) ([B, B] each), or targets (the soft labels)"
+                )
+            t_img = SF.check_square_pair(teacher[0], "TeacherSimilarities.image", b, validate)
+            t_txt = SF.check_square_pair(teacher[1], "TeacherSimilarities.text", b, validate)
             targets = self.soft_labels(t_img, t_txt)
         return self._checked(
             SF.cross_modal_soft_label_alignment(

@@ -110,12 +110,10 @@ class USALoss(ChecksValuesOnce, nn.Module):
         image_emb: torch.Tensor,
         text_emb: torch.Tensor,
         *,
-        teacher_image_sim: torch.Tensor | None = None,
-        teacher_text_sim: torch.Tensor | None = None,
+        teacher=None,
         image_sim=None,
         text_sim=None,
         targets=None,
-        **unused,
     ) -> torch.Tensor:
         """``image_sim`` / ``text_sim``: the student's ``[B, B]`` uni-modal cosine similarities of the raw
         embeddings, if the caller already has them; used only without heads (``embed_dim=None``). ``targets``: the
@@ -129,11 +127,13 @@ class USALoss(ChecksValuesOnce, nn.Module):
             s_ii, s_tt = self.uni_modal_similarities(image_emb, text_emb)
         if targets is None:
             b = s_ii.shape[0]
-            if teacher_image_sim is None or teacher_text_sim is None:
-                raise ValueError("pass teacher_image_sim and teacher_text_sim, or targets (the soft labels)")
+            if teacher is None:
+                raise ValueError(
+                    "pass teacher=TeacherSimilarities(image, text) ([B, B] each), or targets (the soft labels)"
+                )
             targets = self.soft_labels(
-                SF.check_square_pair(teacher_image_sim, "teacher_image_sim", b, validate),
-                SF.check_square_pair(teacher_text_sim, "teacher_text_sim", b, validate),
+                SF.check_square_pair(teacher[0], "TeacherSimilarities.image", b, validate),
+                SF.check_square_pair(teacher[1], "TeacherSimilarities.text", b, validate),
             )
         return self._checked(
             SF.uni_modal_soft_label_alignment(

@@ -19,6 +19,8 @@ from softalign._lazy import lazy_exports
 _EXPORTS = {
     "TeacherCache": "cache",
     "TeacherSimilarities": "cache",
+    "TeacherEmbeddings": "cache",
+    "TeacherBatch": "cache",
     "TeacherEnsemble": "ensemble",
     "CacheMismatchError": "cache",
     "IncompleteCacheError": "cache",

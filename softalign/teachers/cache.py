@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from softalign.teacher_inputs import TeacherBatch, TeacherEmbeddings, TeacherSimilarities  # noqa: F401 (re-exported)
 
 from . import storage
 from .build import COMMAND_FILE, FILES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL
@@ -34,22 +35,6 @@ class CacheMismatchError(ValueError):
 
 class IncompleteCacheError(FileNotFoundError):
     """The directory holds an interrupted build (no manifest yet): rerun the build to resume it."""
-
-
-class TeacherSimilarities(NamedTuple):
-    """Teacher cosine similarities of a batch: ``image`` [B, B] and ``text`` [B, B], fp32."""
-
-    image: torch.Tensor
-    text: torch.Tensor
-
-
-class TeacherBatch(NamedTuple):
-    """What the loss reads per step (:meth:`TeacherCache.lookup`): ``image_ids`` [B] and the teacher's L2-normalised
-    ``image`` [B, D_i] / ``text`` [B, D_t] embeddings of the batch, fp32."""
-
-    image_ids: torch.Tensor
-    image: torch.Tensor
-    text: torch.Tensor
 
 
 def _teacher_name(t) -> str | None:

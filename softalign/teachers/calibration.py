@@ -171,10 +171,9 @@ def teacher_batches(cache, batch_ids: torch.Tensor):
     """``(image_sims [N, B, B], text_sims [N, B, B])`` of the cache's teachers for each row of ``batch_ids``."""
     img, txt = [], []
     for ids in batch_ids:
-        sims = cache.similarities(ids, device="cpu")
-        image, text = (sims.image, sims.text) if hasattr(sims, "image") else sims  # a (image, text) pair
-        img.append(image.float())
-        txt.append(text.float())
+        _, image, text = cache.lookup(ids, device="cpu")  # unit teacher embeddings of the batch
+        img.append((image @ image.T).float())
+        txt.append((text @ text.T).float())
     return torch.stack(img), torch.stack(txt)
 
 

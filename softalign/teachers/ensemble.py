@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from softalign.teachers.cache import TeacherBatch, TeacherSimilarities
+from softalign.teacher_inputs import TeacherBatch, TeacherSimilarities
 
 __all__ = ["TeacherEnsemble"]
 

@@ -31,6 +31,7 @@ import torch
 
 from softalign.data.base import RetrievalData
 from softalign.io import atomic_write_text
+from softalign.teacher_inputs import TeacherEmbeddings
 from softalign.train.checkpoint import (  # noqa: F401 - load_checkpoint: a public name
     TrainProgress,
     latest_checkpoint,
@@ -746,8 +747,10 @@ class _EpochLoop:
             feats = dict(image_features=img_f, text_features=txt_f) if self.usa_on_features else {}
             if self.views is not None:  # augmentation-aware soft labels: the teacher saw the view the student sees
                 views, cache = self.views
-                feats["teacher_image_emb"] = views.image_embeddings(batch["image_id"], batch["view"], img.device)
-                feats["teacher_text_emb"] = cache.embeddings(batch["id"], device=img.device)[1]
+                feats["teacher"] = TeacherEmbeddings(
+                    views.image_embeddings(batch["image_id"], batch["view"], img.device),
+                    cache.embeddings(batch["id"], device=img.device)[1],
+                )
             parts = self.loss_fn(img, txt, ids=batch["id"], image_ids=batch["image_id"], **feats)
         loss = parts["loss"]
         if not torch.isfinite(loss):
