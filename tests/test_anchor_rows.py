@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softalign.losses import SoftAlignLoss
+from softalign.losses import SoftAlignLoss, anchor_rows
 from softalign.teacher_inputs import TeacherEmbeddings
 from tests.reference_terms import reference_parts
 
@@ -21,9 +21,13 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["products-shared", "products-recomputed"])
 @pytest.mark.parametrize("with_ids", [True, False])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_values_and_gradients_equal_the_papers_formulas(config, with_ids):
+def test_values_and_gradients_equal_the_papers_formulas(config, with_ids, shared, monkeypatch):
+    # small blocks are computed once and scaled per term; large ones are recomputed per term from the scaled rows
+    if not shared:
+        monkeypatch.setattr(anchor_rows, "SHARED_PRODUCT_LIMIT", 0)
     g = torch.Generator().manual_seed(5)
     b = 7
     x_img, x_txt = torch.randn(b, 6, generator=g), torch.randn(b, 5, generator=g)

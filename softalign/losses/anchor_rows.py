@@ -35,6 +35,10 @@ import torch.nn.functional as F
 
 from softalign import functional as SF
 
+#: up to this many elements (4 MiB in fp32) a [b, B] product is kept once and divided by each term's temperature;
+#: above it each term recomputes its block from the [b, D] rows divided by the temperature (memory over compute)
+SHARED_PRODUCT_LIMIT = 1 << 20
+
 
 @dataclass
 class AnchorRows:
@@ -66,6 +70,12 @@ class AnchorRows:
         assert local is not None and whole is not None, "AnchorRows needs embeddings or scores"
         self.size, self.batch = int(local.shape[0]), int(whole.shape[0])
         self._unit: tuple[torch.Tensor, ...] | None = None
+        self._products: dict[str, torch.Tensor] = {}
+        #: small blocks are computed once and scaled per term (fewer products); large ones are recomputed per term
+        #: from the rows divided by the temperature, so that no unscaled block is held for the temperature's gradient
+        self.share_products = (
+            self.scores is not None or self.similarity is not None or self.size * self.batch <= SHARED_PRODUCT_LIMIT
+        )
 
     @property
     def is_whole_batch(self) -> bool:
@@ -83,21 +93,43 @@ class AnchorRows:
             self._unit = (img, txt, all_img, all_txt)
         return self._unit  # type: ignore[return-value]
 
+    def _operands(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        img, txt, all_img, all_txt = self.unit()
+        return {"i2t": (img, all_txt), "t2i": (txt, all_img), "ii": (img, all_img), "tt": (txt, all_txt)}[kind]
+
+    def _product(self, kind: str) -> torch.Tensor:
+        """The unscaled ``[b, B]`` block ``kind``, computed once per forward."""
+        if kind not in self._products:
+            if kind == "i2t" and self.scores is not None:
+                block = self.scores
+            elif kind == "t2i" and self.scores is not None:
+                block = self.scores.t()
+            elif kind == "i2t" and self.similarity is not None:
+                block = self.similarity(self.image, self.all_text)
+            elif kind == "t2i" and self.similarity is not None:
+                block = self.similarity(self.all_image, self.text).t()
+            elif kind == "t2i" and self.is_whole_batch:
+                block = self._product("i2t").t()  # one process: captions x images is the transpose
+            else:
+                rows, cols = self._operands(kind)
+                block = rows @ cols.t()
+            self._products[kind] = block
+        return self._products[kind]
+
+    def logits(self, kind: str, temperature=None) -> torch.Tensor:
+        """``[b, B]`` block ``kind`` (``i2t``: image anchors x captions, ``t2i``: caption anchors x images, ``ii`` /
+        ``tt``: the uni-modal cosine similarities), over ``temperature`` if given."""
+        if temperature is not None and not self.share_products:
+            rows, cols = self._operands(kind)
+            return (rows / temperature) @ cols.t()
+        block = self._product(kind)
+        return block if temperature is None else block / temperature
+
     def i2t(self, temperature=None) -> torch.Tensor:
-        """``[b, B]``: the image anchors' scores against every caption, over ``temperature`` if given."""
-        if self.scores is None and self.similarity is None:
-            img, _, _, all_txt = self.unit()
-            return (img if temperature is None else img / temperature) @ all_txt.t()
-        s = self.scores if self.scores is not None else self.similarity(self.image, self.all_text)
-        return s if temperature is None else s / temperature
+        return self.logits("i2t", temperature)
 
     def t2i(self, temperature=None) -> torch.Tensor:
-        """``[b, B]``: the caption anchors' scores against every image, over ``temperature`` if given."""
-        if self.scores is None and self.similarity is None:
-            _, txt, all_img, _ = self.unit()
-            return (txt if temperature is None else txt / temperature) @ all_img.t()
-        s = self.scores.t() if self.scores is not None else self.similarity(self.all_image, self.text).t()
-        return s if temperature is None else s / temperature
+        return self.logits("t2i", temperature)
 
     def whole(self) -> torch.Tensor:
         """The ``[B, B]`` scores of the whole batch, for a term that needs them (a miner, a custom base)."""
@@ -110,8 +142,7 @@ class AnchorRows:
 
     def uni_modal(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[b, B]`` rows of the student's image-image and text-text cosine similarities."""
-        img, txt, all_img, all_txt = self.unit()
-        return img @ all_img.t(), txt @ all_txt.t()
+        return self.logits("ii"), self.logits("tt")
 
     def positives(self, image_ids: torch.Tensor | None, all_image_ids: torch.Tensor | None) -> torch.Tensor:
         """``[b, B]`` (bool): the columns that show each anchor's image (its own column without ids)."""
@@ -235,15 +266,19 @@ def row_terms(
         parts["csa"] = soft_scale * csa / (2.0 * n)
     if loss.usa is not None and usa_targets is not None:
         usa = loss.usa
-        f_img, f_txt = features if features is not None else (rows.image, rows.text)
-        assert f_img is not None and f_txt is not None  # checked at the loss's boundary
-        dtype = usa._head_dtype(f_img.dtype)
-        # the heads run on this process's rows; their outputs are gathered (not the features), so that the heads'
-        # activations held for backward are [b, D], not [B, D]
-        h_img, h_txt = _unit_head(usa.image_head, f_img, dtype), _unit_head(usa.text_head, f_txt, dtype)
-        all_h_img, all_h_txt = rows.columns(h_img), rows.columns(h_txt)
-        value = SF.soft_label_kl_rows((h_img / usa.image_temperature()) @ all_h_img.t(), usa_targets[0])
-        value = value + SF.soft_label_kl_rows((h_txt / usa.text_temperature()) @ all_h_txt.t(), usa_targets[1])
+        tau_i, tau_t = usa.image_temperature(), usa.text_temperature()
+        if usa.embed_dim is None and features is None:  # no heads: the student's own uni-modal similarities
+            u_img, u_txt = rows.logits("ii", tau_i), rows.logits("tt", tau_t)
+        else:
+            f_img, f_txt = features if features is not None else (rows.image, rows.text)
+            assert f_img is not None and f_txt is not None  # checked at the loss's boundary
+            dtype = usa._head_dtype(f_img.dtype)
+            # the heads run on this process's rows; their outputs are gathered (not the features), so that the
+            # heads' activations held for backward are [b, D], not [B, D]
+            h_img, h_txt = _unit_head(usa.image_head, f_img, dtype), _unit_head(usa.text_head, f_txt, dtype)
+            u_img = (h_img / tau_i) @ rows.columns(h_img).t()
+            u_txt = (h_txt / tau_t) @ rows.columns(h_txt).t()
+        value = SF.soft_label_kl_rows(u_img, usa_targets[0]) + SF.soft_label_kl_rows(u_txt, usa_targets[1])
         parts["usa"] = soft_scale * value / (2.0 * n)
     if loss.cmc is not None and (hinge_base or loss.cmc.miner is None):
         # TGDT's intra term sums over columns j the max over rows i of |S_tt - S_ii|; both matrices are symmetric,
