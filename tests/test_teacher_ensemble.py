@@ -87,3 +87,22 @@ def test_ensemble_refuses_members_of_other_data_and_bad_weights(caches):
         TeacherEnsemble([a, b], image_weights=[1, 1, 1])
     with pytest.raises(ValueError, match=r"text_weights must be >= 0 with a positive sum, got \[-1.0, 1.0\]"):
         TeacherEnsemble([a, b], text_weights=[-1, 1])
+
+
+def test_an_ensemble_lookup_checks_the_ids_once_for_all_members(caches, monkeypatch):
+    from softalign.teachers import TeacherCache
+
+    (a, b), _ = caches
+    ens = TeacherEnsemble([a, b])
+    ids = torch.tensor([1, 4, 6, 12])
+    calls = []
+    real = TeacherCache._ids
+    monkeypatch.setattr(TeacherCache, "_ids", lambda self, *x, **k: calls.append(1) or real(self, *x, **k))
+    image_ids, img, txt = ens.lookup(ids)
+    assert len(calls) == 1  # one id check, whatever the number of members
+    sa, sb = a.similarities(ids), b.similarities(ids)  # the members' own look-ups, an independent path
+    torch.testing.assert_close(img @ img.T, (sa.image + sb.image) / 2)
+    torch.testing.assert_close(txt @ txt.T, (sa.text + sb.text) / 2)
+    assert torch.equal(image_ids, a.image_ids(ids))
+    with pytest.raises(ValueError, match="caption id 20 is out of range"):
+        ens.lookup(torch.tensor([0, 20]))
