@@ -172,11 +172,15 @@ def positive_mask(row_ids: torch.Tensor, col_ids: torch.Tensor | None = None) ->
     return row_ids.view(-1, 1) == col_ids.view(1, -1)
 
 
+def _check_image_ids(batch: int, image_ids: torch.Tensor) -> None:
+    if image_ids.shape != (batch,):
+        raise ValueError(f"image_ids must have shape [{batch}] (one id per pair), got {tuple(image_ids.shape)}")
+
+
 def _pair_positive_mask(batch: int, image_ids: torch.Tensor | None, device) -> torch.Tensor:
     if image_ids is None:
         return torch.eye(batch, dtype=torch.bool, device=device)
-    if image_ids.shape != (batch,):
-        raise ValueError(f"image_ids must have shape [{batch}] (one id per pair), got {tuple(image_ids.shape)}")
+    _check_image_ids(batch, image_ids)
     return positive_mask(image_ids.to(device))
 
 
@@ -462,7 +466,7 @@ def info_nce(
     b = scores.shape[0]
     temperature = _temperature(temperature, "temperature", validate)
     if image_ids is not None:
-        _pair_positive_mask(b, image_ids, scores.device)  # the shape check
+        _check_image_ids(b, image_ids)
     logits = scores / temperature
     loss = info_nce_rows(logits, logits.t(), None if image_ids is None else image_ids.to(scores.device)) / b
     return loss / b if reduction == "cusa_mean" else loss

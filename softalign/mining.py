@@ -69,6 +69,23 @@ class NegativeMiner:
         return {"name": type(self).__name__}
 
 
+def mine_negatives(
+    miner: NegativeMiner | None, scores, image_ids, teacher=None, image_emb=None, text_emb=None
+) -> MinedNegatives | None:
+    """What a loss module passes its miner: the scores and ids, ``teacher`` (``TeacherSimilarities(image, text)``,
+    or None) as the miner's ``teacher_image_sim`` / ``teacher_text_sim``, and the embeddings. None without a miner."""
+    if miner is None:
+        return None
+    return miner(
+        scores,
+        image_ids,
+        teacher_image_sim=None if teacher is None else teacher[0],
+        teacher_text_sim=None if teacher is None else teacher[1],
+        image_emb=image_emb,
+        text_emb=text_emb,
+    )
+
+
 class AllNegativesMiner(NegativeMiner):
     """Every non-positive is a negative (VSE++ "sum of hinges")."""
 

@@ -8,7 +8,7 @@ from torch import nn
 from softalign import functional as SF
 from softalign.losses import citations
 from softalign.losses._inputs import ChecksValuesOnce, check_embeddings, default_similarity, resolve_scores
-from softalign.mining import NegativeMiner
+from softalign.mining import NegativeMiner, mine_negatives
 
 
 class CMCLoss(ChecksValuesOnce, nn.Module):
@@ -46,16 +46,7 @@ class CMCLoss(ChecksValuesOnce, nn.Module):
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
         image_sim = SF.cosine_similarity_matrix(image_emb, validate=False) if image_sim is None else image_sim
         text_sim = SF.cosine_similarity_matrix(text_emb, validate=False) if text_sim is None else text_sim
-        negatives = None
-        if self.miner is not None:
-            negatives = self.miner(
-                scores,
-                image_ids,
-                teacher_image_sim=None if teacher is None else teacher[0],
-                teacher_text_sim=None if teacher is None else teacher[1],
-                image_emb=image_emb,
-                text_emb=text_emb,
-            )
+        negatives = mine_negatives(self.miner, scores, image_ids, teacher, image_emb, text_emb)
         return self._checked(
             SF.consistent_multimodal_contrastive(
                 scores,

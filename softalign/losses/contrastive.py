@@ -9,7 +9,7 @@ from softalign import functional as SF
 from softalign.losses import citations
 from softalign.losses._inputs import ChecksValuesOnce, default_similarity, resolve_scores
 from softalign.losses.temperature import ClampedTemperature
-from softalign.mining import NegativeMiner
+from softalign.mining import NegativeMiner, mine_negatives
 
 
 class VSEHingeLoss(ChecksValuesOnce, nn.Module):
@@ -56,16 +56,7 @@ class VSEHingeLoss(ChecksValuesOnce, nn.Module):
         """``teacher``: ``TeacherSimilarities(image, text)`` (``[B, B]`` each), for a miner that reads them."""
         validate = self._take_value_check()
         scores = resolve_scores(image_emb, text_emb, scores, self.similarity, validate)
-        negatives = None
-        if self.miner is not None:
-            negatives = self.miner(
-                scores,
-                image_ids,
-                teacher_image_sim=None if teacher is None else teacher[0],
-                teacher_text_sim=None if teacher is None else teacher[1],
-                image_emb=image_emb,
-                text_emb=text_emb,
-            )
+        negatives = mine_negatives(self.miner, scores, image_ids, teacher, image_emb, text_emb)
         return self._checked(
             SF.vsepp_hinge(
                 scores,
