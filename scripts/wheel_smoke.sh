@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the wheel and installs it in clean virtual environments: the core alone (torch + numpy: the one loss
 # line) and with every extra. Smoke-tests `softalign --help`, one import per subpackage, and the one-line message
-# that names a missing extra. Run by .ci/run after the test suite.
+# that names a missing extra. Run by .ci/run before the test suite, so that its venvs are gone before .venv (7.6 GB)
+# is built: CI machines have a few GB of free disk. Needs only python3 with pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The clean venvs take the small CPU torch 2.13.0 wheel, not the test environment's torch 2.14.1: the core needs no
@@ -14,11 +15,9 @@ trap 'rm -rf "$WORK"' EXIT
 # two venvs of about 1 and 2.5 GB, one after the other; pip keeps no cache of their downloads
 export PIP_NO_CACHE_DIR=1
 echo "wheel_smoke: $(df -h --output=avail "$WORK" | tail -1 | tr -d ' ') free where the venvs go ($WORK)"
-. .venv/bin/activate
-python -m pip wheel -q --no-deps -w "$WORK/dist" . 2>&1 | { grep -v '^WARNING: Location' || true; }
+python3 -m pip wheel -q --no-deps -w "$WORK/dist" . 2>&1 | { grep -v '^WARNING: Location' || true; }
 WHEEL=$(ls "$WORK"/dist/softalign-*.whl)
 echo "wheel_smoke: built $(basename "$WHEEL") ($(du -k "$WHEEL" | cut -f1) KB)"
-deactivate
 
 # 1. the core only: the loss line imports, every command's help works, a command names its missing extra
 python3 -m venv "$WORK/core"
