@@ -320,7 +320,7 @@ def test_build_refuses_integer_image_refs_with_a_directory_and_uses_list_positio
 
 
 def test_inspect_reports_soft_labels_and_the_calibrated_tau(tmp_path, capsys):
-    from softalign.teachers import calibration as cal
+    from softalign import soft_labels as cal
 
     rng = np.random.default_rng(1)
     np.save(tmp_path / "img.npy", rng.normal(size=(20, 8)).astype(np.float32))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from softalign.teachers import calibration as cal
+from softalign import soft_labels as cal
 
 
 def _np_entropy(sims: np.ndarray, tau: float) -> float:

@@ -92,7 +92,6 @@ def _args(files, model, name, *extra):
         # every crop is the whole 32 px image: an epoch's result does not depend on where the RNG stands
         "--aug-cfg",
         "scale=(1.0, 1.0)",
-        "ratio=(1.0, 1.0)",
         "--distill-model",
         model,
         "--distill-pretrained",

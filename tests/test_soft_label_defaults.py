@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from softalign import functional as SF
+from softalign import soft_labels as cal
 from softalign.losses import CSALoss, SoftAlignLoss, USALoss
 from softalign.losses.diagnostics import SoftTermsSilentWarning, gradient_shares
 from softalign.teacher_inputs import TeacherSimilarities
-from softalign.teachers import calibration as cal
 from tests import reference_formulas as ref
 
 

@@ -28,8 +28,8 @@ from softalign.losses.csa import CSALoss
 from softalign.losses.soft_weight import soft_weight_from_config
 from softalign.losses.usa import USALoss
 from softalign.mining import NegativeMiner, TeacherFilteredMiner
+from softalign.soft_labels import DEFAULT_SOFT_LABEL_ENTROPY
 from softalign.teacher_inputs import TeacherEmbeddings, TeacherSimilarities
-from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
 
 BASES = ("vsepp", "vsepp_sum", "infonce", "none")
 
@@ -346,13 +346,13 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         """Choose the soft-label temperature ``tau_s`` of each teacher matrix once (``teacher_temperature="auto"``).
 
         ``tau_s`` makes the mean normalised entropy of ``softmax(T / tau_s)`` equal ``soft_label_entropy`` at the
-        training ``batch_size`` (:mod:`softalign.teachers.calibration`), computed from ``num_batches`` random
+        training ``batch_size`` (:mod:`softalign.soft_labels`), computed from ``num_batches`` random
         batches of the cache (default: the loss's own), or from given ``[B, B]`` / ``[N, B, B]`` teacher
         matrices. CSA's ``add`` / ``dot`` modes calibrate their fused matrix. Returns the record, also kept in
         :attr:`calibration` and :meth:`get_config_dict`, and saved with the state dict. Called automatically at
         the first forward (with that batch's size) when not called before.
         """
-        from softalign.teachers import calibration as cal
+        from softalign import soft_labels as cal
 
         if self.csa is None and self.usa is None:
             return None

@@ -22,7 +22,7 @@ class CSALoss(ChecksValuesOnce, nn.Module):
     Defaults as CUSA: ``tau_c = 0.45`` learnable in ``[0.1, 0.99]``, ``tau_s = 1.0`` frozen.
     ``teacher_temperature`` may be an ``(image, text)`` pair: ``tau_s`` of the i2t rows (teacher image-image
     matrix, mode ``each``) and of the t2i rows (text-text); :class:`~softalign.losses.SoftAlignLoss` sets
-    calibrated values (:mod:`softalign.teachers.calibration`) through :meth:`set_teacher_temperatures`.
+    calibrated values (:mod:`softalign.soft_labels`) through :meth:`set_teacher_temperatures`.
     ``separate_temperatures=True`` learns one ``tau_c`` per direction (CUSA's ``use_same_tau: False``).
     """
 

@@ -35,10 +35,6 @@ _EXPORTS = {
     "ImagePreprocessing": "preprocess",
     "import_npy": "importers",
     "read_features": "importers",
-    "DEFAULT_SOFT_LABEL_ENTROPY": "calibration",
-    "calibrate_temperature": "calibration",
-    "cache_batches": "calibration",
-    "soft_label_stats": "calibration",
 }
 __all__ = list(_EXPORTS)
 

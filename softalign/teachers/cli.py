@@ -761,7 +761,8 @@ def run_info(args) -> int:
 def run_inspect(args) -> int:
     import torch
 
-    from . import calibration as cal
+    from softalign import soft_labels as cal
+
     from .cache import TeacherCache
 
     try:

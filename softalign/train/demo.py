@@ -159,7 +159,7 @@ def soft_label_diagnostics(
     sharp fixed 0.1 and at the calibrated ``tau_s`` of each entropy target."""
     import torch
 
-    from softalign.teachers import calibration as cal
+    from softalign import soft_labels as cal
 
     ids, t_img, t_txt = cal.cache_batches(cache, batch_size, num_batches, seed)
     c2i = torch.as_tensor(cache.caption_to_image).long()
@@ -457,7 +457,7 @@ def _run(args) -> int:
 
     from softalign.data.demo import TWEMOJI_CREDIT, build_demo_data, stratified_folds
     from softalign.io import atomic_write_text
-    from softalign.teachers.calibration import DEFAULT_SOFT_LABEL_ENTROPY
+    from softalign.soft_labels import DEFAULT_SOFT_LABEL_ENTROPY
     from softalign.train.feature_student import FeatureStudentConfig, mean_share, train_feature_student
 
     t0 = time.time()

@@ -117,8 +117,8 @@ def train_feature_student(
     ``train.text``), needed when ``loss_kwargs`` switch CSA or USA on. ``train_images``: the image indices of
     ``train`` to train on (default: all; e.g. the folds that are not validation), which also calibrate tau_s.
     ``text_backbone``: the pre-trained text model when ``cfg.text_layers > 0``."""
+    from softalign import soft_labels as cal
     from softalign.losses import SoftAlignLoss
-    from softalign.teachers import calibration as cal
     from softalign.train.trainer import _jsonable
 
     t0 = time.time()
