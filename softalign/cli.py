@@ -14,8 +14,8 @@ import sys
 
 #: (command, module providing ``add_subcommand``)
 SUBCOMMANDS = (
-    ("cache", "softalign.teachers.cli"),
-    ("train", "softalign.train.cli"),
+    ("cache", "softalign.commands.cache"),
+    ("train", "softalign.commands.train"),
     ("encode", "softalign.commands.encode"),
     ("eval", "softalign.commands.eval"),
     ("demo", "softalign.train.demo"),

@@ -13,9 +13,10 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: `softalign --help` reads this module without importing torch
+    import torch
 
 PathLike = str | os.PathLike
 

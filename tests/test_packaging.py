@@ -56,6 +56,16 @@ print([m for m in {blocked!r} if sys.modules.get(m) is not None], len(values))
 """
 
 
+def test_the_command_line_help_imports_neither_torch_nor_numpy():
+    """`softalign --help` builds every subcommand's parser; the heavy imports wait until a command runs."""
+    code = (
+        "import sys; from softalign.cli import build_parser; build_parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'safetensors', 'yaml'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+
+
 def test_every_loss_module_trains_with_torch_and_numpy_alone():
     """The core install (``pip install softalign``: torch + numpy) builds, runs and backpropagates every loss
     module: the default similarity is softalign's own cosine, not pytorch-metric-learning's."""

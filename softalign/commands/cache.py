@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from softalign.io import read_json, read_text
-from softalign.teachers.importers import is_integer_ref
 
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -538,6 +537,8 @@ def _list_images(spec: list[str]) -> tuple[Path | None, list[str] | None]:
 def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
     """build: records naming their image by an integer. Positions in an explicit image list; refused with a
     directory (a sorted listing is not a numbering anyone chose, so ids would silently pick wrong files)."""
+    from softalign.teachers.importers import is_integer_ref
+
     j = next(j for j, r in enumerate(refs) if is_integer_ref(r))
     if root is not None:
         raise ValueError(
@@ -558,6 +559,8 @@ def _int_refs_to_positions(refs: list, root: Path | None) -> list[int]:
 def _dataset(args, need_images: bool):
     """-> captions, images (or None), caption->image indices (or None), image root (or None), and for
     import-npy the records' image references (or None; mapped through the feature dict's keys later)."""
+    from softalign.teachers.importers import is_integer_ref
+
     image_column = args.image_column or DEFAULT_IMAGE_COLUMN["build" if need_images else "import-npy"]
     captions, refs, images = (
         _read_captions(Path(args.captions), args.caption_column, image_column) if args.captions else (None, None, None)
@@ -617,27 +620,14 @@ def _command(args) -> str:
     return " ".join(shlex.quote(a) for a in ["softalign", *argv])
 
 
-def _fail(err: Exception) -> int:
-    from softalign.cli import format_error, missing_dependency_message
-
-    if isinstance(err, ModuleNotFoundError) and err.name and not err.name.startswith("softalign"):
-        print(missing_dependency_message("cache", err), file=sys.stderr)
-    else:
-        print(f"softalign cache: error: {format_error(err)}", file=sys.stderr)
-    return 1
-
-
 # ---------------------------------------------------------------------------------------------- commands
 def run_build(args) -> int:
-    try:
-        captions, images, c2i, root, _ = _dataset(args, need_images=True)
-        return _build(args, captions, images, c2i, root)
-    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
-        return _fail(err)
+    captions, images, c2i, root, _ = _dataset(args, need_images=True)
+    return _build(args, captions, images, c2i, root)
 
 
 def _build(args, captions, images, c2i, root=None) -> int:
-    from .cache import TeacherCache
+    from softalign.teachers.cache import TeacherCache
 
     cache = TeacherCache.build(
         args.out,
@@ -666,90 +656,78 @@ def _build(args, captions, images, c2i, root=None) -> int:
 def run_build_teran(args) -> int:
     from softalign.data.teran import teran_training_split
 
-    try:
-        captions, images, c2i = teran_training_split(
-            args.data, args.dataset, args.images_path, restval=not args.no_restval
-        )
-        return _build(args, captions, images, c2i)
-    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
-        return _fail(err)
+    captions, images, c2i = teran_training_split(
+        args.data, args.dataset, args.images_path, restval=not args.no_restval
+    )
+    return _build(args, captions, images, c2i)
 
 
 def run_precomp_images(args) -> int:
     from softalign.data.precomp_images import precomp_image_paths
     from softalign.io import atomic_write_text
 
-    try:
-        n = _num_rows(args.ims) if args.ims else None
-        paths = precomp_image_paths(
-            args.ids,
-            images_root=args.images_root,
-            coco_annotations=args.coco_annotations,
-            pattern=args.pattern,
-            captions_per_image=args.captions_per_image,
-            num_images=n,
-        )
-        atomic_write_text(args.out, "".join(p + "\n" for p in paths))
-    except (ValueError, TypeError, KeyError, OSError) as err:
-        return _fail(err)
+    n = _num_rows(args.ims) if args.ims else None
+    paths = precomp_image_paths(
+        args.ids,
+        images_root=args.images_root,
+        coco_annotations=args.coco_annotations,
+        pattern=args.pattern,
+        captions_per_image=args.captions_per_image,
+        num_images=n,
+    )
+    atomic_write_text(args.out, "".join(p + "\n" for p in paths))
     print(f"wrote {len(paths)} image paths (train_ims.npy row order) to {args.out}")
     return 0
 
 
 def run_import(args) -> int:
-    from .importers import import_npy
+    from softalign.teachers.importers import import_npy
 
-    try:
-        captions, images, c2i, _, refs = _dataset(args, need_images=False)
-        # keys as written (.json keeps integers); import_npy matches 25 and "25" against the dict's keys
-        keys = (
-            [
-                k.strip() if isinstance(k, str) else k
-                for k in _read_list(Path(args.image_keys), "--image-keys")
-                if not (isinstance(k, str) and not k.strip())
-            ]
-            if args.image_keys
-            else None
+    captions, images, c2i, _, refs = _dataset(args, need_images=False)
+    # keys as written (.json keeps integers); import_npy matches 25 and "25" against the dict's keys
+    keys = (
+        [
+            k.strip() if isinstance(k, str) else k
+            for k in _read_list(Path(args.image_keys), "--image-keys")
+            if not (isinstance(k, str) and not k.strip())
+        ]
+        if args.image_keys
+        else None
+    )
+    if c2i is None and refs is None:
+        raise ValueError(
+            "say which image each caption describes: --caption-to-image FILE, "
+            "--captions-per-image K, or --captions records naming their image"
         )
-        if c2i is None and refs is None:
-            raise ValueError(
-                "say which image each caption describes: --caption-to-image FILE, "
-                "--captions-per-image K, or --captions records naming their image"
-            )
-        cache = import_npy(
-            args.out,
-            args.image_features,
-            c2i,
-            image_refs=refs,
-            captions=captions,
-            text_features=args.text_features,
-            text_teacher=args.text_teacher,
-            image_keys=keys,
-            image_teacher_name=args.image_teacher_name,
-            text_teacher_name=args.text_teacher_name,
-            chunk_size=args.chunk_size,
-            dtype=args.dtype,
-            fingerprint=args.fingerprint,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            device=args.device,
-            allow_pickle=args.allow_pickle,
-            pool=args.pool,
-            command=_command(args),
-        )
-    except (ValueError, TypeError, KeyError, ImportError, OSError, RuntimeError) as err:
-        return _fail(err)
+    cache = import_npy(
+        args.out,
+        args.image_features,
+        c2i,
+        image_refs=refs,
+        captions=captions,
+        text_features=args.text_features,
+        text_teacher=args.text_teacher,
+        image_keys=keys,
+        image_teacher_name=args.image_teacher_name,
+        text_teacher_name=args.text_teacher_name,
+        chunk_size=args.chunk_size,
+        dtype=args.dtype,
+        fingerprint=args.fingerprint,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        pool=args.pool,
+        command=_command(args),
+    )
     print(_summary(cache))
     return 0
 
 
 def run_info(args) -> int:
-    from .cache import TeacherCache
+    from softalign.teachers.cache import TeacherCache
 
-    try:
-        cache = TeacherCache.load(args.cache_dir)
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
-        return _fail(err)
+    cache = TeacherCache.load(args.cache_dir)
     if args.json:
         m = {k: v for k, v in cache.manifest.items() if k != "caption_to_image"}
         print(json.dumps(m, indent=1))
@@ -762,25 +740,21 @@ def run_inspect(args) -> int:
     import torch
 
     from softalign import soft_labels as cal
+    from softalign.teachers.cache import TeacherCache
 
-    from .cache import TeacherCache
-
-    try:
-        cache = TeacherCache.load(args.cache_dir)
-        target = cal.DEFAULT_SOFT_LABEL_ENTROPY if args.entropy is None else float(args.entropy)
-        labels = None
-        if args.labels:
-            labels = torch.from_numpy(_read_label_file(Path(args.labels), cache.num_images))
-        ids, t_img, t_txt = cal.cache_batches(cache, args.batch_size, args.num_batches, args.seed)
-        by_images = args.batch_size <= cache.num_images
-        batch_labels = None if labels is None else labels[cache.caption_to_image.long()[ids]]
-        rows = []
-        for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
-            tau_cal = cal.calibrate_temperature(sims, target)
-            for kind, tau in [("fixed", t) for t in args.taus] + [("calibrated", tau_cal)]:
-                rows.append({"matrix": matrix, "kind": kind, **cal.soft_label_stats(sims, tau, batch_labels)})
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
-        return _fail(err)
+    cache = TeacherCache.load(args.cache_dir)
+    target = cal.DEFAULT_SOFT_LABEL_ENTROPY if args.entropy is None else float(args.entropy)
+    labels = None
+    if args.labels:
+        labels = torch.from_numpy(_read_label_file(Path(args.labels), cache.num_images))
+    ids, t_img, t_txt = cal.cache_batches(cache, args.batch_size, args.num_batches, args.seed)
+    by_images = args.batch_size <= cache.num_images
+    batch_labels = None if labels is None else labels[cache.caption_to_image.long()[ids]]
+    rows = []
+    for matrix, sims in (("image-image", t_img), ("text-text", t_txt)):
+        tau_cal = cal.calibrate_temperature(sims, target)
+        for kind, tau in [("fixed", t) for t in args.taus] + [("calibrated", tau_cal)]:
+            rows.append({"matrix": matrix, "kind": kind, **cal.soft_label_stats(sims, tau, batch_labels)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
