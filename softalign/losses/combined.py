@@ -554,14 +554,102 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
         text_features=None,
         base_temperature=None,
     ) -> dict[str, torch.Tensor]:
-        have_emb = image_emb is not None and text_emb is not None
-        if scores is None and not have_emb:
-            raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
         # NaN/inf/overflow (a host sync) on the first forward and at each gradient-share diagnostic (which syncs
         # anyway); shapes and dtypes on every call
         validate = self._take_value_check() or (
             self.training and self.diagnostics_every > 0 and self._steps % self.diagnostics_every == 0
         )
+        image_emb, text_emb, scores, features, ids, image_ids = self._checked_inputs(
+            image_emb, text_emb, scores, image_features, text_features, ids, image_ids, validate
+        )
+        b = int(scores.shape[0] if scores is not None else image_emb.shape[0])
+        device = (scores if scores is not None else image_emb).device
+
+        # this process's rows and the batch's columns: gathered across processes, or the same tensors
+        gathered = self.gather and scores is None and dist_utils.is_distributed()
+        source = self.cache if teacher is None else teacher
+        if gathered and isinstance(source, TeacherSimilarities):
+            raise ValueError(
+                "TeacherSimilarities are per-process [B, B] matrices and cannot be gathered: pass a cache (with ids) "
+                "or teacher=TeacherEmbeddings(image, text)"
+            )
+        world, offset, sizes = 1, 0, None
+        all_img, all_txt, all_ids, all_image_ids = image_emb, text_emb, ids, image_ids
+        if gathered:
+            sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
+            world, offset = len(sizes), sum(sizes[: dist_utils.rank()])
+            all_img = dist_utils.all_gather_with_grad(image_emb, sizes)
+            all_txt = dist_utils.all_gather_with_grad(text_emb, sizes)
+            all_ids = None if ids is None else dist_utils.gather_batch(ids, sizes)
+            all_image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids, sizes)
+        batch = sum(sizes) if sizes else b
+        if batch == 1 and not self._warned_single_pair:  # from the shape: no host sync
+            self._warned_single_pair = True
+            warnings.warn(
+                "softalign: a batch of 1 (image, caption) pair has no negatives and a 1 x 1 soft label: "
+                "every term is 0 (no gradient). Use batches of several pairs (drop_last=True for the "
+                "last, short batch)",
+                UserWarning,
+                stacklevel=4,
+            )
+
+        rows_of_teacher, looked_image_ids = None, None
+        if self._needs_teacher():
+            rows_of_teacher, looked_image_ids = _teacher_rows(source, all_ids, b, sizes, offset, device, validate)
+        if all_image_ids is None:
+            all_image_ids = looked_image_ids
+        if all_image_ids is None and all_ids is not None:
+            mapper = source if hasattr(source, "image_ids") else self.cache
+            if mapper is None:
+                raise ValueError(
+                    "ids are caption ids: pass image_ids too, or give the loss a cache that maps captions to images"
+                )
+            all_image_ids = torch.as_tensor(mapper.image_ids(all_ids)).to(device)
+        if image_ids is None and all_image_ids is not None:
+            image_ids = all_image_ids[offset : offset + b]
+        if rows_of_teacher is not None and self._needs_calibration:
+            if hasattr(source, "lookup") and hasattr(source, "num_captions") and hasattr(source, "caption_to_image"):
+                self.calibrate(source, batch_size=batch)
+            else:  # no cache: the first batch's own teacher matrices, once
+                whole = rows_of_teacher.whole()
+                self.calibrate(teacher_image_sim=whole[0], teacher_text_sim=whole[1])
+
+        # every input is validated from here on: the terms skip their own checks
+        rows = AnchorRows(
+            image_emb,
+            text_emb,
+            all_img,
+            all_txt,
+            offset,
+            scores,
+            None if self._cosine else self.similarity,
+            (lambda x: dist_utils.all_gather_with_grad(x, sizes)) if gathered else None,
+        )
+        parts = row_terms(self, rows, image_ids, all_image_ids, rows_of_teacher, features, base_temperature)
+        if gathered:
+            self._install_gradient_sync()
+            names = list(parts)
+            exact = torch.stack([parts[k].detach() for k in names])
+            torch.distributed.all_reduce(exact)  # the global terms (values, no gradient), one collective
+            for k, value in zip(names, exact):
+                scaled = world * parts[k]  # its gradient: exact once data parallelism averages over processes
+                parts[k] = scaled + (value - scaled).detach()
+        miner_teacher = rows_of_teacher.whole() if rows_of_teacher is not None and _uses_teacher(self.miner) else None
+        parts.update(self._whole_batch_terms(rows, parts, all_image_ids, miner_teacher))
+        total = (scores if scores is not None else image_emb).new_zeros((), dtype=torch.float32)
+        for name, weight in self._weights().items():
+            if name in parts:
+                total = total + weight * parts[name]
+        self._values_checked = True
+        return {"loss": total, **parts}
+
+    def _checked_inputs(self, image_emb, text_emb, scores, image_features, text_features, ids, image_ids, validate):
+        """The module boundary: every input checked once (shapes and dtypes always, values when ``validate``), ids
+        as tensors on the batch's device. Returns ``(image_emb, text_emb, scores, features or None, ids,
+        image_ids)``."""
+        have_emb = image_emb is not None and text_emb is not None
+        if scores is None and not have_emb:
+            raise ValueError("pass image_emb and text_emb ([B, D] each) or scores ([B, B] images x captions)")
         if have_emb:
             image_emb, text_emb = check_embeddings(image_emb, text_emb, same_dim=scores is None, validate=validate)
             if image_emb.shape[0] == 0:
@@ -602,114 +690,8 @@ class SoftAlignLoss(ChecksValuesOnce, nn.Module):
             image_ids = torch.as_tensor(image_ids).to(device)
             if image_ids.shape != (b,):
                 raise ValueError(f"image_ids must have shape [{b}], got {tuple(image_ids.shape)}")
-
-        # this process's rows and the batch's columns: gathered across processes, or the same tensors
-        gathered = self.gather and scores is None and dist_utils.is_distributed()
-        source = self.cache if teacher is None else teacher
-        if gathered and isinstance(source, TeacherSimilarities):
-            raise ValueError(
-                "TeacherSimilarities are per-process [B, B] matrices and cannot be gathered: pass a cache (with ids) "
-                "or teacher=TeacherEmbeddings(image, text)"
-            )
-        world, offset, sizes = 1, 0, None
-        all_img, all_txt, all_ids, all_image_ids = image_emb, text_emb, ids, image_ids
         features = (image_features, text_features) if have_feat else None
-        if gathered:
-            sizes = dist_utils.batch_sizes(image_emb)  # one size exchange for all the gathers of this batch
-            world, offset = len(sizes), sum(sizes[: dist_utils.rank()])
-            all_img = dist_utils.all_gather_with_grad(image_emb, sizes)
-            all_txt = dist_utils.all_gather_with_grad(text_emb, sizes)
-            all_ids = None if ids is None else dist_utils.gather_batch(ids, sizes)
-            all_image_ids = None if image_ids is None else dist_utils.gather_batch(image_ids, sizes)
-        batch = sum(sizes) if sizes else b
-        if batch == 1 and not self._warned_single_pair:  # from the shape: no host sync
-            self._warned_single_pair = True
-            warnings.warn(
-                "softalign: a batch of 1 (image, caption) pair has no negatives and a 1 x 1 soft label: "
-                "every term is 0 (no gradient). Use batches of several pairs (drop_last=True for the "
-                "last, short batch)",
-                UserWarning,
-                stacklevel=4,
-            )
-
-        rows_of_teacher: TeacherRows | None = None
-        if self._needs_teacher():
-            if isinstance(source, TeacherSimilarities):
-                rows_of_teacher = TeacherRows(
-                    SF.check_square_pair(source.image, "TeacherSimilarities.image", b, validate).to(device),
-                    SF.check_square_pair(source.text, "TeacherSimilarities.text", b, validate).to(device),
-                    matrices=True,
-                )
-            elif isinstance(source, TeacherEmbeddings):
-                rows_of_teacher = TeacherRows(
-                    _teacher_embeddings(source.image, "TeacherEmbeddings.image", b, sizes, device, validate),
-                    _teacher_embeddings(source.text, "TeacherEmbeddings.text", b, sizes, device, validate),
-                    offset,
-                    b,
-                )
-            elif hasattr(source, "lookup"):
-                if all_ids is None:
-                    raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
-                # ids checked and mapped once per step: (image_ids, image [B, D_i], text [B, D_t]), unit rows
-                looked_image_ids, e_img, e_txt = source.lookup(all_ids, device=device)
-                all_image_ids = looked_image_ids if all_image_ids is None else all_image_ids
-                rows_of_teacher = TeacherRows(e_img, e_txt, offset, b)
-            elif source is None:
-                raise ValueError(
-                    "the soft-label terms need a teacher: give the loss a cache and pass ids, or pass "
-                    "teacher=TeacherEmbeddings(image, text) ([B, D_t] each) or, on one process, "
-                    "teacher=TeacherSimilarities(image, text) ([B, B] each)"
-                )
-            else:
-                raise TypeError(
-                    "teacher must be a cache (an object with lookup(ids, device), e.g. TeacherCache), "
-                    f"TeacherEmbeddings or TeacherSimilarities (softalign.teacher_inputs), got {type(source).__name__}"
-                )
-        if all_image_ids is None and all_ids is not None:
-            mapper = source if hasattr(source, "image_ids") else self.cache
-            if mapper is None:
-                raise ValueError(
-                    "ids are caption ids: pass image_ids too, or give the loss a cache that maps captions to images"
-                )
-            all_image_ids = torch.as_tensor(mapper.image_ids(all_ids)).to(device)
-        if image_ids is None and all_image_ids is not None:
-            image_ids = all_image_ids[offset : offset + b]
-        teacher = rows_of_teacher
-        if teacher is not None and self._needs_calibration:
-            if hasattr(source, "lookup") and hasattr(source, "num_captions") and hasattr(source, "caption_to_image"):
-                self.calibrate(source, batch_size=batch)
-            else:  # no cache: the first batch's own teacher matrices, once
-                whole = teacher.whole()
-                self.calibrate(teacher_image_sim=whole[0], teacher_text_sim=whole[1])
-
-        # every input is validated from here on: the terms skip their own checks
-        rows = AnchorRows(
-            image_emb,
-            text_emb,
-            all_img,
-            all_txt,
-            offset,
-            scores,
-            None if self._cosine else self.similarity,
-            (lambda x: dist_utils.all_gather_with_grad(x, sizes)) if gathered else None,
-        )
-        parts = row_terms(self, rows, image_ids, all_image_ids, teacher, features, base_temperature)
-        if gathered:
-            self._install_gradient_sync()
-            names = list(parts)
-            exact = torch.stack([parts[k].detach() for k in names])
-            torch.distributed.all_reduce(exact)  # the global terms (values, no gradient), one collective
-            for k, value in zip(names, exact):
-                scaled = world * parts[k]  # its gradient: exact once data parallelism averages over processes
-                parts[k] = scaled + (value - scaled).detach()
-        miner_teacher = teacher.whole() if teacher is not None and _uses_teacher(self.miner) else None
-        parts.update(self._whole_batch_terms(rows, parts, all_image_ids, miner_teacher))
-        total = (scores if scores is not None else image_emb).new_zeros((), dtype=torch.float32)
-        for name, weight in self._weights().items():
-            if name in parts:
-                total = total + weight * parts[name]
-        self._values_checked = True
-        return {"loss": total, **parts}
+        return image_emb, text_emb, scores, features, ids, image_ids
 
     def _whole_batch_terms(self, rows: AnchorRows, parts, image_ids, teacher) -> dict[str, torch.Tensor]:
         """The terms that need the whole ``[B, B]`` matrix: a custom base module, or a hinge with a miner (the base,
@@ -755,6 +737,41 @@ def _uses_teacher(miner) -> bool:
     if isinstance(miner, TeacherFilteredMiner):
         return True
     return _uses_teacher(getattr(miner, "inner", None))
+
+
+def _teacher_rows(source, all_ids, b: int, sizes, offset: int, device, validate: bool):
+    """The step's teacher, whatever form it came in, as :class:`TeacherRows` over the batch, and the image ids a
+    cache look-up gives (``None`` otherwise): one look-up per step, the ids checked and mapped once."""
+    if isinstance(source, TeacherSimilarities):
+        rows = TeacherRows(
+            SF.check_square_pair(source.image, "TeacherSimilarities.image", b, validate).to(device),
+            SF.check_square_pair(source.text, "TeacherSimilarities.text", b, validate).to(device),
+            matrices=True,
+        )
+        return rows, None
+    if isinstance(source, TeacherEmbeddings):
+        rows = TeacherRows(
+            _teacher_embeddings(source.image, "TeacherEmbeddings.image", b, sizes, device, validate),
+            _teacher_embeddings(source.text, "TeacherEmbeddings.text", b, sizes, device, validate),
+            offset,
+            b,
+        )
+        return rows, None
+    if hasattr(source, "lookup"):
+        if all_ids is None:
+            raise ValueError("the soft-label terms need ids (global caption ids) to look up the teacher cache")
+        image_ids, e_img, e_txt = source.lookup(all_ids, device=device)  # unit rows [B, D_i], [B, D_t]
+        return TeacherRows(e_img, e_txt, offset, b), image_ids
+    if source is None:
+        raise ValueError(
+            "the soft-label terms need a teacher: give the loss a cache and pass ids, or pass "
+            "teacher=TeacherEmbeddings(image, text) ([B, D_t] each) or, on one process, "
+            "teacher=TeacherSimilarities(image, text) ([B, B] each)"
+        )
+    raise TypeError(
+        "teacher must be a cache (an object with lookup(ids, device), e.g. TeacherCache), "
+        f"TeacherEmbeddings or TeacherSimilarities (softalign.teacher_inputs), got {type(source).__name__}"
+    )
 
 
 def _teacher_embeddings(e, name: str, rows: int, sizes, device, validate: bool) -> torch.Tensor:
